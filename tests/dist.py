@@ -1,0 +1,97 @@
+"""Run a function in several CPU processes over gloo: the distributed test harness.
+
+Workers never touch torch.cuda. Each worker gets (rank, world_size, *args), runs with one torch
+thread, and may return a picklable value; `run_distributed` returns the list of values by rank and
+re-raises the first failure with the worker's traceback. Every launch has a deadline: a hung
+collective fails the test instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, init_file, out_dir, fn, args, env):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    result_path = os.path.join(out_dir, f"rank{rank}.pkl")
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+        )
+        value = fn(rank, world_size, *args)
+        payload = ("ok", value)
+    except BaseException as exc:  # noqa: BLE001 - report everything to the parent
+        payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    with open(result_path, "wb") as f:
+        pickle.dump(payload, f)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+    if payload[0] == "error":
+        os._exit(1)
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None):
+    """Run fn(rank, world_size, *args) on `world_size` gloo processes; return the results by rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        env = dict(env or {})
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+        ctx = mp.start_processes(
+            _worker,
+            args=(world_size, init_file, tmp, fn, args, env),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        import time
+
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed test timed out after {timeout:.0f}s")
+        except mp.ProcessRaisedException as exc:  # pragma: no cover - we catch inside workers
+            raise AssertionError(str(exc)) from None
+        except mp.ProcessExitedException:
+            pass
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        results, errors = [], []
+        for rank in range(world_size):
+            path = os.path.join(tmp, f"rank{rank}.pkl")
+            if not os.path.exists(path):
+                errors.append(f"rank {rank}: exited without a result")
+                continue
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                errors.append(value)
+            results.append(value)
+        if errors:
+            raise AssertionError("\n".join(errors))
+        return results
