@@ -27,9 +27,8 @@ def free_port() -> int:
 
 def _worker(rank, world_size, init_file, out_dir, fn, args, env):
     os.environ.update(env)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
-    )
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(1)
     result_path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:
@@ -52,7 +51,7 @@ def _worker(rank, world_size, init_file, out_dir, fn, args, env):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None):
-    """Run fn(rank, world_size, *args) on `world_size` gloo processes; return the results by rank."""
+    """Run fn(rank, world_size, *args) on `world_size` gloo processes; return results by rank."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         env = dict(env or {})

@@ -41,13 +41,19 @@ def tp_rank_and_size(tp_group) -> tuple[int, int]:
 def all_gather_rows(local: torch.Tensor, tp_group) -> torch.Tensor:
     """Gather a small per-token tensor from every TP rank: [n, c] -> [tp, n, c].
 
-    One collective (all_gather_into_tensor) when the group has more than one rank, none otherwise.
-    The input is made contiguous; the result is a fresh tensor, ordered by rank in the group.
+    One collective (all_gather_single, called all_gather_into_tensor before torch 2.13) when the
+    group has more than one rank, none otherwise. The result is ordered by rank in the group.
     """
     rank, size = tp_rank_and_size(tp_group)
     if size == 1:
         return local.unsqueeze(0)
     local = local.contiguous()
-    out = torch.empty((size,) + tuple(local.shape), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(out, local, group=tp_group)
-    return out
+    out = torch.empty((size * local.shape[0],) + tuple(local.shape[1:]), dtype=local.dtype,
+                      device=local.device)  # fmt: skip
+    _all_gather_single(out, local, group=tp_group)
+    return out.view((size,) + tuple(local.shape))
+
+
+def _all_gather_single(out, local, group):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=group)

@@ -1,0 +1,232 @@
+"""Vocab-parallel softmax statistics of one distribution: entropy, token log-probs, top-k.
+
+Each rank holds columns [r * V_pad / tp, (r + 1) * V_pad / tp) of [s, b, V_pad / tp] logits.
+Every function computes its statistics shard-locally (`_kernels`) and makes exactly ONE
+collective in forward: an all-gather of a small packed [n, c] per-token tensor (local max, local
+sum of exp, local entropy numerator, the logits this rank owns at the requested ids, the local
+top-k). The merge then happens in float64 on every rank identically. Backward makes no collective.
+The full vocabulary is never gathered.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from megatron_eaopd.losses import _kernels as K
+from megatron_eaopd.losses._common import (
+    append_width,
+    check_gathered,
+    check_token_ids,
+    merge_single,
+    prepare_logits,
+)
+from megatron_eaopd.parallel.groups import all_gather_rows
+
+
+class _SoftmaxStats(torch.autograd.Function):
+    """(logits [n, w], ids [n, j]) -> (entropy [n], logprobs at ids [n, j], lse [n],
+    topk logprobs [n, k], topk global ids [n, k]).
+
+    Forward: one all-gather of [n, 4 + j + 2k] fp32 (fp64 for fp64 logits). Backward: none; gradient
+    d/dx (g_H H + sum_j g_j log p(id_j)) = -g_H p (log p + H) + sum_j g_j (onehot(id_j) - p), / T.
+    Saved: the logits shard (not copied), ids, and O(n) per-token values.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, k, shard, inv_temp, group):
+        n, width = logits.shape
+        j = ids.shape[1]
+        cols = 3 + j + 2 * k
+        acc = K.acc_dtype(logits.dtype)
+        local = torch.empty(n, cols, dtype=acc, device=logits.device)
+        step = K.row_chunk(width)
+        for i in range(0, n, step):
+            local[i : i + step, :3] = K.single_stats(logits[i : i + step], shard.valid, inv_temp)
+        local_ids = ids - shard.start
+        own = (local_ids >= 0) & (local_ids < shard.valid)
+        if j:
+            vals = logits.gather(1, local_ids.clamp(0, width - 1)).to(acc) * inv_temp
+            local[:, 3 : 3 + j] = torch.where(own, vals, 0.0)
+        if k:
+            kk = min(k, shard.valid)
+            top_v, top_i = torch.topk(logits[:, : shard.valid], kk, dim=-1)
+            local[:, 3 + j : 3 + j + k] = float("-inf")
+            local[:, 3 + j + k :] = -1.0
+            local[:, 3 + j : 3 + j + kk] = top_v.to(acc) * inv_temp
+            local[:, 3 + j + k : 3 + j + k + kk] = (top_i + shard.start).to(acc)
+        gathered = all_gather_rows(append_width(local, width), group)
+        check_gathered(gathered, [0], "vocab-parallel softmax statistics")
+        g = gathered.double()
+        lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
+        logprobs = (g[..., 3 : 3 + j].sum(0) - lse[:, None]).to(acc)
+        if k:
+            tp = g.shape[0]
+            cand_v = g[..., 3 + j : 3 + j + k].permute(1, 0, 2).reshape(n, tp * k)
+            cand_i = g[..., 3 + j + k : 3 + j + 2 * k].permute(1, 0, 2).reshape(n, tp * k)
+            top_v, pos = torch.topk(cand_v, k, dim=-1)
+            topk_lp = (top_v - lse[:, None]).to(acc)
+            topk_ids = cand_i.gather(1, pos).long()
+        else:
+            topk_lp = torch.empty(n, 0, device=logits.device)
+            topk_ids = torch.empty(n, 0, dtype=torch.long, device=logits.device)
+        lse, entropy = lse.to(acc), entropy.to(acc)
+        ctx.save_for_backward(logits, local_ids, own, lse, entropy)
+        ctx.shard, ctx.inv_temp = shard, inv_temp
+        ctx.mark_non_differentiable(lse, topk_lp, topk_ids)
+        return entropy, logprobs, lse, topk_lp, topk_ids
+
+    @staticmethod
+    def backward(ctx, g_entropy, g_logprobs, _g_lse, _g_topk, _g_ids):
+        logits, local_ids, own, lse, entropy = ctx.saved_tensors
+        n, width = logits.shape
+        if g_entropy is None:
+            g_entropy = torch.zeros_like(lse)
+        if g_logprobs is None:
+            g_logprobs = torch.zeros(local_ids.shape, dtype=lse.dtype, device=lse.device)
+        g_logprobs = g_logprobs.to(lse.dtype)
+        g_total = g_logprobs.sum(-1)
+        out = torch.empty_like(logits)
+        step = K.row_chunk(width)
+        for i in range(0, n, step):
+            r = slice(i, i + step)
+            K.single_backward(
+                logits[r], lse[r], entropy[r], g_entropy[r].to(lse.dtype), g_total[r],
+                ctx.shard.valid, ctx.inv_temp, out[r],
+            )  # fmt: skip
+        if local_ids.shape[1]:
+            rows = torch.arange(n, device=out.device)[:, None].expand_as(local_ids)
+            add = torch.where(own, g_logprobs * ctx.inv_temp, 0.0).to(out.dtype)
+            out.index_put_((rows, local_ids.clamp(0, width - 1)), add, accumulate=True)
+        return out, None, None, None, None, None
+
+
+class TeacherPayload(NamedTuple):
+    """The compact per-token teacher output the paper's objective needs (no [V] tensor).
+
+    entropy: [s, b] full-vocabulary entropy (nats); token_logprobs: [s, b] log p_T(y_t);
+    topk_logprobs: [s, b, k] sorted descending, normalised over the full vocabulary;
+    topk_ids: [s, b, k] global vocabulary ids (int64).
+    """
+
+    entropy: torch.Tensor
+    token_logprobs: torch.Tensor
+    topk_logprobs: torch.Tensor
+    topk_ids: torch.Tensor
+
+
+def _run(logits, ids, k, temperature, tp_group, vocab_size, name="logits"):
+    prepared = prepare_logits(logits, name, tp_group, vocab_size, temperature)
+    x, lead, shard, group, inv_temp = prepared
+    if ids is None:
+        ids2d = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
+    else:
+        ids2d = check_token_ids(ids, lead, shard.vocab_size, "token_ids")
+    if k:
+        if not isinstance(k, int) or k < 1 or k > shard.vocab_size:
+            raise ValueError(f"k={k!r} must be an int in [1, vocab_size={shard.vocab_size}]")
+    outs = _SoftmaxStats.apply(x, ids2d, k, shard, inv_temp, group)
+    return outs, lead
+
+
+def vocab_parallel_entropy(
+    logits: torch.Tensor, *, temperature: float = 1.0, tp_group=None, vocab_size=None
+) -> torch.Tensor:
+    """Full-vocabulary entropy H(softmax(logits / T)) of vocab-parallel logits.
+
+    Args:
+        logits: [s, b, V_pad / tp] local shard (fp32/bf16/fp16); columns >= vocab_size are ignored.
+    Returns:
+        [s, b] fp32 entropy in nats, differentiable: dH/dx = -p (log p + H), x = logits / T.
+    Collectives: forward 1 all-gather of [s*b, 4] fp32; backward none.
+    """
+    (entropy, *_), lead = _run(logits, None, 0, temperature, tp_group, vocab_size)
+    return entropy.reshape(lead)
+
+
+def vocab_parallel_gather_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
+    vocab_size=None,
+) -> torch.Tensor:  # fmt: skip
+    """log softmax(logits / T) over the full vocabulary, read at global ids.
+
+    Args:
+        logits: [s, b, V_pad / tp]; ids: [s, b, j] int global ids in [0, vocab_size).
+    Returns:
+        [s, b, j] fp32, differentiable: d log p(v) / dx = onehot(v) - p.
+    Collectives: forward 1 all-gather of [s*b, 4 + j] fp32; backward none.
+    """
+    (_, logprobs, *_), lead = _run(logits, ids, 0, temperature, tp_group, vocab_size)
+    return logprobs.reshape(lead + (-1,))
+
+
+def vocab_parallel_token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
+    vocab_size=None,
+) -> torch.Tensor:  # fmt: skip
+    """log p(token_ids) under softmax(logits / T): [s, b, V_pad / tp], [s, b] -> [s, b] fp32.
+
+    Differentiable (d/dx = onehot - p). This is minus megatron-core's vocab_parallel_cross_entropy.
+    Collectives: forward 1 all-gather of [s*b, 5] fp32; backward none.
+    """
+    if token_ids.dim() != logits.dim() - 1:
+        raise ValueError(
+            f"token_ids must have shape {list(logits.shape[:-1])}, got {list(token_ids.shape)}"
+        )
+    (_, logprobs, *_), lead = _run(logits, token_ids, 0, temperature, tp_group, vocab_size)
+    return logprobs.reshape(lead)
+
+
+def vocab_parallel_topk(
+    logits: torch.Tensor, k: int, *, temperature: float = 1.0, tp_group=None, vocab_size=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the full vocabulary from vocab-parallel logits, without gathering the vocabulary.
+
+    Each rank takes its local top-k; the k * tp candidates are gathered with the softmax
+    statistics in one all-gather and the global top-k is taken from them.
+    Returns:
+        (logprobs [s, b, k] fp32 normalised over the full vocabulary, sorted descending;
+         global_ids [s, b, k] int64). No gradient.
+    Collectives: 1 all-gather of [s*b, 4 + 2k] fp32.
+    """
+    with torch.no_grad():
+        (_, _, _, lp, ids), lead = _run(logits, None, k, temperature, tp_group, vocab_size)
+    return lp.reshape(lead + (k,)), ids.reshape(lead + (k,))
+
+
+def vocab_parallel_teacher_payload(
+    logits: torch.Tensor, token_ids: torch.Tensor, k: int = 16, *, temperature: float = 1.0,
+    tp_group=None, vocab_size=None,
+) -> TeacherPayload:  # fmt: skip
+    """The teacher's compact payload from its vocab-parallel logits, in one collective.
+
+    Args:
+        logits: [s, b, V_pad / tp] teacher logits; token_ids: [s, b] the sampled tokens y_t.
+    Returns:
+        TeacherPayload(entropy [s, b], token_logprobs [s, b], topk_logprobs [s, b, k],
+        topk_ids [s, b, k]); all detached.
+    Collectives: 1 all-gather of [s*b, 5 + 2k] fp32.
+    """
+    if token_ids.dim() != logits.dim() - 1:
+        raise ValueError(
+            f"token_ids must have shape {list(logits.shape[:-1])}, got {list(token_ids.shape)}"
+        )
+    with torch.no_grad():
+        (ent, lp, _, top_lp, top_ids), lead = _run(
+            logits, token_ids, k, temperature, tp_group, vocab_size, name="teacher_logits"
+        )
+    return TeacherPayload(
+        ent.reshape(lead), lp.reshape(lead), top_lp.reshape(lead + (k,)),
+        top_ids.reshape(lead + (k,)),
+    )  # fmt: skip
+
+
+__all__ = [
+    "TeacherPayload",
+    "vocab_parallel_entropy",
+    "vocab_parallel_gather_logprobs",
+    "vocab_parallel_teacher_payload",
+    "vocab_parallel_token_logprobs",
+    "vocab_parallel_topk",
+]
