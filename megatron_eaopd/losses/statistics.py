@@ -123,10 +123,9 @@ def _run(logits, ids, k, temperature, tp_group, vocab_size, name="logits"):
         ids2d = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
     else:
         ids2d = check_token_ids(ids, lead, shard.vocab_size, "token_ids")
-    if k:
-        if not isinstance(k, int) or k < 1 or k > shard.vocab_size:
-            raise ValueError(f"k={k!r} must be an int in [1, vocab_size={shard.vocab_size}]")
-    outs = _SoftmaxStats.apply(x, ids2d, k, shard, inv_temp, group)
+    if k is not None and (not isinstance(k, int) or not 1 <= k <= shard.vocab_size):
+        raise ValueError(f"k={k!r} must be an int in [1, vocab_size={shard.vocab_size}]")
+    outs = _SoftmaxStats.apply(x, ids2d, k or 0, shard, inv_temp, group)
     return outs, lead
 
 
@@ -141,7 +140,7 @@ def vocab_parallel_entropy(
         [s, b] fp32 entropy in nats, differentiable: dH/dx = -p (log p + H), x = logits / T.
     Collectives: forward 1 all-gather of [s*b, 4] fp32; backward none.
     """
-    (entropy, *_), lead = _run(logits, None, 0, temperature, tp_group, vocab_size)
+    (entropy, *_), lead = _run(logits, None, None, temperature, tp_group, vocab_size)
     return entropy.reshape(lead)
 
 
@@ -157,7 +156,7 @@ def vocab_parallel_gather_logprobs(
         [s, b, j] fp32, differentiable: d log p(v) / dx = onehot(v) - p.
     Collectives: forward 1 all-gather of [s*b, 4 + j] fp32; backward none.
     """
-    (_, logprobs, *_), lead = _run(logits, ids, 0, temperature, tp_group, vocab_size)
+    (_, logprobs, *_), lead = _run(logits, ids, None, temperature, tp_group, vocab_size)
     return logprobs.reshape(lead + (-1,))
 
 
@@ -174,7 +173,7 @@ def vocab_parallel_token_logprobs(
         raise ValueError(
             f"token_ids must have shape {list(logits.shape[:-1])}, got {list(token_ids.shape)}"
         )
-    (_, logprobs, *_), lead = _run(logits, token_ids, 0, temperature, tp_group, vocab_size)
+    (_, logprobs, *_), lead = _run(logits, token_ids, None, temperature, tp_group, vocab_size)
     return logprobs.reshape(lead)
 
 
