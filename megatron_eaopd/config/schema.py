@@ -1,0 +1,368 @@
+"""The typed configuration schema of megatron-eaopd.
+
+One tree of dataclasses, filled from YAML by :mod:`megatron_eaopd.config.loader`. Every field
+carries an attribute docstring (the string literal right below it); the reference in
+``docs/configs.md`` is generated from them (:func:`megatron_eaopd.config.loader.describe_fields`).
+Range and choice constraints live in the field's metadata (see :func:`_f`) and are checked by the
+loader, which names the field path on error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+OBJECTIVES = ("opd", "eopd", "eopd_exact", "eopd_soft", "mix", "fkl", "jsd")
+DTYPES = ("fp32", "bf16", "fp16")
+NORMS = ("rmsnorm", "layernorm")
+
+
+def _f(default: Any = None, *, factory: Any = None, **meta: Any) -> Any:
+    """A dataclass field with validation metadata (ge, gt, le, lt, choices)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """The shape of one decoder-only transformer (student or teacher)."""
+
+    layers: int = _f(2, ge=1)
+    """Number of transformer layers."""
+    hidden: int = _f(64, ge=1)
+    """Hidden size (model width)."""
+    heads: int = _f(4, ge=1)
+    """Number of attention (query) heads."""
+    query_groups: int = _f(4, ge=1)
+    """Number of key/value heads (GQA groups); equal to ``heads`` for plain multi-head attention."""
+    ffn_hidden: int = _f(256, ge=1)
+    """Inner size of the MLP (per branch of the gated SwiGLU MLP)."""
+    vocab_size: int = _f(0, ge=0)
+    """True (unpadded) vocabulary size; 0 means: take it from the tokenizer."""
+    max_seq_len: int = _f(0, ge=0)
+    """Longest sequence (prompt + response tokens); 0: derived when the config is loaded, as
+    rollout.max_prompt_tokens + the larger of rollout/eval max_response_tokens."""
+    rope_base: float = _f(10000.0, gt=0)
+    """RoPE base frequency (Qwen3: 1e6)."""
+    norm: str = _f("rmsnorm", choices=NORMS)
+    """Normalisation layer: rmsnorm or layernorm."""
+    tied_embeddings: bool = True
+    """Share the input embedding and the output projection weights."""
+    dtype: str = _f("fp32", choices=DTYPES)
+    """Parameter and compute dtype: fp32, bf16 or fp16."""
+    kv_channels: int | None = _f(None, ge=1)
+    """Per-head dimension; null means hidden // heads (Qwen3 uses 128 at every size)."""
+    qk_layernorm: bool = False
+    """Normalise queries and keys per head before attention (Qwen3 does)."""
+    norm_eps: float = _f(1e-6, gt=0)
+    """Epsilon of the normalisation layers."""
+
+
+@dataclass
+class ModelsConfig:
+    """The student and teacher pair."""
+
+    student: ModelConfig = _f(factory=ModelConfig)
+    """Shape of the student (the model that is trained)."""
+    teacher: ModelConfig = _f(factory=lambda: ModelConfig(layers=4, hidden=128, ffn_hidden=512))
+    """Shape of the teacher (frozen during distillation)."""
+    student_checkpoint: str | None = None
+    """Checkpoint to initialise the student from; null: random init (tiny runs)."""
+    teacher_checkpoint: str | None = None
+    """Checkpoint of the teacher; null: the teacher is prepared by ``teacher_prep``."""
+
+
+@dataclass
+class TeacherPrepConfig:
+    """Supervised preparation of a teacher on the task's reference solutions (built-in task)."""
+
+    enabled: bool = False
+    """Train the teacher on the task's training solutions when no cached teacher exists."""
+    iterations: int = _f(300, ge=0)
+    """Optimizer steps of the supervised teacher training."""
+    batch_size: int = _f(32, ge=1)
+    """Sequences per optimizer step."""
+    lr: float = _f(1e-3, gt=0)
+    """Peak learning rate of the teacher training (AdamW, cosine decay)."""
+    weight_decay: float = _f(0.0, ge=0)
+    """Weight decay of the teacher training."""
+    warmup_iterations: int = _f(20, ge=0)
+    """Linear warm-up steps of the teacher training."""
+    cache_dir: str = ".cache/eaopd/teachers"
+    """Where prepared teachers are cached (keyed by task, tokenizer, shape and these settings)."""
+    seed: int = 1234
+    """Seed of the teacher's initialisation and data order."""
+
+
+@dataclass
+class ParallelLayout:
+    """Tensor/pipeline layout of one model."""
+
+    tp: int = _f(1, ge=1)
+    """Tensor-parallel size."""
+    pp: int = _f(1, ge=1)
+    """Pipeline-parallel size."""
+    vpp: int | None = _f(None, ge=1)
+    """Virtual pipeline stages per rank (interleaved schedule); null: not interleaved."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallelism: each model has its own layout; the rest of the world is data-parallel."""
+
+    student: ParallelLayout = _f(factory=ParallelLayout)
+    """Layout of the student."""
+    teacher: ParallelLayout = _f(factory=ParallelLayout)
+    """Layout of the teacher (may differ from the student's)."""
+    backend: str = _f("auto", choices=("auto", "nccl", "gloo"))
+    """torch.distributed backend; auto: nccl with CUDA, gloo otherwise."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    make_vocab_size_divisible_by: int = _f(128, ge=1)
+    """The vocabulary is padded to a multiple of this times the TP size (Megatron's rule)."""
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective (see docs/configs.md for the formulas)."""
+
+    objective: str = _f("eopd", choices=OBJECTIVES)
+    """opd (reverse KL policy gradient), eopd (paper: + gated top-k forward KL), eopd_exact (gated
+    full-vocabulary forward KL), eopd_soft (sigmoid gate), mix (fixed forward/reverse mix),
+    fkl (forward KL only), jsd (generalised JSD)."""
+    entropy_threshold: float = _f(0.8, ge=0)
+    """Gate threshold tau on the teacher's full-vocabulary entropy, in nats (paper: 0.8)."""
+    fkl_coef: float = _f(1.0, ge=0)
+    """Weight alpha of the gated forward-KL term (paper: 1.0)."""
+    clip: float = _f(0.2, gt=0)
+    """PPO ratio clip epsilon of the sampled-token policy-gradient term."""
+    top_k: int = _f(16, ge=1)
+    """Size of the teacher's top-k set for the forward KL (paper: 16)."""
+    tail_bucket: bool = False
+    """Add one bucket for the probability mass outside the top-k set to the forward KL."""
+    temperature: float = _f(1.0, gt=0)
+    """Both models' logits are divided by this (the rollout temperature, paper: 1.0)."""
+    soft_gate_width: float = _f(0.1, gt=0)
+    """eopd_soft: the gate is sigmoid((H - tau) / width)."""
+    mix_weight: float = _f(0.5, ge=0, le=1)
+    """mix: weight of the forward KL; the reverse KL gets 1 - mix_weight."""
+    jsd_beta: float = _f(0.5, ge=0, le=1)
+    """jsd: interpolation beta of the generalised Jensen-Shannon divergence."""
+    chunk_size: int = _f(1024, ge=1)
+    """Tokens per chunk in the vocab-parallel loss (bounds transient memory)."""
+
+
+@dataclass
+class RolloutConfig:
+    """Student sampling."""
+
+    prompts_per_iteration: int = _f(128, ge=1)
+    """Prompts drawn per iteration (paper: 128)."""
+    samples_per_prompt: int = _f(1, ge=1)
+    """Responses sampled per prompt (paper: 1)."""
+    mini_batch_size: int = _f(32, ge=1)
+    """Prompts (with all their samples) per optimizer step; 128 / 32 = 4 steps per iteration."""
+    micro_batch_size: int = _f(4, ge=1)
+    """Sequences per forward/backward micro-batch (gradient accumulation inside a mini-batch)."""
+    max_prompt_tokens: int = _f(1024, ge=1)
+    """Longest prompt; longer prompts are an error before training starts."""
+    max_response_tokens: int = _f(4096, ge=1)
+    """Most new tokens per response."""
+    temperature: float = _f(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = _f(1.0, gt=0, le=1)
+    """Nucleus sampling threshold; 1.0 disables it."""
+    top_k: int = _f(0, ge=0)
+    """Sample among the k most likely tokens; 0 disables it."""
+    use_kv_cache: bool = True
+    """Decode with a KV cache (off: re-run the whole prefix each token; for benchmarks)."""
+    engine: str = _f("auto", choices=("auto", "megatron", "native"))
+    """Sampler: megatron-core's inference engine, the project's own, or auto (first that runs)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Student optimizer (AdamW) and learning-rate schedule."""
+
+    lr: float = _f(3e-6, gt=0)
+    """Peak learning rate (paper: 3e-6)."""
+    min_lr: float = _f(0.0, ge=0)
+    """Learning rate at the end of the decay."""
+    weight_decay: float = _f(0.01, ge=0)
+    """Decoupled weight decay (paper: 0.01)."""
+    adam_beta1: float = _f(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = _f(0.999, ge=0, lt=1)
+    """AdamW beta2."""
+    adam_eps: float = _f(1e-8, gt=0)
+    """AdamW epsilon."""
+    lr_schedule: str = _f("cosine", choices=("cosine", "linear", "constant"))
+    """Decay after warm-up (paper: cosine)."""
+    warmup_iterations: int = _f(0, ge=0)
+    """Linear warm-up, in optimizer steps."""
+    clip_grad: float = _f(1.0, ge=0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainingConfig:
+    """The outer loop: length, seeds, evaluation and checkpoints."""
+
+    iterations: int | None = _f(None, ge=1)
+    """Iterations to run; null: derived from ``epochs`` over the distillation prompts."""
+    epochs: float = _f(1.0, gt=0)
+    """Passes over the distillation prompts when ``iterations`` is null (paper: 3 MATH, 2 DAPO)."""
+    seed: int = 42
+    """Seed of the data order, sampling and initialisation."""
+    output_dir: str = "runs/default"
+    """Run folder: resolved config, metrics, TensorBoard events, plots."""
+    eval_interval: int = _f(0, ge=0)
+    """Evaluate every this many iterations (and at the end); 0: only at the end."""
+    eval_at_start: bool = True
+    """Evaluate before the first update."""
+    checkpoint_dir: str | None = None
+    """Checkpoint folder; null: <output_dir>/checkpoints."""
+    checkpoint_interval: int = _f(0, ge=0)
+    """Save every this many iterations (and at the end); 0: only at the end."""
+    resume: bool = True
+    """Continue from the latest checkpoint in checkpoint_dir when there is one."""
+    skip_nonfinite: bool = True
+    """Skip (and count) an update whose loss or gradient norm is not finite."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    k: int = _f(8, ge=1)
+    """Samples per prompt for Avg@k and Pass@k (paper: 8)."""
+    temperature: float = _f(1.0, gt=0)
+    """Sampling temperature at evaluation (paper: 1.0)."""
+    top_p: float = _f(0.8, gt=0, le=1)
+    """Nucleus threshold at evaluation (paper: 0.8)."""
+    top_k: int = _f(0, ge=0)
+    """Top-k sampling at evaluation; 0 disables it."""
+    max_response_tokens: int = _f(8192, ge=1)
+    """Most new tokens per evaluation response (paper: 8192)."""
+    max_prompts: int | None = _f(None, ge=1)
+    """Evaluate on at most this many prompts per eval set; null: all."""
+    entropy_threshold: float | None = _f(None, ge=0)
+    """tau of the high-entropy metrics; null: loss.entropy_threshold."""
+    use_math_verify: bool | None = None
+    """Check answers with math-verify; null: when it is installed."""
+    plot: bool = True
+    """Write a PNG of the evaluation curves when matplotlib is installed."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    console: bool = True
+    """Print metrics lines to stdout."""
+    progress_bars: bool = True
+    """tqdm progress bars for rollouts and updates (rank 0)."""
+    log_interval: int = _f(1, ge=1)
+    """Log every this many iterations."""
+    jsonl: bool = True
+    """Append one JSON object per logged iteration to <output_dir>/metrics.jsonl."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <output_dir>/tensorboard (when tensorboard is installed)."""
+    wandb: bool = False
+    """Log to Weights & Biases (when wandb is installed)."""
+    wandb_project: str = "megatron-eaopd"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); null: the default."""
+    wandb_run_name: str | None = None
+    """W&B run name; null: the output folder's name."""
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """Settings of the built-in synthetic arithmetic task (docs/tasks.md)."""
+
+    seed: int = 0
+    """Seed of the problem generator (splits are a pure function of the settings)."""
+    num_train: int = _f(4000, ge=0)
+    """Training problems (with reference solutions) for teacher preparation."""
+    num_distill: int = _f(1024, ge=1)
+    """Distillation prompts."""
+    num_eval: int = _f(128, ge=1)
+    """Held-out evaluation prompts."""
+    min_terms: int = _f(3, ge=2)
+    """Fewest terms in an expression."""
+    max_terms: int = _f(4, ge=2)
+    """Most terms in an expression."""
+    max_operand: int = _f(9, ge=2, le=99)
+    """Largest operand."""
+    product_prob: float = _f(0.4, ge=0, le=1)
+    """Probability that a term is a product a*b rather than a single number."""
+    solutions_per_problem: int = _f(4, ge=1)
+    """Distinct reference solutions (random valid paths) kept per training problem."""
+
+
+@dataclass
+class TaskConfig:
+    """Which prompts to distil on and how answers are checked (docs/tasks.md)."""
+
+    name: str = "builtin"
+    """``builtin`` (synthetic arithmetic), ``jsonl`` (the files below), or ``module:Class``."""
+    train_file: str | None = None
+    """jsonl: prompts with solutions for teacher preparation (optional)."""
+    distill_file: str | None = None
+    """jsonl: distillation prompts."""
+    eval_files: list[str] = _f(factory=list)
+    """jsonl: held-out evaluation sets, one per file (named by the file's stem)."""
+    prompt_suffix: str = ""
+    """Appended to every prompt, e.g. the paper's boxed-answer instruction."""
+    options: dict[str, Any] = _f(factory=dict)
+    """Keyword arguments for a ``module:Class`` task's constructor."""
+    synthetic: SyntheticTaskConfig = _f(factory=SyntheticTaskConfig)
+    """Settings of the built-in task."""
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer shared by teacher and student."""
+
+    kind: str = _f("task", choices=("task", "sentencepiece", "huggingface"))
+    """task: a sentencepiece model trained on the task's text (cached); sentencepiece: a .model
+    file; huggingface: a tokenizer folder or name (needs transformers)."""
+    path: str | None = None
+    """Model file or folder for kind sentencepiece/huggingface."""
+    vocab_size: int = _f(320, ge=16)
+    """kind task: the most pieces of the trained tokenizer."""
+    cache_dir: str = ".cache/eaopd/tokenizers"
+    """kind task: where trained tokenizers are cached."""
+
+
+@dataclass
+class EAOPDConfig:
+    """The whole configuration of one run."""
+
+    name: str = "default"
+    """Run name (used in logs and W&B)."""
+    model: ModelsConfig = _f(factory=ModelsConfig)
+    """Student and teacher shapes and checkpoints."""
+    teacher_prep: TeacherPrepConfig = _f(factory=TeacherPrepConfig)
+    """Supervised teacher preparation (built-in task)."""
+    parallel: ParallelConfig = _f(factory=ParallelConfig)
+    """Tensor and pipeline parallelism."""
+    loss: LossConfig = _f(factory=LossConfig)
+    """Distillation objective."""
+    rollout: RolloutConfig = _f(factory=RolloutConfig)
+    """Student rollouts."""
+    optimizer: OptimizerConfig = _f(factory=OptimizerConfig)
+    """Student optimizer."""
+    training: TrainingConfig = _f(factory=TrainingConfig)
+    """Iterations, seed, checkpoints."""
+    eval: EvalConfig = _f(factory=EvalConfig)
+    """Held-out evaluation."""
+    logging: LoggingConfig = _f(factory=LoggingConfig)
+    """Console, TensorBoard, W&B, JSONL."""
+    task: TaskConfig = _f(factory=TaskConfig)
+    """Prompts and answer checking."""
+    tokenizer: TokenizerConfig = _f(factory=TokenizerConfig)
+    """Tokenizer."""

@@ -1,0 +1,283 @@
+"""Config loader: inheritance, overrides, validation errors, resolved round trip, shipped files."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_eaopd.config import (
+    ConfigError,
+    EAOPDConfig,
+    apply_overrides,
+    config_to_dict,
+    describe_fields,
+    load_config,
+    load_yaml_with_defaults,
+    parse_override,
+    save_resolved,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _problems(err: ConfigError) -> dict[str, str]:
+    return dict(err.problems)
+
+
+def test_defaults_merge_in_order_then_file(tmp_path):
+    _write(
+        tmp_path / "parts" / "one.yaml",
+        """
+        loss: {top_k: 4, clip: 0.3}
+        rollout: {temperature: 0.5}
+    """,
+    )
+    # a relative path inside parts/ resolves against parts/, not the working directory
+    _write(
+        tmp_path / "parts" / "two.yaml",
+        """
+        defaults: [deeper/three.yaml]
+        loss: {top_k: 8}
+    """,
+    )
+    _write(tmp_path / "parts" / "deeper" / "three.yaml", "loss: {fkl_coef: 0.25, top_k: 2}\n")
+    main = _write(
+        tmp_path / "main.yaml",
+        """
+        defaults: [parts/one.yaml, parts/two.yaml]
+        loss: {clip: 0.1}
+    """,
+    )
+    merged = load_yaml_with_defaults(main)
+    assert "defaults" not in merged
+    # one -> (three -> two) -> main, nested sections merged key by key
+    assert merged["loss"] == {"top_k": 8, "clip": 0.1, "fkl_coef": 0.25}
+    assert merged["rollout"] == {"temperature": 0.5}
+    cfg = load_config(main)
+    assert (cfg.loss.top_k, cfg.loss.clip, cfg.loss.fkl_coef) == (8, 0.1, 0.25)
+    assert cfg.rollout.temperature == 0.5
+    assert cfg.loss.entropy_threshold == EAOPDConfig().loss.entropy_threshold  # schema default
+
+
+def test_defaults_cycle_and_missing_parent(tmp_path):
+    _write(tmp_path / "a.yaml", "defaults: [b.yaml]\n")
+    _write(tmp_path / "b.yaml", "defaults: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    _write(tmp_path / "c.yaml", "defaults: [nope.yaml]\n")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    _write(tmp_path / "bad.yaml", "loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML syntax"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("a.b=3", 3),
+        ("a.b=0.5", 0.5),
+        ("a.b=true", True),
+        ("a.b=null", None),
+        ("a.b=[1, 2]", [1, 2]),
+        ("a.b=eopd", "eopd"),
+        ("a.b='3'", "3"),
+        ("a.b=x=y", "x=y"),
+    ],
+)
+def test_override_values_follow_yaml_scalars(text, value):
+    parts, parsed = parse_override(text)
+    assert parts == ["a", "b"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_overrides_apply_last_and_in_order(tmp_path):
+    cfg_file = _write(tmp_path / "c.yaml", "loss: {objective: opd, top_k: 4}\n")
+    cfg = load_config(
+        cfg_file,
+        [
+            "loss.objective=jsd",
+            "loss.jsd_beta=0.1",
+            "parallel.student.vpp=null",
+            "loss.top_k=32",
+            "task.eval_files=[a.jsonl, b.jsonl]",
+            "optimizer.lr=3e-6",
+        ],
+    )
+    assert cfg.loss.objective == "jsd" and cfg.loss.jsd_beta == 0.1 and cfg.loss.top_k == 32
+    assert cfg.task.eval_files == ["a.jsonl", "b.jsonl"]
+    # YAML 1.1 reads "3e-6" as a string; float fields accept numeric strings
+    assert cfg.optimizer.lr == pytest.approx(3e-6) and isinstance(cfg.optimizer.lr, float)
+    data = apply_overrides({"x": {"y": 1}}, ["x.y=2", "x.y=5", "new.deep.key=1"])
+    assert data == {"x": {"y": 5}, "new": {"deep": {"key": 1}}}
+
+
+@pytest.mark.parametrize("bad", ["loss.top_k", "=3", "loss..top_k=3"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError, match="override"):
+        apply_overrides({}, [bad])
+
+
+def test_override_through_a_value_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({"loss": {"top_k": 4}}, ["loss.top_k.x=1"])
+    assert "loss.top_k" in _problems(err.value)
+
+
+def test_unknown_keys_name_the_path_and_suggest():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.entropy_treshold=0.5", "rollot.top_p=0.9", "zzz=1"])
+    probs = _problems(err.value)
+    assert "did you mean 'entropy_threshold'" in probs["loss.entropy_treshold"]
+    assert "did you mean 'rollout'" in probs["rollot"]
+    assert "unknown key" in probs["zzz"] and "known keys" in probs["zzz"]
+    # the message lists every problem with its path
+    text = str(err.value)
+    for path in probs:
+        assert path in text
+
+
+def test_type_range_and_choice_errors():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None,
+            [
+                "rollout.mini_batch_size=abc",
+                "logging.jsonl=1",
+                "model.student.layers=2.5",
+                "rollout.top_p=1.5",
+                "task.eval_files=x.jsonl",
+                "loss=3",
+            ],
+        )
+    probs = _problems(err.value)
+    assert "expected an integer" in probs["rollout.mini_batch_size"]
+    assert "expected true or false" in probs["logging.jsonl"]
+    assert "expected an integer" in probs["model.student.layers"]
+    assert "out of range" in probs["rollout.top_p"] and "<= 1" in probs["rollout.top_p"]
+    assert "expected a list" in probs["task.eval_files"]
+    assert "expected a section" in probs["loss"]
+
+
+def test_range_and_choice_errors_in_a_valid_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.clip=-0.1", "loss.objective=eopdd", "loss.top_k=0"])
+    probs = _problems(err.value)
+    assert "out of range" in probs["loss.clip"] and "> 0" in probs["loss.clip"]
+    assert "did you mean 'eopd'" in probs["loss.objective"]
+    assert ">= 1" in probs["loss.top_k"]
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None,
+            [
+                "rollout.prompts_per_iteration=100",
+                "rollout.mini_batch_size=32",
+                "parallel.student.tp=8",
+                "parallel.teacher.pp=3",
+                "model.teacher.max_seq_len=64",
+                "task.name=not_a_path",
+            ],
+        )
+    probs = _problems(err.value)
+    assert "must divide" in probs["rollout.mini_batch_size"]
+    assert "tp=8" in probs["parallel.student.tp"]
+    assert "pp*vpp=3" in probs["parallel.teacher.pp"]
+    assert "shorter than" in probs["model.teacher.max_seq_len"]
+    assert "module:Class" in probs["task.name"]
+
+
+def test_derived_fields():
+    cfg = load_config(
+        None,
+        [
+            "rollout.max_prompt_tokens=10",
+            "rollout.max_response_tokens=20",
+            "eval.max_response_tokens=30",
+            "loss.entropy_threshold=0.5",
+        ],
+    )
+    assert cfg.model.student.max_seq_len == 40 and cfg.model.teacher.max_seq_len == 40
+    assert cfg.eval.entropy_threshold == 0.5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path, ["training.seed=7"])
+    out = save_resolved(cfg, tmp_path / "resolved" / "config.yaml")
+    saved = yaml.safe_load(out.read_text())
+    assert "defaults" not in saved
+    assert saved == config_to_dict(cfg)
+    again = load_config(out)
+    assert again == cfg
+    assert again.training.seed == 7
+
+
+def test_paper_configs_carry_the_paper_hyperparameters():
+    for name in ("0.6b", "1.7b", "4b"):
+        (path,) = (REPO / "configs").glob(f"qwen3-8b-to-{name}-*.yaml")
+        cfg = load_config(path)
+        assert cfg.loss.objective == "eopd"
+        assert (cfg.loss.entropy_threshold, cfg.loss.fkl_coef, cfg.loss.top_k) == (0.8, 1.0, 16)
+        assert cfg.loss.clip == 0.2 and cfg.loss.temperature == 1.0
+        assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (3e-6, 0.01)
+        assert cfg.optimizer.lr_schedule == "cosine"
+        r = cfg.rollout
+        assert (r.prompts_per_iteration, r.mini_batch_size, r.samples_per_prompt) == (128, 32, 1)
+        assert (r.max_prompt_tokens, r.max_response_tokens, r.temperature, r.top_p) == (
+            1024,
+            4096,
+            1.0,
+            1.0,
+        )
+        assert (cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p) == (8, 1.0, 0.8)
+        assert cfg.eval.max_response_tokens == 8192
+        assert cfg.model.teacher.layers == 36 and cfg.model.teacher.hidden == 4096
+        assert "boxed" in cfg.task.prompt_suffix
+        m = re.search(r"tp(\d+)pp(\d+)", path.name)
+        assert (cfg.parallel.student.tp, cfg.parallel.student.pp) == tuple(map(int, m.groups()))
+    assert load_config(REPO / "configs/qwen3-8b-to-4b-1n8g-tp2pp2.yaml").training.epochs == 2
+
+
+def test_tiny_cpu_is_tp2_gloo():
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml")
+    assert cfg.parallel.student.tp == 2 and cfg.parallel.teacher.tp == 2
+    assert cfg.parallel.backend == "gloo" and cfg.task.name == "builtin"
+    assert cfg.model.student.dtype == "fp32" and cfg.teacher_prep.enabled
+
+
+def test_every_field_documented_and_in_docs():
+    rows = describe_fields()
+    missing = [path for path, _, _, doc in rows if not doc]
+    assert not missing, f"fields without a docstring: {missing}"
+    leaves = [f.name for f in dataclasses.fields(EAOPDConfig)]
+    assert len(rows) > len(leaves)
+    docs = (REPO / "docs" / "configs.md").read_text()
+    absent = [path for path, *_ in rows if f"`{path}`" not in docs]
+    assert not absent, f"docs/configs.md misses: {absent} (regenerate it, see the file's header)"
+
+
+def test_docs_reference_is_current():
+    from megatron_eaopd.config.__main__ import reference_markdown
+
+    docs = (REPO / "docs" / "configs.md").read_text()
+    section = docs.split("<!-- BEGIN REFERENCE -->\n", 1)[1].split("<!-- END REFERENCE -->", 1)[0]
+    assert section == reference_markdown(), (
+        "regenerate: python -m megatron_eaopd.config --reference"
+    )
