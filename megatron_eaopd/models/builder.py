@@ -1,0 +1,211 @@
+"""Build megatron-core GPTModels for the student and the teacher under the current TP x PP (x VPP).
+
+`build_model(cfg)` returns the list of model chunks this rank holds (one per virtual pipeline
+stage; a single chunk without VPP), each with `pre_process` (embedding) on the first pipeline stage
+and `post_process` (final norm, output layer) on the last. Layer specs come from Transformer Engine
+when TE imports and CUDA is present, from megatron-core's local modules otherwise (CPU).
+
+`init_weights_layout_invariant(chunks, seed)` overwrites the weights with values that depend only on
+(seed, parameter name, global position), so models built at different TP/PP layouts hold the same
+network: the basis of the layout-parity tests and of reproducible runs across layouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from megatron_eaopd.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - TE raises various errors without CUDA/cuDNN
+        return False
+    return True
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool | None = None):
+    """The transformer layer ModuleSpec: TE modules when available (or asked), local otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=cfg.qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
+    )
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = None, **overrides):
+    """megatron TransformerConfig for `cfg` at tp x pp (x vpp). `overrides` go to TransformerConfig.
+
+    CPU-incompatible fusions (sequence parallel, gradient-accumulation fusion, RoPE fusion) are
+    off; with VPP on two pipeline stages batched p2p is off (megatron gives wrong results there).
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    cfg.check_layout(tp, pp, vpp)
+    dtype = cfg.torch_dtype
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.query_groups,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        qk_layernorm=cfg.qk_layernorm,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=cfg.swiglu and on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu,
+        batch_p2p_comm=not (vpp is not None and pp == 2),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    use_te: bool | None = None,
+    parallel_output: bool = True,
+    **config_overrides,
+) -> list:
+    """Build this rank's GPTModel chunks for `cfg` under megatron's current parallel state.
+
+    Returns a list with one GPTModel per virtual pipeline stage (one without VPP). Each chunk gets
+    pre_process on the first pipeline stage (embedding) and post_process on the last (final norm,
+    output layer producing [b, s, V_pad / tp] logits, or the per-token loss [b, s] when labels are
+    given). The embedding has cfg.padded_vocab_size(tp) rows in total. No communication at build
+    time beyond what megatron does for tied embeddings (none until the first gradient all-reduce).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron parallel state is not initialised: call "
+            "megatron_eaopd.parallel.init.initialize_parallel(tp, pp) before build_model."
+        )
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    config = transformer_config(cfg, tp, pp, vpp, **config_overrides)
+    spec = layer_spec(cfg, use_te)
+    vocab = cfg.padded_vocab_size(tp)
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp is not None else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=cfg.max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.tied_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rotary_base),
+            vp_stage=stage,
+        )
+        model.model_type = getattr(model, "model_type", None) or _encoder_or_decoder()
+        chunks.append(model)
+    return chunks
+
+
+def _encoder_or_decoder():
+    from megatron.core.enums import ModelType
+
+    return ModelType.encoder_or_decoder
+
+
+def count_parameters(chunks) -> int:
+    """Parameters held by this rank (tied copies counted once per rank)."""
+    seen, total = set(), 0
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def _is_norm(key: str) -> bool:
+    return "norm" in key.rsplit(".", 1)[-1] or key.endswith(("norm.weight", "norm_weight"))
+
+
+@torch.no_grad()
+def init_weights_layout_invariant(chunks, seed: int, std: float | None = None) -> None:
+    """Overwrite every weight with a value fixed by (seed, checkpoint key, global index).
+
+    Walks megatron's sharded state dict (the same keys and global shapes dist_checkpointing uses,
+    independent of TP/PP), draws each full global tensor from a generator seeded by the seed and
+    the key, and copies this rank's slice into the parameter. Norm weights get 1 + N(0, std),
+    biases and everything else N(0, std). Identical networks at any layout; meant for tests and
+    small models, since each rank materialises whole global tensors. No communication.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    for chunk in chunks:
+        sd = chunk.sharded_state_dict()
+        apply_factories(sd)
+        for sh in _iter_sharded_tensors(sd):
+            if sh.key.endswith("_extra_state") or not torch.is_floating_point(sh.data):
+                continue
+            if not isinstance(sh, ShardedTensor) or sh.flattened_range is not None:
+                continue
+            scale = std if std is not None else chunk.config.init_method_std
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(sh.key.encode()))
+            full = torch.randn(sh.global_shape, generator=gen, dtype=torch.float32) * scale
+            if _is_norm(sh.key):
+                full += 1.0
+            local = full[sh.global_slice()]
+            sh.data.copy_(local.reshape(sh.data.shape).to(sh.data.dtype))
+
+
+def _iter_sharded_tensors(tree):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _iter_sharded_tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _iter_sharded_tensors(value)
+    elif isinstance(tree, ShardedTensor):
+        yield tree

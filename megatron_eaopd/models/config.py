@@ -1,0 +1,261 @@
+"""Model shapes for the student and the teacher, and presets.
+
+`ModelConfig` holds the architecture only (what a Hugging Face config.json holds), not the parallel
+layout: the same ModelConfig builds the model at any TP x PP (x VPP) that divides it, and
+`ModelConfig.check_layout(tp, pp, vpp)` says up front when one does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from megatron_eaopd.parallel.vocab import padded_vocab_size
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only GPT (Llama / Qwen3 style) architecture."""
+
+    num_layers: int
+    """Number of transformer layers. Must be divisible by pp (x vpp)."""
+
+    hidden_size: int
+    """Width of the residual stream."""
+
+    num_attention_heads: int
+    """Query heads. Must be divisible by tp."""
+
+    ffn_hidden_size: int
+    """Width of the MLP; with swiglu this is the width of each of the gate and up projections."""
+
+    vocab_size: int
+    """Rows of the embedding as the model defines it (the HF config's vocab_size). It may exceed the
+    tokenizer's real vocabulary (HF checkpoints pad it, e.g. Qwen3 151,936); megatron pads it again
+    to a multiple of make_vocab_size_divisible_by x tp. Losses mask everything past the tokenizer's
+    real vocabulary (see models.vocab_check)."""
+
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None means num_attention_heads (MHA). Must
+    divide num_attention_heads and be divisible by tp."""
+
+    kv_channels: int | None = None
+    """Per-head dimension; None means hidden_size / num_attention_heads. Qwen3 uses 128."""
+
+    max_sequence_length: int = 4096
+    """Longest sequence (prompt + response) the model is built for."""
+
+    rotary_base: float = 10000.0
+    """RoPE base (HF rope_theta)."""
+
+    normalization: str = "RMSNorm"
+    """'RMSNorm' or 'LayerNorm'."""
+
+    layernorm_epsilon: float = 1e-6
+    """Epsilon of every norm."""
+
+    qk_layernorm: bool = False
+    """Normalise queries and keys per head before RoPE (Qwen3)."""
+
+    swiglu: bool = True
+    """Gated SiLU MLP (Llama / Qwen); False gives a GELU MLP."""
+
+    add_bias_linear: bool = False
+    """Biases on the linear layers."""
+
+    add_qkv_bias: bool = False
+    """Biases on the QKV projection only (Qwen2)."""
+
+    untie_embeddings_and_output_weights: bool = True
+    """False ties the output layer to the input embedding (with PP > 1 megatron keeps a copy on the
+    last stage and all-reduces their gradients over the embedding group)."""
+
+    params_dtype: str = "float32"
+    """'float32', 'bfloat16' or 'float16': dtype of the weights and activations."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Megatron pads vocab_size to a multiple of this x tp."""
+
+    init_method_std: float = 0.02
+    """Std of the normal initialisation of weights."""
+
+    hidden_dropout: float = 0.0
+    """Dropout on the residual stream."""
+
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
+            raise ValueError(f"ModelConfig.vocab_size must be an int >= 2, got {self.vocab_size!r}")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(
+                f"ModelConfig.normalization must be 'RMSNorm' or 'LayerNorm', "
+                f"got {self.normalization!r}"
+            )
+        if self.params_dtype not in _DTYPES:
+            raise ValueError(
+                f"ModelConfig.params_dtype must be one of {sorted(_DTYPES)}, "
+                f"got {self.params_dtype!r}"
+            )
+        groups = self.query_groups
+        if self.num_attention_heads % groups != 0:
+            raise ValueError(
+                f"num_query_groups={groups} must divide num_attention_heads="
+                f"{self.num_attention_heads}: set num_query_groups to a divisor of the head count."
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}: set kv_channels (the head dimension) explicitly."
+            )
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (num_query_groups, or num_attention_heads for MHA)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.params_dtype]
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return not self.untie_embeddings_and_output_weights
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp (megatron)."""
+        return padded_vocab_size(self.vocab_size, tp, self.make_vocab_size_divisible_by)
+
+    def check_layout(self, tp: int, pp: int, vpp: int | None = None, name: str = "model") -> None:
+        """Raise ValueError, naming the fix, when the shape cannot be split over tp x pp (x vpp)."""
+        problems = []
+        if self.num_attention_heads % tp != 0:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by tp={tp}: "
+                f"choose tp among {_divisors(self.num_attention_heads)}"
+            )
+        if self.query_groups % tp != 0:
+            problems.append(
+                f"num_query_groups={self.query_groups} is not divisible by tp={tp}: choose tp "
+                f"among {_divisors(self.query_groups)} (or more query groups)"
+            )
+        if self.ffn_hidden_size % tp != 0:
+            problems.append(
+                f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by tp={tp}: choose tp "
+                f"among {_divisors(self.ffn_hidden_size, 64)}"
+            )
+        stages = pp * (vpp or 1)
+        if self.num_layers % stages != 0:
+            what = f"pp={pp}" if vpp is None else f"pp x vpp = {pp} x {vpp}"
+            problems.append(
+                f"num_layers={self.num_layers} is not divisible by {what}: choose a pipeline size "
+                f"(x vpp) among {_divisors(self.num_layers)}"
+            )
+        if problems:
+            raise ValueError(
+                f"{name} ({self.num_layers} layers, {self.num_attention_heads} heads) cannot be "
+                f"split at tp={tp}, pp={pp}, vpp={vpp}: " + "; ".join(problems) + "."
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    def with_changes(self, **changes) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def _divisors(n: int, limit: int = 16) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+# Tiny pair for CPU tests and demos: same vocabulary, teacher twice as deep and wide.
+TINY_TEACHER = ModelConfig(
+    num_layers=4,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=256,
+    vocab_size=320,
+    max_sequence_length=256,
+    rotary_base=10000.0,
+    make_vocab_size_divisible_by=16,
+)
+TINY_STUDENT = ModelConfig(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=320,
+    max_sequence_length=256,
+    rotary_base=10000.0,
+    make_vocab_size_divisible_by=16,
+    untie_embeddings_and_output_weights=False,
+)
+
+# Qwen3 shapes (from the published HF configs). The tokenizer has fewer real entries than
+# vocab_size (151,936): the loss masks the rest via the shared real vocabulary.
+QWEN3_8B = ModelConfig(
+    num_layers=36,
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_query_groups=8,
+    kv_channels=128,
+    ffn_hidden_size=12288,
+    vocab_size=151936,
+    max_sequence_length=40960,
+    rotary_base=1000000.0,
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-6,
+    qk_layernorm=True,
+    untie_embeddings_and_output_weights=True,
+    params_dtype="bfloat16",
+)
+QWEN3_1_7B = ModelConfig(
+    num_layers=28,
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_query_groups=8,
+    kv_channels=128,
+    ffn_hidden_size=6144,
+    vocab_size=151936,
+    max_sequence_length=40960,
+    rotary_base=1000000.0,
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-6,
+    qk_layernorm=True,
+    untie_embeddings_and_output_weights=False,
+    params_dtype="bfloat16",
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny-teacher": TINY_TEACHER,
+    "tiny-student": TINY_STUDENT,
+    "qwen3-8b": QWEN3_8B,
+    "qwen3-1.7b": QWEN3_1_7B,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A preset by name; ValueError listing the names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}"
+        ) from None

@@ -1,0 +1,240 @@
+"""The trainable student: megatron DDP wrapping, AdamW with a warmup + cosine schedule, one update.
+
+`setup_student(chunks, OptimConfig(...))` wraps the chunks in megatron-core's
+DistributedDataParallel, builds megatron's optimizer (AdamW; fused TE/apex kernels when present,
+torch.optim.AdamW otherwise) and its OptimizerParamScheduler, and wires megatron's grad hooks
+(`no_sync_func`, `finalize_model_grads_func`) into the model config so that `forward_backward_func`
+all-reduces gradients over data parallelism and the tied-embedding group.
+
+`train_step(...)` runs megatron's pipeline schedule with the given forward step, then steps the
+optimizer unless the loss or the gradient norm is not finite (the update is skipped and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule of the student update."""
+
+    lr: float = 1e-6
+    """Peak learning rate (after warmup)."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay; megatron skips it on biases and norms."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+
+    total_steps: int = 1000
+    """Steps of warmup + cosine decay; after that lr stays at min_lr."""
+
+
+@dataclass
+class Student:
+    """A student ready to train: DDP-wrapped chunks, optimizer, scheduler and skip counter."""
+
+    chunks: list
+    optimizer: object
+    scheduler: object
+    skipped_updates: int = 0
+
+
+def setup_student(chunks, optim: OptimConfig, ddp_config=None) -> Student:
+    """Wrap `chunks` in megatron DDP and build optimizer + scheduler.
+
+    Collectives: megatron DDP broadcasts parameters from data-parallel rank 0 at wrap time.
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = chunks[0].config
+    ddp_config = ddp_config or DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=(i > 0)
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    for model in wrapped:
+        model.broadcast_params()
+    config.no_sync_func = [m.no_sync for m in wrapped]
+    if len(wrapped) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    config.finalize_model_grads_func = finalize_model_grads
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=ddp_config.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(optim.total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return Student(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
+
+
+def run_forward_backward(
+    chunks,
+    forward_step_func,
+    data_iterator,
+    num_microbatches,
+    seq_length,
+    micro_batch_size,
+    forward_only=False,
+):
+    """megatron's forward_backward_func for the current PP/VPP; returns the last stage's outputs.
+
+    `data_iterator` is one iterator, or a list with one per model chunk under VPP.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    forward_backward = get_forward_backward_func()
+    return forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _last_stage_loss(outputs, key: str) -> torch.Tensor:
+    """Mean of `key` over micro-batches on the last stage, broadcast to every rank (one all-reduce
+    over the pipeline group: the other stages contribute 0)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
+        value = torch.stack([o[key].float().reshape(()) for o in outputs]).mean()
+    else:
+        value = torch.zeros(())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
+    return value
+
+
+@torch.no_grad()
+def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
+    """Step megatron's optimizer only if the gradient norm is finite; return (stepped, grad_norm).
+
+    Same as MegatronOptimizer.step (copy grads, unscale, global-norm clip, step) but the norm is
+    checked before anything changes the weights, so a NaN/inf gradient leaves the model and the
+    optimizer state untouched. Collectives: the grad-norm all-reduce over the model-parallel group.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # inf/nan found by the fp16 grad scaler
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = sub.get_parameters()
+        if sub.config.clip_grad > 0.0 and params:
+            decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            clip_grad_by_total_norm_fp32(params, sub.config.clip_grad, grad_norm, decoupled)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+def train_step(
+    student: Student,
+    forward_step_func,
+    data_iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    loss_key: str = "loss",
+) -> dict:
+    """One update: zero grads, forward/backward over all micro-batches, optimizer + scheduler step.
+
+    The update is skipped (and `student.skipped_updates` incremented) when the loss (mean of
+    `loss_key` over micro-batches from the last stage) or the gradient norm is not finite.
+    Returns {"loss", "grad_norm", "lr", "skipped"} on every rank. Collectives: those of the schedule
+    (p2p, TP), the DDP gradient all-reduce, the optimizer's grad-norm all-reduce, one all-reduce of
+    the loss over the pipeline group.
+    """
+    for model in student.chunks:
+        model.zero_grad_buffer()
+    student.optimizer.zero_grad()
+    outputs = run_forward_backward(
+        student.chunks,
+        forward_step_func,
+        data_iterator,
+        num_microbatches,
+        seq_length,
+        micro_batch_size,
+    )
+    loss = float(_last_stage_loss(outputs, loss_key))
+    skipped = not math.isfinite(loss)
+    grad_norm = float("nan")
+    if not skipped:
+        ok, grad_norm = guarded_optimizer_step(student.optimizer)
+        skipped = not ok
+    if skipped:
+        student.skipped_updates += 1
+        logger.warning(
+            "skipped update: loss=%s grad_norm=%s (skipped so far: %d)",
+            loss,
+            grad_norm,
+            student.skipped_updates,
+        )
+    else:
+        student.scheduler.step(increment=1)
+    return {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": student.optimizer.param_groups[0]["lr"],
+        "skipped": skipped,
+    }

@@ -1,0 +1,222 @@
+"""Start torch.distributed and megatron-core's parallel state for a TP x PP (x VPP) layout.
+
+`initialize_parallel(tp, pp, vpp)` is the one call a program makes before building models: it
+enables the CPU compatibility layer when there is no CUDA device, starts torch.distributed from the
+environment (env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as set by torchrun or srun) unless
+it is already running, checks the layout against the world size, then creates megatron's TP, PP and
+DP groups and seeds its RNG tracker. Bad layouts fail here, before any model is built, with a
+ValueError that names the fix.
+
+Megatron's rank order is tp-cp-ep-dp-pp: TP ranks are adjacent (rank = tp_rank + tp * (dp_rank +
+dp * pp_rank)), which keeps TP traffic inside a node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The parallel layout of this job, and where this process sits in it.
+
+    Attributes:
+        tp: tensor-parallel size.
+        pp: pipeline-parallel size.
+        vpp: virtual pipeline (model chunks per pipeline rank), None when not interleaved.
+        dp: data-parallel size (world_size / (tp * pp)).
+        world_size: number of processes.
+        rank: global rank of this process.
+        tp_rank: rank in the tensor-parallel group.
+        pp_rank: pipeline stage of this process.
+        dp_rank: rank in the data-parallel group.
+    """
+
+    tp: int
+    pp: int
+    vpp: int | None
+    dp: int
+    world_size: int
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_parallel_layout(world_size: int, tp: int, pp: int, vpp: int | None = None) -> int:
+    """Check that TP x PP (x VPP) fits `world_size`; return the data-parallel size.
+
+    Raises ValueError naming the fix when world_size is not a multiple of tp * pp, or when virtual
+    pipeline parallelism is asked for without pipeline parallelism. No communication.
+    """
+    _positive_int("world_size", world_size)
+    _positive_int("tensor_model_parallel_size (tp)", tp)
+    _positive_int("pipeline_model_parallel_size (pp)", pp)
+    if vpp is not None:
+        _positive_int("virtual_pipeline_model_parallel_size (vpp)", vpp)
+        if pp == 1 and vpp > 1:
+            raise ValueError(
+                f"virtual pipeline size vpp={vpp} needs pipeline parallelism, but pp=1. "
+                f"Set pp >= 2 or drop vpp (vpp=None)."
+            )
+    if world_size % (tp * pp) != 0:
+        multiples = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tp x pp = {tp} x {pp} = {tp * pp}. "
+            f"Choose tp * pp among the divisors of the world size {multiples}, or launch a "
+            f"multiple of {tp * pp} processes (nodes x GPUs per node)."
+        )
+    return world_size // (tp * pp)
+
+
+def default_backend() -> str:
+    """'nccl' when CUDA is available, else 'gloo'."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize_distributed(
+    backend: str | None = None,
+    init_method: str | None = None,
+    timeout_minutes: int = 30,
+) -> tuple[int, int]:
+    """Start torch.distributed unless it is already running; return (rank, world_size).
+
+    `init_method=None` means env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the launcher);
+    a single process with none of them set gets a local one-rank group on a free port. With CUDA,
+    each process selects GPU LOCAL_RANK. Collectives: the rendezvous of init_process_group only.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = backend or default_backend()
+    if init_method is None and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init_method = f"tcp://127.0.0.1:{port}"
+        rank, world_size = 0, 1
+    else:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if init_method is None and missing and world_size > 1:
+            raise ValueError(
+                f"torch.distributed env:// initialisation needs {missing} in the environment. "
+                f"Launch with torchrun (or srun setting MASTER_ADDR/MASTER_PORT), or pass "
+                f"init_method='tcp://HOST:PORT'."
+            )
+        init_method = init_method or "env://"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def initialize_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    *,
+    seed: int = 1234,
+    backend: str | None = None,
+    init_method: str | None = None,
+    timeout_minutes: int = 30,
+) -> ParallelLayout:
+    """Start torch.distributed and megatron's parallel state for TP x PP (x VPP); seed the RNGs.
+
+    Enables the CPU compatibility layer first when CUDA is absent. If megatron's parallel state is
+    already initialised (another layout), it is destroyed and rebuilt. Seeds megatron's RNG tracker
+    with `seed` (model-parallel regions get seed + 2718 + tp_rank, as in megatron).
+
+    Collectives: init_process_group's rendezvous (if not yet started) and the new_group calls of
+    megatron's initialize_model_parallel (every rank must call this with the same arguments).
+    """
+    from megatron_eaopd.compat.cpu import enable_cpu_compat
+
+    enable_cpu_compat()
+    _positive_int("tensor_model_parallel_size (tp)", tp)
+    _positive_int("pipeline_model_parallel_size (pp)", pp)
+    # Check what needs no communication before starting anything.
+    if dist.is_initialized():
+        check_parallel_layout(dist.get_world_size(), tp, pp, vpp)
+    rank, world_size = initialize_distributed(backend, init_method, timeout_minutes)
+    dp = check_parallel_layout(world_size, tp, pp, vpp)
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    layout = current_layout()
+    logger.info("parallel layout: tp=%d pp=%d vpp=%s dp=%d (world %d)", tp, pp, vpp, dp, world_size)
+    return layout
+
+
+def current_layout() -> ParallelLayout:
+    """The layout megatron's parallel state holds now. No communication."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron parallel state is not initialised: call "
+            "megatron_eaopd.parallel.init.initialize_parallel(tp, pp) first."
+        )
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    return ParallelLayout(
+        tp=tp,
+        pp=pp,
+        vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel(destroy_process_group: bool = False) -> None:
+    """Tear down megatron's parallel state (and torch.distributed when asked)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()
