@@ -1,0 +1,171 @@
+"""Final-answer extraction from ``\\boxed{...}`` and answer checking.
+
+:func:`check_answer` uses the optional ``math-verify`` package (``pip install
+megatron-eaopd[math]``) when it is installed and asked for, and otherwise a normalised comparison:
+strings are normalised (spaces, ``$``, ``\\left``/``\\right``, ``\\dfrac``, ``^\\circ``, text
+wrappers, a trailing period) and compared; when both sides read as numbers (integers, decimals,
+``a/b``, ``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from fractions import Fraction
+
+__all__ = [
+    "check_answer",
+    "extract_boxed",
+    "math_verify_available",
+    "normalize_answer",
+    "parse_number",
+]
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Return the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
+
+    Braces are balanced, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``; ``\\boxed 5`` (no
+    braces) gives ``5``. Returns None when there is no complete box.
+    """
+    best: tuple[int, str] | None = None
+    for cmd in _BOX_COMMANDS:
+        start = text.rfind(cmd)
+        while start != -1:
+            content = _box_content(text, start + len(cmd))
+            if content is not None:
+                if best is None or start > best[0]:
+                    best = (start, content)
+                break
+            start = text.rfind(cmd, 0, start)
+    return None if best is None else best[1].strip()
+
+
+def _box_content(text: str, i: int) -> str | None:
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
+        return None
+    if text[i] != "{":
+        m = re.match(r"[^\s$]+", text[i:])  # "\boxed 5"
+        return m.group(0) if m else None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}")
+
+
+def normalize_answer(answer: str) -> str:
+    """Normalise an answer string for comparison (see the module docstring)."""
+    s = str(answer).strip()
+    boxed = extract_boxed(s)
+    if boxed is not None:
+        s = boxed
+    s = _TEXT_WRAPPERS.sub(r"\1", s)
+    for old, new in (
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("^\\circ", ""),
+        ("^{\\circ}", ""),
+        ("$", ""),
+    ):
+        s = s.replace(old, new)
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".")
+    if s.startswith("{") and s.endswith("}") and _box_content(s, 0) == s[1:-1]:
+        s = s[1:-1]
+    return s
+
+
+_FRAC = re.compile(r"^(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?$")
+_NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def parse_number(answer: str) -> Fraction | None:
+    """Read a normalised answer as an exact number, or None when it is not one."""
+    s = normalize_answer(answer)
+    percent = s.endswith("\\%") or s.endswith("%")
+    s = s.removesuffix("\\%").removesuffix("%")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    value: Fraction | None = None
+    m = _FRAC.match(s)
+    if m:
+        sign, num, den = m.groups()
+        if int(den) != 0:
+            value = Fraction(int(num), int(den)) * (-1 if sign else 1)
+    elif re.fullmatch(r"-?\d+/-?\d+", s):
+        num, den = s.split("/")
+        if int(den) != 0:
+            value = Fraction(int(num), int(den))
+    elif _NUM.match(s):
+        value = Fraction(s)
+    if value is not None and percent:
+        value /= 100
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def math_verify_available() -> bool:
+    """Whether the optional ``math-verify`` package can be imported."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _math_verify(reference: str, predicted: str) -> bool:
+    from math_verify import parse, verify
+
+    gold = parse(f"\\boxed{{{reference}}}")
+    pred = parse(f"\\boxed{{{predicted}}}")
+    return bool(gold) and bool(pred) and bool(verify(gold, pred))
+
+
+def check_answer(response: str, reference: str, use_math_verify: bool | None = None) -> bool:
+    """Whether the last ``\\boxed{}`` answer in ``response`` equals ``reference``.
+
+    Args:
+        response: model output; only its last boxed answer counts (no box: wrong).
+        reference: the gold answer (plain, or itself boxed).
+        use_math_verify: True: use math-verify (error when missing); None: use it when installed;
+            False: the normalised string/number comparison only.
+    """
+    predicted = extract_boxed(response)
+    if predicted is None:
+        return False
+    reference = str(reference)
+    ref_box = extract_boxed(reference)
+    if ref_box is not None:
+        reference = ref_box
+    if use_math_verify is None:
+        use_math_verify = math_verify_available()
+    if use_math_verify:
+        if not math_verify_available():
+            raise ImportError("use_math_verify=True needs `pip install math-verify`")
+        try:
+            if _math_verify(reference, predicted):
+                return True
+        except Exception:  # math-verify can fail to parse odd strings; fall back below
+            pass
+    a, b = normalize_answer(predicted), normalize_answer(reference)
+    if a == b:
+        return True
+    na, nb = parse_number(a), parse_number(b)
+    return na is not None and nb is not None and na == nb

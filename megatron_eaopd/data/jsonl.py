@@ -1,0 +1,164 @@
+"""Tasks given as prompt files (JSONL, or Parquet when pyarrow is installed): no code needed.
+
+Each line of a ``.jsonl`` file is one JSON object (format in docs/tasks.md)::
+
+    {"id": "math-17", "prompt": "What is 2+3?", "answer": "5", "solutions": ["2+3=5 \\\\boxed{5}"]}
+
+``prompt`` (non-empty string) and ``answer`` (string or number) are required; ``id`` (default:
+``<file stem>-<line>``), ``solutions`` (list of strings) or ``solution`` (string) are optional; any
+other key is kept in :attr:`Problem.meta`. Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_eaopd.data.task import Problem, Task, TaskError
+
+__all__ = ["JsonlTask", "read_prompt_file"]
+
+
+def _records(path: Path) -> list[tuple[int, Any]]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise TaskError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise TaskError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                ) from err
+    return out
+
+
+def read_prompt_file(
+    path: str | os.PathLike, prompt_suffix: str = "", require_solutions: bool = False
+) -> list[Problem]:
+    """Read a prompt file into problems.
+
+    Args:
+        path: a ``.jsonl`` file (or ``.parquet`` with pyarrow installed).
+        prompt_suffix: appended to every prompt verbatim.
+        require_solutions: every record must carry at least one solution (teacher preparation).
+
+    Raises:
+        TaskError: missing file, malformed line, missing/mistyped field, duplicate id, or no
+            records; the message names the file and line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"prompt file not found: {p}")
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for lineno, rec in _records(p):
+        where = f"{p}:{lineno}"
+        if not isinstance(rec, dict):
+            raise TaskError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        prompt = rec.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TaskError(f"{where}: 'prompt' must be a non-empty string")
+        if "answer" not in rec or rec["answer"] is None or isinstance(rec["answer"], dict | list):
+            raise TaskError(f"{where}: 'answer' must be a string or a number")
+        sols = rec.get("solutions", rec.get("solution", []))
+        if isinstance(sols, str):
+            sols = [sols]
+        if not isinstance(sols, list) or not all(isinstance(s, str) for s in sols):
+            raise TaskError(f"{where}: 'solutions' must be a list of strings")
+        if require_solutions and not sols:
+            raise TaskError(f"{where}: a training prompt needs 'solutions' (or 'solution')")
+        uid = str(rec.get("id", f"{p.stem}-{lineno}"))
+        if uid in seen:
+            raise TaskError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
+        seen[uid] = lineno
+        meta = {
+            k: v
+            for k, v in rec.items()
+            if k not in ("id", "prompt", "answer", "solutions", "solution")
+        }
+        problems.append(Problem(uid, prompt + prompt_suffix, str(rec["answer"]), tuple(sols), meta))
+    if not problems:
+        raise TaskError(f"{p}: no prompts (the file is empty)")
+    return problems
+
+
+class JsonlTask(Task):
+    """A task read from prompt files.
+
+    Args:
+        distill_file: distillation prompts (required).
+        train_file: prompts with solutions for teacher preparation (optional).
+        eval_files: held-out sets, each named by its file stem (optional; may be a single path).
+        prompt_suffix: appended to every prompt.
+    """
+
+    name = "jsonl"
+
+    def __init__(
+        self,
+        distill_file: str | os.PathLike,
+        train_file: str | os.PathLike | None = None,
+        eval_files: Sequence[str | os.PathLike] | str | None = None,
+        prompt_suffix: str = "",
+    ):
+        if isinstance(eval_files, str | os.PathLike):
+            eval_files = [eval_files]
+        self._train_file = train_file
+        self._suffix = prompt_suffix
+        self._distill = read_prompt_file(distill_file, prompt_suffix)
+        self._train: list[Problem] | None = None
+        self._eval: dict[str, list[Problem]] = {}
+        for f in eval_files or []:
+            stem = Path(f).stem
+            if stem in self._eval:
+                raise TaskError(f"two eval files share the name {stem!r}: rename one")
+            self._eval[stem] = read_prompt_file(f, prompt_suffix)
+
+    @classmethod
+    def from_config(cls, task_cfg: Any) -> JsonlTask:
+        """Build from a :class:`~megatron_eaopd.config.TaskConfig`."""
+        if not task_cfg.distill_file:
+            raise TaskError("task.distill_file is not set (task.name=jsonl needs it)")
+        return cls(
+            task_cfg.distill_file, task_cfg.train_file, task_cfg.eval_files, task_cfg.prompt_suffix
+        )
+
+    def train_problems(self) -> Sequence[Problem]:
+        """Problems of ``train_file`` (each with solutions); TaskError when it is not set."""
+        if self._train is None:
+            if self._train_file is None:
+                raise TaskError("task.train_file is not set; teacher preparation needs it")
+            self._train = read_prompt_file(self._train_file, self._suffix, require_solutions=True)
+        return self._train
+
+    def distill_problems(self) -> Sequence[Problem]:
+        """Problems of ``distill_file``."""
+        return self._distill
+
+    def eval_problems(self) -> Sequence[Problem]:
+        """All eval sets concatenated (empty when no eval files are given)."""
+        return [p for probs in self._eval.values() for p in probs]
+
+    def eval_sets(self) -> Mapping[str, Sequence[Problem]]:
+        """One set per eval file, named by the file stem."""
+        return dict(self._eval)
+
+    def corpus(self):
+        """Prompts (and solutions when a training file is set)."""
+        if self._train_file is not None:
+            for p in self.train_problems():
+                yield p.prompt
+                yield from p.solutions
+        for p in (*self._distill, *self.eval_problems()):
+            yield p.prompt

@@ -1,0 +1,176 @@
+"""Task loading: JSONL prompt files, dotted module:Class tasks, prompt-length checks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from megatron_eaopd.config import TaskConfig, load_config
+from megatron_eaopd.data import (
+    JsonlTask,
+    Problem,
+    SyntheticArithmeticTask,
+    Task,
+    TaskError,
+    load_task,
+    read_prompt_file,
+    validate_prompt_lengths,
+)
+
+
+class ToyTask(Task):
+    """A minimal task used through its dotted path ``tests.data.test_tasks:ToyTask``."""
+
+    name = "toy"
+
+    def __init__(self, n: int = 3, word: str = "x"):
+        self.items = [
+            Problem(f"toy-{i}", f"{word} {i}?", str(i), (f"\\boxed{{{i}}}",)) for i in range(n)
+        ]
+
+    def train_problems(self) -> Sequence[Problem]:
+        return self.items
+
+    def distill_problems(self) -> Sequence[Problem]:
+        return self.items
+
+    def eval_problems(self) -> Sequence[Problem]:
+        return self.items[:1]
+
+
+class NotATask:
+    def __init__(self, **kwargs):
+        pass
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_task_reads_all_fields(tmp_path):
+    train = _jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"prompt": "1+1?", "answer": 2, "solutions": ["1+1=2 \\boxed{2}", "\\boxed{2}"]},
+            {"id": "q7", "prompt": "2+2?", "answer": "4", "solution": "\\boxed{4}", "level": 3},
+        ],
+    )
+    distill = _jsonl(tmp_path / "distill.jsonl", [{"prompt": "3+3?", "answer": "6"}, ""])
+    ev1 = _jsonl(tmp_path / "math500.jsonl", [{"prompt": "1/2 + 1/2?", "answer": "1"}])
+    ev2 = _jsonl(tmp_path / "aime.jsonl", [{"prompt": "x?", "answer": "\\frac{1}{2}"}])
+    cfg = TaskConfig(
+        name="jsonl",
+        train_file=str(train),
+        distill_file=str(distill),
+        eval_files=[str(ev1), str(ev2)],
+        prompt_suffix=" Box it.",
+    )
+    task = load_task(cfg)
+    assert isinstance(task, JsonlTask)
+    tr = task.train_problems()
+    assert [p.uid for p in tr] == ["train-1", "q7"]
+    assert tr[0].answer == "2" and tr[0].prompt == "1+1? Box it."
+    assert tr[0].solutions == ("1+1=2 \\boxed{2}", "\\boxed{2}")
+    assert tr[1].solutions == ("\\boxed{4}",) and tr[1].meta == {"level": 3}
+    assert [p.prompt for p in task.distill_problems()] == ["3+3? Box it."]
+    assert list(task.eval_sets()) == ["math500", "aime"]
+    assert len(task.eval_problems()) == 2
+    aime = task.eval_sets()["aime"][0]
+    assert task.check("so \\boxed{0.5}", aime) and not task.check("\\boxed{0.6}", aime)
+    corpus = list(task.corpus())
+    assert "1+1=2 \\boxed{2}" in corpus and "3+3? Box it." in corpus
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            ['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": '],
+            r"bad\.jsonl:2: malformed JSON",
+        ),
+        ([{"answer": 1}], r"bad\.jsonl:1: 'prompt' must be a non-empty string"),
+        ([{"prompt": "  ", "answer": 1}], "non-empty"),
+        ([{"prompt": "a"}], r"bad\.jsonl:1: 'answer' must be"),
+        ([{"prompt": "a", "answer": [1]}], "'answer' must be"),
+        ([{"prompt": "a", "answer": 1, "solutions": [1]}], "'solutions' must be a list of strings"),
+        (["[1, 2]"], "expected a JSON object"),
+        (
+            [{"id": 1, "prompt": "a", "answer": 1}, {"id": 1, "prompt": "b", "answer": 2}],
+            "duplicate id '1'",
+        ),
+        ([], "no prompts"),
+        ([""], "no prompts"),
+    ],
+)
+def test_malformed_prompt_files(tmp_path, rows, message):
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(TaskError, match=message):
+        read_prompt_file(path)
+
+
+def test_missing_files_and_settings(tmp_path):
+    with pytest.raises(TaskError, match="not found: .*nope.jsonl"):
+        load_task(TaskConfig(name="jsonl", distill_file=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(TaskError, match="distill_file is not set"):
+        load_task(TaskConfig(name="jsonl"))
+    distill = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": 1}])
+    task = load_task(TaskConfig(name="jsonl", distill_file=str(distill)))
+    with pytest.raises(TaskError, match="train_file is not set"):
+        task.train_problems()
+    nosol = _jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "answer": 1}])
+    task = load_task(TaskConfig(name="jsonl", distill_file=str(distill), train_file=str(nosol)))
+    with pytest.raises(TaskError, match="t.jsonl:1: a training prompt needs 'solutions'"):
+        task.train_problems()
+
+
+def test_dotted_task_path():
+    task = load_task(
+        TaskConfig(name="tests.data.test_tasks:ToyTask", options={"n": 5, "word": "q"})
+    )
+    assert isinstance(task, ToyTask) and len(task.distill_problems()) == 5
+    assert task.distill_problems()[2].prompt == "q 2?"
+    assert dict(task.eval_sets()) == {"eval": task.eval_problems()}
+    assert task.check("\\boxed{0}", task.eval_problems()[0])
+    with pytest.raises(TaskError, match="cannot build it from task.options"):
+        load_task(TaskConfig(name="tests.data.test_tasks:ToyTask", options={"bogus": 1}))
+    with pytest.raises(TaskError, match="cannot import module 'no_such_mod'"):
+        load_task(TaskConfig(name="no_such_mod:Task"))
+    with pytest.raises(TaskError, match="has no 'Missing'"):
+        load_task(TaskConfig(name="tests.data.test_tasks:Missing"))
+    with pytest.raises(TaskError, match="is not a Task"):
+        load_task(TaskConfig(name="tests.data.test_tasks:NotATask"))
+    with pytest.raises(TaskError, match="expected 'package.module:ClassName'"):
+        load_task(TaskConfig(name="tests.data.test_tasks"))
+
+
+def test_builtin_from_config():
+    cfg = load_config(
+        None,
+        [
+            "task.synthetic.num_train=20",
+            "task.synthetic.num_distill=10",
+            "task.synthetic.num_eval=5",
+            "task.synthetic.seed=9",
+        ],
+    )
+    task = load_task(cfg.task)
+    assert isinstance(task, SyntheticArithmeticTask)
+    assert (
+        task.distill_problems()
+        == SyntheticArithmeticTask(
+            seed=9, num_train=20, num_distill=10, num_eval=5
+        ).distill_problems()
+    )
+
+
+def test_prompt_length_limit_and_empty_set():
+    problems = [Problem("a", "one two", "1"), Problem("b", "one two three four five", "2")]
+    encode = str.split  # a whitespace "tokenizer" makes the lengths obvious
+    assert validate_prompt_lengths(problems, encode, 5) == 5
+    with pytest.raises(TaskError, match=r"1 of 2 prompts .*max_prompt_tokens=4 .*'b', 5 tokens"):
+        validate_prompt_lengths(problems, encode, 4)
+    with pytest.raises(TaskError, match="empty"):
+        validate_prompt_lengths([], encode, 4)
