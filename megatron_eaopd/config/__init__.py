@@ -7,6 +7,7 @@ Typical use::
     save_resolved(cfg, f"{cfg.training.output_dir}/config.yaml")
 """
 
+from megatron_eaopd.config.bridge import model_kwargs
 from megatron_eaopd.config.loader import (
     ConfigError,
     apply_overrides,
@@ -65,6 +66,7 @@ __all__ = [
     "field_docs",
     "load_config",
     "load_yaml_with_defaults",
+    "model_kwargs",
     "parse_override",
     "save_resolved",
 ]

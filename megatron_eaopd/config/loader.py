@@ -330,16 +330,6 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
                         f" + {section}.max_response_tokens = {need}",
                     )
                 )
-    sv, tv = cfg.model.student.vocab_size, cfg.model.teacher.vocab_size
-    if sv and tv and sv != tv:
-        problems.append(
-            (
-                "model.teacher.vocab_size",
-                f"{cfg.model.teacher.vocab_size} differs from "
-                f"model.student.vocab_size={cfg.model.student.vocab_size}; "
-                "the pair must share a tokenizer",
-            )
-        )
     r = cfg.rollout
     if r.mini_batch_size > r.prompts_per_iteration or r.prompts_per_iteration % r.mini_batch_size:
         problems.append(

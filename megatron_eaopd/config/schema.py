@@ -39,7 +39,8 @@ class ModelConfig:
     ffn_hidden: int = _f(256, ge=1)
     """Inner size of the MLP (per branch of the gated SwiGLU MLP)."""
     vocab_size: int = _f(0, ge=0)
-    """True (unpadded) vocabulary size; 0 means: take it from the tokenizer."""
+    """Embedding rows as the checkpoint defines them (HF config's vocab_size; may exceed the
+    tokenizer's real vocabulary, Megatron pads further); 0: the tokenizer's vocabulary size."""
     max_seq_len: int = _f(0, ge=0)
     """Longest sequence (prompt + response tokens); 0: derived when the config is loaded, as
     rollout.max_prompt_tokens + the larger of rollout/eval max_response_tokens."""

@@ -281,3 +281,21 @@ def test_docs_reference_is_current():
     assert section == reference_markdown(), (
         "regenerate: python -m megatron_eaopd.config --reference"
     )
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_model_shapes_build_model_configs(path):
+    """The shapes translate into the model builder's ModelConfig and split over their layouts."""
+    models = pytest.importorskip("megatron_eaopd.models.config")
+    from megatron_eaopd.config import model_kwargs
+
+    cfg = load_config(path)
+    for who in ("student", "teacher"):
+        shape = getattr(cfg.model, who)
+        mc = models.ModelConfig(
+            **model_kwargs(shape, 320, cfg.parallel.make_vocab_size_divisible_by)
+        )
+        assert mc.num_layers == shape.layers and mc.tied_embeddings == shape.tied_embeddings
+        assert mc.vocab_size == (shape.vocab_size or 320)
+        layout = getattr(cfg.parallel, who)
+        mc.check_layout(layout.tp, layout.pp, layout.vpp, name=who)

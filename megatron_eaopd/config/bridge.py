@@ -1,0 +1,55 @@
+"""Translate the config's model shapes into :class:`megatron_eaopd.models.ModelConfig` arguments.
+
+The config uses short YAML-friendly names (``layers``, ``hidden``, ``bf16``); the model builder
+uses megatron-core's names (``num_layers``, ``hidden_size``, ``bfloat16``). This is the one place
+that maps one onto the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_eaopd.config.schema import ModelConfig
+
+__all__ = ["model_kwargs"]
+
+_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_NORM = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+
+
+def model_kwargs(
+    model: ModelConfig, vocab_size: int | None = None, make_vocab_size_divisible_by: int = 128
+) -> dict[str, Any]:
+    """Keyword arguments for ``megatron_eaopd.models.ModelConfig`` from a config model shape.
+
+    Args:
+        model: ``cfg.model.student`` or ``cfg.model.teacher``.
+        vocab_size: used when ``model.vocab_size`` is 0 (the tokenizer's size).
+        make_vocab_size_divisible_by: ``cfg.parallel.make_vocab_size_divisible_by``.
+
+    Raises:
+        ValueError: when neither the model nor the caller gives a vocabulary size, or
+            ``max_seq_len`` is still 0 (configs from :func:`load_config` have it resolved).
+    """
+    vocab = model.vocab_size or vocab_size
+    if not vocab:
+        raise ValueError("model.vocab_size is 0: pass the tokenizer's vocabulary size")
+    if model.max_seq_len <= 0:
+        raise ValueError("model.max_seq_len is 0: load the config with load_config() first")
+    return dict(
+        num_layers=model.layers,
+        hidden_size=model.hidden,
+        num_attention_heads=model.heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_hidden,
+        vocab_size=int(vocab),
+        kv_channels=model.kv_channels,
+        max_sequence_length=model.max_seq_len,
+        rotary_base=float(model.rope_base),
+        normalization=_NORM[model.norm],
+        layernorm_epsilon=float(model.norm_eps),
+        qk_layernorm=model.qk_layernorm,
+        untie_embeddings_and_output_weights=not model.tied_embeddings,
+        params_dtype=_DTYPE[model.dtype],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )

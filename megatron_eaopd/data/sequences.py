@@ -1,0 +1,77 @@
+"""Token-sequence conventions shared by teacher preparation, rollouts and evaluation.
+
+A prompt is encoded as ``[BOS] + encode(prompt)`` (no BOS when the tokenizer has none, as Qwen's);
+a response continues it and ends with EOS. A supervised example is the prompt followed by
+``encode(solution) + [EOS]``, with the loss on the solution and the EOS only. Works with the
+project's :class:`~megatron_eaopd.data.tokenizer.Tokenizer` and with Hugging Face tokenizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["build_sft_example", "encode_prompt", "encode_text", "eos_id", "pad_sequences"]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    if hasattr(tokenizer, "sp"):  # the project's sentencepiece Tokenizer
+        return tokenizer.encode(text)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _bos_id(tokenizer: Any) -> int | None:
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None:
+        bos = getattr(tokenizer, "bos_token_id", None)
+    return None if bos is None or bos < 0 else int(bos)
+
+
+def eos_id(tokenizer: Any) -> int:
+    """The end-of-sequence id (``eos_id`` or Hugging Face's ``eos_token_id``)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None or eos < 0:
+        raise ValueError("the tokenizer has no EOS token")
+    return int(eos)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """``[BOS] + encode(prompt)`` (without BOS when the tokenizer has none)."""
+    bos = _bos_id(tokenizer)
+    return ([bos] if bos is not None else []) + encode_text(tokenizer, prompt)
+
+
+def build_sft_example(
+    tokenizer: Any, prompt: str, solution: str, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 on solution and EOS tokens) of one supervised example.
+
+    Raises:
+        ValueError: when the example is longer than ``max_len`` tokens.
+    """
+    p = encode_prompt(tokenizer, prompt)
+    r = encode_text(tokenizer, solution) + [eos_id(tokenizer)]
+    if len(p) + len(r) > max_len:
+        raise ValueError(
+            f"example of {len(p) + len(r)} tokens ({len(p)} prompt) exceeds max_len={max_len}"
+        )
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to ``[b, length]`` (default: the longest); returns ``(tokens, lengths)``."""
+    longest = max((len(s) for s in seqs), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a sequence of {longest} tokens does not fit length={length}")
+    out = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
