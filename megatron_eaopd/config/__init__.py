@@ -7,7 +7,7 @@ Typical use::
     save_resolved(cfg, f"{cfg.training.output_dir}/config.yaml")
 """
 
-from megatron_eaopd.config.bridge import model_kwargs
+from megatron_eaopd.config.bridge import model_kwargs, objective_kwargs
 from megatron_eaopd.config.loader import (
     ConfigError,
     apply_overrides,
@@ -67,6 +67,7 @@ __all__ = [
     "load_config",
     "load_yaml_with_defaults",
     "model_kwargs",
+    "objective_kwargs",
     "parse_override",
     "save_resolved",
 ]

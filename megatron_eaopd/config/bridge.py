@@ -1,4 +1,4 @@
-"""Translate the config's model shapes into :class:`megatron_eaopd.models.ModelConfig` arguments.
+"""Translate config sections into the arguments of the model and loss modules' own configs.
 
 The config uses short YAML-friendly names (``layers``, ``hidden``, ``bf16``); the model builder
 uses megatron-core's names (``num_layers``, ``hidden_size``, ``bfloat16``). This is the one place
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_eaopd.config.schema import ModelConfig
+from megatron_eaopd.config.schema import LossConfig, ModelConfig
 
-__all__ = ["model_kwargs"]
+__all__ = ["model_kwargs", "objective_kwargs"]
 
 _DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _NORM = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
@@ -52,4 +52,27 @@ def model_kwargs(
         untie_embeddings_and_output_weights=not model.tied_embeddings,
         params_dtype=_DTYPE[model.dtype],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
+
+
+def objective_kwargs(loss: LossConfig) -> dict[str, Any]:
+    """Keyword arguments for ``megatron_eaopd.losses.objectives.ObjectiveConfig``.
+
+    ``eopd_exact`` is the loss module's ``eopd`` in the ``exact`` form; the other names map
+    one to one. ``loss.form`` must be resolved (configs from :func:`load_config` have it).
+    """
+    if loss.form is None:
+        raise ValueError("loss.form is null: load the config with load_config() first")
+    return dict(
+        name="eopd" if loss.objective == "eopd_exact" else loss.objective,
+        form=loss.form,
+        entropy_threshold=float(loss.entropy_threshold),
+        fkl_coef=float(loss.fkl_coef),
+        gate_width=float(loss.soft_gate_width),
+        mix_weight=float(loss.mix_weight),
+        jsd_beta=float(loss.jsd_beta),
+        clip_eps=float(loss.clip),
+        top_k=int(loss.top_k),
+        tail_bucket=bool(loss.tail_bucket),
+        temperature=float(loss.temperature),
     )

@@ -284,6 +284,8 @@ def _resolve_derived(cfg: EAOPDConfig) -> None:
     for m in (cfg.model.student, cfg.model.teacher):
         if m.max_seq_len == 0:
             m.max_seq_len = longest
+    if cfg.loss.form is None:
+        cfg.loss.form = "exact" if cfg.loss.objective in ("eopd_exact", "jsd") else "sampled"
     if cfg.eval.entropy_threshold is None:
         cfg.eval.entropy_threshold = cfg.loss.entropy_threshold
 
@@ -339,6 +341,8 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
                 f"rollout.prompts_per_iteration={r.prompts_per_iteration}",
             )
         )
+    if cfg.loss.objective in ("eopd_exact", "jsd") and cfg.loss.form != "exact":
+        problems.append(("loss.form", f"loss.objective={cfg.loss.objective} needs form exact"))
     if cfg.parallel.sequence_parallel and cfg.parallel.student.tp < 2:
         problems.append(("parallel.sequence_parallel", "needs parallel.student.tp > 1"))
     if cfg.optimizer.min_lr > cfg.optimizer.lr:

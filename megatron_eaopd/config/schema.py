@@ -150,6 +150,10 @@ class LossConfig:
     """mix: weight of the forward KL; the reverse KL gets 1 - mix_weight."""
     jsd_beta: float = _f(0.5, ge=0, le=1)
     """jsd: interpolation beta of the generalised Jensen-Shannon divergence."""
+    form: str | None = _f(None, choices=("sampled", "exact"))
+    """sampled: teacher as a compact top-k payload, sampled-token policy gradient (the paper);
+    exact: full teacher logits, KL over the whole vocabulary. null: exact for eopd_exact and jsd,
+    sampled otherwise."""
     chunk_size: int = _f(1024, ge=1)
     """Tokens per chunk in the vocab-parallel loss (bounds transient memory)."""
 

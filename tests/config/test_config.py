@@ -299,3 +299,21 @@ def test_model_shapes_build_model_configs(path):
         assert mc.vocab_size == (shape.vocab_size or 320)
         layout = getattr(cfg.parallel, who)
         mc.check_layout(layout.tp, layout.pp, layout.vpp, name=who)
+
+
+@pytest.mark.parametrize(
+    "objective", ["opd", "eopd", "eopd_exact", "eopd_soft", "mix", "fkl", "jsd"]
+)
+def test_loss_section_builds_objective_config(objective):
+    objectives = pytest.importorskip("megatron_eaopd.losses.objectives")
+    from megatron_eaopd.config import objective_kwargs
+
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"loss.objective={objective}"])
+    expected_form = "exact" if objective in ("eopd_exact", "jsd") else "sampled"
+    assert cfg.loss.form == expected_form
+    oc = objectives.ObjectiveConfig(**objective_kwargs(cfg.loss))
+    assert oc.form == expected_form and oc.top_k == cfg.loss.top_k
+    assert oc.entropy_threshold == cfg.loss.entropy_threshold and oc.clip_eps == cfg.loss.clip
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.objective=jsd", "loss.form=sampled"])
+    assert "needs form exact" in _problems(err.value)["loss.form"]
