@@ -169,22 +169,23 @@ def _last_stage_loss(outputs, key: str) -> torch.Tensor:
 def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
     """Step megatron's optimizer only if the gradient norm is finite; return (stepped, grad_norm).
 
-    Same as MegatronOptimizer.step (copy grads, unscale, global-norm clip, step) but the norm is
-    checked before anything changes the weights, so a NaN/inf gradient leaves the model and the
+    Same as MegatronOptimizer.step (copy grads, unscale, global-norm clip, step; not for the
+    distributed optimizer or decoupled grads) but the norm is checked before anything changes
+    the weights, so a NaN/inf gradient leaves the model and the
     optimizer state untouched. Collectives: the grad-norm all-reduce over the model-parallel group.
     """
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
     if optimizer.prepare_grads():  # inf/nan found by the fp16 grad scaler
         return False, float("nan")
     grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
         return False, grad_norm
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        params = sub.get_parameters()
-        if sub.config.clip_grad > 0.0 and params:
-            decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
-            clip_grad_by_total_norm_fp32(params, sub.config.clip_grad, grad_norm, decoupled)
+        # Clip by the global norm ourselves: megatron's clip_grad_by_total_norm_fp32 asserts CUDA
+        # tensors. Same rule: scale by clip / (norm + 1e-6) when that is below 1.
+        coeff = sub.config.clip_grad / (grad_norm + 1.0e-6) if sub.config.clip_grad > 0 else 1.0
+        grads = [p.grad for p in sub.get_parameters() if p.grad is not None]
+        if coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, coeff)
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 

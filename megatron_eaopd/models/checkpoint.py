@@ -1,0 +1,325 @@
+"""Student and teacher checkpoints with megatron-core dist_checkpointing, written atomically.
+
+Layout of a checkpoint root (a shared filesystem every rank sees):
+
+    root/latest                  one line: the name of the newest complete checkpoint
+    root/iter_0000100/           a complete checkpoint (dist_checkpointing files + eaopd_meta.json)
+    root/.tmp-iter_0000200/      a save in progress or interrupted: never read
+
+A save writes everything into the temp directory, then rank 0 writes eaopd_meta.json, renames the
+directory to iter_NNNNNNN and finally replaces `latest` (write + fsync + os.replace). A crash at any
+point leaves `latest` naming the previous complete checkpoint.
+
+dist_checkpointing stores every tensor under its global key and offset, so a checkpoint saved at
+one TP/PP (x VPP) layout loads at another (resharding). The optimizer state follows the
+parameters. RNG states are per rank and only restored at the layout they were saved at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+META = "eaopd_meta.json"
+FORMAT_VERSION = 1
+# Test hook: called on every rank after the sharded save, before the checkpoint is committed.
+_before_commit = None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What `load_checkpoint` restored.
+
+    Attributes:
+        path: directory of the loaded checkpoint.
+        iteration: training iteration saved with it.
+        extra: the `extra` dict given to save_checkpoint (e.g. the data position).
+        saved_layout: {"tp", "pp", "vpp", "world_size"} at save time.
+        rng_restored: False when the layout changed (RNG states are per rank).
+    """
+
+    path: str
+    iteration: int
+    extra: dict = field(default_factory=dict)
+    saved_layout: dict = field(default_factory=dict)
+    rng_restored: bool = False
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+
+
+def _modules(chunks) -> list:
+    """Bare modules of `chunks` (a list, one module, or a FrozenTeacher; DDP unwrapped)."""
+    chunks = getattr(chunks, "chunks", chunks)
+    if not isinstance(chunks, (list, tuple)):
+        chunks = [chunks]
+    return [getattr(c, "module", c) for c in chunks]
+
+
+def _model_sharded_state_dict(modules) -> dict:
+    if len(modules) == 1:
+        return {"model": modules[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def _capture_rng() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return ShardedObject("rng_state", data, (world,), (_rank(),), replica_id=0)
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    extra: dict | None = None,
+    save_rng: bool = True,
+) -> str:
+    """Save model (+ optimizer, scheduler, RNG, iteration, extra) to root/iter_NNNNNNN; return it.
+
+    Every rank must call it. `chunks`: the model chunks (bare or DDP-wrapped); `extra`: a
+    JSON-serialisable dict of anything else to resume (data position, counters), taken from rank 0.
+    Collectives: barriers and dist_checkpointing's save (metadata gather, per-rank writes).
+    """
+    from megatron.core import dist_checkpointing
+
+    if not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
+    extra = dict(extra or {})
+    json.dumps(extra)  # fail before writing anything if extra is not serialisable
+    name = checkpoint_name(iteration)
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}")
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+        os.makedirs(tmp)
+    _barrier()
+
+    modules = _modules(chunks)
+    sharded = _model_sharded_state_dict(modules)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+    if scheduler is not None:
+        sharded["scheduler"] = scheduler.state_dict()
+    if save_rng:
+        sharded["rng_state"] = _rng_sharded_object(_capture_rng())
+    sharded["iteration"] = iteration
+    dist_checkpointing.save(sharded, tmp)
+    _barrier()
+    if _before_commit is not None:
+        _before_commit(tmp)
+
+    if _rank() == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "layout": _layout(),
+            "has_optimizer": optimizer is not None,
+            "has_scheduler": scheduler is not None,
+            "has_rng": save_rng,
+            "extra": extra,
+        }
+        _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=2, sort_keys=True))
+        if os.path.exists(final):  # re-saving an iteration: keep the old one until the rename
+            old = os.path.join(root, f".old-{name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(os.path.join(root, LATEST), name + "\n")
+        logger.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def resolve_checkpoint(root: str, iteration: int | None = None) -> str:
+    """Directory of the checkpoint to load: `iteration`, or the one `latest` names.
+
+    Raises FileNotFoundError naming the fix when there is none or it is incomplete.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"no checkpoint directory {root!r}: check the checkpoint path, or start from scratch "
+            f"(do not ask to load/resume)."
+        )
+    if iteration is None:
+        latest = os.path.join(root, LATEST)
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(
+                f"{root!r} has no '{LATEST}' marker, so it holds no complete checkpoint (a save "
+                f"may have been interrupted). Pass the directory of a saved run, or an explicit "
+                f"iteration, or start from scratch."
+            )
+        with open(latest, encoding="utf-8") as f:
+            name = f.read().strip()
+    else:
+        name = checkpoint_name(iteration)
+    path = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(path, META)):
+        raise FileNotFoundError(
+            f"checkpoint {path!r} is missing or incomplete (no {META}). Available: "
+            f"{sorted(d for d in os.listdir(root) if d.startswith('iter_'))}; pass one of them "
+            f"as the iteration."
+        )
+    return path
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint(
+    root: str,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    iteration: int | None = None,
+    load_rng: bool = True,
+    strict: bool = True,
+) -> LoadedCheckpoint:
+    """Load a checkpoint saved by save_checkpoint into `chunks` (+ optimizer, scheduler, RNG).
+
+    Works at any TP/PP (x VPP) layout that fits the model. RNG states are restored only when the
+    layout (tp, pp, vpp, world size) equals the saved one. Raises FileNotFoundError for a missing
+    checkpoint and ValueError when an optimizer is requested but was not saved.
+    Collectives: dist_checkpointing's load (metadata exchange, reads).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(root, iteration)
+    meta = read_meta(path)
+    if optimizer is not None and not meta.get("has_optimizer"):
+        raise ValueError(
+            f"checkpoint {path!r} has no optimizer state (saved model-only, e.g. a teacher): load "
+            f"it without an optimizer, or resume from a student checkpoint."
+        )
+    modules = _modules(chunks)
+    sharded = _model_sharded_state_dict(modules)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+    same_layout = meta["layout"] == _layout()
+    restore_rng = load_rng and meta.get("has_rng", False) and same_layout
+    if restore_rng:
+        sharded["rng_state"] = _rng_sharded_object(None)
+    state = dist_checkpointing.load(sharded, path)
+
+    if len(modules) == 1:
+        modules[0].load_state_dict(state["model"], strict=strict)
+    else:
+        for i, module in enumerate(modules):
+            module.load_state_dict(state[f"model{i}"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        _restore_rng(state["rng_state"])
+    elif load_rng and meta.get("has_rng"):
+        logger.info(
+            "checkpoint layout %s differs from the current %s: RNG states not restored",
+            meta["layout"],
+            _layout(),
+        )
+    logger.info("loaded checkpoint %s (iteration %d)", path, meta["iteration"])
+    return LoadedCheckpoint(
+        path=path,
+        iteration=int(meta["iteration"]),
+        extra=dict(meta.get("extra", {})),
+        saved_layout=dict(meta["layout"]),
+        rng_restored=bool(restore_rng),
+    )
+
+
+def load_teacher(root: str, teacher, iteration: int | None = None) -> LoadedCheckpoint:
+    """Load model weights only (a teacher, or a student checkpoint used as a teacher).
+
+    `teacher`: a FrozenTeacher or its chunks, at any TP/PP layout. Optimizer state and RNG in the
+    checkpoint are ignored. Collectives: those of load_checkpoint.
+    """
+    return load_checkpoint(root, teacher, iteration=iteration, load_rng=False)

@@ -1,0 +1,110 @@
+"""The frozen teacher and its scoring pass.
+
+`FrozenTeacher(chunks)` puts the teacher's model chunks in eval mode with requires_grad off and
+runs them under torch.no_grad(); it exposes no trainable parameters, so no optimizer (and no
+optimizer state) is ever built for it, and it is never wrapped in DDP.
+
+`FrozenTeacher.score(batches, ...)` is the forward-only teacher pass over token sequences (the
+student's rollouts) under the teacher's own TP/PP layout, through megatron's pipeline schedule. On
+the last pipeline stage it returns, per micro-batch, either the vocab-parallel logits
+[s, b, V_pad / tp] or, with `payload_k`, the compact payload of
+`megatron_eaopd.losses.vocab_parallel_teacher_payload` (entropy, log-prob of the sampled token,
+top-k log-probs and global ids over the real vocabulary). Other stages return an empty list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FrozenTeacher:
+    """A teacher that cannot train: eval mode, no gradients, no optimizer state.
+
+    Args:
+        chunks: the teacher's GPTModel chunks on this rank (from `build_model`).
+    """
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+        if not self.chunks:
+            raise ValueError("FrozenTeacher needs at least one model chunk")
+        for chunk in self.chunks:
+            if hasattr(chunk, "no_sync"):
+                raise TypeError("pass the bare GPTModel chunks, not a DDP-wrapped model")
+            chunk.eval()
+            chunk.requires_grad_(False)
+            for p in chunk.parameters():
+                p.grad = None
+
+    def train(self, mode: bool = True):
+        """The teacher stays in eval mode; train(True) is refused."""
+        if mode:
+            raise RuntimeError("the teacher is frozen: it stays in eval mode")
+        return self
+
+    def trainable_parameters(self) -> list:
+        """Always empty: nothing of the teacher is optimised."""
+        return [p for c in self.chunks for p in c.parameters() if p.requires_grad]
+
+    def __call__(self, *args, chunk: int = 0, **kwargs):
+        """Forward of one chunk under torch.no_grad() (see GPTModel.forward for arguments)."""
+        with torch.no_grad():
+            return self.chunks[chunk](*args, **kwargs)
+
+    def state_dict_for_checkpoint(self):
+        """The chunks' sharded state dicts, for `models.checkpoint.load_teacher`."""
+        return self.chunks
+
+    def score(
+        self,
+        batches,
+        seq_length: int,
+        micro_batch_size: int,
+        payload_k: int | None = None,
+        *,
+        vocab_size: int | None = None,
+        temperature: float = 1.0,
+    ) -> list:
+        """Forward-only teacher pass over `batches` (one dict per micro-batch).
+
+        Each batch holds "tokens" [b, s] and "position_ids" [b, s] (and "labels" [b, s], the token
+        sampled at each position, when `payload_k` is set); optional "attention_mask". Returns on
+        the last pipeline stage one entry per micro-batch: logits [s, b, V_pad / tp] (fp32), or
+        with `payload_k` a TeacherPayload over the first `vocab_size` columns (the shared real
+        vocabulary); an empty list on other stages. Collectives: the pipeline p2p sends/receives,
+        the model's TP all-reduces, and one TP all-gather per micro-batch for the payload.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batches = list(batches)
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+
+            def collect(logits, non_loss_data=True):  # logits: [b, s, V_pad / tp]
+                sb_logits = logits.transpose(0, 1).float().contiguous()
+                if payload_k is None:
+                    return sb_logits
+                from megatron_eaopd.losses import vocab_parallel_teacher_payload
+
+                labels = batch["labels"].transpose(0, 1).contiguous()
+                return vocab_parallel_teacher_payload(
+                    sb_logits, labels, payload_k, temperature=temperature, vocab_size=vocab_size
+                )
+
+            return output, collect
+
+        iterators = iter(batches) if len(self.chunks) == 1 else [iter(batches) for _ in self.chunks]
+        with torch.no_grad():
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators,
+                model=self.chunks,
+                num_microbatches=len(batches),
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
+        return list(out) if out else []
