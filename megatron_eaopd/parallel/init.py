@@ -7,15 +7,25 @@ it is already running, checks the layout against the world size, then creates me
 DP groups and seeds its RNG tracker. Bad layouts fail here, before any model is built, with a
 ValueError that names the fix.
 
+Several layouts in one job (a teacher at TP=2 PP=2 beside a student at TP=2 PP=1 on the same 4
+ranks): `initialize_layouts({"student": (2, 1, None), "teacher": (2, 2, None)})` creates the groups
+of each once and `use_layout("teacher")` swaps megatron's parallel state to that layout for a
+block. Models keep the groups they were built with; build each model, and run its schedule and
+checkpoint I/O, inside its own layout.
+
 Megatron's rank order is tp-cp-ep-dp-pp: TP ranks are adjacent (rank = tp_rank + tp * (dp_rank +
 dp * pp_rank)), which keeps TP traffic inside a node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import re
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -220,3 +230,95 @@ def destroy_parallel(destroy_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Several layouts on the same ranks: megatron's parallel state is a set of module globals; each
+# registered layout keeps its own copy of them and use_layout() swaps them in.
+_STATE_NAME = re.compile(r"_[A-Z][A-Z0-9_]*")
+_LAYOUTS: dict[str, tuple[ParallelLayout, dict]] = {}
+_ACTIVE: list[str | None] = [None]
+
+
+def _capture_state() -> dict:
+    from megatron.core import parallel_state as ps
+
+    state = {}
+    for name, value in vars(ps).items():
+        if not _STATE_NAME.fullmatch(name) or isinstance(value, (types.ModuleType, type)):
+            continue
+        if callable(value) and not hasattr(value, "rank"):
+            continue
+        state[name] = dict(value) if isinstance(value, dict) else value
+    return state
+
+
+def _restore_state(state: dict) -> None:
+    from megatron.core import parallel_state as ps
+
+    for name, value in state.items():
+        setattr(ps, name, dict(value) if isinstance(value, dict) else value)
+
+
+def initialize_layouts(
+    layouts: Mapping[str, tuple[int, int, int | None]],
+    *,
+    seed: int = 1234,
+    backend: str | None = None,
+    init_method: str | None = None,
+    timeout_minutes: int = 30,
+) -> dict[str, ParallelLayout]:
+    """Create megatron's groups for several named (tp, pp, vpp) layouts on the same ranks.
+
+    Every layout must fit the world size (ValueError naming the fix otherwise, before any group is
+    created). The first layout is active on return. Collectives: the new_group calls of one
+    initialize_model_parallel per layout (every rank calls this with the same arguments).
+    """
+    if not layouts:
+        raise ValueError("initialize_layouts needs at least one layout")
+    rank, world_size = initialize_distributed(backend, init_method, timeout_minutes)
+    for name, (tp, pp, vpp) in layouts.items():
+        try:
+            check_parallel_layout(world_size, tp, pp, vpp)
+        except ValueError as exc:
+            raise ValueError(f"layout {name!r}: {exc}") from None
+    _LAYOUTS.clear()
+    for name, (tp, pp, vpp) in layouts.items():
+        layout = initialize_parallel(tp, pp, vpp, seed=seed, timeout_minutes=timeout_minutes)
+        _LAYOUTS[name] = (layout, _capture_state())
+    first = next(iter(layouts))
+    activate_layout(first)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return {name: layout for name, (layout, _) in _LAYOUTS.items()}
+
+
+def activate_layout(name: str) -> ParallelLayout:
+    """Make the registered layout `name` megatron's current parallel state. No communication."""
+    if name not in _LAYOUTS:
+        raise KeyError(
+            f"no layout {name!r}; registered: {sorted(_LAYOUTS)} (see initialize_layouts)"
+        )
+    layout, state = _LAYOUTS[name]
+    _restore_state(state)
+    _ACTIVE[0] = name
+    return layout
+
+
+def active_layout_name() -> str | None:
+    """Name of the active registered layout (None when initialize_layouts was not used)."""
+    return _ACTIVE[0]
+
+
+@contextlib.contextmanager
+def use_layout(name: str):
+    """Run a block under the registered layout `name`, then restore the previous parallel state.
+
+    Yields the ParallelLayout. No communication.
+    """
+    previous, previous_name = _capture_state(), _ACTIVE[0]
+    try:
+        yield activate_layout(name)
+    finally:
+        _restore_state(previous)
+        _ACTIVE[0] = previous_name

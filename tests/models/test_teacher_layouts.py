@@ -1,0 +1,103 @@
+"""A teacher at its own layout scores the student's rollouts: TP=2 PP=2 teacher, TP=2 PP=1 student.
+
+One 4-process launch registers three layouts on the same ranks: the student (2, 1) with two
+data-parallel replicas, the teacher (2, 2), and a (1, 1) reference. The teacher's payload for each
+student replica must equal what a (1, 1) copy of the same teacher gives on that replica's batches,
+computed with plain torch (log_softmax over the real vocabulary). The student must still train
+under its own layout afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.dist import run_distributed
+from tests.models import helpers
+
+K, NUM_MICROBATCHES, MICRO_BATCH, SEQ = 4, 2, 2, 8
+
+
+def layouts_worker(rank, world_size, seed):
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.models.builder import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.student import OptimConfig, setup_student, train_step
+    from megatron_eaopd.models.teacher import FrozenTeacher, score_for_student
+    from megatron_eaopd.parallel.init import initialize_layouts, use_layout
+
+    teacher_cfg, student_cfg = helpers.preset("tiny-teacher"), helpers.preset("tiny-student")
+    layouts = initialize_layouts(
+        {"student": (2, 1, None), "teacher": (2, 2, None), "reference": (1, 1, None)}, seed=seed
+    )
+    assert (layouts["student"].dp, layouts["teacher"].dp, layouts["reference"].dp) == (2, 1, 4)
+    assert ps.get_tensor_model_parallel_world_size() == 2
+    assert ps.get_pipeline_model_parallel_world_size() == 1  # the student is active
+    with use_layout("teacher"):
+        assert ps.get_pipeline_model_parallel_world_size() == 2
+        teacher_chunks = build_model(teacher_cfg)
+        init_weights_layout_invariant(teacher_chunks, seed)
+        teacher = FrozenTeacher(teacher_chunks)
+    assert ps.get_pipeline_model_parallel_world_size() == 1
+
+    student_chunks = build_model(student_cfg)
+    init_weights_layout_invariant(student_chunks, seed + 1)
+    student = setup_student(student_chunks, OptimConfig(lr=1e-3))
+    dp_rank = ps.get_data_parallel_rank()
+    batches = helpers.make_batches(
+        NUM_MICROBATCHES, MICRO_BATCH, SEQ, student_cfg.vocab_size, seed=100 + dp_rank
+    )
+    payloads = score_for_student(teacher, batches, k=K, vocab_size=teacher_cfg.vocab_size)
+
+    # Reference: the same teacher at (1, 1), this rank's batches, plain torch statistics.
+    with use_layout("reference"):
+        reference = build_model(teacher_cfg)
+        init_weights_layout_invariant(reference, seed)
+        reference = FrozenTeacher(reference)
+        ref_payloads = []
+        for batch in batches:
+            logits = reference(batch["tokens"], batch["position_ids"], None)  # [b, s, V_pad]
+            logp = torch.log_softmax(logits[..., : teacher_cfg.vocab_size].float(), -1)
+            logp = logp.transpose(0, 1)  # [s, b, V]
+            top = logp.topk(K, dim=-1)
+            ref_payloads.append(
+                (
+                    -(logp.exp() * logp).sum(-1),
+                    logp.gather(-1, batch["labels"].t().unsqueeze(-1)).squeeze(-1),
+                    top.values,
+                    top.indices,
+                )
+            )
+
+    step = train_step(
+        student,
+        helpers.ce_forward_step(student_cfg.vocab_size),
+        iter(batches),
+        NUM_MICROBATCHES,
+        SEQ,
+        MICRO_BATCH,
+    )
+    return {
+        "dp_rank": dp_rank,
+        "payloads": [tuple(p) for p in payloads],
+        "reference": ref_payloads,
+        "step": step,
+    }
+
+
+def test_teacher_tp2pp2_scores_for_student_tp2pp1():
+    results = run_distributed(layouts_worker, 4, 21, timeout=240)
+    assert sorted(r["dp_rank"] for r in results) == [0, 0, 1, 1]
+    for r in results:
+        assert len(r["payloads"]) == NUM_MICROBATCHES
+        for got, ref in zip(r["payloads"], r["reference"]):
+            entropy, token_lp, top_lp, top_ids = got
+            assert entropy.shape == (SEQ, MICRO_BATCH) and top_ids.shape == (SEQ, MICRO_BATCH, K)
+            assert top_ids.dtype == torch.int64
+            torch.testing.assert_close(entropy, ref[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(token_lp, ref[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(top_lp, ref[2], rtol=1e-5, atol=1e-5)
+            assert torch.equal(top_ids, ref[3])
+        assert not r["step"]["skipped"] and torch.isfinite(torch.tensor(r["step"]["loss"]))
+    # The two student replicas scored different rollouts.
+    by_dp = {r["dp_rank"]: r["payloads"][0][0] for r in results}
+    assert not torch.equal(by_dp[0], by_dp[1])
