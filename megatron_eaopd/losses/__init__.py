@@ -1,22 +1,50 @@
 """Vocab-parallel entropy-aware distillation losses (see docs/losses.md for the math)."""
 
+from megatron_eaopd.losses.jsd import vocab_parallel_jsd
 from megatron_eaopd.losses.kl import (
     entropy_gate,
     vocab_parallel_eopd_loss,
     vocab_parallel_kl_terms,
 )
+from megatron_eaopd.losses.megatron_loss import (
+    DistillMicroBatch,
+    check_megatron_config,
+    make_loss_func,
+    reduce_metrics,
+)
+from megatron_eaopd.losses.objectives import (
+    OBJECTIVES,
+    ObjectiveConfig,
+    exact_objective,
+    ppo_clip_loss,
+    sampled_objective,
+    topk_forward_kl,
+)
 from megatron_eaopd.losses.statistics import (
     TeacherPayload,
     vocab_parallel_entropy,
     vocab_parallel_gather_logprobs,
+    vocab_parallel_logprobs_and_entropy,
     vocab_parallel_teacher_payload,
     vocab_parallel_token_logprobs,
     vocab_parallel_topk,
 )
 
 __all__ = [
+    "OBJECTIVES",
+    "DistillMicroBatch",
+    "ObjectiveConfig",
     "TeacherPayload",
+    "check_megatron_config",
     "entropy_gate",
+    "exact_objective",
+    "make_loss_func",
+    "ppo_clip_loss",
+    "reduce_metrics",
+    "sampled_objective",
+    "topk_forward_kl",
+    "vocab_parallel_jsd",
+    "vocab_parallel_logprobs_and_entropy",
     "vocab_parallel_entropy",
     "vocab_parallel_eopd_loss",
     "vocab_parallel_gather_logprobs",

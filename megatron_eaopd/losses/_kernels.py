@@ -221,3 +221,42 @@ def pair_backward(
     inner = rkl_term - gh * (lps + hs[:, None]) + gf
     grad = _xlogy0(ps, inner) - gf * pt
     out.copy_(grad * inv_temp)
+
+
+# --------------------------------------------------------------------------- generalised JSD
+
+
+@kernel
+def jsd_partials(
+    student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+    log_beta: float, log_1m_beta: float, valid: int, inv_temp: float,
+) -> torch.Tensor:  # fmt: skip
+    """Local partial sums of KL(pt || M) and KL(ps || M), M = beta pt + (1 - beta) ps: [n, 2].
+
+    Needs the global log-normalisers (so it runs after the statistics gather); the caller sums
+    the partials over TP ranks.
+    """
+    lps = _scaled(student, valid, inv_temp) - lse_s[:, None]
+    lpt = _scaled(teacher, valid, inv_temp) - lse_t[:, None]
+    log_m = torch.logaddexp(lpt + log_beta, lps + log_1m_beta)
+    kl_t = _xlogy0(torch.exp(lpt), lpt - log_m).sum(-1)
+    kl_s = _xlogy0(torch.exp(lps), lps - log_m).sum(-1)
+    return torch.stack([kl_t, kl_s], dim=-1)
+
+
+@kernel
+def jsd_backward(
+    student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+    kl_s: torch.Tensor, coef: torch.Tensor, log_beta: float, log_1m_beta: float, valid: int,
+    inv_temp: float, out: torch.Tensor,
+) -> None:  # fmt: skip
+    """d JSD_beta / d student logits = coef * ps (log ps - log M - KL(ps || M)) / T into `out`.
+
+    (d JSD / d ps = (1 - beta)(log ps - log M); the caller folds (1 - beta) * upstream into coef.)
+    """
+    lps = _scaled(student, valid, inv_temp) - lse_s[:, None]
+    lpt = _scaled(teacher, valid, inv_temp) - lse_t[:, None]
+    log_m = torch.logaddexp(lpt + log_beta, lps + log_1m_beta)
+    ps = torch.exp(lps)
+    grad = _xlogy0(ps, coef[:, None] * (lps - log_m - kl_s[:, None]))
+    out.copy_(grad * inv_temp)

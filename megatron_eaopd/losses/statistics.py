@@ -96,9 +96,19 @@ class _SoftmaxStats(torch.autograd.Function):
                 ctx.shard.valid, ctx.inv_temp, out[r],
             )  # fmt: skip
         if local_ids.shape[1]:
-            rows = torch.arange(n, device=out.device)[:, None].expand_as(local_ids)
-            add = torch.where(own, g_logprobs * ctx.inv_temp, 0.0).to(out.dtype)
-            out.index_put_((rows, local_ids.clamp(0, width - 1)), add, accumulate=True)
+            # The one-hot part at the owned ids, added to the dense part in the accumulation
+            # dtype before one rounding to the output dtype (matters for bf16 gradients).
+            # Repeated ids in a row share the summed upstream gradient.
+            x = logits.gather(1, local_ids.clamp(0, width - 1)).to(lse.dtype) * ctx.inv_temp
+            logp = x - lse[:, None]
+            p = torch.exp(logp)
+            dense = torch.where(p > 0, p * (-g_entropy[:, None] * (logp + entropy[:, None])), 0.0)
+            dense = dense - p * g_total[:, None]
+            ids = local_ids
+            onehot = ((ids[:, :, None] == ids[:, None, :]) * g_logprobs[:, None, :]).sum(-1)
+            value = ((dense + onehot) * ctx.inv_temp).to(out.dtype)
+            rows = torch.arange(n, device=out.device)[:, None].expand_as(ids)
+            out.index_put_((rows[own], ids[own]), value[own])
         return out, None, None, None, None, None
 
 
@@ -158,6 +168,19 @@ def vocab_parallel_gather_logprobs(
     """
     (_, logprobs, *_), lead = _run(logits, ids, None, temperature, tp_group, vocab_size)
     return logprobs.reshape(lead + (-1,))
+
+
+def vocab_parallel_logprobs_and_entropy(
+    logits: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
+    vocab_size=None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Log-probs at global ids [s, b, j] and the full-vocabulary entropy [s, b], in ONE collective.
+
+    Both are differentiable (see `vocab_parallel_gather_logprobs` and `vocab_parallel_entropy`).
+    Collectives: forward 1 all-gather of [s*b, 4 + j] fp32; backward none.
+    """
+    (entropy, logprobs, *_), lead = _run(logits, ids, None, temperature, tp_group, vocab_size)
+    return logprobs.reshape(lead + (-1,)), entropy.reshape(lead)
 
 
 def vocab_parallel_token_logprobs(
@@ -225,6 +248,7 @@ __all__ = [
     "TeacherPayload",
     "vocab_parallel_entropy",
     "vocab_parallel_gather_logprobs",
+    "vocab_parallel_logprobs_and_entropy",
     "vocab_parallel_teacher_payload",
     "vocab_parallel_token_logprobs",
     "vocab_parallel_topk",

@@ -57,3 +57,10 @@ def all_gather_rows(local: torch.Tensor, tp_group) -> torch.Tensor:
 def _all_gather_single(out, local, group):
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, local, group=group)
+
+
+def all_reduce_sum(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """In-place SUM all-reduce over the TP group (one collective; none for a single rank)."""
+    if tp_rank_and_size(tp_group)[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=tp_group)
+    return tensor

@@ -1,0 +1,120 @@
+"""The EOPD loss as a megatron-core `loss_func`, and the reduction of its logged metrics.
+
+megatron-core's schedules call `forward_step(data_iterator, model) -> (output_tensor, loss_func)`
+and, on the last pipeline stage, `loss_func(output_tensor) -> (loss, num_tokens, reported)`.
+With `calculate_per_token_loss=True` in the model config, megatron sums `loss` over micro-batches
+and `finalize_model_grads` divides the gradients by the number of tokens all-reduced over the
+data-parallel group: the loss is normalised by the number of valid tokens in the GLOBAL batch,
+which is the paper's token mean. `loss_func` therefore returns the masked SUM of per-token losses.
+
+`reported` maps each metric to a [2] tensor (numerator, denominator) over the micro-batch;
+`reduce_metrics` adds them over micro-batches (and ranks) and divides, so every logged mean is
+exact, not a mean of means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.losses.objectives import ObjectiveConfig, exact_objective, sampled_objective
+from megatron_eaopd.losses.statistics import TeacherPayload
+
+
+@dataclass
+class DistillMicroBatch:
+    """What the loss needs for one micro-batch, in the logits' leading layout ([b, s] for
+    megatron-core GPTModel outputs, which are [b, s, V_pad / tp]).
+
+    token_ids: [b, s] int64, the token each position's logits predict (the next token).
+    loss_mask: [b, s] bool/0-1, True on response tokens that count.
+    old_logprobs: [b, s] log p_old(token) from the rollout (sampled form).
+    teacher: TeacherPayload with [b, s] / [b, s, k] fields (sampled form), or the teacher's
+        [b, s, V_pad / tp] logits shard (exact form).
+    """
+
+    token_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    teacher: TeacherPayload | torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+
+
+def check_megatron_config(model_config) -> None:
+    """Refuse a megatron config that would normalise the loss per micro-batch instead of per
+    global token count."""
+    if not getattr(model_config, "calculate_per_token_loss", False):
+        raise ValueError(
+            "the EOPD loss_func returns a token SUM; set calculate_per_token_loss=True in the "
+            "megatron model config so the loss is normalised by the global number of valid tokens"
+        )
+
+
+def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, tp_group=None,
+                           vocab_size=None):  # fmt: skip
+    """Dispatch to the sampled or exact objective: (per_token_loss [b, s], metrics)."""
+    if cfg.form == "sampled":
+        if not isinstance(mb.teacher, TeacherPayload) or mb.old_logprobs is None:
+            raise ValueError(
+                "the sampled objective needs a TeacherPayload and old_logprobs; use "
+                "objective form 'exact' to pass teacher logits"
+            )
+        return sampled_objective(
+            cfg, logits, mb.token_ids, mb.old_logprobs, mb.teacher, tp_group=tp_group,
+            vocab_size=vocab_size,
+        )  # fmt: skip
+    if not isinstance(mb.teacher, torch.Tensor):
+        raise ValueError("the exact objective needs the teacher's logits shard as mb.teacher")
+    return exact_objective(cfg, logits, mb.teacher, tp_group=tp_group, vocab_size=vocab_size)
+
+
+def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None,
+                   vocab_size=None):  # fmt: skip
+    """Build megatron's loss_func for one micro-batch.
+
+    loss_func(output_tensor [b, s, V_pad / tp]) -> (loss_sum [], num_tokens [] int, reported)
+    where loss_sum = sum over valid tokens of L_t (gradient to the student logits) and reported
+    holds [2] (numerator, denominator) tensors: every per-token metric averaged over valid
+    tokens, `fkl_gated` (forward KL over gated tokens only), `teacher_high_entropy` and
+    `student_high_entropy` (fractions of tokens with entropy > tau).
+    """
+
+    def loss_func(output_tensor):
+        per_token, metrics = compute_per_token_loss(cfg, output_tensor, mb, tp_group, vocab_size)
+        mask = mb.loss_mask.to(torch.bool)
+        if mask.shape != per_token.shape:
+            raise ValueError(
+                f"loss_mask {list(mask.shape)} must match the logits' leading dims "
+                f"{list(per_token.shape)}"
+            )
+        loss_sum = torch.where(mask, per_token, 0.0).sum()
+        maskf = mask.float()
+        n = maskf.sum()
+        reported = {"loss": torch.stack([loss_sum.detach().float(), n])}
+        for name, value in metrics.items():
+            reported[name] = torch.stack([torch.where(mask, value, 0.0).sum(), n])
+        gate = metrics["gate"] * maskf
+        reported["fkl_gated"] = torch.stack([(metrics["fkl"] * gate).sum(), gate.sum()])
+        tau = cfg.entropy_threshold
+        for who in ("teacher", "student"):
+            high = (metrics[f"{who}_entropy"] > tau).float() * maskf
+            reported[f"{who}_high_entropy"] = torch.stack([high.sum(), n])
+        return loss_sum, mask.sum().to(torch.int), reported
+
+    return loss_func
+
+
+def reduce_metrics(reported: list[dict], group=None) -> dict[str, float]:
+    """Sum [numerator, denominator] pairs over micro-batches (and over `group`'s ranks when
+    given: one SUM all-reduce) and divide. Metrics with a zero denominator are NaN-free: 0."""
+    if not reported:
+        return {}
+    names = sorted(reported[0])
+    stacked = torch.stack([torch.stack([r[k].double() for k in names]) for r in reported]).sum(0)
+    if group is not None and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(stacked, group=group)
+    out = {}
+    for name, (num, den) in zip(names, stacked.tolist()):
+        out[name] = num / den if den > 0 else 0.0
+    return out
