@@ -306,6 +306,9 @@ class SyntheticTaskConfig:
     """Probability that a term is a product a*b rather than a single number."""
     solutions_per_problem: int = _f(4, ge=1)
     """Distinct reference solutions (random valid paths) kept per training problem."""
+    connectives: list[str] = _f(factory=lambda: ["so", "then", "next", "now"])
+    """Words a step may start with (chosen uniformly): a second branch point per step (entropy
+    ln 4 = 1.39 nats for four words), like the forking words of natural-language reasoning."""
 
 
 @dataclass

@@ -4,14 +4,15 @@ A problem is a sum of 3-4 terms, each a number or a product, e.g. ``3*4+5+2*6``.
 rewrites the expression one step at a time and ends with the boxed value::
 
     prompt:   Compute 3*4+5+2*6 step by step:
-    solution: 3*4=12>12+5+2*6;2*6=12>12+5+12;12+12=24>24+5;24+5=29>29;\\boxed{29}
+    solution: so3*4=12>12+5+2*6;then2*6=12>12+5+12;now12+12=24>24+5;so24+5=29>29;\\boxed{29}
 
-Each step is ``<operation>=<value>><expression after the step>;``. A step may evaluate ANY
-remaining product, or add ANY two plain numbers (in either order); the sum takes the place of the
-left-most of the two and the other is removed. So a problem has many valid solutions: the first
-token of a step (which operation to do next) is a genuine branch point where a teacher trained on
-uniformly chosen valid paths is uncertain, while the rest of the step (the arithmetic and the
-rewritten expression) is determined and the teacher is certain.
+Each step is ``<connective><operation>=<value>><expression after the step>;``. A step may
+evaluate ANY remaining product, or add ANY two plain numbers (in either order); the sum takes the
+place of the left-most of the two and the other is removed; and it may start with any of the
+connective words. So a problem has many valid solutions: the first tokens of a step (connective,
+which operation) are genuine branch points where a teacher trained on uniformly chosen valid paths
+is uncertain, while the rest of the step (the arithmetic and the rewritten expression) is
+determined and the teacher is certain (:meth:`SyntheticArithmeticTask.oracle_entropies`).
 
 The splits are a pure function of the settings: the eval set is drawn first, then the distillation
 set, then the training set, each from its own seeded stream, skipping every expression already used
@@ -23,16 +24,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import random
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from megatron_eaopd.data.answers import extract_boxed
 from megatron_eaopd.data.task import Problem, Task, TaskError
 
 __all__ = [
     "SyntheticArithmeticTask",
+    "check_connectives",
     "count_solutions",
     "enumerate_solutions",
+    "num_steps",
     "next_steps",
     "parse_expression",
     "render",
@@ -94,17 +99,33 @@ def _is_final(state: State) -> bool:
     return len(state) == 1 and state[0][0] == "n"
 
 
+def num_steps(state: State) -> int:
+    """Steps every solution of ``state`` takes: one per product and one per ``+``."""
+    return sum(t[0] == "m" for t in state) + len(state) - 1
+
+
 @functools.lru_cache(maxsize=65536)
-def count_solutions(state: State) -> int:
-    """Number of distinct valid solutions (paths to a single number) from ``state``."""
+def _count_orders(state: State) -> int:
     if _is_final(state):
         return 1
-    return sum(count_solutions(nxt) for _, nxt in next_steps(state))
+    return sum(_count_orders(nxt) for _, nxt in next_steps(state))
 
 
-def enumerate_solutions(state: State, limit: int | None = None) -> Iterator[str]:
+def count_solutions(state: State, connectives: Sequence[str] = ()) -> int:
+    """Number of distinct valid solutions of ``state``.
+
+    Each step may start with any of the ``connectives``, so they multiply the number of operation
+    orders by ``len(connectives) ** num_steps(state)``.
+    """
+    return _count_orders(state) * max(1, len(connectives)) ** num_steps(state)
+
+
+def enumerate_solutions(
+    state: State, limit: int | None = None, connectives: Sequence[str] = ()
+) -> Iterator[str]:
     """Yield the distinct valid solution texts of ``state`` (depth first, at most ``limit``)."""
     answer = value_of(state)
+    words = tuple(connectives) or ("",)
     produced = 0
 
     def walk(s: State, prefix: str) -> Iterator[str]:
@@ -112,7 +133,8 @@ def enumerate_solutions(state: State, limit: int | None = None) -> Iterator[str]
             yield f"{prefix}\\boxed{{{answer}}}"
             return
         for text, nxt in next_steps(s):
-            yield from walk(nxt, f"{prefix}{text};")
+            for word in words:
+                yield from walk(nxt, f"{prefix}{word}{text};")
 
     for sol in walk(state, ""):
         yield sol
@@ -121,26 +143,47 @@ def enumerate_solutions(state: State, limit: int | None = None) -> Iterator[str]
             return
 
 
-def sample_solution(state: State, rng: random.Random) -> str:
-    """One valid solution, choosing each step uniformly among the valid steps."""
+def sample_solution(state: State, rng: random.Random, connectives: Sequence[str] = ()) -> str:
+    """One valid solution: each step's operation (and connective) chosen uniformly."""
     parts = []
     answer = value_of(state)
     while not _is_final(state):
         text, state = rng.choice(next_steps(state))
-        parts.append(text + ";")
+        word = rng.choice(tuple(connectives)) if connectives else ""
+        parts.append(f"{word}{text};")
     return "".join(parts) + f"\\boxed{{{answer}}}"
 
 
-def verify_solution(state: State, text: str) -> bool:
+def verify_solution(state: State, text: str, connectives: Sequence[str] = ()) -> bool:
     """Whether ``text`` is a complete valid solution of ``state`` (every step and the answer)."""
     *steps, last = text.strip().split(";")
     for step in steps:
+        if connectives:
+            word = next((w for w in connectives if step.startswith(w)), None)
+            if word is None:
+                return False
+            step = step[len(word) :]
         options = dict(next_steps(state))
         if step not in options:
             return False
         state = options[step]
     boxed = extract_boxed(last)
     return _is_final(state) and boxed is not None and boxed == str(state[0][1])
+
+
+def check_connectives(connectives: Sequence[str]) -> tuple[str, ...]:
+    """Validate connective words: lowercase letters, distinct, none a prefix of another."""
+    words = tuple(connectives)
+    for w in words:
+        if not w.isalpha() or not w.islower():
+            raise TaskError(f"connective {w!r} must be lowercase letters only")
+    for a in words:
+        for b in words:
+            if a != b and b.startswith(a):
+                raise TaskError(f"connective {a!r} is a prefix of {b!r}")
+    if len(set(words)) != len(words):
+        raise TaskError(f"connectives repeat: {words}")
+    return words
 
 
 def _canonical(state: State) -> tuple:
@@ -162,7 +205,7 @@ class SyntheticArithmeticTask(Task):
     PROMPT = "Compute {expr} step by step:"
     #: kept as whole single pieces by the task tokenizer, so that numbers never merge with
     #: operators and the first token of a step is exactly the choice of the next operation
-    tokenizer_symbols = ("+", "*", "=", ">", ";", ":", "\\boxed{", "}")
+    SYMBOLS = ("+", "*", "=", ">", ";", ":", "\\boxed{", "}")
 
     def __init__(
         self,
@@ -175,6 +218,7 @@ class SyntheticArithmeticTask(Task):
         max_operand: int = 9,
         product_prob: float = 0.4,
         solutions_per_problem: int = 4,
+        connectives: Sequence[str] = ("so", "then", "next", "now"),
     ):
         if not 2 <= min_terms <= max_terms:
             raise TaskError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
@@ -184,6 +228,10 @@ class SyntheticArithmeticTask(Task):
         self.min_terms, self.max_terms = min_terms, max_terms
         self.max_operand, self.product_prob = max_operand, product_prob
         self.solutions_per_problem = solutions_per_problem
+        self.connectives = check_connectives(connectives)
+        #: single pieces of the task tokenizer: numbers never merge with operators, and the first
+        #: tokens of a step are exactly its choices (connective, then first operand)
+        self.tokenizer_symbols = (*self.SYMBOLS, *self.connectives)
         self.settings = dict(
             seed=seed,
             num_train=num_train,
@@ -194,6 +242,7 @@ class SyntheticArithmeticTask(Task):
             max_operand=max_operand,
             product_prob=product_prob,
             solutions_per_problem=solutions_per_problem,
+            connectives=self.connectives,
         )
         seen: set[tuple] = set()
         self._eval = self._make_split("eval", num_eval, seen, with_solutions=False)
@@ -229,10 +278,10 @@ class SyntheticArithmeticTask(Task):
             seen.add(key)
             sols: tuple[str, ...] = ()
             if with_solutions:
-                want = min(self.solutions_per_problem, count_solutions(state))
+                want = min(self.solutions_per_problem, count_solutions(state, self.connectives))
                 found: dict[str, None] = {}
                 for _ in range(8 * want):
-                    found[sample_solution(state, rng)] = None
+                    found[sample_solution(state, rng, self.connectives)] = None
                     if len(found) >= want:
                         break
                 sols = tuple(found)
@@ -272,17 +321,47 @@ class SyntheticArithmeticTask(Task):
 
     def check_reasoning(self, response: str, problem: Problem) -> bool:
         """Whether ``response`` is a complete valid solution path (every step checked)."""
-        return verify_solution(self.state_of(problem), response)
+        return verify_solution(self.state_of(problem), response, self.connectives)
 
     def num_solutions(self, problem: Problem) -> int:
         """Number of distinct valid solutions of ``problem``."""
-        return count_solutions(self.state_of(problem))
+        return count_solutions(self.state_of(problem), self.connectives)
 
     def solutions(self, problem: Problem, limit: int | None = None) -> list[str]:
         """The distinct valid solutions of ``problem`` (at most ``limit``)."""
-        return list(enumerate_solutions(self.state_of(problem), limit))
+        return list(enumerate_solutions(self.state_of(problem), limit, self.connectives))
+
+    def oracle_entropies(self, problem: Problem, solution: str, tokenizer: Any) -> list[float]:
+        """Per-token entropy (nats) of the task's own solution policy along ``solution``.
+
+        The policy is the one the reference solutions are drawn from (each step's connective and
+        operation uniform among the valid ones); its next-token distribution is what an ideal
+        teacher trained on the training solutions would predict. One value per token of
+        ``encode(solution)`` plus one for the EOS (0). Tokens inside a step after its choices
+        have entropy 0; the branch points (connective, operands) carry it.
+        """
+        state = self.state_of(problem)
+        *steps, last = solution.split(";")
+        words = self.connectives or ("",)
+        out: list[float] = []
+        for step in steps:
+            nxt = dict(next_steps(state))
+            options = [tokenizer.encode(f"{w}{t};") for t in nxt for w in words]
+            chosen = tokenizer.encode(step + ";")
+            for j, tok in enumerate(chosen):
+                counts: dict[int, int] = {}
+                for o in options:
+                    if len(o) > j and o[:j] == chosen[:j]:
+                        counts[o[j]] = counts.get(o[j], 0) + 1
+                if tok not in counts:
+                    raise ValueError(f"not a valid step here: {step!r}")
+                n = sum(counts.values())
+                out.append(-sum(c / n * math.log(c / n) for c in counts.values()))
+            word = next(w for w in words if step.startswith(w))
+            state = nxt[step[len(word) :]]
+        return out + [0.0] * (len(tokenizer.encode(last)) + 1)
 
     def fingerprint(self) -> str:
         """Hash of the settings (the splits are a pure function of them) and the format."""
-        text = repr(sorted(self.settings.items())) + self.PROMPT + "v1"
+        text = repr(sorted(self.settings.items())) + self.PROMPT + "v2"
         return hashlib.sha256(text.encode()).hexdigest()[:16]

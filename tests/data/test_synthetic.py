@@ -19,6 +19,7 @@ from megatron_eaopd.data.synthetic import (
 )
 
 SMALL = dict(num_train=300, num_distill=120, num_eval=60)
+CONNECTIVES = ("so", "then", "next", "now")
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +38,16 @@ def _canonical(expr: str) -> tuple:
     return tuple(sorted("*".join(sorted(t.split("*"), key=int)) for t in expr.split("+")))
 
 
-def _check_steps_independently(expr: str, solution: str) -> None:
+def _check_steps_independently(expr: str, solution: str, connectives=CONNECTIVES) -> None:
     """Every step is true arithmetic, keeps the value, removes exactly one operator."""
     *steps, last = solution.split(";")
     value = _py_value(expr)
     ops = expr.count("+") + expr.count("*")
     state = expr
     for step in steps:
-        lhs, rest = step.split("=", 1)
+        word = re.match(r"[a-z]*", step).group(0)
+        assert word in connectives or (not connectives and word == "")
+        lhs, rest = step[len(word) :].split("=", 1)
         result, new_state = rest.split(">", 1)
         assert _py_value(lhs) == int(result)
         assert len(re.findall(r"[+*]", lhs)) == 1
@@ -111,21 +114,34 @@ def test_training_solutions_are_valid_and_distinct(task):
 
 
 def test_several_solution_paths_exist(task):
-    counts = [task.num_solutions(p) for p in task.eval_problems()]
+    plain = SyntheticArithmeticTask(seed=3, connectives=(), **SMALL)
+    assert [p.prompt for p in plain.eval_problems()] == [p.prompt for p in task.eval_problems()]
+    counts = [plain.num_solutions(p) for p in plain.eval_problems()]
+    # several operation orders even without connectives
     assert sum(c > 1 for c in counts) / len(counts) >= 0.9
     # the enumerator finds exactly count_solutions distinct paths, all valid
-    for p in task.eval_problems()[:15]:
-        sols = task.solutions(p)
-        assert len(sols) == len(set(sols)) == task.num_solutions(p) > 1
+    for p in plain.eval_problems()[:15]:
+        sols = plain.solutions(p)
+        assert len(sols) == len(set(sols)) == plain.num_solutions(p) > 1
         for sol in sols[:50]:
+            _check_steps_independently(p.meta["expression"], sol, ())
+    # connectives multiply every step's choices
+    for p, c in zip(task.eval_problems()[:5], counts):
+        steps = p.meta["expression"].count("+") + p.meta["expression"].count("*")
+        assert task.num_solutions(p) == c * len(CONNECTIVES) ** steps
+        sols = task.solutions(p, limit=3000)
+        assert len(set(sols)) == len(sols) == min(3000, task.num_solutions(p))
+        for sol in sols[::97]:
             _check_steps_independently(p.meta["expression"], sol)
+            assert task.check_reasoning(sol, p)
 
 
 def test_first_step_is_a_genuine_branch_point(task):
     """Most problems admit several different first operations (what the teacher is unsure of)."""
+    plain = SyntheticArithmeticTask(seed=3, connectives=(), **SMALL)
     firsts = []
-    for p in task.eval_problems():
-        first_ops = {s.split("=", 1)[0] for s in task.solutions(p, limit=None)}
+    for p in plain.eval_problems():
+        first_ops = {s.split("=", 1)[0] for s in plain.solutions(p, limit=None)}
         firsts.append(len(first_ops))
     assert min(firsts) >= 2
     assert sum(n >= 3 for n in firsts) / len(firsts) >= 0.75
@@ -139,6 +155,9 @@ def test_count_matches_closed_form(numbers):
     expected = math.prod(k * (k - 1) for k in range(2, len(numbers) + 1))
     assert count_solutions(state) == expected
     assert len(set(enumerate_solutions(state))) == expected
+    steps = len(numbers) - 1
+    assert count_solutions(state, ("a", "b")) == expected * 2**steps
+    assert len(set(enumerate_solutions(state, None, ("a", "b")))) == expected * 2**steps
 
 
 def test_products_multiply_the_orders():
@@ -155,6 +174,10 @@ def test_verify_rejects_wrong_paths():
     assert not verify_solution(state, "2*3=7>7+4+5;7+4=11>11+5;11+5=16>16;\\boxed{16}")
     assert not verify_solution(state, "4+5=9>2*3+9;\\boxed{15}")  # incomplete
     assert not verify_solution(state, "2*3+4=10>10+5;10+5=15>15;\\boxed{15}")  # two ops at once
+    worded = sample_solution(state, random.Random(0), ("so", "then"))
+    assert verify_solution(state, worded, ("so", "then"))
+    assert not verify_solution(state, worded, ())
+    assert not verify_solution(state, good, ("so", "then"))  # a step without its connective
 
 
 def test_check_uses_the_boxed_answer(task):
@@ -176,3 +199,44 @@ def test_too_many_problems_for_the_space():
             max_operand=3,
             product_prob=0.0,
         )
+
+
+def test_bad_connectives():
+    for bad in (("so", "sot"), ("So",), ("a1",), ("x", "x")):
+        with pytest.raises(ValueError, match="connective"):
+            SyntheticArithmeticTask(connectives=bad, **SMALL)
+
+
+def test_oracle_entropy_sits_at_the_branch_points(task, tmp_path):
+    """The solution policy's token entropy: ln(#connectives) at each step's first token, the
+    operation choice right after it, zero on the determined rest of the step."""
+    from megatron_eaopd.data import train_tokenizer
+
+    tok = train_tokenizer(task.corpus(), tmp_path, 320, task.tokenizer_symbols)
+    rng = random.Random(0)
+    high = total = rewrite_tokens = rewrite_uncertain = 0
+    for p in task.eval_problems():
+        sol = sample_solution(task.state_of(p), rng, CONNECTIVES)
+        ents = task.oracle_entropies(p, sol, tok)
+        ids = tok.encode(sol)
+        assert len(ents) == len(ids) + 1
+        pieces = [tok.id_to_piece(i) for i in ids]
+        region = "op"
+        for piece, h in zip(pieces, ents):
+            region = {"=": "result", ">": "rewrite", ";": "sep", "\\boxed{": "answer"}.get(
+                piece, "op" if piece in CONNECTIVES else region
+            )
+            if piece in CONNECTIVES:
+                assert h == pytest.approx(math.log(len(CONNECTIVES)))
+            elif region in ("result", "sep", "answer"):
+                assert h == pytest.approx(0.0, abs=1e-12), (sol, piece)
+            elif region == "rewrite":
+                # determined, except when equal numbers make the same operation text lead to
+                # different rewrites (5+7+5: '7+5' uses either 5)
+                rewrite_tokens += 1
+                rewrite_uncertain += h > 1e-12
+        assert ents[-1] == 0.0  # EOS
+        high += sum(h > 0.8 for h in ents)
+        total += len(ents)
+    assert 0.08 < high / total < 0.5
+    assert rewrite_uncertain / rewrite_tokens < 0.02

@@ -44,15 +44,18 @@ def test_special_ids_and_size(tok):
     assert tok.decode([*tok.encode("1+2"), tok.pad_id, tok.pad_id]) == "1+2"
 
 
-def test_operators_are_single_pieces_so_steps_start_with_a_number(task, tok):
+def test_operators_and_connectives_are_single_pieces(task, tok):
     sol = task.train_problems()[0].solutions[0]
     pieces = [tok.id_to_piece(i) for i in tok.encode(sol)]
     for sym in ("+", "*", "=", ">", ";", "\\boxed{", "}"):
         assert sym in pieces
-    # after each ';' comes the first operand of the next operation: a number piece
+    # every step starts with a connective word, then the first operand: a number piece
+    starts = [pieces[0]] + [b for a, b in zip(pieces, pieces[1:]) if a == ";"]
+    assert starts[-1] == "\\boxed{"
     for a, b in zip(pieces, pieces[1:]):
-        if a == ";" and b != "\\boxed{":
+        if a in task.connectives:
             assert b.isdigit()
+    assert all(w in task.connectives for w in starts[:-1])
 
 
 def test_cached_and_deterministic(task, tok, tmp_path, monkeypatch):
