@@ -361,6 +361,31 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         problems.append(
             ("task.name", f"{name!r} is not 'builtin', 'jsonl' or a 'module:Class' path")
         )
+    if cfg.model.teacher_checkpoint is None:
+        if not cfg.teacher_prep.enabled:
+            problems.append(
+                (
+                    "model.teacher_checkpoint",
+                    "is null and teacher_prep.enabled is false: the "
+                    "teacher would be untrained; give a checkpoint or enable teacher_prep",
+                )
+            )
+        elif cfg.task.name == "jsonl" and not cfg.task.train_file:
+            problems.append(
+                (
+                    "task.train_file",
+                    "teacher_prep needs training prompts with solutions "
+                    "(or set model.teacher_checkpoint)",
+                )
+            )
+    if cfg.task.name == "builtin" and cfg.rollout.prompts_per_iteration > syn.num_distill:
+        problems.append(
+            (
+                "rollout.prompts_per_iteration",
+                f"{cfg.rollout.prompts_per_iteration} exceeds "
+                f"task.synthetic.num_distill={syn.num_distill}",
+            )
+        )
     if cfg.tokenizer.kind != "task" and not cfg.tokenizer.path:
         problems.append(("tokenizer.path", f"tokenizer.kind={cfg.tokenizer.kind} needs a path"))
 

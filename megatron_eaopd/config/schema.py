@@ -78,8 +78,9 @@ class ModelsConfig:
 class TeacherPrepConfig:
     """Supervised preparation of a teacher on the task's reference solutions (built-in task)."""
 
-    enabled: bool = False
-    """Train the teacher on the task's training solutions when no cached teacher exists."""
+    enabled: bool = True
+    """Train the teacher on the task's training solutions when model.teacher_checkpoint is null
+    (once: the result is cached under cache_dir and reused)."""
     iterations: int = _f(300, ge=0)
     """Optimizer steps of the supervised teacher training."""
     batch_size: int = _f(32, ge=1)

@@ -317,3 +317,19 @@ def test_loss_section_builds_objective_config(objective):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["loss.objective=jsd", "loss.form=sampled"])
     assert "needs form exact" in _problems(err.value)["loss.form"]
+
+
+def test_teacher_source_rules(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["teacher_prep.enabled=false"])
+    assert "teacher would be untrained" in _problems(err.value)["model.teacher_checkpoint"]
+    assert load_config(None, ["teacher_prep.enabled=false", "model.teacher_checkpoint=ckpt/t"])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["task.name=jsonl", "task.distill_file=d.jsonl"])
+    assert "teacher_prep needs" in _problems(err.value)["task.train_file"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["task.synthetic.num_distill=64"])
+    assert (
+        "exceeds task.synthetic.num_distill=64"
+        in _problems(err.value)["rollout.prompts_per_iteration"]
+    )

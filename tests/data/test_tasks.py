@@ -154,6 +154,8 @@ def test_builtin_from_config():
             "task.synthetic.num_distill=10",
             "task.synthetic.num_eval=5",
             "task.synthetic.seed=9",
+            "rollout.prompts_per_iteration=8",
+            "rollout.mini_batch_size=8",
         ],
     )
     task = load_task(cfg.task)
