@@ -2,6 +2,7 @@
 
 from megatron_eaopd.data.answers import check_answer, extract_boxed, normalize_answer
 from megatron_eaopd.data.jsonl import JsonlTask, read_prompt_file
+from megatron_eaopd.data.prepare import PreparedData, prepare_data
 from megatron_eaopd.data.synthetic import SyntheticArithmeticTask
 from megatron_eaopd.data.task import (
     Problem,
@@ -15,6 +16,7 @@ from megatron_eaopd.data.tokenizer import Tokenizer, build_tokenizer, train_toke
 
 __all__ = [
     "JsonlTask",
+    "PreparedData",
     "Problem",
     "SyntheticArithmeticTask",
     "Task",
@@ -26,6 +28,7 @@ __all__ = [
     "import_task_class",
     "load_task",
     "normalize_answer",
+    "prepare_data",
     "read_prompt_file",
     "train_tokenizer",
     "validate_prompt_lengths",

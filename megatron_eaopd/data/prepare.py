@@ -1,0 +1,98 @@
+"""One call that turns a config into checked data: task, tokenizer, prompt sets.
+
+:func:`prepare_data` runs every data check that can fail before any model is built: the task loads
+(prompt files exist and parse), the tokenizer builds, no prompt set is empty, every prompt fits
+``rollout.max_prompt_tokens``, and (when the teacher is prepared on the task) every training
+example fits the teacher's ``max_seq_len``. Each failure is a :class:`TaskError` with the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_eaopd.data.sequences import build_sft_example, encode_prompt
+from megatron_eaopd.data.task import Problem, Task, TaskError, load_task, validate_prompt_lengths
+from megatron_eaopd.data.tokenizer import build_tokenizer
+
+__all__ = ["PreparedData", "prepare_data", "tokenizer_vocab_size"]
+
+
+@dataclass
+class PreparedData:
+    """The checked data of a run."""
+
+    task: Task
+    """The loaded task."""
+    tokenizer: Any
+    """The tokenizer (the project's sentencepiece Tokenizer or a Hugging Face one)."""
+    vocab_size: int
+    """The tokenizer's vocabulary size (fill ``model.*.vocab_size: 0`` with it)."""
+    distill: Sequence[Problem]
+    """Distillation prompts."""
+    eval_sets: Mapping[str, Sequence[Problem]]
+    """Held-out prompts by set name (may be empty)."""
+    longest_prompt: int
+    """Tokens of the longest prompt (with BOS) over all sets."""
+
+
+def tokenizer_vocab_size(tokenizer: Any) -> int:
+    """Vocabulary size of the project's Tokenizer or a Hugging Face tokenizer (``len``)."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if hasattr(tokenizer, "sp") and size is not None:
+        return int(size)
+    return len(tokenizer)
+
+
+def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> PreparedData:
+    """Load and check the task and tokenizer of ``cfg`` (an ``EAOPDConfig``).
+
+    Args:
+        cfg: the validated config.
+        check_teacher_examples: check that all training examples fit the teacher's context;
+            None: when the teacher will be prepared on the task (no teacher checkpoint).
+
+    Raises:
+        TaskError: a missing/malformed prompt file, an empty prompt set, a prompt longer than
+            ``rollout.max_prompt_tokens``, a training example longer than the teacher's context.
+    """
+    task = load_task(cfg.task)
+    tokenizer = build_tokenizer(cfg.tokenizer, task)
+
+    def encode(text: str) -> list[int]:
+        return encode_prompt(tokenizer, text)
+
+    limit = cfg.rollout.max_prompt_tokens
+    distill = task.distill_problems()
+    longest = validate_prompt_lengths(distill, encode, limit, "distillation prompts")
+    eval_sets = dict(task.eval_sets())
+    for name, problems in eval_sets.items():
+        longest = max(
+            longest, validate_prompt_lengths(problems, encode, limit, f"'{name}' prompts")
+        )
+    if check_teacher_examples is None:
+        check_teacher_examples = cfg.model.teacher_checkpoint is None and cfg.teacher_prep.enabled
+    if check_teacher_examples:
+        train = task.train_problems()
+        if len(train) == 0:
+            raise TaskError("teacher preparation needs training problems, the task has none")
+        max_len = cfg.model.teacher.max_seq_len
+        for p in train:
+            if not p.solutions:
+                raise TaskError(f"training problem {p.uid!r} has no reference solution")
+            for sol in p.solutions:
+                try:
+                    build_sft_example(tokenizer, p.prompt, sol, max_len)
+                except ValueError as err:
+                    raise TaskError(
+                        f"training problem {p.uid!r}: {err}; raise model.teacher.max_seq_len"
+                    ) from err
+    return PreparedData(
+        task=task,
+        tokenizer=tokenizer,
+        vocab_size=tokenizer_vocab_size(tokenizer),
+        distill=distill,
+        eval_sets=eval_sets,
+        longest_prompt=longest,
+    )

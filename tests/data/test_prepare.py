@@ -1,0 +1,69 @@
+"""prepare_data: every data check before any model is built."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_eaopd.config import load_config
+from megatron_eaopd.data import TaskError, prepare_data
+from megatron_eaopd.data.sequences import encode_prompt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(
+        REPO / "configs" / "tiny-cpu.yaml",
+        [f"tokenizer.cache_dir={tmp_path / 'tok'}", "task.synthetic.num_train=200", *overrides],
+    )
+
+
+def test_tiny_cpu_data_is_consistent(tmp_path):
+    cfg = _tiny(tmp_path)
+    data = prepare_data(cfg)
+    assert data.vocab_size == data.tokenizer.vocab_size <= cfg.tokenizer.vocab_size
+    assert len(data.distill) == cfg.task.synthetic.num_distill
+    assert list(data.eval_sets) == ["eval"] and len(data.eval_sets["eval"]) == 64
+    longest = max(len(encode_prompt(data.tokenizer, p.prompt)) for p in data.distill)
+    assert longest <= data.longest_prompt <= cfg.rollout.max_prompt_tokens
+
+
+def test_prompt_longer_than_limit(tmp_path):
+    cfg = _tiny(tmp_path, "rollout.max_prompt_tokens=8")
+    with pytest.raises(TaskError, match=r"distillation prompts are longer than .*=8 tokens"):
+        prepare_data(cfg)
+
+
+def test_teacher_examples_must_fit(tmp_path):
+    cfg = _tiny(
+        tmp_path,
+        "rollout.max_response_tokens=20",
+        "eval.max_response_tokens=20",
+        "model.teacher.max_seq_len=0",
+    )
+    assert cfg.model.teacher.max_seq_len == 44
+    with pytest.raises(TaskError, match="raise model.teacher.max_seq_len"):
+        prepare_data(cfg)
+    prepare_data(cfg, check_teacher_examples=False)
+
+
+def test_jsonl_errors_surface(tmp_path):
+    distill = tmp_path / "d.jsonl"
+    distill.write_text(json.dumps({"prompt": "Compute 1+2 step by step:", "answer": "3"}) + "\n")
+    ev = tmp_path / "e.jsonl"
+    ev.write_text("")
+    cfg = load_config(
+        None,
+        [
+            "task.name=jsonl",
+            f"task.distill_file={distill}",
+            f"task.eval_files=[{ev}]",
+            "model.teacher_checkpoint=some/ckpt",
+            f"tokenizer.cache_dir={tmp_path / 'tok'}",
+        ],
+    )
+    with pytest.raises(TaskError, match="e.jsonl: no prompts"):
+        prepare_data(cfg)
