@@ -2,6 +2,7 @@
 
 from megatron_eaopd.data.answers import check_answer, extract_boxed
 from megatron_eaopd.eval.metrics import (
+    EntropyStats,
     avg_at_k,
     high_entropy_fkl,
     high_entropy_fraction,
@@ -12,6 +13,7 @@ from megatron_eaopd.eval.metrics import (
 from megatron_eaopd.eval.plot import matplotlib_available, plot_curves
 
 __all__ = [
+    "EntropyStats",
     "avg_at_k",
     "check_answer",
     "extract_boxed",

@@ -7,11 +7,14 @@ samples holds at least one correct one. It is computed as a product, never with 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
 __all__ = [
+    "EntropyStats",
     "avg_at_k",
     "high_entropy_fkl",
     "high_entropy_fraction",
@@ -147,3 +150,70 @@ def summarize_samples(
     for key in sorted(keys):
         out[f"mean/{key}"] = sum(m[key] for m in per_set.values()) / len(per_set)
     return out
+
+
+@dataclass
+class EntropyStats:
+    """Running sums for the entropy metrics over many batches (and ranks).
+
+    ``update`` adds a batch; ``to_tensor``/``from_tensor`` pack the sums into one float64 tensor
+    for a single SUM all-reduce; ``summary`` gives the metrics: the student's and the teacher's
+    fraction of tokens with entropy > tau on the same tokens, and the forward KL averaged over the
+    teacher's high-entropy tokens and over all tokens.
+    """
+
+    n_valid: float = 0.0
+    n_student_high: float = 0.0
+    n_teacher_high: float = 0.0
+    fkl_sum_high: float = 0.0
+    fkl_sum: float = 0.0
+
+    def update(
+        self,
+        student_entropy: torch.Tensor,
+        teacher_entropy: torch.Tensor,
+        mask: torch.Tensor | None,
+        threshold: float,
+        fkl: torch.Tensor | None = None,
+    ) -> EntropyStats:
+        """Add one batch of per-token values (same shapes; ``mask`` marks valid tokens)."""
+        if student_entropy.shape != teacher_entropy.shape:
+            raise ValueError("student and teacher entropies differ in shape")
+        hs = _masked(student_entropy, mask).double()
+        ht = _masked(teacher_entropy, mask).double()
+        high = ht > threshold
+        self.n_valid += hs.numel()
+        self.n_student_high += (hs > threshold).sum().item()
+        self.n_teacher_high += high.sum().item()
+        if fkl is not None:
+            f = _masked(fkl, mask).double()
+            self.fkl_sum_high += f[high].sum().item()
+            self.fkl_sum += f.sum().item()
+        return self
+
+    def __add__(self, other: EntropyStats) -> EntropyStats:
+        return EntropyStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The sums as a float64 tensor (all-reduce it with SUM, then :meth:`from_tensor`)."""
+        return torch.tensor(
+            [getattr(self, f.name) for f in fields(self)], dtype=torch.float64, device=device
+        )
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> EntropyStats:
+        """Inverse of :meth:`to_tensor`."""
+        return cls(*(float(x) for x in t.tolist()))
+
+    def summary(self) -> dict[str, float]:
+        """``student_high_frac``, ``teacher_high_frac``, ``fkl_high``, ``fkl_all`` (NaN: empty)."""
+
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else math.nan
+
+        return {
+            "student_high_frac": ratio(self.n_student_high, self.n_valid),
+            "teacher_high_frac": ratio(self.n_teacher_high, self.n_valid),
+            "fkl_high": ratio(self.fkl_sum_high, self.n_teacher_high),
+            "fkl_all": ratio(self.fkl_sum, self.n_valid),
+        }

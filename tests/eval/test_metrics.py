@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_eaopd.eval import (
+    EntropyStats,
     avg_at_k,
     high_entropy_fkl,
     high_entropy_fraction,
@@ -145,3 +146,24 @@ def test_plot_curves(tmp_path):
         assert out is None
         return
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_entropy_stats_accumulate_like_one_batch():
+    torch.manual_seed(2)
+    hs, ht, f = torch.rand(3, 10, 4).unbind(0)
+    hs, ht, f = hs * 2, ht * 2, f
+    mask = torch.rand(10, 4) > 0.25
+    whole = EntropyStats().update(hs, ht, mask, 0.8, f)
+    parts = EntropyStats().update(hs[:4], ht[:4], mask[:4], 0.8, f[:4]) + EntropyStats().update(
+        hs[4:], ht[4:], mask[4:], 0.8, f[4:]
+    )
+    for key, value in whole.summary().items():
+        assert parts.summary()[key] == pytest.approx(value, rel=1e-12)
+    s = EntropyStats.from_tensor(parts.to_tensor()).summary()
+    assert s["student_high_frac"] == pytest.approx(high_entropy_fraction(hs, mask, 0.8))
+    assert s["teacher_high_frac"] == pytest.approx(high_entropy_fraction(ht, mask, 0.8))
+    ref = high_entropy_fkl(f, ht, mask, 0.8)
+    assert s["fkl_high"] == pytest.approx(ref["fkl_high"]) and s["fkl_all"] == pytest.approx(
+        ref["fkl_all"]
+    )
+    assert math.isnan(EntropyStats().summary()["student_high_frac"])
