@@ -10,7 +10,8 @@
 #   EAOPD_MAX_REQUEUES   stop requeueing after this many restarts (default: 20)
 #   EAOPD_CONTAINER_IMAGE / EAOPD_CONTAINER_MOUNTS / EAOPD_CONTAINER_WORKDIR / EAOPD_CONTAINER_NAME
 #                        pyxis: --container-image / -mounts / -workdir / -name for the srun step;
-#                        mounts default to the repository at the same path, the workdir to it
+#                        mounts default to the repository and the submit folder at the same
+#                        paths, the workdir to the submit folder (where relative paths point)
 #   EAOPD_SRUN_ARGS      extra srun arguments (split on spaces)
 #   EAOPD_DRY_RUN=1      print the srun command, run nothing
 
@@ -37,6 +38,9 @@ eaopd_job_key() {
 # Export the rendezvous, log folder and container settings; write launch-attempt<N>.txt.
 eaopd_slurm_setup() {
   local job_key attempt
+  # A pre-timeout signal during the set-up must not kill this shell: remember it (eaopd_run_step).
+  EAOPD_SIGNALLED=0
+  trap 'EAOPD_SIGNALLED=1' "${EAOPD_SIGNAL:-USR1}"
   job_key=$(eaopd_job_key)
   attempt=${SLURM_RESTART_COUNT:-0}
   eaopd_python_defaults
@@ -55,10 +59,14 @@ eaopd_slurm_setup() {
 
   EAOPD_CONTAINER_ARGS=()
   if [[ -n ${EAOPD_CONTAINER_IMAGE:-} ]]; then
+    # Default mounts: the repository and the submit folder (relative config paths, runs/) at
+    # the same paths, so the command line works unchanged inside the container.
+    local mounts="$EAOPD_ROOT:$EAOPD_ROOT"
+    if [[ $PWD != "$EAOPD_ROOT" ]]; then mounts+=",$PWD:$PWD"; fi
     EAOPD_CONTAINER_ARGS+=(
       "--container-image=$EAOPD_CONTAINER_IMAGE"
-      "--container-mounts=${EAOPD_CONTAINER_MOUNTS:-$EAOPD_ROOT:$EAOPD_ROOT}"
-      "--container-workdir=${EAOPD_CONTAINER_WORKDIR:-$EAOPD_ROOT}"
+      "--container-mounts=${EAOPD_CONTAINER_MOUNTS:-$mounts}"
+      "--container-workdir=${EAOPD_CONTAINER_WORKDIR:-$PWD}"
     )
     if [[ -n ${EAOPD_CONTAINER_NAME:-} ]]; then
       EAOPD_CONTAINER_ARGS+=("--container-name=$EAOPD_CONTAINER_NAME")
@@ -120,10 +128,14 @@ eaopd_run_step() {
     exit 0
   fi
   eaopd_write_launch_record "$@"
+  if [[ ${EAOPD_SIGNALLED:-0} == 1 ]]; then
+    eaopd_log "SIG$signal_name arrived before training started: not starting it"
+    if eaopd_requeue; then exit 0; fi
+    exit 1
+  fi
   eaopd_log "job $EAOPD_JOB_KEY attempt $EAOPD_ATTEMPT: $(eaopd_print_cmd "$@")"
   eaopd_log "logs: $EAOPD_LOG_DIR"
 
-  EAOPD_SIGNALLED=0
   "$@" &
   EAOPD_STEP_PID=$!
   # Slurm's --signal=B:<sig>@<secs> reaches only this shell: pass it on to srun, which forwards it

@@ -22,7 +22,7 @@ SCRIPTS = sorted(
     ]
 )
 SBATCH = sorted(ROOT.glob("launch/slurm/*.sbatch"))
-CONFIG = ROOT / "tests" / "launch" / "standin.yaml"
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
 def test_scripts_exist():
@@ -158,7 +158,7 @@ def test_per_gpu_dry_run_builds_the_srun_command(tmp_path):
     assert f"--output={tmp_path}/logs/eaopd-123/attempt0-node%n.log" in cmd
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in cmd
     assert "--container-mounts=/data:/data,/ckpt:/ckpt" in cmd
-    assert f"--container-workdir={ROOT}" in cmd
+    assert f"--container-workdir={tmp_path}" in cmd  # the submit folder, as without a container
     assert "--mpi=none" in cmd and "--network=sn_all" in cmd
     assert cmd[-4:] == ["bash", f"{ROOT}/launch/slurm/task.sh", str(CONFIG), "a.b=1"]
 
@@ -171,8 +171,8 @@ def test_torchrun_dry_run_uses_one_task_per_node(tmp_path):
     assert "--nodes=2" in cmd and "--ntasks=2" in cmd and "--ntasks-per-node=1" in cmd
     assert "--cpus-per-task=96" in cmd
     assert f"--output={tmp_path}/logs/eaopd-123/attempt2-node%n.log" in cmd
-    # Without EAOPD_CONTAINER_MOUNTS the repository is mounted at the same path.
-    assert f"--container-mounts={ROOT}:{ROOT}" in cmd
+    # Without EAOPD_CONTAINER_MOUNTS the repository and the submit folder keep their paths.
+    assert f"--container-mounts={ROOT}:{ROOT},{tmp_path}:{tmp_path}" in cmd
     assert cmd[-3:] == ["bash", f"{ROOT}/launch/slurm/torchrun_node.sh", str(CONFIG)]
 
 
@@ -278,6 +278,7 @@ def test_run_local_runs_the_standin_on_two_processes(tmp_path):
             str(CONFIG),
             f"training.output_dir={tmp_path}",
             "training.iterations=3",
+            "training.checkpoint_dir=null",
             "standin.step_seconds=0",
         ],
         env=env,

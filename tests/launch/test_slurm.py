@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -27,7 +28,9 @@ from tests.launch.slurm_cluster import LocalSlurm, SlurmUnavailable
 ROOT = Path(__file__).resolve().parents[2]
 PER_GPU = ROOT / "launch" / "slurm" / "eaopd_per_gpu.sbatch"
 TORCHRUN = ROOT / "launch" / "slurm" / "eaopd_torchrun.sbatch"
-CONFIG = ROOT / "tests" / "launch" / "standin.yaml"
+# The tiny CPU config drives the stand-in as it will drive the real trainer; the tests override
+# the run folder, the length and the checkpoint cadence.
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 METRIC = re.compile(r"^(?:\d+: )?iteration (\d+)/(\d+) \| loss ([0-9.]+) \| world (\d+)$")
 
 
@@ -47,6 +50,16 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _loopback_env(node: str) -> dict[str, str]:
+    """The scripts rendezvous at the first node's name; where it does not resolve (some CI
+    containers), point torch and gloo at loopback instead."""
+    try:
+        socket.gethostbyname(node)
+        return {}
+    except OSError:
+        return {"EAOPD_MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
 def submit(slurm, script, out: Path, *overrides, sbatch_args=(), env=None) -> int:
     """Submit `script` with the stand-in trainer on 2 processes; logs and run go under `out`."""
     if script == TORCHRUN:  # one task with 2 CPUs; torchrun starts the 2 processes
@@ -54,7 +67,8 @@ def submit(slurm, script, out: Path, *overrides, sbatch_args=(), env=None) -> in
         env = {"EAOPD_NPROC_PER_NODE": "2", **(env or {})}
     else:  # two tasks, one CPU each
         layout = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
-    job_env = {
+    job_env = _loopback_env(slurm.node)
+    job_env |= {
         "EAOPD_ENTRY": "tests.launch.standin_trainer",
         "EAOPD_PYTHON": sys.executable,
         "EAOPD_LOG_ROOT": str(out / "logs"),
@@ -72,6 +86,8 @@ def submit(slurm, script, out: Path, *overrides, sbatch_args=(), env=None) -> in
         str(script),
         str(CONFIG),
         f"training.output_dir={out / 'run'}",
+        "training.checkpoint_dir=null",
+        "training.checkpoint_interval=0",
         *overrides,
         env=job_env,
         cwd=str(out),
