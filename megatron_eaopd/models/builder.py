@@ -12,6 +12,7 @@ network: the basis of the layout-parity tests and of reproducible runs across la
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import zlib
 
@@ -88,7 +89,9 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = Non
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_activation_fusion=cfg.swiglu and on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # the fused softmax needs megatron's compiled scaled_masked_softmax_cuda extension
+        masked_softmax_fusion=on_gpu
+        and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
@@ -144,6 +147,8 @@ def build_model(
             vp_stage=stage,
         )
         model.model_type = getattr(model, "model_type", None) or _encoder_or_decoder()
+        if torch.cuda.is_available():  # megatron builds some modules (norms) on the CPU
+            model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
 

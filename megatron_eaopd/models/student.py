@@ -156,10 +156,12 @@ def _last_stage_loss(outputs, key: str) -> torch.Tensor:
     over the pipeline group: the other stages contribute 0)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_eaopd.parallel.init import compute_device
+
     if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
         value = torch.stack([o[key].float().reshape(()) for o in outputs]).mean()
     else:
-        value = torch.zeros(())
+        value = torch.zeros((), device=compute_device())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
     return value

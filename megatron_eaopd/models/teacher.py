@@ -141,24 +141,26 @@ def score_for_student(
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.losses import TeacherPayload
-    from megatron_eaopd.parallel.init import use_layout
+    from megatron_eaopd.parallel.init import compute_device, use_layout
 
     if vocab_size >= 2**24:
         raise ValueError(f"vocab_size={vocab_size} too large for the fp32 id transport (< 2**24)")
     batches = list(batches)
     keys = ("tokens", "labels", "position_ids")
-    local = torch.stack([torch.stack([b[key] for key in keys]) for b in batches])  # [M, 3, b, s]
+    device = compute_device()
+    local = torch.stack([torch.stack([b[key] for key in keys]) for b in batches]).to(device)
     num_local, _, mbs, seq = local.shape
     with use_layout(student_layout):
         dp_s, dp_rank_s = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         # [dp_s * M, 3, b, s], ordered by student DP rank
-        everything = torch.empty((dp_s * num_local,) + tuple(local.shape[1:]), dtype=local.dtype)
+        shape = (dp_s * num_local,) + tuple(local.shape[1:])
+        everything = torch.empty(shape, dtype=local.dtype, device=device)
         dist.all_gather_into_tensor(
             everything, local.contiguous(), group=ps.get_data_parallel_group()
         )
     total = everything.shape[0]
     width = 2 + 2 * k
-    buffer = torch.zeros(total, seq, mbs, width)
+    buffer = torch.zeros(total, seq, mbs, width, device=device)
     with use_layout(teacher_layout):
         dp_t, dp_rank_t = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if total % dp_t != 0:

@@ -101,6 +101,13 @@ def check_parallel_layout(world_size: int, tp: int, pp: int, vpp: int | None = N
     return world_size // (tp * pp)
 
 
+def compute_device() -> torch.device:
+    """The device tensors of this process live on: its current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def default_backend() -> str:
     """'nccl' when CUDA is available, else 'gloo'."""
     return "nccl" if torch.cuda.is_available() else "gloo"
