@@ -151,20 +151,33 @@ def run_forward_backward(
     )
 
 
-def _last_stage_loss(outputs, key: str) -> torch.Tensor:
-    """Mean of `key` over micro-batches on the last stage, broadcast to every rank (one all-reduce
-    over the pipeline group: the other stages contribute 0)."""
+def reduce_loss_metric(outputs, key: str = "loss") -> torch.Tensor:
+    """The global-batch value of a loss metric, on every rank.
+
+    `outputs` is what forward_backward_func returned (a dict per micro-batch on the last stage,
+    nothing elsewhere). A metric given as a 2-vector [sum, count] (the per-token convention, with
+    `calculate_per_token_loss=True`) gives sum(sums) / sum(counts) over all micro-batches of all
+    data-parallel replicas; a scalar gives the mean over micro-batches and replicas. Collectives:
+    one all-reduce of 2 floats over the DP group, one over the pipeline group (other stages
+    contribute zeros).
+    """
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.parallel.init import compute_device
 
+    total = torch.zeros(2, device=compute_device())  # [numerator, denominator]
     if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
-        value = torch.stack([o[key].float().reshape(()) for o in outputs]).mean()
-    else:
-        value = torch.zeros((), device=compute_device())
+        for out in outputs:
+            value = out[key].detach().float().reshape(-1)
+            if value.numel() == 2:
+                total += value.to(total.device)
+            else:
+                total += torch.stack([value.sum(), torch.ones_like(value.sum())]).to(total.device)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
-    return value
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return total[0] / total[1]
 
 
 @torch.no_grad()
@@ -202,11 +215,14 @@ def train_step(
 ) -> dict:
     """One update: zero grads, forward/backward over all micro-batches, optimizer + scheduler step.
 
-    The update is skipped (and `student.skipped_updates` incremented) when the loss (mean of
-    `loss_key` over micro-batches from the last stage) or the gradient norm is not finite.
+    The update is skipped (and `student.skipped_updates` incremented) when the loss (the global
+    value of `loss_key`, see reduce_loss_metric) or the gradient norm is not finite. For a loss
+    normalised by the valid tokens of the global batch, build the model with
+    `calculate_per_token_loss=True` and return (loss_sum, num_tokens, {key: [sum, count]}) from
+    the loss function: megatron divides the gradients by the global token count.
     Returns {"loss", "grad_norm", "lr", "skipped"} on every rank. Collectives: those of the schedule
-    (p2p, TP), the DDP gradient all-reduce, the optimizer's grad-norm all-reduce, one all-reduce of
-    the loss over the pipeline group.
+    (p2p, TP), the DDP gradient all-reduce, the optimizer's grad-norm all-reduce, the two small
+    all-reduces of reduce_loss_metric.
     """
     for model in student.chunks:
         model.zero_grad_buffer()
@@ -219,7 +235,7 @@ def train_step(
         seq_length,
         micro_batch_size,
     )
-    loss = float(_last_stage_loss(outputs, loss_key))
+    loss = float(reduce_loss_metric(outputs, loss_key))
     skipped = not math.isfinite(loss)
     grad_norm = float("nan")
     if not skipped:
