@@ -33,12 +33,30 @@ def _student(cfg, seed, tp, pp):
     return setup_student(chunks, optim)
 
 
-def _step(student, cfg, batches):
+def _poisoned(forward_step, poison):
+    """Make the loss NaN, or keep it finite with NaN gradients (sqrt'(0) * 0)."""
+
+    def step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+
+        def poisoned_loss(logits):
+            loss, metrics = loss_func(logits)
+            if poison == "nan_loss":
+                return loss * float("nan"), {"loss": metrics["loss"] * float("nan")}
+            return loss + torch.sqrt((logits * 0).sum()), metrics
+
+        return output, poisoned_loss
+
+    return step
+
+
+def _step(student, cfg, batches, poison=None):
     from megatron_eaopd.models.student import train_step
 
+    forward_step = helpers.ce_forward_step(cfg.vocab_size)
     return train_step(
         student,
-        helpers.ce_forward_step(cfg.vocab_size),
+        _poisoned(forward_step, poison) if poison else forward_step,
         helpers.chunk_iterators(batches, len(student.chunks)),
         NUM_MICROBATCHES,
         SEQ,
@@ -112,6 +130,18 @@ def checkpoint_worker(rank, world_size, root):
     out["b_weights_end"] = helpers.global_pieces(student.chunks)
     out["b_teacher"] = _teacher_scores(cfg, root, batches[1])
 
+    # Non-finite updates are skipped, counted, and leave weights and optimizer untouched.
+    before = helpers.global_pieces(student.chunks)
+    for poison in ("nan_loss", "nan_grad"):
+        out_bad = _step(student, cfg, batches[0], poison)
+        assert out_bad["skipped"], poison
+    assert student.skipped_updates == 2
+    after = helpers.global_pieces(student.chunks)
+    assert all(torch.equal(a[1], b[1]) for k in before for a, b in zip(before[k], after[k])), (
+        "a skipped update changed the weights"
+    )
+    out["c_step_after_skips"] = _step(student, cfg, batches[1])
+
     # Missing checkpoints: clear errors.
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         checkpoint.load_checkpoint(os.path.join(root, "nope"), student.chunks)
@@ -138,6 +168,9 @@ def test_save_tp2_load_pp2_continue_and_teacher(tmp_path):
             assert not a["skipped"] and not b["skipped"]
             assert a["lr"] == b["lr"]
             torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
+        # Training goes on after two skipped updates.
+        after_skips = r["c_step_after_skips"]
+        assert not after_skips["skipped"] and torch.isfinite(torch.tensor(after_skips["loss"]))
         # Training moved: the continued losses differ from the first step's.
         assert r["a_steps"][1]["loss"] != r["a_step1"]["loss"]
 
