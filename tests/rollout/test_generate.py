@@ -1,0 +1,132 @@
+"""Rollouts: KV-cache decoding equals full-recompute decoding, and the kept log-probs equal a fresh
+forward of the finished sequences (TP 1 and 2, gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_eaopd.rollout import SamplingParams, filter_logits, sample_tokens
+from tests.dist import run_distributed
+
+VOCAB, PAD = 16, 0
+
+
+def _model(tp, seed=7):
+    from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
+    from megatron_eaopd.parallel.init import initialize_parallel
+
+    initialize_parallel(tp, 1, seed=1)
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=40,
+        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=False,
+    )  # fmt: skip
+    (model,) = build_model(cfg)
+    # a large init makes the distributions peaked enough that EOS and varied lengths happen
+    init_weights_layout_invariant([model], seed, std=0.3)
+    return model
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(3)
+    lens = [1, 4, 7, 7, 2, 5]
+    return [[1] + torch.randint(4, VOCAB, (n - 1,), generator=gen).tolist() for n in lens]
+
+
+def _rollout_worker(rank, world, params_kw):
+    from megatron_eaopd.losses import vocab_parallel_token_logprobs
+    from megatron_eaopd.rollout import generate
+
+    model = _model(world)
+    params = SamplingParams(**params_kw)
+    kw = dict(max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, params=params)
+    # EOS: a token this random model emits often (so responses end at different lengths)
+    probe = generate(model, _prompts(), generator=torch.Generator().manual_seed(5), eos_id=-1, **kw)
+    counts = torch.bincount(probe.tokens[probe.response_mask()], minlength=VOCAB)
+    counts[PAD] = 0
+    kw["eos_id"] = eos = int(counts.argmax())
+    out = {}
+    for kv in (True, False):
+        gen = torch.Generator().manual_seed(11)
+        out[kv] = generate(model, _prompts(), generator=gen, use_kv_cache=kv, max_batch=4, **kw)
+    a, b = out[True], out[False]
+    assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
+    assert torch.equal(a.response_lens, b.response_lens)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    # a fresh training-style forward of the finished sequences gives the same log-probs
+    model.eval()
+    with torch.no_grad():
+        s = a.tokens.shape[1]
+        pos = torch.arange(s).unsqueeze(0).expand_as(a.tokens)
+        logits = model(a.tokens, pos, None)  # [b, s, V_pad / tp]
+        labels = torch.roll(a.tokens, -1, dims=1)
+        t_lp = params.logprob_temperature or params.temperature
+        fresh = vocab_parallel_token_logprobs(
+            logits.float(), labels, temperature=t_lp, vocab_size=VOCAB
+        )
+    mask = a.response_mask()
+    shifted = torch.roll(mask, -1, dims=1)  # logits at t-1 predict the response token at t
+    shifted[:, -1] = False
+    torch.testing.assert_close(fresh[shifted], a.logprobs[mask], atol=1e-5, rtol=1e-5)
+    return {
+        "tokens": a.tokens,
+        "lens": a.response_lens,
+        "prompt_lens": a.prompt_lens,
+        "finished": a.finished,
+        "eos": eos,
+    }
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize(
+    "params_kw",
+    [dict(temperature=1.0), dict(temperature=0.7, top_p=0.8, top_k=5, logprob_temperature=1.0)],
+)
+def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward(tp, params_kw):
+    results = run_distributed(_rollout_worker, tp, params_kw, timeout=240)
+    r = results[0]
+    for other in results[1:]:  # every TP rank returns the same rollouts
+        assert torch.equal(other["tokens"], r["tokens"])
+    prompts, eos = _prompts(), r["eos"]
+    for i, p in enumerate(prompts):
+        assert r["tokens"][i, : len(p)].tolist() == p  # prompts untouched
+        n = int(r["lens"][i])
+        assert 1 <= n <= 12
+        resp = r["tokens"][i, len(p) : len(p) + n].tolist()
+        assert eos not in resp[:-1]
+        assert bool(r["finished"][i]) == (resp[-1] == eos)
+        assert (r["tokens"][i, len(p) + n :] == PAD).all()
+    assert len(set(r["lens"].tolist())) > 1, "expected responses of several lengths"
+
+
+def test_filter_and_sample_respect_top_k_top_p():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 30, generator=gen) * 3
+    kept = filter_logits(logits, top_k=4)
+    assert ((kept > float("-inf")).sum(-1) == 4).all()
+    probs = torch.softmax(logits, -1)
+    kept = filter_logits(logits, top_p=0.5)
+    for row_p, row_k in zip(probs, kept):
+        mask = row_k > float("-inf")
+        # the kept set reaches the mass, and dropping its least likely member would not
+        assert row_p[mask].sum() >= 0.5 - 1e-6
+        assert row_p[mask].sum() - row_p[mask].min() < 0.5 + 1e-6
+    params = SamplingParams(temperature=1.0, top_k=3)
+    counts = torch.zeros(30)
+    for _ in range(200):
+        tok, lp, ent = sample_tokens(logits[:1], params, gen)
+        counts[tok] += 1
+        torch.testing.assert_close(lp, torch.log_softmax(logits[:1], -1)[0, tok])
+    top3 = set(logits[0].topk(3).indices.tolist())
+    assert set(counts.nonzero().flatten().tolist()) <= top3
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(4000, 4)
+    tok, _, ent = sample_tokens(logits, SamplingParams(temperature=1.0), gen)
+    freq = torch.bincount(tok, minlength=4).double() / 4000
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.03, rtol=0)
+    p = torch.softmax(logits[0], -1)
+    torch.testing.assert_close(ent[0], -(p * p.log()).sum())
