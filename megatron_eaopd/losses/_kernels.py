@@ -63,10 +63,13 @@ def kernel(fn):
 
 
 def row_chunk(width: int, chunk_elems: int | None = None) -> int:
-    """Rows per chunk so that one fp32 [rows, width] buffer holds about `chunk_elems` values
-    (env EAOPD_CHUNK_ELEMS, default 2**24 = 64 MiB)."""
+    """Rows per chunk: about `chunk_elems` values per [rows, width] block (env
+    EAOPD_CHUNK_ELEMS). Eager kernels materialise a few fp32 temporaries of that size, so the
+    default is 2**24 (64 MiB each); compiled kernels materialise none, so the default is 2**28
+    (fewer, larger launches; only the [rows, c] per-token outputs scale with it)."""
     if chunk_elems is None:
-        chunk_elems = int(os.environ.get("EAOPD_CHUNK_ELEMS", str(1 << 24)))
+        default = 1 << 28 if compile_enabled() else 1 << 24
+        chunk_elems = int(os.environ.get("EAOPD_CHUNK_ELEMS", str(default)))
     return max(1, chunk_elems // max(1, width))
 
 
