@@ -157,3 +157,32 @@ def test_compiled_kernels_match_eager(monkeypatch):
     for dtype, *_ in cases:
         for a, b in zip(results[("0", dtype)], results[("1", dtype)]):
             R.assert_close(a.detach(), b.detach(), dtype, "grad", f"compiled vs eager {dtype}")
+
+
+def test_saved_for_backward_is_inputs_plus_per_token_values():
+    """Everything autograd keeps for backward is one of the input shards (same storage, no copy)
+    or a per-token tensor of O(s * b) values."""
+    s = torch.randn(16, 4, 1000, requires_grad=True)
+    t = torch.randn(16, 4, 1000)
+    ids = torch.randint(0, 1000, (16, 4))
+    n_tokens = 16 * 4
+    inputs = {s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
+    saved = []
+
+    def pack(x):
+        saved.append((x.untyped_storage().data_ptr(), x.numel()))
+        return x
+
+    cfg = L.ObjectiveConfig(top_k=8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss, _ = L.vocab_parallel_eopd_loss(s, t)
+        payload = L.vocab_parallel_teacher_payload(t, ids, 8)
+        old = torch.zeros(16, 4)
+        loss2, _ = L.sampled_objective(cfg, s, ids, old, payload)
+        jsd = L.vocab_parallel_jsd(s, t)["jsd"]
+    assert saved, "saved_tensors_hooks saw nothing"
+    for ptr, numel in saved:
+        assert ptr in inputs or numel <= n_tokens * (cfg.top_k + 1), (ptr, numel)
+    assert sum(ptr in inputs for ptr, _ in saved) >= 2  # the shards themselves, not copies
+    (loss.sum() + loss2.sum() + jsd.sum()).backward()
+    assert torch.isfinite(s.grad).all()
