@@ -41,8 +41,9 @@ def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) ->
 def vocab_shard(width: int, rank: int, tp_size: int, vocab_size: int | None) -> VocabShard:
     """Describe rank `rank`'s shard of `width` columns; `vocab_size=None` means no padding.
 
-    Raises ValueError when `vocab_size` does not fit the shards: larger than width * tp_size, or so
-    small that a whole rank's shard would be padding (Megatron pads by less than one shard).
+    Raises ValueError when `vocab_size` does not fit the shards (larger than width * tp_size).
+    A small vocabulary padded to a multiple of 128 * tp can leave whole ranks with only padding
+    (valid == 0); the losses handle that.
     """
     if width <= 0:
         raise ValueError(f"vocab shard width must be positive, got {width}")
@@ -56,12 +57,6 @@ def vocab_shard(width: int, rank: int, tp_size: int, vocab_size: int | None) -> 
             f"vocab_size={vocab_size} does not fit the shards: {tp_size} rank(s) x {width} "
             f"columns = {total} columns. Pass the true (unpadded) vocabulary size, and logits of "
             f"shape [s, b, V_pad / tp] with V_pad >= vocab_size."
-        )
-    if total - vocab_size >= width:
-        raise ValueError(
-            f"vocab_size={vocab_size} leaves rank(s) with no real columns: {tp_size} rank(s) x "
-            f"{width} columns = {total}. Padding must be less than one shard; check vocab_size "
-            f"and the shard width."
         )
     start = rank * width
     valid = max(0, min(width, vocab_size - start))

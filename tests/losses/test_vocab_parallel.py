@@ -19,8 +19,13 @@ SB = (3, 2)  # [s, b]
 
 
 def _vocab_cases(tp):
-    # (true vocab size, padded size): even, and uneven padded Megatron-style (32003 -> 128 * tp).
-    return [(96 * tp, 96 * tp), (32003, padded_vocab_size(32003, tp))]
+    # (true vocab size, padded size): even; uneven padded Megatron-style (32003 -> 128 * tp); a
+    # small vocabulary whose padding fills whole ranks at TP 4 (320 -> 512: rank 3 is padding).
+    return [
+        (96 * tp, 96 * tp),
+        (32003, padded_vocab_size(32003, tp)),
+        (320, padded_vocab_size(320, tp)),
+    ]
 
 
 def _check_statistics(rank, tp, group, dtype, vocab, v_pad, temperature, seed):
@@ -170,7 +175,7 @@ def _worker(rank, tp):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_parallel_matches_float64_reference(tp):
     results = run_distributed(_worker, tp, timeout=300)
-    assert results == [8] * tp
+    assert results == [12] * tp
 
 
 def test_gradcheck_float64_tp1():
