@@ -1,0 +1,84 @@
+"""The main job: ``eaopd-train --config FILE [dotted.overrides ...]``.
+
+Launch under torchrun (one process per GPU, or per CPU rank with gloo)::
+
+    torchrun --standalone --nproc-per-node=2 -m megatron_eaopd.cli --config configs/tiny-cpu.yaml
+    python -m megatron_eaopd.cli --config configs/tiny-cpu.yaml parallel.student.tp=1 \
+        parallel.teacher.tp=1                                   # one process, no launcher
+
+Configuration and data problems (unknown keys, bad values, missing or malformed prompt files,
+prompts longer than the limit) are reported before any process group or model is created, with
+exit status 2. Everything else is :class:`megatron_eaopd.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["main", "run"]
+
+
+def run(cfg, preemption=None) -> dict:
+    """Set up, train and tear down one run of ``cfg`` in this process (one rank of the job).
+
+    Returns the trainer's summary. The process group is left for the caller to destroy.
+    """
+    from megatron_eaopd.trainer import Trainer
+
+    trainer = Trainer(cfg, preemption)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``--config FILE [key=value ...]``, train, return the exit status."""
+    from megatron_eaopd.config import ConfigError, build_arg_parser, load_config
+    from megatron_eaopd.data import TaskError
+
+    args = build_arg_parser("eaopd-train").parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+    )
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from megatron_eaopd.trainer.loop import check_trainer_config
+
+        check_trainer_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        from megatron_eaopd.data import prepare_data
+
+        prepare_data(cfg)  # every data check, before any compute
+    except (ConfigError, TaskError, ValueError) as err:
+        print(f"eaopd-train: {err}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from megatron_eaopd.parallel.init import destroy_parallel
+    from megatron_eaopd.trainer.preemption import PreemptionHandler
+
+    handler = PreemptionHandler().install()
+    try:
+        summary = run(cfg, handler)
+        if rank == 0:
+            final = summary.get("eval") or {}
+            shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
+            print(f"done: iteration {summary['iteration']}/{summary['total_iterations']}"
+                  f"{' (stopped early)' if summary['stopped_early'] else ''}; eval {shown}",
+                  flush=True)  # fmt: skip
+    finally:
+        handler.uninstall()
+        destroy_parallel(destroy_process_group=dist.is_initialized())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

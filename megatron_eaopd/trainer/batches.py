@@ -1,0 +1,94 @@
+"""From rollouts to megatron micro-batches: label alignment, masks, mini-batch split, payload join.
+
+A rollout row holds ``tokens[t]`` with the prompt in ``[0, p)`` and the response in ``[p, p + r)``.
+megatron's GPTModel predicts position t + 1 from position t, so every per-token field of a
+micro-batch is *label-aligned*: ``labels[t] = tokens[t + 1]``, ``loss_mask[t]`` is True when
+``t + 1`` is a response position, and ``old_logprobs[t] = log p_old(tokens[t + 1])``. These are
+the ``token_ids`` / ``loss_mask`` / ``old_logprobs`` of ``megatron_eaopd.losses.DistillMicroBatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from megatron_eaopd.losses import TeacherPayload
+from megatron_eaopd.rollout import RolloutBatch
+
+__all__ = ["attach_teacher", "collate", "split_micro_batches", "sft_micro_batches"]
+
+
+def collate(rollouts: RolloutBatch, pad_id: int, seq_len: int | None = None) -> dict:
+    """Label-aligned tensors of a whole rollout batch.
+
+    Args:
+        rollouts: b sequences of width L.
+        pad_id: id written into labels past each sequence (masked anyway).
+        seq_len: pad (or keep) to this many positions; None: L.
+    Returns:
+        dict of "tokens", "labels", "position_ids" ([b, S] int64), "loss_mask" ([b, S] bool),
+        "old_logprobs" ([b, S] fp32).
+    """
+    tokens = rollouts.tokens
+    b, width = tokens.shape
+    s = seq_len or width
+    if s < width:
+        raise ValueError(f"seq_len={s} is shorter than the rollouts ({width} tokens)")
+    padded = torch.full((b, s + 1), pad_id, dtype=torch.long)
+    padded[:, :width] = tokens
+    mask = torch.zeros(b, s + 1, dtype=torch.bool)
+    mask[:, :width] = rollouts.response_mask()
+    logprobs = torch.zeros(b, s + 1)
+    logprobs[:, :width] = rollouts.logprobs
+    return {
+        "tokens": padded[:, :s].contiguous(),
+        "labels": padded[:, 1:].contiguous(),
+        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+        "loss_mask": mask[:, 1:].contiguous(),
+        "old_logprobs": logprobs[:, 1:].contiguous(),
+    }
+
+
+def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
+    """Consecutive row slices of ``micro_batch_size`` (the row count must divide evenly)."""
+    b = next(iter(batch.values())).shape[0]
+    if b % micro_batch_size != 0:
+        raise ValueError(f"{b} sequences do not split into micro-batches of {micro_batch_size}")
+    return [
+        {k: v[i : i + micro_batch_size] for k, v in batch.items()}
+        for i in range(0, b, micro_batch_size)
+    ]
+
+
+def attach_teacher(micro_batches: Sequence[dict], payloads: Sequence[TeacherPayload]) -> None:
+    """Store each micro-batch's teacher payload under "teacher", transposed from the scoring
+    pass's [s, b] (and [s, b, k]) layout to the logits' [b, s] layout the loss reads."""
+    if len(micro_batches) != len(payloads):
+        raise ValueError(f"{len(micro_batches)} micro-batches but {len(payloads)} payloads")
+    for mb, p in zip(micro_batches, payloads):
+        mb["teacher"] = TeacherPayload(*(f.transpose(0, 1).contiguous() for f in p))
+
+
+def sft_micro_batches(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, micro_batch_size: int
+) -> tuple[list[dict], int]:
+    """Supervised micro-batches from (token ids, loss mask) examples; returns (batches, S).
+
+    Each micro-batch holds "tokens", "labels", "position_ids" [b, S] and "loss_mask" [b, S]
+    (label-aligned: True where the label is a solution or EOS token). S is the longest example.
+    """
+    s = max(len(ids) for ids, _ in examples)
+    b = len(examples)
+    padded = torch.full((b, s + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, s + 1, dtype=torch.bool)
+    for i, (ids, m) in enumerate(examples):
+        padded[i, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[i, : len(m)] = torch.as_tensor(list(m), dtype=torch.bool)
+    batch = {
+        "tokens": padded[:, :s].contiguous(),
+        "labels": padded[:, 1:].contiguous(),
+        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+        "loss_mask": mask[:, 1:].contiguous(),
+    }
+    return split_micro_batches(batch, micro_batch_size), s

@@ -1,0 +1,239 @@
+"""Sampling prompts, checking answers, and the held-out evaluation.
+
+Evaluation samples ``eval.k`` responses per held-out prompt from the student (``eval.temperature``,
+``eval.top_p``, ``eval.top_k``) and reports, per eval set and averaged over sets:
+
+* ``<set>/avg@k``, ``<set>/pass@k`` (unbiased estimator), also ``pass@1``;
+* on the student's own eval samples, per response token: ``student_high_frac`` and
+  ``teacher_high_frac`` (fractions of tokens whose full-vocabulary entropy exceeds tau, under each
+  model, on the same tokens), ``fkl_high`` (forward KL(teacher || student) averaged over the
+  teacher's high-entropy tokens) and ``fkl_all`` (over all tokens). The forward KL is taken on the
+  teacher's top-k set plus one tail bucket for the rest of the vocabulary: the KL between the two
+  distributions coarsened to k + 1 outcomes, a lower bound of the full-vocabulary forward KL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.data.task import Problem
+from megatron_eaopd.eval import summarize_samples
+from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
+from megatron_eaopd.trainer.batches import attach_teacher, collate, split_micro_batches
+from megatron_eaopd.trainer.build import STUDENT, TEACHER
+from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
+
+__all__ = [
+    "check_responses",
+    "decode",
+    "evaluate",
+    "pad_id_of",
+    "sample_problems",
+    "score_with_teacher",
+    "seeded_generator",
+]
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``parts`` (e.g. seed, "rollout", iteration, dp_rank)."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id (the project's ``pad_id``, HF's ``pad_token_id``), else EOS."""
+    for name in ("pad_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None and value >= 0:
+            return int(value)
+    from megatron_eaopd.data.sequences import eos_id
+
+    return eos_id(tokenizer)
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    """Response text (special tokens dropped)."""
+    if hasattr(tokenizer, "sp"):
+        return tokenizer.decode(ids)
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def sample_problems(
+    model,
+    problems: Sequence[Problem],
+    n: int,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    vocab_size: int,
+    generator: torch.Generator,
+    use_kv_cache: bool = True,
+    max_batch: int | None = None,
+    progress=None,
+) -> RolloutBatch:
+    """``n`` responses per problem (rows ``i * n ... i * n + n - 1`` belong to problem i).
+
+    Runs under the current megatron layout (the model's). Collectives: those of ``generate``.
+    """
+    from megatron_eaopd.data.sequences import encode_prompt, eos_id
+
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems for _ in range(n)]
+    return generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id(tokenizer),
+        pad_id=pad_id_of(tokenizer),
+        vocab_size=vocab_size,
+        params=params,
+        generator=generator,
+        use_kv_cache=use_kv_cache,
+        max_batch=max_batch,
+        progress=progress,
+    )
+
+
+def check_responses(task, tokenizer, problems, rollouts: RolloutBatch, n: int) -> list[list[bool]]:
+    """Correctness of each problem's ``n`` responses (rows grouped as in sample_problems)."""
+    out = []
+    for i, problem in enumerate(problems):
+        row = []
+        for j in range(n):
+            text = decode(tokenizer, rollouts.response_ids(i * n + j))
+            row.append(bool(task.check(text, problem)))
+        out.append(row)
+    return out
+
+
+def score_with_teacher(teacher, micro_batches: list[dict], *, k: int, vocab_size: int, temp: float):
+    """Attach the teacher's payload (entropy, sampled-token log-prob, top-k) to each micro-batch.
+
+    The teacher runs under its own layout (``models.teacher.score_for_student``).
+    """
+    from megatron_eaopd.models.teacher import score_for_student
+
+    payloads = score_for_student(
+        teacher, micro_batches, k=k, vocab_size=vocab_size, teacher_layout=TEACHER,
+        student_layout=STUDENT, temperature=temp,
+    )  # fmt: skip
+    attach_teacher(micro_batches, payloads)
+
+
+def _gather_rows(rows: list, group) -> list:
+    """Concatenate per-rank lists over a group (data-parallel ranks hold different prompts)."""
+    if group is None or dist.get_world_size(group=group) == 1:
+        return rows
+    parts = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(parts, rows, group=group)
+    return [r for part in parts for r in part]
+
+
+def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
+    """Held-out evaluation of the student (or, ``who="teacher"``, accuracy of the teacher).
+
+    Call on every rank. Returns the metrics dict (the same on every rank).
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.parallel.init import use_layout
+
+    cfg, data = trainer.cfg, trainer.data
+    ev = cfg.eval
+    params = SamplingParams(
+        temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
+        logprob_temperature=cfg.loss.temperature,
+    )  # fmt: skip
+    tau = ev.entropy_threshold if ev.entropy_threshold is not None else cfg.loss.entropy_threshold
+    layout = TEACHER if who == "teacher" else STUDENT
+    model = trainer.teacher if who == "teacher" else trainer.student.chunks
+    results, sums, lengths = {}, {}, [0.0, 0.0]
+    for name, problems in data.eval_sets.items():
+        problems = list(problems)[: ev.max_prompts] if ev.max_prompts else list(problems)
+        with use_layout(layout):
+            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            mine = problems[dp_rank::dp]
+            gen = seeded_generator(cfg.training.seed, "eval", who, name, iteration, dp_rank)
+            bar = trainer.progress(len(mine) * ev.k, f"eval {who} {name}")
+            rollouts = sample_problems(
+                model, mine, ev.k, data.tokenizer, max_new_tokens=ev.max_response_tokens,
+                params=params, vocab_size=data.vocab_size, generator=gen,
+                use_kv_cache=cfg.rollout.use_kv_cache, max_batch=trainer.max_decode_batch,
+                progress=bar.update if bar is not None else None,
+            )  # fmt: skip
+            if bar is not None:
+                bar.close()
+            rows = check_responses(data.task, data.tokenizer, mine, rollouts, ev.k)
+            results[name] = _gather_rows(rows, ps.get_data_parallel_group() if dp > 1 else None)
+            lengths[0] += float(rollouts.response_lens.sum())
+            lengths[1] += len(rollouts)
+        if who == "student":
+            for key, value in _entropy_sums(trainer, rollouts, tau).items():
+                sums[key] = sums.get(key, 0.0) + value
+    metrics = summarize_samples(results, ks=sorted({1, ev.k}))
+    with use_layout(layout):
+        if ps.get_data_parallel_world_size() > 1:
+            t = torch.tensor(lengths, dtype=torch.float64)
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+            lengths = t.tolist()
+    metrics["response_length"] = lengths[0] / max(lengths[1], 1.0)
+    if sums:
+        metrics.update(
+            student_high_frac=sums["student_high_entropy"] / sums["n"],
+            teacher_high_frac=sums["teacher_high_entropy"] / sums["n"],
+            fkl_high=sums["fkl_gated"] / max(sums["n_gated"], 1e-12),
+            fkl_all=sums["fkl"] / sums["n"],
+            student_entropy=sums["student_entropy"] / sums["n"],
+            teacher_entropy=sums["teacher_entropy"] / sums["n"],
+        )
+    return metrics
+
+
+def _entropy_sums(trainer, rollouts: RolloutBatch, tau: float) -> dict[str, float]:
+    """Token sums of the entropy metrics on one set's student rollouts (all ranks agree)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.models.student import run_forward_backward
+    from megatron_eaopd.parallel.init import use_layout
+
+    cfg, data = trainer.cfg, trainer.data
+    objective = dataclasses.replace(
+        trainer.objective, name="eopd", form="sampled", entropy_threshold=tau, tail_bucket=True
+    )
+    mbs = cfg.rollout.micro_batch_size
+    rows = len(rollouts)
+    if rows % mbs != 0:
+        mbs = _largest_divisor(rows, mbs)
+    batch = collate(rollouts, pad_id_of(data.tokenizer))
+    micro = split_micro_batches(batch, mbs)
+    seq = batch["tokens"].shape[1]
+    score_with_teacher(
+        trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
+        temp=cfg.loss.temperature,
+    )  # fmt: skip
+    with use_layout(STUDENT):
+        outputs = run_forward_backward(
+            trainer.student.chunks, distill_forward_step(objective, data.vocab_size), iter(micro),
+            len(micro), seq, mbs, forward_only=True,
+        )  # fmt: skip
+        names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
+                 "teacher_high_entropy", "gate"]  # fmt: skip
+        means = reduce_outputs(list(outputs or []), names)
+        n = torch.tensor([float(sum(int(mb["loss_mask"].sum()) for mb in micro))])
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(n, group=ps.get_data_parallel_group())
+    n = float(n)
+    out = {k: means[k] * n for k in names if k != "fkl_gated"}
+    n_gated = means["gate"] * n
+    out.update(n=n, n_gated=n_gated, fkl_gated=means["fkl_gated"] * n_gated)
+    return out
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)

@@ -1,0 +1,348 @@
+"""The on-policy distillation loop: sample, score, update, log, evaluate, checkpoint.
+
+One iteration (the paper's: 128 prompts, mini-batch 32, so 4 optimizer steps)::
+
+    prompts   <- PromptSampler (seeded per-epoch order, resumable)
+    rollouts  <- student samples n responses per prompt (KV cache; old log-probs kept)
+    payload   <- teacher scores the rollouts (entropy, log-prob of the sampled token, top-k)
+    for each mini-batch of prompts: one optimizer step on the EOPD loss (forward_backward_func)
+    log metrics; evaluate every eval_interval; checkpoint every checkpoint_interval
+
+Rollout sampling draws from generators seeded by (seed, iteration, data-parallel rank), the prompt
+order is a function of (seed, epoch), and the checkpoint holds the model, optimizer, scheduler,
+RNG states and the prompt position: a resumed run repeats the iterations of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs, save_resolved
+from megatron_eaopd.data import prepare_data
+from megatron_eaopd.data.sampling import PromptSampler, total_iterations
+from megatron_eaopd.losses import ObjectiveConfig
+from megatron_eaopd.rollout import SamplingParams
+from megatron_eaopd.trainer.batches import collate, split_micro_batches
+from megatron_eaopd.trainer.build import (
+    STUDENT,
+    build_student,
+    build_teacher,
+    init_layouts,
+    model_configs,
+)
+from megatron_eaopd.trainer.evaluate import (
+    check_responses,
+    evaluate,
+    pad_id_of,
+    sample_problems,
+    score_with_teacher,
+    seeded_generator,
+)
+from megatron_eaopd.trainer.metrics_log import MetricsLogger
+from megatron_eaopd.trainer.teacher_prep import prepare_teacher
+from megatron_eaopd.trainer.update import distill_forward_step, optimizer_step, reduce_outputs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "check_trainer_config"]
+
+
+def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
+    """What the trainer needs beyond the schema's checks; ValueError naming the fix."""
+    problems = []
+    if cfg.parallel.student.pp != 1:
+        problems.append(
+            "parallel.student.pp must be 1: rollouts under pipeline parallelism are not "
+            "implemented (the teacher may use pp > 1)"
+        )
+    if cfg.loss.form != "sampled":
+        problems.append(
+            f"loss.form={cfg.loss.form!r}: the on-policy trainer runs the sampled form (the "
+            "paper's); use objective opd/eopd/eopd_soft/mix/fkl"
+        )
+    tp, pp = cfg.parallel.student.tp, cfg.parallel.student.pp
+    if world_size % (tp * pp) == 0:
+        dp = world_size // (tp * pp)
+        r = cfg.rollout
+        if r.mini_batch_size % dp != 0:
+            problems.append(f"rollout.mini_batch_size={r.mini_batch_size} must divide by DP={dp}")
+    if cfg.model.teacher_checkpoint is None and not cfg.teacher_prep.enabled:
+        problems.append("no teacher: set model.teacher_checkpoint or teacher_prep.enabled")
+    if problems:
+        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+class Trainer:
+    """EOPD / OPD on-policy distillation of one config.
+
+    Args:
+        cfg: the validated config.
+        preemption: a ``PreemptionHandler`` (or anything with ``should_stop()``), polled once per
+            iteration on every rank; when it says stop, the trainer checkpoints and returns.
+    """
+
+    def __init__(self, cfg: EAOPDConfig, preemption=None):
+        self.cfg = cfg
+        self.preemption = preemption
+        self.max_decode_batch = None
+        self.metrics_logger = None
+        self.start_iteration = 0
+        self.times: dict[str, float] = {}
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        """Check data and config (before any compute), start the layouts, prepare/load the
+        teacher, build the student, and resume from the latest checkpoint if there is one."""
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if dist.is_initialized():
+            world = dist.get_world_size()
+        check_trainer_config(cfg, world)
+        self.data = data = prepare_data(cfg)
+        init_layouts(cfg)
+        self.rank0 = dist.get_rank() == 0
+        if self.rank0:
+            save_resolved(cfg, os.path.join(cfg.training.output_dir, "config.yaml"))
+        student_cfg, teacher_cfg = model_configs(cfg, data.vocab_size)
+        t0 = time.perf_counter()
+        root = cfg.model.teacher_checkpoint or prepare_teacher(
+            cfg, data, teacher_cfg, show_progress=self._bars_on()
+        )
+        self.teacher = build_teacher(teacher_cfg, root)
+        self.times["teacher_prep"] = time.perf_counter() - t0
+        r = cfg.rollout
+        self.total = cfg.training.iterations or total_iterations(
+            len(data.distill), r.prompts_per_iteration, cfg.training.epochs
+        )
+        self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
+        self.student = build_student(cfg, student_cfg, self.total * self.steps_per_iteration)
+        self.objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
+        self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)
+        self.ckpt_dir = cfg.training.checkpoint_dir or os.path.join(
+            cfg.training.output_dir, "checkpoints"
+        )
+        self._maybe_resume()
+        self.metrics_logger = MetricsLogger(
+            cfg.training.output_dir,
+            cfg.logging,
+            run_name=cfg.name,
+            config_dict=config_to_dict(cfg),
+            enabled=self.rank0,
+            resume_iteration=self.start_iteration,
+        )
+        return self
+
+    def _maybe_resume(self) -> None:
+        from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint
+        from megatron_eaopd.parallel.init import use_layout
+
+        flag = torch.tensor([int(os.path.isfile(os.path.join(self.ckpt_dir, LATEST)))])
+        dist.broadcast(flag, src=0)
+        if not (self.cfg.training.resume and bool(flag.item())):
+            return
+        with use_layout(STUDENT):
+            loaded = load_checkpoint(
+                self.ckpt_dir, self.student.chunks, self.student.optimizer, self.student.scheduler
+            )
+        self.start_iteration = loaded.iteration
+        self.sampler.load_state_dict(loaded.extra["sampler"])
+        self.student.skipped_updates = int(loaded.extra.get("skipped_updates", 0))
+        if loaded.extra.get("total_iterations", self.total) != self.total:
+            logger.warning("resuming with %d total iterations, the checkpoint planned %d",
+                           self.total, loaded.extra["total_iterations"])  # fmt: skip
+        if self.rank0:
+            print(f"resumed from {loaded.path} (iteration {loaded.iteration})", flush=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _bars_on(self) -> bool:
+        return self.cfg.logging.progress_bars and dist.get_rank() == 0
+
+    def progress(self, total: int, desc: str):
+        """A tqdm bar on rank 0 when progress bars are on, else None."""
+        if not self._bars_on():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return t.tolist()
+
+    # -- the iteration -----------------------------------------------------------------------------
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        """One iteration: sample, score, update. Returns the metrics (same on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_eaopd.parallel.init import use_layout
+
+        cfg, data, r = self.cfg, self.data, self.cfg.rollout
+        t_start = time.perf_counter()
+        params = SamplingParams(
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            logprob_temperature=cfg.loss.temperature,
+        )  # fmt: skip
+        with use_layout(STUDENT):
+            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            indices = self.sampler.next_batch()
+            mine = [data.distill[i] for i in indices[dp_rank::dp]]
+            gen = seeded_generator(cfg.training.seed, "rollout", iteration, dp_rank)
+            bar = self.progress(len(mine) * r.samples_per_prompt, f"rollout {iteration}")
+            rollouts = sample_problems(
+                self.student.chunks, mine, r.samples_per_prompt, data.tokenizer,
+                max_new_tokens=r.max_response_tokens, params=params,
+                vocab_size=data.vocab_size, generator=gen, use_kv_cache=r.use_kv_cache,
+                max_batch=self.max_decode_batch, progress=bar.update if bar else None,
+            )  # fmt: skip
+            if bar is not None:
+                bar.close()
+        t_rollout = time.perf_counter()
+        correct = check_responses(data.task, data.tokenizer, mine, rollouts, r.samples_per_prompt)
+        n_correct = sum(sum(row) for row in correct)
+        resp_tokens = float(rollouts.response_lens.sum())
+        batch = collate(rollouts, pad_id_of(data.tokenizer))
+        seq = batch["tokens"].shape[1]
+        rows_per_step = len(rollouts) // self.steps_per_iteration
+        mbs = min(r.micro_batch_size, rows_per_step)
+        while rows_per_step % mbs:
+            mbs -= 1
+        micro = split_micro_batches(batch, mbs)
+        score_with_teacher(
+            self.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
+            temp=cfg.loss.temperature,
+        )  # fmt: skip
+        t_teacher = time.perf_counter()
+        forward_step = distill_forward_step(self.objective, data.vocab_size)
+        per_step = rows_per_step // mbs
+        outputs, grad_norms, step_metrics = [], [], {}
+        with use_layout(STUDENT):
+            bar = self.progress(self.steps_per_iteration, f"update {iteration}")
+            for step in range(self.steps_per_iteration):
+                step_metrics, outs = optimizer_step(
+                    self.student, forward_step, micro[step * per_step : (step + 1) * per_step],
+                    seq, mbs, skip_nonfinite=cfg.training.skip_nonfinite,
+                )  # fmt: skip
+                outputs += outs
+                grad_norms.append(step_metrics["grad_norm"])
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            metrics = reduce_outputs(outputs)
+            totals = self._dp_sum(
+                [n_correct, len(rollouts), resp_tokens, float(rollouts.finished.sum())]
+            )
+        t_end = time.perf_counter()
+        finite = [g for g in grad_norms if g == g]
+        metrics.update(
+            reward=totals[0] / totals[1],
+            response_length=totals[2] / totals[1],
+            finished_frac=totals[3] / totals[1],
+            grad_norm=sum(finite) / len(finite) if finite else float("nan"),
+            lr=step_metrics.get("lr", float("nan")),
+            skipped_updates=float(self.student.skipped_updates),
+            tokens_per_s=totals[2] / max(t_rollout - t_start, 1e-9),
+            time_rollout=t_rollout - t_start,
+            time_teacher=t_teacher - t_rollout,
+            time_update=t_end - t_teacher,
+            time_iteration=t_end - t_start,
+            epoch=float(self.sampler.epoch),
+        )
+        return metrics
+
+    # -- the run -----------------------------------------------------------------------------------
+    def _due(self, interval: int, iteration: int) -> bool:
+        return iteration == self.total or (interval > 0 and iteration % interval == 0)
+
+    def run_eval(self, iteration: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = evaluate(self, iteration)
+        metrics["time_eval"] = time.perf_counter() - t0
+        self.metrics_logger.log("eval", iteration, metrics)
+        return metrics
+
+    def save(self, iteration: int) -> None:
+        from megatron_eaopd.models.checkpoint import save_checkpoint
+        from megatron_eaopd.parallel.init import use_layout
+
+        extra = {
+            "sampler": self.sampler.state_dict(),
+            "skipped_updates": self.student.skipped_updates,
+            "total_iterations": self.total,
+        }
+        with use_layout(STUDENT):
+            s = self.student
+            save_checkpoint(self.ckpt_dir, iteration, s.chunks, s.optimizer, s.scheduler, extra)
+
+    def run(self) -> dict:
+        """Train from ``start_iteration`` to the end (or until preempted); return a summary."""
+        cfg = self.cfg
+        last_train, last_eval, stopped = {}, {}, False
+        if self.start_iteration == 0 and cfg.training.eval_at_start:
+            if cfg.parallel.teacher.pp == 1:
+                teacher_metrics = evaluate(self, 0, who="teacher")
+                self.metrics_logger.log("teacher", 0, teacher_metrics)
+            last_eval = self.run_eval(0)
+        iteration = self.start_iteration
+        while iteration < self.total:
+            iteration += 1
+            last_train = self.train_iteration(iteration)
+            if iteration % cfg.logging.log_interval == 0 or iteration == self.total:
+                self.metrics_logger.log("train", iteration, last_train)
+            stopped = self.preemption is not None and self.preemption.should_stop()
+            if stopped:
+                self.save(iteration)
+                self._requeue()
+                break
+            if self._due(cfg.training.eval_interval, iteration):
+                last_eval = self.run_eval(iteration)
+            if self._due(cfg.training.checkpoint_interval, iteration):
+                self.save(iteration)
+        if self.rank0 and not stopped and cfg.eval.plot:
+            self._plot()
+        return {
+            "iteration": iteration,
+            "total_iterations": self.total,
+            "stopped_early": stopped,
+            "train": last_train,
+            "eval": last_eval,
+            "output_dir": cfg.training.output_dir,
+        }
+
+    def _requeue(self) -> None:
+        from megatron_eaopd.trainer.preemption import requeue_job
+
+        dist.barrier()
+        if self.rank0:
+            print("preempted: checkpoint saved, stopping", flush=True)
+            requeue_job()
+
+    def _plot(self) -> None:
+        from megatron_eaopd.eval import plot_curves
+        from megatron_eaopd.trainer.metrics_log import read_metrics
+
+        if not os.path.exists(self.metrics_logger.path):
+            return
+        rows = read_metrics(self.metrics_logger.path, "eval")
+        keys = [f"mean/avg@{self.cfg.eval.k}", f"mean/pass@{self.cfg.eval.k}",
+                "student_high_frac", "fkl_high"]  # fmt: skip
+        name = self.cfg.loss.objective
+        curves = {
+            k: {name: [(r["iteration"], r[k], 0.0) for r in rows if r.get(k) is not None]}
+            for k in keys
+        }
+        plot_curves(curves, os.path.join(self.cfg.training.output_dir, "eval_curves.png"),
+                    title=self.cfg.name)  # fmt: skip
+
+    def close(self) -> None:
+        if self.metrics_logger is not None:
+            self.metrics_logger.close()

@@ -1,0 +1,155 @@
+"""Where metrics go: a JSONL log, the console, TensorBoard and W&B (the last two when installed).
+
+Only rank 0 writes. Every record is one JSON object per line of ``<output_dir>/metrics.jsonl``:
+``{"split": "train" | "eval" | "teacher", "iteration": N, ...metrics}``. On resume, records past the
+checkpoint's iteration (written after the checkpoint by the interrupted run) are dropped first, so
+the log reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MetricsLogger", "read_metrics"]
+
+
+def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict]:
+    """The records of a metrics.jsonl file (optionally of one split)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if split is None or row.get("split") == split:
+                    rows.append(row)
+    return rows
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Log metric dicts to JSONL / console / TensorBoard / W&B.
+
+    Args:
+        output_dir: the run folder.
+        logging_cfg: ``cfg.logging`` (console, jsonl, tensorboard, wandb, wandb_* fields).
+        run_name: W&B run name default.
+        config_dict: the resolved config (W&B run config).
+        enabled: False on every rank but 0.
+        resume_iteration: drop JSONL records with an iteration above this (None: keep all; 0 on a
+            fresh start truncates the file).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        logging_cfg,
+        run_name: str = "eaopd",
+        config_dict: Mapping | None = None,
+        enabled: bool = True,
+        resume_iteration: int | None = None,
+    ):
+        self.enabled = enabled
+        self.cfg = logging_cfg
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if logging_cfg.jsonl:
+            self._truncate(resume_iteration)
+        if logging_cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed: no event files")
+        if logging_cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(
+                    project=logging_cfg.wandb_project,
+                    entity=logging_cfg.wandb_entity,
+                    name=logging_cfg.wandb_run_name or os.path.basename(output_dir.rstrip("/")),
+                    config=dict(config_dict or {}),
+                    dir=output_dir,
+                    resume="allow",
+                )
+            except ImportError:
+                logger.warning("logging.wandb is on but wandb is not installed (pip install wandb)")
+
+    def _truncate(self, resume_iteration: int | None) -> None:
+        if resume_iteration is None or not os.path.exists(self.path):
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("iteration", 0) <= resume_iteration]
+        if resume_iteration == 0:
+            keep = []
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, self.path)
+
+    def log(self, split: str, iteration: int, metrics: Mapping[str, float]) -> None:
+        """Write one record (rank 0 only; others return at once)."""
+        if not self.enabled:
+            return
+        record = {"split": split, "iteration": iteration}
+        record.update({k: _clean(v) for k, v in metrics.items()})
+        if self.cfg.jsonl:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.cfg.console:
+            keys = _CONSOLE.get(split, ())
+            shown = ", ".join(
+                _fmt(k, v) for k, v in metrics.items() if k in keys or k.startswith("mean/")
+            )
+            print(f"[{split} {iteration}] {shown}", flush=True)
+        numeric = {
+            f"{split}/{k}": float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self.tb is not None:
+            for k, v in numeric.items():
+                self.tb.add_scalar(k, v, iteration)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=iteration)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+_CONSOLE = {
+    "train": (
+        "loss", "pg_loss", "fkl", "gate", "teacher_entropy", "student_entropy", "reward",
+        "response_length", "grad_norm", "tokens_per_s", "time_iteration",
+    ),
+    "eval": (
+        "student_high_frac", "teacher_high_frac", "fkl_high",
+        "response_length", "time_eval",
+    ),
+    "teacher": ("response_length",),
+}  # fmt: skip
+
+
+def _fmt(key: str, value) -> str:
+    if isinstance(value, float):
+        return f"{key}={value:.4g}"
+    return f"{key}={value}"

@@ -1,0 +1,151 @@
+"""Teacher preparation: supervised training of the teacher on the task's reference solutions.
+
+Runs once per (task, tokenizer, teacher shape, ``teacher_prep`` settings): the result is saved as
+a model-only checkpoint under ``teacher_prep.cache_dir/<key>/`` and every later run with the same
+key loads it. The key hashes everything that changes the trained weights, so changing the task or
+the teacher's shape prepares a new teacher, and changing the student or the loss does not.
+
+The training: AdamW with linear warm-up and cosine decay, ``batch_size`` examples per step drawn
+uniformly (with a generator seeded by ``teacher_prep.seed``) from all (prompt, solution) pairs, the
+loss on solution and EOS tokens only. Since a training problem has several valid solutions, the
+teacher learns a distribution with genuine uncertainty at the branch points of a solution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.config import EAOPDConfig
+from megatron_eaopd.data.sequences import build_sft_example
+from megatron_eaopd.models import ModelConfig
+from megatron_eaopd.trainer.batches import sft_micro_batches
+from megatron_eaopd.trainer.build import TEACHER, build_trainable
+from megatron_eaopd.trainer.update import optimizer_step, sft_forward_step
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["prepare_teacher", "teacher_cache_key"]
+
+
+def _fingerprint(obj) -> str:
+    value = getattr(obj, "fingerprint", None)
+    value = value() if callable(value) else value
+    return str(value) if value is not None else getattr(obj, "name_or_path", type(obj).__name__)
+
+
+def teacher_cache_key(cfg: EAOPDConfig, data, mcfg: ModelConfig) -> str:
+    """A short hash of everything that determines the prepared teacher's weights."""
+    prep = dataclasses.asdict(cfg.teacher_prep)
+    prep.pop("cache_dir")
+    prep.pop("enabled")
+    blob = json.dumps(
+        {
+            "task": data.task.fingerprint(),
+            "tokenizer": _fingerprint(data.tokenizer),
+            "model": mcfg.to_dict(),
+            "prep": prep,
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _examples(cfg: EAOPDConfig, data, max_len: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for problem in data.task.train_problems():
+        for solution in problem.solutions:
+            out.append(build_sft_example(data.tokenizer, problem.prompt, solution, max_len))
+    if not out:
+        raise ValueError("teacher preparation needs training problems with solutions")
+    return out
+
+
+def _exists_everywhere(path: str) -> bool:
+    """Rank 0's view of whether ``path`` exists, shared with every rank (one broadcast)."""
+    flag = torch.tensor([1 if os.path.isfile(path) else 0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True) -> str:
+    """Return the checkpoint root of the prepared teacher, training it first if not cached.
+
+    Call on every rank. Training runs under the "teacher" layout; the data-parallel ranks of
+    that layout split each step's batch. Collectives: those of the training steps and of the
+    checkpoint save.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.models.checkpoint import LATEST, save_checkpoint
+    from megatron_eaopd.models.student import OptimConfig
+    from megatron_eaopd.parallel.init import use_layout
+
+    prep = cfg.teacher_prep
+    root = os.path.join(prep.cache_dir, teacher_cache_key(cfg, data, mcfg))
+    if _exists_everywhere(os.path.join(root, LATEST)):
+        logger.info("using the cached teacher %s", root)
+        return root
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    examples = _examples(cfg, data, mcfg.max_sequence_length)
+    optim = OptimConfig(
+        lr=prep.lr,
+        weight_decay=prep.weight_decay,
+        warmup_steps=prep.warmup_iterations,
+        total_steps=max(prep.iterations, 1),
+        clip_grad=1.0,
+    )
+    pad_id = int(getattr(data.tokenizer, "pad_id", 0) or 0)
+    order = random.Random(prep.seed)
+    start, log = time.perf_counter(), []
+    with use_layout(TEACHER):
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if prep.batch_size % dp != 0:
+            raise ValueError(f"teacher_prep.batch_size={prep.batch_size} must divide by DP={dp}")
+        teacher = build_trainable(mcfg, optim, prep.seed)
+        forward_step = sft_forward_step(data.vocab_size)
+        bar = _progress(prep.iterations, "teacher prep", show_progress and rank0)
+        for step in range(prep.iterations):
+            batch = [examples[order.randrange(len(examples))] for _ in range(prep.batch_size)]
+            mine = batch[dp_rank::dp]
+            micro, seq = sft_micro_batches(mine, pad_id, len(mine))
+            metrics, _ = optimizer_step(teacher, forward_step, micro, seq, len(mine),
+                                        metric_names=["loss"])  # fmt: skip
+            log.append({"step": step + 1, "loss": metrics["loss"], "lr": metrics["lr"]})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if bar is not None:
+            bar.close()
+        extra = {
+            "key": os.path.basename(root),
+            "final_loss": log[-1]["loss"] if log else None,
+            "seconds": time.perf_counter() - start,
+            "skipped_updates": teacher.skipped_updates,
+        }
+        save_checkpoint(root, prep.iterations, teacher.chunks, extra=extra, save_rng=False)
+    if rank0:
+        with open(os.path.join(root, "teacher_prep.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in log)
+        logger.info("prepared the teacher in %.1f s: %s", extra["seconds"], root)
+    return root
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)

@@ -1,0 +1,173 @@
+"""One optimizer step through megatron's forward_backward_func, and the forward steps it runs.
+
+Both the distillation update (the EOPD loss of :mod:`megatron_eaopd.losses`) and the supervised
+teacher preparation (token cross-entropy) return megatron's 3-tuple from their ``loss_func``: the
+masked SUM of per-token losses, the number of valid tokens, and ``reported`` (metric name ->
+[numerator, denominator]). With ``calculate_per_token_loss=True`` in the model config, megatron's
+``finalize_model_grads`` divides the gradients by the valid tokens of the global batch (the paper's
+token mean), and :func:`reduce_outputs` turns the reported pairs into exact means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.losses import DistillMicroBatch, ObjectiveConfig, make_loss_func
+from megatron_eaopd.models.student import guarded_optimizer_step, run_forward_backward
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NonFiniteUpdateError",
+    "distill_forward_step",
+    "optimizer_step",
+    "reduce_outputs",
+    "sft_forward_step",
+]
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """A non-finite loss or gradient norm with ``training.skip_nonfinite: false``."""
+
+
+def distill_forward_step(objective: ObjectiveConfig, vocab_size: int):
+    """megatron forward_step_func for the distillation loss.
+
+    Each micro-batch is a dict with "tokens", "position_ids", "labels", "loss_mask",
+    "old_logprobs" ([b, s]) and "teacher" (TeacherPayload with [b, s] / [b, s, k] fields).
+    The model returns [b, s, V_pad / tp] logits; loss_func is ``make_loss_func``'s.
+    """
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb["tokens"], mb["position_ids"], None)
+        batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb["teacher"], mb["old_logprobs"])
+        return output, make_loss_func(objective, batch, vocab_size=vocab_size)
+
+    return forward_step
+
+
+def sft_forward_step(vocab_size: int):
+    """megatron forward_step_func for supervised next-token training (teacher preparation).
+
+    Micro-batches hold "tokens", "position_ids", "labels", "loss_mask" [b, s]. loss_func returns
+    (sum of -log p(label) over masked tokens, token count, {"loss": [sum, count]}).
+    Collectives: one TP all-gather of [b*s, 5] per micro-batch (the vocab-parallel log-prob).
+    """
+    from megatron_eaopd.losses import vocab_parallel_token_logprobs
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb["tokens"], mb["position_ids"], None)
+
+        def loss_func(logits):  # [b, s, V_pad / tp]
+            nll = -vocab_parallel_token_logprobs(logits, mb["labels"], vocab_size=vocab_size)
+            mask = mb["loss_mask"]
+            total = torch.where(mask, nll, 0.0).sum()
+            n = mask.sum()
+            return total, n.to(torch.int), {"loss": torch.stack([total.detach(), n.float()])}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def reduce_outputs(outputs: Sequence[dict], names: Sequence[str] | None = None) -> dict[str, float]:
+    """Exact means of the reported [numerator, denominator] pairs over micro-batches and ranks.
+
+    Only the last pipeline stage has outputs; the sums travel in one all-reduce over the
+    data-parallel group and one over the pipeline group (``names`` must then be given, since
+    the other stages do not know them). Returns {name: numerator / denominator} (0 when empty).
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.parallel.init import compute_device
+
+    if names is None:
+        if not outputs:
+            raise ValueError("no outputs on this rank: pass the metric names")
+        names = sorted(outputs[0])
+    names = list(names)
+    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=compute_device())
+    for out in outputs:
+        sums += torch.stack([out[k].double().reshape(2) for k in names])
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    return {k: (n / d if d > 0 else 0.0) for k, (n, d) in zip(names, sums.tolist())}
+
+
+def sum_outputs(outputs: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Sum the reported pairs over micro-batches (to merge several steps before reducing)."""
+    total: dict[str, torch.Tensor] = {}
+    for out in outputs:
+        for k, v in out.items():
+            total[k] = total.get(k, 0) + v.double().reshape(2)
+    return total
+
+
+def optimizer_step(
+    student,
+    forward_step,
+    micro_batches: Sequence[dict],
+    seq_length: int,
+    micro_batch_size: int,
+    *,
+    skip_nonfinite: bool = True,
+    metric_names: Sequence[str] | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """Zero grads, forward/backward over the micro-batches, then step unless non-finite.
+
+    Args:
+        student: a ``models.student.Student`` (DDP chunks, optimizer, scheduler, skip counter).
+        forward_step: a megatron forward_step_func whose loss_func reports "loss".
+        micro_batches: the step's micro-batches (this data-parallel rank's share).
+    Returns:
+        (metrics on every rank: the reported means plus "grad_norm", "lr", "skipped";
+         the raw reported outputs of this rank, for merging over steps).
+    Raises:
+        NonFiniteUpdateError: non-finite loss or gradient norm and ``skip_nonfinite`` is False.
+    Collectives: those of the schedule and DDP, the grad-norm all-reduce, and the metric
+    all-reduces of :func:`reduce_outputs`.
+    """
+    for model in student.chunks:
+        model.zero_grad_buffer()
+    student.optimizer.zero_grad()
+    outputs = run_forward_backward(
+        student.chunks,
+        forward_step,
+        iter(micro_batches),
+        len(micro_batches),
+        seq_length,
+        micro_batch_size,
+    )
+    outputs = list(outputs or [])
+    metrics = reduce_outputs(outputs, metric_names)
+    loss = metrics.get("loss", float("nan"))
+    grad_norm, stepped = float("nan"), False
+    if math.isfinite(loss):
+        stepped, grad_norm = guarded_optimizer_step(student.optimizer)
+    if stepped:
+        student.scheduler.step(increment=1)
+    else:
+        if not skip_nonfinite:
+            raise NonFiniteUpdateError(f"non-finite update: loss={loss} grad_norm={grad_norm}")
+        student.skipped_updates += 1
+        logger.warning(
+            "skipped a non-finite update (loss=%s, grad_norm=%s; %d skipped so far)",
+            loss,
+            grad_norm,
+            student.skipped_updates,
+        )
+    metrics.update(
+        grad_norm=grad_norm,
+        lr=float(student.optimizer.param_groups[0]["lr"]),
+        skipped=float(not stepped),
+    )
+    return metrics, outputs

@@ -1,0 +1,178 @@
+"""The trainer end to end at TP=2 over gloo: teacher preparation (then its cache), distillation,
+evaluation, metrics, checkpoints, and a preempted run that resumes exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.dist import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+
+# A small version of the tiny CPU config: 4 iterations of 8 prompts x 2 samples, 2 optimizer
+# steps per iteration, a briefly trained teacher, short responses.
+SMALL = [
+    "training.iterations=4",
+    "training.eval_interval=2",
+    "training.checkpoint_interval=2",
+    "rollout.prompts_per_iteration=8",
+    "rollout.mini_batch_size=4",
+    "rollout.micro_batch_size=4",
+    "rollout.max_response_tokens=40",
+    "eval.max_prompts=4",
+    "eval.k=2",
+    "eval.max_response_tokens=40",
+    "teacher_prep.iterations=15",
+    "teacher_prep.batch_size=16",
+    "task.synthetic.num_train=200",
+    "task.synthetic.num_distill=64",
+    "task.synthetic.num_eval=8",
+    "logging.progress_bars=false",
+    "logging.console=false",
+]
+
+
+class StopAfter:
+    """A preemption handler stand-in: asks to stop after `n` polls (same on every rank)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def should_stop(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def _cfg(tmp, name, objective="eopd"):
+    from megatron_eaopd.config import load_config
+
+    return load_config(
+        CONFIG,
+        SMALL
+        + [
+            f"training.output_dir={tmp}/{name}",
+            f"teacher_prep.cache_dir={tmp}/teachers",
+            f"tokenizer.cache_dir={tmp}/tokenizers",
+            f"loss.objective={objective}",
+        ],
+    )
+
+
+def _worker(rank, world, tmp):
+    from megatron_eaopd.cli import run
+
+    full = run(_cfg(tmp, "full"))
+    first = run(_cfg(tmp, "resumed"), preemption=StopAfter(2))
+    second = run(_cfg(tmp, "resumed"))
+    return {"full": full, "first": first, "second": second}
+
+
+def _records(path, split):
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["split"] == split]
+
+
+def _strip_times(row):
+    return {k: v for k, v in row.items() if not k.startswith("time_") and k != "tokens_per_s"}
+
+
+def test_train_end_to_end_and_resume(tmp_path):
+    tmp = str(tmp_path)
+    results = run_distributed(_worker, 2, tmp, timeout=600)
+    r = results[0]
+    assert r["full"]["iteration"] == 4 and not r["full"]["stopped_early"]
+    assert r["first"]["iteration"] == 2 and r["first"]["stopped_early"]
+    assert r["second"]["iteration"] == 4 and not r["second"]["stopped_early"]
+
+    # one teacher prepared, then reused from the cache
+    assert len(os.listdir(f"{tmp}/teachers")) == 1
+
+    full_dir, res_dir = f"{tmp}/full", f"{tmp}/resumed"
+    from megatron_eaopd.config import load_config
+
+    assert load_config(f"{full_dir}/config.yaml") == _cfg(tmp, "full")
+    with open(f"{full_dir}/checkpoints/latest") as f:
+        assert f.read().strip() == "iter_0000004"
+    assert sorted(d for d in os.listdir(f"{full_dir}/checkpoints") if d.startswith("iter_")) == [
+        "iter_0000002",
+        "iter_0000004",
+    ]
+
+    train = _records(f"{full_dir}/metrics.jsonl", "train")
+    assert [row["iteration"] for row in train] == [1, 2, 3, 4]
+    for row in train:
+        for key in (
+            "loss",
+            "pg_loss",
+            "fkl",
+            "fkl_gated",
+            "gate",
+            "teacher_entropy",
+            "student_entropy",
+            "student_topk_mass",
+            "response_length",
+            "reward",
+            "tokens_per_s",
+            "time_rollout",
+            "time_teacher",
+            "time_update",
+            "grad_norm",
+        ):
+            assert key in row and row[key] is not None and math.isfinite(row[key]), key
+        assert 0 <= row["gate"] <= 1 and 0 <= row["reward"] <= 1
+        assert 1 <= row["response_length"] <= 40
+        assert row["skipped_updates"] == 0
+    # the student changes: the losses of the iterations differ, the learning rate decays
+    assert len({row["loss"] for row in train}) == 4
+    assert train[-1]["lr"] < train[1]["lr"]
+    evals = _records(f"{full_dir}/metrics.jsonl", "eval")
+    assert [row["iteration"] for row in evals] == [0, 2, 4]
+    for row in evals:
+        assert 0 <= row["mean/avg@2"] <= row["mean/pass@2"] <= 1
+        assert 0 <= row["student_high_frac"] <= 1 and row["fkl_high"] >= 0
+    assert [row["iteration"] for row in _records(f"{full_dir}/metrics.jsonl", "teacher")] == [0]
+
+    # the preempted run saved iteration 2 and the resumed run repeated iterations 3 and 4 exactly
+    resumed = _records(f"{res_dir}/metrics.jsonl", "train")
+    assert [row["iteration"] for row in resumed] == [1, 2, 3, 4]
+    for a, b in zip(train, resumed):
+        assert _strip_times(a) == _strip_times(b)
+    res_evals = _records(f"{res_dir}/metrics.jsonl", "eval")
+    assert [row["iteration"] for row in res_evals] == [0, 4]
+    assert _strip_times(res_evals[-1]) == _strip_times(evals[-1])
+
+
+def test_cli_rejects_bad_config_before_any_compute(tmp_path, capsys):
+    from megatron_eaopd.cli import main
+
+    assert main(["--config", CONFIG, "loss.entropy_treshold=1.0"]) == 2
+    assert "did you mean 'entropy_threshold'" in capsys.readouterr().err
+    over = [f"tokenizer.cache_dir={tmp_path}/tok", "rollout.max_prompt_tokens=5"]
+    assert main(["--config", CONFIG, *over]) == 2
+    assert "max_prompt_tokens=5" in capsys.readouterr().err
+    assert main(["--config", CONFIG, "parallel.student.pp=2"]) == 2
+    assert "pipeline parallelism" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_cpu_config_with_torchrun(tmp_path):
+    """The shipped default, launched as users launch it (a few minutes on 2 cores)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "megatron_eaopd.cli", "--config", CONFIG, f"training.output_dir={tmp_path}/run",
+        "logging.progress_bars=false",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    evals = _records(f"{tmp_path}/run/metrics.jsonl", "eval")
+    assert [row["iteration"] for row in evals] == [0, 10, 20, 30]
+    teacher = _records(f"{tmp_path}/run/metrics.jsonl", "teacher")[0]
+    assert teacher["mean/pass@8"] > 0.5, "the prepared teacher should solve the task"
