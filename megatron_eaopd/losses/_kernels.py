@@ -35,14 +35,21 @@ def compile_enabled() -> bool:
     )
 
 
+def _compile_min_elems() -> int:
+    """Chunks smaller than this (env EAOPD_COMPILE_MIN_ELEMS, default 2**20 values) run eagerly:
+    for tiny models the compile latency (seconds) outweighs any gain."""
+    return int(os.environ.get("EAOPD_COMPILE_MIN_ELEMS", str(1 << 20)))
+
+
 def kernel(fn):
-    """Run `fn` compiled when `compile_enabled()`, else eagerly; fall back to eager if the
-    compiler is unavailable (warns once). The math is identical either way."""
+    """Run `fn` compiled when `compile_enabled()` and its first argument has at least
+    `_compile_min_elems()` values, else eagerly; fall back to eager if the compiler is
+    unavailable (warns once). The math is identical either way."""
 
     @functools.wraps(fn)
     def wrapper(*args):
         global _compile_broken
-        if not compile_enabled():
+        if not compile_enabled() or args[0].numel() < _compile_min_elems():
             return fn(*args)
         compiled = _compiled.get(fn)
         if compiled is None:

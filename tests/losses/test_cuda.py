@@ -22,6 +22,7 @@ pytestmark = [
 def test_losses_on_cuda_match_float64_reference(monkeypatch, compiled, dtype):
     monkeypatch.setenv("EAOPD_COMPILE", compiled)
     monkeypatch.setenv("EAOPD_CHUNK_ELEMS", str(1 << 16))  # several row chunks
+    monkeypatch.setenv("EAOPD_COMPILE_MIN_ELEMS", "0")
     vocab, v_pad, sb = 32003, 32128, (8, 4)
     fs = R.full_logits(sb, v_pad, 1, dtype=dtype)
     ft = R.full_logits(sb, v_pad, 2, scale=1.0, dtype=dtype)

@@ -141,6 +141,7 @@ def test_compiled_kernels_match_eager(monkeypatch):
     for mode in ("0", "1"):
         monkeypatch.setenv("EAOPD_COMPILE", mode)
         monkeypatch.setenv("EAOPD_CHUNK_ELEMS", "200")  # several row chunks, ragged last one
+        monkeypatch.setenv("EAOPD_COMPILE_MIN_ELEMS", "0")  # compile even these tiny chunks
         assert _kernels.compile_enabled() == (mode == "1")
         for dtype, width, vocab in cases:
             s = torch.randn(5, 3, width, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -154,6 +155,7 @@ def test_compiled_kernels_match_eager(monkeypatch):
             (g2,) = torch.autograd.grad(lp.sum() + ent.sum(), s)
             results[(mode, dtype)] = (loss, m["teacher_entropy"], g1, lp, ent, g2)
     assert not _kernels._compile_broken, "torch.compile failed and fell back to eager"
+    assert len(_kernels._compiled) >= 4, "the compiled mode did not compile the kernels"
     for dtype, *_ in cases:
         for a, b in zip(results[("0", dtype)], results[("1", dtype)]):
             R.assert_close(a.detach(), b.detach(), dtype, "grad", f"compiled vs eager {dtype}")
