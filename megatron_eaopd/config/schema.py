@@ -98,6 +98,35 @@ class TeacherPrepConfig:
 
 
 @dataclass
+class StudentPrepConfig:
+    """Optional supervised warm start of the student on the task's training solutions.
+
+    A stand-in for a pretrained base model: a tiny randomly initialised student cannot learn a task
+    from sampled rewards alone in a few iterations. Fewer steps (or problems) than the teacher's
+    leave it a weaker, less certain model for distillation to improve.
+    """
+
+    enabled: bool = False
+    """Warm-start the student when model.student_checkpoint is null (cached like the teacher)."""
+    iterations: int = _f(100, ge=0)
+    """Optimizer steps of the supervised student training."""
+    batch_size: int = _f(32, ge=1)
+    """Sequences per optimizer step."""
+    lr: float = _f(1e-3, gt=0)
+    """Peak learning rate (AdamW, cosine decay)."""
+    weight_decay: float = _f(0.0, ge=0)
+    """Weight decay."""
+    warmup_iterations: int = _f(10, ge=0)
+    """Linear warm-up steps."""
+    num_problems: int | None = _f(None, ge=1)
+    """Use only the first this many training problems; null: all."""
+    cache_dir: str = ".cache/eaopd/students"
+    """Where warm-started students are cached (keyed like prepared teachers)."""
+    seed: int = 4321
+    """Seed of the student's initialisation and data order during the warm start."""
+
+
+@dataclass
 class ParallelLayout:
     """Tensor/pipeline layout of one model."""
 
@@ -357,6 +386,8 @@ class EAOPDConfig:
     """Student and teacher shapes and checkpoints."""
     teacher_prep: TeacherPrepConfig = _f(factory=TeacherPrepConfig)
     """Supervised teacher preparation (built-in task)."""
+    student_prep: StudentPrepConfig = _f(factory=StudentPrepConfig)
+    """Optional supervised warm start of the student (off by default)."""
     parallel: ParallelConfig = _f(factory=ParallelConfig)
     """Tensor and pipeline parallelism."""
     loss: LossConfig = _f(factory=LossConfig)

@@ -88,11 +88,13 @@ def build_trainable(mcfg: ModelConfig, optim, seed: int, schedule: str = "cosine
     return student
 
 
-def build_student(cfg: EAOPDConfig, mcfg: ModelConfig, total_steps: int):
+def build_student(
+    cfg: EAOPDConfig, mcfg: ModelConfig, total_steps: int, init_checkpoint: str | None = None
+):
     """The trainable student under the "student" layout.
 
-    Initialised from ``model.student_checkpoint`` when set (weights only, any layout), else
-    randomly from ``training.seed``. Returns a ``models.student.Student``.
+    Initialised from ``init_checkpoint`` or ``model.student_checkpoint`` when set (weights only,
+    any layout), else randomly from ``training.seed``. Returns a ``models.student.Student``.
     """
     from megatron_eaopd.models.checkpoint import load_checkpoint
     from megatron_eaopd.parallel.init import use_layout
@@ -101,8 +103,9 @@ def build_student(cfg: EAOPDConfig, mcfg: ModelConfig, total_steps: int):
         student = build_trainable(
             mcfg, optim_config(cfg, total_steps), cfg.training.seed, cfg.optimizer.lr_schedule
         )
-        if cfg.model.student_checkpoint:
-            load_checkpoint(cfg.model.student_checkpoint, student.chunks, load_rng=False)
+        init_checkpoint = init_checkpoint or cfg.model.student_checkpoint
+        if init_checkpoint:
+            load_checkpoint(init_checkpoint, student.chunks, load_rng=False)
     return student
 
 

@@ -44,7 +44,7 @@ from megatron_eaopd.trainer.evaluate import (
     seeded_generator,
 )
 from megatron_eaopd.trainer.metrics_log import MetricsLogger
-from megatron_eaopd.trainer.teacher_prep import prepare_teacher
+from megatron_eaopd.trainer.teacher_prep import prepare_student, prepare_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, optimizer_step, reduce_outputs
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,12 @@ class Trainer:
             len(data.distill), r.prompts_per_iteration, cfg.training.epochs
         )
         self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
-        self.student = build_student(cfg, student_cfg, self.total * self.steps_per_iteration)
+        init = None
+        if cfg.model.student_checkpoint is None and cfg.student_prep.enabled:
+            init = prepare_student(cfg, data, student_cfg, show_progress=self._bars_on())
+        self.student = build_student(
+            cfg, student_cfg, self.total * self.steps_per_iteration, init_checkpoint=init
+        )
         self.objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
         self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)
         self.ckpt_dir = cfg.training.checkpoint_dir or os.path.join(

@@ -1,9 +1,10 @@
-"""Teacher preparation: supervised training of the teacher on the task's reference solutions.
+"""Teacher preparation (and the optional student warm start): supervised training on the task's
+reference solutions.
 
-Runs once per (task, tokenizer, teacher shape, ``teacher_prep`` settings): the result is saved as
-a model-only checkpoint under ``teacher_prep.cache_dir/<key>/`` and every later run with the same
-key loads it. The key hashes everything that changes the trained weights, so changing the task or
-the teacher's shape prepares a new teacher, and changing the student or the loss does not.
+Runs once per (role, task, tokenizer, model shape, ``teacher_prep`` / ``student_prep`` settings):
+the result is saved as a model-only checkpoint under ``<prep>.cache_dir/<key>/`` and every later
+run with the same key loads it. The key hashes everything that changes the trained weights, so
+changing the task or the teacher's shape prepares a new teacher, and changing the loss does not.
 
 The training: AdamW with linear warm-up and cosine decay, ``batch_size`` examples per step drawn
 uniformly (with a generator seeded by ``teacher_prep.seed``) from all (prompt, solution) pairs, the
@@ -28,12 +29,12 @@ from megatron_eaopd.config import EAOPDConfig
 from megatron_eaopd.data.sequences import build_sft_example
 from megatron_eaopd.models import ModelConfig
 from megatron_eaopd.trainer.batches import sft_micro_batches
-from megatron_eaopd.trainer.build import TEACHER, build_trainable
+from megatron_eaopd.trainer.build import STUDENT, TEACHER, build_trainable
 from megatron_eaopd.trainer.update import optimizer_step, sft_forward_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prepare_teacher", "teacher_cache_key"]
+__all__ = ["prepare_student", "prepare_supervised", "prepare_teacher", "supervised_cache_key"]
 
 
 def _fingerprint(obj) -> str:
@@ -42,13 +43,14 @@ def _fingerprint(obj) -> str:
     return str(value) if value is not None else getattr(obj, "name_or_path", type(obj).__name__)
 
 
-def teacher_cache_key(cfg: EAOPDConfig, data, mcfg: ModelConfig) -> str:
-    """A short hash of everything that determines the prepared teacher's weights."""
-    prep = dataclasses.asdict(cfg.teacher_prep)
+def supervised_cache_key(data, mcfg: ModelConfig, prep_cfg, role: str = "teacher") -> str:
+    """A short hash of everything that determines a prepared model's weights."""
+    prep = dataclasses.asdict(prep_cfg)
     prep.pop("cache_dir")
     prep.pop("enabled")
     blob = json.dumps(
         {
+            "role": role,
             "task": data.task.fingerprint(),
             "tokenizer": _fingerprint(data.tokenizer),
             "model": mcfg.to_dict(),
@@ -60,9 +62,10 @@ def teacher_cache_key(cfg: EAOPDConfig, data, mcfg: ModelConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _examples(cfg: EAOPDConfig, data, max_len: int) -> list[tuple[list[int], list[int]]]:
+def _examples(data, max_len: int, num_problems=None) -> list[tuple[list[int], list[int]]]:
     out = []
-    for problem in data.task.train_problems():
+    problems = list(data.task.train_problems())
+    for problem in problems[:num_problems] if num_problems else problems:
         for solution in problem.solutions:
             out.append(build_sft_example(data.tokenizer, problem.prompt, solution, max_len))
     if not out:
@@ -79,11 +82,23 @@ def _exists_everywhere(path: str) -> bool:
 
 
 def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True) -> str:
-    """Return the checkpoint root of the prepared teacher, training it first if not cached.
+    """Checkpoint root of the teacher prepared by ``cfg.teacher_prep`` (trained if not cached)."""
+    return prepare_supervised(data, mcfg, cfg.teacher_prep, TEACHER, "teacher", show_progress)
 
-    Call on every rank. Training runs under the "teacher" layout; the data-parallel ranks of
-    that layout split each step's batch. Collectives: those of the training steps and of the
-    checkpoint save.
+
+def prepare_student(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True) -> str:
+    """Checkpoint root of the student warm-started by ``cfg.student_prep`` (trained if not
+    cached); the trainer loads its weights into the student before distillation."""
+    return prepare_supervised(data, mcfg, cfg.student_prep, STUDENT, "student", show_progress)
+
+
+def prepare_supervised(
+    data, mcfg: ModelConfig, prep, layout: str, role: str, show_progress: bool = True
+) -> str:
+    """Return the checkpoint root of a model trained by ``prep``, training it if not cached.
+
+    Call on every rank. Training runs under ``layout``; the data-parallel ranks of that layout
+    split each step's batch. Collectives: those of the training steps and of the checkpoint save.
     """
     from megatron.core import parallel_state as ps
 
@@ -91,13 +106,12 @@ def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bo
     from megatron_eaopd.models.student import OptimConfig
     from megatron_eaopd.parallel.init import use_layout
 
-    prep = cfg.teacher_prep
-    root = os.path.join(prep.cache_dir, teacher_cache_key(cfg, data, mcfg))
+    root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, role))
     if _exists_everywhere(os.path.join(root, LATEST)):
-        logger.info("using the cached teacher %s", root)
+        logger.info("using the cached %s %s", role, root)
         return root
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    examples = _examples(cfg, data, mcfg.max_sequence_length)
+    examples = _examples(data, mcfg.max_sequence_length, getattr(prep, "num_problems", None))
     optim = OptimConfig(
         lr=prep.lr,
         weight_decay=prep.weight_decay,
@@ -108,18 +122,18 @@ def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bo
     pad_id = int(getattr(data.tokenizer, "pad_id", 0) or 0)
     order = random.Random(prep.seed)
     start, log = time.perf_counter(), []
-    with use_layout(TEACHER):
+    with use_layout(layout):
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if prep.batch_size % dp != 0:
             raise ValueError(f"teacher_prep.batch_size={prep.batch_size} must divide by DP={dp}")
-        teacher = build_trainable(mcfg, optim, prep.seed)
+        model = build_trainable(mcfg, optim, prep.seed)
         forward_step = sft_forward_step(data.vocab_size)
-        bar = _progress(prep.iterations, "teacher prep", show_progress and rank0)
+        bar = _progress(prep.iterations, f"{role} prep", show_progress and rank0)
         for step in range(prep.iterations):
             batch = [examples[order.randrange(len(examples))] for _ in range(prep.batch_size)]
             mine = batch[dp_rank::dp]
             micro, seq = sft_micro_batches(mine, pad_id, len(mine))
-            metrics, _ = optimizer_step(teacher, forward_step, micro, seq, len(mine),
+            metrics, _ = optimizer_step(model, forward_step, micro, seq, len(mine),
                                         metric_names=["loss"])  # fmt: skip
             log.append({"step": step + 1, "loss": metrics["loss"], "lr": metrics["lr"]})
             if bar is not None:
@@ -131,13 +145,13 @@ def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bo
             "key": os.path.basename(root),
             "final_loss": log[-1]["loss"] if log else None,
             "seconds": time.perf_counter() - start,
-            "skipped_updates": teacher.skipped_updates,
+            "skipped_updates": model.skipped_updates,
         }
-        save_checkpoint(root, prep.iterations, teacher.chunks, extra=extra, save_rng=False)
+        save_checkpoint(root, prep.iterations, model.chunks, extra=extra, save_rng=False)
     if rank0:
-        with open(os.path.join(root, "teacher_prep.jsonl"), "w", encoding="utf-8") as f:
+        with open(os.path.join(root, f"{role}_prep.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in log)
-        logger.info("prepared the teacher in %.1f s: %s", extra["seconds"], root)
+        logger.info("prepared the %s in %.1f s: %s", role, extra["seconds"], root)
     return root
 
 
