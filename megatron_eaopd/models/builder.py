@@ -170,8 +170,9 @@ def count_parameters(chunks) -> int:
     return total
 
 
-def _is_norm(key: str) -> bool:
-    return "norm" in key.rsplit(".", 1)[-1] or key.endswith(("norm.weight", "norm_weight"))
+def _is_norm_weight(key: str) -> bool:
+    """Norm scales ('...layer_norm_weight', '...final_layernorm.weight', 'q_layernorm.weight')."""
+    return key.endswith(("norm_weight", "norm.weight"))
 
 
 @torch.no_grad()
@@ -180,9 +181,10 @@ def init_weights_layout_invariant(chunks, seed: int, std: float | None = None) -
 
     Walks megatron's sharded state dict (the same keys and global shapes dist_checkpointing uses,
     independent of TP/PP), draws each full global tensor from a generator seeded by the seed and
-    the key, and copies this rank's slice into the parameter. Norm weights get 1 + N(0, std),
-    biases and everything else N(0, std). Identical networks at any layout; meant for tests and
-    small models, since each rank materialises whole global tensors. No communication.
+    the key, and copies this rank's slice into the parameter. Norm scales get 1 + N(0, std),
+    everything else (weights, biases, norm shifts) N(0, std). Identical networks at any layout;
+    meant for tests and small models, since each rank materialises whole global tensors.
+    No communication.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -197,7 +199,7 @@ def init_weights_layout_invariant(chunks, seed: int, std: float | None = None) -
             scale = std if std is not None else chunk.config.init_method_std
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(sh.key.encode()))
             full = torch.randn(sh.global_shape, generator=gen, dtype=torch.float32) * scale
-            if _is_norm(sh.key):
+            if _is_norm_weight(sh.key):
                 full += 1.0
             local = full[sh.global_slice()]
             sh.data.copy_(local.reshape(sh.data.shape).to(sh.data.dtype))

@@ -56,7 +56,8 @@ class ExactPairStage(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask=None):
         """Last stage: (student_logits, teacher_logits) [b, s, V_pad / tp] each; other stages:
-        the concatenated hidden states [s, b, h_s + h_t]."""
+        the concatenated hidden states [s, b, h_s + h_t]. Collectives: the two models' own
+        (TP all-reduces / all-gathers); the schedule does the p2p."""
         student_out = self.student(input_ids, position_ids, attention_mask)
         with torch.no_grad():
             teacher_out = self.teacher(input_ids, position_ids, attention_mask)
@@ -82,7 +83,7 @@ def exact_pair_stages(student_chunks, teacher) -> list:
     `teacher`: a FrozenTeacher (or its chunks) built under the same parallel state. Raises
     ValueError when the layouts do not match (different number of chunks, VPP, or hidden
     sizes that the schedule cannot carry). The stages' config routes megatron's gradient hooks
-    (no_sync, finalize_model_grads) to the student chunks only.
+    (no_sync, finalize_model_grads) to the student chunks only. No communication.
     """
     from megatron.core import parallel_state as ps
 

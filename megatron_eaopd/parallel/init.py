@@ -167,8 +167,12 @@ def initialize_parallel(
     backend: str | None = None,
     init_method: str | None = None,
     timeout_minutes: int = 30,
+    models: Mapping | None = None,
 ) -> ParallelLayout:
     """Start torch.distributed and megatron's parallel state for TP x PP (x VPP); seed the RNGs.
+
+    `models` ({name: ModelConfig}) are checked against the layout first, before anything starts
+    (ValueError naming the fix: heads or query groups not divisible by tp, layers by pp x vpp).
 
     Enables the CPU compatibility layer first when CUDA is absent. If megatron's parallel state is
     already initialised (another layout), it is destroyed and rebuilt. Seeds megatron's RNG tracker
@@ -179,9 +183,11 @@ def initialize_parallel(
     """
     from megatron_eaopd.compat.cpu import enable_cpu_compat
 
-    enable_cpu_compat()
     _positive_int("tensor_model_parallel_size (tp)", tp)
     _positive_int("pipeline_model_parallel_size (pp)", pp)
+    for name, cfg in (models or {}).items():
+        cfg.check_layout(tp, pp, vpp, name=name)
+    enable_cpu_compat()
     # Check what needs no communication before starting anything.
     if dist.is_initialized():
         check_parallel_layout(dist.get_world_size(), tp, pp, vpp)
@@ -273,15 +279,21 @@ def initialize_layouts(
     backend: str | None = None,
     init_method: str | None = None,
     timeout_minutes: int = 30,
+    models: Mapping | None = None,
 ) -> dict[str, ParallelLayout]:
     """Create megatron's groups for several named (tp, pp, vpp) layouts on the same ranks.
 
-    Every layout must fit the world size (ValueError naming the fix otherwise, before any group is
-    created). The first layout is active on return. Collectives: the new_group calls of one
+    Every layout must fit the world size, and `models` ({layout name: ModelConfig}) their layouts
+    (ValueError naming the fix otherwise, before any group is created). The first layout is
+    active on return. Collectives: the new_group calls of one
     initialize_model_parallel per layout (every rank calls this with the same arguments).
     """
     if not layouts:
         raise ValueError("initialize_layouts needs at least one layout")
+    for name, cfg in (models or {}).items():
+        if name not in layouts:
+            raise ValueError(f"model {name!r} has no layout; layouts: {sorted(layouts)}")
+        cfg.check_layout(*layouts[name], name=name)
     rank, world_size = initialize_distributed(backend, init_method, timeout_minutes)
     for name, (tp, pp, vpp) in layouts.items():
         try:

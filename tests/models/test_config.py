@@ -7,10 +7,15 @@ import logging
 import pytest
 import torch
 
+from megatron_eaopd.compat.cpu import is_cpu_compat_enabled
 from megatron_eaopd.models import config as mcfg
 from megatron_eaopd.models.builder import layer_spec, transformer_config
 from megatron_eaopd.models.vocab_check import check_vocab_compatibility, tokenizer_fingerprint
-from megatron_eaopd.parallel.init import check_parallel_layout
+from megatron_eaopd.parallel.init import (
+    check_parallel_layout,
+    initialize_layouts,
+    initialize_parallel,
+)
 from megatron_eaopd.parallel.vocab import padded_vocab_size
 
 
@@ -67,6 +72,20 @@ def test_world_size_layout_checks():
         check_parallel_layout(4, 2, 1, 2)
     with pytest.raises(ValueError, match="positive integer"):
         check_parallel_layout(4, 0, 1)
+
+
+def test_models_checked_before_anything_starts():
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match="teacher .*num_layers=4 is not divisible by pp=3"):
+        initialize_parallel(1, 3, models={"teacher": mcfg.TINY_TEACHER})
+    with pytest.raises(ValueError, match="student .*heads=4 is not divisible by tp=8"):
+        initialize_layouts(
+            {"student": (8, 1, None), "teacher": (2, 2, None)},
+            models={"student": mcfg.TINY_STUDENT, "teacher": mcfg.TINY_TEACHER},
+        )
+    assert not dist.is_initialized()
+    assert not is_cpu_compat_enabled()  # nothing was started or patched
 
 
 def test_transformer_config_matches_model_config():

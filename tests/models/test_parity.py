@@ -78,6 +78,9 @@ def _check_layouts(results_by_rank, num_layouts, vocab_size):
             assert len(state["grads"]) > 5
             for key, grad in state["grads"].items():
                 assert grad.abs().sum() > 0, f"no gradient reached {key}"
+            for key, weight in state["weights"].items():  # the layout-invariant initialisation
+                centre = 1.0 if key.endswith(("norm_weight", "norm.weight")) else 0.0
+                assert abs(weight.mean() - centre) < 0.02 and 0.01 < weight.std() < 0.03, key
             continue
         layout = per_rank[0]["layout"]
         assert state["weights"].keys() == reference["weights"].keys(), layout
