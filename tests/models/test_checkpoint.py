@@ -206,3 +206,46 @@ def test_save_tp2_load_pp2_continue_and_teacher(tmp_path):
         entropy = -(logp.exp() * logp).sum(-1)
         torch.testing.assert_close(pa[0], entropy, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pa[2], logp.topk(4, dim=-1).values, rtol=1e-5, atol=1e-5)
+
+
+def vpp_worker(rank, world_size, root):
+    from megatron_eaopd.models.builder import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.checkpoint import load_checkpoint, load_teacher, save_checkpoint
+    from megatron_eaopd.models.student import OptimConfig, setup_student
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import initialize_parallel
+
+    cfg = helpers.preset("tiny-teacher")
+    batches = helpers.make_batches(NUM_MICROBATCHES, MICRO_BATCH, SEQ, cfg.vocab_size, seed=4)
+    out = {}
+    initialize_parallel(1, 2, 2, seed=1)  # interleaved: 2 chunks of 1 layer per rank
+    teacher = FrozenTeacher(build_model(cfg))
+    init_weights_layout_invariant(teacher.chunks, 6)
+    save_checkpoint(root, 0, teacher, save_rng=False)  # model only
+    out["vpp_weights"] = helpers.global_pieces(teacher.chunks)
+    out["vpp_logits"] = teacher.score(batches, SEQ, MICRO_BATCH)
+
+    initialize_parallel(2, 1, seed=1)
+    teacher = FrozenTeacher(build_model(cfg))
+    load_teacher(root, teacher)
+    out["tp_weights"] = helpers.global_pieces(teacher.chunks)
+    out["tp_logits"] = teacher.score(batches, SEQ, MICRO_BATCH)
+    student = setup_student(build_model(cfg), OptimConfig())
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_checkpoint(root, student.chunks, student.optimizer)
+    return out
+
+
+def test_model_only_checkpoint_from_interleaved_pipeline_to_tp(tmp_path):
+    root = str(tmp_path / "teacher")
+    res = run_distributed(vpp_worker, 2, root, timeout=240)
+    saved = helpers.assemble([r["vpp_weights"] for r in res])
+    loaded = helpers.assemble([r["tp_weights"] for r in res])
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+    vpp_logits = res[1]["vpp_logits"]  # the last pipeline stage
+    tp_logits = _concat_vocab([r["tp_logits"] for r in res])
+    assert res[0]["vpp_logits"] == [] and len(vpp_logits) == NUM_MICROBATCHES
+    for a, b in zip(vpp_logits, tp_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
