@@ -184,10 +184,13 @@ def reduce_loss_metric(outputs, key: str = "loss") -> torch.Tensor:
 def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
     """Step megatron's optimizer only if the gradient norm is finite; return (stepped, grad_norm).
 
-    Same as MegatronOptimizer.step (copy grads, unscale, global-norm clip, step; not for the
-    distributed optimizer or decoupled grads) but the norm is checked before anything changes
-    the weights, so a NaN/inf gradient leaves the model and the
-    optimizer state untouched. Collectives: the grad-norm all-reduce over the model-parallel group.
+    Same sequence as megatron's MixedPrecisionOptimizer/FP32Optimizer.step (copy grads, unscale,
+    global-norm clip, step) but the norm is checked before anything changes the weights, so a
+    NaN/inf gradient leaves the model and the optimizer state untouched. Collectives: the
+    grad-norm all-reduce over the model-parallel group.
+    Tested with megatron's plain (non-distributed) optimizer; its DistributedOptimizer needs CUDA
+    tensors, so that combination is untested here. Precision-aware (decoupled-grad) optimizers are
+    not supported.
     """
     if optimizer.prepare_grads():  # inf/nan found by the fp16 grad scaler
         return False, float("nan")
