@@ -188,9 +188,9 @@ def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
     global-norm clip, step) but the norm is checked before anything changes the weights, so a
     NaN/inf gradient leaves the model and the optimizer state untouched. Collectives: the
     grad-norm all-reduce over the model-parallel group.
-    Tested with megatron's plain (non-distributed) optimizer; its DistributedOptimizer needs CUDA
-    tensors, so that combination is untested here. Precision-aware (decoupled-grad) optimizers are
-    not supported.
+    Tested with megatron's plain optimizer (CPU, TP/PP/DP) and its DistributedOptimizer (one GPU,
+    dp = 1: same steps as the plain one; it refuses CPU tensors). Precision-aware (decoupled-grad)
+    optimizers are not supported.
     """
     if optimizer.prepare_grads():  # inf/nan found by the fp16 grad scaler
         return False, float("nan")

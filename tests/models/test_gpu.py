@@ -104,3 +104,45 @@ def test_models_on_one_gpu(tmp_path, monkeypatch):
 
     out = run_forward_backward(stages, pair_step, iter(batches), NMB, SEQ, MBS)
     assert len(out) == NMB and all(torch.isfinite(o["loss"]) for o in out)
+
+
+def test_distributed_optimizer_matches_plain_on_gpu(monkeypatch):
+    """guarded_optimizer_step with megatron's DistributedOptimizer (needs CUDA tensors)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_eaopd.models.builder import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.student import OptimConfig, setup_student, train_step
+    from megatron_eaopd.parallel.init import compute_device, initialize_parallel
+    from tests.dist import free_port
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    initialize_parallel(1, 1, seed=5)
+    cfg = helpers.preset("tiny-student")
+    runs = {}
+    for distributed in (False, True):
+        chunks = build_model(cfg)
+        init_weights_layout_invariant(chunks, 5)
+        ddp = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+        )
+        optim = OptimConfig(lr=5e-3, weight_decay=0.1, warmup_steps=1, total_steps=5, clip_grad=0.5)
+        student = setup_student(chunks, optim, ddp_config=ddp)
+        steps = []
+        for step in range(3):
+            batches = _on(
+                compute_device(), helpers.make_batches(NMB, MBS, SEQ, cfg.vocab_size, seed=step)
+            )
+            fwd = helpers.ce_forward_step(cfg.vocab_size)
+            steps.append(train_step(student, fwd, iter(batches), NMB, SEQ, MBS))
+        weights = {n: p.detach().clone() for n, p in student.chunks[0].module.named_parameters()}
+        runs[distributed] = (steps, weights)
+    (plain_steps, plain_w), (zero_steps, zero_w) = runs[False], runs[True]
+    assert plain_steps[0]["grad_norm"] > 0.5  # the clip was active
+    for a, b in zip(plain_steps, zero_steps):
+        assert not a["skipped"] and not b["skipped"]
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    for name in plain_w:
+        torch.testing.assert_close(zero_w[name], plain_w[name], rtol=1e-5, atol=1e-6, msg=name)
