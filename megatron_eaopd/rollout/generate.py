@@ -83,9 +83,13 @@ class RolloutBatch:
 
 
 def _bare_module(model):
-    model = model[0] if isinstance(model, (list, tuple)) else model
-    if isinstance(model, (list, tuple)) or hasattr(model, "chunks"):
-        model = model.chunks[0]
+    """The GPTModel inside a one-chunk list, a FrozenTeacher or megatron's DDP wrapper."""
+    if hasattr(model, "chunks"):  # FrozenTeacher
+        model = model.chunks
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError(f"rollouts need one model chunk (no virtual PP), got {len(model)}")
+        model = model[0]
     while hasattr(model, "module"):  # megatron DDP / Float16Module wrappers
         model = model.module
     return model

@@ -78,13 +78,24 @@ def _rollout_worker(rank, world, params_kw):
     }
 
 
+PARAMS = [
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_p=0.8, top_k=5, logprob_temperature=1.0),
+]
+
+
+def _all_params_worker(rank, world):
+    return [_rollout_worker(rank, world, kw) for kw in PARAMS]
+
+
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize(
-    "params_kw",
-    [dict(temperature=1.0), dict(temperature=0.7, top_p=0.8, top_k=5, logprob_temperature=1.0)],
-)
-def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward(tp, params_kw):
-    results = run_distributed(_rollout_worker, tp, params_kw, timeout=240)
+def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward(tp):
+    results = run_distributed(_all_params_worker, tp, timeout=300)
+    for i in range(len(PARAMS)):
+        _check_rollouts([res[i] for res in results])
+
+
+def _check_rollouts(results):
     r = results[0]
     for other in results[1:]:  # every TP rank returns the same rollouts
         assert torch.equal(other["tokens"], r["tokens"])
