@@ -37,6 +37,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "eaopd-train=megatron_eaopd.cli:main",
             "eaopd-loss-demo=megatron_eaopd.demo:main",
         ],
     },
