@@ -164,6 +164,8 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_eaopd.trainer.preemption import preemption_signals_blocked
+
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
     extra = dict(extra or {})
@@ -186,7 +188,9 @@ def save_checkpoint(
     if save_rng:
         sharded["rng_state"] = _rng_sharded_object(_capture_rng())
     sharded["iteration"] = iteration
-    dist_checkpointing.save(sharded, tmp)
+    # Helper processes the save starts must not die of a pre-timeout signal (preemption.py).
+    with preemption_signals_blocked():
+        dist_checkpointing.save(sharded, tmp)
     _barrier()
     if _before_commit is not None:
         _before_commit(tmp)

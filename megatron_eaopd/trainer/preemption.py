@@ -21,6 +21,7 @@ tensor lives on the current CUDA device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_SIGNALS",
     "PreemptionHandler",
     "parse_signals",
+    "preemption_signals_blocked",
     "requeue_job",
     "requeue_owned_by_batch_script",
     "slurm_job_id",
@@ -71,6 +73,35 @@ def parse_signals(spec: str | Iterable[str | int | signal.Signals]) -> tuple[sig
     if not out:
         raise ValueError(f"no signal in {spec!r}")
     return tuple(dict.fromkeys(out))
+
+
+@contextlib.contextmanager
+def preemption_signals_blocked(
+    signals: str | Iterable[str | int | signal.Signals] | None = None,
+) -> Iterator[None]:
+    """Block the preemption signals in the calling thread while the block runs; a signal that
+    arrives meanwhile stays pending and is delivered when it ends (nothing is lost).
+
+    Wrap anything that starts helper processes, e.g. a checkpoint save: megatron's
+    dist_checkpointing starts a multiprocessing manager (spawned, so without our handler) on its
+    first save and keeps it for later saves. Slurm delivers a step's signal to every process of
+    the step (srun forwards it to all of them), and SIGUSR1's default action ends a process, so
+    an unprotected manager dies and the next save fails with BrokenPipeError. Processes started
+    inside the block inherit the blocked mask (fork and exec keep it) and never see the signal.
+
+    Args:
+        signals: as for :class:`PreemptionHandler` (default ``EAOPD_PREEMPT_SIGNALS`` or SIGUSR1).
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to block
+        yield
+        return
+    if signals is None:
+        signals = os.environ.get("EAOPD_PREEMPT_SIGNALS") or DEFAULT_SIGNALS
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, parse_signals(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionHandler:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import stat
 import threading
+import time
 
 import pytest
 
 from megatron_eaopd.trainer.preemption import (
     PreemptionHandler,
     parse_signals,
+    preemption_signals_blocked,
     requeue_job,
     requeue_owned_by_batch_script,
     slurm_job_id,
@@ -87,6 +90,33 @@ def test_install_outside_the_main_thread_raises():
     thread.start()
     thread.join(10)
     assert errors and "main thread" in errors[0]
+
+
+def test_signal_during_a_blocked_section_is_delivered_after_it():
+    with PreemptionHandler(signals="USR1") as handler:
+        with preemption_signals_blocked("USR1"):
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert not handler.received  # pending, not lost
+        assert handler.received and handler.received_signal == signal.SIGUSR1
+        assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_process_started_in_a_blocked_section_survives_the_signal():
+    """What Slurm does to a step at the pre-timeout signal: signal every process of it, here a
+    multiprocessing manager like the one megatron's checkpoint writer starts (spawned, so
+    without our handler)."""
+    with PreemptionHandler(signals="USR1"):
+        with preemption_signals_blocked("USR1"):
+            manager = multiprocessing.get_context("spawn").Manager()
+        try:
+            queue = manager.Queue()
+            os.kill(manager._process.pid, signal.SIGUSR1)
+            time.sleep(0.3)
+            queue.put(1)  # BrokenPipeError / ConnectionRefusedError if the manager died
+            assert queue.get(timeout=10) == 1
+        finally:
+            manager.shutdown()
 
 
 def _train_until_stopped(rank, world_size, signal_rank, signal_at, total):

@@ -1,0 +1,35 @@
+"""Fixtures of the launch tests: one real Slurm for the session, one teacher cache for all jobs."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+
+from tests.launch.slurm_cluster import LocalSlurm, SlurmUnavailable
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running one-node Slurm cluster; everything it started is stopped by PID afterwards,
+    also when a test fails. If Slurm cannot be installed or started, the tests FAIL with the
+    reason: CI must run them."""
+    root = tempfile.mkdtemp(prefix="eslurm-", dir="/tmp")  # short: munge socket < 108 bytes
+    cluster = LocalSlurm(root)
+    try:
+        try:
+            cluster.start()
+        except (SlurmUnavailable, OSError, TimeoutError) as exc:
+            pytest.fail(f"cannot start a local Slurm for the launch tests: {exc}", pytrace=False)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trainer_cache(tmp_path_factory):
+    """Tokenizer and teacher caches shared by every real-trainer job of the session: the first
+    job prepares the teacher, the others load it."""
+    return tmp_path_factory.mktemp("eaopd-cache")

@@ -1,0 +1,99 @@
+"""Submitting the project's sbatch scripts to the test cluster (tests/launch/slurm_cluster.py) and
+reading what the jobs wrote."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PER_GPU = ROOT / "launch" / "slurm" / "eaopd_per_gpu.sbatch"
+TORCHRUN = ROOT / "launch" / "slurm" / "eaopd_torchrun.sbatch"
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+JOB_NAME = "eaopd-test"
+
+
+def loopback_env(node: str) -> dict[str, str]:
+    """The scripts rendezvous at the first node's name; where it does not resolve (some CI
+    containers), point torch and gloo at loopback instead."""
+    try:
+        socket.gethostbyname(node)
+        return {}
+    except OSError:
+        return {"EAOPD_MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def submit(slurm, script: Path, out: Path, *overrides: str, sbatch_args=(), env=None) -> int:
+    """Submit `script` with configs/tiny-cpu.yaml and `overrides` on 2 processes on the one node:
+    per-GPU script: 2 srun tasks of 1 CPU; torchrun script: 1 task of 2 CPUs running torchrun
+    with 2 processes. The batch output goes to out/batch.out, the job's logs under out/logs.
+    `env` adds to the job's environment (EAOPD_ENTRY picks another trainer)."""
+    if script == TORCHRUN:
+        layout = ["--nodes=1", "--cpus-per-task=2"]
+        env = {"EAOPD_NPROC_PER_NODE": "2", **(env or {})}
+    else:
+        layout = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    job_env = loopback_env(slurm.node)
+    job_env |= {
+        "EAOPD_ENTRY": "megatron_eaopd.cli",
+        "EAOPD_PYTHON": sys.executable,
+        "EAOPD_LOG_ROOT": str(out / "logs"),
+        **(env or {}),
+    }
+    return slurm.sbatch(
+        # The scripts' placeholders (account, partition) and GPU request are overridden here.
+        "--account=test",
+        f"--partition={slurm.partition}",
+        "--gpus-per-node=0",
+        f"--job-name={JOB_NAME}",
+        f"--output={out / 'batch.out'}",
+        *layout,
+        *sbatch_args,
+        str(script),
+        str(CONFIG),
+        *overrides,
+        env=job_env,
+        cwd=str(out),
+    )
+
+
+def job_dir(out: Path, job_id: int) -> Path:
+    """The per-job log folder the batch script creates."""
+    return out / "logs" / f"{JOB_NAME}-{job_id}"
+
+
+def attempt_log(out: Path, job_id: int, attempt: int) -> Path:
+    """The training step's output of one attempt (node 0)."""
+    return job_dir(out, job_id) / f"attempt{attempt}-node0.log"
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def explain(out: Path, job_id: int, slurm=None) -> str:
+    """Everything the job wrote (and the daemons' logs), for assertion messages."""
+    parts = []
+    for path in [out / "batch.out", *sorted(job_dir(out, job_id).glob("*"))]:
+        if path.is_file():
+            parts.append(f"--- {path.name} ---\n{read(path)[-4000:]}")
+    if slurm is not None:
+        parts.append(f"--- job ---\n{slurm.job(job_id)}\n{slurm.daemon_logs()}")
+    return "\n".join(parts)
+
+
+def wait_for_output(
+    slurm, job_id: int, out: Path, ready: Callable[[], bool], timeout: float
+) -> None:
+    """Wait until `ready()` while the job is pending or running; fail with its output if not."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        state = slurm.job(job_id).get("JobState")
+        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            raise AssertionError(f"job {job_id} is {state}\n{explain(out, job_id, slurm)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no progress in {timeout:.0f}s\n{explain(out, job_id, slurm)}")
+        time.sleep(0.1)
