@@ -20,14 +20,15 @@ import sys
 __all__ = ["main", "run"]
 
 
-def run(cfg, preemption=None) -> dict:
+def run(cfg, preemption=None, data=None) -> dict:
     """Set up, train and tear down one run of ``cfg`` in this process (one rank of the job).
 
-    Returns the trainer's summary. The process group is left for the caller to destroy.
+    ``data``: the config's ``PreparedData`` if already loaded. Returns the trainer's summary.
+    The process group is left for the caller to destroy.
     """
     from megatron_eaopd.trainer import Trainer
 
-    trainer = Trainer(cfg, preemption)
+    trainer = Trainer(cfg, preemption, data)
     try:
         trainer.setup()
         return trainer.run()
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         check_trainer_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         from megatron_eaopd.data import prepare_data
 
-        prepare_data(cfg)  # every data check, before any compute
+        data = prepare_data(cfg)  # every data check, before any compute
     except (ConfigError, TaskError, ValueError) as err:
         print(f"eaopd-train: {err}", file=sys.stderr)
         return 2
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = PreemptionHandler().install()
     try:
-        summary = run(cfg, handler)
+        summary = run(cfg, handler, data)
         if rank == 0:
             final = summary.get("eval") or {}
             shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}

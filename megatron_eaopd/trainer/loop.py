@@ -84,11 +84,14 @@ class Trainer:
         cfg: the validated config.
         preemption: a ``PreemptionHandler`` (or anything with ``should_stop()``), polled once per
             iteration on every rank; when it says stop, the trainer checkpoints and returns.
+        data: the ``PreparedData`` of ``cfg`` when the caller has it already; None: prepared in
+            :meth:`setup`.
     """
 
-    def __init__(self, cfg: EAOPDConfig, preemption=None):
+    def __init__(self, cfg: EAOPDConfig, preemption=None, data=None):
         self.cfg = cfg
         self.preemption = preemption
+        self.data = data
         self.max_decode_batch = None
         self.metrics_logger = None
         self.start_iteration = 0
@@ -103,7 +106,7 @@ class Trainer:
         if dist.is_initialized():
             world = dist.get_world_size()
         check_trainer_config(cfg, world)
-        self.data = data = prepare_data(cfg)
+        self.data = data = self.data or prepare_data(cfg)
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
         if self.rank0:
