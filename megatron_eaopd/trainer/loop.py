@@ -4,7 +4,8 @@ One iteration (the paper's: 128 prompts, mini-batch 32, so 4 optimizer steps)::
 
     prompts   <- PromptSampler (seeded per-epoch order, resumable)
     rollouts  <- student samples n responses per prompt (KV cache; old log-probs kept)
-    payload   <- teacher scores the rollouts (entropy, log-prob of the sampled token, top-k)
+    payload   <- teacher scores the rollouts (entropy, log-prob of the sampled token, top-k;
+                 with loss.form=exact: the teacher's logits shard at the student's layout)
     for each mini-batch of prompts: one optimizer step on the EOPD loss (forward_backward_func)
     log metrics; evaluate every eval_interval; checkpoint every checkpoint_interval
 
@@ -30,6 +31,7 @@ from megatron_eaopd.rollout import SamplingParams
 from megatron_eaopd.trainer.batches import collate, split_micro_batches
 from megatron_eaopd.trainer.build import (
     STUDENT,
+    TEACHER,
     build_student,
     build_teacher,
     init_layouts,
@@ -60,11 +62,8 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
             "parallel.student.pp must be 1: rollouts under pipeline parallelism are not "
             "implemented (the teacher may use pp > 1)"
         )
-    if cfg.loss.form != "sampled":
-        problems.append(
-            f"loss.form={cfg.loss.form!r}: the on-policy trainer runs the sampled form (the "
-            "paper's); use objective opd/eopd/eopd_soft/mix/fkl"
-        )
+    if cfg.loss.form == "exact":
+        problems += _exact_form_problems(cfg)
     tp, pp = cfg.parallel.student.tp, cfg.parallel.student.pp
     if world_size % (tp * pp) == 0:
         dp = world_size // (tp * pp)
@@ -75,6 +74,57 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         problems.append("no teacher: set model.teacher_checkpoint or teacher_prep.enabled")
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+def _exact_form_problems(cfg: EAOPDConfig) -> list[str]:
+    """What the exact form (full teacher logits in the loss) needs: the teacher's logits shard on
+    every rank must line up with the student's ([b, s, V_pad / tp] over the same TP group), so
+    both models share one TP size and neither is pipelined ("exact mode for small pairs")."""
+    problems = []
+    s, t = cfg.parallel.student, cfg.parallel.teacher
+    if cfg.loss.objective == "jsd":
+        problems.append(
+            "loss.objective='jsd' is not run by the trainer yet (the loss module's make_loss_func "
+            "reports gate/fkl metrics that the jsd terms lack); use objective eopd_exact, or "
+            "another objective with loss.form=exact"
+        )
+    if t.tp != s.tp:
+        problems.append(
+            f"loss.form=exact needs parallel.teacher.tp == parallel.student.tp (got {t.tp} and "
+            f"{s.tp}): the teacher's logits shard must match the student's vocabulary shard; set "
+            f"parallel.teacher.tp={s.tp}, or use loss.form=sampled for other layouts"
+        )
+    if t.pp != 1 or t.vpp is not None:
+        problems.append(
+            "loss.form=exact needs parallel.teacher.pp=1 and parallel.teacher.vpp=null (the "
+            "teacher runs a plain forward beside the student); use loss.form=sampled for a "
+            "pipelined teacher"
+        )
+    return problems
+
+
+def attach_teacher_logits(teacher, micro_batches: list[dict]) -> None:
+    """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under "teacher".
+
+    Runs a plain forward of the (TP-only) teacher under its layout on this rank's micro-batches,
+    which are those of the student's data-parallel replica: with the same TP size and no
+    pipeline, the teacher's TP group is the student's, so each rank holds the vocabulary shard its
+    student logits are paired with. Collectives: the teacher's TP all-reduces.
+    """
+    from megatron_eaopd.parallel.init import use_layout
+
+    with use_layout(TEACHER):
+        for mb in micro_batches:
+            mb["teacher"] = teacher(mb["tokens"], mb["position_ids"], None).float()
+
+
+def _tp_ranks(layout: str) -> list[int]:
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.parallel.init import use_layout
+
+    with use_layout(layout):
+        return dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
 
 
 class Trainer:
@@ -130,6 +180,16 @@ class Trainer:
             cfg, student_cfg, self.total * self.steps_per_iteration, init_checkpoint=init
         )
         self.objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
+        self.exact = self.objective.form == "exact"
+        if self.exact:
+            tp = cfg.parallel.student.tp
+            if student_cfg.padded_vocab_size(tp) != teacher_cfg.padded_vocab_size(tp):
+                raise ValueError(
+                    "loss.form=exact: the student and teacher padded vocabularies differ "
+                    f"({student_cfg.padded_vocab_size(tp)} vs {teacher_cfg.padded_vocab_size(tp)})"
+                )
+            if _tp_ranks(STUDENT) != _tp_ranks(TEACHER):
+                raise ValueError("loss.form=exact: the student and teacher TP groups differ")
         self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)
         self.ckpt_dir = cfg.training.checkpoint_dir or os.path.join(
             cfg.training.output_dir, "checkpoints"
@@ -224,10 +284,14 @@ class Trainer:
         while rows_per_step % mbs:
             mbs -= 1
         micro = split_micro_batches(batch, mbs)
-        score_with_teacher(
-            self.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
-            temp=cfg.loss.temperature,
-        )  # fmt: skip
+        if self.exact:
+            attach_teacher_logits(self.teacher, micro)
+        else:
+            score_with_teacher(
+                self.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
+                temp=cfg.loss.temperature,
+            )  # fmt: skip
+        self.last_micro_batches = micro
         t_teacher = time.perf_counter()
         forward_step = distill_forward_step(self.objective, data.vocab_size)
         per_step = rows_per_step // mbs
