@@ -13,7 +13,14 @@ the log-probs kept for the PPO ratio are those a fresh forward of the finished s
 
 Under TP every rank has the full-vocabulary logits (one all-gather per step), samples with its
 own copy of the generator, and the tokens of TP rank 0 are broadcast (one broadcast per step) so
-the ranks can never diverge. Pipeline parallelism is not supported here (``ValueError``).
+the ranks can never diverge.
+
+Under pipeline parallelism (one model chunk per rank, no virtual stages) every step runs the
+stages in order: a stage receives the previous stage's hidden states [n, b, h] (p2p recv), runs
+its layers (each stage keeps the KV cache of its own layers in its own ``StaticInferenceContext``)
+and sends its output to the next stage; the last stage samples (drawing from ``generator``; the
+other stages' generators are not advanced) and broadcasts the tokens, log-probs and entropies over
+the pipeline group, so every rank ends with the same ``RolloutBatch``.
 """
 
 from __future__ import annotations
@@ -128,15 +135,17 @@ def generate(
     Returns:
         RolloutBatch (on every rank of the TP group).
     Collectives per decoded position: 1 TP all-gather of [b, V_pad / tp] logits and 1 TP
-    broadcast of [3, b] (tokens, log-probs, entropies), besides the model's own TP all-reduces.
+    broadcast of [3, b] (tokens, log-probs, entropies), besides the model's own TP all-reduces;
+    under PP also 1 p2p send/recv of [n, b, h] hidden states between neighbouring stages and 1
+    broadcast of [3, b] from the last stage over the pipeline group.
     """
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError(
-            "rollouts under pipeline parallelism are not supported: use pp=1 for the student "
-            "(parallel.student.pp), or a teacher with pp=1 for teacher rollouts"
-        )
+        if ps.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
+            raise ValueError("rollouts under virtual pipeline parallelism are not supported")
+        if getattr(_bare_module(model).config, "sequence_parallel", False):
+            raise ValueError("rollouts under pipeline parallelism need sequence_parallel off")
     if not prompts:
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:
@@ -201,34 +210,54 @@ def _generate_chunk(
     tp = ps.get_tensor_model_parallel_world_size()
     src = ps.get_tensor_model_parallel_src_rank()
 
+    pp = ps.get_pipeline_model_parallel_world_size()
+    first = pp == 1 or ps.is_pipeline_first_stage(ignore_virtual=True)
+    last = pp == 1 or ps.is_pipeline_last_stage(ignore_virtual=True)
+
     context = StaticInferenceContext(b, total) if use_kv_cache else None
     cached = 0
 
-    def next_logits(t: int) -> torch.Tensor:  # full-vocabulary logits predicting position t
+    def run_stage(start: int, end: int, **kw):
+        """This stage's forward of positions [start, end); the last stage returns its logits."""
+        if not first:
+            hidden = torch.empty(
+                end - start, b, module.config.hidden_size, dtype=module.config.params_dtype,
+                device=device,
+            )  # fmt: skip
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            module.set_input_tensor(hidden)
+        out = module(dev_tokens[:, start:end], positions[:, start:end], None, **kw)
+        if not last:
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return out
+
+    def next_logits(t: int) -> torch.Tensor | None:  # full-vocab logits predicting position t
         nonlocal cached
         if context is None:
-            out = module(dev_tokens[:, :t], positions[:, :t], None)  # [b, t, V_pad / tp]
-            return gather_vocab_logits(out[:, -1, :], vocab_size, tp_group)
+            out = run_stage(0, t)  # [b, t, V_pad / tp] on the last stage
+            return None if out is None else gather_vocab_logits(out[:, -1, :], vocab_size, tp_group)
         context.sequence_len_offset = cached
         if cached > 0:
             context.enable_decode_mode()
         # megatron's inference mode gathers the vocabulary itself: [b, 1, V_pad]
-        out = module(
-            dev_tokens[:, cached:t], positions[:, cached:t], None, inference_context=context,
-            runtime_gather_output=True,
-        )  # fmt: skip
+        out = run_stage(cached, t, inference_context=context, runtime_gather_output=True)
         cached = t
-        return out[:, -1, :vocab_size].float()
+        return None if out is None else out[:, -1, :vocab_size].float()
 
     t = int(prompt_lens.min())
     while t < total:
-        full = next_logits(t)  # [b, V]
-        new, lp, ent = sample_tokens(full, params, generator)
-        if tp > 1:
+        full = next_logits(t)  # [b, V] on the last stage
+        packed = torch.zeros(3, b, dtype=torch.float64, device=device)
+        if last:
+            new, lp, ent = sample_tokens(full, params, generator)
             packed = torch.stack([new.double(), lp.double(), ent.double()]).to(device)
-            dist.broadcast(packed, src=src, group=tp_group)
-            new, lp, ent = packed[0].long().cpu(), packed[1].float().cpu(), packed[2].float().cpu()
-        new, lp, ent = new.cpu(), lp.cpu(), ent.cpu()
+            if tp > 1:
+                dist.broadcast(packed, src=src, group=tp_group)
+        if pp > 1:
+            src_pp = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(packed, src=src_pp, group=ps.get_pipeline_model_parallel_group())
+        new, lp, ent = packed[0].long().cpu(), packed[1].float().cpu(), packed[2].float().cpu()
         generating = (t >= prompt_lens) & ~done & (t < limit)
         tokens[:, t] = torch.where(generating, new, tokens[:, t])
         logprobs[:, t] = torch.where(generating, lp, 0.0)

@@ -57,10 +57,10 @@ __all__ = ["Trainer", "check_trainer_config"]
 def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
     """What the trainer needs beyond the schema's checks; ValueError naming the fix."""
     problems = []
-    if cfg.parallel.student.pp != 1:
+    if cfg.parallel.student.vpp is not None:
         problems.append(
-            "parallel.student.pp must be 1: rollouts under pipeline parallelism are not "
-            "implemented (the teacher may use pp > 1)"
+            "parallel.student.vpp must be null: rollouts need one model chunk per rank "
+            "(pipeline parallelism without virtual stages works, parallel.student.pp > 1)"
         )
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)

@@ -81,17 +81,27 @@ def reduce_outputs(outputs: Sequence[dict], names: Sequence[str] | None = None) 
     """Exact means of the reported [numerator, denominator] pairs over micro-batches and ranks.
 
     Only the last pipeline stage has outputs; the sums travel in one all-reduce over the
-    data-parallel group and one over the pipeline group (``names`` must then be given, since
-    the other stages do not know them). Returns {name: numerator / denominator} (0 when empty).
+    data-parallel group and one over the pipeline group. The other stages do not know the
+    metric names: pass ``names``, or under PP they are broadcast from the last stage (one object
+    broadcast over the pipeline group). Returns {name: numerator / denominator} (0 when empty).
     """
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.parallel.init import compute_device
 
     if names is None:
-        if not outputs:
-            raise ValueError("no outputs on this rank: pass the metric names")
-        names = sorted(outputs[0])
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            box = [sorted(outputs[0]) if outputs else None]
+            dist.broadcast_object_list(
+                box,
+                src=ps.get_pipeline_model_parallel_last_rank(),
+                group=ps.get_pipeline_model_parallel_group(),
+            )
+            names = box[0]
+        if names is None:
+            if not outputs:
+                raise ValueError("no outputs on this rank: pass the metric names")
+            names = sorted(outputs[0])
     names = list(names)
     sums = torch.zeros(len(names), 2, dtype=torch.float64, device=compute_device())
     for out in outputs:

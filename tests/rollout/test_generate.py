@@ -1,5 +1,5 @@
 """Rollouts: KV-cache decoding equals full-recompute decoding, and the kept log-probs equal a fresh
-forward of the finished sequences (TP 1 and 2, gloo)."""
+forward of the finished sequences (TP 1 and 2, PP 2, TP 2 x PP 2 on 4 processes; gloo)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from tests.dist import run_distributed
 VOCAB, PAD = 16, 0
 
 
-def _model(tp, seed=7):
+def _model(tp, seed=7, pp=1):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
-    initialize_parallel(tp, 1, seed=1)
+    initialize_parallel(tp, pp, seed=1)
     cfg = ModelConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=40,
@@ -34,11 +34,14 @@ def _prompts():
     return [[1] + torch.randint(4, VOCAB, (n - 1,), generator=gen).tolist() for n in lens]
 
 
-def _rollout_worker(rank, world, params_kw):
+def _rollout_worker(rank, world, params_kw, pp=1):
+    from megatron.core import parallel_state as ps
+
     from megatron_eaopd.losses import vocab_parallel_token_logprobs
+    from megatron_eaopd.models.teacher import FrozenTeacher
     from megatron_eaopd.rollout import generate
 
-    model = _model(world)
+    model = _model(world // pp, pp=pp)
     params = SamplingParams(**params_kw)
     kw = dict(max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, params=params)
     # EOS: a token this random model emits often (so responses end at different lengths)
@@ -59,7 +62,14 @@ def _rollout_worker(rank, world, params_kw):
     with torch.no_grad():
         s = a.tokens.shape[1]
         pos = torch.arange(s).unsqueeze(0).expand_as(a.tokens)
-        logits = model(a.tokens, pos, None)  # [b, s, V_pad / tp]
+        if pp == 1:
+            logits = model(a.tokens, pos, None)  # [b, s, V_pad / tp]
+        else:  # a forward-only pass through megatron's pipeline schedule
+            scored = FrozenTeacher([model]).score([{"tokens": a.tokens, "position_ids": pos}],
+                                                  s, a.tokens.shape[0])  # fmt: skip
+            if not ps.is_pipeline_last_stage():
+                return _summary(a, eos)
+            logits = scored[0].transpose(0, 1)  # [s, b, V_pad / tp] -> [b, s, ...]
         labels = torch.roll(a.tokens, -1, dims=1)
         t_lp = params.logprob_temperature or params.temperature
         fresh = vocab_parallel_token_logprobs(
@@ -69,6 +79,10 @@ def _rollout_worker(rank, world, params_kw):
     shifted = torch.roll(mask, -1, dims=1)  # logits at t-1 predict the response token at t
     shifted[:, -1] = False
     torch.testing.assert_close(fresh[shifted], a.logprobs[mask], atol=1e-5, rtol=1e-5)
+    return _summary(a, eos)
+
+
+def _summary(a, eos):
     return {
         "tokens": a.tokens,
         "lens": a.response_lens,
@@ -91,6 +105,27 @@ def _all_params_worker(rank, world):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward(tp):
     results = run_distributed(_all_params_worker, tp, timeout=300)
+    for i in range(len(PARAMS)):
+        _check_rollouts([res[i] for res in results])
+
+
+def _pp_worker(rank, world, pp):
+    return [_rollout_worker(rank, world, kw, pp=pp) for kw in PARAMS]
+
+
+def test_rollouts_under_pipeline_parallelism():
+    """PP 2: the last stage samples and broadcasts; every rank returns the same rollouts, the KV
+    cache equals recompute, and the log-probs equal a pipelined fresh forward; the same tokens as
+    the PP 1 model (layout-invariant init, same generator)."""
+    results = run_distributed(_pp_worker, 2, 2, timeout=300)
+    reference = run_distributed(_all_params_worker, 1, timeout=300)[0]
+    for i in range(len(PARAMS)):
+        _check_rollouts([res[i] for res in results])
+        assert torch.equal(results[0][i]["tokens"], reference[i]["tokens"])
+
+
+def test_rollouts_under_tp2_pp2():
+    results = run_distributed(_pp_worker, 4, 2, timeout=600)
     for i in range(len(PARAMS)):
         _check_rollouts([res[i] for res in results])
 

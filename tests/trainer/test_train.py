@@ -162,8 +162,11 @@ def test_cli_rejects_bad_config_before_any_compute(tmp_path, capsys):
     over = [f"tokenizer.cache_dir={tmp_path}/tok", "rollout.max_prompt_tokens=5"]
     assert main(["--config", CONFIG, *over]) == 2
     assert "max_prompt_tokens=5" in capsys.readouterr().err
-    assert main(["--config", CONFIG, "parallel.student.pp=2"]) == 2
-    assert "pipeline parallelism" in capsys.readouterr().err
+    vpp = ["parallel.student.pp=2", "parallel.student.vpp=2", "model.student.layers=4"]
+    assert main(["--config", CONFIG, *vpp]) == 2
+    assert "parallel.student.vpp must be null" in capsys.readouterr().err
+    assert main(["--config", CONFIG, "loss.objective=eopd_exact", "parallel.teacher.tp=1"]) == 2
+    assert "parallel.teacher.tp=2" in capsys.readouterr().err
 
 
 @pytest.mark.slow

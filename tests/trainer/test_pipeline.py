@@ -1,0 +1,89 @@
+"""The trainer with a pipeline-parallel student (student PP 2 x TP 1 on 2 processes; TP 2 x PP 2 on
+4 processes as a slow test; teacher TP 2; gloo): rollouts through the pipeline, the warm start,
+updates, evaluation and checkpoints all run, and the metrics are finite."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from tests.dist import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+
+TINY = [
+    "parallel.student.pp=2",
+    "training.iterations=2",
+    "training.eval_interval=2",
+    "training.checkpoint_interval=2",
+    "rollout.prompts_per_iteration=8",
+    "rollout.mini_batch_size=4",
+    "rollout.micro_batch_size=2",
+    "rollout.max_response_tokens=24",
+    "eval.max_prompts=2",
+    "eval.k=2",
+    "eval.max_response_tokens=24",
+    "teacher_prep.iterations=4",
+    "teacher_prep.batch_size=8",
+    "student_prep.iterations=3",
+    "student_prep.batch_size=8",
+    "task.synthetic.num_train=64",
+    "task.synthetic.num_distill=16",
+    "task.synthetic.num_eval=4",
+    "logging.progress_bars=false",
+    "logging.console=false",
+]
+
+
+def _worker(rank, world, tmp, tp):
+    from megatron_eaopd.cli import run
+    from megatron_eaopd.config import load_config
+
+    cfg = load_config(
+        CONFIG,
+        TINY
+        + [
+            f"parallel.student.tp={tp}",
+            f"training.output_dir={tmp}/run",
+            f"teacher_prep.cache_dir={tmp}/teachers",
+            f"student_prep.cache_dir={tmp}/students",
+            f"tokenizer.cache_dir={tmp}/tokenizers",
+        ],
+    )
+    return run(cfg)
+
+
+@pytest.mark.parametrize(
+    "tp", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["tp1-pp2", "tp2-pp2"]
+)
+def test_trainer_with_pipeline_parallel_student(tmp_path, tp):
+    tmp = str(tmp_path)
+    summaries = run_distributed(_worker, 2 * tp, tmp, tp, timeout=600)
+    assert all(s["iteration"] == 2 and not s["stopped_early"] for s in summaries)
+    # both stages hold the same (reduced) metrics
+    same = [
+        {k: v for k, v in s["train"].items() if not k.startswith("time_") and k != "tokens_per_s"}
+        for s in summaries
+    ]
+    assert all(other == same[0] for other in same[1:])
+    with open(f"{tmp}/run/metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train = [row for row in rows if row["split"] == "train"]
+    assert [row["iteration"] for row in train] == [1, 2]
+    for row in train:
+        for key in ("loss", "pg_loss", "fkl", "gate", "teacher_entropy", "student_entropy",
+                    "grad_norm", "reward", "response_length", "tokens_per_s"):  # fmt: skip
+            assert math.isfinite(row[key]), key
+        assert row["skipped_updates"] == 0 and row["grad_norm"] > 0
+        assert 1 <= row["response_length"] <= 24
+    assert train[0]["loss"] != train[1]["loss"]
+    evals = [row for row in rows if row["split"] == "eval"]
+    assert [row["iteration"] for row in evals] == [0, 2]
+    for row in evals:
+        assert 0 <= row["mean/avg@2"] <= row["mean/pass@2"] <= 1
+        assert math.isfinite(row["fkl_high"]) and 0 <= row["student_high_frac"] <= 1
+    assert os.path.isfile(f"{tmp}/run/checkpoints/latest")
