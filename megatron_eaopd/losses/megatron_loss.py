@@ -76,7 +76,7 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
     loss_func(output_tensor [b, s, V_pad / tp]) -> (loss_sum [], num_tokens [] int, reported)
     where loss_sum = sum over valid tokens of L_t (gradient to the student logits) and reported
     holds [2] (numerator, denominator) tensors: every per-token metric averaged over valid
-    tokens, `fkl_gated` (forward KL over gated tokens only), `teacher_high_entropy` and
+    tokens, `fkl_gated` (forward KL over gated tokens only; not for jsd), `teacher_high_entropy` and
     `student_high_entropy` (fractions of tokens with entropy > tau).
     """
 
@@ -94,8 +94,9 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
         reported = {"loss": torch.stack([loss_sum.detach().float(), n])}
         for name, value in metrics.items():
             reported[name] = torch.stack([torch.where(mask, value, 0.0).sum(), n])
-        gate = metrics["gate"] * maskf
-        reported["fkl_gated"] = torch.stack([(metrics["fkl"] * gate).sum(), gate.sum()])
+        if "gate" in metrics and "fkl" in metrics:  # every objective but jsd
+            gate = metrics["gate"] * maskf
+            reported["fkl_gated"] = torch.stack([(metrics["fkl"] * gate).sum(), gate.sum()])
         tau = cfg.entropy_threshold
         for who in ("teacher", "student"):
             high = (metrics[f"{who}_entropy"] > tau).float() * maskf

@@ -82,12 +82,6 @@ def _exact_form_problems(cfg: EAOPDConfig) -> list[str]:
     both models share one TP size and neither is pipelined ("exact mode for small pairs")."""
     problems = []
     s, t = cfg.parallel.student, cfg.parallel.teacher
-    if cfg.loss.objective == "jsd":
-        problems.append(
-            "loss.objective='jsd' is not run by the trainer yet (the loss module's make_loss_func "
-            "reports gate/fkl metrics that the jsd terms lack); use objective eopd_exact, or "
-            "another objective with loss.form=exact"
-        )
     if t.tp != s.tp:
         problems.append(
             f"loss.form=exact needs parallel.teacher.tp == parallel.student.tp (got {t.tp} and "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -168,6 +170,27 @@ def test_loss_func_normalises_by_global_valid_tokens():
     fkl_gated = float(full_m["fkl"][gate].sum() / gate.sum()) if gate.any() else 0.0
     assert metrics["fkl_gated"] == pytest.approx(fkl_gated, rel=1e-5)
     assert metrics["teacher_high_entropy"] == pytest.approx(float(gate.sum() / mask.sum()))
+
+
+def test_loss_func_exact_forms_including_jsd():
+    """loss_func with the teacher's logits (exact form): token sum and reported metrics, for an
+    objective with a gate and for jsd (which has none)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 30, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 5, 30, generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    y = torch.zeros(2, 5, dtype=torch.long)
+    for name, ref in (
+        ("eopd", lambda: L.vocab_parallel_eopd_loss(logits, teacher)[0]),
+        ("jsd", lambda: L.vocab_parallel_jsd(logits, teacher, beta=0.5)["jsd"]),
+    ):
+        cfg = L.ObjectiveConfig(name=name, form="exact")
+        loss_sum, n, rep = L.make_loss_func(cfg, L.DistillMicroBatch(y, mask, teacher))(logits)
+        torch.testing.assert_close(loss_sum, ref()[mask].sum())
+        assert int(n) == int(mask.sum())
+        assert ("fkl_gated" in rep) == (name != "jsd")
+        metrics = L.reduce_metrics([rep])
+        assert metrics["teacher_high_entropy"] >= 0 and math.isfinite(metrics["loss"])
 
 
 def test_objective_config_errors():
