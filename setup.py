@@ -32,7 +32,7 @@ setup(
         "plot": ["matplotlib"],
         "parquet": ["pyarrow"],
         "hf": ["transformers"],
-        "test": ["pytest>=8", "ruff>=0.5"],
+        "test": ["pytest>=8", "ruff>=0.5", "tensorboard"],
         "dev": ["pytest>=8", "ruff>=0.5", "pre-commit"],
     },
     entry_points={
