@@ -119,14 +119,10 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    if not ps.model_parallel_is_initialized():
-        raise RuntimeError(
-            "megatron parallel state is not initialised: call "
-            "megatron_eaopd.parallel.init.initialize_parallel(tp, pp) before build_model."
-        )
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    from megatron_eaopd.parallel.init import current_layout
+
+    layout = current_layout()  # raises with the fix when the parallel state is not initialised
+    tp, pp, vpp = layout.tp, layout.pp, layout.vpp
     config = transformer_config(cfg, tp, pp, vpp, **config_overrides)
     spec = layer_spec(cfg, use_te)
     vocab = cfg.padded_vocab_size(tp)
