@@ -69,10 +69,12 @@ def check_token_ids(ids: torch.Tensor, lead: tuple, vocab_size: int, name: str) 
     return ids2d
 
 
-def append_width(local: torch.Tensor, width: int) -> torch.Tensor:
-    """Add a column holding this rank's shard width so the merge can check all ranks agree."""
-    col = torch.full((local.shape[0], 1), float(width), dtype=local.dtype, device=local.device)
-    return torch.cat([local, col], dim=-1)
+def stats_buffer(n: int, cols: int, width: int, dtype, device) -> torch.Tensor:
+    """[n, cols + 1] buffer for packed per-token statistics; the last column holds this rank's
+    shard width so the merge can check that all ranks agree (no extra copy before the gather)."""
+    buf = torch.empty(n, cols + 1, dtype=dtype, device=device)
+    buf[:, -1] = float(width)
+    return buf
 
 
 def check_gathered(gathered: torch.Tensor, max_cols: list[int], what: str) -> None:

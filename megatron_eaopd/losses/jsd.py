@@ -16,14 +16,9 @@ import math
 import torch
 
 from megatron_eaopd.losses import _kernels as K
-from megatron_eaopd.losses._common import (
-    append_width,
-    check_gathered,
-    check_same_shape,
-    prepare_logits,
-)
-from megatron_eaopd.losses.kl import merge_pair
-from megatron_eaopd.parallel.groups import all_gather_rows, all_reduce_sum
+from megatron_eaopd.losses._common import check_same_shape, prepare_logits
+from megatron_eaopd.losses.kl import pair_statistics
+from megatron_eaopd.parallel.groups import all_reduce_sum
 
 
 class _PairJSD(torch.autograd.Function):
@@ -32,18 +27,12 @@ class _PairJSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, beta, shard, inv_temp, group):
         n, width = student.shape
-        acc = K.acc_dtype(student.dtype)
         log_b, log_1mb = math.log(beta), math.log1p(-beta)
+        _, _, h_t, h_s, lse_s, lse_t = pair_statistics(
+            student, teacher, shard, inv_temp, group, "vocab-parallel JSD"
+        )
         step = K.row_chunk(width)
-        local = torch.empty(n, 8, dtype=acc, device=student.device)
-        for i in range(0, n, step):
-            local[i : i + step] = K.pair_stats(
-                student[i : i + step], teacher[i : i + step], shard.valid, inv_temp
-            )
-        gathered = all_gather_rows(append_width(local, width), group)
-        check_gathered(gathered, [0, 1], "vocab-parallel JSD")
-        _, _, h_t, h_s, lse_s, lse_t = (v.to(acc) for v in merge_pair(gathered[..., :8].double()))
-        parts = torch.empty(n, 2, dtype=acc, device=student.device)
+        parts = torch.empty(n, 2, dtype=lse_s.dtype, device=student.device)
         for i in range(0, n, step):
             r = slice(i, i + step)
             parts[r] = K.jsd_partials(

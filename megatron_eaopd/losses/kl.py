@@ -12,10 +12,10 @@ import torch
 
 from megatron_eaopd.losses import _kernels as K
 from megatron_eaopd.losses._common import (
-    append_width,
     check_gathered,
     check_same_shape,
     prepare_logits,
+    stats_buffer,
 )
 from megatron_eaopd.parallel.groups import all_gather_rows
 
@@ -45,6 +45,24 @@ def merge_pair(g: torch.Tensor):
     return rkl.clamp_min(0.0), fkl.clamp_min(0.0), h_t, h_s, big_s + log_zs, big_t + log_zt
 
 
+def pair_statistics(student, teacher, shard, inv_temp, group, what):
+    """Both softmaxes' statistics from [n, w] shards: one fused pass per row chunk, ONE
+    all-gather, the float64 merge. Returns (rkl, fkl, h_teacher, h_student, lse_student,
+    lse_teacher), [n] each in the accumulation dtype. Raises ValueError (on every rank) for NaN /
+    +inf logits, fully masked tokens or shard widths that differ between ranks."""
+    n, width = student.shape
+    acc = K.acc_dtype(student.dtype)
+    local = stats_buffer(n, 8, width, acc, student.device)
+    step = K.row_chunk(width)
+    for i in range(0, n, step):
+        local[i : i + step, :8] = K.pair_stats(
+            student[i : i + step], teacher[i : i + step], shard.valid, inv_temp
+        )
+    gathered = all_gather_rows(local, group)
+    check_gathered(gathered, [0, 1], what)
+    return tuple(v.to(acc) for v in merge_pair(gathered[..., :8].double()))
+
+
 class _PairKL(torch.autograd.Function):
     """(student [n, w], teacher [n, w]) -> (rkl, fkl, h_teacher, h_student), each [n] fp32.
 
@@ -55,18 +73,8 @@ class _PairKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, shard, inv_temp, group):
-        n, width = student.shape
-        acc = K.acc_dtype(student.dtype)
-        local = torch.empty(n, 8, dtype=acc, device=student.device)
-        step = K.row_chunk(width)
-        for i in range(0, n, step):
-            local[i : i + step] = K.pair_stats(
-                student[i : i + step], teacher[i : i + step], shard.valid, inv_temp
-            )
-        gathered = all_gather_rows(append_width(local, width), group)
-        check_gathered(gathered, [0, 1], "vocab-parallel KL")
-        rkl, fkl, h_t, h_s, lse_s, lse_t = (
-            v.to(acc) for v in merge_pair(gathered[..., :8].double())
+        rkl, fkl, h_t, h_s, lse_s, lse_t = pair_statistics(
+            student, teacher, shard, inv_temp, group, "vocab-parallel KL"
         )
         ctx.save_for_backward(student, teacher, lse_s, lse_t, rkl, h_s)
         ctx.shard, ctx.inv_temp = shard, inv_temp

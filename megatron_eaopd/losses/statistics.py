@@ -16,11 +16,11 @@ import torch
 
 from megatron_eaopd.losses import _kernels as K
 from megatron_eaopd.losses._common import (
-    append_width,
     check_gathered,
     check_token_ids,
     merge_single,
     prepare_logits,
+    stats_buffer,
 )
 from megatron_eaopd.parallel.groups import all_gather_rows
 
@@ -40,7 +40,7 @@ class _SoftmaxStats(torch.autograd.Function):
         j = ids.shape[1]
         cols = 3 + j + 2 * k
         acc = K.acc_dtype(logits.dtype)
-        local = torch.empty(n, cols, dtype=acc, device=logits.device)
+        local = stats_buffer(n, cols, width, acc, logits.device)
         step = K.row_chunk(width)
         for i in range(0, n, step):
             local[i : i + step, :3] = K.single_stats(logits[i : i + step], shard.valid, inv_temp)
@@ -53,10 +53,10 @@ class _SoftmaxStats(torch.autograd.Function):
             kk = min(k, shard.valid)
             top_v, top_i = torch.topk(logits[:, : shard.valid], kk, dim=-1)
             local[:, 3 + j : 3 + j + k] = float("-inf")
-            local[:, 3 + j + k :] = -1.0
+            local[:, 3 + j + k : 3 + j + 2 * k] = -1.0
             local[:, 3 + j : 3 + j + kk] = top_v.to(acc) * inv_temp
             local[:, 3 + j + k : 3 + j + k + kk] = (top_i + shard.start).to(acc)
-        gathered = all_gather_rows(append_width(local, width), group)
+        gathered = all_gather_rows(local, group)
         check_gathered(gathered, [0], "vocab-parallel softmax statistics")
         g = gathered.double()
         lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
