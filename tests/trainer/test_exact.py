@@ -7,38 +7,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
 from tests.dist import run_distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+from tests.trainer.common import CONFIG, TINY_RUN
 
 # one optimizer step per iteration (prompts_per_iteration == mini_batch_size), so the first
 # iteration's loss is the loss of the first step
 TINY = [
     "loss.objective=eopd_exact",
-    "training.iterations=2",
-    "training.eval_interval=2",
-    "training.checkpoint_interval=2",
     "rollout.prompts_per_iteration=4",
     "rollout.mini_batch_size=4",
     "rollout.micro_batch_size=4",
-    "rollout.max_response_tokens=24",
-    "eval.max_prompts=2",
-    "eval.k=2",
-    "eval.max_response_tokens=24",
-    "teacher_prep.iterations=4",
-    "teacher_prep.batch_size=8",
     "student_prep.enabled=false",
-    "task.synthetic.num_train=64",
-    "task.synthetic.num_distill=16",
-    "task.synthetic.num_eval=4",
-    "logging.progress_bars=false",
-    "logging.console=false",
-]
+] + TINY_RUN
 
 
 def _cfg(tmp, name, extra=()):

@@ -11,32 +11,16 @@ import os
 import pytest
 
 from tests.dist import run_distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+from tests.trainer.common import CONFIG, TINY_RUN
 
 TINY = [
     "parallel.student.pp=2",
-    "training.iterations=2",
-    "training.eval_interval=2",
-    "training.checkpoint_interval=2",
     "rollout.prompts_per_iteration=8",
     "rollout.mini_batch_size=4",
     "rollout.micro_batch_size=2",
-    "rollout.max_response_tokens=24",
-    "eval.max_prompts=2",
-    "eval.k=2",
-    "eval.max_response_tokens=24",
-    "teacher_prep.iterations=4",
-    "teacher_prep.batch_size=8",
     "student_prep.iterations=3",
     "student_prep.batch_size=8",
-    "task.synthetic.num_train=64",
-    "task.synthetic.num_distill=16",
-    "task.synthetic.num_eval=4",
-    "logging.progress_bars=false",
-    "logging.console=false",
-]
+] + TINY_RUN
 
 
 def _worker(rank, world, tmp, tp):
