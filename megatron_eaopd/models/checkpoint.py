@@ -164,7 +164,7 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_eaopd.trainer.preemption import preemption_signals_blocked
+    from megatron_eaopd.signals import preemption_signals_blocked
 
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
@@ -188,7 +188,7 @@ def save_checkpoint(
     if save_rng:
         sharded["rng_state"] = _rng_sharded_object(_capture_rng())
     sharded["iteration"] = iteration
-    # Helper processes the save starts must not die of a pre-timeout signal (preemption.py).
+    # Helper processes the save starts must not die of a pre-timeout signal (signals.py).
     with preemption_signals_blocked():
         dist_checkpointing.save(sharded, tmp)
     _barrier()
