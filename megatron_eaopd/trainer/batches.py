@@ -67,7 +67,9 @@ def attach_teacher(micro_batches: Sequence[dict], payloads: Sequence[TeacherPayl
     if len(micro_batches) != len(payloads):
         raise ValueError(f"{len(micro_batches)} micro-batches but {len(payloads)} payloads")
     for mb, p in zip(micro_batches, payloads):
-        mb["teacher"] = TeacherPayload(*(f.transpose(0, 1).contiguous() for f in p))
+        if p is not None:
+            p = TeacherPayload(*(f.transpose(0, 1).contiguous() for f in p))
+        mb["teacher"] = p
 
 
 def sft_micro_batches(

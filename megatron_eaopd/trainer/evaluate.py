@@ -23,8 +23,9 @@ import torch.distributed as dist
 from megatron_eaopd.data.task import Problem
 from megatron_eaopd.eval import summarize_samples
 from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
-from megatron_eaopd.trainer.batches import attach_teacher, collate, split_micro_batches
+from megatron_eaopd.trainer.batches import collate, split_micro_batches
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
+from megatron_eaopd.trainer.scoring import score_with_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "evaluate",
     "pad_id_of",
     "sample_problems",
-    "score_with_teacher",
     "seeded_generator",
 ]
 
@@ -112,20 +112,6 @@ def check_responses(task, tokenizer, problems, rollouts: RolloutBatch, n: int) -
     return out
 
 
-def score_with_teacher(teacher, micro_batches: list[dict], *, k: int, vocab_size: int, temp: float):
-    """Attach the teacher's payload (entropy, sampled-token log-prob, top-k) to each micro-batch.
-
-    The teacher runs under its own layout (``models.teacher.score_for_student``).
-    """
-    from megatron_eaopd.models.teacher import score_for_student
-
-    payloads = score_for_student(
-        teacher, micro_batches, k=k, vocab_size=vocab_size, teacher_layout=TEACHER,
-        student_layout=STUDENT, temperature=temp,
-    )  # fmt: skip
-    attach_teacher(micro_batches, payloads)
-
-
 def _gather_rows(rows: list, group) -> list:
     """Concatenate per-rank lists over a group (data-parallel ranks hold different prompts)."""
     if group is None or dist.get_world_size(group=group) == 1:
@@ -138,11 +124,15 @@ def _gather_rows(rows: list, group) -> list:
 def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
     """Held-out evaluation of the student (or, ``who="teacher"``, accuracy of the teacher).
 
-    Call on every rank. Returns the metrics dict (the same on every rank).
+    Call on every rank. The prompts of each set are dealt round-robin over the data-parallel
+    replicas, so replicas may hold different numbers of prompts (none, for small sets): sampling
+    makes no collective across replicas, the answers are gathered as objects, and the teacher
+    exchange and the metric all-reduces are made by every rank whatever its share. Returns the
+    metrics dict (the same on every rank).
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_eaopd.parallel.init import use_layout
+    from megatron_eaopd.parallel.init import compute_device, use_layout
 
     cfg, data = trainer.cfg, trainer.data
     ev = cfg.eval
@@ -158,74 +148,81 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
         problems = list(problems)[: ev.max_prompts] if ev.max_prompts else list(problems)
         with use_layout(layout):
             dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-            mine = problems[dp_rank::dp]
+            mine = problems[dp_rank::dp]  # replicas may get different counts, even none
             gen = seeded_generator(cfg.training.seed, "eval", who, name, iteration, dp_rank)
-            bar = trainer.progress(len(mine) * ev.k, f"eval {who} {name}")
-            rollouts = sample_problems(
-                model, mine, ev.k, data.tokenizer, max_new_tokens=ev.max_response_tokens,
-                params=params, vocab_size=data.vocab_size, generator=gen,
-                use_kv_cache=cfg.rollout.use_kv_cache, max_batch=trainer.max_decode_batch,
-                progress=bar.update if bar is not None else None,
-            )  # fmt: skip
-            if bar is not None:
-                bar.close()
-            rows = check_responses(data.task, data.tokenizer, mine, rollouts, ev.k)
+            rollouts, rows = None, []
+            if mine:
+                bar = trainer.progress(len(mine) * ev.k, f"eval {who} {name}")
+                rollouts = sample_problems(
+                    model, mine, ev.k, data.tokenizer, max_new_tokens=ev.max_response_tokens,
+                    params=params, vocab_size=data.vocab_size, generator=gen,
+                    use_kv_cache=cfg.rollout.use_kv_cache, max_batch=trainer.max_decode_batch,
+                    progress=bar.update if bar is not None else None,
+                )  # fmt: skip
+                if bar is not None:
+                    bar.close()
+                rows = check_responses(data.task, data.tokenizer, mine, rollouts, ev.k)
+                lengths[0] += float(rollouts.response_lens.sum())
+                lengths[1] += len(rollouts)
             results[name] = _gather_rows(rows, ps.get_data_parallel_group() if dp > 1 else None)
-            lengths[0] += float(rollouts.response_lens.sum())
-            lengths[1] += len(rollouts)
         if who == "student":
             for key, value in _entropy_sums(trainer, rollouts, tau).items():
                 sums[key] = sums.get(key, 0.0) + value
     metrics = summarize_samples(results, ks=sorted({1, ev.k}))
     with use_layout(layout):
         if ps.get_data_parallel_world_size() > 1:
-            t = torch.tensor(lengths, dtype=torch.float64)
+            t = torch.tensor(lengths, dtype=torch.float64, device=compute_device())
             dist.all_reduce(t, group=ps.get_data_parallel_group())
             lengths = t.tolist()
     metrics["response_length"] = lengths[0] / max(lengths[1], 1.0)
     if sums:
+        n_tokens = max(sums["n"], 1e-12)
         metrics.update(
-            student_high_frac=sums["student_high_entropy"] / sums["n"],
-            teacher_high_frac=sums["teacher_high_entropy"] / sums["n"],
+            student_high_frac=sums["student_high_entropy"] / n_tokens,
+            teacher_high_frac=sums["teacher_high_entropy"] / n_tokens,
             fkl_high=sums["fkl_gated"] / max(sums["n_gated"], 1e-12),
-            fkl_all=sums["fkl"] / sums["n"],
-            student_entropy=sums["student_entropy"] / sums["n"],
-            teacher_entropy=sums["teacher_entropy"] / sums["n"],
+            fkl_all=sums["fkl"] / n_tokens,
+            student_entropy=sums["student_entropy"] / n_tokens,
+            teacher_entropy=sums["teacher_entropy"] / n_tokens,
         )
     return metrics
 
 
-def _entropy_sums(trainer, rollouts: RolloutBatch, tau: float) -> dict[str, float]:
+def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[str, float]:
     """Token sums of the entropy metrics on one set's student rollouts (all ranks agree)."""
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.models.student import run_forward_backward
-    from megatron_eaopd.parallel.init import use_layout
+    from megatron_eaopd.parallel.init import compute_device, use_layout
 
     cfg, data = trainer.cfg, trainer.data
     objective = dataclasses.replace(
         trainer.objective, name="eopd", form="sampled", entropy_threshold=tau, tail_bucket=True
     )
     mbs = cfg.rollout.micro_batch_size
-    rows = len(rollouts)
-    if rows % mbs != 0:
-        mbs = _largest_divisor(rows, mbs)
-    batch = collate(rollouts, pad_id_of(data.tokenizer))
-    micro = split_micro_batches(batch, mbs)
-    seq = batch["tokens"].shape[1]
+    micro, seq = [], 0
+    if rollouts is not None and len(rollouts) > 0:  # None: this replica had no prompts
+        mbs = _largest_divisor(len(rollouts), mbs)
+        batch = collate(rollouts, pad_id_of(data.tokenizer))
+        micro = split_micro_batches(batch, mbs)
+        seq = batch["tokens"].shape[1]
     score_with_teacher(
         trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
         temp=cfg.loss.temperature,
     )  # fmt: skip
     with use_layout(STUDENT):
-        outputs = run_forward_backward(
-            trainer.student.chunks, distill_forward_step(objective, data.vocab_size), iter(micro),
-            len(micro), seq, mbs, forward_only=True,
-        )  # fmt: skip
+        outputs = []
+        if micro:
+            outputs = run_forward_backward(
+                trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
+                iter(micro), len(micro), seq, mbs, forward_only=True,
+            )  # fmt: skip
         names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
                  "teacher_high_entropy", "gate"]  # fmt: skip
         means = reduce_outputs(list(outputs or []), names)
-        n = torch.tensor([float(sum(int(mb["loss_mask"].sum()) for mb in micro))])
+        n = torch.tensor(
+            [float(sum(int(mb["loss_mask"].sum()) for mb in micro))], device=compute_device()
+        )
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(n, group=ps.get_data_parallel_group())
     n = float(n)

@@ -28,7 +28,6 @@ from megatron_eaopd.data import prepare_data
 from megatron_eaopd.data.sampling import PromptSampler, total_iterations
 from megatron_eaopd.losses import ObjectiveConfig
 from megatron_eaopd.rollout import SamplingParams
-from megatron_eaopd.trainer.batches import collate, split_micro_batches
 from megatron_eaopd.trainer.build import (
     STUDENT,
     TEACHER,
@@ -42,12 +41,11 @@ from megatron_eaopd.trainer.evaluate import (
     evaluate,
     pad_id_of,
     sample_problems,
-    score_with_teacher,
     seeded_generator,
 )
 from megatron_eaopd.trainer.metrics_log import MetricsLogger
 from megatron_eaopd.trainer.teacher_prep import prepare_student, prepare_teacher
-from megatron_eaopd.trainer.update import distill_forward_step, optimizer_step, reduce_outputs
+from megatron_eaopd.trainer.update import distill_on_rollouts, reduce_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +93,6 @@ def _exact_form_problems(cfg: EAOPDConfig) -> list[str]:
             "pipelined teacher"
         )
     return problems
-
-
-def attach_teacher_logits(teacher, micro_batches: list[dict]) -> None:
-    """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under "teacher".
-
-    Runs a plain forward of the (TP-only) teacher under its layout on this rank's micro-batches,
-    which are those of the student's data-parallel replica: with the same TP size and no
-    pipeline, the teacher's TP group is the student's, so each rank holds the vocabulary shard its
-    student logits are paired with. Collectives: the teacher's TP all-reduces.
-    """
-    from megatron_eaopd.parallel.init import use_layout
-
-    with use_layout(TEACHER):
-        for mb in micro_batches:
-            mb["teacher"] = teacher(mb["tokens"], mb["position_ids"], None).float()
 
 
 def _tp_ranks(layout: str) -> list[int]:
@@ -201,9 +184,11 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint
-        from megatron_eaopd.parallel.init import use_layout
+        from megatron_eaopd.parallel.init import compute_device, use_layout
 
-        flag = torch.tensor([int(os.path.isfile(os.path.join(self.ckpt_dir, LATEST)))])
+        flag = torch.tensor(
+            [int(os.path.isfile(os.path.join(self.ckpt_dir, LATEST)))], device=compute_device()
+        )
         dist.broadcast(flag, src=0)
         if not (self.cfg.training.resume and bool(flag.item())):
             return
@@ -235,7 +220,9 @@ class Trainer:
     def _dp_sum(self, values: list[float]) -> list[float]:
         from megatron.core import parallel_state as ps
 
-        t = torch.tensor(values, dtype=torch.float64)
+        from megatron_eaopd.parallel.init import compute_device
+
+        t = torch.tensor(values, dtype=torch.float64, device=compute_device())
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(t, group=ps.get_data_parallel_group())
         return t.tolist()
@@ -271,39 +258,20 @@ class Trainer:
         correct = check_responses(data.task, data.tokenizer, mine, rollouts, r.samples_per_prompt)
         n_correct = sum(sum(row) for row in correct)
         resp_tokens = float(rollouts.response_lens.sum())
-        batch = collate(rollouts, pad_id_of(data.tokenizer))
-        seq = batch["tokens"].shape[1]
-        rows_per_step = len(rollouts) // self.steps_per_iteration
-        mbs = min(r.micro_batch_size, rows_per_step)
-        while rows_per_step % mbs:
-            mbs -= 1
-        micro = split_micro_batches(batch, mbs)
-        if self.exact:
-            attach_teacher_logits(self.teacher, micro)
-        else:
-            score_with_teacher(
-                self.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
-                temp=cfg.loss.temperature,
-            )  # fmt: skip
-        self.last_micro_batches = micro
-        t_teacher = time.perf_counter()
-        forward_step = distill_forward_step(self.objective, data.vocab_size)
-        per_step = rows_per_step // mbs
-        outputs, grad_norms, step_metrics = [], [], {}
+        bar = self.progress(self.steps_per_iteration, f"update {iteration}")
+        done = distill_on_rollouts(
+            self.student, self.teacher, self.objective, rollouts,
+            steps=self.steps_per_iteration, micro_batch_size=r.micro_batch_size,
+            pad_id=pad_id_of(data.tokenizer), vocab_size=data.vocab_size, top_k=cfg.loss.top_k,
+            temperature=cfg.loss.temperature, skip_nonfinite=cfg.training.skip_nonfinite,
+            progress=bar.update if bar is not None else None,
+        )  # fmt: skip
+        if bar is not None:
+            bar.close()
+        self.last_micro_batches = done["micro"]
+        grad_norms, step_metrics = done["grad_norms"], done["last"]
         with use_layout(STUDENT):
-            bar = self.progress(self.steps_per_iteration, f"update {iteration}")
-            for step in range(self.steps_per_iteration):
-                step_metrics, outs = optimizer_step(
-                    self.student, forward_step, micro[step * per_step : (step + 1) * per_step],
-                    seq, mbs, skip_nonfinite=cfg.training.skip_nonfinite,
-                )  # fmt: skip
-                outputs += outs
-                grad_norms.append(step_metrics["grad_norm"])
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            metrics = reduce_outputs(outputs)
+            metrics = reduce_outputs(done["outputs"])
             totals = self._dp_sum(
                 [n_correct, len(rollouts), resp_tokens, float(rollouts.finished.sum())]
             )
@@ -318,8 +286,8 @@ class Trainer:
             skipped_updates=float(self.student.skipped_updates),
             tokens_per_s=totals[2] / max(t_rollout - t_start, 1e-9),
             time_rollout=t_rollout - t_start,
-            time_teacher=t_teacher - t_rollout,
-            time_update=t_end - t_teacher,
+            time_teacher=done["time_teacher"],
+            time_update=done["time_update"],
             time_iteration=t_end - t_start,
             epoch=float(self.sampler.epoch),
         )

@@ -181,3 +181,81 @@ def optimizer_step(
         skipped=float(not stepped),
     )
     return metrics, outputs
+
+
+def distill_on_rollouts(
+    student,
+    teacher,
+    objective: ObjectiveConfig,
+    rollouts,
+    *,
+    steps: int,
+    micro_batch_size: int,
+    pad_id: int,
+    vocab_size: int,
+    top_k: int,
+    temperature: float,
+    skip_nonfinite: bool = True,
+    progress=None,
+) -> dict:
+    """Teacher pass and ``steps`` optimizer steps on this data-parallel replica's rollouts.
+
+    Call on every rank, under any layout, with the rollouts of this rank's student replica:
+    rows of whole prompts (all samples of a prompt together), the same on every rank of the
+    replica, a multiple of ``steps`` rows on every replica. Step j uses the j-th consecutive
+    slice of the rows; with prompts dealt round-robin over the replicas (prompt p to replica
+    p mod dp) step j of every replica together covers the j-th mini-batch of the global prompt
+    order, so the update does not depend on the layout. Micro-batches hold the largest divisor
+    of the rows per step that is at most ``micro_batch_size`` rows, each padded to the replica's
+    longest sequence (replicas may differ).
+
+    The sampled form scores with :func:`trainer.scoring.score_with_teacher` (teacher at its own
+    layout); ``objective.form == "exact"`` attaches the teacher's logits shard instead.
+    Returns {"micro": the micro-batches, "outputs": the reported loss pairs of this rank,
+    "grad_norms": per step, "last": the last step's metrics, "time_teacher", "time_update"}.
+    Collectives: the teacher exchange, then per step those of :func:`optimizer_step`.
+    """
+    import time
+
+    from megatron_eaopd.parallel.init import use_layout
+    from megatron_eaopd.trainer.batches import collate, split_micro_batches
+    from megatron_eaopd.trainer.build import STUDENT
+    from megatron_eaopd.trainer.scoring import attach_teacher_logits, score_with_teacher
+
+    t0 = time.perf_counter()
+    rows = len(rollouts)
+    if steps < 1 or rows % steps:
+        raise ValueError(f"{rows} rollout rows do not split into {steps} optimizer steps")
+    rows_per_step = rows // steps
+    mbs = max(
+        d for d in range(1, min(micro_batch_size, rows_per_step) + 1) if rows_per_step % d == 0
+    )
+    batch = collate(rollouts, pad_id)
+    seq = batch["tokens"].shape[1]
+    micro = split_micro_batches(batch, mbs)
+    if objective.form == "exact":
+        attach_teacher_logits(teacher, micro)
+    else:
+        score_with_teacher(teacher, micro, k=top_k, vocab_size=vocab_size, temp=temperature)
+    t1 = time.perf_counter()
+    forward_step = distill_forward_step(objective, vocab_size)
+    per_step = rows_per_step // mbs
+    outputs, grad_norms, last = [], [], {}
+    with use_layout(STUDENT):
+        for step in range(steps):
+            last, outs = optimizer_step(
+                student, forward_step, micro[step * per_step : (step + 1) * per_step], seq, mbs,
+                skip_nonfinite=skip_nonfinite,
+            )  # fmt: skip
+            outputs += outs
+            grad_norms.append(last["grad_norm"])
+            if progress is not None:
+                progress(1)
+    return {
+        "micro": micro,
+        "outputs": outputs,
+        "grad_norms": grad_norms,
+        "last": last,
+        "time_teacher": t1 - t0,
+        "time_update": time.perf_counter() - t1,
+    }

@@ -1,0 +1,204 @@
+"""Teacher scoring of the student's micro-batches when the two models use different layouts.
+
+`score_for_student` is called on every rank with the micro-batches of this rank's student
+data-parallel replica. The replicas may hold different numbers of micro-batches, of different
+widths (each pads its rollouts to its own longest sequence; evaluation splits prompt sets
+unevenly); the teacher runs under its own TP x PP layout, whose data-parallel replicas are other
+groups of the same ranks. Everything between the two travels point to point
+(:mod:`megatron_eaopd.parallel.exchange`): each teacher replica receives only the token ids it
+scores, and each student rank that computes the loss receives only its own replica's payload.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["payload_bytes_per_position", "score_for_student"]
+
+
+def payload_bytes_per_position(k: int) -> int:
+    """Bytes of teacher payload one receiving student rank gets per token position: fp32
+    entropy, sampled-token log-prob, k top-k log-probs and k top-k ids (exact in fp32)."""
+    return 4 * (2 + 2 * k)
+
+
+def _check_replica_agreement(meta: torch.Tensor, table, student: int) -> None:
+    """Ranks of one student replica must hold the same micro-batches (same M, b, s)."""
+    dp = table.sizes[student][0]
+    for i in range(dp):
+        ranks = table.ranks(student, dp=i)
+        rows = meta[ranks]
+        if not bool((rows == rows[0]).all()):
+            raise ValueError(
+                f"score_for_student: the ranks {ranks} of student data-parallel replica {i} hold "
+                f"different micro-batches (count, rows, width per rank: {rows.tolist()}); every "
+                f"rank of a replica must pass the same micro-batches"
+            )
+
+
+def score_for_student(
+    teacher,
+    batches,
+    *,
+    k: int,
+    vocab_size: int,
+    teacher_layout: str = "teacher",
+    student_layout: str = "student",
+    temperature: float = 1.0,
+) -> list:
+    """Score this rank's student micro-batches with a teacher that runs under its own layout.
+
+    Call on every rank of the world. ``batches``: this rank's micro-batches, dicts of "tokens"
+    and "labels" [b, s] int64 and optionally "position_ids" (must be 0 .. s-1: right-padded,
+    position-aligned sequences); identical on every rank of one student data-parallel replica.
+    Replicas may pass different counts M_i (0 included), rows b_i and widths s_i.
+
+    Steps (G = sum of M_i micro-batches, global index g = (replica i, local m)):
+
+    1. One all-gather over the world of [3] int64 per rank (M, b, s), and on the first call for
+       these layouts one of the rank table (:func:`parallel.exchange.layout_table`).
+    2. Teacher replica r scores the contiguous share g in [r G / dp_t, (r + 1) G / dp_t) (shares
+       differ by at most one), padded to the global [B, S] = max rows, max width (pad rows and
+       columns are scored and discarded; causal attention keeps the real positions exact).
+       Tokens and labels reach every rank of replica r point to point as int32 [2, b_i, s_i]:
+       8 bytes per position per receiving rank.
+    3. The payload of micro-batch g goes point to point from the teacher replica's last-stage TP
+       ranks (round-robin) to the student replica's last-stage ranks only, cropped to
+       [s_i, b_i]: one fp32 [s_i, b_i, 2 + 2k] tensor, :func:`payload_bytes_per_position` bytes
+       (136 at k = 16) per position per receiving rank. Besides these, the teacher forward's own
+       collectives (pipeline p2p, TP all-reduces, one TP all-gather per micro-batch).
+
+    Returns M entries: on the student's last pipeline stage TeacherPayload (entropy [s, b],
+    token_logprobs [s, b], topk_logprobs [s, b, k], topk_ids [s, b, k] int64); on other stages
+    None (the loss runs only on the last stage).
+    """
+    from megatron_eaopd.losses import TeacherPayload
+    from megatron_eaopd.parallel.exchange import exchange, layout_table, spread
+    from megatron_eaopd.parallel.groups import all_gather_rows
+    from megatron_eaopd.parallel.init import compute_device, use_layout
+
+    if vocab_size >= 2**24:
+        raise ValueError(f"vocab_size={vocab_size} too large for the fp32 id transport (< 2**24)")
+    batches = list(batches)
+    device = compute_device()
+    me = dist.get_rank()
+    with use_layout(student_layout) as s_layout:
+        pass
+    with use_layout(teacher_layout) as t_layout:
+        pass
+    table = layout_table([s_layout, t_layout])
+    S_, T_ = 0, 1
+    dp_s = s_layout.dp
+    dp_t, pp_t = t_layout.dp, t_layout.pp
+
+    shapes = {tuple(b["tokens"].shape) for b in batches}
+    if len(shapes) > 1:
+        raise ValueError(f"score_for_student: micro-batches of different shapes {sorted(shapes)}")
+    b_loc, s_loc = shapes.pop() if shapes else (0, 0)
+    for mb in batches:
+        pos = mb.get("position_ids")
+        if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_loc).expand(b_loc, -1)):
+            raise ValueError("score_for_student: position_ids must be 0 .. s-1 on every row")
+    mine = torch.tensor([[len(batches), b_loc, s_loc]], dtype=torch.long, device=device)
+    meta = all_gather_rows(mine, dist.group.WORLD).cpu().view(-1, 3)
+    _check_replica_agreement(meta, table, S_)
+
+    # the global list of micro-batches: (replica, local index, rows, width)
+    per_replica = [meta[table.ranks(S_, dp=i)[0]].tolist() for i in range(dp_s)]
+    index = [(i, m, b, s) for i, (count, b, s) in enumerate(per_replica) for m in range(count)]
+    total = len(index)
+    if total == 0:
+        return []
+    rows = max(b for _, _, b, _ in index)
+    width = max(s for _, _, _, s in index)
+    bounds = [r * total // dp_t for r in range(dp_t + 1)]
+    owner_t = [next(r for r in range(dp_t) if bounds[r] <= g < bounds[r + 1]) for g in range(total)]
+    my_s = tuple(table.coords[me, S_].tolist())  # (dp, pp, tp) of this rank
+    my_t = tuple(table.coords[me, T_].tolist())
+
+    # 2. tokens and labels to the teacher replica that scores them
+    sends, recvs, local = [], [], {}
+    inbox = {}
+    for g, (i, m, b, s) in enumerate(index):
+        pairs = spread(table.ranks(S_, dp=i), table.ranks(T_, dp=owner_t[g]))
+        for src, dst in pairs:
+            if src == me:
+                packed = torch.stack([batches[m]["tokens"], batches[m]["labels"]]).to(
+                    device=device, dtype=torch.int32
+                )
+                if dst == me:
+                    local[g] = packed
+                else:
+                    sends.append((dst, packed))
+            elif dst == me:
+                inbox[g] = torch.empty(2, b, s, dtype=torch.int32, device=device)
+                recvs.append((src, inbox[g]))
+    exchange(sends, recvs)
+    inbox.update(local)
+
+    share = list(range(bounds[my_t[0]], bounds[my_t[0] + 1]))
+    scored = {}
+    if share:
+        padded = []
+        for g in share:
+            _, _, b, s = index[g]
+            grid = torch.zeros(2, rows, width, dtype=torch.long, device=device)
+            grid[:, :b, :s] = inbox[g].long()
+            padded.append(
+                {
+                    "tokens": grid[0],
+                    "labels": grid[1],
+                    "position_ids": torch.arange(width, device=device).expand(rows, -1),
+                }
+            )
+        with use_layout(teacher_layout):
+            payloads = teacher.score(
+                padded, width, rows, payload_k=k, vocab_size=vocab_size, temperature=temperature
+            )
+        for g, p in zip(share, payloads):  # empty unless this is the teacher's last stage
+            _, _, b, s = index[g]
+            pack = torch.cat(
+                [
+                    p.entropy[:s, :b, None],
+                    p.token_logprobs[:s, :b, None],
+                    p.topk_logprobs[:s, :b],
+                    p.topk_ids[:s, :b].float(),
+                ],
+                dim=-1,
+            )
+            scored[g] = pack.float().contiguous()
+
+    # 3. payloads from the teacher's last stage to the student's last stage
+    sends, recvs, local, inbox = [], [], {}, {}
+    width_k = 2 + 2 * k
+    for g, (i, _, b, s) in enumerate(index):
+        sources = table.ranks(T_, dp=owner_t[g], pp=pp_t - 1)
+        dests = table.ranks(S_, dp=i, pp=s_layout.pp - 1)
+        for src, dst in spread(sources, dests):
+            if src == me:
+                if dst == me:
+                    local[g] = scored[g]
+                else:
+                    sends.append((dst, scored[g]))
+            elif dst == me:
+                inbox[g] = torch.empty(s, b, width_k, dtype=torch.float32, device=device)
+                recvs.append((src, inbox[g]))
+    exchange(sends, recvs)
+    inbox.update(local)
+
+    if my_s[1] != s_layout.pp - 1:
+        return [None] * len(batches)
+    out = []
+    first = sum(per_replica[i][0] for i in range(my_s[0]))
+    for m in range(len(batches)):
+        t = inbox[first + m]
+        out.append(
+            TeacherPayload(
+                t[..., 0].contiguous(),
+                t[..., 1].contiguous(),
+                t[..., 2 : 2 + k].contiguous(),
+                t[..., 2 + k :].round().long(),
+            )
+        )
+    return out

@@ -1,0 +1,46 @@
+"""The trainer's teacher pass: attach the teacher's view of the rollouts to the micro-batches.
+
+* sampled form (the paper): :func:`score_with_teacher` routes each student replica's micro-batches
+  to the teacher under its own layout and stores the compact payload (entropy, sampled-token
+  log-prob, top-k) under "teacher" (:func:`megatron_eaopd.models.scoring.score_for_student`);
+* exact form: :func:`attach_teacher_logits` stores the teacher's logits shard, which needs the
+  teacher's TP group to be the student's.
+"""
+
+from __future__ import annotations
+
+from megatron_eaopd.trainer.batches import attach_teacher
+from megatron_eaopd.trainer.build import STUDENT, TEACHER
+
+__all__ = ["attach_teacher_logits", "score_with_teacher"]
+
+
+def score_with_teacher(teacher, micro_batches: list[dict], *, k: int, vocab_size: int, temp: float):
+    """Attach the teacher's payload to each micro-batch of this rank (call on every rank).
+
+    On the student's last pipeline stage "teacher" holds a TeacherPayload with [b, s] and
+    [b, s, k] fields (the loss's layout); on other stages None (they never compute the loss).
+    Collectives: those of ``score_for_student``.
+    """
+    from megatron_eaopd.models.scoring import score_for_student
+
+    payloads = score_for_student(
+        teacher, micro_batches, k=k, vocab_size=vocab_size, teacher_layout=TEACHER,
+        student_layout=STUDENT, temperature=temp,
+    )  # fmt: skip
+    attach_teacher(micro_batches, payloads)
+
+
+def attach_teacher_logits(teacher, micro_batches: list[dict]) -> None:
+    """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under "teacher".
+
+    Runs a plain forward of the (TP-only) teacher under its layout on this rank's micro-batches,
+    which are those of the student's data-parallel replica: with the same TP size and no
+    pipeline, the teacher's TP group is the student's, so each rank holds the vocabulary shard its
+    student logits are paired with. Collectives: the teacher's TP all-reduces.
+    """
+    from megatron_eaopd.parallel.init import use_layout
+
+    with use_layout(TEACHER):
+        for mb in micro_batches:
+            mb["teacher"] = teacher(mb["tokens"], mb["position_ids"], None).float()
