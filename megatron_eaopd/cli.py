@@ -6,9 +6,11 @@ Launch under torchrun (one process per GPU, or per CPU rank with gloo)::
     python -m megatron_eaopd.cli --config configs/tiny-cpu.yaml parallel.student.tp=1 \
         parallel.teacher.tp=1                                   # one process, no launcher
 
-Configuration and data problems (unknown keys, bad values, missing or malformed prompt files,
-prompts longer than the limit) are reported before any process group or model is created, with
-exit status 2. Everything else is :class:`megatron_eaopd.trainer.Trainer`.
+Configuration and data problems (unknown keys, bad or non-finite values, a world size that a model's
+tp * pp does not divide, settings that cannot run here (``config.checks.check_run``), a top-k beyond
+the tokenizer's vocabulary, missing or malformed prompt files, prompts longer than the limit) are
+reported before any process group or model is created, with exit status 2. Everything else is
+:class:`megatron_eaopd.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,20 @@ def run(cfg, preemption=None, data=None) -> dict:
         trainer.close()
 
 
+def _world_size() -> int:
+    """WORLD_SIZE from the launcher's environment (1 without one); ConfigError when malformed."""
+    from megatron_eaopd.config import ConfigError
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError([("WORLD_SIZE", f"{raw!r} is not an integer")]) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``--config FILE [key=value ...]``, train, return the exit status."""
-    from megatron_eaopd.config import ConfigError, build_arg_parser, load_config
+    from megatron_eaopd.config import ConfigError, build_arg_parser, check_run, load_config
     from megatron_eaopd.data import TaskError
 
     args = build_arg_parser("eaopd-train").parse_args(argv)
@@ -50,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        world_size = _world_size()
         cfg = load_config(args.config, args.overrides)
+        check_run(cfg, world_size)  # world size, hardware, cross-field rules
         from megatron_eaopd.trainer.loop import check_trainer_config
 
-        check_trainer_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_trainer_config(cfg, world_size)
         from megatron_eaopd.data import prepare_data
 
         data = prepare_data(cfg)  # every data check, before any compute
+        check_run(cfg, world_size, data.vocab_size)  # top-k bounded by the vocabulary
     except (ConfigError, TaskError, ValueError) as err:
         print(f"eaopd-train: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Typical use::
 """
 
 from megatron_eaopd.config.bridge import model_kwargs, objective_kwargs
+from megatron_eaopd.config.checks import check_run
 from megatron_eaopd.config.loader import (
     ConfigError,
     apply_overrides,
@@ -62,6 +63,7 @@ __all__ = [
     "TrainingConfig",
     "apply_overrides",
     "build_arg_parser",
+    "check_run",
     "config_from_dict",
     "config_to_dict",
     "describe_fields",

@@ -67,6 +67,7 @@ def objective_kwargs(loss: LossConfig) -> dict[str, Any]:
         name="eopd" if loss.objective == "eopd_exact" else loss.objective,
         form=loss.form,
         entropy_threshold=float(loss.entropy_threshold),
+        gate_strict=bool(loss.gate_strict),
         fkl_coef=float(loss.fkl_coef),
         gate_width=float(loss.soft_gate_width),
         mix_weight=float(loss.mix_weight),
@@ -75,4 +76,5 @@ def objective_kwargs(loss: LossConfig) -> dict[str, Any]:
         top_k=int(loss.top_k),
         tail_bucket=bool(loss.tail_bucket),
         temperature=float(loss.temperature),
+        chunk_size=None if loss.chunk_size is None else int(loss.chunk_size),
     )

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -226,8 +227,29 @@ def _convert(value: Any, tp: Any, path: str, problems: list) -> Any:
     return value
 
 
+_BOUND_WORDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+# Keys that existed once and were removed: a config that still sets one gets this reason instead
+# of "unknown key".
+REMOVED_KEYS = {
+    "rollout.engine": (
+        "was removed: it was never read; the project's own sampler (megatron_eaopd.rollout) is "
+        "the only rollout engine. Delete the key"
+    ),
+}
+
+
+def _range_text(meta: typing.Mapping) -> str:
+    """The allowed range of a numeric field, e.g. 'a finite number > 0 and <= 1'."""
+    bounds = [f"{word} {meta[key]}" for key, word in _BOUND_WORDS if meta.get(key) is not None]
+    return "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+
+
 def _check_meta(value: Any, meta: typing.Mapping, path: str, problems: list) -> None:
     if value is None or isinstance(value, bool) and "choices" not in meta:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append((path, f"{value!r} is not allowed (must be {_range_text(meta)})"))
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
@@ -261,6 +283,9 @@ def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:
     kwargs = {}
     for key, raw in value.items():
         sub = f"{path}.{key}" if path else str(key)
+        if key not in fields and sub in REMOVED_KEYS:
+            problems.append((sub, REMOVED_KEYS[sub]))
+            continue
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -343,8 +368,6 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         )
     if cfg.loss.objective in ("eopd_exact", "jsd") and cfg.loss.form != "exact":
         problems.append(("loss.form", f"loss.objective={cfg.loss.objective} needs form exact"))
-    if cfg.parallel.sequence_parallel and cfg.parallel.student.tp < 2:
-        problems.append(("parallel.sequence_parallel", "needs parallel.student.tp > 1"))
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         problems.append(("optimizer.min_lr", f"{cfg.optimizer.min_lr} exceeds optimizer.lr"))
     syn = cfg.task.synthetic

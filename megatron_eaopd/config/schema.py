@@ -149,7 +149,10 @@ class ParallelConfig:
     backend: str = _f("auto", choices=("auto", "nccl", "gloo"))
     """torch.distributed backend; auto: nccl with CUDA, gloo otherwise."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1)."""
+    """Megatron sequence parallelism. Not supported yet: true is refused before anything starts,
+    with the reason (megatron's linear layers fix it when they are built while the one-token
+    KV-cache decode of the rollouts cannot be split over the sequence; on CPU, gloo has no
+    reduce_scatter; it needs tp > 1). See docs/parallelism.md."""
     make_vocab_size_divisible_by: int = _f(128, ge=1)
     """The vocabulary is padded to a multiple of this times the TP size (Megatron's rule)."""
 
@@ -163,29 +166,40 @@ class LossConfig:
     full-vocabulary forward KL), eopd_soft (sigmoid gate), mix (fixed forward/reverse mix),
     fkl (forward KL only), jsd (generalised JSD)."""
     entropy_threshold: float = _f(0.8, ge=0)
-    """Gate threshold tau on the teacher's full-vocabulary entropy, in nats (paper: 0.8)."""
+    """Gate threshold tau on the teacher's full-vocabulary entropy, in nats (paper: 0.8); a
+    token is gated in when H >= tau (see gate_strict)."""
+    gate_strict: bool = False
+    """Gate with the strict H > tau instead of H >= tau (the paper authors' code uses >=; the two
+    differ at tau = 0 and on exact ties). Also applies to the high-entropy metrics."""
     fkl_coef: float = _f(1.0, ge=0)
     """Weight alpha of the gated forward-KL term (paper: 1.0)."""
     clip: float = _f(0.2, gt=0)
     """PPO ratio clip epsilon of the sampled-token policy-gradient term."""
     top_k: int = _f(16, ge=1)
-    """Size of the teacher's top-k set for the forward KL (paper: 16)."""
+    """Size of the teacher's top-k set for the forward KL (paper: 16); at most the tokenizer's
+    vocabulary size."""
     tail_bucket: bool = False
     """Add one bucket for the probability mass outside the top-k set to the forward KL."""
     temperature: float = _f(1.0, gt=0)
-    """Both models' logits are divided by this (the rollout temperature, paper: 1.0)."""
+    """Both models' logits are divided by this (paper: 1.0). The sampled form needs it equal to
+    rollout.temperature (the PPO ratio is against the distribution the tokens were drawn
+    from)."""
     soft_gate_width: float = _f(0.1, gt=0)
     """eopd_soft: the gate is sigmoid((H - tau) / width)."""
     mix_weight: float = _f(0.5, ge=0, le=1)
     """mix: weight of the forward KL; the reverse KL gets 1 - mix_weight."""
-    jsd_beta: float = _f(0.5, ge=0, le=1)
-    """jsd: interpolation beta of the generalised Jensen-Shannon divergence."""
+    jsd_beta: float = _f(0.5, gt=0, lt=1)
+    """jsd: interpolation beta of the generalised Jensen-Shannon divergence, strictly between 0
+    and 1 (at 0 and 1 the divergence is identically zero; use objective fkl or opd)."""
     form: str | None = _f(None, choices=("sampled", "exact"))
     """sampled: teacher as a compact top-k payload, sampled-token policy gradient (the paper);
     exact: full teacher logits, KL over the whole vocabulary. null: exact for eopd_exact and jsd,
     sampled otherwise."""
-    chunk_size: int = _f(1024, ge=1)
-    """Tokens per chunk in the vocab-parallel loss (bounds transient memory)."""
+    chunk_size: int | None = _f(None, ge=1)
+    """Tokens per row chunk of the vocab-parallel loss kernels (bounds transient memory: a few
+    fp32 [chunk_size, V_pad / tp] temporaries when the kernels run eagerly); null: about 2^24
+    (eager) or 2^28 (compiled) logit values per chunk, or the env EAOPD_CHUNK_ELEMS (for
+    benchmarks), divided by the shard width. Changes memory and speed, not the result."""
 
 
 @dataclass
@@ -209,11 +223,9 @@ class RolloutConfig:
     top_p: float = _f(1.0, gt=0, le=1)
     """Nucleus sampling threshold; 1.0 disables it."""
     top_k: int = _f(0, ge=0)
-    """Sample among the k most likely tokens; 0 disables it."""
+    """Sample among the k most likely tokens; 0 disables it; at most the vocabulary size."""
     use_kv_cache: bool = True
     """Decode with a KV cache (off: re-run the whole prefix each token; for benchmarks)."""
-    engine: str = _f("auto", choices=("auto", "megatron", "native"))
-    """Sampler: megatron-core's inference engine, the project's own, or auto (first that runs)."""
 
 
 @dataclass
@@ -277,7 +289,7 @@ class EvalConfig:
     top_p: float = _f(0.8, gt=0, le=1)
     """Nucleus threshold at evaluation (paper: 0.8)."""
     top_k: int = _f(0, ge=0)
-    """Top-k sampling at evaluation; 0 disables it."""
+    """Top-k sampling at evaluation; 0 disables it; at most the vocabulary size."""
     max_response_tokens: int = _f(8192, ge=1)
     """Most new tokens per evaluation response (paper: 8192)."""
     max_prompts: int | None = _f(None, ge=1)
@@ -285,7 +297,10 @@ class EvalConfig:
     entropy_threshold: float | None = _f(None, ge=0)
     """tau of the high-entropy metrics; null: loss.entropy_threshold."""
     use_math_verify: bool | None = None
-    """Check answers with math-verify; null: when it is installed."""
+    """Boxed-answer checking (tasks using the default Task.check, e.g. jsonl) with math-verify:
+    true: always (refused before the run starts when math-verify is not installed); false: never
+    (normalised string/number comparison); null: when it is installed. The builtin task checks
+    its integer answers exactly and ignores it."""
     plot: bool = True
     """Write a PNG of the evaluation curves when matplotlib is installed."""
 

@@ -1,9 +1,11 @@
 """One call that turns a config into checked data: task, tokenizer, prompt sets.
 
 :func:`prepare_data` runs every data check that can fail before any model is built: the task loads
-(prompt files exist and parse), the tokenizer builds, no prompt set is empty, every prompt fits
-``rollout.max_prompt_tokens``, and (when the teacher is prepared on the task) every training
-example fits the teacher's ``max_seq_len``. Each failure is a :class:`TaskError` with the fix.
+(prompt files exist and parse), math-verify is installed when ``eval.use_math_verify`` asks for it
+(the task's answer checking follows that key), the tokenizer builds, no prompt set is empty, every
+prompt fits ``rollout.max_prompt_tokens``, and (when the teacher is prepared on the task) every
+training example fits the teacher's ``max_seq_len``. Each failure is a :class:`TaskError` with the
+fix.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_eaopd.data.answers import math_verify_available
 from megatron_eaopd.data.sequences import build_sft_example, encode_prompt
 from megatron_eaopd.data.task import Problem, Task, TaskError, load_task, validate_prompt_lengths
 from megatron_eaopd.data.tokenizer import build_tokenizer
@@ -54,10 +57,18 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
             None: when the teacher will be prepared on the task (no teacher checkpoint).
 
     Raises:
-        TaskError: a missing/malformed prompt file, an empty prompt set, a prompt longer than
+        TaskError: a missing/malformed prompt file, eval.use_math_verify=true without math-verify
+            installed, an empty prompt set, a prompt longer than
             ``rollout.max_prompt_tokens``, a training example longer than the teacher's context.
     """
     task = load_task(cfg.task)
+    use_mv = cfg.eval.use_math_verify
+    if use_mv and not math_verify_available():
+        raise TaskError(
+            "eval.use_math_verify=true needs the math-verify package, which is not installed: "
+            "`pip install math-verify`, or set eval.use_math_verify=null or false"
+        )
+    task.use_math_verify = use_mv
     tokenizer = build_tokenizer(cfg.tokenizer, task)
 
     def encode(text: str) -> list[int]:

@@ -66,6 +66,9 @@ class Task(abc.ABC):
     name: str = "task"
     #: strings a task-trained tokenizer keeps as single pieces (user-defined symbols)
     tokenizer_symbols: tuple[str, ...] = ()
+    #: the default :meth:`check`'s use of math-verify (``eval.use_math_verify``, set by
+    #: ``prepare_data``): True always, False never, None when it is installed
+    use_math_verify: bool | None = None
 
     @abc.abstractmethod
     def train_problems(self) -> Sequence[Problem]:
@@ -84,8 +87,9 @@ class Task(abc.ABC):
         return {"eval": self.eval_problems()}
 
     def check(self, response: str, problem: Problem) -> bool:
-        """Whether ``response`` answers ``problem`` correctly (default: boxed-answer match)."""
-        return check_answer(response, problem.answer)
+        """Whether ``response`` answers ``problem`` correctly (default: boxed-answer match,
+        with math-verify as :attr:`use_math_verify` says)."""
+        return check_answer(response, problem.answer, use_math_verify=self.use_math_verify)
 
     def reward(self, response: str, problem: Problem) -> float:
         """1.0 for a correct answer, else 0.0."""

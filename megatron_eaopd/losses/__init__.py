@@ -3,6 +3,7 @@
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
 from megatron_eaopd.losses.kl import (
     entropy_gate,
+    high_entropy,
     vocab_parallel_eopd_loss,
     vocab_parallel_kl_terms,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "check_megatron_config",
     "entropy_gate",
     "exact_objective",
+    "high_entropy",
     "make_loss_func",
     "ppo_clip_loss",
     "reduce_metrics",

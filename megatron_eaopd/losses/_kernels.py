@@ -69,11 +69,18 @@ def kernel(fn):
     return wrapper
 
 
-def row_chunk(width: int, chunk_elems: int | None = None) -> int:
-    """Rows per chunk: about `chunk_elems` values per [rows, width] block (env
-    EAOPD_CHUNK_ELEMS). Eager kernels materialise a few fp32 temporaries of that size, so the
-    default is 2**24 (64 MiB each); compiled kernels materialise none, so the default is 2**28
-    (fewer, larger launches; only the [rows, c] per-token outputs scale with it)."""
+def row_chunk(width: int, rows: int | None = None, chunk_elems: int | None = None) -> int:
+    """Rows (tokens) per chunk of an [n, width] shard.
+
+    `rows` (the config's `loss.chunk_size`) wins when given. Otherwise about `chunk_elems` values
+    per [rows, width] block (env EAOPD_CHUNK_ELEMS, a benchmark override): eager kernels
+    materialise a few fp32 temporaries of that size, so the default is 2**24 (64 MiB each);
+    compiled kernels materialise none, so the default is 2**28 (fewer, larger launches; only the
+    [rows, c] per-token outputs scale with it)."""
+    if rows is not None:
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ValueError(f"chunk_size={rows!r} must be an int >= 1 (tokens per row chunk)")
+        return rows
     if chunk_elems is None:
         default = 1 << 28 if compile_enabled() else 1 << 24
         chunk_elems = int(os.environ.get("EAOPD_CHUNK_ELEMS", str(default)))

@@ -25,13 +25,13 @@ class _PairJSD(torch.autograd.Function):
     """(student [n, w], teacher [n, w]) -> (jsd, h_teacher, h_student), each [n]."""
 
     @staticmethod
-    def forward(ctx, student, teacher, beta, shard, inv_temp, group):
+    def forward(ctx, student, teacher, beta, shard, inv_temp, group, chunk_size):
         n, width = student.shape
         log_b, log_1mb = math.log(beta), math.log1p(-beta)
         _, _, h_t, h_s, lse_s, lse_t = pair_statistics(
-            student, teacher, shard, inv_temp, group, "vocab-parallel JSD"
+            student, teacher, shard, inv_temp, group, "vocab-parallel JSD", chunk_size
         )
-        step = K.row_chunk(width)
+        step = ctx.step = K.row_chunk(width, chunk_size)
         parts = torch.empty(n, 2, dtype=lse_s.dtype, device=student.device)
         for i in range(0, n, step):
             r = slice(i, i + step)
@@ -53,19 +53,19 @@ class _PairJSD(torch.autograd.Function):
         beta = ctx.beta
         coef = (1.0 - beta) * g_jsd.to(lse_s.dtype)
         out = torch.empty_like(student)
-        step = K.row_chunk(width)
+        step = ctx.step
         for i in range(0, n, step):
             r = slice(i, i + step)
             K.jsd_backward(
                 student[r], teacher[r], lse_s[r], lse_t[r], kl_s[r], coef[r], math.log(beta),
                 math.log1p(-beta), ctx.shard.valid, ctx.inv_temp, out[r],
             )  # fmt: skip
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None
 
 
 def vocab_parallel_jsd(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5,
-    temperature: float = 1.0, tp_group=None, vocab_size=None,
+    temperature: float = 1.0, tp_group=None, vocab_size=None, chunk_size=None,
 ) -> dict:  # fmt: skip
     """Generalised JSD(beta) per token over the full vocabulary, vocab-parallel.
 
@@ -86,7 +86,9 @@ def vocab_parallel_jsd(
         student_logits, "student_logits", tp_group, vocab_size, temperature
     )
     t2d, *_ = prepare_logits(teacher_logits, "teacher_logits", tp_group, vocab_size, temperature)
-    jsd, h_t, h_s = _PairJSD.apply(s2d, t2d.detach(), float(beta), shard, inv_temp, group)
+    jsd, h_t, h_s = _PairJSD.apply(
+        s2d, t2d.detach(), float(beta), shard, inv_temp, group, chunk_size
+    )
     return {
         "jsd": jsd.reshape(lead),
         "teacher_entropy": h_t.reshape(lead),

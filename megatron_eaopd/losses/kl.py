@@ -3,7 +3,8 @@
 One fused pass over both shards gives, per token, KL(student || teacher), KL(teacher || student)
 and both entropies; forward makes ONE collective (an all-gather of a packed [n, 9] fp32 tensor),
 backward none. Saved for backward: the two input shards (not copied) and O(n) per-token values;
-transient memory is one row chunk (`EAOPD_CHUNK_ELEMS`).
+transient memory is one row chunk of `chunk_size` tokens (the config's `loss.chunk_size`; None:
+sized by `_kernels.row_chunk`).
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ def merge_pair(g: torch.Tensor):
     return rkl.clamp_min(0.0), fkl.clamp_min(0.0), h_t, h_s, big_s + log_zs, big_t + log_zt
 
 
-def pair_statistics(student, teacher, shard, inv_temp, group, what):
-    """Both softmaxes' statistics from [n, w] shards: one fused pass per row chunk, ONE
-    all-gather, the float64 merge. Returns (rkl, fkl, h_teacher, h_student, lse_student,
-    lse_teacher), [n] each in the accumulation dtype. Raises ValueError (on every rank) for NaN /
-    +inf logits, fully masked tokens or shard widths that differ between ranks."""
+def pair_statistics(student, teacher, shard, inv_temp, group, what, chunk_size=None):
+    """Both softmaxes' statistics from [n, w] shards: one fused pass per row chunk, ONE all-gather,
+    the float64 merge. Returns (rkl, fkl, h_teacher, h_student, lse_student, lse_teacher), [n] each
+    in the accumulation dtype; `chunk_size` rows per kernel call. Raises ValueError (on every rank)
+    for NaN / +inf logits, fully masked tokens or shard widths that differ between ranks."""
     n, width = student.shape
     acc = K.acc_dtype(student.dtype)
     local = stats_buffer(n, 8, width, acc, student.device)
-    step = K.row_chunk(width)
+    step = K.row_chunk(width, chunk_size)
     for i in range(0, n, step):
         local[i : i + step, :8] = K.pair_stats(
             student[i : i + step], teacher[i : i + step], shard.valid, inv_temp
@@ -72,10 +73,11 @@ class _PairKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, shard, inv_temp, group):
+    def forward(ctx, student, teacher, shard, inv_temp, group, chunk_size):
         rkl, fkl, h_t, h_s, lse_s, lse_t = pair_statistics(
-            student, teacher, shard, inv_temp, group, "vocab-parallel KL"
+            student, teacher, shard, inv_temp, group, "vocab-parallel KL", chunk_size
         )
+        ctx.step = K.row_chunk(student.shape[1], chunk_size)
         ctx.save_for_backward(student, teacher, lse_s, lse_t, rkl, h_s)
         ctx.shard, ctx.inv_temp = shard, inv_temp
         ctx.mark_non_differentiable(h_t)
@@ -90,19 +92,19 @@ class _PairKL(torch.autograd.Function):
         g_fkl = zero if g_fkl is None else g_fkl.to(zero.dtype)
         g_hs = zero if g_hs is None else g_hs.to(zero.dtype)
         out = torch.empty_like(student)
-        step = K.row_chunk(width)
+        step = ctx.step
         for i in range(0, n, step):
             r = slice(i, i + step)
             K.pair_backward(
                 student[r], teacher[r], lse_s[r], lse_t[r], g_rkl[r], g_fkl[r], g_hs[r],
                 rkl[r], h_s[r], ctx.shard.valid, ctx.inv_temp, out[r],
             )  # fmt: skip
-        return out, None, None, None, None
+        return out, None, None, None, None, None
 
 
 def vocab_parallel_kl_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-    tp_group=None, vocab_size=None,
+    tp_group=None, vocab_size=None, chunk_size=None,
 ) -> dict:  # fmt: skip
     """Exact full-vocabulary KL terms and entropies of vocab-parallel student/teacher logits.
 
@@ -119,7 +121,7 @@ def vocab_parallel_kl_terms(
         student_logits, "student_logits", tp_group, vocab_size, temperature
     )
     t2d, *_ = prepare_logits(teacher_logits, "teacher_logits", tp_group, vocab_size, temperature)
-    rkl, fkl, h_t, h_s = _PairKL.apply(s2d, t2d.detach(), shard, inv_temp, group)
+    rkl, fkl, h_t, h_s = _PairKL.apply(s2d, t2d.detach(), shard, inv_temp, group, chunk_size)
     return {
         "rkl": rkl.reshape(lead),
         "fkl": fkl.reshape(lead),
@@ -128,18 +130,27 @@ def vocab_parallel_kl_terms(
     }
 
 
+def high_entropy(entropy: torch.Tensor, threshold: float, strict: bool = False) -> torch.Tensor:
+    """Boolean [s, b]: H >= threshold (the paper authors' gate), or H > threshold when `strict`.
+
+    The one comparison behind the hard gate and the high-entropy metrics; the two forms differ
+    only on exact ties and at threshold 0 (where >= takes every token).
+    """
+    return entropy > threshold if strict else entropy >= threshold
+
+
 def entropy_gate(
-    teacher_entropy: torch.Tensor, threshold: float, width: float = 0.0
+    teacher_entropy: torch.Tensor, threshold: float, width: float = 0.0, strict: bool = False
 ) -> torch.Tensor:
     """The EOPD gate on the teacher's entropy (nats), [s, b] -> [s, b] fp32, no gradient.
 
-    width == 0: the hard gate 1[H > threshold] (the paper). width > 0: the soft gate
-    sigmoid((H - threshold) / width).
+    width == 0: the hard gate 1[H >= threshold] (the paper authors' code), or 1[H > threshold]
+    with `strict`. width > 0: the soft gate sigmoid((H - threshold) / width) (`strict` unused).
     """
     h = teacher_entropy.detach().float()
     if width > 0:
         return torch.sigmoid((h - threshold) / width)
-    return (h > threshold).float()
+    return high_entropy(h, threshold, strict).float()
 
 
 def vocab_parallel_eopd_loss(
@@ -151,8 +162,11 @@ def vocab_parallel_eopd_loss(
     temperature: float = 1.0,
     tp_group=None,
     vocab_size=None,
+    gate_strict: bool = False,
+    chunk_size=None,
 ):
-    """Exact full-vocabulary EOPD per token: L_t = RKL_t + fkl_coef * 1[H_T,t > tau] * FKL_t.
+    """Exact full-vocabulary EOPD per token: L_t = RKL_t + fkl_coef * 1[H_T,t >= tau] * FKL_t
+    (1[H_T,t > tau] with `gate_strict`).
 
     RKL = KL(student || teacher), FKL = KL(teacher || student), both over the whole vocabulary,
     H_T the teacher's full-vocabulary entropy, all at temperature T.
@@ -168,9 +182,9 @@ def vocab_parallel_eopd_loss(
     """
     terms = vocab_parallel_kl_terms(
         student_logits, teacher_logits, temperature=temperature, tp_group=tp_group,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, chunk_size=chunk_size,
     )  # fmt: skip
-    gate = entropy_gate(terms["teacher_entropy"], entropy_threshold)
+    gate = entropy_gate(terms["teacher_entropy"], entropy_threshold, strict=gate_strict)
     loss = terms["rkl"] + (fkl_coef * gate) * terms["fkl"]
     metrics = {name: value.detach() for name, value in terms.items()}
     metrics["gate"] = gate

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.losses.kl import high_entropy
 from megatron_eaopd.losses.objectives import ObjectiveConfig, exact_objective, sampled_objective
 from megatron_eaopd.losses.statistics import TeacherPayload
 
@@ -77,7 +78,8 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
     where loss_sum = sum over valid tokens of L_t (gradient to the student logits) and reported
     holds [2] (numerator, denominator) tensors: every per-token metric averaged over valid
     tokens, `fkl_gated` (forward KL over gated tokens only; not for jsd), `teacher_high_entropy` and
-    `student_high_entropy` (fractions of tokens with entropy > tau).
+    `student_high_entropy` (fractions of tokens with entropy >= tau, > tau with
+    `cfg.gate_strict`: the gate's own comparison).
     """
 
     def loss_func(output_tensor):
@@ -99,7 +101,7 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
             reported["fkl_gated"] = torch.stack([(metrics["fkl"] * gate).sum(), gate.sum()])
         tau = cfg.entropy_threshold
         for who in ("teacher", "student"):
-            high = (metrics[f"{who}_entropy"] > tau).float() * maskf
+            high = high_entropy(metrics[f"{who}_entropy"], tau, cfg.gate_strict).float() * maskf
             reported[f"{who}_high_entropy"] = torch.stack([high.sum(), n])
         return loss_sum, mask.sum().to(torch.int), reported
 

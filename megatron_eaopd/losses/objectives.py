@@ -11,9 +11,10 @@ Two forms, per response token t:
 * `exact`: the teacher's full logits shard arrives; KL terms over the whole vocabulary.
       L_t = w_R RKL_t + w_F(H_T,t) FKL_t    (or JSD_beta)
 
-Objective names (both forms unless noted): `opd` (reverse KL only), `eopd` (hard gate
-1[H_T > tau], the paper), `eopd_soft` (sigmoid((H_T - tau) / gate_width)), `mix` ((1 - w) RKL +
-w FKL, no gate), `fkl` (forward KL only), `jsd` (generalised JSD(beta), exact form only).
+Objective names (both forms unless noted): `opd` (reverse KL only), `eopd` (hard gate 1[H_T >= tau]
+as in the paper authors' code; 1[H_T > tau] with `gate_strict`), `eopd_soft` (sigmoid((H_T - tau) /
+gate_width)), `mix` ((1 - w) RKL + w FKL, no gate), `fkl` (forward KL only), `jsd` (generalised
+JSD(beta), exact form only).
 Per-token losses are returned unreduced; sum them over valid tokens and divide by the number of
 valid tokens in the global batch (`megatron_loss.make_loss_func` does).
 """
@@ -42,7 +43,9 @@ class ObjectiveConfig:
     """`sampled` (paper: PPO sampled-token reverse KL + top-k forward KL from a teacher payload)
     or `exact` (full-vocabulary KL from the teacher's logits shard)."""
     entropy_threshold: float = 0.8
-    """tau: teacher entropy (nats) above which forward KL is added (paper: 0.8)."""
+    """tau: teacher entropy (nats) from which forward KL is added, H >= tau (paper: 0.8)."""
+    gate_strict: bool = False
+    """Hard gate (and high-entropy metrics) with H > tau instead of H >= tau."""
     fkl_coef: float = 1.0
     """alpha: weight of the gated forward KL (paper: 1.0)."""
     gate_width: float = 0.1
@@ -59,6 +62,9 @@ class ObjectiveConfig:
     """Sampled form: add the mass outside the top-k as one more bucket (no renormalisation)."""
     temperature: float = 1.0
     """Logits are divided by this before every softmax (the rollout temperature)."""
+    chunk_size: int | None = None
+    """Tokens per row chunk of the vocab-parallel kernels (memory, not results); None: sized by
+    `_kernels.row_chunk` (about 2**24 / 2**28 logit values per chunk, env EAOPD_CHUNK_ELEMS)."""
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
@@ -71,6 +77,10 @@ class ObjectiveConfig:
             raise ValueError("clip_eps and gate_width must be > 0 and top_k >= 1")
         if not 0.0 <= self.mix_weight <= 1.0:
             raise ValueError(f"mix_weight={self.mix_weight} must be in [0, 1]")
+        if self.chunk_size is not None and (
+            not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size={self.chunk_size!r} must be None or an int >= 1")
 
     def weights(self, teacher_entropy: torch.Tensor):
         """Per-token (w_rkl, w_fkl, gate), [s, b] each, no gradient; the gate reads H_T.
@@ -84,7 +94,7 @@ class ObjectiveConfig:
             return one, zero, zero
         if self.name in ("eopd", "eopd_soft"):
             width = self.gate_width if self.name == "eopd_soft" else 0.0
-            gate = entropy_gate(h, self.entropy_threshold, width)
+            gate = entropy_gate(h, self.entropy_threshold, width, strict=self.gate_strict)
             return one, self.fkl_coef * gate, gate
         if self.name == "mix":
             return (1.0 - self.mix_weight) * one, self.mix_weight * one, one
@@ -154,7 +164,7 @@ def sampled_objective(
     ids = torch.cat([token_ids.unsqueeze(-1), teacher.topk_ids], dim=-1)
     logprobs, student_entropy = vocab_parallel_logprobs_and_entropy(
         student_logits, ids, temperature=cfg.temperature, tp_group=tp_group,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, chunk_size=cfg.chunk_size,
     )  # fmt: skip
     lp_y, lp_top = logprobs[..., 0], logprobs[..., 1:]
     advantages = (teacher.token_logprobs - old_logprobs).detach().to(lp_y.dtype)
@@ -191,7 +201,10 @@ def exact_objective(
     Returns (per_token_loss [s, b], metrics dict of detached [s, b] tensors).
     Collectives: forward 1 all-gather (2 for jsd); backward none.
     """
-    kw = dict(temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size)
+    kw = dict(
+        temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size,
+        chunk_size=cfg.chunk_size,
+    )  # fmt: skip
     if cfg.name == "jsd":
         terms = vocab_parallel_jsd(student_logits, teacher_logits, beta=cfg.jsd_beta, **kw)
         return terms["jsd"], {k: v.detach().float() for k, v in terms.items()}

@@ -6,6 +6,10 @@ collective in forward: an all-gather of a small packed [n, c] per-token tensor (
 sum of exp, local entropy numerator, the logits this rank owns at the requested ids, the local
 top-k). The merge then happens in float64 on every rank identically. Backward makes no collective.
 The full vocabulary is never gathered.
+
+Every public function takes `chunk_size`: tokens per row chunk of the shard-local kernels (the
+config's `loss.chunk_size`; None: sized by `_kernels.row_chunk`). It bounds transient memory and
+never changes the result.
 """
 
 from __future__ import annotations
@@ -35,13 +39,13 @@ class _SoftmaxStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, k, shard, inv_temp, group):
+    def forward(ctx, logits, ids, k, shard, inv_temp, group, chunk_size):
         n, width = logits.shape
         j = ids.shape[1]
         cols = 3 + j + 2 * k
         acc = K.acc_dtype(logits.dtype)
         local = stats_buffer(n, cols, width, acc, logits.device)
-        step = K.row_chunk(width)
+        step = ctx.step = K.row_chunk(width, chunk_size)
         for i in range(0, n, step):
             local[i : i + step, :3] = K.single_stats(logits[i : i + step], shard.valid, inv_temp)
         local_ids = ids - shard.start
@@ -88,7 +92,7 @@ class _SoftmaxStats(torch.autograd.Function):
         g_logprobs = g_logprobs.to(lse.dtype)
         g_total = g_logprobs.sum(-1)
         out = torch.empty_like(logits)
-        step = K.row_chunk(width)
+        step = ctx.step
         for i in range(0, n, step):
             r = slice(i, i + step)
             K.single_backward(
@@ -109,7 +113,7 @@ class _SoftmaxStats(torch.autograd.Function):
             value = ((dense + onehot) * ctx.inv_temp).to(out.dtype)
             rows = torch.arange(n, device=out.device)[:, None].expand_as(ids)
             out.index_put_((rows[own], ids[own]), value[own])
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None
 
 
 class TeacherPayload(NamedTuple):
@@ -126,7 +130,7 @@ class TeacherPayload(NamedTuple):
     topk_ids: torch.Tensor
 
 
-def _run(logits, ids, k, temperature, tp_group, vocab_size, name="logits"):
+def _run(logits, ids, k, temperature, tp_group, vocab_size, name="logits", chunk_size=None):
     prepared = prepare_logits(logits, name, tp_group, vocab_size, temperature)
     x, lead, shard, group, inv_temp = prepared
     if ids is None:
@@ -135,13 +139,14 @@ def _run(logits, ids, k, temperature, tp_group, vocab_size, name="logits"):
         ids2d = check_token_ids(ids, lead, shard.vocab_size, "token_ids")
     if k is not None and (not isinstance(k, int) or not 1 <= k <= shard.vocab_size):
         raise ValueError(f"k={k!r} must be an int in [1, vocab_size={shard.vocab_size}]")
-    outs = _SoftmaxStats.apply(x, ids2d, k or 0, shard, inv_temp, group)
+    outs = _SoftmaxStats.apply(x, ids2d, k or 0, shard, inv_temp, group, chunk_size)
     return outs, lead
 
 
 def vocab_parallel_entropy(
-    logits: torch.Tensor, *, temperature: float = 1.0, tp_group=None, vocab_size=None
-) -> torch.Tensor:
+    logits: torch.Tensor, *, temperature: float = 1.0, tp_group=None, vocab_size=None,
+    chunk_size=None,
+) -> torch.Tensor:  # fmt: skip
     """Full-vocabulary entropy H(softmax(logits / T)) of vocab-parallel logits.
 
     Args:
@@ -150,13 +155,15 @@ def vocab_parallel_entropy(
         [s, b] fp32 entropy in nats, differentiable: dH/dx = -p (log p + H), x = logits / T.
     Collectives: forward 1 all-gather of [s*b, 4] fp32; backward none.
     """
-    (entropy, *_), lead = _run(logits, None, None, temperature, tp_group, vocab_size)
+    (entropy, *_), lead = _run(
+        logits, None, None, temperature, tp_group, vocab_size, chunk_size=chunk_size
+    )
     return entropy.reshape(lead)
 
 
 def vocab_parallel_gather_logprobs(
     logits: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
-    vocab_size=None,
+    vocab_size=None, chunk_size=None,
 ) -> torch.Tensor:  # fmt: skip
     """log softmax(logits / T) over the full vocabulary, read at global ids.
 
@@ -166,26 +173,30 @@ def vocab_parallel_gather_logprobs(
         [s, b, j] fp32, differentiable: d log p(v) / dx = onehot(v) - p.
     Collectives: forward 1 all-gather of [s*b, 4 + j] fp32; backward none.
     """
-    (_, logprobs, *_), lead = _run(logits, ids, None, temperature, tp_group, vocab_size)
+    (_, logprobs, *_), lead = _run(
+        logits, ids, None, temperature, tp_group, vocab_size, chunk_size=chunk_size
+    )
     return logprobs.reshape(lead + (-1,))
 
 
 def vocab_parallel_logprobs_and_entropy(
     logits: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
-    vocab_size=None,
+    vocab_size=None, chunk_size=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Log-probs at global ids [s, b, j] and the full-vocabulary entropy [s, b], in ONE collective.
 
     Both are differentiable (see `vocab_parallel_gather_logprobs` and `vocab_parallel_entropy`).
     Collectives: forward 1 all-gather of [s*b, 4 + j] fp32; backward none.
     """
-    (entropy, logprobs, *_), lead = _run(logits, ids, None, temperature, tp_group, vocab_size)
+    (entropy, logprobs, *_), lead = _run(
+        logits, ids, None, temperature, tp_group, vocab_size, chunk_size=chunk_size
+    )
     return logprobs.reshape(lead + (-1,)), entropy.reshape(lead)
 
 
 def vocab_parallel_token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
-    vocab_size=None,
+    vocab_size=None, chunk_size=None,
 ) -> torch.Tensor:  # fmt: skip
     """log p(token_ids) under softmax(logits / T): [s, b, V_pad / tp], [s, b] -> [s, b] fp32.
 
@@ -196,13 +207,16 @@ def vocab_parallel_token_logprobs(
         raise ValueError(
             f"token_ids must have shape {list(logits.shape[:-1])}, got {list(token_ids.shape)}"
         )
-    (_, logprobs, *_), lead = _run(logits, token_ids, None, temperature, tp_group, vocab_size)
+    (_, logprobs, *_), lead = _run(
+        logits, token_ids, None, temperature, tp_group, vocab_size, chunk_size=chunk_size
+    )
     return logprobs.reshape(lead)
 
 
 def vocab_parallel_topk(
-    logits: torch.Tensor, k: int, *, temperature: float = 1.0, tp_group=None, vocab_size=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, k: int, *, temperature: float = 1.0, tp_group=None, vocab_size=None,
+    chunk_size=None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-k of the full vocabulary from vocab-parallel logits, without gathering the vocabulary.
 
     Each rank takes its local top-k; the k * tp candidates are gathered with the softmax
@@ -213,13 +227,15 @@ def vocab_parallel_topk(
     Collectives: 1 all-gather of [s*b, 4 + 2k] fp32.
     """
     with torch.no_grad():
-        (_, _, _, lp, ids), lead = _run(logits, None, k, temperature, tp_group, vocab_size)
+        (_, _, _, lp, ids), lead = _run(
+            logits, None, k, temperature, tp_group, vocab_size, chunk_size=chunk_size
+        )
     return lp.reshape(lead + (k,)), ids.reshape(lead + (k,))
 
 
 def vocab_parallel_teacher_payload(
     logits: torch.Tensor, token_ids: torch.Tensor, k: int = 16, *, temperature: float = 1.0,
-    tp_group=None, vocab_size=None,
+    tp_group=None, vocab_size=None, chunk_size=None,
 ) -> TeacherPayload:  # fmt: skip
     """The teacher's compact payload from its vocab-parallel logits, in one collective.
 
@@ -236,8 +252,9 @@ def vocab_parallel_teacher_payload(
         )
     with torch.no_grad():
         (ent, lp, _, top_lp, top_ids), lead = _run(
-            logits, token_ids, k, temperature, tp_group, vocab_size, name="teacher_logits"
-        )
+            logits, token_ids, k, temperature, tp_group, vocab_size, name="teacher_logits",
+            chunk_size=chunk_size,
+        )  # fmt: skip
     return TeacherPayload(
         ent.reshape(lead), lp.reshape(lead), top_lp.reshape(lead + (k,)),
         top_ids.reshape(lead + (k,)),

@@ -1,0 +1,165 @@
+"""Run-time checks of a loaded config: what needs the world size, the hardware or the vocabulary.
+
+:func:`load_config` checks every field on its own and the cross-field rules of the schema.
+:func:`check_run` adds what depends on the job: the world size (``WORLD_SIZE``) must be a multiple
+of each model's ``tp * pp``; ``parallel.sequence_parallel`` is refused with its reason; the
+sampled form needs ``loss.temperature == rollout.temperature``; math-verify must be installed when
+``eval.use_math_verify`` asks for it; and, once the tokenizer is known, every top-k is bounded by
+the vocabulary. It makes no collective and creates no process group, so the CLI calls it before
+anything starts (exit status 2 on a problem), and the trainer calls it again in ``setup``.
+"""
+
+from __future__ import annotations
+
+from megatron_eaopd.config.loader import ConfigError
+from megatron_eaopd.config.schema import EAOPDConfig
+
+__all__ = ["check_run", "run_problems", "sequence_parallel_problem"]
+
+
+def sequence_parallel_problem(cfg: EAOPDConfig, cuda_available: bool) -> str | None:
+    """Why ``parallel.sequence_parallel: true`` cannot run (None when it is false).
+
+    Megatron-core 0.16 reads sequence parallelism in two ways: the embedding and the transformer
+    block read ``config.sequence_parallel`` at every forward, while ``ColumnParallelLinear`` /
+    ``RowParallelLinear`` copy it into ``self.sequence_parallel`` when they are built (and the
+    norm weights are tagged for the sequence-parallel gradient all-reduce). The rollouts decode
+    one token per step with a KV cache, which cannot be split over the sequence across tp ranks,
+    so they would need sequence parallelism switched off in every built layer and back on for the
+    updates; training and scoring sequences would also need padding to a multiple of tp. Neither
+    is implemented, so the key is refused rather than silently ignored.
+    """
+    if not cfg.parallel.sequence_parallel:
+        return None
+    reasons = []
+    tps = {who: getattr(cfg.parallel, who).tp for who in ("student", "teacher")}
+    if min(tps.values()) < 2:
+        reasons.append(
+            f"it needs tensor parallelism (parallel.student.tp={tps['student']}, "
+            f"parallel.teacher.tp={tps['teacher']}; both must be > 1)"
+        )
+    if cfg.parallel.backend == "gloo" or not cuda_available:
+        reasons.append(
+            "on CPU (gloo) it cannot run at all: gloo has no reduce_scatter, which megatron's "
+            "sequence-parallel layers make in every forward"
+        )
+    reasons.append(
+        "it is not supported yet on GPU either: megatron's linear layers fix sequence "
+        "parallelism when they are built, and the one-token KV-cache decode of the rollouts "
+        "cannot be split over the sequence across tp ranks"
+    )
+    return "true is refused: " + "; ".join(reasons) + ". Set parallel.sequence_parallel=false"
+
+
+def run_problems(
+    cfg: EAOPDConfig,
+    world_size: int,
+    vocab_size: int | None = None,
+    *,
+    cuda_available: bool | None = None,
+    math_verify_installed: bool | None = None,
+) -> list[tuple[str, str]]:
+    """The ``(key, message)`` problems :func:`check_run` raises (empty when there are none)."""
+    problems: list[tuple[str, str]] = []
+    if world_size < 1:
+        problems.append(("WORLD_SIZE", f"{world_size} must be >= 1"))
+    for who in ("student", "teacher"):
+        lay = getattr(cfg.parallel, who)
+        size = lay.tp * lay.pp
+        if world_size >= 1 and world_size % size:
+            problems.append(
+                (
+                    f"parallel.{who}.tp",
+                    f"tp * pp = {lay.tp} * {lay.pp} = {size} must divide the world size "
+                    f"{world_size} (WORLD_SIZE); allowed: tp * pp in "
+                    f"{_divisors(world_size)}",
+                )
+            )
+    if cfg.parallel.sequence_parallel:
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        problems.append(
+            ("parallel.sequence_parallel", sequence_parallel_problem(cfg, cuda_available))
+        )
+    if cfg.loss.form == "sampled" and cfg.loss.temperature != cfg.rollout.temperature:
+        problems.append(
+            (
+                "loss.temperature",
+                f"{cfg.loss.temperature} must equal rollout.temperature={cfg.rollout.temperature} "
+                "for loss.form=sampled: the PPO ratio and the sampled-token advantage are taken "
+                "against the distribution the tokens were drawn from. Set "
+                f"loss.temperature={cfg.rollout.temperature} (or "
+                f"rollout.temperature={cfg.loss.temperature})",
+            )
+        )
+    if cfg.eval.use_math_verify:
+        if math_verify_installed is None:
+            from megatron_eaopd.data.answers import math_verify_available
+
+            math_verify_installed = math_verify_available()
+        if not math_verify_installed:
+            problems.append(
+                (
+                    "eval.use_math_verify",
+                    "true needs the math-verify package, which is not installed: "
+                    "`pip install math-verify` (or megatron-eaopd[math]), or set "
+                    "eval.use_math_verify=null (use it when installed) or false",
+                )
+            )
+    bound = vocab_size
+    for m in (cfg.model.student, cfg.model.teacher):
+        if m.vocab_size:  # embedding rows the checkpoint defines: no id beyond them exists
+            bound = m.vocab_size if bound is None else min(bound, m.vocab_size)
+    if bound is not None:
+        where = "the vocabulary size" if vocab_size is None else "the tokenizer's vocabulary"
+        for key, value, least in (
+            ("loss.top_k", cfg.loss.top_k, 1),
+            ("rollout.top_k", cfg.rollout.top_k, 0),
+            ("eval.top_k", cfg.eval.top_k, 0),
+        ):
+            if value > bound:
+                problems.append(
+                    (key, f"out of range: {value} (must be >= {least} and <= {where}, {bound})")
+                )
+    return problems
+
+
+def check_run(
+    cfg: EAOPDConfig,
+    world_size: int,
+    vocab_size: int | None = None,
+    *,
+    cuda_available: bool | None = None,
+    math_verify_installed: bool | None = None,
+) -> None:
+    """Refuse a config that cannot run on ``world_size`` ranks, listing every problem.
+
+    Args:
+        cfg: a config from :func:`load_config`.
+        world_size: the number of ranks (``WORLD_SIZE``; 1 without a launcher).
+        vocab_size: the tokenizer's vocabulary size when known (after ``prepare_data``): bounds
+            ``loss.top_k``, ``rollout.top_k`` and ``eval.top_k``; None: only a non-zero
+            ``model.*.vocab_size`` bounds them.
+        cuda_available: whether CUDA is usable; None: ``torch.cuda.is_available()`` (read only
+            when ``parallel.sequence_parallel`` is true).
+        math_verify_installed: None: try the import (only when ``eval.use_math_verify`` is true).
+
+    Raises:
+        ConfigError: each problem with its key and the allowed values. No collective, no
+            process group.
+    """
+    problems = run_problems(
+        cfg,
+        world_size,
+        vocab_size,
+        cuda_available=cuda_available,
+        math_verify_installed=math_verify_installed,
+    )
+    if problems:
+        raise ConfigError(problems, f"{world_size} rank{'s' if world_size != 1 else ''}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
