@@ -3,7 +3,10 @@ nothing else of the project).
 
 * :data:`DEFAULT_SIGNALS`, :func:`parse_signals`: the pre-timeout (preemption) signals;
 * :func:`preemption_signals_blocked`: block them while helper processes start, so a signal that
-  Slurm fans out to every process of a step cannot kill a checkpoint writer.
+  Slurm fans out to every process of a step cannot kill a checkpoint writer;
+* :func:`install_orphan_guard`: helper processes started from then on (forked checkpoint writers,
+  the spawned multiprocessing manager of dist_checkpointing) die with the process that started
+  them, even when it is killed with SIGKILL and runs no cleanup.
 
 :mod:`megatron_eaopd.trainer.preemption` builds the stop-and-requeue logic on top of these.
 """
@@ -11,11 +14,20 @@ nothing else of the project).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
-from collections.abc import Iterable, Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["DEFAULT_SIGNALS", "parse_signals", "preemption_signals_blocked"]
+__all__ = [
+    "DEFAULT_SIGNALS",
+    "die_with_parent",
+    "install_orphan_guard",
+    "parse_signals",
+    "preemption_signals_blocked",
+]
 
 #: Signals caught when none are given: ``EAOPD_PREEMPT_SIGNALS`` (comma list, e.g. "USR1,TERM"),
 #: else SIGUSR1, the signal the project's sbatch scripts ask Slurm for and forward.
@@ -73,3 +85,127 @@ def preemption_signals_blocked(
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helper processes die with their parent
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_POLL_S = 0.2
+_guard_lock = threading.Lock()
+_guard_installed = False
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _set_parent_death_signal() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) for the calling process; False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        threading.Event().wait(_POLL_S)
+    _kill_self()
+
+
+def die_with_parent(parent_pid: int, started_by_main_thread: bool) -> None:
+    """Call in a freshly started child: end it (SIGKILL) as soon as ``parent_pid`` ends.
+
+    Linux's parent-death signal fires when the parent THREAD that created the child exits, not
+    the parent process: it is exact only for children created by the parent's main thread (whose
+    exit ends the process), so it is used for those. A child created from another thread gets a
+    daemon thread instead that polls ``os.getppid()`` every 0.2 s (a dead parent's children are
+    re-parented). Either way, a parent that died before this call is noticed at once.
+    """
+    if started_by_main_thread and _set_parent_death_signal():
+        if os.getppid() != parent_pid:  # died before prctl took effect
+            _kill_self()
+        return
+    if os.getppid() != parent_pid:
+        _kill_self()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+class _DiesWithParent:
+    """Picklable wrapper of a spawned process's target: guard first, then run the target."""
+
+    def __init__(self, target: Callable, parent_pid: int, started_by_main_thread: bool):
+        self.target = target
+        self.parent_pid = parent_pid
+        self.started_by_main_thread = started_by_main_thread
+
+    def __call__(self, *args, **kwargs):
+        die_with_parent(self.parent_pid, self.started_by_main_thread)
+        return self.target(*args, **kwargs)
+
+
+def _after_fork_in_child(parent_pid: int) -> None:
+    # os.fork keeps only the forking thread, which is this child's main thread now; whether the
+    # parent forked from its main thread was recorded before the fork.
+    die_with_parent(parent_pid, _fork_state.from_main)
+
+
+class _ForkState(threading.local):
+    parent_pid = 0
+    from_main = True
+
+
+_fork_state = _ForkState()
+
+
+def _before_fork() -> None:
+    _fork_state.parent_pid = os.getpid()
+    _fork_state.from_main = threading.current_thread() is threading.main_thread()
+
+
+def install_orphan_guard() -> None:
+    """From now on, every helper process this process starts dies when this process dies.
+
+    Idempotent; call it before starting helpers (``models.checkpoint.save_checkpoint`` does,
+    around megatron's ``dist_checkpointing.save``). Covers:
+
+    * ``os.fork`` children (multiprocessing's "fork" context, e.g. dist_checkpointing's
+      per-bucket writer processes): an ``os.register_at_fork`` hook runs :func:`die_with_parent`
+      in the child; the hook is inherited, so their own forks are covered too;
+    * "spawn" / "forkserver" children of ``multiprocessing`` started with a ``target`` (e.g.
+      the ``Manager`` that dist_checkpointing starts on its first save and keeps):
+      ``BaseProcess.start`` wraps the target so the child runs :func:`die_with_parent` first.
+
+    Not covered: programs started with ``subprocess`` (they run no Python hook). The resource
+    tracker multiprocessing starts this way exits by itself once every process holding its pipe
+    (this one, the manager) is gone.
+    """
+    global _guard_installed
+    with _guard_lock:
+        if _guard_installed:
+            return
+        import multiprocessing.process as mp_process
+
+        os.register_at_fork(
+            before=_before_fork,
+            after_in_child=lambda: _after_fork_in_child(_fork_state.parent_pid),
+        )
+        original_start = mp_process.BaseProcess.start
+
+        def start(self):
+            target = self._target
+            if (
+                target is not None
+                and getattr(self, "_start_method", None) != "fork"
+                and not isinstance(target, _DiesWithParent)
+            ):
+                main = threading.current_thread() is threading.main_thread()
+                self._target = _DiesWithParent(target, os.getpid(), main)
+            return original_start(self)
+
+        mp_process.BaseProcess.start = start
+        _guard_installed = True

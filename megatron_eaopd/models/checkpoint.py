@@ -164,7 +164,7 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_eaopd.signals import preemption_signals_blocked
+    from megatron_eaopd.signals import install_orphan_guard, preemption_signals_blocked
 
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
@@ -190,6 +190,7 @@ def save_checkpoint(
     sharded["iteration"] = iteration
     # Helper processes the save starts must not die of a pre-timeout signal (signals.py).
     with preemption_signals_blocked():
+        install_orphan_guard()  # and they die with this process, even on SIGKILL
         dist_checkpointing.save(sharded, tmp)
     _barrier()
     if _before_commit is not None:
