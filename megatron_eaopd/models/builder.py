@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import zlib
 
 import torch
@@ -139,14 +140,66 @@ def build_model(
             parallel_output=parallel_output,
             share_embeddings_and_output_weights=cfg.tied_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(cfg.rotary_base),
+            # megatron annotates rotary_base as int but only uses it in `base ** x`: a float
+            # keeps non-integer bases (and matches HF, which computes with the float)
+            rotary_base=float(cfg.rotary_base),
             vp_stage=stage,
         )
+        if cfg.rope_scaling is not None:
+            _apply_rope_scaling(model, cfg)
+        # the shape this chunk was built from: checkpoints record it and check it on load
+        model.eaopd_model_config = cfg
         model.model_type = getattr(model, "model_type", None) or _encoder_or_decoder()
         if torch.cuda.is_available():  # megatron builds some modules (norms) on the CPU
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def llama3_inv_freq(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1+ RoPE frequencies: [d/2] plain inverse frequencies -> [d/2] scaled ones.
+
+    Components whose wavelength 2 pi / f is shorter than L / high_freq_factor (L the original
+    context length) are kept; longer than L / low_freq_factor are divided by `factor`; in between
+    f' = (1 - a) f / factor + a f with a = (L / wavelength - low) / (high - low). Computed in the
+    dtype of `inv_freq` (fp32) with the operations in the order Hugging Face uses, so the
+    frequencies are bit-identical to transformers'.
+    """
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = wavelen > original_max_position_embeddings / low_freq_factor
+    short_wave = wavelen < original_max_position_embeddings / high_freq_factor
+    divided = torch.where(long_wave, inv_freq / factor, inv_freq)
+    alpha = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    blended = (1 - alpha) * divided / factor + alpha * divided
+    return torch.where(~short_wave & ~long_wave, blended, divided)
+
+
+def _apply_rope_scaling(model, cfg: ModelConfig) -> None:
+    """Replace the rotary embedding's inverse frequencies by the scaled ones (cfg.rope_scaling).
+
+    megatron's own `rope_scaling` hard-codes Llama 3's low/high factors and original length; the
+    HF config's values are used here instead. RotaryEmbedding.forward memoises its output per
+    sequence length (lru_cache), so the cache is cleared after the change.
+    """
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise ValueError(f"rope_scaling={cfg.rope_scaling!r} needs a model with RoPE")
+    rotary.inv_freq = llama3_inv_freq(
+        rotary.inv_freq,
+        cfg.rope_scaling_factor,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_max_position_embeddings,
+    )
+    type(rotary).forward.cache_clear()
 
 
 def _encoder_or_decoder():

@@ -7,13 +7,36 @@ layout: the same ModelConfig builds the model at any TP x PP (x VPP) that divide
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from megatron_eaopd.parallel.vocab import padded_vocab_size
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+ROPE_SCALING_TYPES = ("llama3",)
+"""RoPE scaling types the builder implements (None: plain RoPE)."""
+
+# Fields that do not change the network a checkpoint holds: compute dtype, build-time options.
+# `ModelConfig.differences` skips them (the padded vocabulary is compared instead of its knobs).
+_NOT_ARCHITECTURE = frozenset(
+    {
+        "params_dtype",
+        "max_sequence_length",
+        "init_method_std",
+        "hidden_dropout",
+        "attention_dropout",
+        "architecture",
+        "make_vocab_size_divisible_by",
+        "vocab_pad_for_tp",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +72,25 @@ class ModelConfig:
     """Longest sequence (prompt + response) the model is built for."""
 
     rotary_base: float = 10000.0
-    """RoPE base (HF rope_theta)."""
+    """RoPE base (HF rope_theta), kept as a float (e.g. 500000.0 or 1e6)."""
+
+    rope_scaling: str | None = None
+    """RoPE frequency scaling: None (plain RoPE) or 'llama3' (Llama 3.1+; the four fields below
+    give its parameters, taken from the HF config's rope_scaling / rope_parameters)."""
+
+    rope_scaling_factor: float = 8.0
+    """llama3 scaling: low frequencies are divided by this factor."""
+
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_max_position_embeddings / low_freq_factor are
+    scaled fully."""
+
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_max_position_embeddings / high_freq_factor are
+    kept; between the two bounds the frequency is interpolated."""
+
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 scaling: the context length of pre-training (the HF field of the same name)."""
 
     normalization: str = "RMSNorm"
     """'RMSNorm' or 'LayerNorm'."""
@@ -79,6 +120,16 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Megatron pads vocab_size to a multiple of this x tp."""
 
+    vocab_pad_for_tp: int = 1
+    """Also pad as if tp were this (the padding multiple is make_vocab_size_divisible_by x
+    lcm(tp, vocab_pad_for_tp)). With 8, the padded vocabulary, and so a checkpoint's embedding
+    shape, is the same at every tp dividing 8: HF imports use it so one checkpoint loads at any
+    TP. 1 is megatron's rule (padding depends on tp)."""
+
+    architecture: str | None = None
+    """Hugging Face architecture the shape comes from and exports to ('Qwen3ForCausalLM',
+    'Qwen2ForCausalLM', 'LlamaForCausalLM'); None for shapes defined here (presets, YAML)."""
+
     init_method_std: float = 0.02
     """Std of the normal initialisation of weights."""
 
@@ -105,6 +156,29 @@ class ModelConfig:
                 f"ModelConfig.params_dtype must be one of {sorted(_DTYPES)}, "
                 f"got {self.params_dtype!r}"
             )
+        if self.rope_scaling is not None:
+            if self.rope_scaling not in ROPE_SCALING_TYPES:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling must be None or one of {list(ROPE_SCALING_TYPES)}, "
+                    f"got {self.rope_scaling!r}"
+                )
+            original = self.rope_original_max_position_embeddings
+            if not self.rope_scaling_factor > 0 or not original > 0:
+                raise ValueError(
+                    "llama3 RoPE scaling needs rope_scaling_factor > 0 and "
+                    f"rope_original_max_position_embeddings > 0, got {self.rope_scaling_factor} "
+                    f"and {original}"
+                )
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+                raise ValueError(
+                    "llama3 RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor > 0, "
+                    f"got {self.rope_high_freq_factor} and {self.rope_low_freq_factor}"
+                )
+        if not isinstance(self.vocab_pad_for_tp, int) or self.vocab_pad_for_tp < 1:
+            raise ValueError(
+                "ModelConfig.vocab_pad_for_tp must be a positive int, "
+                f"got {self.vocab_pad_for_tp!r}"
+            )
         groups = self.query_groups
         if self.num_attention_heads % groups != 0:
             raise ValueError(
@@ -130,9 +204,46 @@ class ModelConfig:
     def tied_embeddings(self) -> bool:
         return not self.untie_embeddings_and_output_weights
 
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension (kv_channels, or hidden_size / num_attention_heads)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
     def padded_vocab_size(self, tp: int) -> int:
-        """vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp (megatron)."""
-        return padded_vocab_size(self.vocab_size, tp, self.make_vocab_size_divisible_by)
+        """vocab_size rounded up to a multiple of make_vocab_size_divisible_by x
+        lcm(tp, vocab_pad_for_tp) (megatron's rule when vocab_pad_for_tp is 1)."""
+        return padded_vocab_size(
+            self.vocab_size, math.lcm(tp, self.vocab_pad_for_tp), self.make_vocab_size_divisible_by
+        )
+
+    def differences(self, other: ModelConfig, tp: int = 1) -> list[str]:
+        """Fields that make `other` a different network: ['hidden_size: 64 != 128', ...].
+
+        Compute dtype, sequence length, dropout, initialisation and the architecture label are
+        not compared; the padded vocabulary at `tp` is (instead of the knobs that make it).
+        """
+        diffs = []
+        for name in self.__dataclass_fields__:
+            if name in _NOT_ARCHITECTURE or name.startswith("rope_") and name != "rope_scaling":
+                continue
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "num_query_groups":
+                mine, theirs = self.query_groups, other.query_groups
+            elif name == "kv_channels":
+                mine, theirs = self.head_dim, other.head_dim
+            if mine != theirs:
+                diffs.append(f"{name}: {mine!r} != {theirs!r}")
+        if self.rope_scaling is not None and self.rope_scaling == other.rope_scaling:
+            for name in self.__dataclass_fields__:
+                if name.startswith("rope_") and getattr(self, name) != getattr(other, name):
+                    diffs.append(f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}")
+        mine, theirs = self.padded_vocab_size(tp), other.padded_vocab_size(tp)
+        if mine != theirs:
+            diffs.append(
+                f"padded vocabulary at tp={tp} (make_vocab_size_divisible_by, vocab_pad_for_tp): "
+                f"{mine} != {theirs}"
+            )
+        return diffs
 
     def check_layout(self, tp: int, pp: int, vpp: int | None = None, name: str = "model") -> None:
         """Raise ValueError, naming the fix, when the shape cannot be split over tp x pp (x vpp)."""

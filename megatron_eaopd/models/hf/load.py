@@ -1,0 +1,127 @@
+"""Load Hugging Face weights into megatron GPTModel chunks at the current TP x PP (x VPP) layout."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_eaopd.models.config import ModelConfig
+from megatron_eaopd.models.hf.config import model_config_from_hf
+from megatron_eaopd.models.hf.layout import chunk_layer_index, expected_hf_shapes, param_pieces
+from megatron_eaopd.models.hf.reader import HFWeights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["bare_chunks", "load_hf_weights"]
+
+
+def bare_chunks(model_chunks) -> list:
+    """The GPTModels of a chunk list, one chunk, a FrozenTeacher or a Student (DDP unwrapped)."""
+    chunks = getattr(model_chunks, "chunks", model_chunks)
+    if not isinstance(chunks, (list, tuple)):
+        chunks = [chunks]
+    out = []
+    for chunk in chunks:
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        out.append(chunk)
+    return out
+
+
+def _check_model_matches(chunks, cfg: ModelConfig, tp: int, hf_dir: str) -> None:
+    for chunk in chunks:
+        built = getattr(chunk, "eaopd_model_config", None)
+        if built is None:
+            tc = chunk.config
+            pairs = {
+                "num_layers": (tc.num_layers, cfg.num_layers),
+                "hidden_size": (tc.hidden_size, cfg.hidden_size),
+                "num_attention_heads": (tc.num_attention_heads, cfg.num_attention_heads),
+                "num_query_groups": (tc.num_query_groups, cfg.query_groups),
+                "kv_channels": (tc.kv_channels, cfg.head_dim),
+                "ffn_hidden_size": (tc.ffn_hidden_size, cfg.ffn_hidden_size),
+                "qk_layernorm": (tc.qk_layernorm, cfg.qk_layernorm),
+            }
+            diffs = [f"{k}: {a!r} != {b!r}" for k, (a, b) in pairs.items() if a != b]
+        else:  # the padding is the model's choice: only the real vocabulary must agree
+            diffs = built.differences(
+                cfg.with_changes(
+                    make_vocab_size_divisible_by=built.make_vocab_size_divisible_by,
+                    vocab_pad_for_tp=built.vocab_pad_for_tp,
+                ),
+                tp,
+            )
+        if diffs:
+            raise ValueError(
+                f"the model was built with another shape than {hf_dir!r} describes "
+                f"(model != config.json): {'; '.join(diffs)}. Build it from "
+                f"model_config_from_hf({hf_dir!r})."
+            )
+
+
+@torch.no_grad()
+def load_hf_weights(
+    model_chunks,
+    hf_dir: str,
+    *,
+    trust_pickle: bool = False,
+    progress: bool = False,
+) -> ModelConfig:
+    """Copy the HF model in `hf_dir` into this rank's chunks; return its ModelConfig.
+
+    Call it on every rank, inside the layout the chunks were built in, after
+    `build_model(model_config_from_hf(hf_dir))` (any dtype: blocks are cast on copy). Each rank
+    reads only the tensor blocks its own parameters hold (its TP shard of its pipeline stages'
+    layers; `HFWeights.read`), so no process ever holds the whole model. Padded vocabulary rows
+    are zeroed; with tied embeddings and PP > 1 the last stage's output-layer copy is filled from
+    model.embed_tokens.weight.
+
+    Args:
+        model_chunks: the chunks of `build_model` (a list, a FrozenTeacher, DDP-wrapped or bare).
+        hf_dir: HF folder with config.json and safetensors weights.
+        trust_pickle: allow pytorch_model.bin weights (refused by default: pickle runs code).
+        progress: a tqdm bar of parameters on global rank 0.
+    Raises:
+        FileNotFoundError / ValueError: see `HFWeights` and `model_config_from_hf`; ValueError
+        when the model's shape differs from config.json (the differing fields are named).
+    Collectives: none (the layout is read from megatron's parallel state).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    cfg = model_config_from_hf(hf_dir)
+    tp = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    chunks = bare_chunks(model_chunks)
+    _check_model_matches(chunks, cfg, tp, hf_dir)
+    weights = HFWeights(hf_dir, trust_pickle=trust_pickle)
+    weights.check(expected_hf_shapes(cfg))
+
+    work = []
+    for chunk in chunks:
+        layers = chunk_layer_index(chunk)
+        for name, param in chunk.named_parameters():
+            pieces, zero_rest = param_pieces(name, param.shape, cfg, tp_rank, tp, layers)
+            work.append((param, pieces, zero_rest))
+    show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(work), desc=f"import {hf_dir}", unit="param")
+    for param, pieces, zero_rest in work:
+        if zero_rest:
+            param.data.zero_()
+        for piece in pieces:
+            block = weights.read(piece.hf_key, piece.hf_slices())
+            param.data[piece.local_slices()].copy_(block)
+            del block
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for chunk in chunks:
+        chunk.eaopd_source = f"hf:{hf_dir}"
+    logger.info("loaded %s (tp rank %d of %d, %d parameters)", hf_dir, tp_rank, tp, len(work))
+    return cfg

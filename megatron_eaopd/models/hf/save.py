@@ -1,0 +1,332 @@
+"""Write megatron GPTModel chunks, from any TP x PP (x VPP) layout, as a Hugging Face folder.
+
+Every rank calls `save_hf_weights`; global rank 0 writes. The folder is assembled in a temporary
+sibling directory and renamed into place at the end, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.models.config import ModelConfig
+from megatron_eaopd.models.hf.config import default_architecture, hf_config_dict
+from megatron_eaopd.models.hf.layout import chunk_layer_index, expected_hf_shapes, param_pieces
+from megatron_eaopd.models.hf.load import bare_chunks
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TOKENIZER_FILES", "save_hf_weights"]
+
+OUT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _token_ids_from(folder: str | None) -> dict:
+    """bos/eos/pad ids from generation_config.json or config.json in `folder` (if any)."""
+    found: dict = {}
+    for name in ("config.json", "generation_config.json"):  # the latter wins
+        path = os.path.join(folder or "", name)
+        if folder and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            found.update({k: data[k] for k in _TOKEN_KEYS if data.get(k) is not None})
+    return found
+
+
+def _local_pieces(chunks, cfg: ModelConfig, tp_rank: int, tp: int) -> list:
+    """[(Piece, tensor view)] of this rank; the tied output-layer copy is skipped."""
+    out = []
+    for chunk in chunks:
+        layers = chunk_layer_index(chunk)
+        for name, param in chunk.named_parameters():
+            if name == "output_layer.weight" and cfg.tied_embeddings:
+                continue  # a copy of the embedding (PP > 1); HF stores it once
+            pieces, _ = param_pieces(name, param.shape, cfg, tp_rank, tp, layers)
+            out.extend((p, param.detach()[p.local_slices()]) for p in pieces)
+    return out
+
+
+def _plan(manifests: list[list], shapes: dict) -> dict[str, list]:
+    """{HF key: [(owner rank, hf_index)]}: one owner per block (the lowest rank holding it).
+
+    Raises ValueError when the blocks of the ranks do not tile a tensor exactly.
+    """
+    plan: dict[str, dict] = {key: {} for key in shapes}
+    for rank, manifest in enumerate(manifests):
+        for key, index in manifest:
+            if key not in plan:
+                raise ValueError(f"a rank holds {key!r}, which the HF model does not have")
+            plan[key].setdefault(tuple(index), rank)
+    out = {}
+    for key, blocks in plan.items():
+        total = 1
+        for n in shapes[key]:
+            total *= n
+        covered = 0
+        for index in blocks:
+            n = 1
+            for a, b in index:
+                n *= b - a
+            covered += n
+        if covered != total:
+            raise ValueError(
+                f"the ranks' blocks of {key!r} cover {covered} of {total} elements: the model "
+                f"chunks do not form one whole model (are all ranks calling save_hf_weights?)"
+            )
+        out[key] = [(owner, index) for index, owner in blocks.items()]
+    return out
+
+
+def _shards(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for key, shape in shapes.items():
+        n = itemsize
+        for d in shape:
+            n *= d
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _prepare_out(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        if not overwrite:
+            raise FileExistsError(
+                f"output folder {out_dir!r} exists and is not empty: choose a new folder or pass "
+                f"overwrite=True"
+            )
+
+
+@torch.no_grad()
+def save_hf_weights(
+    model_chunks,
+    out_dir: str,
+    *,
+    model_config: ModelConfig | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    tokenizer_dir: str | None = None,
+    architecture: str | None = None,
+    token_ids: dict | None = None,
+    generation_config: dict | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
+    """Write the model as an HF folder loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    Writes config.json (`architecture`: Qwen3ForCausalLM / Qwen2ForCausalLM / LlamaForCausalLM,
+    default model_config.architecture or the family the shape fits), model.safetensors or
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json (shards of at most
+    `max_shard_bytes`), generation_config.json and, with `tokenizer_dir`, its tokenizer files.
+    Padded vocabulary rows are dropped; a tied model stores no lm_head.weight.
+
+    Args:
+        model_chunks: every rank's chunks (list, FrozenTeacher, Student or DDP-wrapped), called
+            inside the layout they were built in.
+        model_config: the model's shape; default: the one build_model recorded on the chunks.
+        dtype: 'bf16' / 'bfloat16', 'fp32' / 'float32' or 'fp16' (or a torch dtype).
+        tokenizer_dir: folder whose tokenizer files (and generation_config.json) are copied.
+        token_ids: bos_token_id / eos_token_id / pad_token_id for the configs; default: those in
+            tokenizer_dir's generation_config.json / config.json.
+        generation_config: generation_config.json contents; default: tokenizer_dir's file, else
+            the token ids.
+        overwrite: replace a non-empty out_dir (renamed away only once the new one is complete).
+    Returns:
+        out_dir.
+    Collectives (WORLD): 1 all_gather_object of the block manifests (keys and ranges, no data);
+    one send/recv to rank 0 per block held by another rank (each in `dtype`); 1 broadcast_object
+    of rank 0's outcome and a barrier.
+    """
+    from megatron.core import parallel_state as ps
+
+    chunks = bare_chunks(model_chunks)
+    cfg = model_config or getattr(chunks[0], "eaopd_model_config", None)
+    if cfg is None:
+        raise ValueError("pass model_config: these chunks were not built by models.build_model")
+    if isinstance(dtype, str):
+        if dtype not in OUT_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of {sorted(OUT_DTYPES)}")
+        dtype = OUT_DTYPES[dtype]
+    architecture = architecture or default_architecture(cfg)
+    ids = dict(token_ids) if token_ids is not None else _token_ids_from(tokenizer_dir)
+    config = hf_config_dict(cfg, architecture=architecture, dtype=_dtype_name(dtype), token_ids=ids)
+    _prepare_out(out_dir, overwrite)
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    local = _local_pieces(chunks, cfg, tp_rank, tp)
+    manifest = [(p.hf_key, p.hf_index) for p, _ in local]
+    if _world() > 1:
+        manifests: list = [None] * _world()
+        dist.all_gather_object(manifests, manifest)
+    else:
+        manifests = [manifest]
+    shapes = expected_hf_shapes(cfg)
+    plan = _plan(manifests, shapes)
+    mine = {(p.hf_key, p.hf_index): t for p, t in local}
+    rank = _rank()
+    shards = _shards(shapes, torch.empty((), dtype=dtype).element_size(), max_shard_bytes)
+
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+    error = None
+    bar = None
+    if rank == 0:
+        os.makedirs(tmp)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(shapes), desc=f"export {out_dir}", unit="tensor")
+    weight_map, total_bytes = {}, 0
+    try:
+        for i, keys in enumerate(shards):
+            tensors = _gather_shard(keys, shapes, plan, mine, dtype, rank, bar)
+            if rank == 0:
+                name = (
+                    "model.safetensors"
+                    if len(shards) == 1
+                    else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                )
+                _write_safetensors(tensors, os.path.join(tmp, name))
+                for key, t in tensors.items():
+                    weight_map[key] = name
+                    total_bytes += t.numel() * t.element_size()
+            del tensors
+        if rank == 0:
+            _write_folder(tmp, config, weight_map, total_bytes, len(shards), tokenizer_dir,
+                          ids, generation_config)  # fmt: skip
+            _commit(tmp, out_dir, overwrite)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        error = f"{type(exc).__name__}: {exc}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _world() == 1:
+            raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if _world() > 1:
+        status = [error]
+        dist.broadcast_object_list(status, src=0)
+        error = error or status[0]
+        dist.barrier()
+    if error:
+        raise RuntimeError(f"exporting to {out_dir!r} failed: {error}")
+    logger.info("wrote %s (%s, %d shard(s))", out_dir, architecture, len(shards))
+    return out_dir
+
+
+def _gather_shard(keys, shapes, plan, mine, dtype, rank, bar) -> dict:
+    """Rank 0: {key: full tensor} of one shard; other ranks send their blocks and get {}."""
+    tensors = {}
+    for key in keys:
+        full = torch.empty(shapes[key], dtype=dtype) if rank == 0 else None
+        for owner, index in plan[key]:
+            slices = tuple(slice(a, b) for a, b in index)
+            if owner == rank:
+                block = mine[(key, index)].to(dtype).contiguous()
+                if rank == 0:
+                    full[slices].copy_(block)
+                else:
+                    dist.send(block, dst=0)
+            elif rank == 0:
+                block = torch.empty(tuple(b - a for a, b in index), dtype=dtype)
+                dist.recv(block, src=owner)
+                full[slices].copy_(block)
+        if rank == 0:
+            tensors[key] = full
+            if bar is not None:
+                bar.update(1)
+    return tensors
+
+
+def _write_safetensors(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _write_folder(tmp, config, weight_map, total_bytes, num_shards, tokenizer_dir, ids, gen):
+    _write_json(os.path.join(tmp, "config.json"), config)
+    if num_shards > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
+    copied_gen = False
+    if tokenizer_dir:
+        if not os.path.isdir(tokenizer_dir):
+            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir!r} does not exist")
+        names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+        if not names:
+            raise FileNotFoundError(f"{tokenizer_dir!r} holds none of {list(TOKENIZER_FILES)}")
+        for name in names:
+            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+        src = os.path.join(tokenizer_dir, "generation_config.json")
+        if gen is None and os.path.isfile(src):
+            shutil.copy2(src, os.path.join(tmp, "generation_config.json"))
+            copied_gen = True
+    if not copied_gen:
+        gen = dict(gen) if gen is not None else {k: v for k, v in ids.items() if v is not None}
+        _write_json(os.path.join(tmp, "generation_config.json"), gen)
+
+
+def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
+    """Rename tmp to out_dir; an existing out_dir (overwrite) is removed only afterwards."""
+    old = None
+    if os.path.exists(out_dir):
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        elif overwrite:
+            old = f"{out_dir.rstrip(os.sep)}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+        else:
+            raise FileExistsError(f"output folder {out_dir!r} appeared during the export")
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
