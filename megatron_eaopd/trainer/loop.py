@@ -45,7 +45,7 @@ from megatron_eaopd.trainer.evaluate import (
 )
 from megatron_eaopd.trainer.metrics_log import MetricsLogger
 from megatron_eaopd.trainer.teacher_prep import prepare_student, prepare_teacher
-from megatron_eaopd.trainer.update import distill_on_rollouts, reduce_outputs
+from megatron_eaopd.trainer.update import distill_on_rollouts, reduce_outputs, replica_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,6 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         )
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)
-    tp, pp = cfg.parallel.student.tp, cfg.parallel.student.pp
-    if world_size % (tp * pp) == 0:
-        dp = world_size // (tp * pp)
-        r = cfg.rollout
-        if r.mini_batch_size % dp != 0:
-            problems.append(f"rollout.mini_batch_size={r.mini_batch_size} must divide by DP={dp}")
     if cfg.model.teacher_checkpoint is None and not cfg.teacher_prep.enabled:
         problems.append("no teacher: set model.teacher_checkpoint or teacher_prep.enabled")
     if problems:
@@ -240,24 +234,35 @@ class Trainer:
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
             logprob_temperature=cfg.loss.temperature,
         )  # fmt: skip
+        n = r.samples_per_prompt
         with use_layout(STUDENT):
             dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
             indices = self.sampler.next_batch()
-            mine = [data.distill[i] for i in indices[dp_rank::dp]]
+            mine = [
+                data.distill[i] for i in replica_prompts(indices, r.mini_batch_size, dp, dp_rank)
+            ]
             gen = seeded_generator(cfg.training.seed, "rollout", iteration, dp_rank)
-            bar = self.progress(len(mine) * r.samples_per_prompt, f"rollout {iteration}")
-            rollouts = sample_problems(
-                self.student.chunks, mine, r.samples_per_prompt, data.tokenizer,
-                max_new_tokens=r.max_response_tokens, params=params,
-                vocab_size=data.vocab_size, generator=gen, use_kv_cache=r.use_kv_cache,
-                max_batch=self.max_decode_batch, progress=bar.update if bar else None,
-            )  # fmt: skip
-            if bar is not None:
-                bar.close()
+            rollouts, correct = None, []
+            if mine:  # none when the mini-batch has fewer prompts than there are replicas
+                bar = self.progress(len(mine) * n, f"rollout {iteration}")
+                rollouts = sample_problems(
+                    self.student.chunks, mine, n, data.tokenizer,
+                    max_new_tokens=r.max_response_tokens, params=params,
+                    vocab_size=data.vocab_size, generator=gen, use_kv_cache=r.use_kv_cache,
+                    max_batch=self.max_decode_batch, progress=bar.update if bar else None,
+                )  # fmt: skip
+                if bar is not None:
+                    bar.close()
         t_rollout = time.perf_counter()
-        correct = check_responses(data.task, data.tokenizer, mine, rollouts, r.samples_per_prompt)
+        if rollouts is not None:
+            correct = check_responses(data.task, data.tokenizer, mine, rollouts, n)
         n_correct = sum(sum(row) for row in correct)
-        resp_tokens = float(rollouts.response_lens.sum())
+        local = [
+            n_correct,
+            float(len(mine) * n),
+            float(rollouts.response_lens.sum()) if rollouts is not None else 0.0,
+            float(rollouts.finished.sum()) if rollouts is not None else 0.0,
+        ]
         bar = self.progress(self.steps_per_iteration, f"update {iteration}")
         done = distill_on_rollouts(
             self.student, self.teacher, self.objective, rollouts,
@@ -272,9 +277,7 @@ class Trainer:
         grad_norms, step_metrics = done["grad_norms"], done["last"]
         with use_layout(STUDENT):
             metrics = reduce_outputs(done["outputs"])
-            totals = self._dp_sum(
-                [n_correct, len(rollouts), resp_tokens, float(rollouts.finished.sum())]
-            )
+            totals = self._dp_sum(local)
         t_end = time.perf_counter()
         finite = [g for g in grad_norms if g == g]
         metrics.update(

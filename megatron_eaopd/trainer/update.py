@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NonFiniteUpdateError",
     "distill_forward_step",
+    "distill_on_rollouts",
+    "idle_rollouts",
+    "replica_prompts",
     "optimizer_step",
     "reduce_outputs",
     "sft_forward_step",
@@ -202,12 +205,16 @@ def distill_on_rollouts(
 
     Call on every rank, under any layout, with the rollouts of this rank's student replica:
     rows of whole prompts (all samples of a prompt together), the same on every rank of the
-    replica, a multiple of ``steps`` rows on every replica. Step j uses the j-th consecutive
-    slice of the rows; with prompts dealt round-robin over the replicas (prompt p to replica
-    p mod dp) step j of every replica together covers the j-th mini-batch of the global prompt
-    order, so the update does not depend on the layout. Micro-batches hold the largest divisor
-    of the rows per step that is at most ``micro_batch_size`` rows, each padded to the replica's
-    longest sequence (replicas may differ).
+    replica, a multiple of ``steps`` rows. Step j uses the j-th consecutive slice of the rows;
+    the trainer deals the prompts of global mini-batch j round-robin over the replicas
+    (:func:`replica_prompts`), so step j of all replicas together covers mini-batch j whatever
+    the layout, and with megatron's per-token loss (the gradient is divided by the valid tokens
+    of the whole mini-batch) the update does not depend on the layout. Replicas may hold
+    different numbers of rows; a replica with none (``rollouts`` None or empty: fewer prompts
+    per mini-batch than replicas) takes part with one fully masked row per step
+    (:func:`idle_rollouts`), so every rank makes the same collectives and adds nothing.
+    Micro-batches hold the largest divisor of the rows per step that is at most
+    ``micro_batch_size`` rows, padded to the replica's longest sequence.
 
     The sampled form scores with :func:`trainer.scoring.score_with_teacher` (teacher at its own
     layout); ``objective.form == "exact"`` attaches the teacher's logits shard instead.
@@ -223,6 +230,8 @@ def distill_on_rollouts(
     from megatron_eaopd.trainer.scoring import attach_teacher_logits, score_with_teacher
 
     t0 = time.perf_counter()
+    if rollouts is None or len(rollouts) == 0:
+        rollouts = idle_rollouts(steps, pad_id)
     rows = len(rollouts)
     if steps < 1 or rows % steps:
         raise ValueError(f"{rows} rollout rows do not split into {steps} optimizer steps")
@@ -259,3 +268,27 @@ def distill_on_rollouts(
         "time_teacher": t1 - t0,
         "time_update": time.perf_counter() - t1,
     }
+
+
+def replica_prompts(indices, mini_batch_size: int, dp: int, dp_rank: int) -> list:
+    """This replica's share of an iteration's prompt indices: mini-batch j is
+    ``indices[j * m : (j + 1) * m]``, dealt round-robin (its p-th prompt to replica p mod dp);
+    the shares of the mini-batches are concatenated in order. Replicas differ by at most one
+    prompt per mini-batch and get none when m < dp and dp_rank >= m."""
+    m = mini_batch_size
+    return [p for j in range(0, len(indices), m) for p in list(indices[j : j + m])[dp_rank::dp]]
+
+
+def idle_rollouts(rows: int, pad_id: int):
+    """``rows`` placeholder sequences with no response token (two pad tokens each, every loss
+    position masked): the share of a data-parallel replica that has no prompts."""
+    from megatron_eaopd.rollout import RolloutBatch
+
+    return RolloutBatch(
+        tokens=torch.full((rows, 2), pad_id, dtype=torch.long),
+        prompt_lens=torch.ones(rows, dtype=torch.long),
+        response_lens=torch.zeros(rows, dtype=torch.long),
+        logprobs=torch.zeros(rows, 2),
+        entropies=torch.zeros(rows, 2),
+        finished=torch.zeros(rows, dtype=torch.bool),
+    )

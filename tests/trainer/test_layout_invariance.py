@@ -1,0 +1,167 @@
+"""Distillation steps are the same network update at every student and teacher layout.
+
+Fixed rollouts (written to a file here, read by every rank: no sampling) go through the trainer's
+own update path (`trainer.update.distill_on_rollouts`: teacher scoring at the teacher's layout,
+point-to-point payload routing, megatron's schedule, DDP, AdamW), two optimizer steps of three
+prompts each, so replicas hold unequal shares and at DP 4 one replica is idle. The updated student
+weights, assembled from every rank's shards, must equal those of a single process (TP 1) within
+1e-5 in fp32, at student layouts TP1, TP2, PP2, TP1 x DP2, TP2 x DP2, TP1 x DP4 and
+TP2 x PP2 x DP2, each with a teacher layout that differs from the student's.
+
+Gradient clipping is off and Adam's epsilon is 1e-3, so the update is close to linear in the
+gradient: a wrong token normalisation over data-parallel replicas (a factor of dp), a payload
+delivered to the wrong replica, or a lost micro-batch moves weights far more than 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.models import helpers
+
+PROMPTS, SAMPLES, K, SEED = 6, 2, 4, 5
+MINI_BATCH = 3  # two optimizer steps of 3 prompts: at DP 4 one replica is idle in each step
+
+# (student (tp, pp), teacher (tp, pp)) per world size
+LAYOUTS = {
+    1: [((1, 1), (1, 1))],
+    2: [((2, 1), (1, 1)), ((1, 2), (2, 1)), ((1, 1), (2, 1))],
+    4: [((2, 1), (2, 2)), ((1, 1), (1, 2))],
+    8: [((2, 2), (2, 1)), ((2, 2), (1, 2))],
+}
+
+
+def write_rollouts(path: str) -> None:
+    """PROMPTS x SAMPLES rows with prompts of 2-6 tokens, responses of 1-9 tokens, random ids
+    and old log-probs in [-4, -0.05] at response positions (RolloutBatch fields)."""
+    from megatron_eaopd.rollout import RolloutBatch
+
+    gen = torch.Generator().manual_seed(11)
+    rows = PROMPTS * SAMPLES
+    prompt = torch.randint(2, 7, (PROMPTS,), generator=gen).repeat_interleave(SAMPLES)
+    response = torch.randint(1, 10, (rows,), generator=gen)
+    width = int((prompt + response).max())
+    vocab = helpers.preset("tiny-student").vocab_size
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    logprobs = torch.zeros(rows, width)
+    for i in range(rows):
+        n = int(prompt[i] + response[i])
+        tokens[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
+        logprobs[i, prompt[i] : n] = -0.05 - 3.95 * torch.rand(int(response[i]), generator=gen)
+    batch = RolloutBatch(
+        tokens=tokens, prompt_lens=prompt, response_lens=response, logprobs=logprobs,
+        entropies=torch.zeros(rows, width), finished=torch.ones(rows, dtype=torch.bool),
+    )  # fmt: skip
+    torch.save(batch.__dict__, path)
+
+
+def replica_rows(batch, dp: int, dp_rank: int):
+    """The trainer's split: per mini-batch of 3 prompts, replicas get 2 + 1 at DP 2 and
+    1 + 1 + 1 + 0 at DP 4 (the idle replica gets None)."""
+    from megatron_eaopd.rollout import RolloutBatch
+    from megatron_eaopd.trainer.update import replica_prompts
+
+    prompts = replica_prompts(list(range(PROMPTS)), MINI_BATCH, dp, dp_rank)
+    if not prompts:
+        return None
+    rows = [p * SAMPLES + j for p in prompts for j in range(SAMPLES)]
+    picked = {k: v[rows] for k, v in batch.items()}
+    width = int((picked["prompt_lens"] + picked["response_lens"]).max())  # this replica's own
+    for key in ("tokens", "logprobs", "entropies"):
+        picked[key] = picked[key][:, :width].contiguous()
+    return RolloutBatch(**picked)
+
+
+def step_worker(rank, world, path, layouts):
+    from megatron_eaopd.losses import ObjectiveConfig
+    from megatron_eaopd.models import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.student import OptimConfig
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_layouts, use_layout
+    from megatron_eaopd.trainer.build import build_trainable
+    from megatron_eaopd.trainer.update import distill_on_rollouts, reduce_outputs
+
+    batch = torch.load(path)
+    student_cfg, teacher_cfg = helpers.preset("tiny-student"), helpers.preset("tiny-teacher")
+    optim = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=0.0, weight_decay=0.01, total_steps=10)
+    objective = ObjectiveConfig(name="eopd", top_k=K, entropy_threshold=0.8)
+    out = []
+    for student_layout, teacher_layout in layouts:
+        destroy_parallel()
+        initialize_layouts(
+            {"student": (*student_layout, None), "teacher": (*teacher_layout, None)}, seed=SEED
+        )
+        with use_layout("teacher"):
+            chunks = build_model(teacher_cfg)
+            init_weights_layout_invariant(chunks, SEED + 1)
+            teacher = FrozenTeacher(chunks)
+        with use_layout("student") as lay:
+            student = build_trainable(student_cfg, optim, SEED)
+            before = helpers.global_pieces(student.chunks)
+        rollouts = replica_rows(batch, lay.dp, lay.dp_rank)
+        done = distill_on_rollouts(
+            student, teacher, objective, rollouts, steps=PROMPTS // MINI_BATCH,
+            micro_batch_size=2, pad_id=0,
+            vocab_size=student_cfg.vocab_size, top_k=K, temperature=1.0,
+        )  # fmt: skip
+        with use_layout("student"):
+            metrics = reduce_outputs(done["outputs"], ["loss", "fkl", "pg_loss"])
+            after = helpers.global_pieces(student.chunks)
+        out.append({"before": before, "after": after, "metrics": metrics, "dp": lay.dp})
+    return out
+
+
+def _run(world: int, path: str) -> list[dict]:
+    results = run_distributed(step_worker, world, path, LAYOUTS[world], timeout=600)
+    return [
+        {
+            "before": helpers.assemble([r[i]["before"] for r in results]),
+            "after": helpers.assemble([r[i]["after"] for r in results]),
+            "metrics": results[0][i]["metrics"],
+            "dp": results[0][i]["dp"],
+            "layout": LAYOUTS[world][i],
+        }
+        for i in range(len(LAYOUTS[world]))
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = os.path.join(tmp_path_factory.mktemp("rollouts"), "rollouts.pt")
+    write_rollouts(path)
+    (ref,) = _run(1, path)
+    moved = max((ref["after"][k] - ref["before"][k]).abs().max().item() for k in ref["after"])
+    assert moved > 1e-3, "the reference step did not move the weights"
+    return path, ref
+
+
+def _check(result, ref):
+    assert set(result["after"]) == set(ref["after"])
+    for key, value in ref["before"].items():  # the same network before the step
+        torch.testing.assert_close(result["before"][key], value, rtol=0, atol=1e-7, msg=key)
+    for key, value in ref["after"].items():
+        diff = (result["after"][key] - value).abs().max().item()
+        assert diff <= 1e-5, f"{result['layout']}: {key} differs by {diff:.2e}"
+    for name, value in ref["metrics"].items():
+        assert abs(result["metrics"][name] - value) <= 1e-5 * max(1.0, abs(value)), name
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_step_is_layout_invariant(reference, world):
+    path, ref = reference
+    results = _run(world, path)
+    assert any(r["dp"] > 1 for r in results)
+    for result in results:
+        _check(result, ref)
+
+
+@pytest.mark.slow
+def test_one_step_is_layout_invariant_8_ranks(reference):
+    path, ref = reference
+    for result in _run(8, path):
+        assert result["dp"] == 2
+        _check(result, ref)
