@@ -81,3 +81,67 @@ def test_math_verify_flag():
             check_answer("\\boxed{1}", "1", use_math_verify=True)
         # None falls back to the normalised comparison
         assert check_answer("\\boxed{1}", "1", use_math_verify=None)
+
+
+class _BoxedTask:
+    """The default Task.check on one problem (the jsonl task uses it unchanged)."""
+
+    @staticmethod
+    def make(use_math_verify):
+        from megatron_eaopd.data.task import Problem, Task
+
+        class T(Task):
+            def train_problems(self):
+                return []
+
+            def distill_problems(self):
+                return []
+
+            def eval_problems(self):
+                return []
+
+        task = T()
+        task.use_math_verify = use_math_verify
+        return task, Problem("p0", "2/4 = ?", "0.5")
+
+
+@pytest.mark.parametrize("installed", [True, False])
+@pytest.mark.parametrize("setting", [True, False, None])
+def test_task_check_follows_use_math_verify(monkeypatch, setting, installed):
+    """true: math-verify decides (here a stand-in that accepts everything); false: never asked;
+    null: asked exactly when it is installed."""
+    from megatron_eaopd.data import answers
+
+    calls = []
+
+    def fake_verify(reference, predicted):
+        calls.append((reference, predicted))
+        return True
+
+    monkeypatch.setattr(answers, "math_verify_available", lambda: installed)
+    monkeypatch.setattr(answers, "_math_verify", fake_verify)
+    task, problem = _BoxedTask.make(setting)
+    response = "\\boxed{0.75}"  # wrong: only the stand-in math-verify accepts it
+    if setting is True and not installed:
+        with pytest.raises(ImportError, match="math-verify"):
+            task.check(response, problem)
+        return
+    used = setting is True or (setting is None and installed)
+    assert task.check(response, problem) is used
+    assert bool(calls) is used
+
+
+def test_prepare_data_sets_and_checks_use_math_verify(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.data import TaskError, prepare, prepare_data
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+    base = [f"tokenizer.cache_dir={tmp_path / 'tok'}", "task.synthetic.num_train=200"]
+    monkeypatch.setattr(prepare, "math_verify_available", lambda: False)
+    with pytest.raises(TaskError, match="eval.use_math_verify=true needs the math-verify"):
+        prepare_data(load_config(tiny, [*base, "eval.use_math_verify=true"]))
+    for text, setting in (("false", False), ("null", None)):
+        data = prepare_data(load_config(tiny, [*base, f"eval.use_math_verify={text}"]))
+        assert data.task.use_math_verify is setting

@@ -70,7 +70,7 @@ def _extremes_worker(rank, tp):
         assert bool((g[R.shard(mask, rank, tp)] == 0).all()), "masked columns got gradient"
         ls, lt = R.ref_logp(fs, v, temp), R.ref_logp(ft, v, temp)
         ht = R.ref_entropy(lt)
-        ref = R.ref_kl(ls, lt) + (ht > 0.8).double() * R.ref_kl(lt, ls)
+        ref = R.ref_kl(ls, lt) + (ht >= 0.8).double() * R.ref_kl(lt, ls)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
         ent = L.vocab_parallel_entropy(s, temperature=temp, tp_group=group)
         torch.testing.assert_close(ent.double(), R.ref_entropy(ls), rtol=1e-4, atol=1e-4)

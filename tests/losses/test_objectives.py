@@ -27,7 +27,7 @@ def _ref_sampled(fs, ft, vocab, y, old, k, tau, alpha, eps, tail, top_ids=None):
     if top_ids is not None:
         assert torch.equal(lt.gather(-1, top_ids), top_v), "top-k set differs beyond ties"
         top_i = top_ids
-    gate = (ht > tau).double()
+    gate = (ht >= tau).double()
 
     def fn(f):
         ls = R.ref_logp(f, vocab)
@@ -105,7 +105,7 @@ def _sampled_worker(rank, tp):
     soft = torch.sigmoid((ht - tau) / 0.3)
     refs = {
         "opd": lambda ls: R.ref_kl(ls, lt),
-        "eopd": lambda ls: R.ref_kl(ls, lt) + (ht > tau).double() * R.ref_kl(lt, ls),
+        "eopd": lambda ls: R.ref_kl(ls, lt) + (ht >= tau).double() * R.ref_kl(lt, ls),
         "eopd_soft": lambda ls: R.ref_kl(ls, lt) + soft * R.ref_kl(lt, ls),
         "mix": lambda ls: 0.75 * R.ref_kl(ls, lt) + 0.25 * R.ref_kl(lt, ls),
         "fkl": lambda ls: R.ref_kl(lt, ls),
@@ -165,7 +165,7 @@ def test_loss_func_normalises_by_global_valid_tokens():
     metrics = L.reduce_metrics(reported)
     assert metrics["loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
     ht = full_m["teacher_entropy"]
-    gate = (ht > 3.0) & mask
+    gate = (ht >= 3.0) & mask
     assert metrics["gate"] == pytest.approx(float(gate.sum() / mask.sum()))
     fkl_gated = float(full_m["fkl"][gate].sum() / gate.sum()) if gate.any() else 0.0
     assert metrics["fkl_gated"] == pytest.approx(fkl_gated, rel=1e-5)

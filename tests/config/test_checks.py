@@ -1,0 +1,160 @@
+"""Bad values are refused by the CLI with exit status 2, the key named, before any process group.
+
+Each case runs ``megatron_eaopd.cli.main`` in this process on the tiny CPU config; a refusal must
+come from the checks (``config.loader``, ``config.checks.check_run``, ``prepare_data``), so no
+torch.distributed group may exist afterwards and no teacher is prepared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from megatron_eaopd import cli
+from megatron_eaopd.config import ConfigError, check_run, load_config
+from megatron_eaopd.data import answers, prepare
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch, capsys):
+    """main([...]) on the tiny config with caches and outputs under tmp_path; returns
+    (exit status, stderr)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def run(*overrides, world_size=2):
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        base = [
+            f"tokenizer.cache_dir={tmp_path / 'tok'}",
+            f"teacher_prep.cache_dir={tmp_path / 'teachers'}",
+            f"student_prep.cache_dir={tmp_path / 'students'}",
+            f"training.output_dir={tmp_path / 'run'}",
+            "task.synthetic.num_train=200",
+        ]
+        rc = cli.main(["--config", str(TINY), *base, *overrides])
+        err = capsys.readouterr().err
+        assert not dist.is_initialized(), "a process group was created before the refusal"
+        assert not (tmp_path / "teachers").exists(), "the teacher was prepared before the refusal"
+        return rc, err
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["loss.top_k=100000"], "loss.top_k", ["<= the tokenizer's vocabulary"]),
+        (["rollout.top_k=100000"], "rollout.top_k", ["vocabulary"]),
+        (["loss.temperature=.inf"], "loss.temperature", ["finite", "> 0"]),
+        (["optimizer.lr=.inf"], "optimizer.lr", ["finite", "> 0"]),
+        (["optimizer.lr=.nan"], "optimizer.lr", ["finite"]),
+        (["loss.fkl_coef=.inf"], "loss.fkl_coef", ["finite", ">= 0"]),
+        (["eval.entropy_threshold=.inf"], "eval.entropy_threshold", ["finite", ">= 0"]),
+        (["model.student.rope_base=-.inf"], "model.student.rope_base", ["finite", "> 0"]),
+        (["loss.objective=jsd", "loss.jsd_beta=0"], "loss.jsd_beta", ["> 0"]),
+        (["loss.objective=jsd", "loss.jsd_beta=1"], "loss.jsd_beta", ["< 1"]),
+        (["rollout.temperature=0.7"], "loss.temperature", ["rollout.temperature=0.7"]),
+        (["rollout.engine=auto"], "rollout.engine", ["removed"]),
+        (
+            ["parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel",
+            ["gloo has no reduce_scatter", "KV-cache decode"],
+        ),
+        (
+            ["parallel.sequence_parallel=true", "parallel.student.tp=1"],
+            "parallel.sequence_parallel",
+            ["parallel.student.tp=1", "> 1"],
+        ),
+    ],
+)
+def test_cli_refuses_with_exit_2_and_the_key(run_cli, overrides, key, words):
+    rc, err = run_cli(*overrides)
+    assert rc == 2, err
+    assert f"{key}:" in err, err
+    line = next(x for x in err.splitlines() if f"{key}:" in x)
+    for word in words:
+        assert word in line, line
+
+
+@pytest.mark.parametrize(
+    "world_size, overrides, key",
+    [
+        (3, [], "parallel.student.tp"),  # tp 2 does not divide 3
+        (6, ["parallel.teacher.tp=1", "parallel.teacher.pp=4"], "parallel.teacher.tp"),
+    ],
+)
+def test_cli_refuses_a_world_size_tp_pp_does_not_divide(run_cli, world_size, overrides, key):
+    rc, err = run_cli(*overrides, world_size=world_size)
+    assert rc == 2, err
+    line = next(x for x in err.splitlines() if f"{key}:" in x)
+    assert f"world size {world_size}" in line and "must divide" in line, line
+
+
+def test_cli_refuses_math_verify_when_missing(run_cli, monkeypatch):
+    monkeypatch.setattr(answers, "math_verify_available", lambda: False)
+    monkeypatch.setattr(prepare, "math_verify_available", lambda: False)
+    rc, err = run_cli("eval.use_math_verify=true")
+    assert rc == 2
+    assert "eval.use_math_verify:" in err and "pip install math-verify" in err
+
+
+def test_check_run_lists_every_problem_at_once():
+    cfg = load_config(
+        TINY,
+        [
+            "rollout.temperature=0.5",
+            "parallel.sequence_parallel=true",
+            "eval.use_math_verify=true",
+            "eval.top_k=50",
+        ],
+    )
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg, 3, vocab_size=40, cuda_available=True, math_verify_installed=False)
+    keys = [k for k, _ in err.value.problems]
+    assert keys == [
+        "parallel.student.tp",
+        "parallel.teacher.tp",
+        "parallel.sequence_parallel",
+        "loss.temperature",
+        "eval.use_math_verify",
+        "eval.top_k",
+    ]
+    sp = dict(err.value.problems)["parallel.sequence_parallel"]
+    assert "gloo" in sp  # tiny-cpu sets backend gloo even where CUDA exists
+
+
+def test_sequence_parallel_refused_on_gpu_too_with_the_reason():
+    cfg = load_config(
+        REPO / "configs" / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml", ["parallel.sequence_parallel=true"]
+    )
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg, 8, cuda_available=True)
+    (msg,) = [m for k, m in err.value.problems if k == "parallel.sequence_parallel"]
+    assert "gloo" not in msg and "not supported yet on GPU" in msg
+
+
+def test_exact_form_allows_different_temperatures():
+    """Only the sampled form's PPO ratio needs the sampling temperature."""
+    cfg = load_config(TINY, ["loss.objective=eopd_exact", "rollout.temperature=0.7"])
+    check_run(cfg, 2, vocab_size=182)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_pass_the_run_checks(path):
+    cfg = load_config(path)
+    cuda = cfg.parallel.backend != "gloo"
+    world = 2 if path.name == "tiny-cpu.yaml" else 8
+    check_run(cfg, world, vocab_size=None if cuda else 182, cuda_available=cuda,
+              math_verify_installed=True)  # fmt: skip
+
+
+def test_top_k_bounded_by_a_fixed_model_vocabulary():
+    cfg = load_config(TINY, ["loss.top_k=64", "model.teacher.vocab_size=32"])
+    with pytest.raises(ConfigError, match=r"loss.top_k: out of range: 64 .*<= the vocabulary"):
+        check_run(cfg, 2)
+    check_run(load_config(TINY, ["loss.top_k=64"]), 2)  # vocabulary unknown yet: no bound
