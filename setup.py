@@ -22,6 +22,8 @@ setup(
         "numpy",
         "pyyaml",
         "sentencepiece",
+        # Hugging Face weights in and out (models.hf); transformers itself stays optional
+        "safetensors",
     ],
     extras_require={
         # GPU-only parts: Transformer Engine layer specs and fused kernels. They do not import
@@ -32,13 +34,21 @@ setup(
         "plot": ["matplotlib"],
         "parquet": ["pyarrow"],
         "hf": ["transformers"],
-        "test": ["pytest>=8", "ruff>=0.5", "tensorboard"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "tensorboard",
+            "transformers",
+            "tokenizers",
+            "safetensors",
+        ],
         "dev": ["pytest>=8", "ruff>=0.5", "pre-commit"],
     },
     entry_points={
         "console_scripts": [
             "eaopd-train=megatron_eaopd.cli:main",
             "eaopd-loss-demo=megatron_eaopd.demo:main",
+            "eaopd-convert=megatron_eaopd.convert:main",
         ],
     },
 )

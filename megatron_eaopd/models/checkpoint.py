@@ -13,6 +13,11 @@ point leaves `latest` naming the previous complete checkpoint.
 dist_checkpointing stores every tensor under its global key and offset, so a checkpoint saved at
 one TP/PP (x VPP) layout loads at another (resharding). The optimizer state follows the
 parameters. RNG states are per rank and only restored at the layout they were saved at.
+
+eaopd_meta.json also records the model's shape (`model_config`, a ModelConfig dict: the one
+build_model recorded on the chunks, or the one passed) and where the weights came from
+(`source`, e.g. "hf:/models/Qwen3-8B"). Loading into a model built from another shape is refused
+with the differing fields named; checkpoints without a recorded config load as before.
 """
 
 from __future__ import annotations
@@ -155,11 +160,17 @@ def save_checkpoint(
     scheduler=None,
     extra: dict | None = None,
     save_rng: bool = True,
+    *,
+    model_config=None,
+    source: str | None = None,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, iteration, extra) to root/iter_NNNNNNN; return it.
 
     Every rank must call it. `chunks`: the model chunks (bare or DDP-wrapped); `extra`: a
     JSON-serialisable dict of anything else to resume (data position, counters), taken from rank 0.
+    `model_config`: the ModelConfig to record (default: the one build_model put on the chunks);
+    `source`: where the weights come from (default: the chunks' record, e.g. "hf:DIR" after
+    load_hf_weights, or the checkpoint they were loaded from).
     Collectives: barriers and dist_checkpointing's save (metadata gather, per-rank writes).
     """
     from megatron.core import dist_checkpointing
@@ -170,6 +181,9 @@ def save_checkpoint(
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
     extra = dict(extra or {})
     json.dumps(extra)  # fail before writing anything if extra is not serialisable
+    modules = _modules(chunks)
+    model_config = model_config or getattr(modules[0], "eaopd_model_config", None)
+    source = source or getattr(modules[0], "eaopd_source", None)
     name = checkpoint_name(iteration)
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}")
@@ -179,7 +193,6 @@ def save_checkpoint(
         os.makedirs(tmp)
     _barrier()
 
-    modules = _modules(chunks)
     sharded = _model_sharded_state_dict(modules)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
@@ -205,6 +218,8 @@ def save_checkpoint(
             "has_scheduler": scheduler is not None,
             "has_rng": save_rng,
             "extra": extra,
+            "model_config": None if model_config is None else model_config.to_dict(),
+            "source": source,
         }
         _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=2, sort_keys=True))
         if os.path.exists(final):  # re-saving an iteration: keep the old one until the rename
@@ -259,6 +274,44 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
+def read_model_config(root: str, iteration: int | None = None):
+    """(ModelConfig or None, source or None) recorded with a checkpoint (no communication).
+
+    `root`: a checkpoint root (its `latest` or `iteration` is read) or a checkpoint directory.
+    None for checkpoints saved before configs were recorded.
+    """
+    from megatron_eaopd.models.config import ModelConfig
+
+    if iteration is None and os.path.isfile(os.path.join(root, META)):
+        path = root
+    else:
+        path = resolve_checkpoint(root, iteration)
+    meta = read_meta(path)
+    data = meta.get("model_config")
+    return (None if data is None else ModelConfig.from_dict(data)), meta.get("source")
+
+
+def check_model_config(meta: dict, modules, path: str) -> None:
+    """ValueError naming the differing fields when the checkpoint's recorded shape differs from
+    the one the modules were built from (skipped when either is unknown)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.models.config import ModelConfig
+
+    data = meta.get("model_config")
+    built = getattr(modules[0], "eaopd_model_config", None)
+    if data is None or built is None:
+        return
+    saved = ModelConfig.from_dict(data)
+    diffs = saved.differences(built, ps.get_tensor_model_parallel_world_size())
+    if diffs:
+        raise ValueError(
+            f"checkpoint {path!r} holds another model than the one built (checkpoint != model): "
+            f"{'; '.join(diffs)}. Build the model from the checkpoint's config "
+            f"(models.checkpoint.read_model_config) or load the right checkpoint."
+        )
+
+
 def load_checkpoint(
     root: str,
     chunks,
@@ -267,13 +320,16 @@ def load_checkpoint(
     iteration: int | None = None,
     load_rng: bool = True,
     strict: bool = True,
+    *,
+    check_config: bool = True,
 ) -> LoadedCheckpoint:
     """Load a checkpoint saved by save_checkpoint into `chunks` (+ optimizer, scheduler, RNG).
 
     Works at any TP/PP (x VPP) layout that fits the model. RNG states are restored only when the
     layout (tp, pp, vpp, world size) equals the saved one. Raises FileNotFoundError for a missing
-    checkpoint and ValueError when an optimizer is requested but was not saved.
-    Collectives: dist_checkpointing's load (metadata exchange, reads).
+    checkpoint and ValueError when an optimizer is requested but was not saved, or (with
+    `check_config`) when the checkpoint records another model shape than the chunks were built
+    from. Collectives: dist_checkpointing's load (metadata exchange, reads).
     """
     from megatron.core import dist_checkpointing
 
@@ -285,6 +341,8 @@ def load_checkpoint(
             f"it without an optimizer, or resume from a student checkpoint."
         )
     modules = _modules(chunks)
+    if check_config:
+        check_model_config(meta, modules, path)
     sharded = _model_sharded_state_dict(modules)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
@@ -303,6 +361,8 @@ def load_checkpoint(
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
+    for module in modules:
+        module.eaopd_source = meta.get("source") or f"checkpoint:{path}"
     if restore_rng:
         _restore_rng(state["rng_state"])
     elif load_rng and meta.get("has_rng"):

@@ -1,0 +1,233 @@
+"""eaopd-convert: Hugging Face folders to project checkpoints and back.
+
+    eaopd-convert import-hf --hf DIR --out CKPT_ROOT [--dtype auto|bf16|fp32] [--trust-pickle]
+    eaopd-convert export-hf --checkpoint CKPT_ROOT --out DIR [--dtype bf16|fp32]
+                            [--tokenizer DIR] [--iteration N] [--hf-config DIR]
+
+import-hf writes a model-only checkpoint (models.checkpoint.save_checkpoint, iteration 0) that
+records the model config and its source and loads at any TP x PP layout. export-hf reads the
+config recorded in the checkpoint and writes an HF folder (config.json, safetensors, generation
+config, tokenizer files with --tokenizer). One process (TP 1, PP 1) is enough; under torchrun
+--tp/--pp split the work (each rank reads or writes only its own part).
+
+Bad input (unsupported architecture or RoPE type, missing or truncated shard, no config.json, a
+checkpoint of another shape, an existing output) exits with status 2 and a named error before any
+process group starts; outputs are written to a temporary folder and renamed at the end, so a
+failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+
+logger = logging.getLogger("eaopd-convert")
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """An input problem found before any work starts (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eaopd-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="HF folder -> project checkpoint (model only)")
+    imp.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
+    imp.add_argument("--out", required=True, help="checkpoint root to create (must not exist)")
+    imp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32", "fp16"],
+        help="dtype of the stored weights; auto: config.json's torch_dtype",
+    )
+    imp.add_argument("--trust-pickle", action="store_true", help="allow pytorch_model.bin")
+    exp = sub.add_parser("export-hf", help="project checkpoint -> HF folder")
+    exp.add_argument("--checkpoint", required=True, help="checkpoint root (or iter_* folder)")
+    exp.add_argument("--out", required=True, help="HF folder to create (must not exist)")
+    exp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    exp.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied")
+    exp.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    exp.add_argument(
+        "--hf-config",
+        default=None,
+        help="HF folder whose config.json describes the model: needed for checkpoints that "
+        "record no config; must agree with a recorded one",
+    )
+    exp.add_argument("--architecture", default=None, help="default: the recorded one")
+    exp.add_argument("--max-shard-gb", type=float, default=2.0)
+    for sp in (imp, exp):
+        sp.add_argument("--tp", type=int, default=1, help="tensor parallel size (torchrun)")
+        sp.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torchrun)")
+    return p
+
+
+_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def _check_out(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise BadInput(f"output {path!r} exists and is not empty: choose a new folder")
+
+
+def _check_import(args):
+    """(ModelConfig, token/generation info) of --hf; raises BadInput before anything starts."""
+    import json
+
+    from megatron_eaopd.models.hf import HFWeights, expected_hf_shapes, model_config_from_hf
+
+    _check_out(args.out)
+    try:
+        dtype = None if args.dtype == "auto" else _DTYPES[args.dtype]
+        cfg = model_config_from_hf(args.hf, params_dtype=dtype)
+        HFWeights(args.hf, trust_pickle=args.trust_pickle).check(expected_hf_shapes(cfg))
+    except (ValueError, FileNotFoundError) as exc:
+        raise BadInput(str(exc)) from None
+    hf_info: dict = {}
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(args.hf, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if name == "generation_config.json":
+                hf_info["generation_config"] = data
+            ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+            hf_info.setdefault("token_ids", {}).update(
+                {k: data[k] for k in ids if data.get(k) is not None}
+            )
+    return cfg, hf_info
+
+
+def _check_export(args):
+    """(ModelConfig, hf info) for export-hf; raises BadInput before anything starts."""
+    from megatron_eaopd.models.checkpoint import read_meta, resolve_checkpoint
+    from megatron_eaopd.models.config import ModelConfig
+    from megatron_eaopd.models.hf import hf_config_dict, model_config_from_hf
+
+    _check_out(args.out)
+    try:
+        if os.path.isfile(os.path.join(args.checkpoint, "eaopd_meta.json")):
+            path = args.checkpoint
+        else:
+            path = resolve_checkpoint(args.checkpoint, args.iteration)
+        meta = read_meta(path)
+        recorded = meta.get("model_config")
+        cfg = ModelConfig.from_dict(recorded) if recorded else None
+        if args.hf_config:
+            given = model_config_from_hf(args.hf_config)
+            if cfg is None:
+                cfg = given
+            else:
+                diffs = cfg.differences(given, args.tp)
+                if diffs:
+                    raise ValueError(
+                        f"checkpoint {path!r} holds another model than {args.hf_config!r} "
+                        f"describes (checkpoint != config.json): {'; '.join(diffs)}"
+                    )
+        if cfg is None:
+            raise ValueError(
+                f"checkpoint {path!r} records no model config (saved before configs were "
+                f"recorded): pass --hf-config with an HF folder describing the model"
+            )
+        if args.tokenizer and not os.path.isdir(args.tokenizer):
+            raise FileNotFoundError(f"tokenizer folder {args.tokenizer!r} does not exist")
+        hf_config_dict(cfg, architecture=args.architecture, dtype=_DTYPES[args.dtype])
+        cfg.check_layout(args.tp, args.pp)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise BadInput(str(exc)) from None
+    # the weights stay in the dtype they were saved in; the export casts
+    return path, cfg, dict(meta.get("extra", {}).get("hf", {}))
+
+
+def _run_import(args, cfg, hf_info) -> None:
+    import torch.distributed as dist
+
+    from megatron_eaopd.models import build_model
+    from megatron_eaopd.models.checkpoint import save_checkpoint
+    from megatron_eaopd.models.hf import load_hf_weights
+    from megatron_eaopd.parallel.init import initialize_parallel
+
+    initialize_parallel(args.tp, args.pp, models={"model": cfg})
+    rank = dist.get_rank()
+    tmp = f"{args.out.rstrip(os.sep)}.tmp-import"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    ok = False
+    try:
+        chunks = build_model(cfg, perform_initialization=False)
+        load_hf_weights(chunks, args.hf, trust_pickle=args.trust_pickle, progress=True)
+        source = f"hf:{os.path.abspath(args.hf)}"
+        save_checkpoint(tmp, 0, chunks, save_rng=False, extra={"hf": hf_info}, source=source)
+        ok = True
+    finally:
+        dist.barrier()
+        if rank == 0:
+            if ok:
+                if os.path.isdir(args.out):  # an empty folder given as the output
+                    os.rmdir(args.out)
+                os.rename(tmp, args.out)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+
+
+def _run_export(args, path, cfg, hf_info) -> None:
+    from megatron_eaopd.models import build_model
+    from megatron_eaopd.models.checkpoint import load_checkpoint
+    from megatron_eaopd.models.hf import save_hf_weights
+    from megatron_eaopd.parallel.init import initialize_parallel
+
+    initialize_parallel(args.tp, args.pp, models={"model": cfg})
+    chunks = build_model(cfg, perform_initialization=False)
+    root, iteration = os.path.dirname(path.rstrip(os.sep)), None
+    name = os.path.basename(path.rstrip(os.sep))
+    if name.startswith("iter_"):
+        iteration = int(name.removeprefix("iter_"))
+    load_checkpoint(root, chunks, iteration=iteration, load_rng=False)
+    save_hf_weights(
+        chunks,
+        args.out,
+        model_config=cfg,
+        dtype=args.dtype,
+        tokenizer_dir=args.tokenizer,
+        architecture=args.architecture,
+        token_ids=hf_info.get("token_ids"),  # None: the tokenizer folder's
+        generation_config=hf_info.get("generation_config"),
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        progress=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check the inputs (exit 2 on bad input), start the layout, convert, tear down."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        if args.command == "import-hf":
+            checked = _check_import(args)
+        else:
+            checked = _check_export(args)
+    except BadInput as exc:
+        print(f"eaopd-convert {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from megatron_eaopd.parallel.init import destroy_parallel
+
+    try:
+        if args.command == "import-hf":
+            _run_import(args, *checked)
+            print(f"wrote checkpoint {args.out}")
+        else:
+            _run_export(args, *checked)
+            print(f"wrote Hugging Face folder {args.out}")
+    finally:
+        destroy_parallel(destroy_process_group=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
