@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
@@ -113,7 +114,7 @@ def _set_parent_death_signal() -> bool:
 
 def _watch_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
-        threading.Event().wait(_POLL_S)
+        time.sleep(_POLL_S)
     _kill_self()
 
 
