@@ -215,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as exc:
         print(f"eaopd-convert {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    import torch.distributed as dist
+
     from megatron_eaopd.parallel.init import destroy_parallel
 
+    owns_process_group = not dist.is_initialized()  # else: called inside a running job
     try:
         if args.command == "import-hf":
             _run_import(args, *checked)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_export(args, *checked)
             print(f"wrote Hugging Face folder {args.out}")
     finally:
-        destroy_parallel(destroy_process_group=True)
+        destroy_parallel(destroy_process_group=owns_process_group)
     return 0
 
 

@@ -1,0 +1,323 @@
+"""eaopd-convert and recorded model configs: import, load at another layout, export, bad input.
+
+One 2-process gloo launch: `eaopd-convert import-hf` (fp32 and bf16), the checkpoint loads at TP 2
+with logits equal to transformers', a bf16 checkpoint loads into an fp32 model, a model of
+another shape is refused with the differing field named, a checkpoint without a recorded config
+still loads, and `export-hf` from TP 2 (fp32) and TP 1 (bf16, with the tokenizer) reloads in
+transformers with the original weights bit for bit. Bad input exits with status 2 before any
+process group, leaving no output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from megatron_eaopd import convert
+from megatron_eaopd.models import ModelConfig
+from megatron_eaopd.models.hf import hf_config_dict, model_config_from_hf
+from tests.dist import run_distributed
+from tests.models.test_hf import SEQ, make_hf_model, tokens_and_prompts
+
+
+def _tokenizer(path: str, vocab: int) -> None:
+    """A WordLevel tokenizer over `vocab` ids with a chat template, saved as an HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf") / "qwen3")
+    model = make_hf_model(path, "qwen3_untied")
+    _tokenizer(path, model.config.vocab_size)
+    tokens, _ = tokens_and_prompts(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return {"path": path, "model": model, "logits": logits}
+
+
+def _logits(chunks, vocab):
+    from megatron_eaopd.rollout.sampling import gather_vocab_logits
+
+    tokens, _ = tokens_and_prompts(vocab)
+    pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        return gather_vocab_logits(chunks[0](tokens, pos, None), vocab)
+
+
+def convert_worker(rank, world, hf_dir, root):
+    import torch.distributed as dist
+
+    from megatron_eaopd.models import build_model
+    from megatron_eaopd.models.checkpoint import load_checkpoint, read_model_config
+    from megatron_eaopd.parallel.init import initialize_parallel
+
+    ckpt, ckpt16 = os.path.join(root, "ckpt"), os.path.join(root, "ckpt16")
+    # TP 1 x DP 2 (every rank reads the whole model)
+    assert convert.main(["import-hf", "--hf", hf_dir, "--out", ckpt, "--dtype", "fp32"]) == 0
+    assert convert.main(["import-hf", "--hf", hf_dir, "--out", ckpt16, "--dtype", "bf16"]) == 0
+    cfg, source = read_model_config(ckpt)
+    assert source == f"hf:{os.path.abspath(hf_dir)}"
+    assert cfg.architecture == "Qwen3ForCausalLM" and cfg.params_dtype == "float32"
+    out = {"cfg": cfg.to_dict()}
+
+    initialize_parallel(2, 1, seed=3)
+    chunks = build_model(cfg)
+    load_checkpoint(ckpt, chunks, load_rng=False)
+    out["logits_tp2"] = _logits(chunks, cfg.vocab_size)
+    chunks16 = build_model(cfg)  # fp32 model, bf16 checkpoint
+    load_checkpoint(ckpt16, chunks16, load_rng=False)
+    out["logits_bf16"] = _logits(chunks16, cfg.vocab_size)
+
+    other = build_model(cfg.with_changes(rotary_base=1e4, layernorm_epsilon=1e-5))
+    try:
+        load_checkpoint(ckpt, other, load_rng=False)
+    except ValueError as exc:
+        out["refused"] = str(exc)
+
+    # a checkpoint saved before configs were recorded still loads
+    dist.barrier()
+    meta_path = os.path.join(ckpt16, "iter_0000000", "eaopd_meta.json")
+    if rank == 0:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta.pop("model_config")
+        meta.pop("source")
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+    dist.barrier()
+    load_checkpoint(ckpt16, build_model(cfg), load_rng=False)
+
+    args = ["export-hf", "--checkpoint", ckpt, "--dtype", "fp32", "--max-shard-gb", "0.0002"]
+    assert convert.main(args + ["--out", os.path.join(root, "out32"), "--tp", "2"]) == 0
+    args = ["export-hf", "--checkpoint", ckpt, "--dtype", "bf16", "--tokenizer", hf_dir]
+    assert convert.main(args + ["--out", os.path.join(root, "out16")]) == 0
+    return out
+
+
+def test_import_load_export_round_trip(qwen3, tmp_path):
+    root = str(tmp_path)
+    results = run_distributed(convert_worker, 2, qwen3["path"], root, timeout=300)
+    out = results[0]
+    assert ModelConfig.from_dict(out["cfg"]) == model_config_from_hf(
+        qwen3["path"], params_dtype="float32"
+    )
+    assert (out["logits_tp2"] - qwen3["logits"]).abs().max() < 1e-4
+    assert (out["logits_bf16"] - qwen3["logits"]).abs().max() < 0.1  # bf16 weights
+    assert "rotary_base" in out["refused"] and "layernorm_epsilon" in out["refused"]
+    assert not [n for n in os.listdir(root) if ".tmp-" in n]
+
+    original = qwen3["model"].state_dict()
+    for name, dtype in (("out32", torch.float32), ("out16", torch.bfloat16)):
+        path = os.path.join(root, name)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True
+        )
+        assert not any(info.values()), info
+        exported = model.state_dict()
+        assert exported.keys() == original.keys()
+        for key, value in original.items():
+            assert exported[key].dtype == dtype
+            assert torch.equal(exported[key], value.to(dtype)), (name, key)
+    assert os.path.isfile(os.path.join(root, "out32", "model.safetensors.index.json"))
+    assert os.path.isfile(os.path.join(root, "out16", "generation_config.json"))
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(root, "out16"))
+    assert tok.eos_token == "</s>" and tok.chat_template
+
+
+# ---------------------------------------------------------------- bad input: exit 2, no output
+
+
+def _edit_config(path, **changes):
+    with open(os.path.join(path, "config.json")) as f:
+        data = json.load(f)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(data, f)
+
+
+def _break(kind: str, path: str) -> str:
+    """Damage the HF folder `path` in one way; return a word the error must contain."""
+    shards = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if kind == "moe":
+        _edit_config(path, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
+        return "model_type"
+    if kind == "yarn":
+        rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
+        _edit_config(path, rope_parameters=rope)
+        return "rope_type"
+    if kind == "gelu":
+        _edit_config(path, hidden_act="gelu")
+        return "hidden_act"
+    if kind == "sliding":
+        _edit_config(path, use_sliding_window=True)
+        return "use_sliding_window"
+    if kind == "no_config":
+        os.remove(os.path.join(path, "config.json"))
+        return "config.json"
+    if kind == "missing_shard":
+        os.remove(os.path.join(path, shards[-1]))
+        return shards[-1]
+    if kind == "truncated_shard":
+        with open(os.path.join(path, shards[0]), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(path, shards[0])) - 100)
+        return "truncated"
+    if kind == "pickle":
+        for name in os.listdir(path):
+            if "safetensors" in name:
+                os.remove(os.path.join(path, name))
+        torch.save({"x": torch.zeros(1)}, os.path.join(path, "pytorch_model.bin"))
+        return "trust"
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf") / "llama")
+    make_hf_model(path, "llama31", max_shard_size="200KB")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["moe", "yarn", "gelu", "sliding", "no_config", "missing_shard", "truncated_shard", "pickle"],
+)
+def test_import_bad_input_exits_2_without_output(kind, sharded_llama, tmp_path, capsys):
+    import torch.distributed as dist
+
+    hf = str(tmp_path / "hf")
+    shutil.copytree(sharded_llama, hf)
+    word = _break(kind, hf)
+    out = str(tmp_path / "ckpt")
+    assert convert.main(["import-hf", "--hf", hf, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and word in err, err
+    assert not dist.is_initialized()
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no output, no temporary folder
+
+
+def _fake_checkpoint(root: str, cfg: ModelConfig | None) -> None:
+    """A checkpoint root whose meta records `cfg` (export-hf reads the meta before any work)."""
+    path = os.path.join(root, "iter_0000000")
+    os.makedirs(path)
+    meta = {"iteration": 0, "layout": {}, "model_config": cfg and cfg.to_dict()}
+    with open(os.path.join(path, "eaopd_meta.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("iter_0000000\n")
+
+
+def test_export_bad_input_exits_2_without_output(sharded_llama, tmp_path, capsys):
+    llama = model_config_from_hf(sharded_llama)
+    cases = [
+        # a checkpoint of another shape than the HF config given for it
+        (llama.with_changes(num_layers=4, hidden_size=128), ["--hf-config", sharded_llama],
+         "num_layers"),
+        (None, [], "records no model config"),
+        (llama, ["--architecture", "MistralForCausalLM"], "MistralForCausalLM"),
+        (llama.with_changes(qk_layernorm=True), ["--architecture", "LlamaForCausalLM"],
+         "qk_layernorm"),
+    ]  # fmt: skip
+    for i, (cfg, extra, word) in enumerate(cases):
+        root = str(tmp_path / f"ckpt{i}")
+        _fake_checkpoint(root, cfg)
+        out = str(tmp_path / f"out{i}")
+        assert convert.main(["export-hf", "--checkpoint", root, "--out", out] + extra) == 2
+        err = capsys.readouterr().err
+        assert word in err, err
+        assert not os.path.exists(out)
+    # an existing, non-empty output is refused too
+    os.makedirs(tmp_path / "taken")
+    (tmp_path / "taken" / "x").write_text("x")
+    args = ["export-hf", "--checkpoint", str(tmp_path / "ckpt2"), "--out", str(tmp_path / "taken")]
+    assert convert.main(args) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- config.json mapping
+
+
+def test_model_config_from_hf_fields(sharded_llama, tmp_path):
+    cfg = model_config_from_hf(sharded_llama)
+    assert cfg.architecture == "LlamaForCausalLM" and cfg.rope_scaling == "llama3"
+    assert (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor) == (
+        8.0,
+        1.0,
+        4.0,
+    )
+    assert cfg.rope_original_max_position_embeddings == 64 and cfg.rotary_base == 5e5
+    assert cfg.params_dtype == "float32" and not cfg.qk_layernorm and not cfg.add_qkv_bias
+    # the transformers 4 spelling (rope_theta + rope_scaling with "type") reads the same
+    hf = str(tmp_path / "v4")
+    shutil.copytree(sharded_llama, hf)
+    rope = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}  # fmt: skip
+    _edit_config(hf, rope_parameters=None, rope_theta=5e5, rope_scaling=rope)
+    assert model_config_from_hf(hf) == cfg
+    # written back as config.json and read again: the same model
+    out = str(tmp_path / "back")
+    os.makedirs(out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(hf_config_dict(cfg, dtype="float32"), f)
+    assert model_config_from_hf(out) == cfg
+    for changes, field in (
+        ({"num_experts": 8}, "num_experts"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ):
+        _edit_config(hf, **changes)
+        with pytest.raises(ValueError, match=field):
+            model_config_from_hf(hf)
+        _edit_config(hf, **{k: None for k in changes}, rope_scaling=rope)
+
+
+def test_llama3_frequencies_equal_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_eaopd.models.builder import llama3_inv_freq
+
+    config = transformers.LlamaConfig(
+        hidden_size=512, num_attention_heads=4, rope_theta=5e5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = 128
+    plain = 1.0 / (5e5 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    ours = llama3_inv_freq(plain, 8.0, 1.0, 4.0, 8192)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, plain)
+
+
+def test_model_config_differences():
+    a = ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=300
+    )
+    assert a.differences(a.with_changes(params_dtype="bfloat16", max_sequence_length=9)) == []
+    diffs = a.differences(a.with_changes(rotary_base=5e5, num_query_groups=2))
+    assert [d.split(":")[0] for d in diffs] == ["num_query_groups", "rotary_base"]
+    # padding knobs matter only through the padded vocabulary they give
+    assert a.differences(a.with_changes(make_vocab_size_divisible_by=4)) != []
+    assert a.with_changes(vocab_pad_for_tp=8).padded_vocab_size(1) == 1024
+    assert a.with_changes(vocab_pad_for_tp=8).padded_vocab_size(2) == 1024
