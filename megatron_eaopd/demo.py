@@ -60,9 +60,9 @@ def run(objective: str, steps: int, group, rank: int, tp: int, seed: int = 0):
             )
     tau = cfg.entropy_threshold
     return {
-        "teacher_high_entropy": (m["teacher_entropy"] > tau).float().mean().item(),
-        "student_high_entropy": (m["student_entropy"] > tau).float().mean().item(),
-        "fkl_on_high_entropy": m["fkl"][m["teacher_entropy"] > tau].mean().item(),
+        "teacher_high_entropy": (m["teacher_entropy"] >= tau).float().mean().item(),
+        "student_high_entropy": (m["student_entropy"] >= tau).float().mean().item(),
+        "fkl_on_high_entropy": m["fkl"][m["teacher_entropy"] >= tau].mean().item(),
     }
 
 

@@ -86,7 +86,7 @@ def high_entropy_fraction(
     vals = _masked(entropy, mask)
     if vals.numel() == 0:
         return float("nan")
-    return (vals > threshold).double().mean().item()
+    return (vals >= threshold).double().mean().item()
 
 
 def high_entropy_fkl(
@@ -101,7 +101,8 @@ def high_entropy_fkl(
         fkl: per-token forward KL in nats.
         teacher_entropy: the teacher's per-token entropy (same shape).
         mask: valid-token mask (same shape) or None.
-        threshold: tau; a token is high-entropy when ``teacher_entropy > threshold``.
+        threshold: tau; a token is high-entropy when ``teacher_entropy >= threshold`` (the loss's
+            default gate).
 
     Returns:
         ``fkl_high`` (mean over high-entropy tokens; NaN if none), ``fkl_low`` (mean over the other
@@ -114,7 +115,7 @@ def high_entropy_fkl(
         )
     f = _masked(fkl, mask).double()
     h = _masked(teacher_entropy, mask)
-    high = h > threshold
+    high = h >= threshold
 
     def mean(x: torch.Tensor) -> float:
         return x.mean().item() if x.numel() else float("nan")
@@ -158,7 +159,7 @@ class EntropyStats:
 
     ``update`` adds a batch; ``to_tensor``/``from_tensor`` pack the sums into one float64 tensor
     for a single SUM all-reduce; ``summary`` gives the metrics: the student's and the teacher's
-    fraction of tokens with entropy > tau on the same tokens, and the forward KL averaged over the
+    fraction of tokens with entropy >= tau on the same tokens, and the forward KL averaged over the
     teacher's high-entropy tokens and over all tokens.
     """
 
@@ -181,9 +182,9 @@ class EntropyStats:
             raise ValueError("student and teacher entropies differ in shape")
         hs = _masked(student_entropy, mask).double()
         ht = _masked(teacher_entropy, mask).double()
-        high = ht > threshold
+        high = ht >= threshold
         self.n_valid += hs.numel()
-        self.n_student_high += (hs > threshold).sum().item()
+        self.n_student_high += (hs >= threshold).sum().item()
         self.n_teacher_high += high.sum().item()
         if fkl is not None:
             f = _masked(fkl, mask).double()

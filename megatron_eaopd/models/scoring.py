@@ -46,6 +46,7 @@ def score_for_student(
     teacher_layout: str = "teacher",
     student_layout: str = "student",
     temperature: float = 1.0,
+    chunk_size: int | None = None,
 ) -> list:
     """Score this rank's student micro-batches with a teacher that runs under its own layout.
 
@@ -53,6 +54,7 @@ def score_for_student(
     and "labels" [b, s] int64 and optionally "position_ids" (must be 0 .. s-1: right-padded,
     position-aligned sequences); identical on every rank of one student data-parallel replica.
     Replicas may pass different counts M_i (0 included), rows b_i and widths s_i.
+    ``chunk_size``: tokens per chunk of the payload kernels (``loss.chunk_size``; memory only).
 
     Steps (G = sum of M_i micro-batches, global index g = (replica i, local m)):
 
@@ -154,7 +156,13 @@ def score_for_student(
             )
         with use_layout(teacher_layout):
             payloads = teacher.score(
-                padded, width, rows, payload_k=k, vocab_size=vocab_size, temperature=temperature
+                padded,
+                width,
+                rows,
+                payload_k=k,
+                vocab_size=vocab_size,
+                temperature=temperature,
+                chunk_size=chunk_size,
             )
         for g, p in zip(share, payloads):  # empty unless this is the teacher's last stage
             _, _, b, s = index[g]

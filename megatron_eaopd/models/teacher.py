@@ -71,6 +71,7 @@ class FrozenTeacher:
         *,
         vocab_size: int | None = None,
         temperature: float = 1.0,
+        chunk_size: int | None = None,
     ) -> list:
         """Forward-only teacher pass over `batches` (one dict per micro-batch).
 
@@ -97,7 +98,12 @@ class FrozenTeacher:
 
                 labels = batch["labels"].transpose(0, 1).contiguous()
                 return vocab_parallel_teacher_payload(
-                    sb_logits, labels, payload_k, temperature=temperature, vocab_size=vocab_size
+                    sb_logits,
+                    labels,
+                    payload_k,
+                    temperature=temperature,
+                    vocab_size=vocab_size,
+                    chunk_size=chunk_size,
                 )
 
             return output, collect

@@ -5,11 +5,12 @@ Evaluation samples ``eval.k`` responses per held-out prompt from the student (``
 
 * ``<set>/avg@k``, ``<set>/pass@k`` (unbiased estimator), also ``pass@1``;
 * on the student's own eval samples, per response token: ``student_high_frac`` and
-  ``teacher_high_frac`` (fractions of tokens whose full-vocabulary entropy exceeds tau, under each
-  model, on the same tokens), ``fkl_high`` (forward KL(teacher || student) averaged over the
-  teacher's high-entropy tokens) and ``fkl_all`` (over all tokens). The forward KL is taken on the
-  teacher's top-k set plus one tail bucket for the rest of the vocabulary: the KL between the two
-  distributions coarsened to k + 1 outcomes, a lower bound of the full-vocabulary forward KL.
+  ``teacher_high_frac`` (fractions of tokens whose full-vocabulary entropy is at least tau, or
+  above it with ``loss.gate_strict``, under each model, on the same tokens), ``fkl_high``
+  (forward KL(teacher || student) averaged over the teacher's high-entropy tokens) and
+  ``fkl_all`` (over all tokens). The forward KL is taken on the teacher's top-k set plus one tail
+  bucket for the rest of the vocabulary: the KL between the two distributions coarsened to k + 1
+  outcomes, a lower bound of the full-vocabulary forward KL.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
         seq = batch["tokens"].shape[1]
     score_with_teacher(
         trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
-        temp=cfg.loss.temperature,
+        temp=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
     )  # fmt: skip
     with use_layout(STUDENT):
         outputs = []

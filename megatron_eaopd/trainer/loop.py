@@ -116,6 +116,7 @@ class Trainer:
         self.max_decode_batch = None
         self.metrics_logger = None
         self.start_iteration = 0
+        self.eval_pending = False
         self.times: dict[str, float] = {}
 
     # -- setup -------------------------------------------------------------------------------------
@@ -128,6 +129,9 @@ class Trainer:
             world = dist.get_world_size()
         check_trainer_config(cfg, world)
         self.data = data = self.data or prepare_data(cfg)
+        from megatron_eaopd.config import check_run
+
+        check_run(cfg, world, data.vocab_size)  # what needs the vocabulary (top-k bounds)
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
         if self.rank0:
@@ -191,6 +195,7 @@ class Trainer:
                 self.ckpt_dir, self.student.chunks, self.student.optimizer, self.student.scheduler
             )
         self.start_iteration = loaded.iteration
+        self.eval_pending = bool(loaded.extra.get("eval_pending", False))
         self.sampler.load_state_dict(loaded.extra["sampler"])
         self.student.skipped_updates = int(loaded.extra.get("skipped_updates", 0))
         if loaded.extra.get("total_iterations", self.total) != self.total:
@@ -268,7 +273,8 @@ class Trainer:
             self.student, self.teacher, self.objective, rollouts,
             steps=self.steps_per_iteration, micro_batch_size=r.micro_batch_size,
             pad_id=pad_id_of(data.tokenizer), vocab_size=data.vocab_size, top_k=cfg.loss.top_k,
-            temperature=cfg.loss.temperature, skip_nonfinite=cfg.training.skip_nonfinite,
+            temperature=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+            skip_nonfinite=cfg.training.skip_nonfinite,
             progress=bar.update if bar is not None else None,
         )  # fmt: skip
         if bar is not None:
@@ -307,7 +313,9 @@ class Trainer:
         self.metrics_logger.log("eval", iteration, metrics)
         return metrics
 
-    def save(self, iteration: int) -> None:
+    def save(self, iteration: int, eval_pending: bool = False) -> None:
+        """Checkpoint after ``iteration``; ``eval_pending``: the evaluation due at this iteration
+        has not run yet (preempted first), so a resumed run starts with it."""
         from megatron_eaopd.models.checkpoint import save_checkpoint
         from megatron_eaopd.parallel.init import use_layout
 
@@ -315,6 +323,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "skipped_updates": self.student.skipped_updates,
             "total_iterations": self.total,
+            "eval_pending": bool(eval_pending),
         }
         with use_layout(STUDENT):
             s = self.student
@@ -325,10 +334,13 @@ class Trainer:
         cfg = self.cfg
         last_train, last_eval, stopped = {}, {}, False
         if self.start_iteration == 0 and cfg.training.eval_at_start:
-            if cfg.parallel.teacher.pp == 1:
+            if cfg.parallel.teacher.vpp is None:  # rollouts need one model chunk per rank
                 teacher_metrics = evaluate(self, 0, who="teacher")
                 self.metrics_logger.log("teacher", 0, teacher_metrics)
             last_eval = self.run_eval(0)
+        if self.start_iteration > 0 and self.eval_pending:  # preempted before this evaluation
+            last_eval = self.run_eval(self.start_iteration)
+            self.eval_pending = False
         iteration = self.start_iteration
         while iteration < self.total:
             iteration += 1
@@ -337,7 +349,7 @@ class Trainer:
                 self.metrics_logger.log("train", iteration, last_train)
             stopped = self.preemption is not None and self.preemption.should_stop()
             if stopped:
-                self.save(iteration)
+                self.save(iteration, self._due(cfg.training.eval_interval, iteration))
                 self._requeue()
                 break
             if self._due(cfg.training.eval_interval, iteration):

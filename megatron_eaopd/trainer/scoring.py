@@ -15,7 +15,9 @@ from megatron_eaopd.trainer.build import STUDENT, TEACHER
 __all__ = ["attach_teacher_logits", "score_with_teacher"]
 
 
-def score_with_teacher(teacher, micro_batches: list[dict], *, k: int, vocab_size: int, temp: float):
+def score_with_teacher(
+    teacher, micro_batches: list[dict], *, k: int, vocab_size: int, temp: float, chunk_size=None
+):
     """Attach the teacher's payload to each micro-batch of this rank (call on every rank).
 
     On the student's last pipeline stage "teacher" holds a TeacherPayload with [b, s] and
@@ -26,7 +28,7 @@ def score_with_teacher(teacher, micro_batches: list[dict], *, k: int, vocab_size
 
     payloads = score_for_student(
         teacher, micro_batches, k=k, vocab_size=vocab_size, teacher_layout=TEACHER,
-        student_layout=STUDENT, temperature=temp,
+        student_layout=STUDENT, temperature=temp, chunk_size=chunk_size,
     )  # fmt: skip
     attach_teacher(micro_batches, payloads)
 

@@ -198,6 +198,7 @@ def distill_on_rollouts(
     vocab_size: int,
     top_k: int,
     temperature: float,
+    chunk_size: int | None = None,
     skip_nonfinite: bool = True,
     progress=None,
 ) -> dict:
@@ -245,7 +246,9 @@ def distill_on_rollouts(
     if objective.form == "exact":
         attach_teacher_logits(teacher, micro)
     else:
-        score_with_teacher(teacher, micro, k=top_k, vocab_size=vocab_size, temp=temperature)
+        score_with_teacher(
+            teacher, micro, k=top_k, vocab_size=vocab_size, temp=temperature, chunk_size=chunk_size
+        )
     t1 = time.perf_counter()
     forward_step = distill_forward_step(objective, vocab_size)
     per_step = rows_per_step // mbs

@@ -87,12 +87,12 @@ def test_high_entropy_fraction_against_python():
             for b in range(5):
                 if mask[s, b]:
                     valid += 1
-                    count += _entropy_py(probs[s, b].tolist()) > tau
+                    count += _entropy_py(probs[s, b].tolist()) >= tau
         assert high_entropy_fraction(entropy, mask, tau) == pytest.approx(count / valid, abs=1e-12)
     assert high_entropy_fraction(entropy, None, 0.0) == 1.0
     assert math.isnan(high_entropy_fraction(entropy, torch.zeros_like(mask), 0.8))
-    # strict: a token exactly at tau is not counted (the loss gates with H > tau)
-    assert high_entropy_fraction(torch.tensor([0.8, 0.80001]), None, 0.8) == 0.5
+    # a token exactly at tau is counted (the loss's default gate is H >= tau)
+    assert high_entropy_fraction(torch.tensor([0.79999, 0.8, 0.80001]), None, 0.8) == 2 / 3
 
 
 def test_high_entropy_fkl_against_python():
@@ -110,7 +110,7 @@ def test_high_entropy_fkl_against_python():
                 continue
             pt, ps = t[i, j].tolist(), s[i, j].tolist()
             kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
-            (hi if _entropy_py(pt) > tau else lo).append(kl)
+            (hi if _entropy_py(pt) >= tau else lo).append(kl)
     out = high_entropy_fkl(fkl, ent, mask, tau)
     assert out["n_high"] == len(hi) and out["n_valid"] == len(hi) + len(lo)
     assert out["fkl_high"] == pytest.approx(sum(hi) / len(hi), rel=1e-10)

@@ -67,7 +67,7 @@ def _first_step_check(cfg):
                 teacher = trainer.teacher(mb["tokens"], mb["position_ids"], None).float()
             with use_layout(STUDENT):
                 terms = vocab_parallel_kl_terms(student.float(), teacher, vocab_size=vocab)
-            gate = (terms["teacher_entropy"] > tau).float()
+            gate = (terms["teacher_entropy"] >= tau).float()
             per_token = terms["rkl"] + cfg.loss.fkl_coef * gate * terms["fkl"]
             mask = mb["loss_mask"]
             total += float(torch.where(mask, per_token, 0.0).sum())
