@@ -16,9 +16,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["LayoutTable", "exchange", "layout_table", "spread"]
+__all__ = ["TRAFFIC", "LayoutTable", "exchange", "layout_table", "spread"]
 
 _TABLES: dict = {}
+
+#: Bytes this process has sent and received through :func:`exchange`, by dtype name (for tests
+#: and benchmarks; reset by assigning zeros).
+TRAFFIC: dict = {"sent": {}, "received": {}}
+
+
+def _count(kind: str, tensors) -> None:
+    for t in tensors:
+        key = str(t.dtype).removeprefix("torch.")
+        TRAFFIC[kind][key] = TRAFFIC[kind].get(key, 0) + t.numel() * t.element_size()
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,8 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[in
     Args:
         sends: (destination rank, tensor) in a global order that every rank agrees on.
         recvs: (source rank, preallocated tensor) in the same global order.
-    Sends to and receives from this rank itself are not allowed (copy instead). Between one pair
+    Sends to and receives from this rank itself are not allowed (copy instead); the bytes are
+    added to :data:`TRAFFIC`. Between one pair
     of ranks, messages match in the order they are listed on both sides. NCCL: the operations go
     into one ``batch_isend_irecv`` (no ordering deadlock); gloo: tagged ``isend`` / ``irecv``.
     """
@@ -94,6 +105,8 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[in
         raise ValueError("exchange: a rank cannot send to or receive from itself")
     if not sends and not recvs:
         return
+    _count("sent", [t for _, t in sends])
+    _count("received", [t for _, t in recvs])
     if dist.get_backend() == "nccl":
         ops = [dist.P2POp(dist.isend, t, peer) for peer, t in sends]
         ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]

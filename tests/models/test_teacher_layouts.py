@@ -101,3 +101,82 @@ def test_teacher_tp2pp2_scores_for_student_tp2pp1():
     # The two student replicas scored different rollouts.
     by_dp = {r["dp_rank"]: r["payloads"][0][0] for r in results}
     assert not torch.equal(by_dp[0], by_dp[1])
+
+
+# (student (tp, pp), teacher (tp, pp)) on 4 ranks; replica i holds COUNTS[i] micro-batches of
+# ROWS[i] x WIDTHS[i] (a replica with none included).
+UNEVEN = [((1, 2), (2, 1)), ((1, 1), (1, 2)), ((2, 1), (2, 1))]
+COUNTS, ROWS, WIDTHS = [3, 0, 1, 2], [2, 1, 3, 1], [7, 4, 5, 9]
+
+
+def uneven_worker(rank, world_size, seed):
+    from megatron_eaopd.models.builder import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.scoring import payload_bytes_per_position, score_for_student
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel import exchange
+    from megatron_eaopd.parallel.init import initialize_layouts, use_layout
+
+    cfg = helpers.preset("tiny-teacher")
+    names = {}
+    for i, (s, t) in enumerate(UNEVEN):
+        names[f"s{i}"], names[f"t{i}"] = (*s, None), (*t, None)
+    layouts = initialize_layouts({**names, "reference": (1, 1, None)}, seed=seed)
+    with use_layout("reference"):
+        reference = FrozenTeacher(build_model(cfg))
+        init_weights_layout_invariant(reference.chunks, seed)
+    out = []
+    for i in range(len(UNEVEN)):
+        with use_layout(f"t{i}"):
+            teacher = FrozenTeacher(build_model(cfg))
+            init_weights_layout_invariant(teacher.chunks, seed)
+        lay = layouts[f"s{i}"]
+        replica = lay.dp_rank
+        batches = helpers.make_batches(
+            COUNTS[replica], ROWS[replica], WIDTHS[replica], cfg.vocab_size, seed=replica
+        )
+        exchange.TRAFFIC.update(sent={}, received={})
+        got = score_for_student(
+            teacher, batches, k=K, vocab_size=cfg.vocab_size, teacher_layout=f"t{i}",
+            student_layout=f"s{i}",
+        )  # fmt: skip
+        received = dict(exchange.TRAFFIC["received"])
+        own = sum(b["tokens"].numel() for b in batches) * payload_bytes_per_position(K)
+        errors = []
+        with use_layout("reference"):
+            for batch, payload in zip(batches, got):
+                if payload is None:
+                    continue
+                logits = reference(batch["tokens"], batch["position_ids"], None)
+                logp = torch.log_softmax(logits[..., : cfg.vocab_size].float(), -1).transpose(0, 1)
+                errors.append(
+                    max(
+                        (payload.entropy + (logp.exp() * logp).sum(-1)).abs().max().item(),
+                        (payload.topk_logprobs - logp.topk(K, -1).values).abs().max().item(),
+                    )
+                )
+                assert torch.equal(payload.topk_ids, logp.topk(K, -1).indices)
+        out.append(
+            {
+                "last": lay.is_last_stage, "count": len(got), "none": sum(p is None for p in got),
+                "errors": errors, "payload_bytes": received.get("float32", 0), "own": own,
+                "expected_count": COUNTS[replica],
+            }
+        )  # fmt: skip
+    return out
+
+
+def test_uneven_replicas_get_only_their_own_payload():
+    results = run_distributed(uneven_worker, 4, 23, timeout=300)
+    for case in range(len(UNEVEN)):
+        checked = 0
+        for r in (res[case] for res in results):
+            assert r["count"] == r["expected_count"]
+            if r["last"]:
+                assert r["none"] == 0 and len(r["errors"]) == r["count"]
+                assert all(e < 1e-5 for e in r["errors"]), r["errors"]
+                checked += len(r["errors"])
+                # no more payload than its own micro-batches' (less when scored on this rank)
+                assert r["payload_bytes"] <= r["own"]
+            else:  # earlier student stages compute no loss and receive no payload
+                assert r["none"] == r["count"] and r["payload_bytes"] == 0
+        assert checked > 0
