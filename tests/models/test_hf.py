@@ -28,7 +28,6 @@ SEQ, NEW_TOKENS, EOS = 24, 32, 7
 COMMON = dict(
     hidden_size=64,
     intermediate_size=96,
-    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=128,
@@ -43,26 +42,27 @@ LLAMA3_ROPE = {
 }
 
 
-def hf_config(kind: str):
+def hf_config(kind: str, num_layers: int = 2):
     """A tiny transformers config of `kind` (qwen3_tied, qwen3_untied, qwen2, llama31)."""
+    common = dict(COMMON, num_hidden_layers=num_layers)
     if kind.startswith("qwen3"):
         return transformers.Qwen3Config(
             vocab_size=300, head_dim=128, rope_theta=1e6,
-            tie_word_embeddings=kind == "qwen3_tied", **COMMON,
+            tie_word_embeddings=kind == "qwen3_tied", **common,
         )  # fmt: skip
     if kind == "qwen2":
-        return transformers.Qwen2Config(vocab_size=333, rope_theta=1e4, **COMMON)
+        return transformers.Qwen2Config(vocab_size=333, rope_theta=1e4, **common)
     if kind == "llama31":
         return transformers.LlamaConfig(
             vocab_size=320, rope_theta=5e5, rope_scaling=dict(LLAMA3_ROPE),
-            tie_word_embeddings=False, **COMMON,
+            tie_word_embeddings=False, **common,
         )  # fmt: skip
     raise ValueError(kind)
 
 
-def make_hf_model(path: str, kind: str, seed: int = 0, max_shard_size=None):
+def make_hf_model(path: str, kind: str, seed: int = 0, max_shard_size=None, num_layers: int = 2):
     """Save a random float32 HF model of `kind` to `path` (safetensors); return it (eval)."""
-    config = hf_config(kind)
+    config = hf_config(kind, num_layers)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

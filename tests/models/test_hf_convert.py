@@ -3,8 +3,9 @@
 One 2-process gloo launch: `eaopd-convert import-hf` (fp32 and bf16), the checkpoint loads at TP 2
 with logits equal to transformers', a bf16 checkpoint loads into an fp32 model, a model of
 another shape is refused with the differing field named, a checkpoint without a recorded config
-still loads, and `export-hf` from TP 2 (fp32) and TP 1 (bf16, with the tokenizer) reloads in
-transformers with the original weights bit for bit. Bad input exits with status 2 before any
+still loads; load_hf_weights and save_hf_weights at PP 2 x VPP 2; `export-hf` from TP 2 (fp32)
+and TP 1 (bf16, with the tokenizer). Every export reloads in transformers with the original
+weights bit for bit. Bad input exits with status 2 before any
 process group, leaving no output.
 """
 
@@ -42,7 +43,7 @@ def _tokenizer(path: str, vocab: int) -> None:
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("hf") / "qwen3")
-    model = make_hf_model(path, "qwen3_untied")
+    model = make_hf_model(path, "qwen3_untied", num_layers=4)  # 4 layers: PP 2 x VPP 2
     _tokenizer(path, model.config.vocab_size)
     tokens, _ = tokens_and_prompts(model.config.vocab_size)
     with torch.no_grad():
@@ -102,6 +103,25 @@ def convert_worker(rank, world, hf_dir, root):
     dist.barrier()
     load_checkpoint(ckpt16, build_model(cfg), load_rng=False)
 
+    # interleaved pipeline (PP 2 x VPP 2: layers 0 and 2 on rank 0): load and export directly
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.models.hf import load_hf_weights, save_hf_weights
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.rollout.sampling import gather_vocab_logits
+
+    initialize_parallel(1, 2, 2, seed=3)
+    vchunks = build_model(cfg)
+    load_hf_weights(vchunks, hf_dir)
+    tokens, _ = tokens_and_prompts(cfg.vocab_size)
+    pos = torch.arange(SEQ).unsqueeze(0)
+    batches = [{"tokens": tokens[i : i + 1], "position_ids": pos} for i in range(2)]
+    scored = FrozenTeacher(vchunks).score(batches, SEQ, 1)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        logits = torch.cat([t.transpose(0, 1) for t in scored])  # [2, s, V_pad]
+        out["logits_vpp"] = gather_vocab_logits(logits, cfg.vocab_size)
+    save_hf_weights(vchunks, os.path.join(root, "outvpp"), dtype="fp32")
+
     args = ["export-hf", "--checkpoint", ckpt, "--dtype", "fp32", "--max-shard-gb", "0.0002"]
     assert convert.main(args + ["--out", os.path.join(root, "out32"), "--tp", "2"]) == 0
     args = ["export-hf", "--checkpoint", ckpt, "--dtype", "bf16", "--tokenizer", hf_dir]
@@ -113,6 +133,8 @@ def test_import_load_export_round_trip(qwen3, tmp_path):
     root = str(tmp_path)
     results = run_distributed(convert_worker, 2, qwen3["path"], root, timeout=300)
     out = results[0]
+    logits_vpp = [r["logits_vpp"] for r in results if "logits_vpp" in r]
+    assert len(logits_vpp) == 1 and (logits_vpp[0] - qwen3["logits"]).abs().max() < 1e-4
     assert ModelConfig.from_dict(out["cfg"]) == model_config_from_hf(
         qwen3["path"], params_dtype="float32"
     )
@@ -122,7 +144,11 @@ def test_import_load_export_round_trip(qwen3, tmp_path):
     assert not [n for n in os.listdir(root) if ".tmp-" in n]
 
     original = qwen3["model"].state_dict()
-    for name, dtype in (("out32", torch.float32), ("out16", torch.bfloat16)):
+    for name, dtype in (
+        ("out32", torch.float32),
+        ("out16", torch.bfloat16),
+        ("outvpp", torch.float32),
+    ):
         path = os.path.join(root, name)
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True
@@ -308,6 +334,38 @@ def test_llama3_frequencies_equal_transformers():
     ours = llama3_inv_freq(plain, 8.0, 1.0, 4.0, 8192)
     assert torch.equal(ours, expected)
     assert not torch.equal(ours, plain)
+
+
+def test_transformer_engine_names_map_like_local_ones():
+    from megatron_eaopd.models.hf.layout import param_pieces
+
+    cfg = ModelConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=128,
+        ffn_hidden_size=96, vocab_size=300, qk_layernorm=True,
+    )  # fmt: skip
+    layers = {0: 2}  # chunk-local layer 0 is global layer 2 (PP / VPP offset)
+    for te, local, hf in (
+        ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight",
+         "input_layernorm.weight"),
+        ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight",
+         "post_attention_layernorm.weight"),
+    ):  # fmt: skip
+        a = param_pieces(f"decoder.layers.0.{te}", (64,), cfg, 1, 2, layers)
+        b = param_pieces(f"decoder.layers.0.{local}", (64,), cfg, 1, 2, layers)
+        assert a == b and a[0][0].hf_key == f"model.layers.2.{hf}"
+    # grouped QKV at TP 2, rank 1: group 1 = q heads 2, 3, then k head 1, then v head 1
+    pieces, _ = param_pieces(
+        "decoder.layers.0.self_attention.linear_qkv.weight", (512, 64), cfg, 1, 2, layers
+    )
+    assert [(p.hf_key.split(".")[-2], p.hf_index[0], p.local_index[0]) for p in pieces] == [
+        ("q_proj", (256, 512), (0, 256)),
+        ("k_proj", (128, 256), (256, 384)),
+        ("v_proj", (128, 256), (384, 512)),
+    ]
+    with pytest.raises(ValueError, match="no Hugging Face counterpart"):
+        param_pieces("decoder.layers.0.mlp.linear_fc1.bias", (96,), cfg, 0, 2, layers)
+    with pytest.raises(ValueError, match="shape"):
+        param_pieces("decoder.layers.0.mlp.linear_fc2.weight", (64, 96), cfg, 0, 2, layers)
 
 
 def test_model_config_differences():

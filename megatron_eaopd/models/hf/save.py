@@ -258,20 +258,26 @@ def save_hf_weights(
 
 
 def _gather_shard(keys, shapes, plan, mine, dtype, rank, bar) -> dict:
-    """Rank 0: {key: full tensor} of one shard; other ranks send their blocks and get {}."""
+    """Rank 0: {key: full CPU tensor} of one shard; other ranks send their blocks and get {}.
+
+    Blocks travel on the compute device (NCCL needs CUDA tensors; gloo on CPU uses the CPU).
+    """
+    from megatron_eaopd.parallel.init import compute_device
+
+    device = compute_device()
     tensors = {}
     for key in keys:
         full = torch.empty(shapes[key], dtype=dtype) if rank == 0 else None
         for owner, index in plan[key]:
             slices = tuple(slice(a, b) for a, b in index)
             if owner == rank:
-                block = mine[(key, index)].to(dtype).contiguous()
+                block = mine[(key, index)].to(device=device, dtype=dtype).contiguous()
                 if rank == 0:
                     full[slices].copy_(block)
                 else:
                     dist.send(block, dst=0)
             elif rank == 0:
-                block = torch.empty(tuple(b - a for a, b in index), dtype=dtype)
+                block = torch.empty(tuple(b - a for a, b in index), dtype=dtype, device=device)
                 dist.recv(block, src=owner)
                 full[slices].copy_(block)
         if rank == 0:
