@@ -298,6 +298,8 @@ def test_model_config_from_hf_fields(sharded_llama, tmp_path):
             "original_max_position_embeddings": 64}  # fmt: skip
     _edit_config(hf, rope_parameters=None, rope_theta=5e5, rope_scaling=rope)
     assert model_config_from_hf(hf) == cfg
+    with pytest.raises(ValueError, match="no config.json"):  # also a FileNotFoundError
+        model_config_from_hf(str(tmp_path))
     # written back as config.json and read again: the same model
     out = str(tmp_path / "back")
     os.makedirs(out)

@@ -12,6 +12,7 @@ Supported: Qwen3 (Qwen3ForCausalLM), Qwen2 / Qwen2.5 (Qwen2ForCausalLM), Llama 2
 
 from megatron_eaopd.models.hf.config import (
     ARCHITECTURES,
+    MissingHFFile,
     hf_config_dict,
     model_config_from_hf,
     read_hf_config,
@@ -24,6 +25,7 @@ from megatron_eaopd.models.hf.save import save_hf_weights
 __all__ = [
     "ARCHITECTURES",
     "HFWeights",
+    "MissingHFFile",
     "expected_hf_shapes",
     "hf_config_dict",
     "load_hf_weights",

@@ -26,7 +26,19 @@ import os
 
 from megatron_eaopd.models.config import ModelConfig
 
-__all__ = ["ARCHITECTURES", "hf_config_dict", "model_config_from_hf", "read_hf_config"]
+__all__ = [
+    "ARCHITECTURES",
+    "MissingHFFile",
+    "hf_config_dict",
+    "model_config_from_hf",
+    "read_hf_config",
+]
+
+
+class MissingHFFile(FileNotFoundError, ValueError):
+    """A file an HF folder must have is absent (config.json, a shard): both a FileNotFoundError
+    and a ValueError, so callers catching either (or ValueError for every bad input) see it."""
+
 
 # model_type -> architecture, and the per-family defaults of fields config.json may omit
 ARCHITECTURES = {
@@ -43,14 +55,14 @@ _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_inte
 def read_hf_config(hf_dir: str) -> dict:
     """The parsed config.json of an HF model folder.
 
-    Raises FileNotFoundError when the folder or its config.json is missing, ValueError when the
-    file is not a JSON object.
+    Raises MissingHFFile (a FileNotFoundError and a ValueError) when the folder or its
+    config.json is missing, ValueError when the file is not a JSON object.
     """
     if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"Hugging Face model folder {hf_dir!r} does not exist")
+        raise MissingHFFile(f"Hugging Face model folder {hf_dir!r} does not exist")
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingHFFile(
             f"{hf_dir!r} has no config.json: pass the folder of a Hugging Face model "
             f"(the one holding config.json and the *.safetensors weights)"
         )
@@ -151,7 +163,7 @@ def model_config_from_hf(
             from the import loads at TP 1, 2, 4 and 8.
         max_sequence_length: defaults to config.json's max_position_embeddings.
     Raises:
-        FileNotFoundError: no folder or no config.json.
+        MissingHFFile (FileNotFoundError and ValueError): no folder or no config.json.
         ValueError: a field whose value the GPTModel cannot represent exactly (named).
     """
     hf = read_hf_config(hf_dir)

@@ -83,8 +83,9 @@ def load_hf_weights(
         trust_pickle: allow pytorch_model.bin weights (refused by default: pickle runs code).
         progress: a tqdm bar of parameters on global rank 0.
     Raises:
-        FileNotFoundError / ValueError: see `HFWeights` and `model_config_from_hf`; ValueError
-        when the model's shape differs from config.json (the differing fields are named).
+        ValueError: see `HFWeights` and `model_config_from_hf` (absent files raise MissingHFFile,
+        a FileNotFoundError and a ValueError); when the model's shape differs from config.json
+        (the differing fields are named).
     Collectives: none (the layout is read from megatron's parallel state).
     """
     import torch.distributed as dist

@@ -22,6 +22,8 @@ import struct
 
 import torch
 
+from megatron_eaopd.models.hf.config import MissingHFFile
+
 __all__ = ["HFWeights"]
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -63,7 +65,8 @@ class HFWeights:
         trust_pickle: allow pytorch_model.bin files (loaded with torch.load(weights_only=True,
             mmap=True)); refused otherwise.
     Raises:
-        FileNotFoundError: no weights, or a shard named by the index is missing.
+        MissingHFFile (a FileNotFoundError and a ValueError): no weights, or a shard named by the
+            index is missing.
         ValueError: a truncated or corrupt shard, a tensor the index puts in a shard that does not
             hold it, or pickled weights without trust_pickle.
     """
@@ -91,7 +94,7 @@ class HFWeights:
                 )
             self._index_pickle()
         else:
-            raise FileNotFoundError(
+            raise MissingHFFile(
                 f"{hf_dir!r} has no weights: expected {SAFE_INDEX} with its shards, or "
                 f"{SAFE_SINGLE}"
             )
@@ -106,7 +109,7 @@ class HFWeights:
             by_file.setdefault(name, []).append(key)
         missing = [n for n in sorted(by_file) if not os.path.isfile(os.path.join(self.hf_dir, n))]
         if missing:
-            raise FileNotFoundError(
+            raise MissingHFFile(
                 f"safetensors shard(s) {missing} named by {index_path!r} are missing: download "
                 f"the complete model"
             )
@@ -137,7 +140,7 @@ class HFWeights:
         for name in files:
             path = os.path.join(self.hf_dir, name)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"pickled shard {path!r} is missing")
+                raise MissingHFFile(f"pickled shard {path!r} is missing")
             for key, tensor in self._pickle(path).items():
                 self._files[key] = path
                 self._shapes[key] = tuple(tensor.shape)

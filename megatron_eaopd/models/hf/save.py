@@ -193,6 +193,8 @@ def save_hf_weights(
     ids = dict(token_ids) if token_ids is not None else _token_ids_from(tokenizer_dir)
     config = hf_config_dict(cfg, architecture=architecture, dtype=_dtype_name(dtype), token_ids=ids)
     _prepare_out(out_dir, overwrite)
+    if tokenizer_dir:
+        _tokenizer_files(tokenizer_dir)  # fail on every rank before any collective
 
     tp = ps.get_tensor_model_parallel_world_size()
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -306,12 +308,7 @@ def _write_folder(tmp, config, weight_map, total_bytes, num_shards, tokenizer_di
         _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
     copied_gen = False
     if tokenizer_dir:
-        if not os.path.isdir(tokenizer_dir):
-            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir!r} does not exist")
-        names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
-        if not names:
-            raise FileNotFoundError(f"{tokenizer_dir!r} holds none of {list(TOKENIZER_FILES)}")
-        for name in names:
+        for name in _tokenizer_files(tokenizer_dir):
             shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
         src = os.path.join(tokenizer_dir, "generation_config.json")
         if gen is None and os.path.isfile(src):
@@ -320,6 +317,16 @@ def _write_folder(tmp, config, weight_map, total_bytes, num_shards, tokenizer_di
     if not copied_gen:
         gen = dict(gen) if gen is not None else {k: v for k, v in ids.items() if v is not None}
         _write_json(os.path.join(tmp, "generation_config.json"), gen)
+
+
+def _tokenizer_files(tokenizer_dir: str) -> list[str]:
+    """The tokenizer files present in `tokenizer_dir`; FileNotFoundError when there are none."""
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir!r} does not exist")
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+    if not names:
+        raise FileNotFoundError(f"{tokenizer_dir!r} holds none of {list(TOKENIZER_FILES)}")
+    return names
 
 
 def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
