@@ -75,13 +75,23 @@ def run_problems(
                     f"{_divisors(world_size)}",
                 )
             )
-    if cfg.parallel.sequence_parallel:
+    if cfg.parallel.sequence_parallel or cfg.model.student.dtype != "fp32":
         if cuda_available is None:
             import torch
 
             cuda_available = torch.cuda.is_available()
+    if cfg.parallel.sequence_parallel:
         problems.append(
             ("parallel.sequence_parallel", sequence_parallel_problem(cfg, cuda_available))
+        )
+    if cfg.model.student.dtype != "fp32" and not cuda_available:
+        problems.append(
+            (
+                "model.student.dtype",
+                f"{cfg.model.student.dtype} needs CUDA: megatron's mixed-precision optimizer "
+                "keeps fp32 main weights only for CUDA tensors. Train the student in fp32 on CPU "
+                "(model.student.dtype=fp32; the teacher may stay bf16)",
+            )
         )
     if cfg.loss.form == "sampled" and cfg.loss.temperature != cfg.rollout.temperature:
         problems.append(

@@ -313,6 +313,11 @@ def _resolve_derived(cfg: EAOPDConfig) -> None:
         cfg.loss.form = "exact" if cfg.loss.objective in ("eopd_exact", "jsd") else "sampled"
     if cfg.eval.entropy_threshold is None:
         cfg.eval.entropy_threshold = cfg.loss.entropy_threshold
+    if cfg.tokenizer.kind == "auto":
+        hf = cfg.model.teacher_hf
+        cfg.tokenizer.kind = "huggingface" if hf else "task"
+        if hf and cfg.tokenizer.path is None:
+            cfg.tokenizer.path = hf
 
 
 def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
@@ -384,13 +389,13 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         problems.append(
             ("task.name", f"{name!r} is not 'builtin', 'jsonl' or a 'module:Class' path")
         )
-    if cfg.model.teacher_checkpoint is None:
+    if cfg.model.teacher_checkpoint is None and not cfg.model.teacher_hf:
         if not cfg.teacher_prep.enabled:
             problems.append(
                 (
                     "model.teacher_checkpoint",
-                    "is null and teacher_prep.enabled is false: the "
-                    "teacher would be untrained; give a checkpoint or enable teacher_prep",
+                    "is null and teacher_prep.enabled is false: the teacher would be untrained; "
+                    "give model.teacher_hf or model.teacher_checkpoint, or enable teacher_prep",
                 )
             )
         elif cfg.task.name == "jsonl" and not cfg.task.train_file:
@@ -398,7 +403,7 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
                 (
                     "task.train_file",
                     "teacher_prep needs training prompts with solutions "
-                    "(or set model.teacher_checkpoint)",
+                    "(or set model.teacher_hf or model.teacher_checkpoint)",
                 )
             )
     if cfg.task.name == "builtin" and cfg.rollout.prompts_per_iteration > syn.num_distill:
@@ -411,6 +416,10 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         )
     if cfg.tokenizer.kind != "task" and not cfg.tokenizer.path:
         problems.append(("tokenizer.path", f"tokenizer.kind={cfg.tokenizer.kind} needs a path"))
+    if cfg.tokenizer.chat_template and cfg.tokenizer.kind != "huggingface":
+        problems.append(
+            ("tokenizer.chat_template", "needs tokenizer.kind=huggingface (a template to apply)")
+        )
 
 
 def config_from_dict(data: dict, source: str | None = None) -> EAOPDConfig:
@@ -421,6 +430,10 @@ def config_from_dict(data: dict, source: str | None = None) -> EAOPDConfig:
     """
     problems: list[tuple[str, str]] = []
     cfg = _build_dataclass(EAOPDConfig, data, "", problems)
+    if not problems:
+        from megatron_eaopd.config.hf_models import resolve_hf_models
+
+        resolve_hf_models(cfg, data, problems)
     if not problems:
         _resolve_derived(cfg)
         _check_consistency(cfg, problems)

@@ -72,6 +72,14 @@ class ModelsConfig:
     """Checkpoint to initialise the student from; null: random init (tiny runs)."""
     teacher_checkpoint: str | None = None
     """Checkpoint of the teacher; null: the teacher is prepared by ``teacher_prep``."""
+    student_hf: str | None = None
+    """A Hugging Face model folder (config.json + safetensors) to initialise the student from:
+    the shape comes from its config.json (shape keys under model.student may be left out; one
+    that disagrees is an error), each rank reads only its own slices. Not with
+    student_checkpoint."""
+    teacher_hf: str | None = None
+    """A Hugging Face model folder for the teacher, as student_hf (not with teacher_checkpoint;
+    no teacher preparation runs). The tokenizer defaults to this folder's."""
 
 
 @dataclass
@@ -276,6 +284,12 @@ class TrainingConfig:
     """Continue from the latest checkpoint in checkpoint_dir when there is one."""
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or gradient norm is not finite."""
+    export_hf: str | None = None
+    """At the end of the run, write the distilled student as a Hugging Face model folder here
+    (config.json, safetensors, generation config, the tokenizer's files); null: no export.
+    ``eaopd-convert export-hf`` does the same from any checkpoint."""
+    export_dtype: str = _f("bf16", choices=("bf16", "fp32"))
+    """dtype of the exported weights."""
 
 
 @dataclass
@@ -380,11 +394,19 @@ class TaskConfig:
 class TokenizerConfig:
     """The tokenizer shared by teacher and student."""
 
-    kind: str = _f("task", choices=("task", "sentencepiece", "huggingface"))
+    kind: str = _f("auto", choices=("auto", "task", "sentencepiece", "huggingface"))
     """task: a sentencepiece model trained on the task's text (cached); sentencepiece: a .model
-    file; huggingface: a tokenizer folder or name (needs transformers)."""
+    file; huggingface: a tokenizer folder or name (needs transformers); auto: huggingface from
+    model.teacher_hf when that is set, else task."""
     path: str | None = None
-    """Model file or folder for kind sentencepiece/huggingface."""
+    """Model file or folder for kind sentencepiece/huggingface (auto: model.teacher_hf)."""
+    chat_template: bool = False
+    """Wrap every prompt (rollouts, teacher preparation, evaluation; student and teacher alike)
+    in the tokenizer's chat template as one user turn followed by the assistant's generation
+    prompt. Needs a Hugging Face tokenizer with a template."""
+    enable_thinking: bool | None = None
+    """Passed to the chat template when not null (Qwen3: false selects the non-thinking mode the
+    paper's teacher runs in)."""
     vocab_size: int = _f(320, ge=16)
     """kind task: the most pieces of the trained tokenizer."""
     cache_dir: str = ".cache/eaopd/tokenizers"

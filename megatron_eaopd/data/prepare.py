@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_eaopd.data.answers import math_verify_available
-from megatron_eaopd.data.sequences import build_sft_example, encode_prompt
+from megatron_eaopd.data.sequences import build_sft_example, encode_prompt, use_chat_template
 from megatron_eaopd.data.task import Problem, Task, TaskError, load_task, validate_prompt_lengths
 from megatron_eaopd.data.tokenizer import build_tokenizer
 
@@ -70,6 +70,8 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
         )
     task.use_math_verify = use_mv
     tokenizer = build_tokenizer(cfg.tokenizer, task)
+    if getattr(cfg.tokenizer, "chat_template", False):
+        use_chat_template(tokenizer, cfg.tokenizer.enable_thinking)
 
     def encode(text: str) -> list[int]:
         return encode_prompt(tokenizer, text)
@@ -83,7 +85,11 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
             longest, validate_prompt_lengths(problems, encode, limit, f"'{name}' prompts")
         )
     if check_teacher_examples is None:
-        check_teacher_examples = cfg.model.teacher_checkpoint is None and cfg.teacher_prep.enabled
+        check_teacher_examples = (
+            cfg.model.teacher_checkpoint is None
+            and not getattr(cfg.model, "teacher_hf", None)
+            and cfg.teacher_prep.enabled
+        )
     if check_teacher_examples:
         train = task.train_problems()
         if len(train) == 0:

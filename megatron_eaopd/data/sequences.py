@@ -13,7 +13,32 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_sft_example", "encode_prompt", "encode_text", "eos_id", "pad_sequences"]
+__all__ = [
+    "build_sft_example",
+    "encode_prompt",
+    "encode_text",
+    "eos_id",
+    "pad_sequences",
+    "use_chat_template",
+]
+
+#: Attribute set on a Hugging Face tokenizer by :func:`use_chat_template`.
+CHAT_ATTR = "eaopd_chat_template_kwargs"
+
+
+def use_chat_template(tokenizer: Any, enable_thinking: bool | None = None) -> None:
+    """Make :func:`encode_prompt` wrap prompts in the tokenizer's chat template: one user turn,
+    then the assistant's generation prompt (``enable_thinking`` is passed to the template when
+    not None: Qwen3's non-thinking mode is False). ValueError when the tokenizer has none."""
+    if not getattr(tokenizer, "chat_template", None) or not hasattr(
+        tokenizer, "apply_chat_template"
+    ):
+        raise ValueError(
+            "tokenizer.chat_template=true, but the tokenizer has no chat template: use a "
+            "Hugging Face tokenizer folder whose tokenizer_config.json defines chat_template"
+        )
+    kwargs = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
+    setattr(tokenizer, CHAT_ATTR, kwargs)
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -41,7 +66,18 @@ def eos_id(tokenizer: Any) -> int:
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """``[BOS] + encode(prompt)`` (without BOS when the tokenizer has none)."""
+    """``[BOS] + encode(prompt)`` (without BOS when the tokenizer has none), or with
+    :func:`use_chat_template` the chat template's ids of one user turn and the generation prompt
+    (the template adds whatever special tokens it defines)."""
+    chat = getattr(tokenizer, CHAT_ATTR, None)
+    if chat is not None:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, **chat
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers: BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
     bos = _bos_id(tokenizer)
     return ([bos] if bos is not None else []) + encode_text(tokenizer, prompt)
 

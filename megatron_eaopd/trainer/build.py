@@ -28,11 +28,30 @@ STUDENT, TEACHER = "student", "teacher"
 
 
 def model_configs(cfg: EAOPDConfig, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
-    """(student, teacher) model shapes; ``vocab_size`` fills ``model.*.vocab_size: 0``."""
+    """(student, teacher) model shapes; ``vocab_size`` fills ``model.*.vocab_size: 0``.
+
+    A model given as an HF folder (``model.<who>_hf``) takes its architecture from config.json
+    (``models.hf.model_config_from_hf``: RoPE scaling, q/k/v biases and the source
+    architecture included), with the config's dtype and ``max_seq_len``.
+    """
     div = cfg.parallel.make_vocab_size_divisible_by
-    student = ModelConfig(**model_kwargs(cfg.model.student, vocab_size, div))
-    teacher = ModelConfig(**model_kwargs(cfg.model.teacher, vocab_size, div))
-    return student, teacher
+    out = []
+    for who in ("student", "teacher"):
+        section, folder = getattr(cfg.model, who), getattr(cfg.model, f"{who}_hf")
+        kwargs = model_kwargs(section, vocab_size, div)
+        if folder:
+            from megatron_eaopd.models.hf import model_config_from_hf
+
+            out.append(
+                model_config_from_hf(
+                    folder,
+                    params_dtype=kwargs["params_dtype"],
+                    max_sequence_length=kwargs["max_sequence_length"],
+                )
+            )
+        else:
+            out.append(ModelConfig(**kwargs))
+    return out[0], out[1]
 
 
 def init_layouts(cfg: EAOPDConfig) -> dict:
@@ -94,7 +113,10 @@ def build_student(
     """The trainable student under the "student" layout.
 
     Initialised from ``init_checkpoint`` or ``model.student_checkpoint`` when set (weights only,
-    any layout), else randomly from ``training.seed``. Returns a ``models.student.Student``.
+    any layout), from the HF folder ``model.student_hf`` (each rank reads its own slices), else
+    randomly from ``training.seed``. After loading, the optimizer's fp32 main copies of bf16 /
+    fp16 weights are refreshed from the model (megatron's ``reload_model_params``): they were
+    made from the random initialisation. Returns a ``models.student.Student``.
     """
     from megatron_eaopd.models.checkpoint import load_checkpoint
     from megatron_eaopd.parallel.init import use_layout
@@ -106,16 +128,34 @@ def build_student(
         init_checkpoint = init_checkpoint or cfg.model.student_checkpoint
         if init_checkpoint:
             load_checkpoint(init_checkpoint, student.chunks, load_rng=False)
+            student.optimizer.reload_model_params()
+        elif cfg.model.student_hf:
+            from megatron_eaopd.models.hf import load_hf_weights
+
+            load_hf_weights(student.chunks, cfg.model.student_hf, progress=_bars(cfg))
+            student.optimizer.reload_model_params()
     return student
 
 
-def build_teacher(mcfg: ModelConfig, checkpoint_root: str):
-    """The frozen teacher under the "teacher" layout, loaded from ``checkpoint_root``."""
+def build_teacher(mcfg: ModelConfig, checkpoint_root: str | None, hf_dir: str | None = None):
+    """The frozen teacher under the "teacher" layout, loaded from the project checkpoint
+    ``checkpoint_root`` or the HF folder ``hf_dir`` (each rank reads its own slices)."""
     from megatron_eaopd.models.checkpoint import load_teacher
     from megatron_eaopd.models.teacher import FrozenTeacher
     from megatron_eaopd.parallel.init import use_layout
 
     with use_layout(TEACHER):
         teacher = FrozenTeacher(build_model(mcfg))
-        load_teacher(checkpoint_root, teacher)
+        if hf_dir:
+            from megatron_eaopd.models.hf import load_hf_weights
+
+            load_hf_weights(teacher, hf_dir)
+        else:
+            load_teacher(checkpoint_root, teacher)
     return teacher
+
+
+def _bars(cfg: EAOPDConfig) -> bool:
+    import torch.distributed as dist
+
+    return bool(cfg.logging.progress_bars) and (not dist.is_initialized() or dist.get_rank() == 0)

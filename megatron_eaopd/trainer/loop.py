@@ -62,8 +62,10 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         )
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)
-    if cfg.model.teacher_checkpoint is None and not cfg.teacher_prep.enabled:
-        problems.append("no teacher: set model.teacher_checkpoint or teacher_prep.enabled")
+    if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
+        problems.append(
+            "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
+        )
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
 
@@ -138,10 +140,12 @@ class Trainer:
             save_resolved(cfg, os.path.join(cfg.training.output_dir, "config.yaml"))
         student_cfg, teacher_cfg = model_configs(cfg, data.vocab_size)
         t0 = time.perf_counter()
-        root = cfg.model.teacher_checkpoint or prepare_teacher(
-            cfg, data, teacher_cfg, show_progress=self._bars_on()
-        )
-        self.teacher = build_teacher(teacher_cfg, root)
+        root = None
+        if not cfg.model.teacher_hf:
+            root = cfg.model.teacher_checkpoint or prepare_teacher(
+                cfg, data, teacher_cfg, show_progress=self._bars_on()
+            )
+        self.teacher = build_teacher(teacher_cfg, root, cfg.model.teacher_hf)
         self.times["teacher_prep"] = time.perf_counter() - t0
         r = cfg.rollout
         self.total = cfg.training.iterations or total_iterations(
@@ -149,7 +153,11 @@ class Trainer:
         )
         self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
         init = None
-        if cfg.model.student_checkpoint is None and cfg.student_prep.enabled:
+        if (
+            cfg.model.student_checkpoint is None
+            and not cfg.model.student_hf
+            and (cfg.student_prep.enabled)
+        ):
             init = prepare_student(cfg, data, student_cfg, show_progress=self._bars_on())
         self.student = build_student(
             cfg, student_cfg, self.total * self.steps_per_iteration, init_checkpoint=init
@@ -358,6 +366,8 @@ class Trainer:
                 self.save(iteration)
         if self.rank0 and not stopped and cfg.eval.plot:
             self._plot()
+        if not stopped and cfg.training.export_hf:
+            self.export_hf(cfg.training.export_hf)
         return {
             "iteration": iteration,
             "total_iterations": self.total,
@@ -366,6 +376,26 @@ class Trainer:
             "eval": last_eval,
             "output_dir": cfg.training.output_dir,
         }
+
+    def export_hf(self, out_dir: str) -> str:
+        """Write the student as a Hugging Face folder (``models.hf.save_hf_weights``; every rank
+        calls it). The tokenizer's files are copied when the tokenizer is an HF folder. The
+        folder is written under a temporary name and renamed when complete; an existing one is
+        replaced only then."""
+        from megatron_eaopd.models.hf import save_hf_weights
+        from megatron_eaopd.parallel.init import use_layout
+
+        cfg = self.cfg
+        tok = cfg.tokenizer.path if cfg.tokenizer.kind == "huggingface" else None
+        tok = tok if tok and os.path.isdir(tok) else None
+        with use_layout(STUDENT):
+            save_hf_weights(
+                self.student.chunks, out_dir, dtype=cfg.training.export_dtype, tokenizer_dir=tok,
+                overwrite=True, progress=self._bars_on(),
+            )  # fmt: skip
+        if self.rank0:
+            print(f"exported the student to {out_dir}", flush=True)
+        return out_dir
 
     def _requeue(self) -> None:
         from megatron_eaopd.trainer.preemption import requeue_job

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_eaopd import cli
 from megatron_eaopd.config import ConfigError, check_run, load_config
 from megatron_eaopd.data import answers, prepare
+from tests.paper_configs import hf_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
@@ -128,10 +129,9 @@ def test_check_run_lists_every_problem_at_once():
     assert "gloo" in sp  # tiny-cpu sets backend gloo even where CUDA exists
 
 
-def test_sequence_parallel_refused_on_gpu_too_with_the_reason():
-    cfg = load_config(
-        REPO / "configs" / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml", ["parallel.sequence_parallel=true"]
-    )
+def test_sequence_parallel_refused_on_gpu_too_with_the_reason(tmp_path):
+    path = REPO / "configs" / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
+    cfg = load_config(path, ["parallel.sequence_parallel=true", *hf_overrides(path, str(tmp_path))])
     with pytest.raises(ConfigError) as err:
         check_run(cfg, 8, cuda_available=True)
     (msg,) = [m for k, m in err.value.problems if k == "parallel.sequence_parallel"]
@@ -145,8 +145,8 @@ def test_exact_form_allows_different_temperatures():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_pass_the_run_checks(path):
-    cfg = load_config(path)
+def test_shipped_configs_pass_the_run_checks(path, tmp_path):
+    cfg = load_config(path, hf_overrides(path, str(tmp_path)))
     cuda = cfg.parallel.backend != "gloo"
     world = 2 if path.name == "tiny-cpu.yaml" else 8
     check_run(cfg, world, vocab_size=None if cuda else 182, cuda_available=cuda,

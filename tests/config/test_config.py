@@ -21,6 +21,7 @@ from megatron_eaopd.config import (
     parse_override,
     save_resolved,
 )
+from tests.paper_configs import hf_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -219,7 +220,7 @@ def test_derived_fields():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
-    cfg = load_config(path, ["training.seed=7"])
+    cfg = load_config(path, ["training.seed=7", *hf_overrides(path, str(tmp_path / "hf"))])
     out = save_resolved(cfg, tmp_path / "resolved" / "config.yaml")
     saved = yaml.safe_load(out.read_text())
     assert "defaults" not in saved
@@ -229,10 +230,10 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     assert again.training.seed == 7
 
 
-def test_paper_configs_carry_the_paper_hyperparameters():
+def test_paper_configs_carry_the_paper_hyperparameters(tmp_path):
     for name in ("0.6b", "1.7b", "4b"):
         (path,) = (REPO / "configs").glob(f"qwen3-8b-to-{name}-*.yaml")
-        cfg = load_config(path)
+        cfg = load_config(path, hf_overrides(path, str(tmp_path)))
         assert cfg.loss.objective == "eopd"
         assert (cfg.loss.entropy_threshold, cfg.loss.fkl_coef, cfg.loss.top_k) == (0.8, 1.0, 16)
         assert cfg.loss.clip == 0.2 and cfg.loss.temperature == 1.0
@@ -252,7 +253,13 @@ def test_paper_configs_carry_the_paper_hyperparameters():
         assert "boxed" in cfg.task.prompt_suffix
         m = re.search(r"tp(\d+)pp(\d+)", path.name)
         assert (cfg.parallel.student.tp, cfg.parallel.student.pp) == tuple(map(int, m.groups()))
-    assert load_config(REPO / "configs/qwen3-8b-to-4b-1n8g-tp2pp2.yaml").training.epochs == 2
+        # the shapes come from the HF folders' config.json; the paper's teacher is non-thinking
+        assert cfg.model.student.qk_layernorm and cfg.model.student.tied_embeddings
+        assert cfg.tokenizer.kind == "huggingface" and cfg.tokenizer.path == cfg.model.teacher_hf
+        assert cfg.tokenizer.chat_template and cfg.tokenizer.enable_thinking is False
+        assert cfg.training.export_hf
+    path = REPO / "configs/qwen3-8b-to-4b-1n8g-tp2pp2.yaml"
+    assert load_config(path, hf_overrides(path, str(tmp_path))).training.epochs == 2
 
 
 def test_tiny_cpu_is_tp2_gloo():
@@ -284,19 +291,19 @@ def test_docs_reference_is_current():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_model_shapes_build_model_configs(path):
-    """The shapes translate into the model builder's ModelConfig and split over their layouts."""
-    models = pytest.importorskip("megatron_eaopd.models.config")
-    from megatron_eaopd.config import model_kwargs
+def test_model_shapes_build_model_configs(path, tmp_path):
+    """The shapes translate into the model builder's ModelConfig (the trainer's own
+    translation, config.json for HF folders) and split over their layouts."""
+    from megatron_eaopd.trainer.build import model_configs
 
-    cfg = load_config(path)
+    cfg = load_config(path, hf_overrides(path, str(tmp_path)))
+    built = dict(zip(("student", "teacher"), model_configs(cfg, 320)))
     for who in ("student", "teacher"):
-        shape = getattr(cfg.model, who)
-        mc = models.ModelConfig(
-            **model_kwargs(shape, 320, cfg.parallel.make_vocab_size_divisible_by)
-        )
+        shape, mc = getattr(cfg.model, who), built[who]
         assert mc.num_layers == shape.layers and mc.tied_embeddings == shape.tied_embeddings
+        assert mc.hidden_size == shape.hidden and mc.kv_channels == shape.kv_channels
         assert mc.vocab_size == (shape.vocab_size or 320)
+        assert mc.params_dtype == {"fp32": "float32", "bf16": "bfloat16"}[shape.dtype]
         layout = getattr(cfg.parallel, who)
         mc.check_layout(layout.tp, layout.pp, layout.vpp, name=who)
 
@@ -305,8 +312,8 @@ def test_model_shapes_build_model_configs(path):
     "objective", ["opd", "eopd", "eopd_exact", "eopd_soft", "mix", "fkl", "jsd"]
 )
 def test_loss_section_builds_objective_config(objective):
-    objectives = pytest.importorskip("megatron_eaopd.losses.objectives")
     from megatron_eaopd.config import objective_kwargs
+    from megatron_eaopd.losses import objectives
 
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"loss.objective={objective}"])
     expected_form = "exact" if objective in ("eopd_exact", "jsd") else "sampled"
