@@ -49,6 +49,15 @@ def _world_size() -> int:
         raise ConfigError([("WORLD_SIZE", f"{raw!r} is not an integer")]) from None
 
 
+def _print_before_after(cfg) -> None:
+    """The teacher, the student at its first and its last evaluation (from metrics.jsonl)."""
+    from megatron_eaopd.eval.report import format_before_after, read_rows
+
+    path = os.path.join(cfg.training.output_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        print(format_before_after(read_rows(path), cfg.eval.k), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``--config FILE [key=value ...]``, train, return the exit status."""
     from megatron_eaopd.config import ConfigError, build_arg_parser, check_run, load_config
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: iteration {summary['iteration']}/{summary['total_iterations']}"
                   f"{' (stopped early)' if summary['stopped_early'] else ''}; eval {shown}",
                   flush=True)  # fmt: skip
+            _print_before_after(cfg)
     finally:
         handler.uninstall()
         destroy_parallel(destroy_process_group=dist.is_initialized())

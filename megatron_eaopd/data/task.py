@@ -171,19 +171,30 @@ def import_task_class(path: str) -> type:
 def load_task(task_cfg: Any) -> Task:
     """Build the task a :class:`~megatron_eaopd.config.TaskConfig` names.
 
-    ``builtin`` gives :class:`~megatron_eaopd.data.synthetic.SyntheticArithmeticTask` from
-    ``task.synthetic``; ``jsonl`` gives :class:`~megatron_eaopd.data.jsonl.JsonlTask` from the
-    file fields; ``module:Class`` imports the class and builds it with
-    ``Class.from_config(task_cfg)`` when it defines that classmethod, else
-    ``Class(**task_cfg.options)``.
+    ``builtin`` gives the built-in task ``task.synthetic.kind`` names, built from
+    ``task.synthetic``: :class:`~megatron_eaopd.data.countdown.CountdownTask` (``countdown``),
+    :class:`~megatron_eaopd.data.sums.AnyOrderSumTask` (``sums``) or
+    :class:`~megatron_eaopd.data.synthetic.SyntheticArithmeticTask` (``arith``); ``jsonl``
+    gives :class:`~megatron_eaopd.data.jsonl.JsonlTask` from the file fields; ``module:Class``
+    imports the class and builds it with ``Class.from_config(task_cfg)`` when it defines that
+    classmethod, else ``Class(**task_cfg.options)``.
     """
     name = task_cfg.name
     if name == "builtin":
         from dataclasses import asdict
 
+        settings = asdict(task_cfg.synthetic)
+        kind = settings.pop("kind", "arith")
+        if kind in ("countdown", "sums"):
+            from megatron_eaopd.data.countdown import CountdownTask
+            from megatron_eaopd.data.sums import AnyOrderSumTask
+
+            settings.pop("product_prob")
+            settings.pop("connectives")
+            return (CountdownTask if kind == "countdown" else AnyOrderSumTask)(**settings)
         from megatron_eaopd.data.synthetic import SyntheticArithmeticTask
 
-        return SyntheticArithmeticTask(**asdict(task_cfg.synthetic))
+        return SyntheticArithmeticTask(**settings)
     if name == "jsonl":
         from megatron_eaopd.data.jsonl import JsonlTask
 

@@ -169,7 +169,7 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
         if who == "student":
             for key, value in _entropy_sums(trainer, rollouts, tau).items():
                 sums[key] = sums.get(key, 0.0) + value
-    metrics = summarize_samples(results, ks=sorted({1, ev.k}))
+    metrics = summarize_samples(results, ks=range(1, ev.k + 1))  # the Pass@k curve
     with use_layout(layout):
         if ps.get_data_parallel_world_size() > 1:
             t = torch.tensor(lengths, dtype=torch.float64, device=compute_device())

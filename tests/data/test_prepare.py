@@ -44,7 +44,7 @@ def test_teacher_examples_must_fit(tmp_path):
         "eval.max_response_tokens=20",
         "model.teacher.max_seq_len=0",
     )
-    assert cfg.model.teacher.max_seq_len == 44
+    assert cfg.model.teacher.max_seq_len == cfg.rollout.max_prompt_tokens + 20
     with pytest.raises(TaskError, match="raise model.teacher.max_seq_len"):
         prepare_data(cfg)
     prepare_data(cfg, check_teacher_examples=False)
