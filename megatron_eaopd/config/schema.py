@@ -345,8 +345,13 @@ class LoggingConfig:
 
 @dataclass
 class SyntheticTaskConfig:
-    """Settings of the built-in synthetic arithmetic task (docs/tasks.md)."""
+    """Settings of the built-in synthetic tasks (docs/tasks.md)."""
 
+    kind: str = _f("arith", choices=("arith", "countdown", "sums"))
+    """Which built-in task: ``countdown`` (count a number down to 0 in allowed steps; the CPU
+    default, configs/tiny-cpu.yaml), ``sums`` (add a list of numbers in any order) or ``arith``
+    (step-by-step products and sums with connective words). See docs/tasks.md for what the
+    settings below mean for each."""
     seed: int = 0
     """Seed of the problem generator (splits are a pure function of the settings)."""
     num_train: int = _f(4000, ge=0)
@@ -356,18 +361,19 @@ class SyntheticTaskConfig:
     num_eval: int = _f(128, ge=1)
     """Held-out evaluation prompts."""
     min_terms: int = _f(3, ge=2)
-    """Fewest terms in an expression."""
+    """Fewest terms in an expression (sums: fewest numbers in a list)."""
     max_terms: int = _f(4, ge=2)
-    """Most terms in an expression."""
+    """Most terms in an expression (sums: most numbers in a list)."""
     max_operand: int = _f(9, ge=2, le=99)
     """Largest operand."""
     product_prob: float = _f(0.4, ge=0, le=1)
-    """Probability that a term is a product a*b rather than a single number."""
+    """arith: probability that a term is a product a*b rather than a single number."""
     solutions_per_problem: int = _f(4, ge=1)
     """Distinct reference solutions (random valid paths) kept per training problem."""
     connectives: list[str] = _f(factory=lambda: ["so", "then", "next", "now"])
-    """Words a step may start with (chosen uniformly): a second branch point per step (entropy
-    ln 4 = 1.39 nats for four words), like the forking words of natural-language reasoning."""
+    """arith: words a step may start with (chosen uniformly): a second branch point per step
+    (entropy ln 4 = 1.39 nats for four words), like the forking words of natural-language
+    reasoning."""
 
 
 @dataclass
@@ -375,7 +381,8 @@ class TaskConfig:
     """Which prompts to distil on and how answers are checked (docs/tasks.md)."""
 
     name: str = "builtin"
-    """``builtin`` (synthetic arithmetic), ``jsonl`` (the files below), or ``module:Class``."""
+    """``builtin`` (a built-in synthetic task, ``task.synthetic.kind``), ``jsonl`` (the files
+    below), or ``module:Class``."""
     train_file: str | None = None
     """jsonl: prompts with solutions for teacher preparation (optional)."""
     distill_file: str | None = None

@@ -406,21 +406,11 @@ class Trainer:
             requeue_job()
 
     def _plot(self) -> None:
-        from megatron_eaopd.eval import plot_curves
-        from megatron_eaopd.trainer.metrics_log import read_metrics
+        from megatron_eaopd.eval.report import plot_run, read_rows
 
-        if not os.path.exists(self.metrics_logger.path):
-            return
-        rows = read_metrics(self.metrics_logger.path, "eval")
-        keys = [f"mean/avg@{self.cfg.eval.k}", f"mean/pass@{self.cfg.eval.k}",
-                "student_high_frac", "fkl_high"]  # fmt: skip
-        name = self.cfg.loss.objective
-        curves = {
-            k: {name: [(r["iteration"], r[k], 0.0) for r in rows if r.get(k) is not None]}
-            for k in keys
-        }
-        plot_curves(curves, os.path.join(self.cfg.training.output_dir, "eval_curves.png"),
-                    title=self.cfg.name)  # fmt: skip
+        if os.path.exists(self.metrics_logger.path):
+            png = os.path.join(self.cfg.training.output_dir, "eval_curves.png")
+            plot_run(read_rows(self.metrics_logger.path), png, self.cfg.eval.k, self.cfg.name)
 
     def close(self) -> None:
         if self.metrics_logger is not None:
