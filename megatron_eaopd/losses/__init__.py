@@ -1,5 +1,11 @@
 """Vocab-parallel entropy-aware distillation losses (see docs/losses.md for the math)."""
 
+from megatron_eaopd.losses.fused import (
+    vocab_parallel_linear_eopd_loss,
+    vocab_parallel_linear_kl_terms,
+    vocab_parallel_linear_logprobs_and_entropy,
+    vocab_parallel_linear_teacher_payload,
+)
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
 from megatron_eaopd.losses.kl import (
     entropy_gate,
@@ -17,6 +23,8 @@ from megatron_eaopd.losses.objectives import (
     OBJECTIVES,
     ObjectiveConfig,
     exact_objective,
+    linear_exact_objective,
+    linear_sampled_objective,
     ppo_clip_loss,
     sampled_objective,
     topk_forward_kl,
@@ -40,6 +48,8 @@ __all__ = [
     "entropy_gate",
     "exact_objective",
     "high_entropy",
+    "linear_exact_objective",
+    "linear_sampled_objective",
     "make_loss_func",
     "ppo_clip_loss",
     "reduce_metrics",
@@ -51,6 +61,10 @@ __all__ = [
     "vocab_parallel_eopd_loss",
     "vocab_parallel_gather_logprobs",
     "vocab_parallel_kl_terms",
+    "vocab_parallel_linear_eopd_loss",
+    "vocab_parallel_linear_kl_terms",
+    "vocab_parallel_linear_logprobs_and_entropy",
+    "vocab_parallel_linear_teacher_payload",
     "vocab_parallel_teacher_payload",
     "vocab_parallel_token_logprobs",
     "vocab_parallel_topk",

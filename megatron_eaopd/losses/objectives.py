@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_eaopd.losses.fused import (
+    vocab_parallel_linear_kl_terms,
+    vocab_parallel_linear_logprobs_and_entropy,
+)
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
 from megatron_eaopd.losses.kl import entropy_gate, vocab_parallel_kl_terms
 from megatron_eaopd.losses.statistics import TeacherPayload, vocab_parallel_logprobs_and_entropy
@@ -166,6 +170,12 @@ def sampled_objective(
         student_logits, ids, temperature=cfg.temperature, tp_group=tp_group,
         vocab_size=vocab_size, chunk_size=cfg.chunk_size,
     )  # fmt: skip
+    return _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
+
+
+def _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher: TeacherPayload):
+    """The paper's per-token loss from the student's log-probs [s, b, 1 + k] at (y, top-k ids)
+    and its entropy [s, b]: (per_token_loss, metrics)."""
     lp_y, lp_top = logprobs[..., 0], logprobs[..., 1:]
     advantages = (teacher.token_logprobs - old_logprobs).detach().to(lp_y.dtype)
     w_rkl, w_fkl, gate = cfg.weights(teacher.entropy)
@@ -209,6 +219,69 @@ def exact_objective(
         terms = vocab_parallel_jsd(student_logits, teacher_logits, beta=cfg.jsd_beta, **kw)
         return terms["jsd"], {k: v.detach().float() for k, v in terms.items()}
     terms = vocab_parallel_kl_terms(student_logits, teacher_logits, **kw)
+    w_rkl, w_fkl, gate = cfg.weights(terms["teacher_entropy"])
+    loss = w_rkl * terms["rkl"] + w_fkl * terms["fkl"]
+    metrics = {k: v.detach().float() for k, v in terms.items()}
+    metrics["gate"] = gate
+    return loss, metrics
+
+
+def linear_sampled_objective(
+    cfg: ObjectiveConfig,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    teacher: TeacherPayload,
+    *,
+    tp_group=None,
+    vocab_size=None,
+    reduce_hidden_grad: bool = True,
+):
+    """`sampled_objective` on the logits `student_hidden @ student_weight.T`, fused with the
+    output layer (`fused.vocab_parallel_linear_logprobs_and_entropy`): no logits materialised.
+
+    Args:
+        student_hidden: [s, b, h]; student_weight: [V_pad / tp, h]; the rest as sampled_objective.
+    Returns:
+        (per_token_loss [s, b] with gradients to student_hidden and student_weight, metrics).
+    Collectives: per chunk none; forward 1 all-gather of [s*b, 5 + k]; backward 1 SUM all-reduce
+    of the [s*b, h] hidden-state gradient (none with reduce_hidden_grad=False or at TP 1).
+    """
+    ids = torch.cat([token_ids.unsqueeze(-1), teacher.topk_ids], dim=-1)
+    logprobs, student_entropy = vocab_parallel_linear_logprobs_and_entropy(
+        student_hidden, student_weight, ids, temperature=cfg.temperature, tp_group=tp_group,
+        vocab_size=vocab_size, chunk_size=cfg.chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+    )  # fmt: skip
+    return _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
+
+
+def linear_exact_objective(
+    cfg: ObjectiveConfig,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    tp_group=None,
+    vocab_size=None,
+    reduce_hidden_grad: bool = True,
+):
+    """`exact_objective` on the two models' output-layer products, fused with the output layers
+    (`fused.vocab_parallel_linear_kl_terms`). Every objective but `jsd` (ValueError: use the
+    unfused form).
+
+    Returns (per_token_loss [s, b], metrics dict of detached [s, b] tensors).
+    Collectives: per chunk none; forward 1 all-gather of [s*b, 9]; backward 1 SUM all-reduce of
+    [s*b, h] (none with reduce_hidden_grad=False or at TP 1).
+    """
+    if cfg.name == "jsd":
+        raise ValueError("objective 'jsd' has no fused form; set loss.fused_output=false")
+    terms = vocab_parallel_linear_kl_terms(
+        student_hidden, student_weight, teacher_hidden, teacher_weight,
+        temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size,
+        chunk_size=cfg.chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+    )  # fmt: skip
     w_rkl, w_fkl, gate = cfg.weights(terms["teacher_entropy"])
     loss = w_rkl * terms["rkl"] + w_fkl * terms["fkl"]
     metrics = {k: v.detach().float() for k, v in terms.items()}

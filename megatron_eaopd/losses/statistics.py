@@ -29,6 +29,96 @@ from megatron_eaopd.losses._common import (
 from megatron_eaopd.parallel.groups import all_gather_rows
 
 
+def softmax_stats_chunk(logits, local_ids, own, k, shard, inv_temp, out) -> None:
+    """Fill one row chunk of the packed local statistics (no communication).
+
+    Args:
+        logits: [c, w] rows of this rank's shard; local_ids, own: [c, j] ids minus the shard start
+            and whether this rank owns them; out: [c, >= 3 + j + 2k] rows of the stats buffer.
+    Writes [m_r, Z_r, A_r, x at owned ids (0 elsewhere), local top-k values (-inf padded),
+    their global ids (-1 padded)] with x = logits / T.
+    """
+    width = logits.shape[1]
+    j = local_ids.shape[1]
+    acc = out.dtype
+    out[:, :3] = K.single_stats(logits, shard.valid, inv_temp)
+    if j:
+        vals = logits.gather(1, local_ids.clamp(0, width - 1)).to(acc) * inv_temp
+        out[:, 3 : 3 + j] = torch.where(own, vals, 0.0)
+    if k:
+        kk = min(k, shard.valid)
+        top_v, top_i = torch.topk(logits[:, : shard.valid], kk, dim=-1)
+        out[:, 3 + j : 3 + j + k] = float("-inf")
+        out[:, 3 + j + k : 3 + j + 2 * k] = -1.0
+        out[:, 3 + j : 3 + j + kk] = top_v.to(acc) * inv_temp
+        out[:, 3 + j + k : 3 + j + k + kk] = (top_i + shard.start).to(acc)
+
+
+def merge_softmax_stats(gathered: torch.Tensor, j: int, k: int, acc: torch.dtype):
+    """Merge gathered packed statistics [tp, n, 4 + j + 2k] (see `softmax_stats_chunk`) in
+    float64: returns (entropy [n], logprobs at the ids [n, j], lse [n], top-k log-probs [n, k],
+    top-k global ids [n, k] int64), floats in `acc`."""
+    check_gathered(gathered, [0], "vocab-parallel softmax statistics")
+    g = gathered.double()
+    n = g.shape[1]
+    lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
+    logprobs = (g[..., 3 : 3 + j].sum(0) - lse[:, None]).to(acc)
+    if k:
+        tp = g.shape[0]
+        cand_v = g[..., 3 + j : 3 + j + k].permute(1, 0, 2).reshape(n, tp * k)
+        cand_i = g[..., 3 + j + k : 3 + j + 2 * k].permute(1, 0, 2).reshape(n, tp * k)
+        top_v, pos = torch.topk(cand_v, k, dim=-1)
+        topk_lp = (top_v - lse[:, None]).to(acc)
+        topk_ids = cand_i.gather(1, pos).long()
+    else:
+        topk_lp = torch.empty(n, 0, dtype=acc, device=gathered.device)
+        topk_ids = torch.empty(n, 0, dtype=torch.long, device=gathered.device)
+    return entropy.to(acc), logprobs, lse.to(acc), topk_lp, topk_ids
+
+
+def softmax_stats_grad_chunk(
+    logits, local_ids, own, lse, entropy, g_entropy, g_logprobs, shard, inv_temp, out
+) -> None:
+    """d/d logits of  g_H * H + sum_j g_j * log p(id_j)  for one row chunk, written into `out`.
+
+    Args: logits [c, w]; local_ids, own [c, j]; lse, entropy, g_entropy [c] and g_logprobs [c, j]
+    in the accumulation dtype; out [c, w]. Dense part  -(1/T) p (g_H (log p + H) + sum_j g_j)  by
+    the kernel, then the one-hot part at the owned ids, added to the dense part in the accumulation
+    dtype before one rounding to the output dtype (matters for bf16 gradients). Repeated ids in a
+    row share the summed upstream gradient. No communication.
+    """
+    width = logits.shape[1]
+    g_total = g_logprobs.sum(-1)
+    K.single_backward(logits, lse, entropy, g_entropy, g_total, shard.valid, inv_temp, out)
+    if not local_ids.shape[1]:
+        return
+    x = logits.gather(1, local_ids.clamp(0, width - 1)).to(lse.dtype) * inv_temp
+    logp = x - lse[:, None]
+    p = torch.exp(logp)
+    dense = torch.where(p > 0, p * (-g_entropy[:, None] * (logp + entropy[:, None])), 0.0)
+    dense = dense - p * g_total[:, None]
+    ids = local_ids
+    onehot = ((ids[:, :, None] == ids[:, None, :]) * g_logprobs[:, None, :]).sum(-1)
+    value = ((dense + onehot) * inv_temp).to(out.dtype)
+    rows = torch.arange(ids.shape[0], device=out.device)[:, None].expand_as(ids)
+    out.index_put_((rows[own], ids[own]), value[own])
+
+
+def local_ids_of(ids: torch.Tensor, shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global ids [n, j] -> (ids minus this shard's start, whether this rank owns them)."""
+    local_ids = ids - shard.start
+    return local_ids, (local_ids >= 0) & (local_ids < shard.valid)
+
+
+def upstream_grads(g_entropy, g_logprobs, like: torch.Tensor, j: int):
+    """Upstream gradients of (entropy [n], logprobs [n, j]) in `like`'s dtype (zeros for None)."""
+    if g_entropy is None:
+        g_entropy = torch.zeros_like(like)
+    if g_logprobs is None:
+        g_logprobs = torch.zeros(like.shape[0], j, dtype=like.dtype, device=like.device)
+    return g_entropy.to(like.dtype), g_logprobs.to(like.dtype)
+
+
 class _SoftmaxStats(torch.autograd.Function):
     """(logits [n, w], ids [n, j]) -> (entropy [n], logprobs at ids [n, j], lse [n],
     topk logprobs [n, k], topk global ids [n, k]).
@@ -42,40 +132,15 @@ class _SoftmaxStats(torch.autograd.Function):
     def forward(ctx, logits, ids, k, shard, inv_temp, group, chunk_size):
         n, width = logits.shape
         j = ids.shape[1]
-        cols = 3 + j + 2 * k
         acc = K.acc_dtype(logits.dtype)
-        local = stats_buffer(n, cols, width, acc, logits.device)
+        local = stats_buffer(n, 3 + j + 2 * k, width, acc, logits.device)
+        local_ids, own = local_ids_of(ids, shard)
         step = ctx.step = K.row_chunk(width, chunk_size)
         for i in range(0, n, step):
-            local[i : i + step, :3] = K.single_stats(logits[i : i + step], shard.valid, inv_temp)
-        local_ids = ids - shard.start
-        own = (local_ids >= 0) & (local_ids < shard.valid)
-        if j:
-            vals = logits.gather(1, local_ids.clamp(0, width - 1)).to(acc) * inv_temp
-            local[:, 3 : 3 + j] = torch.where(own, vals, 0.0)
-        if k:
-            kk = min(k, shard.valid)
-            top_v, top_i = torch.topk(logits[:, : shard.valid], kk, dim=-1)
-            local[:, 3 + j : 3 + j + k] = float("-inf")
-            local[:, 3 + j + k : 3 + j + 2 * k] = -1.0
-            local[:, 3 + j : 3 + j + kk] = top_v.to(acc) * inv_temp
-            local[:, 3 + j + k : 3 + j + k + kk] = (top_i + shard.start).to(acc)
+            r = slice(i, i + step)
+            softmax_stats_chunk(logits[r], local_ids[r], own[r], k, shard, inv_temp, local[r])
         gathered = all_gather_rows(local, group)
-        check_gathered(gathered, [0], "vocab-parallel softmax statistics")
-        g = gathered.double()
-        lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
-        logprobs = (g[..., 3 : 3 + j].sum(0) - lse[:, None]).to(acc)
-        if k:
-            tp = g.shape[0]
-            cand_v = g[..., 3 + j : 3 + j + k].permute(1, 0, 2).reshape(n, tp * k)
-            cand_i = g[..., 3 + j + k : 3 + j + 2 * k].permute(1, 0, 2).reshape(n, tp * k)
-            top_v, pos = torch.topk(cand_v, k, dim=-1)
-            topk_lp = (top_v - lse[:, None]).to(acc)
-            topk_ids = cand_i.gather(1, pos).long()
-        else:
-            topk_lp = torch.empty(n, 0, device=logits.device)
-            topk_ids = torch.empty(n, 0, dtype=torch.long, device=logits.device)
-        lse, entropy = lse.to(acc), entropy.to(acc)
+        entropy, logprobs, lse, topk_lp, topk_ids = merge_softmax_stats(gathered, j, k, acc)
         ctx.save_for_backward(logits, local_ids, own, lse, entropy)
         ctx.shard, ctx.inv_temp = shard, inv_temp
         ctx.mark_non_differentiable(lse, topk_lp, topk_ids)
@@ -84,35 +149,15 @@ class _SoftmaxStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_entropy, g_logprobs, _g_lse, _g_topk, _g_ids):
         logits, local_ids, own, lse, entropy = ctx.saved_tensors
-        n, width = logits.shape
-        if g_entropy is None:
-            g_entropy = torch.zeros_like(lse)
-        if g_logprobs is None:
-            g_logprobs = torch.zeros(local_ids.shape, dtype=lse.dtype, device=lse.device)
-        g_logprobs = g_logprobs.to(lse.dtype)
-        g_total = g_logprobs.sum(-1)
+        g_entropy, g_logprobs = upstream_grads(g_entropy, g_logprobs, lse, local_ids.shape[1])
         out = torch.empty_like(logits)
         step = ctx.step
-        for i in range(0, n, step):
+        for i in range(0, logits.shape[0], step):
             r = slice(i, i + step)
-            K.single_backward(
-                logits[r], lse[r], entropy[r], g_entropy[r].to(lse.dtype), g_total[r],
-                ctx.shard.valid, ctx.inv_temp, out[r],
+            softmax_stats_grad_chunk(
+                logits[r], local_ids[r], own[r], lse[r], entropy[r], g_entropy[r],
+                g_logprobs[r], ctx.shard, ctx.inv_temp, out[r],
             )  # fmt: skip
-        if local_ids.shape[1]:
-            # The one-hot part at the owned ids, added to the dense part in the accumulation
-            # dtype before one rounding to the output dtype (matters for bf16 gradients).
-            # Repeated ids in a row share the summed upstream gradient.
-            x = logits.gather(1, local_ids.clamp(0, width - 1)).to(lse.dtype) * ctx.inv_temp
-            logp = x - lse[:, None]
-            p = torch.exp(logp)
-            dense = torch.where(p > 0, p * (-g_entropy[:, None] * (logp + entropy[:, None])), 0.0)
-            dense = dense - p * g_total[:, None]
-            ids = local_ids
-            onehot = ((ids[:, :, None] == ids[:, None, :]) * g_logprobs[:, None, :]).sum(-1)
-            value = ((dense + onehot) * ctx.inv_temp).to(out.dtype)
-            rows = torch.arange(n, device=out.device)[:, None].expand_as(ids)
-            out.index_put_((rows[own], ids[own]), value[own])
         return out, None, None, None, None, None, None
 
 
