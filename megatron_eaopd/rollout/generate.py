@@ -11,27 +11,36 @@ prompt the prompt token is kept and nothing is sampled (megatron's legacy genera
 same). So every token sees exactly the context and positions it has in the training forward, and
 the log-probs kept for the PPO ratio are those a fresh forward of the finished sequence gives.
 
-Under TP every rank has the full-vocabulary logits (one all-gather per step), samples with its
-own copy of the generator, and the tokens of TP rank 0 are broadcast (one broadcast per step) so
-the ranks can never diverge.
+Under TP the logits stay vocab-parallel: ``VocabParallelSampler`` draws the token, its log-prob
+and the entropy with one small all-gather per step ([b, 6] float64 for plain sampling, whatever the
+vocabulary; see ``vocab_parallel``), and every rank merges the gathered packet identically, so the
+ranks cannot diverge and no broadcast is needed. The draw is the same at every TP size.
+
+Finished sequences stop costing compute: when a quarter of the decode batch (``compact_frac``)
+has finished, their rows are dropped from the decode batch and from every layer's KV cache (one
+copy of the live cache entries); noise and uniforms follow the original row ids, so compaction
+never changes a token.
 
 Under pipeline parallelism (one model chunk per rank, no virtual stages) every step runs the
 stages in order: a stage receives the previous stage's hidden states [n, b, h] (p2p recv), runs
 its layers (each stage keeps the KV cache of its own layers in its own ``StaticInferenceContext``)
 and sends its output to the next stage; the last stage samples (drawing from ``generator``; the
 other stages' generators are not advanced) and broadcasts the tokens, log-probs and entropies over
-the pipeline group, so every rank ends with the same ``RolloutBatch``.
+the pipeline group, so every rank ends with the same ``RolloutBatch``. The last stage samples
+vocab-parallel too (its own TP group), and every stage compacts its own KV cache identically.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron_eaopd.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
+from megatron_eaopd.rollout.sampling import SamplingParams
+from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["RolloutBatch", "generate"]
 
@@ -102,6 +111,44 @@ def _bare_module(model):
     return model
 
 
+@contextlib.contextmanager
+def _without_cpu_device_mode(enabled: bool):
+    """Leave the CPU compatibility layer's torch function mode for the block (a TP-only decode
+    step needs only its torch.cuda patches; the mode costs a Python call per torch op)."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    from megatron_eaopd.compat.cpu import CpuDeviceMode
+
+    stack = _get_current_function_mode_stack()
+    if not (enabled and stack and isinstance(stack[-1], CpuDeviceMode)):
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
+
+
+@contextlib.contextmanager
+def _vocab_parallel_output(module):
+    """Keep the output layer's logits vocab-parallel ([s, b, V_pad / tp]) during the block.
+
+    megatron-core's GPTModel asserts ``runtime_gather_output`` in inference mode; we pass True to
+    the model and a forward pre-hook on its output layer turns it back to False, so the
+    vocabulary is never gathered (the sampler works on the shards)."""
+    layer = getattr(module, "output_layer", None) if getattr(module, "post_process", True) else None
+    if layer is None:
+        yield
+        return
+
+    def hook(_mod, args, kwargs):
+        return args, dict(kwargs, runtime_gather_output=False)
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -116,32 +163,41 @@ def generate(
     use_kv_cache: bool = True,
     max_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
+    compact_frac: float | None = 0.25,
+    stats: dict | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat a prompt for several samples).
 
     Args:
         model: a GPTModel (bare, DDP-wrapped, a one-chunk list, or a FrozenTeacher) built under
-            the current megatron layout with PP = 1; its logits are [b, s, V_pad / tp].
+            the current megatron layout (no virtual PP); its logits are [b, s, V_pad / tp].
         prompts: token ids per sequence (BOS included).
         max_new_tokens: most generated tokens per sequence (EOS included).
         eos_id, pad_id: special ids; generation of a sequence stops after EOS.
         vocab_size: real vocabulary; padded logit columns are never sampled.
         params: temperature / top-k / top-p / log-prob temperature.
-        generator: CPU generator drawing one uniform per sequence and step; seed it the same on
-            every rank of the TP group.
+        generator: CPU generator of the draws (one 32-bit key per step for plain sampling, one
+            uniform per sequence and step for top-k / top-p); seed it the same on every rank of
+            the TP group.
         use_kv_cache: decode with megatron's static KV cache; False re-runs the prefix each step.
         max_batch: decode at most this many sequences at once (chunks run one after another).
         progress: called with the number of sequences finished after each chunk.
+        compact_frac: drop finished rows from the decode batch (and KV cache) once at least this
+            fraction of it has finished; None never compacts. Never changes the tokens.
+        stats: if given, filled with counters: steps, decode_rows (rows run through the model,
+            summed over steps), compactions, fallbacks (filtered steps that gathered the
+            vocabulary), sample_elements (elements of the sampler's collectives on this rank).
     Returns:
-        RolloutBatch (on every rank of the TP group).
-    Collectives per decoded position: 1 TP all-gather of [b, V_pad / tp] logits and 1 TP
-    broadcast of [3, b] (tokens, log-probs, entropies), besides the model's own TP all-reduces;
-    under PP also 1 p2p send/recv of [n, b, h] hidden states between neighbouring stages and 1
-    broadcast of [3, b] from the last stage over the pipeline group.
+        RolloutBatch (on every rank).
+    Collectives per decoded position: 1 TP all-gather of [b, 6] float64 (plain sampling; top-k /
+    top-p: [b, 6 + 2 (c + 1)], plus one of [b, V_pad / tp] on a fallback step), besides the
+    model's own TP all-reduces; under PP also 1 p2p send/recv of [n, b, h] hidden states between
+    neighbouring stages and 1 broadcast of [3, b] from the last stage over the pipeline group.
     """
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
         if ps.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
             raise ValueError("rollouts under virtual pipeline parallelism are not supported")
         if getattr(_bare_module(model).config, "sequence_parallel", False):
@@ -150,135 +206,197 @@ def generate(
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if compact_frac is not None and not 0 < compact_frac <= 1:
+        raise ValueError(f"compact_frac must be in (0, 1] or None, got {compact_frac}")
     module = _bare_module(model)
     was_training = module.training
     module.eval()
+    counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,
+                "sample_elements": 0}  # fmt: skip
     try:
         step = max_batch or len(prompts)
         out = []
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start : start + step]
-            out.append(
-                _generate_chunk(
-                    module,
-                    chunk,
-                    max_new_tokens,
-                    eos_id,
-                    pad_id,
-                    vocab_size,
-                    params,
-                    generator,
-                    use_kv_cache,
-                )  # fmt: skip
-            )
-            if progress is not None:
-                progress(len(chunk))
+        with _vocab_parallel_output(module):
+            for start in range(0, len(prompts), step):
+                chunk = prompts[start : start + step]
+                decoder = _Decoder(module, chunk, max_new_tokens, eos_id, pad_id, vocab_size,
+                                   params, use_kv_cache, compact_frac, counters)  # fmt: skip
+                out.append(decoder.run(generator))
+                if progress is not None:
+                    progress(len(chunk))
     finally:
         module.train(was_training)
+    if stats is not None:
+        stats.update(counters)
     return out[0] if len(out) == 1 else RolloutBatch.concat(out, pad_id)
 
 
-def _generate_chunk(
-    module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params, generator, use_kv_cache
-) -> RolloutBatch:
-    from megatron.core import parallel_state as ps
-    from megatron.core.inference.contexts import StaticInferenceContext
+class _Decoder:
+    """One chunk's decode loop. Rows of the decode batch are ``active`` (original row ids);
+    the full-batch records (tokens, log-probs, entropies) live on the CPU."""
 
-    from megatron_eaopd.parallel.init import compute_device
+    def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
+                 use_kv_cache, compact_frac, counters):  # fmt: skip
+        from megatron.core import parallel_state as ps
+        from megatron.core.inference.contexts import StaticInferenceContext
 
-    device = compute_device()
-    b = len(prompts)
-    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    if int(prompt_lens.min()) < 1:
-        raise ValueError("every prompt needs at least one token (BOS)")
-    max_len = getattr(module, "max_sequence_length", None) or int(1e9)
-    total = min(int(prompt_lens.max()) + max_new_tokens, max_len)
-    if int(prompt_lens.max()) >= total:
-        raise ValueError(f"a prompt of {int(prompt_lens.max())} tokens leaves no room to generate")
-    tokens = torch.full((b, total), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    limit = torch.clamp(prompt_lens + max_new_tokens, max=total)  # exclusive end per sequence
-    logprobs = torch.zeros(b, total)
-    entropies = torch.zeros(b, total)
-    finished = torch.zeros(b, dtype=torch.bool)
-    response_lens = torch.zeros(b, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    dev_tokens = tokens.to(device)
-    positions = torch.arange(total, device=device).unsqueeze(0).expand(b, total)
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp = ps.get_tensor_model_parallel_world_size()
-    src = ps.get_tensor_model_parallel_src_rank()
+        from megatron_eaopd.parallel.init import compute_device
 
-    pp = ps.get_pipeline_model_parallel_world_size()
-    first = pp == 1 or ps.is_pipeline_first_stage(ignore_virtual=True)
-    last = pp == 1 or ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.module, self.eos_id, self.pad_id = module, eos_id, pad_id
+        self.vocab_size, self.params, self.compact_frac = vocab_size, params, compact_frac
+        self.counters = counters
+        self.device = device = compute_device()
+        b = self.b = len(prompts)
+        prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        if int(prompt_lens.min()) < 1:
+            raise ValueError("every prompt needs at least one token (BOS)")
+        max_len = getattr(module, "max_sequence_length", None) or int(1e9)
+        total = self.total = min(int(prompt_lens.max()) + max_new_tokens, max_len)
+        if int(prompt_lens.max()) >= total:
+            raise ValueError(
+                f"a prompt of {int(prompt_lens.max())} tokens leaves no room to generate"
+            )
+        tokens = torch.full((b, total), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        self.tokens, self.prompt_lens = tokens, prompt_lens
+        self.limit = torch.clamp(prompt_lens + max_new_tokens, max=total)  # exclusive end
+        self.logprobs = torch.zeros(b, total)
+        self.entropies = torch.zeros(b, total)
+        self.finished = torch.zeros(b, dtype=torch.bool)
+        self.response_lens = torch.zeros(b, dtype=torch.long)
+        # the decode batch (compacted as rows finish)
+        self.active = torch.arange(b)
+        self.done = torch.zeros(b, dtype=torch.bool)
+        self.cur_prompt_lens, self.cur_limit = prompt_lens.clone(), self.limit.clone()
+        self.cur_tokens = tokens.to(device)
+        self.positions = torch.arange(total, device=device).unsqueeze(0)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.first = self.pp == 1 or ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = self.pp == 1 or ps.is_pipeline_last_stage(ignore_virtual=True)
+        if self.pp > 1:
+            self.pp_group = ps.get_pipeline_model_parallel_group()
+            self.pp_last = ps.get_pipeline_model_parallel_last_rank()
+            self.pp_prev = ps.get_pipeline_model_parallel_prev_rank()
+            self.pp_next = ps.get_pipeline_model_parallel_next_rank()
+        self.context = StaticInferenceContext(b, total) if use_kv_cache else None
+        self.cached = 0
+        self.sampler = None
 
-    context = StaticInferenceContext(b, total) if use_kv_cache else None
-    cached = 0
-
-    def run_stage(start: int, end: int, **kw):
-        """This stage's forward of positions [start, end); the last stage returns its logits."""
-        if not first:
-            hidden = torch.empty(
-                end - start, b, module.config.hidden_size, dtype=module.config.params_dtype,
-                device=device,
-            )  # fmt: skip
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+    def _stage(self, start: int, end: int, **kw):
+        """This stage's forward of positions [start, end); the last stage returns its logits
+        [n, end - start (or 1), V_pad / tp]. PP: 1 recv and/or 1 send of [end - start, n, h]."""
+        module, n = self.module, self.cur_tokens.shape[0]
+        if not self.first:
+            cfg = module.config
+            hidden = torch.empty(end - start, n, cfg.hidden_size, dtype=cfg.params_dtype,
+                                 device=self.device)  # fmt: skip
+            dist.recv(hidden, src=self.pp_prev)
             module.set_input_tensor(hidden)
-        out = module(dev_tokens[:, start:end], positions[:, start:end], None, **kw)
-        if not last:
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        pos = self.positions[:, start:end].expand(n, end - start)
+        out = module(self.cur_tokens[:, start:end], pos, None, runtime_gather_output=True, **kw)
+        if not self.last:
+            dist.send(out.contiguous(), dst=self.pp_next)
             return None
         return out
 
-    def next_logits(t: int) -> torch.Tensor | None:  # full-vocab logits predicting position t
-        nonlocal cached
-        if context is None:
-            out = run_stage(0, t)  # [b, t, V_pad / tp] on the last stage
-            return None if out is None else gather_vocab_logits(out[:, -1, :], vocab_size, tp_group)
-        context.sequence_len_offset = cached
-        if cached > 0:
-            context.enable_decode_mode()
-        # megatron's inference mode gathers the vocabulary itself: [b, 1, V_pad]
-        out = run_stage(cached, t, inference_context=context, runtime_gather_output=True)
-        cached = t
-        return None if out is None else out[:, -1, :vocab_size].float()
+    def _next_logits(self, t: int):
+        """Vocab-parallel logits [n, V_pad / tp] predicting position t (None off the last stage)."""
+        if self.context is None:
+            out = self._stage(0, t)
+        else:
+            self.context.sequence_len_offset = self.cached
+            decode = self.cached > 0
+            if decode:
+                self.context.enable_decode_mode()
+            # decode steps (no attention mask) need no CPU function mode; prefill builds a mask
+            with _without_cpu_device_mode(decode and self.pp == 1):
+                out = self._stage(self.cached, t, inference_context=self.context)
+            self.cached = t
+        return None if out is None else out[:, -1, :]
 
-    t = int(prompt_lens.min())
-    while t < total:
-        full = next_logits(t)  # [b, V] on the last stage
-        packed = torch.zeros(3, b, dtype=torch.float64, device=device)
-        if last:
-            new, lp, ent = sample_tokens(full, params, generator)
-            packed = torch.stack([new.double(), lp.double(), ent.double()]).to(device)
-            if tp > 1:
-                dist.broadcast(packed, src=src, group=tp_group)
-        if pp > 1:
-            src_pp = ps.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(packed, src=src_pp, group=ps.get_pipeline_model_parallel_group())
-        new, lp, ent = packed[0].long().cpu(), packed[1].float().cpu(), packed[2].float().cpu()
-        generating = (t >= prompt_lens) & ~done & (t < limit)
-        tokens[:, t] = torch.where(generating, new, tokens[:, t])
-        logprobs[:, t] = torch.where(generating, lp, 0.0)
-        entropies[:, t] = torch.where(generating, ent, 0.0)
-        response_lens += generating.long()
-        hit_eos = generating & (new == eos_id)
-        finished |= hit_eos
-        done |= hit_eos | (t + 1 >= limit)
-        dev_tokens[:, t] = tokens[:, t].to(device)
-        t += 1
-        if bool(done.all()):
-            break
-    pos = torch.arange(total).unsqueeze(0)
-    mask = (pos >= prompt_lens.unsqueeze(1)) & (pos < (prompt_lens + response_lens).unsqueeze(1))
-    tokens = torch.where(mask | (pos < prompt_lens.unsqueeze(1)), tokens, pad_id)
-    width = int((prompt_lens + response_lens).max())
-    return RolloutBatch(
-        tokens=tokens[:, :width].contiguous(),
-        prompt_lens=prompt_lens,
-        response_lens=response_lens,
-        logprobs=torch.where(mask, logprobs, 0.0)[:, :width].contiguous(),
-        entropies=torch.where(mask, entropies, 0.0)[:, :width].contiguous(),
-        finished=finished,
-    )
+    def _sample(self, t: int, generator):
+        n = self.cur_tokens.shape[0]
+        logits = self._next_logits(t)
+        packed = None
+        if self.last:
+            if self.sampler is None:
+                self.sampler = VocabParallelSampler(self.params, self.vocab_size,
+                                                    logits.shape[-1], self.tp_group,
+                                                    self.device)  # fmt: skip
+            new, lp, ent = self.sampler.sample(logits, self.active, generator, self.b)
+            if self.pp > 1:
+                packed = torch.stack([new.double(), lp.double(), ent.double()])
+        if self.pp > 1:
+            if packed is None:
+                packed = torch.empty(3, n, dtype=torch.float64, device=self.device)
+            dist.broadcast(packed, src=self.pp_last, group=self.pp_group)
+            new, lp, ent = packed[0].long(), packed[1].float(), packed[2].float()
+        return new.cpu(), lp.cpu(), ent.cpu()
+
+    def run(self, generator) -> RolloutBatch:
+        t = int(self.prompt_lens.min())
+        while t < self.total:
+            self.counters["steps"] += 1
+            self.counters["decode_rows"] += int(self.cur_tokens.shape[0])
+            new, lp, ent = self._sample(t, generator)
+            generating = (t >= self.cur_prompt_lens) & ~self.done & (t < self.cur_limit)
+            rows = self.active[generating]
+            new_g = new[generating]
+            self.tokens[rows, t] = new_g
+            self.logprobs[rows, t] = lp[generating]
+            self.entropies[rows, t] = ent[generating]
+            self.response_lens[rows] += 1
+            hit_eos = generating & (new == self.eos_id)
+            self.finished[self.active[hit_eos]] = True
+            self.done |= hit_eos | (t + 1 >= self.cur_limit)
+            col = torch.where(generating, new, self.tokens[self.active, t])
+            self.cur_tokens[:, t] = col.to(self.device)
+            t += 1
+            n_done = int(self.done.sum())
+            if n_done == self.done.shape[0]:
+                break
+            if self.compact_frac is not None and n_done >= self.compact_frac * len(self.done):
+                self._compact(~self.done)
+        if self.sampler is not None:
+            self.counters["fallbacks"] += self.sampler.counters["fallbacks"]
+            self.counters["sample_elements"] += self.sampler.counters["elements"]
+        return self._result()
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Drop the finished rows from the decode batch and from every layer's KV cache (a copy
+        of the first ``cached`` positions of the live rows). No communication."""
+        self.counters["compactions"] += 1
+        idx = keep.nonzero().squeeze(1)
+        self.active, self.done = self.active[idx], self.done[idx]
+        self.cur_prompt_lens, self.cur_limit = self.cur_prompt_lens[idx], self.cur_limit[idx]
+        dev_idx = idx.to(self.device)
+        self.cur_tokens = self.cur_tokens.index_select(0, dev_idx)
+        if self.context is None:
+            return
+        memory = self.context.key_value_memory_dict
+        c = self.cached
+        for layer, kv in memory.items():  # [S, b, ...] keys and values of one layer
+            compacted = []
+            for m in kv:
+                new = m.new_empty((m.shape[0], len(idx)) + tuple(m.shape[2:]))
+                torch.index_select(m[:c], 1, dev_idx, out=new[:c])
+                compacted.append(new)
+            memory[layer] = tuple(compacted)
+
+    def _result(self) -> RolloutBatch:
+        prompt_lens, response_lens, total = self.prompt_lens, self.response_lens, self.total
+        pos = torch.arange(total).unsqueeze(0)
+        start = prompt_lens.unsqueeze(1)
+        mask = (pos >= start) & (pos < (prompt_lens + response_lens).unsqueeze(1))
+        tokens = torch.where(mask | (pos < start), self.tokens, self.pad_id)
+        width = int((prompt_lens + response_lens).max())
+        return RolloutBatch(
+            tokens=tokens[:, :width].contiguous(),
+            prompt_lens=prompt_lens,
+            response_lens=response_lens,
+            logprobs=torch.where(mask, self.logprobs, 0.0)[:, :width].contiguous(),
+            entropies=torch.where(mask, self.entropies, 0.0)[:, :width].contiguous(),
+            finished=self.finished,
+        )
