@@ -142,15 +142,22 @@ def high_entropy(entropy: torch.Tensor, threshold: float, strict: bool = False) 
 def entropy_gate(
     teacher_entropy: torch.Tensor, threshold: float, width: float = 0.0, strict: bool = False
 ) -> torch.Tensor:
-    """The EOPD gate on the teacher's entropy (nats), [s, b] -> [s, b] fp32, no gradient.
+    """The EOPD gate on the teacher's entropy (nats), [s, b] -> [s, b] fp32 (fp64 for an fp64
+    entropy, so that fkl_coef * gate keeps float64 precision), no gradient.
 
     width == 0: the hard gate 1[H >= threshold] (the paper authors' code), or 1[H > threshold]
     with `strict`. width > 0: the soft gate sigmoid((H - threshold) / width) (`strict` unused).
     """
-    h = teacher_entropy.detach().float()
+    h = gate_input(teacher_entropy)
     if width > 0:
         return torch.sigmoid((h - threshold) / width)
-    return high_entropy(h, threshold, strict).float()
+    return high_entropy(h, threshold, strict).to(h.dtype)
+
+
+def gate_input(teacher_entropy: torch.Tensor) -> torch.Tensor:
+    """The detached entropy the gates read: float64 stays float64, anything else becomes fp32."""
+    h = teacher_entropy.detach()
+    return h if h.dtype == torch.float64 else h.float()
 
 
 def vocab_parallel_eopd_loss(

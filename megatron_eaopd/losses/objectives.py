@@ -30,7 +30,7 @@ from megatron_eaopd.losses.fused import (
     vocab_parallel_linear_logprobs_and_entropy,
 )
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
-from megatron_eaopd.losses.kl import entropy_gate, vocab_parallel_kl_terms
+from megatron_eaopd.losses.kl import entropy_gate, gate_input, vocab_parallel_kl_terms
 from megatron_eaopd.losses.statistics import TeacherPayload, vocab_parallel_logprobs_and_entropy
 
 OBJECTIVES = ("opd", "eopd", "eopd_soft", "mix", "fkl", "jsd")
@@ -92,7 +92,7 @@ class ObjectiveConfig:
         gate is the forward-KL indicator actually applied (hard 0/1, soft in (0, 1), 1 for mix
         and fkl, 0 for opd), so w_fkl = coefficient * gate.
         """
-        h = teacher_entropy.detach().float()
+        h = gate_input(teacher_entropy)
         one, zero = torch.ones_like(h), torch.zeros_like(h)
         if self.name == "opd":
             return one, zero, zero
