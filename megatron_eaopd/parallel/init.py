@@ -341,3 +341,52 @@ def use_layout(name: str):
     finally:
         _restore_state(previous)
         _ACTIVE[0] = previous_name
+
+
+def register_current_layout(name: str) -> ParallelLayout:
+    """Register megatron's current parallel state (made by the caller, e.g. Megatron-LM's
+    ``initialize_megatron``) as the layout ``name``, so :func:`use_layout` can come back to it.
+    No communication."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron's parallel state is not initialised: call "
+            "megatron.core.parallel_state.initialize_model_parallel first"
+        )
+    layout = current_layout()
+    _LAYOUTS[name] = (layout, _capture_state())
+    _ACTIVE[0] = name
+    return layout
+
+
+def add_layout(
+    name: str, tp: int, pp: int, vpp: int | None = None, *, seed: int = 1234
+) -> ParallelLayout:
+    """Create the groups of another (tp, pp, vpp) layout on the same ranks and register it as
+    ``name``, leaving the caller's current parallel state, megatron's RNG tracker and torch's RNG
+    as they were (the current state must be registered first: :func:`register_current_layout`).
+
+    Every rank must call it with the same arguments. Collectives: the new_group calls of one
+    ``initialize_model_parallel``.
+    """
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    if _ACTIVE[0] is None or _ACTIVE[0] not in _LAYOUTS:
+        raise RuntimeError("register the current layout first (register_current_layout)")
+    previous, previous_name = _capture_state(), _ACTIVE[0]
+    tracker = get_cuda_rng_tracker()
+    tracker_states = tracker.get_states()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try:
+        layout = initialize_parallel(tp, pp, vpp, seed=seed)
+        _LAYOUTS[name] = (layout, _capture_state())
+    finally:
+        _restore_state(previous)
+        _ACTIVE[0] = previous_name
+        tracker.set_states(tracker_states)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
+    return layout

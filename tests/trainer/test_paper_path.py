@@ -70,7 +70,9 @@ def write_tokenizer(folder: str, corpus: list[str]) -> int:
     return len(fast)
 
 
-def write_model(folder: str, vocab: int, layers: int, hidden: int, tied: bool, seed: int):
+def write_model(
+    folder: str, vocab: int, layers: int, hidden: int, tied: bool, seed: int, std: float = 0.02
+):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -79,6 +81,7 @@ def write_model(folder: str, vocab: int, layers: int, hidden: int, tied: bool, s
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_word_embeddings=tied, torch_dtype="bfloat16", eos_token_id=2, bos_token_id=0,
+        initializer_range=std,
     )  # fmt: skip
     Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
 

@@ -1,0 +1,105 @@
+"""Command-line flags for Megatron-LM scripts: ``add_eopd_args`` for ``extra_args_provider``.
+
+    from megatron.training import pretrain
+    from megatron_eaopd.plugin import add_eopd_args, eopd_settings_from_args
+    pretrain(..., extra_args_provider=add_eopd_args)
+    settings = eopd_settings_from_args(get_args())   # objective, teacher source and layout
+
+Every flag maps onto the project's config schema (``loss.*`` of docs/configs.md) and is
+validated by the same loader: a bad value is a ``ConfigError`` naming the flag's config key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+__all__ = ["EOPDSettings", "add_eopd_args", "eopd_settings_from_args"]
+
+# flag -> (config key under loss., type, help)
+_LOSS_FLAGS = {
+    "objective": (str, "opd | eopd | eopd_exact | eopd_soft | mix | fkl | jsd (loss.objective)"),
+    "tau": (float, "entropy threshold tau in nats (loss.entropy_threshold; paper 0.8)"),
+    "alpha": (float, "weight of the gated forward KL (loss.fkl_coef; paper 1.0)"),
+    "topk": (int, "teacher top-k of the forward KL (loss.top_k; paper 16)"),
+    "clip": (float, "PPO ratio clip (loss.clip; paper 0.2)"),
+    "temperature": (float, "logit temperature of both models (loss.temperature)"),
+    "form": (str, "sampled | exact (loss.form; default by objective)"),
+    "tail-bucket": (None, "add the mass outside the top-k as one bucket (loss.tail_bucket)"),
+    "gate-strict": (None, "gate with H > tau instead of H >= tau (loss.gate_strict)"),
+    "chunk-size": (int, "tokens per chunk of the loss kernels (loss.chunk_size)"),
+}
+_KEYS = {"tau": "entropy_threshold", "alpha": "fkl_coef", "topk": "top_k"}
+
+
+def add_eopd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--eopd-*`` flags (an ``extra_args_provider`` for Megatron-LM); returns parser.
+
+    Flags: --eopd-teacher (HF folder or project checkpoint), --eopd-teacher-tp / -pp (default:
+    the student's), and the loss flags --eopd-objective, --eopd-tau, --eopd-alpha, --eopd-topk,
+    --eopd-clip, --eopd-temperature, --eopd-form, --eopd-tail-bucket, --eopd-gate-strict,
+    --eopd-chunk-size (defaults: the schema's, i.e. the paper's).
+    """
+    group = parser.add_argument_group("EOPD distillation (megatron-eaopd)")
+    group.add_argument(
+        "--eopd-teacher",
+        type=str,
+        default=None,
+        help="teacher: a Hugging Face folder or a megatron-eaopd checkpoint",
+    )
+    group.add_argument(
+        "--eopd-teacher-tp",
+        type=int,
+        default=None,
+        help="teacher tensor-parallel size (default: the student's)",
+    )
+    group.add_argument("--eopd-teacher-pp", type=int, default=None,
+                       help="teacher pipeline-parallel size (default: the student's)")  # fmt: skip
+    for flag, (tp, text) in _LOSS_FLAGS.items():
+        name = f"--eopd-{flag}"
+        if tp is None:
+            group.add_argument(name, action="store_true", default=None, help=text)
+        else:
+            group.add_argument(name, type=tp, default=None, help=text)
+    return parser
+
+
+@dataclass(frozen=True)
+class EOPDSettings:
+    """What the flags say: the loss (``losses.ObjectiveConfig`` and the schema's
+    ``LossConfig``), the teacher's source and layout (None: the student's)."""
+
+    objective: object
+    loss: object
+    teacher: str | None
+    teacher_tp: int | None
+    teacher_pp: int | None
+
+
+def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
+    """Map parsed ``--eopd-*`` flags onto the config schema and validate them with the loader.
+
+    Raises:
+        ConfigError: a bad value, named by its config key (e.g. ``loss.entropy_threshold``).
+    """
+    from megatron_eaopd.config import config_from_dict, objective_kwargs
+    from megatron_eaopd.losses import ObjectiveConfig
+
+    loss = {}
+    for flag in _LOSS_FLAGS:
+        value = getattr(args, "eopd_" + flag.replace("-", "_"), None)
+        if value is not None:
+            loss[_KEYS.get(flag, flag.replace("-", "_"))] = value
+    if "temperature" in loss:  # the sampled form checks the two agree: the flag sets both
+        data = {"loss": loss, "rollout": {"temperature": loss["temperature"]}}
+    else:
+        data = {"loss": loss}
+    cfg = config_from_dict(data, source="--eopd-* flags")
+    objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
+    return EOPDSettings(
+        objective=objective,
+        loss=cfg.loss,
+        teacher=getattr(args, "eopd_teacher", None),
+        teacher_tp=getattr(args, "eopd_teacher_tp", None),
+        teacher_pp=getattr(args, "eopd_teacher_pp", None),
+    )

@@ -1,0 +1,145 @@
+"""A frozen EOPD teacher inside a parallel state the caller already owns.
+
+    teacher = EOPDTeacher.load("checkpoints/hf/Qwen3-8B", tp=2, pp=2)   # after the caller's
+                                                                        # initialize_model_parallel
+    teacher.attach(micro_batches, k=16, vocab_size=V)    # every rank, before the schedule runs
+
+The caller's current megatron state is registered as the layout ``"eopd_student"`` and the
+teacher gets its own groups (``"eopd_teacher"``) at its own TP x PP on the same ranks; the caller's
+state, megatron's RNG tracker and torch's RNG are left as they were. The teacher runs under its
+layout only inside :meth:`EOPDTeacher.score` / :meth:`attach` / :meth:`attach_logits`.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["STUDENT_LAYOUT", "TEACHER_LAYOUT", "EOPDTeacher"]
+
+STUDENT_LAYOUT, TEACHER_LAYOUT = "eopd_student", "eopd_teacher"
+
+
+class EOPDTeacher:
+    """A loaded, frozen teacher and the two layouts it is scored between.
+
+    Build it with :meth:`load`. Attributes: ``frozen`` (the ``models.teacher.FrozenTeacher``),
+    ``model_config`` (its ``models.ModelConfig``), ``layout`` (its ``ParallelLayout``).
+    """
+
+    def __init__(self, frozen, model_config, layout):
+        self.frozen, self.model_config, self.layout = frozen, model_config, layout
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        *,
+        tp: int | None = None,
+        pp: int | None = None,
+        model_config=None,
+        dtype: str | None = None,
+        seed: int = 1234,
+    ) -> EOPDTeacher:
+        """Build and load the teacher at (tp, pp) (default: the caller's current TP and PP).
+
+        Args:
+            source: a Hugging Face folder (config.json + safetensors; the shape comes from
+                config.json) or a project checkpoint root (``eaopd-convert import-hf`` output or a
+                trainer checkpoint; the shape recorded with it, or ``model_config``).
+            model_config: a ``models.ModelConfig`` for checkpoints that record none.
+            dtype: 'float32' / 'bfloat16' (default: the source's).
+        Collectives: the new groups of the teacher layout (every rank must call this with the same
+        arguments), then the weight loading's (none for HF folders: each rank reads its slices).
+        """
+        from megatron.core import parallel_state as ps
+
+        from megatron_eaopd.models import build_model
+        from megatron_eaopd.models.teacher import FrozenTeacher
+        from megatron_eaopd.parallel.init import (
+            _ACTIVE,
+            add_layout,
+            register_current_layout,
+            use_layout,
+        )
+
+        if _ACTIVE[0] != STUDENT_LAYOUT:
+            register_current_layout(STUDENT_LAYOUT)
+        tp = tp or ps.get_tensor_model_parallel_world_size()
+        pp = pp or ps.get_pipeline_model_parallel_world_size()
+        hf = os.path.isfile(os.path.join(source, "config.json"))
+        if hf:
+            from megatron_eaopd.models.hf import model_config_from_hf
+
+            model_config = model_config_from_hf(source, params_dtype=dtype)
+        else:
+            from megatron_eaopd.models.checkpoint import read_model_config
+
+            recorded, _ = read_model_config(source)
+            model_config = model_config or recorded
+            if model_config is None:
+                raise ValueError(
+                    f"{source}: the checkpoint records no model config; pass model_config="
+                )
+            if dtype:
+                model_config = model_config.with_changes(params_dtype=dtype)
+        model_config.check_layout(tp, pp, None, name="teacher")
+        layout = add_layout(TEACHER_LAYOUT, tp, pp, None, seed=seed)
+        with use_layout(TEACHER_LAYOUT):
+            frozen = FrozenTeacher(build_model(model_config))
+            if hf:
+                from megatron_eaopd.models.hf import load_hf_weights
+
+                load_hf_weights(frozen, source)
+            else:
+                from megatron_eaopd.models.checkpoint import load_teacher
+
+                load_teacher(source, frozen)
+        return cls(frozen, model_config, layout)
+
+    def score(self, micro_batches, *, k: int = 16, vocab_size: int, temperature: float = 1.0):
+        """The compact payload of each of this rank's micro-batches ("tokens", "labels" [b, s]).
+
+        Call on every rank with the micro-batches of its data-parallel replica (replicas may
+        differ in count and shape). Returns, on the caller's last pipeline stage, TeacherPayloads
+        in the loss's [s, b] / [s, b, k] layout; None on other stages. Collectives: those of
+        ``models.scoring.score_for_student`` (point to point; no vocabulary-sized transfer).
+        """
+        from megatron_eaopd.models.scoring import score_for_student
+
+        return score_for_student(
+            self.frozen, micro_batches, k=k, vocab_size=vocab_size,
+            teacher_layout=TEACHER_LAYOUT, student_layout=STUDENT_LAYOUT,
+            temperature=temperature,
+        )  # fmt: skip
+
+    def attach(self, micro_batches, *, k: int = 16, vocab_size: int, temperature: float = 1.0):
+        """:meth:`score`, then store each payload under ``mb["teacher"]`` in the [b, s] layout
+        the plugin's ``loss_func`` reads."""
+        from megatron_eaopd.trainer.batches import attach_teacher
+
+        attach_teacher(
+            micro_batches,
+            self.score(micro_batches, k=k, vocab_size=vocab_size, temperature=temperature),
+        )
+
+    def attach_logits(self, micro_batches) -> None:
+        """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under
+        ``mb["teacher"]``. Needs the teacher's TP group to be the caller's and no teacher
+        pipeline (ValueError otherwise). Collectives: the teacher forward's TP all-reduces."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megatron_eaopd.parallel.init import use_layout
+
+        mine = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+        with use_layout(TEACHER_LAYOUT):
+            theirs = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+        if mine != theirs or self.layout.pp != 1:
+            raise ValueError(
+                "the exact form needs the teacher at the caller's TP size without pipeline "
+                f"parallelism (teacher tp={self.layout.tp}, pp={self.layout.pp}); use the "
+                "sampled form (attach) for other layouts"
+            )
+        with use_layout(TEACHER_LAYOUT):
+            for mb in micro_batches:
+                mb["teacher"] = self.frozen(mb["tokens"], mb["position_ids"], None).float()
