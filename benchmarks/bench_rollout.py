@@ -1,13 +1,24 @@
-"""Benchmark: rollouts with megatron's static KV cache against re-running the whole prefix.
+"""Benchmark rollouts: ours against transformers' ``generate``, compaction, and TP communication.
 
-Both decoders are ``megatron_eaopd.rollout.generate`` (``use_kv_cache`` True / False) on the same
-randomly initialised GPTModel, the same prompts and the same generator seed; EOS is disabled so
-every sequence decodes exactly ``--new`` tokens and both do the same number of steps. Spawns TP
-gloo processes on the CPU (one torch thread each). Time: median of ``--reps`` calls after one
-warm-up; the speed-up is recompute time / KV-cache time.
+Sections (``--sections``, default ``hf comm``), each printed as a table:
 
-    python benchmarks/bench_rollout.py                        # student shape of tiny-cpu, TP 1, 2
-    python benchmarks/bench_rollout.py --tp 2 --batch 64 --new 32 64 128 --hidden 128 --layers 4
+- ``hf``: one process, one torch thread, a Qwen3-shaped model (``--layers`` x ``--hidden``, GQA,
+  QK-norm, untied, ``--vocab``) with random weights; the same weights exported to a Hugging Face
+  folder and loaded as ``Qwen3ForCausalLM``. Both sample with temperature 1, top-k off, top-p 1
+  (transformers: ``do_sample=True, top_k=0, top_p=1.0``) from ``--batch`` prompts of
+  ``--prompt`` tokens, ``--new`` new tokens. Workloads: ``uniform`` (EOS off: every sequence
+  decodes ``--new`` tokens) and ``skewed`` (the EOS row of the output layer is scaled so that a
+  few per cent of the mass goes to EOS: most responses end early, a few run to the limit); on
+  ``skewed`` ours runs with and without batch compaction. Calls alternate between the decoders;
+  the best of ``--reps`` is reported, as wall time and as process CPU time (the machine is shared:
+  CPU time is what a loaded machine distorts least). tokens/s = generated tokens / time.
+- ``comm``: TP 2 (two gloo processes), the same shape at vocabularies ``--comm-vocab``; every
+  torch.distributed call is wrapped and the elements of its output buffers counted; per generated
+  token: the sampler's elements and all elements (the model's TP all-reduces included).
+- ``kv``: our KV-cache decoding against re-running the prefix (``use_kv_cache=False``).
+
+    python benchmarks/bench_rollout.py
+    python benchmarks/bench_rollout.py --sections hf --reps 5 --batch 32 --new 128
 """
 
 from __future__ import annotations
@@ -15,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import tempfile
 import time
 
@@ -23,85 +33,254 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+EOS = 2
 
-def _model(args, tp):
+
+def _model(args, tp, vocab=None):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
     initialize_parallel(tp, 1, seed=1)
     cfg = ModelConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.heads // 2, ffn_hidden_size=3 * args.hidden,
-        vocab_size=args.vocab, max_sequence_length=args.prompt + max(args.new),
-        make_vocab_size_divisible_by=8,
+        num_query_groups=max(1, args.heads // 2), kv_channels=args.hidden // args.heads,
+        ffn_hidden_size=3 * args.hidden, vocab_size=vocab or args.vocab, qk_layernorm=True,
+        max_sequence_length=args.prompt + args.new, make_vocab_size_divisible_by=8,
+        untie_embeddings_and_output_weights=True, rotary_base=1000000.0,
     )  # fmt: skip
     (model,) = build_model(cfg)
     init_weights_layout_invariant([model], 0)
-    return model
+    return model, cfg
 
 
-def _worker(rank, tp, port, args, out_path):
+def _prompts(args, vocab):
+    gen = torch.Generator().manual_seed(0)
+    return [[1] + torch.randint(3, vocab, (args.prompt - 1,), generator=gen).tolist()
+            for _ in range(args.batch)]  # fmt: skip
+
+
+def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(tp), LOCAL_RANK=str(rank))  # fmt: skip
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+# --------------------------------------------------------------------------- hf section
+
+
+def _hf_worker(rank, port, args, out_path):
+    _init(rank, 1, port)
+    from transformers import AutoModelForCausalLM
+
+    from megatron_eaopd.models.hf import save_hf_weights
     from megatron_eaopd.rollout import SamplingParams, generate
 
-    model = _model(args, tp)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, args.vocab, (args.prompt,), generator=gen).tolist()
-               for _ in range(args.batch)]  # fmt: skip
+    model, cfg = _model(args, 1)
+    prompts = _prompts(args, args.vocab)
+    ids = torch.tensor(prompts)
     rows = []
-    for new in args.new:
-        row = {"new": new}
-        tokens = {}
-        for kv in (True, False):
-            times = []
-            for rep in range(args.reps + 1):
-                g = torch.Generator().manual_seed(1)
-                dist.barrier()
-                t0 = time.perf_counter()
-                out = generate(
-                    model, prompts, max_new_tokens=new, eos_id=-1, pad_id=0,
-                    vocab_size=args.vocab, params=SamplingParams(), generator=g, use_kv_cache=kv,
+    for workload in ("uniform", "skewed"):
+        if workload == "skewed":  # a few per cent of the mass on EOS: skewed lengths
+            with torch.no_grad():
+                model.output_layer.weight[EOS] *= args.eos_scale
+        with tempfile.TemporaryDirectory() as hf_dir:
+            save_hf_weights([model], hf_dir, model_config=cfg, dtype="fp32", overwrite=True,
+                            token_ids={"bos_token_id": 1, "eos_token_id": EOS,
+                                       "pad_token_id": 0})  # fmt: skip
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+        eos = EOS if workload == "skewed" else None
+        hf.generation_config.eos_token_id = eos
+
+        def ours(compact, eos=eos):
+            return generate(
+                model, prompts, max_new_tokens=args.new, eos_id=-1 if eos is None else eos,
+                pad_id=0, vocab_size=args.vocab, params=SamplingParams(),
+                generator=torch.Generator().manual_seed(1),
+                compact_frac=0.25 if compact else None,
+            )  # fmt: skip
+
+        def theirs(eos=eos, hf=hf):
+            torch.manual_seed(1)
+            with torch.no_grad():
+                return hf.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new,
+                    eos_token_id=eos, pad_token_id=0,
                 )  # fmt: skip
-                if rep > 0:
-                    times.append(time.perf_counter() - t0)
-            tokens[kv] = out.tokens
-            row["kv" if kv else "recompute"] = statistics.median(times)
-        row["same_tokens"] = bool(torch.equal(tokens[True], tokens[False]))
-        rows.append(row)
+
+        variants = {"ours": lambda: ours(True), "transformers": theirs}
+        if workload == "skewed":
+            variants["ours, no compaction"] = lambda: ours(False)
+        best = {k: [float("inf"), float("inf"), 0] for k in variants}
+        for _ in range(args.reps + 1):  # the first round is a warm-up
+            for name, fn in variants.items():
+                out, wall, cpu = _timed(fn)
+                if isinstance(out, torch.Tensor):  # transformers: count up to EOS
+                    resp = out[:, ids.shape[1] :]
+                    hit = (resp == EOS).cumsum(1) if eos is not None else torch.zeros_like(resp)
+                    n_tok = int(((hit == 0) | ((hit == 1) & (resp == EOS))).sum())
+                else:
+                    n_tok = int(out.response_lens.sum())
+                b = best[name]
+                b[2] = n_tok
+                b[0], b[1] = min(b[0], wall), min(b[1], cpu)
+        for name, (wall, cpu, n_tok) in best.items():
+            rows.append(dict(workload=workload, name=name, wall=wall, cpu=cpu, tokens=n_tok))
+    torch.save(rows, out_path)
+    dist.destroy_process_group()
+
+
+def _print_hf(rows, args):
+    print(f"\n### ours vs transformers: batch {args.batch}, prompt {args.prompt}, up to {args.new} "
+          f"new tokens, {args.layers} x {args.hidden} Qwen3-shaped, vocab {args.vocab}, "
+          f"1 thread; best of {args.reps}\n")  # fmt: skip
+    print("| workload | decoder | tokens | wall (s) | tokens/s (wall) | CPU (s) | "
+          "tokens/s (CPU) | x transformers (CPU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    ref = {r["workload"]: r for r in rows if r["name"] == "transformers"}
+    for r in rows:
+        base = ref[r["workload"]]
+        speed = (r["tokens"] / r["cpu"]) / (base["tokens"] / base["cpu"])
+        print(f"| {r['workload']} | {r['name']} | {r['tokens']} | {r['wall']:.2f} | "
+              f"{r['tokens'] / r['wall']:.0f} | {r['cpu']:.2f} | {r['tokens'] / r['cpu']:.0f} | "
+              f"{speed:.2f}x |")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- comm section
+
+
+def _count_collectives(counter: dict):
+    """Wrap torch.distributed's collectives: counter['elements'] += elements of the outputs."""
+
+    def wrap(name, size_of):
+        fn = getattr(dist, name, None)
+        if fn is None:
+            return
+
+        def wrapped(*a, **kw):
+            counter["elements"] += size_of(*a, **kw)
+            counter["calls"] += 1
+            return fn(*a, **kw)
+
+        setattr(dist, name, wrapped)
+
+    wrap("all_gather", lambda out, *a, **k: sum(t.numel() for t in out))
+    wrap("all_gather_into_tensor", lambda out, *a, **k: out.numel())
+    wrap("all_gather_single", lambda out, *a, **k: out.numel())
+    for name in ("all_reduce", "broadcast", "send", "recv", "reduce_scatter_tensor"):
+        wrap(name, lambda t, *a, **k: t.numel())
+
+
+def _comm_worker(rank, port, args, out_path):
+    _init(rank, 2, port)
+    from megatron_eaopd.rollout import SamplingParams, generate
+
+    counter = {"elements": 0, "calls": 0}
+    _count_collectives(counter)
+    rows = []
+    for vocab in args.comm_vocab:
+        model, _ = _model(args, 2, vocab)
+        prompts = _prompts(args, vocab)[: args.comm_batch]
+        for params in (SamplingParams(), SamplingParams(top_k=20, top_p=0.9)):
+            stats = {}
+            counter.update(elements=0, calls=0)
+            out = generate(model, prompts, max_new_tokens=args.comm_new, eos_id=-1, pad_id=0,
+                           vocab_size=vocab, params=params, stats=stats,
+                           generator=torch.Generator().manual_seed(1))  # fmt: skip
+            n_tok = int(out.response_lens.sum())
+            rows.append(dict(vocab=vocab, params="T=1" if not params.filtered else
+                             "top-k 20, top-p 0.9", sampler=stats["sample_elements"] / n_tok,
+                             total=counter["elements"] / n_tok, fallbacks=stats["fallbacks"],
+                             steps=stats["steps"]))  # fmt: skip
     if rank == 0:
         torch.save(rows, out_path)
     dist.destroy_process_group()
 
 
+def _print_comm(rows, args):
+    print(f"\n### TP 2 communication per generated token (batch {args.comm_batch}, "
+          f"{args.comm_new} new tokens, elements of collective outputs on rank 0)\n")  # fmt: skip
+    print("| vocab | sampling | sampler elements / token | all elements / token "
+          "(model all-reduces incl.) | fallback steps / steps |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['vocab']} | {r['params']} | {r['sampler']:.1f} | {r['total']:.1f} | "
+              f"{r['fallbacks']} / {r['steps']} |")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- kv section
+
+
+def _kv_worker(rank, port, args, out_path):
+    _init(rank, 1, port)
+    from megatron_eaopd.rollout import SamplingParams, generate
+
+    model, _ = _model(args, 1)
+    prompts = _prompts(args, args.vocab)
+    times = {}
+    for kv in (True, False):
+        best = float("inf")
+        for _ in range(args.reps):
+            _, _, cpu = _timed(lambda kv=kv: generate(
+                model, prompts, max_new_tokens=args.new, eos_id=-1, pad_id=0,
+                vocab_size=args.vocab, params=SamplingParams(), use_kv_cache=kv,
+                generator=torch.Generator().manual_seed(1)))  # fmt: skip
+            best = min(best, cpu)
+        times[kv] = best
+    torch.save(times, out_path)
+    dist.destroy_process_group()
+
+
+def _print_kv(times, args):
+    print(f"\n### KV cache vs recompute (CPU s, best of {args.reps})\n")
+    print("| KV cache | recompute | speed-up |\n|---|---|---|")
+    print(f"| {times[True]:.2f} | {times[False]:.2f} | {times[False] / times[True]:.1f}x |")
+
+
+def _launch(worker, nprocs, args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.pt")
+        mp.start_processes(worker, args=(port, args, out), nprocs=nprocs, start_method="spawn")
+        return torch.load(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--sections", nargs="+", default=["hf", "comm"], choices=["hf", "comm", "kv"])
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=16)
-    p.add_argument("--new", type=int, nargs="+", default=[16, 32, 72])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=221)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument(
+        "--eos-scale",
+        type=float,
+        default=60.0,
+        help="skewed workload: factor on the EOS row of the output layer",
+    )
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--comm-vocab", type=int, nargs="+", default=[4096, 32768])
+    p.add_argument("--comm-batch", type=int, default=8)
+    p.add_argument("--comm-new", type=int, default=16)
     args = p.parse_args()
-    print(f"batch {args.batch}, prompt {args.prompt} tokens, model {args.layers} layers x "
-          f"{args.hidden} hidden, vocab {args.vocab}; median of {args.reps} (s)")  # fmt: skip
-    print("| TP | new tokens | KV cache (s) | recompute (s) | speed-up | same tokens |")
-    print("|---|---|---|---|---|---|")
-    for tp in args.tp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "rows.pt")
-            mp.start_processes(_worker, args=(tp, port, args, out), nprocs=tp, start_method="spawn")
-            for r in torch.load(out):
-                print(f"| {tp} | {r['new']} | {r['kv']:.3f} | {r['recompute']:.3f} | "
-                      f"{r['recompute'] / r['kv']:.1f}x | {r['same_tokens']} |")  # fmt: skip
+    if "hf" in args.sections:
+        _print_hf(_launch(_hf_worker, 1, args), args)
+    if "comm" in args.sections:
+        _print_comm(_launch(_comm_worker, 2, args), args)
+    if "kv" in args.sections:
+        _print_kv(_launch(_kv_worker, 1, args), args)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ vocab-parallel too (its own TP group), and every stage compacts its own KV cache
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.sampling import SamplingParams
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
@@ -165,6 +167,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
     compact_frac: float | None = 0.25,
     stats: dict | None = None,
+    fast_decode: bool = True,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat a prompt for several samples).
 
@@ -186,7 +189,11 @@ def generate(
             fraction of it has finished; None never compacts. Never changes the tokens.
         stats: if given, filled with counters: steps, decode_rows (rows run through the model,
             summed over steps), compactions, fallbacks (filtered steps that gathered the
-            vocabulary), sample_elements (elements of the sampler's collectives on this rank).
+            vocabulary), sample_elements (elements of the sampler's collectives on this rank),
+            fast (chunks decoded by ``FastDecoder``).
+        fast_decode: decode with ``FastDecoder`` (our lean forward of the same weights) where it
+            supports the model (PP 1, local spec) and its first logits match megatron's forward;
+            else megatron's forward with its ``StaticInferenceContext``.
     Returns:
         RolloutBatch (on every rank).
     Collectives per decoded position: 1 TP all-gather of [b, 6] float64 (plain sampling; top-k /
@@ -212,15 +219,17 @@ def generate(
     was_training = module.training
     module.eval()
     counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,
-                "sample_elements": 0}  # fmt: skip
+                "sample_elements": 0, "fast": 0}  # fmt: skip
     try:
         step = max_batch or len(prompts)
         out = []
         with _vocab_parallel_output(module):
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
-                decoder = _Decoder(module, chunk, max_new_tokens, eos_id, pad_id, vocab_size,
-                                   params, use_kv_cache, compact_frac, counters)  # fmt: skip
+                decoder = _Decoder(
+                    module, chunk, max_new_tokens, eos_id, pad_id, vocab_size, params,
+                    use_kv_cache, compact_frac, counters, fast_decode,
+                )  # fmt: skip
                 out.append(decoder.run(generator))
                 if progress is not None:
                     progress(len(chunk))
@@ -236,7 +245,7 @@ class _Decoder:
     the full-batch records (tokens, log-probs, entropies) live on the CPU."""
 
     def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                 use_kv_cache, compact_frac, counters):  # fmt: skip
+                 use_kv_cache, compact_frac, counters, fast_decode=True):  # fmt: skip
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -282,6 +291,9 @@ class _Decoder:
             self.pp_next = ps.get_pipeline_model_parallel_next_rank()
         self.context = StaticInferenceContext(b, total) if use_kv_cache else None
         self.cached = 0
+        self.fast = None
+        if use_kv_cache and fast_decode and FastDecoder.unsupported(module) is None:
+            self.fast = FastDecoder(module, b, total, self.tp_group)
         self.sampler = None
 
     def _stage(self, start: int, end: int, **kw):
@@ -303,6 +315,8 @@ class _Decoder:
 
     def _next_logits(self, t: int):
         """Vocab-parallel logits [n, V_pad / tp] predicting position t (None off the last stage)."""
+        if self.fast is not None:
+            return self._fast_logits(t)
         if self.context is None:
             out = self._stage(0, t)
         else:
@@ -315,6 +329,23 @@ class _Decoder:
                 out = self._stage(self.cached, t, inference_context=self.context)
             self.cached = t
         return None if out is None else out[:, -1, :]
+
+    def _fast_logits(self, t: int):
+        """FastDecoder's logits [n, V_pad / tp]; its first (prefill) logits are checked against
+        megatron's forward of the same prefix, and a mismatch switches to megatron's path."""
+        with _without_cpu_device_mode(True):
+            logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
+        if self.cached == 0:
+            reference = self._stage(0, t)[:, -1, :]
+            tol = 1e-4 if reference.dtype == torch.float32 else 5e-2
+            if not torch.allclose(logits.float(), reference.float(), atol=tol, rtol=tol):
+                warnings.warn("FastDecoder's logits differ from megatron's forward; rollouts "
+                              "use megatron's forward", stacklevel=2)  # fmt: skip
+                self.fast = None
+                return self._next_logits(t)
+            self.counters["fast"] += 1
+        self.cached = t
+        return logits
 
     def _sample(self, t: int, generator):
         n = self.cur_tokens.shape[0]
@@ -373,6 +404,9 @@ class _Decoder:
         self.cur_prompt_lens, self.cur_limit = self.cur_prompt_lens[idx], self.cur_limit[idx]
         dev_idx = idx.to(self.device)
         self.cur_tokens = self.cur_tokens.index_select(0, dev_idx)
+        if self.fast is not None:
+            self.fast.compact(dev_idx, self.cached)
+            return
         if self.context is None:
             return
         memory = self.context.key_value_memory_dict

@@ -251,7 +251,7 @@ def sample_tokens(
     else:
         rows = torch.arange(b, device=logits.device)
         noise = gumbel_noise(row_keys(key, rows), column_keys(0, x.shape[-1], logits.device))
-        tokens = (x / params.temperature + noise).argmax(-1)
+        tokens = (x * (1.0 / params.temperature) + noise).argmax(-1)
     logp = torch.log_softmax(x / params.lp_temperature, dim=-1)
     token_logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)

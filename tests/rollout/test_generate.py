@@ -3,7 +3,6 @@ forward of the finished sequences (TP 1 and 2, PP 2, TP 2 x PP 2 on 4 processes;
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from megatron_eaopd.rollout import SamplingParams, filter_logits, sample_tokens
@@ -49,14 +48,29 @@ def _rollout_worker(rank, world, params_kw, pp=1):
     counts = torch.bincount(probe.tokens[probe.response_mask()], minlength=VOCAB)
     counts[PAD] = 0
     kw["eos_id"] = eos = int(counts.argmax())
-    out = {}
-    for kv in (True, False):
+    out, stats = {}, {}
+    # KV cache (FastDecoder at PP 1, compaction after every finished row), megatron's own KV
+    # cache without compaction, and full recompute: the same rollouts
+    variants = {
+        "fast": dict(use_kv_cache=True, compact_frac=0.01),
+        "megatron": dict(use_kv_cache=True, fast_decode=False, compact_frac=None),
+        "recompute": dict(use_kv_cache=False),
+    }
+    for name, v in variants.items():
         gen = torch.Generator().manual_seed(11)
-        out[kv] = generate(model, _prompts(), generator=gen, use_kv_cache=kv, max_batch=4, **kw)
-    a, b = out[True], out[False]
-    assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
-    assert torch.equal(a.response_lens, b.response_lens)
-    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+        stats[name] = {}
+        out[name] = generate(model, _prompts(), generator=gen, max_batch=4, stats=stats[name],
+                             **v, **kw)  # fmt: skip
+    assert stats["fast"]["fast"] == (2 if pp == 1 else 0)  # both chunks, no fallback
+    assert stats["megatron"]["fast"] == 0 and stats["megatron"]["compactions"] == 0
+    assert stats["fast"]["compactions"] > 0
+    assert stats["fast"]["decode_rows"] < stats["megatron"]["decode_rows"]
+    a = out["fast"]
+    for b in (out["megatron"], out["recompute"]):
+        assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
+        assert torch.equal(a.response_lens, b.response_lens)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.entropies, b.entropies, atol=1e-5, rtol=1e-5)
     # a fresh training-style forward of the finished sequences gives the same log-probs
     model.eval()
     with torch.no_grad():
@@ -102,11 +116,15 @@ def _all_params_worker(rank, world):
     return [_rollout_worker(rank, world, kw) for kw in PARAMS]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward(tp):
-    results = run_distributed(_all_params_worker, tp, timeout=300)
+def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward():
+    """TP 1 and TP 2: FastDecoder with compaction == megatron's KV cache == recompute, log-probs
+    == a fresh forward, and the same tokens at both TP sizes (vocab-parallel sampling draws the
+    same noise per global vocabulary id; the layout-invariant init gives the same network)."""
+    by_tp = {tp: run_distributed(_all_params_worker, tp, timeout=300) for tp in (1, 2)}
     for i in range(len(PARAMS)):
-        _check_rollouts([res[i] for res in results])
+        for results in by_tp.values():
+            _check_rollouts([res[i] for res in results])
+        assert torch.equal(by_tp[1][0][i]["tokens"], by_tp[2][0][i]["tokens"])
 
 
 def _pp_worker(rank, world, pp):

@@ -1,0 +1,192 @@
+"""A lean KV-cache forward of megatron-core's local-spec GPTModel for rollouts (PP 1, any TP).
+
+megatron-core's static-batching decode path re-applies RoPE to the whole cached key and expands
+the grouped KV heads (``repeat_interleave``) of the whole cache in every layer at every step, and
+runs many Python layers per op. This module runs the same math on the model's own parameters and
+norm modules: per layer, RMSNorm/LayerNorm module -> QKV (column-parallel shard) -> per-head QK
+norm modules -> RoPE of the NEW positions only (tables from the model's ``rotary_pos_emb``) ->
+keys and values written into a cache [b, groups / tp, S, d] -> ``scaled_dot_product_attention``
+with grouped heads -> output projection (row-parallel shard, TP all-reduce) -> MLP (GLU or not,
+the config's activation; row-parallel fc2, TP all-reduce). The last position's final norm and the
+output layer give vocab-parallel logits [b, V_pad / tp], never gathered.
+
+``FastDecoder.unsupported(module)`` names the first feature this forward does not reproduce
+(PP > 1, TE fused layers, MoE, sequence parallel, biases on skip-add paths we do not model...);
+the caller then keeps megatron's forward. ``generate`` also compares the first step's logits
+with megatron's forward of the same prefix and falls back (with a warning) on any mismatch.
+
+Collectives per forward: 1 TP all-reduce of the embeddings [b, s, h] and 2 per layer
+(attention and MLP outputs, [b, s, h]); none at TP 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["FastDecoder"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class FastDecoder:
+    """KV-cache forward of a local-spec GPTModel (see the module docstring).
+
+    Args:
+        module: the bare GPTModel (eval mode).
+        batch: rows of the decode batch; total: most positions (the cache length).
+        tp_group: the tensor-parallel group (None or size 1: no communication).
+    """
+
+    @staticmethod
+    def unsupported(module) -> str | None:
+        """Why this forward cannot reproduce ``module`` (None: it can)."""
+        from megatron.core import parallel_state as ps
+
+        cfg = getattr(module, "config", None)
+        if cfg is None or not hasattr(module, "decoder") or not hasattr(module, "embedding"):
+            return "not a megatron GPTModel"
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            return "pipeline parallelism"
+        if getattr(module, "position_embedding_type", None) != "rope":
+            return "position embeddings other than RoPE"
+        checks = {
+            "sequence_parallel": False, "rotary_interleaved": False, "flash_decode": False,
+            "apply_query_key_layer_scaling": False, "num_moe_experts": None,
+            "multi_latent_attention": False, "attention_output_gate": False,
+            "context_parallel_size": 1, "mtp_num_layers": None, "softmax_scale": None,
+        }  # fmt: skip
+        for name, want in checks.items():
+            if getattr(cfg, name, want) != want:
+                return f"config.{name}={getattr(cfg, name)!r}"
+        groups = cfg.num_query_groups or cfg.num_attention_heads
+        if groups < cfg.tensor_model_parallel_size:
+            return "fewer query groups than TP ranks"
+        if getattr(module.rotary_pos_emb, "rotary_percent", 1.0) != 1.0:
+            return "partial rotary"
+        for layer in module.decoder.layers:
+            attn, mlp = layer.self_attention, layer.mlp
+            names = {
+                "input_layernorm": layer.input_layernorm,
+                "pre_mlp_layernorm": layer.pre_mlp_layernorm,
+                "linear_qkv": getattr(attn, "linear_qkv", None),
+                "linear_proj": getattr(attn, "linear_proj", None),
+                "linear_fc1": getattr(mlp, "linear_fc1", None),
+                "linear_fc2": getattr(mlp, "linear_fc2", None),
+            }  # fmt: skip
+            for name, sub in names.items():
+                kind = type(sub).__name__
+                if sub is None or kind.startswith("TE") or kind in ("IdentityOp", "IdentityFuncOp"):
+                    return f"layer {name} is {kind}"
+            if type(layer.cross_attention).__name__ != "IdentityOp":
+                return "cross attention"
+        if module.decoder.final_layernorm is None:
+            return "no final layernorm"
+        return None
+
+    def __init__(self, module, batch: int, total: int, tp_group=None):
+        self.module = module
+        self.cfg = cfg = module.config
+        self.group = tp_group
+        self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        attn = module.decoder.layers[0].self_attention
+        self.d = attn.hidden_size_per_attention_head
+        self.heads = attn.num_attention_heads_per_partition
+        self.groups = attn.num_query_groups_per_partition
+        self.scale = 1.0 / math.sqrt(self.d)
+        weight = module.embedding.word_embeddings.weight
+        self.dtype, device = weight.dtype, weight.device
+        emb = module.rotary_pos_emb(total)  # [total, 1, 1, d]
+        emb = emb.reshape(total, -1).to(device)
+        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        shape = (len(module.decoder.layers), batch, self.groups, total, self.d)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.gated = cfg.gated_linear_unit
+        self.act = cfg.activation_func
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.module.embedding.word_embeddings
+        if self.tp == 1:
+            return F.embedding(tokens, emb.weight)
+        start, end = emb.vocab_start_index, emb.vocab_end_index
+        outside = (tokens < start) | (tokens >= end)
+        local = F.embedding(torch.where(outside, 0, tokens - start), emb.weight)
+        local.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self._reduce(local)
+
+    @staticmethod
+    def _linear(layer, x, reduce=None):
+        out = F.linear(x, layer.weight)
+        if reduce is not None:
+            out = reduce(out)
+        bias = getattr(layer, "bias", None)
+        return out if bias is None else out + bias
+
+    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Positions [start, start + s) of every row; returns logits [n, V_pad / tp] of the last.
+
+        tokens: [n, s] int64 (s > 1 only for the prefill at start 0). Writes the keys and values
+        of these positions into the cache. Collectives: 1 + 2 * layers TP all-reduces of
+        [n, s, h] (none at TP 1).
+        """
+        n, s = tokens.shape
+        end = start + s
+        if s > 1 and start != 0:
+            raise ValueError("multi-token forwards must start at position 0")
+        h = self._embed(tokens).to(self.dtype)  # [n, s, hidden]
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [s, 1, d]
+        r = self.heads // self.groups
+        for i, layer in enumerate(self.module.decoder.layers):
+            attn = layer.self_attention
+            x = layer.input_layernorm(h)
+            qkv = self._linear(attn.linear_qkv, x).view(n, s, self.groups, (r + 2) * self.d)
+            q, k, v = torch.split(qkv, [r * self.d, self.d, self.d], dim=-1)
+            q = q.reshape(n, s, self.heads, self.d)
+            if attn.q_layernorm is not None:
+                q = attn.q_layernorm(q)
+            if attn.k_layernorm is not None:
+                k = attn.k_layernorm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k[i, :n, :, start:end] = k.transpose(1, 2)
+            self.v[i, :n, :, start:end] = v.transpose(1, 2)
+            ctx = F.scaled_dot_product_attention(
+                q.transpose(1, 2), self.k[i, :n, :, :end], self.v[i, :n, :, :end],
+                is_causal=s > 1, scale=self.scale, enable_gqa=r > 1,
+            )  # fmt: skip
+            ctx = ctx.transpose(1, 2).reshape(n, s, self.heads * self.d)
+            h = h + self._linear(attn.linear_proj, ctx, self._reduce)
+            x = layer.pre_mlp_layernorm(h)
+            y = self._linear(layer.mlp.linear_fc1, x)
+            if self.gated:
+                a, b = y.chunk(2, dim=-1)
+                y = self.act(a) * b
+            else:
+                y = self.act(y)
+            h = h + self._linear(layer.mlp.linear_fc2, y, self._reduce)
+        last = self.module.decoder.final_layernorm(h[:, -1])
+        m = self.module
+        weight = (m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights
+                  else m.output_layer.weight)  # fmt: skip
+        return F.linear(last, weight)
+
+    def compact(self, idx: torch.Tensor, cached: int) -> None:
+        """Keep rows ``idx`` (device int64) of the cache, first ``cached`` positions copied."""
+        shape = (self.k.shape[0], len(idx)) + tuple(self.k.shape[2:])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(shape)
+            new[:, :, :, :cached] = old[:, idx, :, :cached]
+            setattr(self, name, new)

@@ -1,0 +1,151 @@
+"""Vocab-parallel sampling at TP 1, 2 and 4 (one 4-process gloo launch, TP 2 as two subgroups):
+token frequencies follow the full-vocabulary distribution (chi-square, fixed seeds), the draws are
+the single-rank reference's at every TP size, log-probs and entropies equal a float64 reference,
+and the elements communicated per token do not depend on the vocabulary size."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_eaopd.rollout import SamplingParams
+from megatron_eaopd.rollout.sampling import filter_logits, sample_tokens
+from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
+from tests.dist import run_distributed
+
+ROWS = 6000  # draws per setting (one step of ROWS identical rows)
+SETTINGS = {
+    "plain": (SamplingParams(temperature=0.8, logprob_temperature=1.0), 64),
+    "top-k": (SamplingParams(temperature=1.0, top_k=7), 64),
+    "top-p": (SamplingParams(temperature=1.0, top_p=0.7), 64),
+    "top-k+p": (SamplingParams(temperature=0.7, top_k=12, top_p=0.9, logprob_temperature=1.0), 64),
+    # two candidates per shard cannot reach top_p = 0.95: the gather fallback
+    "top-p fallback": (SamplingParams(temperature=1.0, top_p=0.95), 2),
+}
+
+
+def _logits(vocab: int, v_pad: int) -> torch.Tensor:
+    """[1, v_pad] logits; the padded columns are large (they must never be sampled)."""
+    gen = torch.Generator().manual_seed(vocab)
+    row = torch.randn(1, v_pad, generator=gen) * 1.3
+    row[:, vocab:] = 30.0
+    return row
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test; categories with expected count < 5 are pooled."""
+    expected = probs.double() * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
+
+
+def _draw(full, vocab, params, cands, group, rank_in_group, tp):
+    """One step of ROWS identical rows with this rank's shard; returns tokens, lp, ent, sampler."""
+    width = full.shape[1] // tp
+    shard = full[:, rank_in_group * width : (rank_in_group + 1) * width].expand(ROWS, width)
+    sampler = VocabParallelSampler(params, vocab, width, group, candidates=cands)
+    gen = torch.Generator().manual_seed(123)
+    tokens, lp, ent = sampler.sample(shard.contiguous(), torch.arange(ROWS), gen, ROWS)
+    return tokens, lp, ent, sampler
+
+
+def _worker(rank, world):
+    groups = {1: None, 4: dist.group.WORLD}
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+    groups[2] = pairs[rank // 2]
+    counted = {"elements": 0}
+    original = dist.all_gather_into_tensor, dist.all_gather
+    single = getattr(dist, "all_gather_single", None)
+
+    def count_single(out, *a, **k):
+        counted["elements"] += out.numel()
+        return (single or original[0])(out, *a, **k)
+
+    def count_list(outs, *a, **k):
+        counted["elements"] += sum(t.numel() for t in outs)
+        return original[1](outs, *a, **k)
+
+    dist.all_gather_into_tensor = count_single
+    if single is not None:
+        dist.all_gather_single = count_single
+    dist.all_gather = count_list
+    result = {}
+    try:
+        for vocab, v_pad in ((50, 56), (500, 504)):
+            full = _logits(vocab, v_pad)
+            for name, (params, cands) in SETTINGS.items():
+                for tp in (1, 2, 4):
+                    counted["elements"] = 0
+                    local_rank = rank % tp if tp > 1 else 0
+                    tokens, lp, ent, sampler = _draw(full, vocab, params, cands, groups[tp],
+                                                     local_rank, tp)  # fmt: skip
+                    result[(vocab, name, tp)] = dict(
+                        tokens=tokens, lp=lp, ent=ent, fallbacks=sampler.counters["fallbacks"],
+                        elements=counted["elements"] / ROWS,
+                    )  # fmt: skip
+    finally:
+        dist.all_gather_into_tensor, dist.all_gather = original
+        if single is not None:
+            dist.all_gather_single = single
+    return result
+
+
+def _reference(full, vocab, params):
+    """float64 full-vocabulary references: sampling probabilities, log-probs, entropy."""
+    x = full[0, :vocab].double()
+    scaled = (x / params.temperature).unsqueeze(0)
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), -1)[0]
+    logp = torch.log_softmax(x / params.lp_temperature, -1)
+    return probs, logp, -(logp.exp() * logp).sum()
+
+
+def test_vocab_parallel_sampling_tp_1_2_4():
+    results = run_distributed(_worker, 4, timeout=300)
+    p_values = {}
+    for vocab, v_pad in ((50, 56), (500, 504)):
+        full = _logits(vocab, v_pad)
+        for name, (params, _) in SETTINGS.items():
+            probs, logp, entropy = _reference(full, vocab, params)
+            # the single-rank reference sampler, same generator seed
+            gen = torch.Generator().manual_seed(123)
+            ref_tokens, _, _ = sample_tokens(full[:, :vocab].expand(ROWS, vocab), params, gen)
+            for tp in (1, 2, 4):
+                for rank in range(4):
+                    r = results[rank][(vocab, name, tp)]
+                    assert (r["tokens"] < vocab).all(), "a padded column was sampled"
+                    same = (r["tokens"] == ref_tokens).double().mean()
+                    assert same == 1.0, (vocab, name, tp, float(same))
+                    torch.testing.assert_close(r["lp"].double(), logp[r["tokens"]], atol=1e-5,
+                                               rtol=1e-5)  # fmt: skip
+                    torch.testing.assert_close(r["ent"].double(), entropy.expand(ROWS),
+                                               atol=1e-5, rtol=1e-5)  # fmt: skip
+                r = results[0][(vocab, name, tp)]
+                counts = torch.bincount(r["tokens"], minlength=vocab)
+                assert counts[probs == 0].sum() == 0, "a token outside top-k / top-p was sampled"
+                p_values[(vocab, name, tp)] = _chi_square_p(counts, probs)
+                assert p_values[(vocab, name, tp)] > 1e-3, (vocab, name, tp, p_values)
+                if name == "top-p fallback" and tp > 1:
+                    assert r["fallbacks"] == 1
+                elif tp > 1:
+                    assert r["fallbacks"] == 0, (vocab, name, tp)
+    print("chi-square p-values:", {k: round(v, 3) for k, v in p_values.items()})
+    # communication per token: [tp, 6] for plain sampling, [tp, 6 + 2 (c + 1)] with top-k / top-p
+    # (c = top_k or the candidate count, capped by the shard width): no term grows with the
+    # vocabulary; only a fallback step gathers it. Nothing at TP 1.
+    for vocab, v_pad in ((50, 56), (500, 504)):
+        for name, (params, cands) in SETTINGS.items():
+            for tp in (1, 2, 4):
+                got = results[0][(vocab, name, tp)]["elements"]
+                c = min(params.top_k or cands, v_pad // tp)
+                want = 0 if tp == 1 else tp * (6 + 2 * (c + 1) if params.filtered else 6)
+                if name == "top-p fallback" and tp > 1:
+                    want += v_pad  # one gather of the full [ROWS, v_pad] logits
+                assert got == want, (vocab, name, tp, got, want)
+    plain = [results[0][(v, "plain", 2)]["elements"] for v in (50, 500)]
+    assert plain == [12, 12]
