@@ -1,11 +1,15 @@
 """OPD vs EOPD on one config over several seeds: run the trainer, then tabulate and plot.
 
-Each (objective, seed) is one ``eaopd-train`` run under torchrun in ``<out>/<objective>-s<seed>``
-(a finished run is not repeated; an interrupted one resumes). The teacher is prepared once (its
-cache is shared). Then the final evaluation of every run is summarised as mean +- standard
-deviation over seeds, and the eval curves are drawn with the spread as a band.
+Each (objective, seed) is one ``eaopd-train`` run in ``<out>/<objective>-s<seed>`` (under torchrun
+with ``--nproc`` processes; ``--nproc 1`` runs one process with TP = 1 for both models, which gives
+the same models and statistics at less communication cost). A finished run is not repeated and an
+interrupted one resumes from its last checkpoint, so rerunning the same command continues an
+interrupted study. The teacher and the student warm start are prepared once (their caches are
+shared by all runs). Then every metric of the evaluations is summarised over seeds as mean and 95%
+confidence interval (Student's t), and written as Markdown tables (final evaluation, Pass@k for
+k = 1..8, the high-entropy fractions over training) and a PNG of the curves with the CI as a band.
 
-    python benchmarks/opd_vs_eopd.py --config configs/tiny-cpu.yaml --seeds 1 2 3 \
+    python benchmarks/opd_vs_eopd.py --config configs/tiny-cpu.yaml --seeds 1 2 3 4 5 \\
         --out runs/compare --plot docs/opd_vs_eopd.png [dotted.overrides ...]
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -22,8 +27,31 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = (
     "mean/avg@8", "mean/pass@8", "mean/pass@1", "student_high_frac", "teacher_high_frac",
-    "fkl_high", "fkl_all", "student_entropy", "response_length",
+    "fkl_high", "fkl_all", "student_entropy", "teacher_entropy", "response_length",
 )  # fmt: skip
+PASS_K = tuple(f"mean/pass@{k}" for k in range(1, 9))
+# two-sided 95% Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t95(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (1.96 beyond 30)."""
+    if df in _T95:
+        return _T95[df]
+    below = [d for d in _T95 if d < df]
+    return _T95[max(below)] if df <= 30 else 1.96
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% confidence interval, n) of the non-missing values."""
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return float("nan"), float("nan"), 0
+    if len(values) == 1:
+        return values[0], 0.0, 1
+    sd = statistics.stdev(values)
+    return statistics.mean(values), t95(len(values) - 1) * sd / math.sqrt(len(values)), len(values)
 
 
 def _records(path: str, split: str) -> list[dict]:
@@ -33,103 +61,187 @@ def _records(path: str, split: str) -> list[dict]:
 
 
 def _finished(run_dir: str) -> bool:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    latest_file = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or not os.path.exists(
+        latest_file
+    ):
         return False
-    with open(os.path.join(run_dir, "checkpoints", "latest"), encoding="utf-8") as f:
+    with open(latest_file, encoding="utf-8") as f:
         latest = int(f.read().strip().split("_")[1])
     import yaml
 
     with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
         total = yaml.safe_load(f)["training"]["iterations"]
-    return latest == total
+    evals = _records(os.path.join(run_dir, "metrics.jsonl"), "eval")
+    return latest == total and bool(evals) and evals[-1]["iteration"] == total
 
 
-def run_one(args, objective: str, seed: int) -> str:
+def run_one(args, objective: str, seed: int) -> tuple[str, float]:
+    """Run (or resume, or skip when finished) one training run; return its folder and seconds."""
     run_dir = os.path.join(args.out, f"{objective}-s{seed}")
     if os.path.isdir(run_dir) and _finished(run_dir):
-        print(f"{run_dir}: done already", flush=True)
-        return run_dir
+        return run_dir, 0.0
+    if args.nproc == 1:
+        launch = [sys.executable, "-m", "megatron_eaopd.cli"]
+        layout = ["parallel.student.tp=1", "parallel.teacher.tp=1"]
+    else:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc-per-node={args.nproc}", "-m", "megatron_eaopd.cli"]  # fmt: skip
+        layout = []
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", "-m", "megatron_eaopd.cli", "--config", args.config,
+        *launch, "--config", args.config, *layout,
         f"loss.objective={objective}", f"training.seed={seed}", f"training.output_dir={run_dir}",
-        "logging.progress_bars=false", *args.overrides,
+        "logging.progress_bars=false", "logging.tensorboard=false", *args.overrides,
     ]  # fmt: skip
     t0 = time.perf_counter()
-    with open(os.path.join(args.out, f"{objective}-s{seed}.log"), "w") as log:
+    with open(os.path.join(args.out, f"{objective}-s{seed}.log"), "a") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"{run_dir}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return run_dir
+    return run_dir, time.perf_counter() - t0
 
 
-def _mean_sd(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarise(args, runs: dict) -> dict:
-    summary = {"final": {}, "curves": {}, "teacher": {}, "start": {}}
+def summarise(runs: dict) -> dict:
+    """Final, start and teacher statistics and the curves, each as (mean, ci95, n)."""
+    summary = {"final": {}, "start": {}, "teacher": {}, "curves": {}, "per_seed": {}}
+    keys = METRICS + PASS_K
     for objective, dirs in runs.items():
-        finals = [_records(os.path.join(d, "metrics.jsonl"), "eval")[-1] for d in dirs]
-        starts = [_records(os.path.join(d, "metrics.jsonl"), "eval")[0] for d in dirs]
-        summary["final"][objective] = {m: _mean_sd([f.get(m) for f in finals]) for m in METRICS}
-        summary["start"][objective] = {m: _mean_sd([s.get(m) for s in starts]) for m in METRICS}
+        evals = [_records(os.path.join(d, "metrics.jsonl"), "eval") for d in dirs]
+        finals, starts = [e[-1] for e in evals], [e[0] for e in evals]
+        summary["final"][objective] = {m: mean_ci([f.get(m) for f in finals]) for m in keys}
+        summary["start"][objective] = {m: mean_ci([s.get(m) for s in starts]) for m in keys}
+        summary["per_seed"][objective] = {
+            m: [(s.get(m), f.get(m)) for s, f in zip(starts, finals)] for m in METRICS
+        }
         teacher = [_records(os.path.join(d, "metrics.jsonl"), "teacher") for d in dirs]
         teacher = [t[0] for t in teacher if t]
         if teacher:
-            summary["teacher"] = {m: _mean_sd([t.get(m) for t in teacher]) for m in METRICS}
+            summary["teacher"] = {m: mean_ci([t.get(m) for t in teacher]) for m in keys}
         by_iter: dict[int, list[dict]] = {}
-        for d in dirs:
-            for row in _records(os.path.join(d, "metrics.jsonl"), "eval"):
+        for rows in evals:
+            for row in rows:
                 by_iter.setdefault(row["iteration"], []).append(row)
-        for m in METRICS:
-            pts = [(i, *_mean_sd([r.get(m) for r in rows])) for i, rows in sorted(by_iter.items())]
+        for m in keys:
+            pts = [(i, *mean_ci([r.get(m) for r in rs])[:2]) for i, rs in sorted(by_iter.items())]
             summary["curves"].setdefault(m, {})[objective] = pts
     return summary
 
 
-def print_table(summary: dict, seeds) -> None:
+def _cell(stat, digits=3) -> str:
+    mean, ci, _ = stat
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def tables(summary: dict, seeds) -> str:
+    """The study's Markdown tables."""
     objectives = list(summary["final"])
-    print(f"\nfinal evaluation, mean +- sd over seeds {list(seeds)}")
-    print("| metric | " + " | ".join(objectives) + " | start (iteration 0) |")
-    print("|---|" + "---|" * (len(objectives) + 1))
+    first = objectives[0]
+    out = [f"Final evaluation, mean ± 95% CI over seeds {list(seeds)}:", ""]
+    out.append("| metric | teacher | student, iteration 0 | " + " | ".join(objectives) + " |")
+    out.append("|---|---|---|" + "---|" * len(objectives))
     for m in METRICS:
-        cells = [f"{summary['final'][o][m][0]:.4f} +- {summary['final'][o][m][1]:.4f}"
-                 for o in objectives]  # fmt: skip
-        start = summary["start"][objectives[0]][m]
-        print(f"| {m} | " + " | ".join(cells) + f" | {start[0]:.4f} +- {start[1]:.4f} |")
+        teacher = _cell(summary["teacher"][m]) if summary["teacher"].get(m, (0, 0, 0))[2] else "-"
+        if m in ("student_high_frac", "teacher_high_frac", "fkl_high", "fkl_all",
+                 "student_entropy", "teacher_entropy"):  # fmt: skip
+            teacher = "-"  # entropy metrics are taken on the student's samples
+        cells = [_cell(summary["final"][o][m]) for o in objectives]
+        out.append(f"| {m} | {teacher} | {_cell(summary['start'][first][m])} | "
+                   + " | ".join(cells) + " |")  # fmt: skip
+    out += ["", "Pass@k of the final evaluation (k = 1..8), mean ± 95% CI:", ""]
+    out.append("| k | teacher | student, iteration 0 | " + " | ".join(objectives) + " |")
+    out.append("|---|---|---|" + "---|" * len(objectives))
+    for k, m in enumerate(PASS_K, 1):
+        teacher = _cell(summary["teacher"][m]) if summary["teacher"].get(m, (0, 0, 0))[2] else "-"
+        cells = [_cell(summary["final"][o][m]) for o in objectives]
+        out.append(f"| {k} | {teacher} | {_cell(summary['start'][first][m])} | "
+                   + " | ".join(cells) + " |")  # fmt: skip
+    out += ["", "Over training (evaluation samples; mean over seeds): student / teacher "
+            "high-entropy fraction, forward KL on the teacher's high-entropy tokens, Avg@8:",
+            ""]  # fmt: skip
+    out.append("| iteration | " + " | ".join(
+        f"{o}: student H>=tau | {o}: teacher H>=tau | {o}: fkl_high | {o}: Avg@8"
+        for o in objectives) + " |")  # fmt: skip
+    out.append("|---|" + "---|---|---|---|" * len(objectives))
+    iters = [p[0] for p in summary["curves"]["mean/avg@8"][first]]
+    for n, it in enumerate(iters):
+        cells = []
+        for o in objectives:
+            for m in ("student_high_frac", "teacher_high_frac", "fkl_high", "mean/avg@8"):
+                pts = summary["curves"][m][o]
+                cells.append(f"{pts[n][1]:.3f}" if n < len(pts) else "-")
+        out.append(f"| {it} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(summary: dict, path: str, title: str):
+    sys.path.insert(0, ROOT)
+    from megatron_eaopd.eval.plot import plot_curves
+
+    curves = {}
+    for key in ("mean/avg@8", "mean/pass@8", "fkl_high", "response_length"):
+        curves[key] = summary["curves"][key]
+    frac = {}
+    for o, pts in summary["curves"]["student_high_frac"].items():
+        frac[f"{o} student"] = pts
+    for o, pts in summary["curves"]["teacher_high_frac"].items():
+        frac[f"{o} teacher"] = pts
+    curves["H>=tau fraction"] = frac
+    passk = {}
+    for o in summary["final"]:
+        passk[o] = [(k, *summary["final"][o][m][:2]) for k, m in enumerate(PASS_K, 1)]
+    first = next(iter(summary["start"]))
+    passk["iteration 0"] = [(k, *summary["start"][first][m][:2]) for k, m in enumerate(PASS_K, 1)]
     if summary["teacher"]:
-        t = summary["teacher"]
-        print(f"teacher: avg@8 {t['mean/avg@8'][0]:.4f}, pass@8 {t['mean/pass@8'][0]:.4f}")
+        passk["teacher"] = [(k, *summary["teacher"][m][:2]) for k, m in enumerate(PASS_K, 1)]
+    out1 = plot_curves(curves, path, title=title, force=True)
+    root, ext = os.path.splitext(path)
+    out2 = plot_curves({"pass@k (final)": passk}, f"{root}_passk{ext}", title=title,
+                       xlabel="k", force=True)  # fmt: skip
+    return out1, out2
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--objectives", nargs="+", default=["opd", "eopd"])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--plot", default=None, help="PNG path for the curves (needs matplotlib)")
+    p.add_argument("--plot", default=None, help="PNG path for the curves")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    runs = {o: [run_one(args, o, s) for s in args.seeds] for o in args.objectives}
-    summary = summarise(args, runs)
+    jobs = [(o, s) for s in args.seeds for o in args.objectives]  # seeds outer: early pairs
+    runs: dict[str, list[str]] = {o: [] for o in args.objectives}
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    t0 = time.perf_counter()
+    for objective, seed in jobs:
+        if bar is not None:
+            bar.set_postfix_str(f"{objective} seed {seed}")
+        run_dir, seconds = run_one(args, objective, seed)
+        runs[objective].append(run_dir)
+        msg = f"{run_dir}: {'done already' if seconds == 0 else f'{seconds:.0f} s'}"
+        (bar.write if bar is not None else print)(msg)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = summarise(runs)
+    summary["wall_seconds"] = time.perf_counter() - t0
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    print_table(summary, args.seeds)
+    text = tables(summary, args.seeds)
+    with open(os.path.join(args.out, "tables.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"wall time of this invocation: {summary['wall_seconds']:.0f} s")
     if args.plot:
-        sys.path.insert(0, ROOT)
-        from megatron_eaopd.eval import plot_curves
-
-        keys = ("mean/pass@8", "mean/avg@8", "student_high_frac", "fkl_high")
-        curves = {k: summary["curves"][k] for k in keys}
-        out = plot_curves(curves, args.plot, title=f"OPD vs EOPD, {len(args.seeds)} seeds")
-        print(f"plot: {out}")
+        title = f"OPD vs EOPD, {len(args.seeds)} seeds, mean and 95% CI"
+        for out in plot(summary, args.plot, title):
+            print(f"plot: {out}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ solution subtracts allowed steps, one at a time, never going below 0, until it r
     solution:  -5=12;-3=9;-5=4;-3=1;-1=0;
 
 Each step ``-s=r;`` may use ANY allowed step s no larger than what is left; ``r`` is what is left
-after it. So a problem has many valid solutions (the compositions of N into allowed parts: 16 to
-over 700,000, median about 2,000), and every step has a genuine branch point: the step size,
+after it. So a problem has many valid solutions (the compositions of N into allowed parts: 8 to
+about a million, median ~400), and every step has a genuine branch point: the step size,
 uniform over the allowed sizes that still fit under the task's solution policy (entropy ln 3 or
 ln 4 nats with 3-4 allowed sizes, above tau = 0.8, until the last steps). Every other token (``-``,
 ``=``, what is left, ``;``) is determined by what came before. About 15% of the tokens of a
