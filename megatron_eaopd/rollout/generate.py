@@ -114,19 +114,20 @@ def _bare_module(model):
 
 
 @contextlib.contextmanager
-def _without_cpu_device_mode(enabled: bool):
-    """Leave the CPU compatibility layer's torch function mode for the block (a TP-only decode
-    step needs only its torch.cuda patches; the mode costs a Python call per torch op)."""
+def _without_cpu_device_mode():
+    """Leave the CPU compatibility layer's torch function mode for the block (it costs a Python
+    call per torch op); yields the mode (None when it is not the innermost mode), which megatron's
+    own forwards re-enter (``_Decoder._stage``): only they need it."""
     from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
 
     from megatron_eaopd.compat.cpu import CpuDeviceMode
 
     stack = _get_current_function_mode_stack()
-    if not (enabled and stack and isinstance(stack[-1], CpuDeviceMode)):
-        yield
+    if not (stack and isinstance(stack[-1], CpuDeviceMode)):
+        yield None
         return
-    with _pop_mode_temporarily():
-        yield
+    with _pop_mode_temporarily() as mode:
+        yield mode
 
 
 @contextlib.contextmanager
@@ -223,12 +224,12 @@ def generate(
     try:
         step = max_batch or len(prompts)
         out = []
-        with _vocab_parallel_output(module):
+        with _vocab_parallel_output(module), _without_cpu_device_mode() as cpu_mode:
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
                 decoder = _Decoder(
                     module, chunk, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                    use_kv_cache, compact_frac, counters, fast_decode,
+                    use_kv_cache, compact_frac, counters, fast_decode, cpu_mode,
                 )  # fmt: skip
                 out.append(decoder.run(generator))
                 if progress is not None:
@@ -245,7 +246,8 @@ class _Decoder:
     the full-batch records (tokens, log-probs, entropies) live on the CPU."""
 
     def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                 use_kv_cache, compact_frac, counters, fast_decode=True):  # fmt: skip
+                 use_kv_cache, compact_frac, counters, fast_decode=True,
+                 cpu_mode=None):  # fmt: skip
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -253,7 +255,7 @@ class _Decoder:
 
         self.module, self.eos_id, self.pad_id = module, eos_id, pad_id
         self.vocab_size, self.params, self.compact_frac = vocab_size, params, compact_frac
-        self.counters = counters
+        self.counters, self.cpu_mode = counters, cpu_mode
         self.device = device = compute_device()
         b = self.b = len(prompts)
         prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -307,7 +309,13 @@ class _Decoder:
             dist.recv(hidden, src=self.pp_prev)
             module.set_input_tensor(hidden)
         pos = self.positions[:, start:end].expand(n, end - start)
-        out = module(self.cur_tokens[:, start:end], pos, None, runtime_gather_output=True, **kw)
+        # megatron builds masks with device="cuda": its forwards need the CPU function mode,
+        # except a PP 1 decode step (no mask)
+        decode = kw.get("inference_context") is not None and start > 0 and self.pp == 1
+        mode = contextlib.nullcontext() if self.cpu_mode is None or decode else self.cpu_mode
+        with mode:
+            out = module(self.cur_tokens[:, start:end], pos, None, runtime_gather_output=True,
+                         **kw)  # fmt: skip
         if not self.last:
             dist.send(out.contiguous(), dst=self.pp_next)
             return None
@@ -324,17 +332,14 @@ class _Decoder:
             decode = self.cached > 0
             if decode:
                 self.context.enable_decode_mode()
-            # decode steps (no attention mask) need no CPU function mode; prefill builds a mask
-            with _without_cpu_device_mode(decode and self.pp == 1):
-                out = self._stage(self.cached, t, inference_context=self.context)
+            out = self._stage(self.cached, t, inference_context=self.context)
             self.cached = t
         return None if out is None else out[:, -1, :]
 
     def _fast_logits(self, t: int):
         """FastDecoder's logits [n, V_pad / tp]; its first (prefill) logits are checked against
         megatron's forward of the same prefix, and a mismatch switches to megatron's path."""
-        with _without_cpu_device_mode(True):
-            logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
+        logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
         if self.cached == 0:
             reference = self._stage(0, t)[:, -1, :]
             tol = 1e-4 if reference.dtype == torch.float32 else 5e-2
