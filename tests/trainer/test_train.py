@@ -33,6 +33,7 @@ SMALL = [
     "teacher_prep.batch_size=16",
     "student_prep.iterations=5",
     "student_prep.batch_size=8",
+    "optimizer.lr_schedule=cosine",  # the test checks the decay (tiny-cpu's lr is constant)
     "task.synthetic.num_train=200",
     "task.synthetic.num_distill=64",
     "task.synthetic.num_eval=8",
