@@ -25,6 +25,8 @@ Every rank of the TP group must hold the same generator state; all ranks return 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -44,6 +46,44 @@ from megatron_eaopd.rollout.sampling import (
 __all__ = ["VocabParallelSampler"]
 
 _NEG_INF = float("-inf")
+_compiled = {}
+
+
+def _plain_local_eager(x, rkeys, ckeys, inv_temp: float, inv_lp: float):
+    """Shard-local part of a plain draw on the valid columns x [n, w] (w >= 1).
+
+    Returns [n, 6] float64: max, sum-exp and entropy numerator of x / T_lp (as
+    ``_kernels.single_stats``), the best x / T + Gumbel noise, its local column, and the logit
+    of that column / T_lp."""
+    y = x.float() * inv_lp
+    m = y.amax(-1)
+    shift = torch.where(torch.isfinite(m), m, 0.0)
+    d = y - shift[:, None]
+    e = torch.exp(d)
+    a = torch.where(e > 0, e * d, 0.0).sum(-1)
+    best, arg = (x.double() * inv_temp + gumbel_noise(rkeys, ckeys)).max(-1)
+    cand = x.gather(1, arg[:, None]).squeeze(1).double() * inv_lp
+    return torch.stack([m.double(), e.sum(-1).double(), a.double(), best, arg.double(), cand], -1)
+
+
+def _plain_local(x, rkeys, ckeys, inv_temp: float, inv_lp: float):
+    """``_plain_local_eager`` fused by torch.compile when the losses' kernels are compiled
+    (``EAOPD_COMPILE``; a few fused loops instead of ~25 passes over [n, w]; compiled once per
+    process, dynamic shapes), else eager. The integer hash is exact; the compiled log rounds
+    differently in the last bits, so only a float64 near-tie (~1e-16 relative) could pick
+    another token than the eager kernel (or than another TP size's shard widths)."""
+    if not K.compile_enabled():
+        return _plain_local_eager(x, rkeys, ckeys, inv_temp, inv_lp)
+    fn = _compiled.get("plain")
+    if fn is None:
+        fn = _compiled["plain"] = torch.compile(_plain_local_eager, dynamic=True)
+    try:
+        return fn(x, rkeys, ckeys, inv_temp, inv_lp)
+    except Exception as exc:  # noqa: BLE001 - compiler missing or failing: stay eager
+        _compiled["plain"] = _plain_local_eager
+        warnings.warn(f"torch.compile of the Gumbel sampler failed ({exc}); running eagerly",
+                      stacklevel=2)  # fmt: skip
+        return _plain_local_eager(x, rkeys, ckeys, inv_temp, inv_lp)
 
 
 class VocabParallelSampler:
@@ -111,17 +151,13 @@ class VocabParallelSampler:
 
     def _plain(self, logits, key, rows):
         n, valid = logits.shape[0], self.shard.valid
-        packet = torch.empty(n, 6, dtype=torch.float64, device=logits.device)
-        packet[:, :3] = K.single_stats(logits, valid, self.inv_lp)
         if valid > 0:
-            x = logits[:, :valid]
-            noise = gumbel_noise(row_keys(key, rows.to(logits.device)), self.ckeys)
-            best, arg = (x.double() * self.inv_t + noise).max(-1)
-            packet[:, 3] = best
-            packet[:, 4] = arg + self.shard.start
-            packet[:, 5] = x.gather(1, arg[:, None]).squeeze(1).double() * self.inv_lp
-        else:  # a shard of padding only
-            packet[:, 3:] = torch.tensor([_NEG_INF, 0.0, 0.0], dtype=torch.float64)
+            rkeys = row_keys(key, rows.to(logits.device))
+            packet = _plain_local(logits[:, :valid], rkeys, self.ckeys, self.inv_t, self.inv_lp)
+            packet[:, 4] += self.shard.start
+        else:  # a shard of padding only: no mass, never the best
+            packet = torch.zeros(n, 6, dtype=torch.float64, device=logits.device)
+            packet[:, 0] = packet[:, 3] = _NEG_INF
         g = self._gather(packet)  # [tp, n, 6]
         lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
         win = g[..., 3].argmax(0, keepdim=True)  # the first maximum: the lowest global id
