@@ -6,9 +6,11 @@ runs many Python layers per op. This module runs the same math on the model's ow
 norm modules: per layer, RMSNorm/LayerNorm module -> QKV (column-parallel shard) -> per-head QK
 norm modules -> RoPE of the NEW positions only (tables from the model's ``rotary_pos_emb``) ->
 keys and values written into a cache [b, groups / tp, S, d] -> ``scaled_dot_product_attention``
-with grouped heads -> output projection (row-parallel shard, TP all-reduce) -> MLP (GLU or not,
-the config's activation; row-parallel fc2, TP all-reduce). The last position's final norm and the
-output layer give vocab-parallel logits [b, V_pad / tp], never gathered.
+(a decode step attends each group's r query heads to that group's keys as an [r, d] query block,
+so the grouped cache is never expanded) -> output projection (row-parallel shard, TP
+all-reduce) -> MLP (GLU or not, the config's activation; row-parallel fc2, TP all-reduce). The
+last position's final norm and the output layer give vocab-parallel logits [b, V_pad / tp], never
+gathered.
 
 ``FastDecoder.unsupported(module)`` names the first feature this forward does not reproduce
 (PP > 1, TE fused layers, MoE, sequence parallel, biases on skip-add paths we do not model...);
@@ -162,11 +164,17 @@ class FastDecoder:
             k = k * cos + _rotate_half(k) * sin
             self.k[i, :n, :, start:end] = k.transpose(1, 2)
             self.v[i, :n, :, start:end] = v.transpose(1, 2)
-            ctx = F.scaled_dot_product_attention(
-                q.transpose(1, 2), self.k[i, :n, :, :end], self.v[i, :n, :, :end],
-                is_causal=s > 1, scale=self.scale, enable_gqa=r > 1,
-            )  # fmt: skip
-            ctx = ctx.transpose(1, 2).reshape(n, s, self.heads * self.d)
+            keys, values = self.k[i, :n, :, :end], self.v[i, :n, :, :end]
+            if s == 1:  # decode: the r query heads of a group attend to its keys, no expansion
+                ctx = F.scaled_dot_product_attention(
+                    q.view(n, self.groups, r, self.d), keys, values, scale=self.scale
+                )  # [n, groups, r, d] = [n, heads, d] in megatron's head order
+            else:
+                ctx = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys, values, is_causal=True, scale=self.scale,
+                    enable_gqa=r > 1,
+                ).transpose(1, 2)  # fmt: skip
+            ctx = ctx.reshape(n, s, self.heads * self.d)
             h = h + self._linear(attn.linear_proj, ctx, self._reduce)
             x = layer.pre_mlp_layernorm(h)
             y = self._linear(layer.mlp.linear_fc1, x)
