@@ -114,6 +114,22 @@ def prepare_linear(hidden, weight, name: str, tp_group, vocab_size, temperature)
     return hidden.reshape(-1, hidden.shape[-1]), lead, shard, group, 1.0 / float(temperature)
 
 
+def _prepare_pair(hs, ws, ht, wt, tp_group, vocab_size, temperature):
+    """prepare_linear for both models, and the check that they cover the same tokens and shard.
+    Returns (hs2d, lead, shard, group, inv_temp, ht2d)."""
+    hs2d, lead, shard, group, inv_temp = prepare_linear(
+        hs, ws, "student", tp_group, vocab_size, temperature
+    )
+    ht2d, lead_t, *_ = prepare_linear(ht, wt, "teacher", tp_group, vocab_size, temperature)
+    if lead_t != lead or wt.shape[0] != ws.shape[0]:
+        raise ValueError(
+            f"teacher_hidden {list(ht.shape)} / teacher_weight {list(wt.shape)} must cover the "
+            f"same tokens and vocabulary shard as student_hidden {list(hs.shape)} / "
+            f"student_weight {list(ws.shape)}"
+        )
+    return hs2d, lead, shard, group, inv_temp, ht2d
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """One chunk of the output layer: [c, h] @ [w, h]^T -> [c, w] in the inputs' dtype."""
     return hidden @ weight.t()
@@ -138,11 +154,10 @@ class _GradSink:
         if self.g_hidden is not None:
             torch.matmul(g_logits, self.weight, out=self.g_hidden[rows])
         if self.g_weight is not None:
-            part = g_logits.t() @ self.hidden[rows]
-            if part.dtype == self.g_weight.dtype:
-                self.g_weight += part
+            if g_logits.dtype == self.g_weight.dtype:
+                self.g_weight.addmm_(g_logits.t(), self.hidden[rows])
             else:
-                self.g_weight += part.to(self.g_weight.dtype)
+                self.g_weight += (g_logits.t() @ self.hidden[rows]).to(self.g_weight.dtype)
 
     def finish(self, group, reduce_hidden: bool):
         if self.g_hidden is not None and reduce_hidden:
@@ -201,6 +216,7 @@ class _LinearPairKL(torch.autograd.Function):
                 rkl[r], h_s[r], shard.valid, inv_temp, g_logits,
             )  # fmt: skip
             sink.add(r, g_logits)
+            del logits_s, g_logits  # free this chunk before the next one is allocated
         g_hidden, g_weight = sink.finish(group, reduce_hidden)
         return g_hidden, g_weight, None, None, None, None, None, None, None
 
@@ -222,19 +238,10 @@ def vocab_parallel_linear_kl_terms(
     Collectives: per chunk none; forward 1 all-gather of [s*b, 9]; backward 1 SUM all-reduce of
     the [s*b, h] hidden-state gradient (see the module docstring; none if reduce_hidden_grad=False).
     """
-    hs, lead, shard, group, inv_temp = prepare_linear(
-        student_hidden, student_weight, "student", tp_group, vocab_size, temperature
-    )
-    ht, lead_t, *_ = prepare_linear(
-        teacher_hidden, teacher_weight, "teacher", tp_group, vocab_size, temperature
-    )
-    if lead_t != lead or teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(
-            f"teacher_hidden {list(teacher_hidden.shape)} / teacher_weight "
-            f"{list(teacher_weight.shape)} must cover the same tokens and vocabulary shard as "
-            f"student_hidden {list(student_hidden.shape)} / student_weight "
-            f"{list(student_weight.shape)}"
-        )
+    hs, lead, shard, group, inv_temp, ht = _prepare_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, tp_group, vocab_size,
+        temperature,
+    )  # fmt: skip
     step = fused_row_chunk(student_weight.shape[0], chunk_size)
     rkl, fkl, h_t, h_s = _LinearPairKL.apply(
         hs, student_weight, ht.detach(), teacher_weight.detach(), shard, inv_temp, group, step,
@@ -246,6 +253,137 @@ def vocab_parallel_linear_kl_terms(
         "teacher_entropy": h_t.reshape(lead),
         "student_entropy": h_s.reshape(lead),
     }
+
+
+class _LinearPairLoss(torch.autograd.Function):
+    """One pass: (hs, ws, ht, wt, grad_weights [n]) -> (loss, rkl, fkl, h_teacher, h_student,
+    gate), each [n], with loss = w_R(H_T) RKL + w_F(H_T) FKL (`weights_fn`).
+
+    Per chunk: both logits, `pair_stats`, ONE all-gather of the chunk's [c, 9] statistics, the
+    merge, the weights, and (when a gradient is needed) the logits gradient for the upstream
+    gradient `grad_weights` (G = (1/T) [w_R gw ps (log ps - log pt - RKL) + w_F gw (ps - pt)]),
+    multiplied into d hidden and d weight while the chunk's logits are still live: no recompute.
+    Backward: if the upstream gradient is c * grad_weights for a scalar c (checked exactly, O(n)),
+    the precomputed gradients times c; otherwise the chunks are recomputed as in `_LinearPairKL`.
+    Then ONE all-reduce of d hidden (reduce_hidden).
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, gw, shard, inv_temp, group, step, reduce_hidden, weights_fn):
+        n, width = hs.shape[0], ws.shape[0]
+        acc = K.acc_dtype(hs.dtype)
+        per = torch.empty(
+            9, n, dtype=acc, device=hs.device
+        )  # rkl fkl h_t h_s lse_s lse_t w_r w_f g
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        sink = _GradSink(hs, ws, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) if need else None
+        gw = gw.to(acc)
+        for i in range(0, n, step):
+            r = slice(i, i + step)
+            logits_s, logits_t = _logits(hs[r], ws), _logits(ht[r], wt)
+            local = stats_buffer(logits_s.shape[0], 8, width, acc, hs.device)
+            local[:, :8] = K.pair_stats(logits_s, logits_t, shard.valid, inv_temp)
+            gathered = all_gather_rows(local, group)
+            check_gathered(gathered, [0, 1], "fused vocab-parallel KL")
+            for row, v in enumerate(merge_pair(gathered[..., :8].double())):
+                per[row, r] = v
+            w_r, w_f, gate = weights_fn(per[2, r])
+            per[6, r], per[7, r], per[8, r] = w_r, w_f, gate
+            if sink is not None:
+                g_logits = torch.empty_like(logits_s)
+                K.pair_backward(
+                    logits_s, logits_t, per[4, r], per[5, r], per[6, r] * gw[r],
+                    per[7, r] * gw[r], torch.zeros_like(gw[r]), per[0, r], per[3, r],
+                    shard.valid, inv_temp, g_logits,
+                )  # fmt: skip
+                sink.add(r, g_logits)
+                del g_logits
+            del logits_s, logits_t  # free this chunk before the next one is allocated
+        rkl, fkl, h_t, h_s, lse_s, lse_t, w_r, w_f, gate = per.unbind(0)
+        loss = w_r * rkl + w_f * fkl
+        ctx.save_for_backward(hs, ws, ht, wt, gw, lse_s, lse_t, rkl, h_s, w_r, w_f)
+        ctx.cfg = (shard, inv_temp, group, step, reduce_hidden)
+        ctx.sink = sink
+        ctx.mark_non_differentiable(rkl, fkl, h_t, h_s, gate)
+        return loss, rkl, fkl, h_t, h_s, gate
+
+    @staticmethod
+    def backward(ctx, g_loss, *_unused):
+        hs, ws, ht, wt, gw, lse_s, lse_t, rkl, h_s, w_r, w_f = ctx.saved_tensors
+        shard, inv_temp, group, step, reduce_hidden = ctx.cfg
+        sink, ctx.sink = ctx.sink, None
+        g = torch.zeros_like(rkl) if g_loss is None else g_loss.to(rkl.dtype)
+        scale = _scale_of(g, gw)
+        if sink is not None and scale is not None:
+            for grad in (sink.g_hidden, sink.g_weight):
+                if grad is not None:
+                    grad.mul_(scale)
+        else:  # another upstream gradient: recompute every chunk
+            sink = _GradSink(hs, ws, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            zero = torch.zeros_like(g)
+            for i in range(0, hs.shape[0], step):
+                r = slice(i, i + step)
+                logits_s = _logits(hs[r], ws)
+                g_logits = torch.empty_like(logits_s)
+                K.pair_backward(
+                    logits_s, _logits(ht[r], wt), lse_s[r], lse_t[r], g[r] * w_r[r],
+                    g[r] * w_f[r], zero[r], rkl[r], h_s[r], shard.valid, inv_temp, g_logits,
+                )  # fmt: skip
+                sink.add(r, g_logits)
+                del logits_s, g_logits  # free this chunk before the next one is allocated
+        g_hidden, g_weight = sink.finish(group, reduce_hidden)
+        return g_hidden, g_weight, None, None, None, None, None, None, None, None, None
+
+
+def _scale_of(g: torch.Tensor, gw: torch.Tensor):
+    """The scalar c with g == c * gw exactly (a Python float), or None if there is none."""
+    nonzero = (gw != 0).nonzero()
+    if nonzero.numel() == 0:
+        return 0.0 if bool((g == 0).all()) else None
+    i = int(nonzero[0, 0])
+    c = float(g[i] / gw[i])
+    return c if torch.equal(g, gw * c) else None
+
+
+def linear_pair_loss(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, weights_fn, grad_weights, *,
+    temperature=1.0, tp_group=None, vocab_size=None, chunk_size=None, reduce_hidden_grad=True,
+):  # fmt: skip
+    """Per-token w_R(H_T) RKL + w_F(H_T) FKL from hidden states, `weights_fn(h_teacher [c]) ->
+    (w_R, w_F, gate)` (e.g. `ObjectiveConfig.weights`). Returns (loss [s, b], metrics dict of
+    detached [s, b] `rkl`, `fkl`, `teacher_entropy`, `student_entropy`, `gate`).
+
+    grad_weights None: two passes (`_LinearPairKL`: statistics, 1 all-gather; backward recomputes
+    the logits). grad_weights [s, b] (the upstream gradient expected for the loss up to a scalar,
+    e.g. the loss mask): one pass (`_LinearPairLoss`: 1 all-gather per chunk, the gradients made
+    in forward), no recompute when the upstream gradient is c * grad_weights.
+    """
+    if grad_weights is None:
+        terms = vocab_parallel_linear_kl_terms(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
+            chunk_size=chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+        )  # fmt: skip
+        w_r, w_f, gate = weights_fn(terms["teacher_entropy"])
+        metrics = {name: value.detach() for name, value in terms.items()}
+        metrics["gate"] = gate
+        return w_r * terms["rkl"] + w_f * terms["fkl"], metrics
+    hs, lead, shard, group, inv_temp, ht = _prepare_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, tp_group, vocab_size,
+        temperature,
+    )  # fmt: skip
+    if not isinstance(grad_weights, torch.Tensor) or tuple(grad_weights.shape) != lead:
+        shape = list(grad_weights.shape) if isinstance(grad_weights, torch.Tensor) else None
+        raise ValueError(f"grad_weights must be a tensor of shape {list(lead)}, got {shape}")
+    step = fused_row_chunk(student_weight.shape[0], chunk_size)
+    loss, rkl, fkl, h_t, h_s, gate = _LinearPairLoss.apply(
+        hs, student_weight, ht.detach(), teacher_weight.detach(),
+        grad_weights.detach().reshape(-1), shard, inv_temp, group, step,
+        bool(reduce_hidden_grad), weights_fn,
+    )  # fmt: skip
+    metrics = {"rkl": rkl, "fkl": fkl, "teacher_entropy": h_t, "student_entropy": h_s}
+    metrics["gate"] = gate
+    return loss.reshape(lead), {k: v.reshape(lead) for k, v in metrics.items()}
 
 
 def vocab_parallel_linear_eopd_loss(
@@ -262,6 +400,7 @@ def vocab_parallel_linear_eopd_loss(
     gate_strict: bool = False,
     chunk_size=None,
     reduce_hidden_grad: bool = True,
+    grad_weights: torch.Tensor | None = None,
 ):
     """`vocab_parallel_eopd_loss(student_hidden @ student_weight.T, teacher_hidden @
     teacher_weight.T, ...)` fused with the output layer: L_t = RKL_t + fkl_coef * 1[H_T,t >= tau]
@@ -270,25 +409,30 @@ def vocab_parallel_linear_eopd_loss(
     Args:
         student_hidden [s, b, h], student_weight [V_pad / tp, h], teacher_hidden [s, b, h_t],
         teacher_weight [V_pad / tp, h_t]; `chunk_size` tokens per chunk (None: about 2**24 logit
-        values); `reduce_hidden_grad`: all-reduce the hidden-state gradient over TP inside.
+        values); `reduce_hidden_grad`: all-reduce the hidden-state gradient over TP inside;
+        `grad_weights` [s, b] (optional): the upstream gradient the loss will get, up to a scalar
+        (the loss mask when the caller sums masked per-token losses): the gradients are then made
+        in the forward pass, one pass over the logits (4 matmuls per chunk instead of 6); any
+        other upstream gradient still gives the exact gradient, by recomputing the chunks.
     Returns:
         (per_token_loss [s, b] with gradients to student_hidden and student_weight, metrics dict
         of detached [s, b] tensors `teacher_entropy`, `student_entropy`, `rkl`, `fkl`, `gate`).
     Gradient: with G = (1/T) [ps (log ps - log pt - RKL) + fkl_coef gate (ps - pt)] per token
     (upstream-weighted), d hidden = sum_TP G @ W, d W = G^T @ hidden.
-    Collectives: per chunk none; forward 1 all-gather of [s*b, 9]; backward 1 SUM all-reduce of
+    Collectives: grad_weights None: per chunk none; forward 1 all-gather of [s*b, 9]. With
+    grad_weights: forward 1 all-gather of [chunk, 9] per chunk. Backward: 1 SUM all-reduce of
     [s*b, h] (none if reduce_hidden_grad=False or at TP 1).
     """
-    terms = vocab_parallel_linear_kl_terms(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, temperature=temperature,
-        tp_group=tp_group, vocab_size=vocab_size, chunk_size=chunk_size,
+
+    def weights_fn(h_teacher):
+        gate = entropy_gate(h_teacher, entropy_threshold, strict=gate_strict).to(h_teacher.dtype)
+        return torch.ones_like(gate), fkl_coef * gate, gate
+
+    return linear_pair_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, weights_fn, grad_weights,
+        temperature=temperature, tp_group=tp_group, vocab_size=vocab_size, chunk_size=chunk_size,
         reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    gate = entropy_gate(terms["teacher_entropy"], entropy_threshold, strict=gate_strict)
-    loss = terms["rkl"] + (fkl_coef * gate) * terms["fkl"]
-    metrics = {name: value.detach() for name, value in terms.items()}
-    metrics["gate"] = gate
-    return loss, metrics
 
 
 # --------------------------------------------------------------------------- one distribution
@@ -304,6 +448,7 @@ def _softmax_stats_forward(hidden, weight, ids, k, shard, inv_temp, group, step)
         r = slice(i, i + step)
         logits = _logits(hidden[r], weight)
         softmax_stats_chunk(logits, local_ids[r], own[r], k, shard, inv_temp, local[r])
+        del logits
     gathered = all_gather_rows(local, group)
     return merge_softmax_stats(gathered, j, k, acc), local_ids, own
 
@@ -341,6 +486,7 @@ class _LinearSoftmaxStats(torch.autograd.Function):
                 shard, inv_temp, g_logits,
             )  # fmt: skip
             sink.add(r, g_logits)
+            del logits, g_logits  # free this chunk before the next one is allocated
         g_hidden, g_weight = sink.finish(group, reduce_hidden)
         return g_hidden, g_weight, None, None, None, None, None, None
 
@@ -407,6 +553,7 @@ def vocab_parallel_linear_teacher_payload(
 
 __all__ = [
     "fused_row_chunk",
+    "linear_pair_loss",
     "vocab_parallel_linear_eopd_loss",
     "vocab_parallel_linear_kl_terms",
     "vocab_parallel_linear_logprobs_and_entropy",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_eaopd.losses.fused import (
-    vocab_parallel_linear_kl_terms,
+    linear_pair_loss,
     vocab_parallel_linear_logprobs_and_entropy,
 )
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
@@ -222,7 +222,7 @@ def exact_objective(
     w_rkl, w_fkl, gate = cfg.weights(terms["teacher_entropy"])
     loss = w_rkl * terms["rkl"] + w_fkl * terms["fkl"]
     metrics = {k: v.detach().float() for k, v in terms.items()}
-    metrics["gate"] = gate
+    metrics["gate"] = gate.float()
     return loss, metrics
 
 
@@ -266,24 +266,22 @@ def linear_exact_objective(
     tp_group=None,
     vocab_size=None,
     reduce_hidden_grad: bool = True,
+    grad_weights: torch.Tensor | None = None,
 ):
     """`exact_objective` on the two models' output-layer products, fused with the output layers
-    (`fused.vocab_parallel_linear_kl_terms`). Every objective but `jsd` (ValueError: use the
-    unfused form).
+    (`fused.linear_pair_loss`). Every objective but `jsd` (ValueError: use the unfused form).
+    `grad_weights` [s, b]: the upstream gradient expected up to a scalar (the loss mask), so that
+    the gradients are made in the forward pass (see `vocab_parallel_linear_eopd_loss`).
 
     Returns (per_token_loss [s, b], metrics dict of detached [s, b] tensors).
-    Collectives: per chunk none; forward 1 all-gather of [s*b, 9]; backward 1 SUM all-reduce of
-    [s*b, h] (none with reduce_hidden_grad=False or at TP 1).
+    Collectives: forward 1 all-gather of [s*b, 9] (with grad_weights: one of [chunk, 9] per
+    chunk); backward 1 SUM all-reduce of [s*b, h] (none with reduce_hidden_grad=False or at TP 1).
     """
     if cfg.name == "jsd":
         raise ValueError("objective 'jsd' has no fused form; set loss.fused_output=false")
-    terms = vocab_parallel_linear_kl_terms(
-        student_hidden, student_weight, teacher_hidden, teacher_weight,
+    loss, metrics = linear_pair_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, cfg.weights, grad_weights,
         temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size,
         chunk_size=cfg.chunk_size, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    w_rkl, w_fkl, gate = cfg.weights(terms["teacher_entropy"])
-    loss = w_rkl * terms["rkl"] + w_fkl * terms["fkl"]
-    metrics = {k: v.detach().float() for k, v in terms.items()}
-    metrics["gate"] = gate
-    return loss, metrics
+    return loss, {k: v.detach().float() for k, v in metrics.items()}

@@ -103,6 +103,21 @@ def _check_exact(rank, tp, group, dtype, vocab, v_pad, temperature, chunk, seed)
     gh_u, gw_u = torch.autograd.grad((loss_u * up.to(loss_u.dtype)).sum(), (hs_u, ws_u))
     gh_u = _tp_sum(gh_u, group)
 
+    # one pass (grad_weights): gradients made in forward for an upstream c * grad_weights, and
+    # recomputed for any other upstream gradient
+    mask = (up > 0.8).to(dtype)
+    for gw_, upstream, path in ((up, 0.5 * up, "one pass"), (mask, up, "one pass, fallback")):
+        hs1, ws1 = hs_f.clone().requires_grad_(True), ws.detach().clone().requires_grad_(True)
+        loss1, m1 = L.vocab_parallel_linear_eopd_loss(
+            hs1, ws1, ht_f, wt, entropy_threshold=tau, fkl_coef=0.7, chunk_size=chunk,
+            grad_weights=gw_.to(dtype), **kw,
+        )  # fmt: skip
+        g1 = torch.autograd.grad((loss1 * upstream.to(loss1.dtype)).sum(), (hs1, ws1))
+        scale = 0.5 if path == "one pass" else 1.0
+        _check(loss1, loss_u, ref_loss, dtype, "value", f"{path} loss {tag}")
+        _check(g1[0], scale * gh_u, scale * ref_gh, dtype, "grad", f"{path} d hidden {tag}")
+        _check(g1[1], scale * gw_u, scale * ref_gw, dtype, "grad", f"{path} d weight {tag}")
+        assert torch.equal(m1["gate"], m_u["gate"]), f"{path} gate {tag}"
     assert torch.equal(m["gate"], m_u["gate"]), f"gate {tag}"
     if dtype != torch.bfloat16:
         assert torch.equal(m["gate"].double(), gate), f"gate vs reference {tag}"
@@ -217,6 +232,23 @@ def _check_collectives(rank, tp, group):
                 assert fwd == ({gather: 1} if tp > 1 else {}), (chunk, fwd)
                 assert bwd == ({"all_reduce": 1} if tp > 1 and reduce else {}), (chunk, bwd)
                 assert calls == {"pair_stats": n_chunks, "pair_backward": n_chunks}, calls
+                # one pass: 1 all-gather per chunk, the logits gradient made in forward; an
+                # upstream gradient proportional to grad_weights recomputes nothing
+                mask = torch.ones(SB, dtype=hs_f.dtype)
+                mask[0] = 0
+                for upstream, recomputed in ((3.0 * mask, 0), (mask + 1.0, n_chunks)):
+                    hs = hs_f.clone().requires_grad_(True)
+                    counts.clear(), calls.clear()
+                    loss, _ = L.vocab_parallel_linear_eopd_loss(
+                        hs, w, ht_f, wt, tp_group=group, vocab_size=vocab, chunk_size=chunk,
+                        reduce_hidden_grad=reduce, grad_weights=mask,
+                    )  # fmt: skip
+                    assert dict(counts) == ({gather: n_chunks} if tp > 1 else {}), counts
+                    counts.clear()
+                    torch.autograd.grad((loss * upstream).sum(), hs)
+                    assert dict(counts) == bwd, (chunk, counts)
+                    want = {"pair_stats": n_chunks, "pair_backward": n_chunks + recomputed}
+                    assert calls == want, (calls, want)
                 if not reduce:  # the rank's partial sums to the full gradient
                     hs2 = hs_f.clone().requires_grad_(True)
                     loss2, _ = L.vocab_parallel_linear_eopd_loss(
@@ -310,13 +342,15 @@ def test_linear_exact_objective_variants():
     ht, wt = torch.randn(4, 2, 6, generator=g).double(), torch.randn(50, 6, generator=g).double()
     for name in ("opd", "eopd", "eopd_soft", "mix", "fkl"):
         cfg = L.ObjectiveConfig(name=name, form="exact", entropy_threshold=3.0, chunk_size=3)
-        a, ma = L.linear_exact_objective(cfg, hs, ws, ht, wt, vocab_size=45)
         b, mb = L.exact_objective(cfg, hs @ ws.T, ht @ wt.T, vocab_size=45)
-        ga, gb = (torch.autograd.grad(x.sum(), (hs, ws)) for x in (a, b))
-        R.assert_close(a, b, torch.float64, what=name)
-        assert torch.equal(ma["gate"], mb["gate"]), name
-        for x, z in zip(ga, gb):
-            R.assert_close(x, z, torch.float64, "grad", name)
+        (gb,) = (torch.autograd.grad(b.sum(), (hs, ws)),)
+        for gw_ in (None, torch.ones(4, 2, dtype=torch.float64)):  # two passes, one pass
+            a, ma = L.linear_exact_objective(cfg, hs, ws, ht, wt, vocab_size=45, grad_weights=gw_)
+            ga = torch.autograd.grad(a.sum(), (hs, ws))
+            R.assert_close(a, b, torch.float64, what=name)
+            assert torch.equal(ma["gate"], mb["gate"]), name
+            for x, z in zip(ga, gb):
+                R.assert_close(x, z, torch.float64, "grad", name)
     with pytest.raises(ValueError, match="jsd"):
         L.linear_exact_objective(L.ObjectiveConfig(name="jsd", form="exact"), hs, ws, ht, wt)
 
