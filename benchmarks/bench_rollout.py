@@ -11,7 +11,8 @@ Sections (``--sections``, default ``hf comm``), each printed as a table:
   few per cent of the mass goes to EOS: most responses end early, a few run to the limit); on
   ``skewed`` ours runs with and without batch compaction. Calls alternate between the decoders;
   the best of ``--reps`` is reported, as wall time and as process CPU time (the machine is shared:
-  CPU time is what a loaded machine distorts least). tokens/s = generated tokens / time.
+  CPU time is what a loaded machine distorts least). tokens/s = generated tokens / time; rows
+  decoded = rows run through the model summed over steps (transformers keeps finished rows).
 - ``comm``: TP 2 (two gloo processes), the same shape at vocabularies ``--comm-vocab``; every
   torch.distributed call is wrapped and the elements of its output buffers counted; per generated
   token: the sampler's elements and all elements (the model's TP all-reduces included).
@@ -99,12 +100,15 @@ def _hf_worker(rank, port, args, out_path):
         hf.generation_config.eos_token_id = eos
 
         def ours(compact, eos=eos):
-            return generate(
+            stats = {}
+            out = generate(
                 model, prompts, max_new_tokens=args.new, eos_id=-1 if eos is None else eos,
                 pad_id=0, vocab_size=args.vocab, params=SamplingParams(),
                 generator=torch.Generator().manual_seed(1),
-                compact_frac=0.25 if compact else None,
+                compact_frac=0.25 if compact else None, stats=stats,
             )  # fmt: skip
+            out.decode_rows = stats["decode_rows"]
+            return out
 
         def theirs(eos=eos, hf=hf):
             torch.manual_seed(1)
@@ -118,7 +122,7 @@ def _hf_worker(rank, port, args, out_path):
         variants = {"ours": lambda: ours(True), "transformers": theirs}
         if workload == "skewed":
             variants["ours, no compaction"] = lambda: ours(False)
-        best = {k: [float("inf"), float("inf"), 0] for k in variants}
+        best = {k: [float("inf"), float("inf"), 0, 0] for k in variants}
         for _ in range(args.reps + 1):  # the first round is a warm-up
             for name, fn in variants.items():
                 out, wall, cpu = _timed(fn)
@@ -126,13 +130,15 @@ def _hf_worker(rank, port, args, out_path):
                     resp = out[:, ids.shape[1] :]
                     hit = (resp == EOS).cumsum(1) if eos is not None else torch.zeros_like(resp)
                     n_tok = int(((hit == 0) | ((hit == 1) & (resp == EOS))).sum())
+                    rows_run = resp.shape[0] * resp.shape[1]  # no row ever leaves the batch
                 else:
-                    n_tok = int(out.response_lens.sum())
+                    n_tok, rows_run = int(out.response_lens.sum()), out.decode_rows
                 b = best[name]
-                b[2] = n_tok
+                b[2], b[3] = n_tok, rows_run
                 b[0], b[1] = min(b[0], wall), min(b[1], cpu)
-        for name, (wall, cpu, n_tok) in best.items():
-            rows.append(dict(workload=workload, name=name, wall=wall, cpu=cpu, tokens=n_tok))
+        for name, (wall, cpu, n_tok, rows_run) in best.items():
+            rows.append(dict(workload=workload, name=name, wall=wall, cpu=cpu, tokens=n_tok,
+                             rows_run=rows_run))  # fmt: skip
     torch.save(rows, out_path)
     dist.destroy_process_group()
 
@@ -141,14 +147,15 @@ def _print_hf(rows, args):
     print(f"\n### ours vs transformers: batch {args.batch}, prompt {args.prompt}, up to {args.new} "
           f"new tokens, {args.layers} x {args.hidden} Qwen3-shaped, vocab {args.vocab}, "
           f"1 thread; best of {args.reps}\n")  # fmt: skip
-    print("| workload | decoder | tokens | wall (s) | tokens/s (wall) | CPU (s) | "
+    print("| workload | decoder | tokens | rows decoded | wall (s) | tokens/s (wall) | CPU (s) | "
           "tokens/s (CPU) | x transformers (CPU) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     ref = {r["workload"]: r for r in rows if r["name"] == "transformers"}
     for r in rows:
         base = ref[r["workload"]]
         speed = (r["tokens"] / r["cpu"]) / (base["tokens"] / base["cpu"])
-        print(f"| {r['workload']} | {r['name']} | {r['tokens']} | {r['wall']:.2f} | "
+        print(f"| {r['workload']} | {r['name']} | {r['tokens']} | {r['rows_run']} | "
+              f"{r['wall']:.2f} | "
               f"{r['tokens'] / r['wall']:.0f} | {r['cpu']:.2f} | {r['tokens'] / r['cpu']:.0f} | "
               f"{speed:.2f}x |")  # fmt: skip
 
