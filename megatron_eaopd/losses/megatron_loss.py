@@ -20,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.losses.kl import high_entropy
-from megatron_eaopd.losses.objectives import ObjectiveConfig, exact_objective, sampled_objective
+from megatron_eaopd.losses.objectives import (
+    ObjectiveConfig,
+    exact_objective,
+    linear_exact_objective,
+    linear_sampled_objective,
+    sampled_objective,
+)
 from megatron_eaopd.losses.statistics import TeacherPayload
 
 
@@ -33,12 +39,13 @@ class DistillMicroBatch:
     loss_mask: [b, s] bool/0-1, True on response tokens that count.
     old_logprobs: [b, s] log p_old(token) from the rollout (sampled form).
     teacher: TeacherPayload with [b, s] / [b, s, k] fields (sampled form), or the teacher's
-        [b, s, V_pad / tp] logits shard (exact form).
+        [b, s, V_pad / tp] logits shard (exact form), or (teacher hidden [b, s, h_t], teacher
+        output weight [V_pad / tp, h_t]) for the exact form fused with the output layer.
     """
 
     token_ids: torch.Tensor
     loss_mask: torch.Tensor
-    teacher: TeacherPayload | torch.Tensor
+    teacher: TeacherPayload | torch.Tensor | tuple
     old_logprobs: torch.Tensor | None = None
 
 
@@ -53,17 +60,38 @@ def check_megatron_config(model_config) -> None:
 
 
 def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, tp_group=None,
-                           vocab_size=None):  # fmt: skip
-    """Dispatch to the sampled or exact objective: (per_token_loss [b, s], metrics)."""
+                           vocab_size=None, output_weight=None):  # fmt: skip
+    """Dispatch to the sampled or exact objective: (per_token_loss [b, s], metrics).
+
+    With `output_weight` ([V_pad / tp, h], fused with the output layer, `fused.py`), `logits` are
+    the student's final hidden states [b, s, h] and, in the exact form, `mb.teacher` is the pair
+    (teacher hidden states [b, s, h_t], teacher output weight [V_pad / tp, h_t]); the exact form
+    then makes its gradients in the forward pass for the loss mask (`grad_weights`).
+    """
     if cfg.form == "sampled":
         if not isinstance(mb.teacher, TeacherPayload) or mb.old_logprobs is None:
             raise ValueError(
                 "the sampled objective needs a TeacherPayload and old_logprobs; use "
                 "objective form 'exact' to pass teacher logits"
             )
+        if output_weight is not None:
+            return linear_sampled_objective(
+                cfg, logits, output_weight, mb.token_ids, mb.old_logprobs, mb.teacher,
+                tp_group=tp_group, vocab_size=vocab_size,
+            )  # fmt: skip
         return sampled_objective(
             cfg, logits, mb.token_ids, mb.old_logprobs, mb.teacher, tp_group=tp_group,
             vocab_size=vocab_size,
+        )  # fmt: skip
+    if output_weight is not None:
+        if not (isinstance(mb.teacher, tuple) and len(mb.teacher) == 2):
+            raise ValueError(
+                "the fused exact objective needs mb.teacher = (teacher hidden states, teacher "
+                "output weight)"
+            )
+        return linear_exact_objective(
+            cfg, logits, output_weight, *mb.teacher, tp_group=tp_group, vocab_size=vocab_size,
+            grad_weights=mb.loss_mask.to(logits.dtype),
         )  # fmt: skip
     if not isinstance(mb.teacher, torch.Tensor):
         raise ValueError("the exact objective needs the teacher's logits shard as mb.teacher")
@@ -71,8 +99,12 @@ def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, 
 
 
 def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None,
-                   vocab_size=None):  # fmt: skip
+                   vocab_size=None, output_weight=None):  # fmt: skip
     """Build megatron's loss_func for one micro-batch.
+
+    `output_weight` [V_pad / tp, h]: the loss is fused with the output layer and loss_func takes
+    the student's final hidden states [b, s, h] (`output_layer.hidden_states_output`) instead of
+    logits (see `compute_per_token_loss`).
 
     loss_func(output_tensor [b, s, V_pad / tp]) -> (loss_sum [], num_tokens [] int, reported)
     where loss_sum = sum over valid tokens of L_t (gradient to the student logits) and reported
@@ -83,7 +115,9 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
     """
 
     def loss_func(output_tensor):
-        per_token, metrics = compute_per_token_loss(cfg, output_tensor, mb, tp_group, vocab_size)
+        per_token, metrics = compute_per_token_loss(
+            cfg, output_tensor, mb, tp_group, vocab_size, output_weight
+        )
         mask = mb.loss_mask.to(torch.bool)
         if mask.shape != per_token.shape:
             raise ValueError(

@@ -373,3 +373,34 @@ def test_bad_input_raises_value_error(call, match):
     w = torch.randn(10, 4)
     with pytest.raises(ValueError, match=match):
         call(h, w)
+
+
+def test_loss_func_fused_with_the_output_layer():
+    """megatron's loss_func on hidden states + output weight (sampled and exact forms) equals the
+    loss_func on logits: token sum, reported metrics and gradients to hidden and weight."""
+    g = torch.Generator().manual_seed(6)
+    hs = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)  # [b, s, h]
+    ws = torch.randn(64, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(3, 5, 8, generator=g).double(), torch.randn(64, 8, generator=g).double()
+    y = torch.randint(0, 60, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    payload = L.vocab_parallel_linear_teacher_payload(ht, wt, y, 4, vocab_size=60)
+    old = payload.token_logprobs + 0.2
+    for form, teacher_u, teacher_f in (
+        ("sampled", payload, payload),
+        ("exact", ht @ wt.T, (ht, wt)),
+    ):
+        cfg = L.ObjectiveConfig(name="eopd", form=form, top_k=4, entropy_threshold=3.0)
+        out = []
+        for fused in (False, True):
+            mb = L.DistillMicroBatch(y, mask, teacher_f if fused else teacher_u, old)
+            fn = L.make_loss_func(cfg, mb, vocab_size=60, output_weight=ws if fused else None)
+            loss_sum, n, rep = fn(hs if fused else hs @ ws.T)
+            out.append((loss_sum, n, rep, torch.autograd.grad(loss_sum * 0.5, (hs, ws))))
+        (lu, nu, ru, gu), (lf, nf, rf, gf) = out
+        R.assert_close(lf, lu, torch.float64, what=form)
+        assert int(nf) == int(nu) and rf.keys() == ru.keys()
+        for key in ru:
+            R.assert_close(rf[key], ru[key], torch.float32, what=f"{form} {key}")
+        for a, b in zip(gf, gu):
+            R.assert_close(a, b, torch.float64, "grad", form)
