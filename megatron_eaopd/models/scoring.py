@@ -94,16 +94,24 @@ def score_for_student(
     dp_s = s_layout.dp
     dp_t, pp_t = t_layout.dp, t_layout.pp
 
+    # a bad input is reported through the shape all-gather, so every rank raises (no rank is
+    # left waiting in a collective): count -1 = shapes differ, -2 = position ids not 0..s-1
     shapes = {tuple(b["tokens"].shape) for b in batches}
-    if len(shapes) > 1:
-        raise ValueError(f"score_for_student: micro-batches of different shapes {sorted(shapes)}")
-    b_loc, s_loc = shapes.pop() if shapes else (0, 0)
-    for mb in batches:
+    b_loc, s_loc = next(iter(shapes)) if shapes else (0, 0)
+    count = len(batches) if len(shapes) <= 1 else -1
+    for mb in batches if count >= 0 else ():
         pos = mb.get("position_ids")
         if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_loc).expand(b_loc, -1)):
-            raise ValueError("score_for_student: position_ids must be 0 .. s-1 on every row")
-    mine = torch.tensor([[len(batches), b_loc, s_loc]], dtype=torch.long, device=device)
+            count = -2
+    mine = torch.tensor([[count, b_loc, s_loc]], dtype=torch.long, device=device)
     meta = all_gather_rows(mine, dist.group.WORLD).cpu().view(-1, 3)
+    bad = {int(r): int(meta[r, 0]) for r in range(meta.shape[0]) if meta[r, 0] < 0}
+    if bad:
+        why = {-1: "micro-batches of different shapes on one rank (pad them to one [b, s])",
+               -2: "position_ids that are not 0 .. s-1 on every row"}  # fmt: skip
+        raise ValueError(
+            "score_for_student: " + "; ".join(f"rank {r}: {why[c]}" for r, c in sorted(bad.items()))
+        )
     _check_replica_agreement(meta, table, S_)
 
     # the global list of micro-batches: (replica, local index, rows, width)

@@ -65,7 +65,7 @@ def layout_table(layouts: Sequence) -> LayoutTable:
     """
     from megatron_eaopd.parallel.init import compute_device
 
-    key = tuple(layouts)
+    key = tuple(layouts)  # this rank's coordinates; the cache is cleared whenever layouts change
     if key in _TABLES:
         return _TABLES[key]
     mine = torch.tensor(

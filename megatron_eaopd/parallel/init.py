@@ -198,7 +198,10 @@ def initialize_parallel(
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        if _LAYOUTS:  # groups of registered layouts stay usable: forget them, do not destroy
+            _forget_model_parallel()
+        else:
+            parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -209,6 +212,20 @@ def initialize_parallel(
     layout = current_layout()
     logger.info("parallel layout: tp=%d pp=%d vpp=%s dp=%d (world %d)", tp, pp, vpp, dp, world_size)
     return layout
+
+
+def _forget_model_parallel() -> None:
+    """Reset megatron's parallel-state globals like ``destroy_model_parallel`` but without
+    destroying any process group (megatron destroys its gloo groups there), so layouts registered
+    with :func:`use_layout` keep working groups."""
+    from megatron.core import parallel_state
+
+    original = dist.destroy_process_group
+    dist.destroy_process_group = lambda *args, **kwargs: None
+    try:
+        parallel_state.destroy_model_parallel()
+    finally:
+        dist.destroy_process_group = original
 
 
 def current_layout() -> ParallelLayout:
@@ -301,6 +318,9 @@ def initialize_layouts(
         except ValueError as exc:
             raise ValueError(f"layout {name!r}: {exc}") from None
     _LAYOUTS.clear()
+    from megatron_eaopd.parallel.exchange import _TABLES
+
+    _TABLES.clear()  # rank tables of earlier layouts
     for name, (tp, pp, vpp) in layouts.items():
         layout = initialize_parallel(tp, pp, vpp, seed=seed, timeout_minutes=timeout_minutes)
         _LAYOUTS[name] = (layout, _capture_state())
@@ -371,6 +391,7 @@ def add_layout(
     ``initialize_model_parallel``.
     """
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel import random as megatron_random
 
     if _ACTIVE[0] is None or _ACTIVE[0] not in _LAYOUTS:
         raise RuntimeError("register the current layout first (register_current_layout)")
@@ -379,12 +400,16 @@ def add_layout(
     tracker_states = tracker.get_states()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    from megatron_eaopd.parallel.exchange import _TABLES
+
+    _TABLES.clear()
     try:
         layout = initialize_parallel(tp, pp, vpp, seed=seed)
         _LAYOUTS[name] = (layout, _capture_state())
     finally:
         _restore_state(previous)
         _ACTIVE[0] = previous_name
+        megatron_random._CUDA_RNG_STATE_TRACKER = tracker  # seeding made a new tracker object
         tracker.set_states(tracker_states)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

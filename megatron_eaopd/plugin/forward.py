@@ -51,9 +51,10 @@ def eopd_forward_step(objective, vocab_size: int):
     Collectives in loss_func: one TP all-gather (sampled form) or one (exact form); backward none.
     """
     from megatron_eaopd.losses import DistillMicroBatch, make_loss_func
+    from megatron_eaopd.trainer.batches import on_device
 
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = on_device(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], None)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb.get("teacher"),
                                   mb.get("old_logprobs"))  # fmt: skip

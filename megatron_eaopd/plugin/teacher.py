@@ -62,6 +62,11 @@ class EOPDTeacher:
             use_layout,
         )
 
+        if ps.get_context_parallel_world_size() > 1:
+            raise ValueError(
+                "context parallelism (CP > 1) is not supported: the teacher payload and the loss "
+                "take whole sequences per rank"
+            )
         if _ACTIVE[0] != STUDENT_LAYOUT:
             register_current_layout(STUDENT_LAYOUT)
         tp = tp or ps.get_tensor_model_parallel_world_size()
@@ -130,6 +135,7 @@ class EOPDTeacher:
         from megatron.core import parallel_state as ps
 
         from megatron_eaopd.parallel.init import use_layout
+        from megatron_eaopd.trainer.batches import on_device
 
         mine = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
         with use_layout(TEACHER_LAYOUT):
@@ -142,4 +148,5 @@ class EOPDTeacher:
             )
         with use_layout(TEACHER_LAYOUT):
             for mb in micro_batches:
-                mb["teacher"] = self.frozen(mb["tokens"], mb["position_ids"], None).float()
+                dev = on_device({"tokens": mb["tokens"], "position_ids": mb["position_ids"]})
+                mb["teacher"] = self.frozen(dev["tokens"], dev["position_ids"], None).float()

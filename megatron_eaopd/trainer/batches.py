@@ -16,7 +16,25 @@ import torch
 from megatron_eaopd.losses import TeacherPayload
 from megatron_eaopd.rollout import RolloutBatch
 
-__all__ = ["attach_teacher", "collate", "split_micro_batches", "sft_micro_batches"]
+__all__ = ["attach_teacher", "collate", "on_device", "split_micro_batches", "sft_micro_batches"]
+
+
+def on_device(mb: dict) -> dict:
+    """The micro-batch with its tensors (and a TeacherPayload's) on the compute device (the
+    current CUDA device with CUDA, else the CPU): rollouts and collated batches are built on the
+    CPU. No copy when they are there already."""
+    from megatron_eaopd.parallel.init import compute_device
+
+    device = compute_device()
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, TeacherPayload):
+            return TeacherPayload(*(f.to(device, non_blocking=True) for f in v))
+        return v
+
+    return {k: move(v) for k, v in mb.items()}
 
 
 def collate(rollouts: RolloutBatch, pad_id: int, seq_len: int | None = None) -> dict:

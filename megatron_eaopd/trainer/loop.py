@@ -60,6 +60,12 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
             "parallel.student.vpp must be null: rollouts need one model chunk per rank "
             "(pipeline parallelism without virtual stages works, parallel.student.pp > 1)"
         )
+    if cfg.parallel.teacher.vpp is not None:
+        problems.append(
+            "parallel.teacher.vpp must be null: the interleaved schedule needs at least pp "
+            "micro-batches per teacher replica, which the scoring shares do not guarantee (use "
+            "parallel.teacher.pp without virtual stages)"
+        )
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)
     if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
@@ -139,6 +145,13 @@ class Trainer:
         if self.rank0:
             save_resolved(cfg, os.path.join(cfg.training.output_dir, "config.yaml"))
         student_cfg, teacher_cfg = model_configs(cfg, data.vocab_size)
+        for who, mc in (("student", student_cfg), ("teacher", teacher_cfg)):
+            if data.vocab_size > mc.vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {data.vocab_size} tokens but the {who} model only "
+                    f"{mc.vocab_size} embedding rows (model.{who}.vocab_size or its config.json): "
+                    "check tokenizer.path, the tokenizer must be the models' own"
+                )
         t0 = time.perf_counter()
         root = None
         if not cfg.model.teacher_hf:

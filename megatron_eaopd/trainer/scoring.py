@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from megatron_eaopd.trainer.batches import attach_teacher
+from megatron_eaopd.trainer.batches import attach_teacher, on_device
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
 
 __all__ = ["attach_teacher_logits", "score_with_teacher"]
@@ -45,4 +45,5 @@ def attach_teacher_logits(teacher, micro_batches: list[dict]) -> None:
 
     with use_layout(TEACHER):
         for mb in micro_batches:
-            mb["teacher"] = teacher(mb["tokens"], mb["position_ids"], None).float()
+            dev = on_device({"tokens": mb["tokens"], "position_ids": mb["position_ids"]})
+            mb["teacher"] = teacher(dev["tokens"], dev["position_ids"], None).float()

@@ -75,7 +75,9 @@ def _examples(data, max_len: int, num_problems=None) -> list[tuple[list[int], li
 
 def _exists_everywhere(path: str) -> bool:
     """Rank 0's view of whether ``path`` exists, shared with every rank (one broadcast)."""
-    flag = torch.tensor([1 if os.path.isfile(path) else 0])
+    from megatron_eaopd.parallel.init import compute_device
+
+    flag = torch.tensor([1 if os.path.isfile(path) else 0], device=compute_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(flag, src=0)
     return bool(flag.item())

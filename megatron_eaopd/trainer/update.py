@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_eaopd.losses import DistillMicroBatch, ObjectiveConfig, make_loss_func
 from megatron_eaopd.models.student import guarded_optimizer_step, run_forward_backward
+from megatron_eaopd.trainer.batches import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def distill_forward_step(objective: ObjectiveConfig, vocab_size: int):
     """
 
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = on_device(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], None)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb["teacher"], mb["old_logprobs"])
         return output, make_loss_func(objective, batch, vocab_size=vocab_size)
@@ -65,7 +66,7 @@ def sft_forward_step(vocab_size: int):
     from megatron_eaopd.losses import vocab_parallel_token_logprobs
 
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = on_device(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], None)
 
         def loss_func(logits):  # [b, s, V_pad / tp]

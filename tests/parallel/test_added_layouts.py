@@ -1,0 +1,83 @@
+"""Layouts added next to a caller's parallel state keep the caller's groups and RNG intact, and
+the teacher exchange reports a bad input on every rank instead of leaving some in a collective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.models import helpers
+
+
+def added_layout_worker(rank, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megatron_eaopd.parallel.init import (
+        add_layout,
+        initialize_parallel,
+        register_current_layout,
+        use_layout,
+    )
+
+    initialize_parallel(tp=1, pp=1, seed=3)  # the caller's own state: DP 2
+    register_current_layout("mine")
+    gloo = ps.get_data_parallel_group_gloo()
+    cpu_state = torch.get_rng_state()
+    tracker = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+    add_layout("other", 2, 1)
+    out = {"tp_after": ps.get_tensor_model_parallel_world_size()}
+    out["rng_kept"] = torch.equal(torch.get_rng_state(), cpu_state) and all(
+        torch.equal(v, tracker[k]) for k, v in get_cuda_rng_tracker().get_states().items()
+    )
+    t = torch.ones(1)
+    dist.all_reduce(t, group=gloo)  # the caller's gloo group still works
+    out["gloo_sum"] = float(t)
+    with use_layout("other"):
+        out["tp_other"] = ps.get_tensor_model_parallel_world_size()
+    out["dp_gloo_rank"] = dist.get_rank(group=ps.get_data_parallel_group_gloo())
+    return out
+
+
+def test_add_layout_keeps_the_callers_groups_and_rng():
+    for r in run_distributed(added_layout_worker, 2, timeout=240):
+        assert r["tp_after"] == 1 and r["tp_other"] == 2
+        assert r["rng_kept"] and r["gloo_sum"] == 2.0 and r["dp_gloo_rank"] in (0, 1)
+
+
+def bad_input_worker(rank, world):
+    from megatron_eaopd.models.builder import build_model
+    from megatron_eaopd.models.scoring import score_for_student
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import initialize_layouts, use_layout
+
+    cfg = helpers.preset("tiny-teacher")
+    initialize_layouts({"student": (1, 1, None), "teacher": (2, 1, None)})
+    with use_layout("teacher"):
+        teacher = FrozenTeacher(build_model(cfg))
+    batches = helpers.make_batches(2, 2, 6, cfg.vocab_size)
+    if rank == 1:  # one rank passes micro-batches of two shapes
+        batches += helpers.make_batches(1, 2, 9, cfg.vocab_size)
+    try:
+        score_for_student(teacher, batches, k=4, vocab_size=cfg.vocab_size)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_bad_input_on_one_rank_is_an_error_on_every_rank():
+    for message in run_distributed(bad_input_worker, 2, timeout=240):
+        assert message is not None and "rank 1: micro-batches of different shapes" in message
+
+
+@pytest.mark.parametrize("extra", [["parallel.teacher.pp=2", "parallel.teacher.vpp=2",
+                                    "model.teacher.layers=4"]])  # fmt: skip
+def test_trainer_refuses_an_interleaved_teacher(extra, monkeypatch, capsys):
+    from megatron_eaopd.cli import main
+    from tests.trainer.common import CONFIG
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", CONFIG, *extra]) == 2
+    assert "parallel.teacher.vpp must be null" in capsys.readouterr().err
