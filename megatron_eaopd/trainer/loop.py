@@ -220,8 +220,12 @@ class Trainer:
         self.sampler.load_state_dict(loaded.extra["sampler"])
         self.student.skipped_updates = int(loaded.extra.get("skipped_updates", 0))
         if loaded.extra.get("total_iterations", self.total) != self.total:
-            logger.warning("resuming with %d total iterations, the checkpoint planned %d",
-                           self.total, loaded.extra["total_iterations"])  # fmt: skip
+            logger.warning(
+                "resuming with %d total iterations, the checkpoint planned %d: the learning-rate "
+                "schedule (warm-up, decay horizon, peak and final lr) continues as saved in the "
+                "checkpoint (megatron's scheduler state), not from the new config",
+                self.total, loaded.extra["total_iterations"],
+            )  # fmt: skip
         if self.rank0:
             print(f"resumed from {loaded.path} (iteration {loaded.iteration})", flush=True)
 
