@@ -1,5 +1,6 @@
-"""Rollouts: KV-cache decoding equals full-recompute decoding, and the kept log-probs equal a fresh
-forward of the finished sequences (TP 1 and 2, PP 2, TP 2 x PP 2 on 4 processes; gloo)."""
+"""Rollouts: KV-cache decoding equals full-recompute decoding, and the kept log-probs and entropies
+equal a fresh forward of the finished sequences (TP 1 and 2, PP 2, TP 2 x PP 2 on 4 processes;
+gloo)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _prompts():
 def _rollout_worker(rank, world, params_kw, pp=1):
     from megatron.core import parallel_state as ps
 
-    from megatron_eaopd.losses import vocab_parallel_token_logprobs
+    from megatron_eaopd.losses import vocab_parallel_logprobs_and_entropy
     from megatron_eaopd.models.teacher import FrozenTeacher
     from megatron_eaopd.rollout import generate
 
@@ -86,13 +87,14 @@ def _rollout_worker(rank, world, params_kw, pp=1):
             logits = scored[0].transpose(0, 1)  # [s, b, V_pad / tp] -> [b, s, ...]
         labels = torch.roll(a.tokens, -1, dims=1)
         t_lp = params.logprob_temperature or params.temperature
-        fresh = vocab_parallel_token_logprobs(
-            logits.float(), labels, temperature=t_lp, vocab_size=VOCAB
+        fresh, fresh_ent = vocab_parallel_logprobs_and_entropy(
+            logits.float(), labels.unsqueeze(-1), temperature=t_lp, vocab_size=VOCAB
         )
     mask = a.response_mask()
     shifted = torch.roll(mask, -1, dims=1)  # logits at t-1 predict the response token at t
     shifted[:, -1] = False
-    torch.testing.assert_close(fresh[shifted], a.logprobs[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh[..., 0][shifted], a.logprobs[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh_ent[shifted], a.entropies[mask], atol=1e-5, rtol=1e-5)
     return _summary(a, eos)
 
 
