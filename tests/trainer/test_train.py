@@ -167,8 +167,10 @@ def test_cli_rejects_bad_config_before_any_compute(tmp_path, capsys, monkeypatch
     assert main(["--config", CONFIG, *over]) == 2
     assert "max_prompt_tokens=5" in capsys.readouterr().err
     vpp = ["parallel.student.pp=2", "parallel.student.vpp=2", "model.student.layers=4"]
+    monkeypatch.setenv("WORLD_SIZE", "4")  # TP 2 x PP 2
     assert main(["--config", CONFIG, *vpp]) == 2
     assert "parallel.student.vpp must be null" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--config", CONFIG, "loss.objective=eopd_exact", "parallel.teacher.tp=1"]) == 2
     assert "parallel.teacher.tp=2" in capsys.readouterr().err
 
