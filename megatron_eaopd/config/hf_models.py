@@ -9,7 +9,6 @@ that differ are refused here, when the config is loaded: before any process grou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -41,19 +40,22 @@ def schema_shape(mc) -> dict:
 
 
 def tokenizer_fingerprint(folder: str) -> str | None:
-    """A hash of the token -> id mapping in ``folder/tokenizer.json`` (vocabulary and added
-    tokens; not the chat template or other settings); None when the folder has no such file."""
+    """``models.vocab_check``'s fingerprint of the token -> id mapping in
+    ``folder/tokenizer.json`` (vocabulary and added tokens; not the chat template or other
+    settings), read without transformers; None when the folder has no such file."""
+    from megatron_eaopd.models.vocab_check import tokenizer_fingerprint as fingerprint
+
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    vocab = (data.get("model") or {}).get("vocab")
+    vocab = (data.get("model") or {}).get("vocab") or {}
     if isinstance(vocab, list):  # unigram: [[piece, score], ...]
         vocab = {piece[0]: i for i, piece in enumerate(vocab)}
-    added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
-    blob = json.dumps([sorted((vocab or {}).items()), added], ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    table = dict(vocab)
+    table.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+    return fingerprint(table).digest
 
 
 def resolve_hf_models(cfg, data: dict, problems: list) -> None:

@@ -31,9 +31,7 @@ def prepare_logits(
         raise ValueError(
             f"{name} must have shape [..., V/tp] with at least 2 dims, got {list(logits.shape)}"
         )
-    ok = isinstance(temperature, (int, float)) and math.isfinite(temperature)
-    if not (ok and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     group = resolve_tp_group(tp_group)
     rank, size = tp_rank_and_size(group)
     width = logits.shape[-1]
@@ -115,3 +113,10 @@ def merge_single(m: torch.Tensor, z: torch.Tensor, a: torch.Tensor):
     a_g = (w * (a + dm * z)).sum(0)
     log_z = torch.log(z_g)
     return big_m + log_z, log_z - a_g / z_g
+
+
+def check_temperature(temperature) -> None:
+    """ValueError unless ``temperature`` is a finite number > 0."""
+    ok = isinstance(temperature, (int, float)) and math.isfinite(temperature)
+    if not (ok and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

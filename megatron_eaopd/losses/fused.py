@@ -33,7 +33,6 @@ collective, as for the output layer. Teacher hidden states and weights get no gr
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -42,6 +41,7 @@ from megatron_eaopd.losses import _kernels as K
 from megatron_eaopd.losses._common import (
     _FLOAT_DTYPES,
     check_gathered,
+    check_temperature,
     check_token_ids,
     stats_buffer,
 )
@@ -104,9 +104,7 @@ def prepare_linear(hidden, weight, name: str, tp_group, vocab_size, temperature)
         raise ValueError(
             f"{name}_hidden ({hidden.dtype}) and {name}_weight ({weight.dtype}) must share a dtype"
         )
-    ok = isinstance(temperature, (int, float)) and math.isfinite(temperature)
-    if not (ok and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     group = resolve_tp_group(tp_group)
     rank, size = tp_rank_and_size(group)
     shard = vocab_shard(weight.shape[0], rank, size, vocab_size)

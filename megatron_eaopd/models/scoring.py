@@ -78,17 +78,14 @@ def score_for_student(
     from megatron_eaopd.losses import TeacherPayload
     from megatron_eaopd.parallel.exchange import exchange, layout_table, spread
     from megatron_eaopd.parallel.groups import all_gather_rows
-    from megatron_eaopd.parallel.init import compute_device, use_layout
+    from megatron_eaopd.parallel.init import compute_device, registered_layout, use_layout
 
     if vocab_size >= 2**24:
         raise ValueError(f"vocab_size={vocab_size} too large for the fp32 id transport (< 2**24)")
     batches = list(batches)
     device = compute_device()
     me = dist.get_rank()
-    with use_layout(student_layout) as s_layout:
-        pass
-    with use_layout(teacher_layout) as t_layout:
-        pass
+    s_layout, t_layout = registered_layout(student_layout), registered_layout(teacher_layout)
     table = layout_table([s_layout, t_layout])
     S_, T_ = 0, 1
     dp_s = s_layout.dp

@@ -344,6 +344,13 @@ def activate_layout(name: str) -> ParallelLayout:
     return layout
 
 
+def registered_layout(name: str) -> ParallelLayout:
+    """This rank's ParallelLayout of the registered layout ``name`` (not activated)."""
+    if name not in _LAYOUTS:
+        raise KeyError(f"no layout {name!r}; registered: {sorted(_LAYOUTS)}")
+    return _LAYOUTS[name][0]
+
+
 def active_layout_name() -> str | None:
     """Name of the active registered layout (None when initialize_layouts was not used)."""
     return _ACTIVE[0]

@@ -68,6 +68,11 @@ def collate(rollouts: RolloutBatch, pad_id: int, seq_len: int | None = None) -> 
     }
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest micro-batch size <= ``at_most`` that splits ``n`` rows evenly (>= 1)."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
     """Consecutive row slices of ``micro_batch_size`` (the row count must divide evenly)."""
     b = next(iter(batch.values())).shape[0]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_eaopd.data.task import Problem
 from megatron_eaopd.eval import summarize_samples
 from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
-from megatron_eaopd.trainer.batches import collate, split_micro_batches
+from megatron_eaopd.trainer.batches import collate, largest_divisor, split_micro_batches
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
 from megatron_eaopd.trainer.scoring import score_with_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
@@ -203,7 +203,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     mbs = cfg.rollout.micro_batch_size
     micro, seq = [], 0
     if rollouts is not None and len(rollouts) > 0:  # None: this replica had no prompts
-        mbs = _largest_divisor(len(rollouts), mbs)
+        mbs = largest_divisor(len(rollouts), mbs)
         batch = collate(rollouts, pad_id_of(data.tokenizer))
         micro = split_micro_batches(batch, mbs)
         seq = batch["tokens"].shape[1]
@@ -231,7 +231,3 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     n_gated = means["gate"] * n
     out.update(n=n, n_gated=n_gated, fkl_gated=means["fkl_gated"] * n_gated)
     return out
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)

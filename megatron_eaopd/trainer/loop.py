@@ -145,13 +145,13 @@ class Trainer:
         if self.rank0:
             save_resolved(cfg, os.path.join(cfg.training.output_dir, "config.yaml"))
         student_cfg, teacher_cfg = model_configs(cfg, data.vocab_size)
-        for who, mc in (("student", student_cfg), ("teacher", teacher_cfg)):
-            if data.vocab_size > mc.vocab_size:
-                raise ValueError(
-                    f"the tokenizer has {data.vocab_size} tokens but the {who} model only "
-                    f"{mc.vocab_size} embedding rows (model.{who}.vocab_size or its config.json): "
-                    "check tokenizer.path, the tokenizer must be the models' own"
-                )
+        from megatron_eaopd.models.vocab_check import (
+            check_vocab_compatibility,
+            tokenizer_fingerprint,
+        )
+
+        shared = tokenizer_fingerprint(data.tokenizer)  # one tokenizer serves both models
+        check_vocab_compatibility(shared, shared, teacher_cfg.vocab_size, student_cfg.vocab_size)
         t0 = time.perf_counter()
         root = None
         if not cfg.model.teacher_hf:

@@ -227,7 +227,7 @@ def distill_on_rollouts(
     import time
 
     from megatron_eaopd.parallel.init import use_layout
-    from megatron_eaopd.trainer.batches import collate, split_micro_batches
+    from megatron_eaopd.trainer.batches import collate, largest_divisor, split_micro_batches
     from megatron_eaopd.trainer.build import STUDENT
     from megatron_eaopd.trainer.scoring import attach_teacher_logits, score_with_teacher
 
@@ -238,9 +238,7 @@ def distill_on_rollouts(
     if steps < 1 or rows % steps:
         raise ValueError(f"{rows} rollout rows do not split into {steps} optimizer steps")
     rows_per_step = rows // steps
-    mbs = max(
-        d for d in range(1, min(micro_batch_size, rows_per_step) + 1) if rows_per_step % d == 0
-    )
+    mbs = largest_divisor(rows_per_step, micro_batch_size)
     batch = collate(rollouts, pad_id)
     seq = batch["tokens"].shape[1]
     micro = split_micro_batches(batch, mbs)
