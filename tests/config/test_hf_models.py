@@ -1,0 +1,63 @@
+"""Models given as HF folders in the config: the shape comes from config.json, and a shape that
+disagrees, a folder with a project checkpoint, a missing config.json or two tokenizers that map
+tokens differently are refused when the config loads, naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from megatron_eaopd.config import ConfigError, load_config
+from tests.paper_configs import write_config
+
+PAPER = Path(__file__).resolve().parents[2] / "configs" / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
+
+
+def _folders(tmp):
+    return write_config(str(tmp), "Qwen3-8B"), write_config(str(tmp), "Qwen3-1.7B-Base")
+
+
+def _tokenizer(folder, vocab):
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump({"model": {"vocab": vocab}, "added_tokens": [{"id": 9, "content": "<e>"}]}, f)
+
+
+def _problems(overrides):
+    with pytest.raises(ConfigError) as err:
+        load_config(PAPER, overrides)
+    return dict(err.value.problems)
+
+
+def test_shape_comes_from_config_json_and_a_disagreeing_key_is_refused(tmp_path):
+    teacher, student = _folders(tmp_path)
+    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}"]
+    cfg = load_config(PAPER, hf)
+    assert (cfg.model.student.layers, cfg.model.student.hidden) == (28, 2048)
+    assert (cfg.model.teacher.layers, cfg.model.teacher.rope_base) == (36, 1e6)
+    assert load_config(PAPER, [*hf, "model.student.layers=28"]).model.student.layers == 28
+    problems = _problems([*hf, "model.student.layers=20", "model.teacher.qk_layernorm=false"])
+    assert (
+        "disagrees with" in problems["model.student.layers"]
+        and "28" in problems["model.student.layers"]
+    )
+    assert "model.teacher.qk_layernorm" in problems
+
+
+def test_bad_folders_are_refused_with_the_key(tmp_path):
+    teacher, student = _folders(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    problems = _problems([f"model.teacher_hf={empty}", f"model.student_hf={student}"])
+    assert "config.json" in problems["model.teacher_hf"]
+    both = [f"model.teacher_hf={teacher}", f"model.student_hf={student}",
+            "model.student_checkpoint=ckpt"]  # fmt: skip
+    assert "not both" in _problems(both)["model.student_hf"]
+    _tokenizer(teacher, {"a": 0, "b": 1})
+    _tokenizer(student, {"a": 1, "b": 0})
+    problems = _problems([f"model.teacher_hf={teacher}", f"model.student_hf={student}"])
+    assert "different ids" in problems["model.student_hf"]
+    _tokenizer(student, {"a": 0, "b": 1})  # the same mapping: accepted
+    load_config(PAPER, [f"model.teacher_hf={teacher}", f"model.student_hf={student}"])
