@@ -11,6 +11,12 @@ tp * pp does not divide, settings that cannot run here (``config.checks.check_ru
 the tokenizer's vocabulary, missing or malformed prompt files, prompts longer than the limit) are
 reported before any process group or model is created, with exit status 2. Everything else is
 :class:`megatron_eaopd.trainer.Trainer`.
+
+Exit statuses: 0 when the run finished and when it stopped early after saving a checkpoint (on
+a preemption signal or the launcher's stop file: ``trainer.preemption``), 2 for a configuration
+or data problem, 1 for anything else. Under the project's sbatch scripts each rank also writes
+how it ended (``finished``, ``stopped``, ``config_error``, ``failed``) to ``EAOPD_STATUS_DIR``
+(``preemption.write_exit_status``): the batch script requeues only a run that stopped early.
 """
 
 from __future__ import annotations
@@ -59,7 +65,23 @@ def _print_before_after(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``--config FILE [key=value ...]``, train, return the exit status."""
+    """Parse ``--config FILE [key=value ...]``, train, return the exit status; record how this
+    rank ended in ``EAOPD_STATUS_DIR`` (a crash is recorded as ``failed 1``, then re-raised)."""
+    from megatron_eaopd.trainer.preemption import EXIT_FAILED, write_exit_status
+
+    try:
+        return _main(argv)
+    except SystemExit as exit_:  # argparse: 2 for a bad command line
+        code = exit_.code if isinstance(exit_.code, int) else 1
+        if code != 0:
+            write_exit_status("config_error" if code == 2 else "failed", code)
+        raise
+    except BaseException:
+        write_exit_status("failed", EXIT_FAILED)
+        raise
+
+
+def _main(argv: list[str] | None) -> int:
     from megatron_eaopd.config import ConfigError, build_arg_parser, check_run, load_config
     from megatron_eaopd.data import TaskError
 
@@ -83,17 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(cfg)  # every data check, before any compute
         check_run(cfg, world_size, data.vocab_size)  # top-k bounded by the vocabulary
     except (ConfigError, TaskError, ValueError) as err:
+        from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status
+
         print(f"eaopd-train: {err}", file=sys.stderr)
-        return 2
+        write_exit_status("config_error", EXIT_CONFIG)
+        return EXIT_CONFIG
 
     import torch.distributed as dist
 
     from megatron_eaopd.parallel.init import destroy_parallel
-    from megatron_eaopd.trainer.preemption import PreemptionHandler
+    from megatron_eaopd.trainer.preemption import (
+        EXIT_FINISHED,
+        PreemptionHandler,
+        write_exit_status,
+    )
 
     handler = PreemptionHandler().install()
     try:
         summary = run(cfg, handler, data)
+        stopped = bool(summary["stopped_early"])
         if rank == 0:
             final = summary.get("eval") or {}
             shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
@@ -104,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         handler.uninstall()
         destroy_parallel(destroy_process_group=dist.is_initialized())
-    return 0
+    write_exit_status("stopped" if stopped else "finished", EXIT_FINISHED, summary["iteration"])
+    return EXIT_FINISHED
 
 
 if __name__ == "__main__":

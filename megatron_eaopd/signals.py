@@ -31,8 +31,10 @@ __all__ = [
 ]
 
 #: Signals caught when none are given: ``EAOPD_PREEMPT_SIGNALS`` (comma list, e.g. "USR1,TERM"),
-#: else SIGUSR1, the signal the project's sbatch scripts ask Slurm for and forward.
-DEFAULT_SIGNALS = ("SIGUSR1",)
+#: else SIGUSR1 (what the project's sbatch scripts ask Slurm to send before the time limit) and
+#: SIGTERM (what Slurm sends to a job's steps when it preempts the job, GraceTime seconds before
+#: killing it, and what ``scancel`` sends). Each of them leads to a checkpoint and a clean stop.
+DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
 
 
 def parse_signals(spec: str | Iterable[str | int | signal.Signals]) -> tuple[signal.Signals, ...]:

@@ -326,7 +326,8 @@ class LoggingConfig:
     console: bool = True
     """Print metrics lines to stdout."""
     progress_bars: bool = True
-    """tqdm progress bars for rollouts and updates (rank 0)."""
+    """tqdm progress bars for rollouts and updates (rank 0), drawn only when stderr is a terminal:
+    never into a log file or a pipe (Slurm jobs)."""
     log_interval: int = _f(1, ge=1)
     """Log every this many iterations."""
     jsonl: bool = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -50,6 +51,14 @@ from megatron_eaopd.trainer.update import distill_on_rollouts, reduce_outputs, r
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "check_trainer_config"]
+
+
+def _on_terminal() -> bool:
+    """Whether stderr, where tqdm draws, is a terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
@@ -231,7 +240,9 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _bars_on(self) -> bool:
-        return self.cfg.logging.progress_bars and dist.get_rank() == 0
+        """Progress bars: asked for, rank 0, and stderr (tqdm's stream) is a terminal; in a log
+        file or a pipe each redraw would add a line fragment (and break srun's rank labels)."""
+        return self.cfg.logging.progress_bars and dist.get_rank() == 0 and _on_terminal()
 
     def progress(self, total: int, desc: str):
         """A tqdm bar on rank 0 when progress bars are on, else None."""
@@ -372,7 +383,13 @@ class Trainer:
             last_train = self.train_iteration(iteration)
             if iteration % cfg.logging.log_interval == 0 or iteration == self.total:
                 self.metrics_logger.log("train", iteration, last_train)
-            stopped = self.preemption is not None and self.preemption.should_stop()
+            # A stop request after the last iteration is not a stop: the run finishes (final
+            # evaluation, export) and reports itself finished, so it is not requeued.
+            stopped = (
+                iteration < self.total
+                and self.preemption is not None
+                and self.preemption.should_stop()
+            )
             if stopped:
                 self.save(iteration, self._due(cfg.training.eval_interval, iteration))
                 self._requeue()

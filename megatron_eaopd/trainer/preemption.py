@@ -15,6 +15,17 @@ script runs)::
             save_checkpoint(iteration)
             break
 
+A signal can be lost: the launcher may catch it before the training processes exist, or while
+they still ignore it (they start with it ignored so that it cannot kill them before the handler
+is installed). The launcher therefore also creates a *stop file* (``EAOPD_STOP_FILE``), which
+:meth:`PreemptionHandler.should_stop` checks once per call: a signal that arrived too early is
+remembered there and acted on at the first iteration.
+
+How the run ended goes back to the launcher through :func:`write_exit_status`: one line per
+rank in ``EAOPD_STATUS_DIR`` (set by the batch scripts), ``finished 0``, ``stopped 0`` (saved a
+checkpoint and stopped before the last iteration: requeue it), ``config_error 2`` or
+``failed 1``. torchrun replaces its workers' exit statuses with 1; these files keep them.
+
 Nothing here touches CUDA unless the process group's backend is NCCL, in which case the flag
 tensor lives on the current CUDA device.
 """
@@ -35,25 +46,43 @@ import torch.distributed as dist
 
 __all__ = [
     "DEFAULT_SIGNALS",
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_FINISHED",
+    "EXIT_STOPPED",
     "PreemptionHandler",
     "parse_signals",
     "preemption_signals_blocked",
     "requeue_job",
     "requeue_owned_by_batch_script",
     "slurm_job_id",
+    "write_exit_status",
 ]
 
 from megatron_eaopd.signals import DEFAULT_SIGNALS, parse_signals, preemption_signals_blocked
 
 logger = logging.getLogger(__name__)
 
+#: Exit statuses of the trainer and of the project's batch scripts (docs/slurm.md). The trainer
+#: exits 0 both when it finished and when it stopped early after a checkpoint; its status file
+#: (:func:`write_exit_status`) tells the two apart. A batch script exits EXIT_STOPPED when the run
+#: stopped early and was not requeued (requeueing off, the budget spent, ``scontrol requeue``
+#: failed): 75 is EX_TEMPFAIL of sysexits.h, "try again later".
+EXIT_FINISHED = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_STOPPED = 75
+STATUSES = ("finished", "stopped", "config_error", "failed")
+
 
 class PreemptionHandler:
     """Catch the pre-timeout signal and let all ranks agree, collectively, on when to stop.
 
     Args:
-        signals: signals to catch; default ``EAOPD_PREEMPT_SIGNALS`` or SIGUSR1.
+        signals: signals to catch; default ``EAOPD_PREEMPT_SIGNALS``, else SIGUSR1 and SIGTERM.
         group: process group for :meth:`should_stop`; None: the default (WORLD) group.
+        stop_file: a path whose existence counts as a received signal (checked by
+            :meth:`should_stop`); default ``EAOPD_STOP_FILE``; None or "": no stop file.
 
     The handler only records the signal (safe at any point of the Python program). Call
     :meth:`install` from the main thread; :meth:`uninstall` restores the previous handlers.
@@ -65,11 +94,16 @@ class PreemptionHandler:
         self,
         signals: str | Iterable[str | int | signal.Signals] | None = None,
         group: dist.ProcessGroup | None = None,
+        stop_file: str | os.PathLike | None = None,
     ):
         if signals is None:
             signals = os.environ.get("EAOPD_PREEMPT_SIGNALS") or DEFAULT_SIGNALS
         self.signals = parse_signals(signals)
         self.group = group
+        if stop_file is None:
+            stop_file = os.environ.get("EAOPD_STOP_FILE") or None
+        self.stop_file = os.fspath(stop_file) if stop_file else None
+        self._stop_file_seen = False
         self._received: signal.Signals | None = None
         self._received_at: float | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -83,8 +117,29 @@ class PreemptionHandler:
 
     @property
     def received(self) -> bool:
-        """True once this process caught one of the signals (local view, no communication)."""
-        return self._received is not None
+        """True once this process caught one of the signals or found the stop file (local view,
+        no communication; the stop file is looked at by :meth:`poll_stop_file`)."""
+        return self._received is not None or self._stop_file_seen
+
+    def poll_stop_file(self) -> bool:
+        """Look for the stop file (one ``stat``); True once it was seen. Never raises."""
+        if not self._stop_file_seen and self.stop_file is not None:
+            try:
+                self._stop_file_seen = os.path.exists(self.stop_file)
+            except OSError:  # an unreachable file system must not stop training
+                return False
+            if self._stop_file_seen and self._received_at is None:
+                self._received_at = time.monotonic()
+        return self._stop_file_seen
+
+    @property
+    def reason(self) -> str | None:
+        """Why this process wants to stop: the signal's name, "stop file PATH", or None."""
+        if self._received is not None:
+            return self._received.name
+        if self._stop_file_seen:
+            return f"stop file {self.stop_file}"
+        return None
 
     @property
     def received_signal(self) -> signal.Signals | None:
@@ -129,11 +184,13 @@ class PreemptionHandler:
 
         Collective: every rank of the group must call it at the same point of the loop (e.g.
         once per iteration). Communication: one all-reduce (MAX) of a single int32 per call;
-        without an initialised process group, the local flag is returned. Once True it stays
-        True without further communication, so ranks never disagree afterwards.
+        without an initialised process group, the local flag is returned. Each call also looks
+        for the stop file (one ``stat``), so one rank that sees it stops them all. Once True it
+        stays True without further communication, so ranks never disagree afterwards.
         """
         if self._stop_agreed:
             return True
+        self.poll_stop_file()
         local = 1 if self.received else 0
         if dist.is_available() and dist.is_initialized():
             backend = dist.get_backend(self.group)
@@ -195,3 +252,38 @@ def requeue_job(
         return False
     logger.info("requeued Slurm job %s", job_id)
     return True
+
+
+def write_exit_status(
+    status: str,
+    code: int,
+    iteration: int | None = None,
+    directory: str | os.PathLike | None = None,
+    rank: int | None = None,
+) -> str | None:
+    """Record how this rank ended for the launcher: the line ``STATUS CODE [ITERATION]`` in
+    ``<directory>/rank<RANK>`` (default: ``EAOPD_STATUS_DIR``; nothing is written without one).
+
+    ``status`` is one of ``finished``, ``stopped`` (checkpoint saved, iterations remain),
+    ``config_error``, ``failed``; ``code`` the exit status the process is about to return.
+    Written atomically (temporary file, rename). Never raises: a status that cannot be written
+    is logged, and the launcher then falls back on the exit status. Returns the path written.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"unknown exit status {status!r}; expected one of {STATUSES}")
+    directory = directory if directory is not None else os.environ.get("EAOPD_STATUS_DIR")
+    if not directory:
+        return None
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    path = os.path.join(os.fspath(directory), f"rank{rank}")
+    line = f"{status} {int(code)}" + (f" {int(iteration)}" if iteration is not None else "")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.warning("cannot write the exit status %r to %s: %s", line, path, err)
+        return None
+    return path

@@ -38,7 +38,7 @@ def test_parse_signals_accepts_names_numbers_and_lists():
 
 def test_default_signals_follow_the_environment(monkeypatch):
     monkeypatch.delenv("EAOPD_PREEMPT_SIGNALS", raising=False)
-    assert PreemptionHandler().signals == (signal.SIGUSR1,)
+    assert PreemptionHandler().signals == (signal.SIGUSR1, signal.SIGTERM)
     monkeypatch.setenv("EAOPD_PREEMPT_SIGNALS", "USR2,TERM")
     assert PreemptionHandler().signals == (signal.SIGUSR2, signal.SIGTERM)
 
