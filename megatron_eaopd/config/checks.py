@@ -2,7 +2,7 @@
 
 :func:`load_config` checks every field on its own and the cross-field rules of the schema.
 :func:`check_run` adds what depends on the job: the world size (``WORLD_SIZE``) must be a multiple
-of each model's ``tp * pp``; ``parallel.sequence_parallel`` is refused with its reason; the
+of each model's ``tp * pp``; ``parallel.sequence_parallel`` needs ``parallel.student.tp > 1``; the
 sampled form needs ``loss.temperature == rollout.temperature``; math-verify must be installed when
 ``eval.use_math_verify`` asks for it; and, once the tokenizer is known, every top-k is bounded by
 the vocabulary. It makes no collective and creates no process group, so the CLI calls it before
@@ -17,38 +17,27 @@ from megatron_eaopd.config.schema import EAOPDConfig
 __all__ = ["check_run", "run_problems", "sequence_parallel_problem"]
 
 
-def sequence_parallel_problem(cfg: EAOPDConfig, cuda_available: bool) -> str | None:
-    """Why ``parallel.sequence_parallel: true`` cannot run (None when it is false).
+def sequence_parallel_problem(cfg: EAOPDConfig, cuda_available: bool = True) -> str | None:
+    """Why ``parallel.sequence_parallel: true`` cannot run (None when it can, or is false).
 
-    Megatron-core 0.16 reads sequence parallelism in two ways: the embedding and the transformer
-    block read ``config.sequence_parallel`` at every forward, while ``ColumnParallelLinear`` /
-    ``RowParallelLinear`` copy it into ``self.sequence_parallel`` when they are built (and the
-    norm weights are tagged for the sequence-parallel gradient all-reduce). The rollouts decode
-    one token per step with a KV cache, which cannot be split over the sequence across tp ranks,
-    so they would need sequence parallelism switched off in every built layer and back on for the
-    updates; training and scoring sequences would also need padding to a multiple of tp. Neither
-    is implemented, so the key is refused rather than silently ignored.
+    Sequence parallelism applies to the student (``models.sequence_parallel``): megatron splits
+    its activations outside the tensor-parallel regions over the sequence across the student's
+    tp ranks, so it needs ``parallel.student.tp > 1``. It runs on GPU and on CPU (gloo has the
+    reduce-scatter and all-gather it needs since torch 2.x; without TE or apex the student's
+    norms are torch norms tagged for the sequence-parallel gradient all-reduce). Rollouts decode
+    with it switched off; training sequences are padded to a multiple of tp. ``cuda_available``
+    is kept for callers; nothing depends on it.
     """
     if not cfg.parallel.sequence_parallel:
         return None
-    reasons = []
-    tps = {who: getattr(cfg.parallel, who).tp for who in ("student", "teacher")}
-    if min(tps.values()) < 2:
-        reasons.append(
-            f"it needs tensor parallelism (parallel.student.tp={tps['student']}, "
-            f"parallel.teacher.tp={tps['teacher']}; both must be > 1)"
+    tp = cfg.parallel.student.tp
+    if tp < 2:
+        return (
+            f"true needs tensor parallelism for the student (parallel.student.tp={tp}; it must "
+            "be > 1): sequence parallelism splits the sequence over the tp ranks. Set "
+            "parallel.student.tp > 1 or parallel.sequence_parallel=false"
         )
-    if cfg.parallel.backend == "gloo" or not cuda_available:
-        reasons.append(
-            "on CPU (gloo) it cannot run at all: gloo has no reduce_scatter, which megatron's "
-            "sequence-parallel layers make in every forward"
-        )
-    reasons.append(
-        "it is not supported yet on GPU either: megatron's linear layers fix sequence "
-        "parallelism when they are built, and the one-token KV-cache decode of the rollouts "
-        "cannot be split over the sequence across tp ranks"
-    )
-    return "true is refused: " + "; ".join(reasons) + ". Set parallel.sequence_parallel=false"
+    return None
 
 
 def run_problems(
@@ -75,15 +64,14 @@ def run_problems(
                     f"{_divisors(world_size)}",
                 )
             )
-    if cfg.parallel.sequence_parallel or cfg.model.student.dtype != "fp32":
+    if cfg.model.student.dtype != "fp32":
         if cuda_available is None:
             import torch
 
             cuda_available = torch.cuda.is_available()
-    if cfg.parallel.sequence_parallel:
-        problems.append(
-            ("parallel.sequence_parallel", sequence_parallel_problem(cfg, cuda_available))
-        )
+    sp_problem = sequence_parallel_problem(cfg)
+    if sp_problem is not None:
+        problems.append(("parallel.sequence_parallel", sp_problem))
     if cfg.model.student.dtype != "fp32" and not cuda_available:
         problems.append(
             (
@@ -153,7 +141,7 @@ def check_run(
             ``loss.top_k``, ``rollout.top_k`` and ``eval.top_k``; None: only a non-zero
             ``model.*.vocab_size`` bounds them.
         cuda_available: whether CUDA is usable; None: ``torch.cuda.is_available()`` (read only
-            when ``parallel.sequence_parallel`` is true).
+            when ``model.student.dtype`` is not fp32).
         math_verify_installed: None: try the import (only when ``eval.use_math_verify`` is true).
 
     Raises:

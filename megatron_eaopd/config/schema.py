@@ -157,10 +157,11 @@ class ParallelConfig:
     backend: str = _f("auto", choices=("auto", "nccl", "gloo"))
     """torch.distributed backend; auto: nccl with CUDA, gloo otherwise."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism. Not supported yet: true is refused before anything starts,
-    with the reason (megatron's linear layers fix it when they are built while the one-token
-    KV-cache decode of the rollouts cannot be split over the sequence; on CPU, gloo has no
-    reduce_scatter; it needs tp > 1). See docs/parallelism.md."""
+    """Megatron sequence parallelism for the student: activations outside the tensor-parallel
+    regions are split over the sequence across its tp ranks (1 / tp of their memory). Needs
+    parallel.student.tp > 1 (refused otherwise); runs on GPU and on CPU (gloo). Update and
+    evaluation sequences are padded to a multiple of tp (masked); rollouts decode with it
+    switched off. The teacher and the warm starts run without it. See docs/parallelism.md."""
     make_vocab_size_divisible_by: int = _f(128, ge=1)
     """The vocabulary is padded to a multiple of this times the TP size (Megatron's rule)."""
 

@@ -19,9 +19,22 @@ import torch
 
 
 class _HiddenStates(torch.nn.Module):
-    """Stands in for megatron's ColumnParallelLinear output layer: returns its input."""
+    """Stands in for megatron's ColumnParallelLinear output layer: returns its input, under
+    sequence parallelism ([s / tp, b, h] per rank) all-gathered over the sequence as the output
+    layer does; its backward then keeps this rank's part of the gradient, which the fused loss has
+    already all-reduced over TP (``reduce_hidden_grad``)."""
+
+    def __init__(self, sequence_parallel: bool = False, tp_group=None):
+        super().__init__()
+        self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
+            )
         return hidden_states, None
 
 
@@ -55,7 +68,9 @@ def hidden_states_output(model):
     gpt = _unwrap(model)
     weight = output_layer_weight(gpt)
     layer = gpt.output_layer
-    gpt.output_layer = _HiddenStates()
+    gpt.output_layer = _HiddenStates(
+        bool(getattr(layer, "sequence_parallel", False)), getattr(layer, "tp_group", None)
+    )
     try:
         yield weight
     finally:

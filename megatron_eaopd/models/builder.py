@@ -54,8 +54,10 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None):
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = None, **overrides):
     """megatron TransformerConfig for `cfg` at tp x pp (x vpp). `overrides` go to TransformerConfig.
 
-    CPU-incompatible fusions (sequence parallel, gradient-accumulation fusion, RoPE fusion) are
-    off; with VPP on two pipeline stages batched p2p is off (megatron gives wrong results there).
+    Sequence parallelism is off unless `sequence_parallel=True` is among the overrides (see
+    `models.sequence_parallel`); CPU-incompatible fusions (gradient-accumulation fusion, RoPE
+    fusion) are off; with VPP on two pipeline stages batched p2p is off (megatron gives wrong
+    results there).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -86,7 +88,7 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = Non
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
-        sequence_parallel=False,
+        sequence_parallel=False,  # build_model(sequence_parallel=True) overrides it
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_activation_fusion=cfg.swiglu and on_gpu,
@@ -107,6 +109,7 @@ def build_model(
     *,
     use_te: bool | None = None,
     parallel_output: bool = True,
+    sequence_parallel: bool = False,
     **config_overrides,
 ) -> list:
     """Build this rank's GPTModel chunks for `cfg` under megatron's current parallel state.
@@ -116,20 +119,37 @@ def build_model(
     output layer producing [b, s, V_pad / tp] logits, or the per-token loss [b, s] when labels are
     given). The embedding has cfg.padded_vocab_size(tp) rows in total. No communication at build
     time beyond what megatron does for tied embeddings (none until the first gradient all-reduce).
+
+    `sequence_parallel`: megatron sequence parallelism (needs tp > 1; see
+    `models.sequence_parallel`): forwards then need a sequence length that is a multiple of tp,
+    and generation runs with it switched off (`sequence_parallel_off`). Without TE the local spec
+    gets norms tagged for the sequence-parallel gradient all-reduce.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+    from megatron_eaopd.models.sequence_parallel import local_layer_spec
     from megatron_eaopd.parallel.init import current_layout
 
     layout = current_layout()  # raises with the fix when the parallel state is not initialised
     tp, pp, vpp = layout.tp, layout.pp, layout.vpp
-    config = transformer_config(cfg, tp, pp, vpp, **config_overrides)
+    if sequence_parallel and tp < 2:
+        raise ValueError(f"sequence parallelism needs tensor parallelism (tp={tp}; it must be > 1)")
+    config = transformer_config(
+        cfg, tp, pp, vpp, **config_overrides, sequence_parallel=sequence_parallel
+    )
+    if use_te is None:
+        use_te = te_available()
     spec = layer_spec(cfg, use_te)
     vocab = cfg.padded_vocab_size(tp)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp is not None else None
+        if sequence_parallel and not use_te:  # torch norms refuse it: tagged ones instead
+            spec = local_layer_spec(
+                cfg.qk_layernorm, cfg.normalization, get_num_layers_to_build(config, stage)
+            )
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

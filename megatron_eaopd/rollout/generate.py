@@ -195,6 +195,8 @@ def generate(
         fast_decode: decode with ``FastDecoder`` (our lean forward of the same weights) where it
             supports the model (PP 1, local spec) and its first logits match megatron's forward;
             else megatron's forward with its ``StaticInferenceContext``.
+    A model built with sequence parallelism generates with it switched off
+    (``models.sequence_parallel.sequence_parallel_off``), restored on return.
     Returns:
         RolloutBatch (on every rank).
     Collectives per decoded position: 1 TP all-gather of [b, 6] float64 (plain sampling; top-k /
@@ -202,14 +204,27 @@ def generate(
     model's own TP all-reduces; under PP also 1 p2p send/recv of [n, b, h] hidden states between
     neighbouring stages and 1 broadcast of [3, b] from the last stage over the pipeline group.
     """
+    from megatron_eaopd.models.sequence_parallel import sequence_parallel_off
+
+    # a decode step feeds one position, which cannot be split over the TP ranks: a model built
+    # with sequence parallelism generates with it switched off (same weights, same function)
+    with sequence_parallel_off(model):
+        return _generate(
+            model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+            vocab_size=vocab_size, params=params, generator=generator, use_kv_cache=use_kv_cache,
+            max_batch=max_batch, progress=progress, compact_frac=compact_frac, stats=stats,
+            fast_decode=fast_decode,
+        )  # fmt: skip
+
+
+def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, params, generator,
+              use_kv_cache, max_batch, progress, compact_frac, stats, fast_decode):  # fmt: skip
     from megatron.core import parallel_state as ps
 
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
         if ps.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
             raise ValueError("rollouts under virtual pipeline parallelism are not supported")
-        if getattr(_bare_module(model).config, "sequence_parallel", False):
-            raise ValueError("rollouts under pipeline parallelism need sequence_parallel off")
     if not prompts:
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:

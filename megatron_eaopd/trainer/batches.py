@@ -37,13 +37,18 @@ def on_device(mb: dict) -> dict:
     return {k: move(v) for k, v in mb.items()}
 
 
-def collate(rollouts: RolloutBatch, pad_id: int, seq_len: int | None = None) -> dict:
+def collate(
+    rollouts: RolloutBatch, pad_id: int, seq_len: int | None = None, multiple: int = 1
+) -> dict:
     """Label-aligned tensors of a whole rollout batch.
 
     Args:
         rollouts: b sequences of width L.
         pad_id: id written into labels past each sequence (masked anyway).
         seq_len: pad (or keep) to this many positions; None: L.
+        multiple: then round the positions up to a multiple of this (sequence parallelism needs
+            a multiple of tp: ``models.sequence_parallel.sequence_multiple``). The added
+            positions hold pad tokens and are masked out of the loss.
     Returns:
         dict of "tokens", "labels", "position_ids" ([b, S] int64), "loss_mask" ([b, S] bool),
         "old_logprobs" ([b, S] fp32).
@@ -53,6 +58,9 @@ def collate(rollouts: RolloutBatch, pad_id: int, seq_len: int | None = None) -> 
     s = seq_len or width
     if s < width:
         raise ValueError(f"seq_len={s} is shorter than the rollouts ({width} tokens)")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    s = -(-s // multiple) * multiple
     padded = torch.full((b, s + 1), pad_id, dtype=torch.long)
     padded[:, :width] = tokens
     mask = torch.zeros(b, s + 1, dtype=torch.bool)
@@ -96,14 +104,19 @@ def attach_teacher(micro_batches: Sequence[dict], payloads: Sequence[TeacherPayl
 
 
 def sft_micro_batches(
-    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, micro_batch_size: int
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    micro_batch_size: int,
+    multiple: int = 1,
 ) -> tuple[list[dict], int]:
     """Supervised micro-batches from (token ids, loss mask) examples; returns (batches, S).
 
     Each micro-batch holds "tokens", "labels", "position_ids" [b, S] and "loss_mask" [b, S]
-    (label-aligned: True where the label is a solution or EOS token). S is the longest example.
+    (label-aligned: True where the label is a solution or EOS token). S is the longest example,
+    rounded up to a multiple of ``multiple`` (padding masked out).
     """
     s = max(len(ids) for ids, _ in examples)
+    s = -(-s // multiple) * multiple
     b = len(examples)
     padded = torch.full((b, s + 1), pad_id, dtype=torch.long)
     mask = torch.zeros(b, s + 1, dtype=torch.bool)

@@ -92,15 +92,18 @@ def optim_config(cfg: EAOPDConfig, total_steps: int):
     )
 
 
-def build_trainable(mcfg: ModelConfig, optim, seed: int, schedule: str = "cosine"):
+def build_trainable(
+    mcfg: ModelConfig, optim, seed: int, schedule: str = "cosine", sequence_parallel: bool = False
+):
     """Build chunks under the current layout, initialise them from ``seed`` (layout-invariant),
     wrap them in megatron DDP with AdamW and the LR schedule; return a ``Student``.
 
-    The model config gets ``calculate_per_token_loss=True`` (the losses return token sums).
+    The model config gets ``calculate_per_token_loss=True`` (the losses return token sums);
+    ``sequence_parallel``: megatron sequence parallelism (``models.sequence_parallel``).
     """
     from megatron_eaopd.models.student import setup_student
 
-    chunks = build_model(mcfg, calculate_per_token_loss=True)
+    chunks = build_model(mcfg, calculate_per_token_loss=True, sequence_parallel=sequence_parallel)
     init_weights_layout_invariant(chunks, seed)
     student = setup_student(chunks, optim)
     student.scheduler.lr_decay_style = schedule
@@ -112,6 +115,7 @@ def build_student(
 ):
     """The trainable student under the "student" layout.
 
+    With megatron sequence parallelism when ``parallel.sequence_parallel`` is true.
     Initialised from ``init_checkpoint`` or ``model.student_checkpoint`` when set (weights only,
     any layout), from the HF folder ``model.student_hf`` (each rank reads its own slices), else
     randomly from ``training.seed``. After loading, the optimizer's fp32 main copies of bf16 /
@@ -123,8 +127,9 @@ def build_student(
 
     with use_layout(STUDENT):
         student = build_trainable(
-            mcfg, optim_config(cfg, total_steps), cfg.training.seed, cfg.optimizer.lr_schedule
-        )
+            mcfg, optim_config(cfg, total_steps), cfg.training.seed, cfg.optimizer.lr_schedule,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )  # fmt: skip
         init_checkpoint = init_checkpoint or cfg.model.student_checkpoint
         if init_checkpoint:
             load_checkpoint(init_checkpoint, student.chunks, load_rng=False)

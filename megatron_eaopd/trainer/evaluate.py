@@ -193,6 +193,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     """Token sums of the entropy metrics on one set's student rollouts (all ranks agree)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_eaopd.models.sequence_parallel import sequence_multiple
     from megatron_eaopd.models.student import run_forward_backward
     from megatron_eaopd.parallel.init import compute_device, use_layout
 
@@ -204,7 +205,8 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     micro, seq = [], 0
     if rollouts is not None and len(rollouts) > 0:  # None: this replica had no prompts
         mbs = largest_divisor(len(rollouts), mbs)
-        batch = collate(rollouts, pad_id_of(data.tokenizer))
+        batch = collate(rollouts, pad_id_of(data.tokenizer),
+                        multiple=sequence_multiple(trainer.student.chunks))  # fmt: skip
         micro = split_micro_batches(batch, mbs)
         seq = batch["tokens"].shape[1]
     score_with_teacher(

@@ -226,6 +226,7 @@ def distill_on_rollouts(
     """
     import time
 
+    from megatron_eaopd.models.sequence_parallel import sequence_multiple
     from megatron_eaopd.parallel.init import use_layout
     from megatron_eaopd.trainer.batches import collate, largest_divisor, split_micro_batches
     from megatron_eaopd.trainer.build import STUDENT
@@ -239,7 +240,7 @@ def distill_on_rollouts(
         raise ValueError(f"{rows} rollout rows do not split into {steps} optimizer steps")
     rows_per_step = rows // steps
     mbs = largest_divisor(rows_per_step, micro_batch_size)
-    batch = collate(rollouts, pad_id)
+    batch = collate(rollouts, pad_id, multiple=sequence_multiple(student.chunks))
     seq = batch["tokens"].shape[1]
     micro = split_micro_batches(batch, mbs)
     if objective.form == "exact":

@@ -62,11 +62,6 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["rollout.temperature=0.7"], "loss.temperature", ["rollout.temperature=0.7"]),
         (["rollout.engine=auto"], "rollout.engine", ["removed"]),
         (
-            ["parallel.sequence_parallel=true"],
-            "parallel.sequence_parallel",
-            ["gloo has no reduce_scatter", "KV-cache decode"],
-        ),
-        (
             ["parallel.sequence_parallel=true", "parallel.student.tp=1"],
             "parallel.sequence_parallel",
             ["parallel.student.tp=1", "> 1"],
@@ -110,6 +105,8 @@ def test_check_run_lists_every_problem_at_once():
         [
             "rollout.temperature=0.5",
             "parallel.sequence_parallel=true",
+            "parallel.student.tp=1",
+            "parallel.student.pp=2",
             "eval.use_math_verify=true",
             "eval.top_k=50",
         ],
@@ -126,16 +123,20 @@ def test_check_run_lists_every_problem_at_once():
         "eval.top_k",
     ]
     sp = dict(err.value.problems)["parallel.sequence_parallel"]
-    assert "gloo" in sp  # tiny-cpu sets backend gloo even where CUDA exists
+    assert "parallel.student.tp=1" in sp
 
 
-def test_sequence_parallel_refused_on_gpu_too_with_the_reason(tmp_path):
+@pytest.mark.parametrize("cuda", [True, False])
+def test_sequence_parallel_accepted_with_student_tp_2_on_gpu_and_cpu(tmp_path, cuda):
+    """Sequence parallelism runs at student TP > 1 (tests/models/test_sequence_parallel.py), on
+    CPU too: only student TP 1 is refused."""
     path = REPO / "configs" / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
     cfg = load_config(path, ["parallel.sequence_parallel=true", *hf_overrides(path, str(tmp_path))])
-    with pytest.raises(ConfigError) as err:
-        check_run(cfg, 8, cuda_available=True)
-    (msg,) = [m for k, m in err.value.problems if k == "parallel.sequence_parallel"]
-    assert "gloo" not in msg and "not supported yet on GPU" in msg
+    from megatron_eaopd.config.checks import run_problems
+
+    keys = [k for k, _ in run_problems(cfg, 8, cuda_available=cuda, math_verify_installed=True)]
+    assert "parallel.sequence_parallel" not in keys
+    check_run(load_config(TINY, ["parallel.sequence_parallel=true"]), 2, cuda_available=cuda)
 
 
 def test_exact_form_allows_different_temperatures():
