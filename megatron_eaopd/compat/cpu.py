@@ -23,6 +23,10 @@ same program runs unchanged on a GPU cluster:
   tensor itself) and `pin_memory=True`. The mode is thread-local, so it is active in the thread that
   called `enable_cpu_compat()` (and in the autograd engine, which runs CPU backward in that thread).
 
+Megatron's sequence parallelism needs nothing here: gloo (torch 2.13) has the
+`reduce_scatter_tensor` and `all_gather_into_tensor` it makes; what refuses it on CPU is the torch
+norm of megatron's local spec, replaced by `models.sequence_parallel.SequenceParallelTorchNorm`.
+
 Cost: the function mode adds a Python call per torch op, a few ms per step of a tiny model.
 Everything is undone by `disable_cpu_compat()` (used by tests); `cpu_compat()` is the context
 manager form.
