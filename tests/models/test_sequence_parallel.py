@@ -64,6 +64,23 @@ def _rollouts(vocab: int):
     )  # fmt: skip
 
 
+def test_collate_pads_to_a_multiple_and_masks_the_padding():
+    """The padding sequence parallelism needs: same label-aligned prefix, pad tokens after it,
+    nothing of it in the loss mask."""
+    from megatron_eaopd.trainer.batches import collate
+
+    rollouts = _rollouts(50)
+    plain = collate(rollouts, pad_id=0)
+    assert plain["tokens"].shape[1] == 13
+    for multiple, width in ((1, 13), (2, 14), (4, 16), (13, 13)):
+        padded = collate(rollouts, pad_id=0, multiple=multiple)
+        assert padded["tokens"].shape[1] == width
+        for key, value in plain.items():
+            assert torch.equal(padded[key][:, :13], value), key
+        assert not padded["loss_mask"][:, 13:].any() and (padded["tokens"][:, 13:] == 0).all()
+        assert torch.equal(padded["position_ids"][0], torch.arange(width))
+
+
 def _strip_norm_tags(chunks) -> int:
     """Negative control: remove the sequence-parallel tag of every norm parameter."""
     n = 0
