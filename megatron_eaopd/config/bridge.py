@@ -77,4 +77,6 @@ def objective_kwargs(loss: LossConfig) -> dict[str, Any]:
         tail_bucket=bool(loss.tail_bucket),
         temperature=float(loss.temperature),
         chunk_size=None if loss.chunk_size is None else int(loss.chunk_size),
+        fused_output=loss.fused_output,
+        fused_chunk_size=None if loss.fused_chunk_size is None else int(loss.fused_chunk_size),
     )

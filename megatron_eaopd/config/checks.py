@@ -81,6 +81,14 @@ def run_problems(
                 "(model.student.dtype=fp32; the teacher may stay bf16)",
             )
         )
+    if cfg.loss.objective == "jsd" and cfg.loss.fused_output:
+        problems.append(
+            (
+                "loss.fused_output",
+                "true is refused for loss.objective=jsd, which has no loss fused with the output "
+                "layer; set loss.fused_output=null (or false)",
+            )
+        )
     if cfg.loss.form == "sampled" and cfg.loss.temperature != cfg.rollout.temperature:
         problems.append(
             (

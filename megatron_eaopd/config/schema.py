@@ -209,6 +209,22 @@ class LossConfig:
     fp32 [chunk_size, V_pad / tp] temporaries when the kernels run eagerly); null: about 2^24
     (eager) or 2^28 (compiled) logit values per chunk, or the env EAOPD_CHUNK_ELEMS (for
     benchmarks), divided by the shard width. Changes memory and speed, not the result."""
+    fused_output: bool | None = None
+    """Fuse the loss with the output layer: the trainer computes the student's loss from its final
+    hidden states and output weight shard, and the teacher's payload (sampled form) or its side
+    of the KL (exact form) from the teacher's hidden states, fused_chunk_size tokens at a time,
+    so no [tokens, V_pad / tp] logits tensor exists (peak loss memory 0.15x, CPU time 1.2x (exact,
+    one pass) to 1.35x (sampled) of the logits path at 4096 tokens x 32,768 columns:
+    docs/benchmarks.md). Applies to the student update, its teacher scoring and the evaluation's
+    student forward; the evaluation's teacher payload is always fused; rollouts keep logits (one
+    position per decode step). null: on for every objective but jsd, which has no fused form
+    (true with jsd is refused)."""
+    fused_chunk_size: int | None = _f(None, ge=1)
+    """Tokens per chunk of the fused loss and payload (loss.fused_output): each chunk
+    materialises a few [fused_chunk_size, V_pad / tp] logits and gradient buffers, recomputed in
+    backward; null: about 2^24 logit values per chunk (512 tokens at 32,768 columns), or the env
+    EAOPD_FUSED_CHUNK_ELEMS divided by the shard width. Changes memory and speed, not the
+    result."""
 
 
 @dataclass

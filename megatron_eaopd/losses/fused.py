@@ -11,7 +11,7 @@ inputs and O(n) per-token values are saved; transient memory is a few `[chunk, V
 buffers (student logits, teacher logits, their gradient) plus the `[V_pad / tp, h]` weight
 gradient (fp32 for bf16 weights), whatever the number of tokens.
 
-Chunk size: `chunk_size` tokens (the config's `loss.chunk_size`) when given, else about
+Chunk size: `chunk_size` tokens (the config's `loss.fused_chunk_size`) when given, else about
 `EAOPD_FUSED_CHUNK_ELEMS` (default 2**24) logit values per chunk: 512 tokens at 32,768 columns,
 64 MiB per fp32 chunk. Unlike the unfused kernels (whose compiled default is 2**28 values per
 chunk, since they only read logits that already exist), the matmul here materialises each chunk,
@@ -26,8 +26,10 @@ passes its input through `copy_to_tensor_model_parallel_region` (identity forwar
 backward), so every rank's hidden states receive the gradient of the full-vocabulary loss. Here it
 is inside: pass hidden states that did NOT go through that region. With `reduce_hidden_grad=False`
 each rank gets only its shard's contribution and the caller must all-reduce it (e.g. by feeding
-`copy_to_tensor_model_parallel_region(hidden)`). Sequence parallelism (hidden [s / tp, b, h]) is
-not supported (the trainer refuses it). The weight gradient is this rank's shard's, with no
+`copy_to_tensor_model_parallel_region(hidden)`). Under sequence parallelism pass the hidden
+states gathered over the sequence ([s, b, h]; `output_layer.hidden_states_output` does). The
+trainer uses these functions with `loss.fused_output` (`trainer.update.distill_forward_step`,
+`models.teacher.FrozenTeacher.score`). The weight gradient is this rank's shard's, with no
 collective, as for the output layer. Teacher hidden states and weights get no gradient.
 """
 

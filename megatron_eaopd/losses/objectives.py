@@ -69,6 +69,14 @@ class ObjectiveConfig:
     chunk_size: int | None = None
     """Tokens per row chunk of the vocab-parallel kernels (memory, not results); None: sized by
     `_kernels.row_chunk` (about 2**24 / 2**28 logit values per chunk, env EAOPD_CHUNK_ELEMS)."""
+    fused_output: bool | None = None
+    """Trainer only: compute the loss from the student's final hidden states and output weight
+    shard, chunk by chunk (`fused.py`), never the [s, b, V_pad / tp] logits; in the exact form the
+    teacher contributes its hidden states and weight instead of its logits. None: on for every
+    objective but `jsd` (which has no fused form); `use_fused` resolves it."""
+    fused_chunk_size: int | None = None
+    """Tokens per chunk of the fused functions (`fused.fused_row_chunk`; memory, not results);
+    None: about 2**24 logit values per chunk (env EAOPD_FUSED_CHUNK_ELEMS)."""
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
@@ -85,6 +93,19 @@ class ObjectiveConfig:
             not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size={self.chunk_size!r} must be None or an int >= 1")
+        if self.fused_chunk_size is not None and (
+            not isinstance(self.fused_chunk_size, int) or self.fused_chunk_size < 1
+        ):
+            raise ValueError(
+                f"fused_chunk_size={self.fused_chunk_size!r} must be None or an int >= 1"
+            )
+        if self.name == "jsd" and self.fused_output:
+            raise ValueError("objective 'jsd' has no fused form: set fused_output to False or None")
+
+    @property
+    def use_fused(self) -> bool:
+        """Whether the trainer fuses the loss with the output layer (`fused_output`, resolved)."""
+        return self.name != "jsd" if self.fused_output is None else bool(self.fused_output)
 
     def weights(self, teacher_entropy: torch.Tensor):
         """Per-token (w_rkl, w_fkl, gate), [s, b] each, no gradient; the gate reads H_T.
@@ -251,7 +272,8 @@ def linear_sampled_objective(
     ids = torch.cat([token_ids.unsqueeze(-1), teacher.topk_ids], dim=-1)
     logprobs, student_entropy = vocab_parallel_linear_logprobs_and_entropy(
         student_hidden, student_weight, ids, temperature=cfg.temperature, tp_group=tp_group,
-        vocab_size=vocab_size, chunk_size=cfg.chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+        vocab_size=vocab_size, chunk_size=cfg.fused_chunk_size,
+        reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
     return _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
 
@@ -282,6 +304,6 @@ def linear_exact_objective(
     loss, metrics = linear_pair_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, cfg.weights, grad_weights,
         temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size,
-        chunk_size=cfg.chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+        chunk_size=cfg.fused_chunk_size, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
     return loss, {k: v.detach().float() for k, v in metrics.items()}

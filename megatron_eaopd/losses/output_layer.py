@@ -22,11 +22,14 @@ class _HiddenStates(torch.nn.Module):
     """Stands in for megatron's ColumnParallelLinear output layer: returns its input, under
     sequence parallelism ([s / tp, b, h] per rank) all-gathered over the sequence as the output
     layer does; its backward then keeps this rank's part of the gradient, which the fused loss has
-    already all-reduced over TP (``reduce_hidden_grad``)."""
+    already all-reduced over TP (``reduce_hidden_grad``). Keeps the layer's ``weight`` as a plain
+    attribute (not a parameter of the stand-in): with tied embeddings on a last stage without the
+    embedding, GPTModel reads ``output_layer.weight`` in forward."""
 
-    def __init__(self, sequence_parallel: bool = False, tp_group=None):
+    def __init__(self, sequence_parallel: bool = False, tp_group=None, weight=None):
         super().__init__()
         self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
+        self.__dict__["weight"] = weight
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
@@ -49,6 +52,14 @@ def _unwrap(model):
     return model
 
 
+def is_last_stage(model) -> bool:
+    """Whether a (possibly DDP / Float16Module-wrapped) GPTModel chunk computes the output layer
+    (megatron's ``post_process``: the last pipeline stage)."""
+    while not hasattr(model, "post_process") and hasattr(model, "module"):
+        model = model.module
+    return bool(getattr(model, "post_process", False)) and hasattr(model, "output_layer")
+
+
 def output_layer_weight(model) -> torch.Tensor:
     """The vocab-parallel output weight [V_pad / tp, h] of a last-stage GPTModel (the shared
     embedding weight when the embeddings are tied)."""
@@ -69,7 +80,9 @@ def hidden_states_output(model):
     weight = output_layer_weight(gpt)
     layer = gpt.output_layer
     gpt.output_layer = _HiddenStates(
-        bool(getattr(layer, "sequence_parallel", False)), getattr(layer, "tp_group", None)
+        bool(getattr(layer, "sequence_parallel", False)),
+        getattr(layer, "tp_group", None),
+        getattr(layer, "weight", None),
     )
     try:
         yield weight
@@ -77,4 +90,4 @@ def hidden_states_output(model):
         gpt.output_layer = layer
 
 
-__all__ = ["hidden_states_output", "output_layer_weight"]
+__all__ = ["hidden_states_output", "is_last_stage", "output_layer_weight"]

@@ -47,6 +47,8 @@ def score_for_student(
     student_layout: str = "student",
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    fused: bool = True,
+    fused_chunk_size: int | None = None,
 ) -> list:
     """Score this rank's student micro-batches with a teacher that runs under its own layout.
 
@@ -55,6 +57,9 @@ def score_for_student(
     position-aligned sequences); identical on every rank of one student data-parallel replica.
     Replicas may pass different counts M_i (0 included), rows b_i and widths s_i.
     ``chunk_size``: tokens per chunk of the payload kernels (``loss.chunk_size``; memory only).
+    ``fused`` (``loss.fused_output``): the payload from the teacher's hidden states and output
+    weight, ``fused_chunk_size`` tokens at a time, never the [s, b, V_pad / tp] logits
+    (:meth:`FrozenTeacher.score`); the same payload up to float rounding.
 
     Steps (G = sum of M_i micro-batches, global index g = (replica i, local m)):
 
@@ -168,6 +173,8 @@ def score_for_student(
                 vocab_size=vocab_size,
                 temperature=temperature,
                 chunk_size=chunk_size,
+                fused=fused,
+                fused_chunk_size=fused_chunk_size,
             )
         for g, p in zip(share, payloads):  # empty unless this is the teacher's last stage
             _, _, b, s = index[g]

@@ -72,6 +72,8 @@ class FrozenTeacher:
         vocab_size: int | None = None,
         temperature: float = 1.0,
         chunk_size: int | None = None,
+        fused: bool = False,
+        fused_chunk_size: int | None = None,
     ) -> list:
         """Forward-only teacher pass over `batches` (one dict per micro-batch).
 
@@ -79,32 +81,54 @@ class FrozenTeacher:
         sampled at each position, when `payload_k` is set); optional "attention_mask". Returns on
         the last pipeline stage one entry per micro-batch: logits [s, b, V_pad / tp] (fp32), or
         with `payload_k` a TeacherPayload over the first `vocab_size` columns (the shared real
-        vocabulary); an empty list on other stages. Collectives: the pipeline p2p sends/receives,
-        the model's TP all-reduces, and one TP all-gather per micro-batch for the payload.
+        vocabulary); an empty list on other stages.
+
+        With `payload_k` and `fused` the last stage runs with its output layer swapped for an
+        identity (`losses.output_layer.hidden_states_output`) and the payload comes from the
+        final hidden states [s, b, h] and the output weight shard [V_pad / tp, h],
+        `fused_chunk_size` tokens at a time (`losses.vocab_parallel_linear_teacher_payload`):
+        transient memory one [chunk, V_pad / tp] logits chunk instead of the [s, b, V_pad / tp]
+        logits and their fp32 copy. Otherwise the payload kernels read the logits in chunks of
+        `chunk_size` tokens. Collectives: the pipeline p2p sends/receives, the model's TP
+        all-reduces, and one TP all-gather per micro-batch for the payload (either way).
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
+
         batches = list(batches)
+        fuse = fused and payload_k is not None
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            weight = None
+            if fuse and is_last_stage(model):
+                with hidden_states_output(model) as weight:
+                    output = model(*args)  # [b, s, h]
+            else:
+                output = model(*args)
 
-            def collect(logits, non_loss_data=True):  # logits: [b, s, V_pad / tp]
-                sb_logits = logits.transpose(0, 1).float().contiguous()
+            def collect(out, non_loss_data=True):  # [b, s, V_pad / tp] logits or [b, s, h]
+                labels = None
+                if payload_k is not None:
+                    labels = batch["labels"].transpose(0, 1).contiguous()
+                if weight is not None:
+                    from megatron_eaopd.losses import vocab_parallel_linear_teacher_payload
+
+                    return vocab_parallel_linear_teacher_payload(
+                        out.transpose(0, 1), weight, labels, payload_k, temperature=temperature,
+                        vocab_size=vocab_size, chunk_size=fused_chunk_size,
+                    )  # fmt: skip
+                sb_logits = out.transpose(0, 1).float().contiguous()
                 if payload_k is None:
                     return sb_logits
                 from megatron_eaopd.losses import vocab_parallel_teacher_payload
 
-                labels = batch["labels"].transpose(0, 1).contiguous()
                 return vocab_parallel_teacher_payload(
-                    sb_logits,
-                    labels,
-                    payload_k,
-                    temperature=temperature,
-                    vocab_size=vocab_size,
+                    sb_logits, labels, payload_k, temperature=temperature, vocab_size=vocab_size,
                     chunk_size=chunk_size,
-                )
+                )  # fmt: skip
 
             return output, collect
 

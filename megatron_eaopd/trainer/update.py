@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.losses import DistillMicroBatch, ObjectiveConfig, make_loss_func
+from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
 from megatron_eaopd.models.student import guarded_optimizer_step, run_forward_backward
 from megatron_eaopd.trainer.batches import on_device
 
@@ -43,14 +44,31 @@ def distill_forward_step(objective: ObjectiveConfig, vocab_size: int):
     """megatron forward_step_func for the distillation loss.
 
     Each micro-batch is a dict with "tokens", "position_ids", "labels", "loss_mask",
-    "old_logprobs" ([b, s]) and "teacher" (TeacherPayload with [b, s] / [b, s, k] fields).
-    The model returns [b, s, V_pad / tp] logits; loss_func is ``make_loss_func``'s.
+    "old_logprobs" ([b, s]) and "teacher" (TeacherPayload with [b, s] / [b, s, k] fields; in the
+    exact form the teacher's [b, s, V_pad / tp] logits shard, or with ``objective.use_fused`` the
+    pair (teacher hidden states [b, s, h_t], teacher output weight [V_pad / tp, h_t])).
+
+    Unfused: the model returns [b, s, V_pad / tp] logits and loss_func is ``make_loss_func``'s.
+    Fused (``objective.use_fused``, loss.fused_output): on the last pipeline stage the model runs
+    with its output layer swapped for an identity (``losses.output_layer.hidden_states_output``)
+    and returns the final hidden states [b, s, h]; loss_func gets them with the output weight
+    shard [V_pad / tp, h] (the shared embedding weight when tied) and computes the loss chunk by
+    chunk (``objective.fused_chunk_size`` tokens), so no [b, s, V_pad / tp] tensor exists. The
+    hidden-state gradient is all-reduced over TP inside the fused loss (the output layer's
+    ``copy_to_tensor_model_parallel_region`` is skipped with it); the weight gets its shard's
+    gradient, accumulated by DDP like any parameter's. Other pipeline stages are unchanged.
     """
 
     def forward_step(data_iterator, model):
         mb = on_device(next(data_iterator))
-        output = model(mb["tokens"], mb["position_ids"], None)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb["teacher"], mb["old_logprobs"])
+        if objective.use_fused and is_last_stage(model):
+            with hidden_states_output(model) as weight:
+                output = model(mb["tokens"], mb["position_ids"], None)
+            loss_func = make_loss_func(objective, batch, vocab_size=vocab_size,
+                                       output_weight=weight)  # fmt: skip
+            return output, loss_func
+        output = model(mb["tokens"], mb["position_ids"], None)
         return output, make_loss_func(objective, batch, vocab_size=vocab_size)
 
     return forward_step
@@ -219,7 +237,11 @@ def distill_on_rollouts(
     ``micro_batch_size`` rows, padded to the replica's longest sequence.
 
     The sampled form scores with :func:`trainer.scoring.score_with_teacher` (teacher at its own
-    layout); ``objective.form == "exact"`` attaches the teacher's logits shard instead.
+    layout); ``objective.form == "exact"`` attaches the teacher's logits shard instead, or with
+    ``objective.use_fused`` its hidden states and output weight. With ``objective.use_fused``
+    (loss.fused_output) the teacher payload and the student loss are computed from hidden states
+    chunk by chunk (``objective.fused_chunk_size``), never as [b, s, V_pad / tp] logits;
+    ``chunk_size`` (loss.chunk_size) sizes the unfused kernels' chunks.
     Returns {"micro": the micro-batches, "outputs": the reported loss pairs of this rank,
     "grad_norms": per step, "last": the last step's metrics, "time_teacher", "time_update"}.
     Collectives: the teacher exchange, then per step those of :func:`optimizer_step`.
@@ -243,12 +265,14 @@ def distill_on_rollouts(
     batch = collate(rollouts, pad_id, multiple=sequence_multiple(student.chunks))
     seq = batch["tokens"].shape[1]
     micro = split_micro_batches(batch, mbs)
+    fused = objective.use_fused
     if objective.form == "exact":
-        attach_teacher_logits(teacher, micro)
+        attach_teacher_logits(teacher, micro, fused=fused)
     else:
         score_with_teacher(
-            teacher, micro, k=top_k, vocab_size=vocab_size, temp=temperature, chunk_size=chunk_size
-        )
+            teacher, micro, k=top_k, vocab_size=vocab_size, temp=temperature, chunk_size=chunk_size,
+            fused=fused, fused_chunk_size=objective.fused_chunk_size,
+        )  # fmt: skip
     t1 = time.perf_counter()
     forward_step = distill_forward_step(objective, vocab_size)
     per_step = rows_per_step // mbs

@@ -322,7 +322,7 @@ def test_saved_for_backward_is_inputs_plus_per_token_values():
         saved.append((x.untyped_storage().data_ptr(), x.numel()))
         return x
 
-    cfg = L.ObjectiveConfig(top_k=8, chunk_size=16)
+    cfg = L.ObjectiveConfig(top_k=8, chunk_size=16, fused_chunk_size=16)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         loss, _ = L.vocab_parallel_linear_eopd_loss(hs, ws, ht, wt, chunk_size=16)
         pay = L.vocab_parallel_linear_teacher_payload(ht, wt, y, 8)
@@ -341,7 +341,9 @@ def test_linear_exact_objective_variants():
     ws = torch.randn(50, 10, generator=g, dtype=torch.float64, requires_grad=True)
     ht, wt = torch.randn(4, 2, 6, generator=g).double(), torch.randn(50, 6, generator=g).double()
     for name in ("opd", "eopd", "eopd_soft", "mix", "fkl"):
-        cfg = L.ObjectiveConfig(name=name, form="exact", entropy_threshold=3.0, chunk_size=3)
+        cfg = L.ObjectiveConfig(
+            name=name, form="exact", entropy_threshold=3.0, chunk_size=3, fused_chunk_size=3
+        )
         b, mb = L.exact_objective(cfg, hs @ ws.T, ht @ wt.T, vocab_size=45)
         (gb,) = (torch.autograd.grad(b.sum(), (hs, ws)),)
         for gw_ in (None, torch.ones(4, 2, dtype=torch.float64)):  # two passes, one pass
