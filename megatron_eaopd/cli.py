@@ -132,7 +132,7 @@ def _main(argv: list[str] | None) -> int:
                   flush=True)  # fmt: skip
             _print_before_after(cfg)
     finally:
-        handler.uninstall()
+        handler.uninstall(ignore=True)  # a late copy of the signal must not kill the exit
         destroy_parallel(destroy_process_group=dist.is_initialized())
     write_exit_status("stopped" if stopped else "finished", EXIT_FINISHED, summary["iteration"])
     return EXIT_FINISHED

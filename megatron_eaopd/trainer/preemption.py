@@ -166,10 +166,20 @@ class PreemptionHandler:
             signal.signal(sig, self._on_signal)
         return self
 
-    def uninstall(self) -> None:
-        """Restore the handlers that were in place before :meth:`install`."""
+    def uninstall(self, ignore: bool = False) -> None:
+        """Restore the handlers that were in place before :meth:`install`; with ``ignore``,
+        ignore the signals from now on instead.
+
+        Call it with ``ignore=True`` when the run is over and the process is about to exit: Slurm
+        delivers copies of a signal to every process of a step, a launcher forwards one more, and
+        a late copy must not kill a process that already saved and is shutting down (Python
+        resets its own handlers to the default action, which ends the process, at shutdown;
+        an ignored signal stays ignored)."""
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            if ignore:
+                signal.signal(sig, signal.SIG_IGN)
+            else:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
     def __enter__(self) -> PreemptionHandler:

@@ -5,13 +5,16 @@ the trainer's command line: ``--config FILE [dotted.key=value ...]``. It does wh
 does around the model: installs the preemption handler first, joins a gloo process group from the
 torch environment (torchrun or launch/slurm/task.sh), resumes from the latest checkpoint, runs
 iterations that each make one all-reduce, prints one metrics line per iteration on rank 0, saves
-its iteration counter atomically, and on the pre-timeout signal stops with all ranks at the same
-iteration, saves and exits 0 so the batch script requeues the job.
+its iteration counter atomically, and on a preemption signal (or the launcher's stop file) stops
+with all ranks at the same iteration, saves, writes its status ``stopped`` and exits 0 so the
+batch script requeues the job; a run that reached its last iteration reports ``finished``.
 
 Config keys read (same names as megatron_eaopd.config's schema; ``defaults:`` files are followed):
 ``training.iterations`` (default 20), ``training.output_dir``, ``training.checkpoint_dir``
 (default <output_dir>/checkpoints), ``training.checkpoint_interval`` (0: only at the end and on
-preemption) and ``standin.step_seconds`` (sleep per iteration, default 0.1).
+preemption), ``standin.step_seconds`` (sleep per iteration, default 0.1) and
+``standin.linger_seconds`` (sleep after the last iteration, before exiting: a window for a signal
+that comes after the run finished; default 0).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_eaopd.trainer.preemption import PreemptionHandler, requeue_job
+from megatron_eaopd.trainer.preemption import PreemptionHandler, requeue_job, write_exit_status
 
 CHECKPOINT_FILE = "latest.json"
 
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(training.get("output_dir") or "runs/standin")
     ckpt_dir = Path(training.get("checkpoint_dir") or output_dir / "checkpoints")
     interval = int(training.get("checkpoint_interval") or 0)
-    step_seconds = float((config.get("standin") or {}).get("step_seconds", 0.1))
+    standin = config.get("standin") or {}
+    step_seconds = float(standin.get("step_seconds", 0.1))
+    linger_seconds = float(standin.get("linger_seconds", 0))
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"iteration {iteration}/{total} | loss {value.item():.4f} | world {world}",
                 flush=True,
             )
-        if handler.should_stop():
+        if iteration < total and handler.should_stop():  # after the last one: finished
             stopped_at = iteration
             break
         if interval and iteration % interval == 0 and iteration < total:
@@ -129,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     if rank == 0:
         if stopped_at is not None:
-            sig = handler.received_signal
-            why = sig.name if sig is not None else "signal on another rank"
+            why = handler.reason or "signal on another rank"
             print(
                 f"standin: preempted ({why}) after iteration {stopped_at}, checkpoint saved",
                 flush=True,
@@ -138,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             requeue_job()  # no-op under the project's sbatch scripts (they requeue)
         else:
             print(f"standin: training done at iteration {total}", flush=True)
+    if stopped_at is None and linger_seconds > 0:
+        time.sleep(linger_seconds)
+        if rank == 0:
+            print(f"standin: exiting (signal while lingering: {handler.reason})", flush=True)
+    handler.uninstall(ignore=True)  # as the trainer: a late signal copy must not kill the exit
     dist.destroy_process_group()
+    write_exit_status("stopped" if stopped_at is not None else "finished", 0, last)
     return 0
 
 

@@ -1,0 +1,221 @@
+"""The launchers' helper functions (launch/common.sh, launch/slurm/lib.sh) and the trainer's side
+of the protocol with them (stop file, exit status files), checked without Slurm."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_eaopd import cli
+from megatron_eaopd.trainer import loop
+from megatron_eaopd.trainer.preemption import (
+    EXIT_CONFIG,
+    EXIT_STOPPED,
+    PreemptionHandler,
+    write_exit_status,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+def bash(snippet: str, env: dict[str, str] | None = None, path: str | None = None, stdin=""):
+    """Run `snippet` in bash after sourcing launch/slurm/lib.sh (which sources common.sh)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EAOPD_"))}
+    clean.pop("CUDA_VISIBLE_DEVICES", None)
+    clean.update(EAOPD_ROOT=str(ROOT), **(env or {}))
+    if path is not None:
+        clean["PATH"] = path
+    return subprocess.run(
+        [BASH, "-c", f'set -euo pipefail; source "$EAOPD_ROOT/launch/slurm/lib.sh"; {snippet}'],
+        env=clean,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _bin(tmp_path: Path, nvidia_smi: str | None) -> str:
+    """A PATH with date, grep and, if given, a fake nvidia-smi (a shell script body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("date", "grep", "cat"):
+        found = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True)
+        (bin_dir / tool).symlink_to(found.stdout.strip())
+    if nvidia_smi is not None:
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text(f"#!/bin/bash\n{nvidia_smi}\n")
+        fake.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"EAOPD_NPROC_PER_NODE": "3", "SLURM_GPUS_ON_NODE": "8"}, "3"),
+        ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "a100:4,v100:2"}, "6"),
+        ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "4"}, "8"),
+        ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "4"}, "4"),
+        ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,2,5"}, "3"),
+    ],
+)
+def test_processes_per_node_come_from_the_allocation(env, expected):
+    result = bash("eaopd_nproc_per_node", env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EAOPD_NPROC_PER_NODE": "two"}, "EAOPD_NPROC_PER_NODE=two is not a positive integer"),
+        ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "0"}, "set EAOPD_NPROC_PER_NODE=N"),
+        ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": ""}, "the job has no GPUs"),
+    ],
+)
+def test_processes_per_node_refused_when_unknown(env, message):
+    result = bash('n=$(eaopd_nproc_per_node); echo "got $n"', env)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr and "got" not in result.stdout
+
+
+def test_processes_per_node_outside_slurm_from_nvidia_smi(tmp_path):
+    two = 'echo "GPU 0: H100 (UUID: a)"; echo "GPU 1: H100 (UUID: b)"'
+    result = bash("eaopd_nproc_per_node", path=_bin(tmp_path, two))
+    assert (result.returncode, result.stdout.strip()) == (0, "2"), result.stderr
+
+
+def test_failing_nvidia_smi_is_an_error_not_one_process(tmp_path):
+    broken = 'echo "NVIDIA-SMI has failed: driver mismatch" >&2; exit 9'
+    result = bash('n=$(eaopd_nproc_per_node); echo "got $n"', path=_bin(tmp_path, broken))
+    assert result.returncode == 2 and "got" not in result.stdout
+    assert "nvidia-smi failed" in result.stderr and "driver mismatch" in result.stderr
+
+
+def test_no_nvidia_smi_outside_slurm_is_one_process_and_says_so(tmp_path):
+    result = bash("eaopd_nproc_per_node", path=_bin(tmp_path, None))
+    assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
+    assert "no nvidia-smi" in result.stderr
+
+
+def test_master_port_avoids_the_ephemeral_range():
+    ports = bash(
+        "for j in 1 77 12345 999999; do for a in 0 1 2; do "
+        "eaopd_master_port $j $a 32768 60999; done; done"
+    )
+    values = [int(p) for p in ports.stdout.split()]
+    assert len(values) == 12 and all(10000 <= p < 32768 for p in values), values
+    assert len(set(values)) > 6  # spread over the range, moves with the attempt
+    high = bash("eaopd_master_port 5 0 1024 40000").stdout.strip()
+    assert 40000 < int(high) <= 65535
+    full = bash("eaopd_master_port 5 0 1024 65500")
+    assert full.returncode == 2 and "set EAOPD_MASTER_PORT" in full.stderr
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    here = int(bash("eaopd_master_port 4242 3").stdout)
+    assert not low <= here <= high
+
+
+def test_preemption_signals_are_configurable_and_kept_from_torchrun():
+    result = bash(
+        "eaopd_preempt_signals; eaopd_torchrun_signals USR1 TERM; "
+        'echo "torchrun=$TORCHELASTIC_SIGNALS_TO_HANDLE pet=$PET_SIGNALS_TO_HANDLE"',
+        {"EAOPD_PREEMPT_SIGNALS": "usr1, SIGTERM"},
+    )
+    assert result.stdout.split() == [
+        "USR1",
+        "TERM",
+        "torchrun=SIGINT,SIGHUP,SIGQUIT",
+        "pet=SIGINT,SIGHUP,SIGQUIT",
+    ]
+    assert bash("eaopd_preempt_signals").stdout.split() == ["USR1", "TERM"]  # the default
+    bad = bash("s=$(eaopd_preempt_signals)", {"EAOPD_PREEMPT_SIGNALS": "USR1,NOPE"})
+    assert bad.returncode == 2 and "unknown signal 'NOPE'" in bad.stderr
+
+
+def test_prefix_filter_labels_every_line_once():
+    result = bash('eaopd_prefix_lines "node1: "', stdin="0: a\nW torchrun says\n12: b\nlast")
+    assert result.stdout.splitlines() == ["0: a", "node1: W torchrun says", "12: b", "node1: last"]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"rank0": "stopped 0 7", "rank1": "stopped 0 7"}, "stopped"),
+        ({"rank0": "finished 0 12", "rank1": "finished 0 12"}, "finished"),
+        ({"rank0": "config_error 2", "rank1": "config_error 2"}, "config_error"),
+        ({}, ""),
+    ],
+)
+def test_batch_script_reads_the_trainer_status(tmp_path, files, expected):
+    for name, line in files.items():
+        (tmp_path / name).write_text(line + "\n")
+    result = bash("eaopd_trainer_status", {"EAOPD_STATUS_DIR": str(tmp_path)})
+    assert result.stdout.strip() == expected, result.stderr
+
+
+def test_stop_file_stops_like_a_signal(tmp_path):
+    stop = tmp_path / "stop-attempt0"
+    handler = PreemptionHandler(signals="USR2", stop_file=stop)
+    assert not handler.should_stop() and handler.reason is None
+    stop.touch()
+    assert handler.should_stop() and handler.received
+    assert handler.reason == f"stop file {stop}" and handler.seconds_since_signal >= 0
+
+
+def test_stop_file_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAOPD_STOP_FILE", str(tmp_path / "stop"))
+    monkeypatch.delenv("EAOPD_PREEMPT_SIGNALS", raising=False)
+    handler = PreemptionHandler()
+    assert handler.stop_file == str(tmp_path / "stop")
+    assert handler.signals == (signal.SIGUSR1, signal.SIGTERM)
+
+
+def test_exit_status_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("EAOPD_STATUS_DIR", raising=False)
+    assert write_exit_status("finished", 0) is None  # not under the batch scripts
+    path = write_exit_status("stopped", 0, 7, directory=tmp_path / "s", rank=3)
+    assert Path(path).read_text() == "stopped 0 7\n" and path.endswith("rank3")
+    with pytest.raises(ValueError, match="unknown exit status"):
+        write_exit_status("paused", 0)
+    assert (EXIT_CONFIG, EXIT_STOPPED) == (2, 75)
+
+
+def test_trainer_records_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAOPD_STATUS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["--config", str(CONFIG), "no_such.key=1"]) == 2
+    assert (tmp_path / "rank1").read_text() == "config_error 2\n"
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert loop._on_terminal() is False
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Tty())
+    assert loop._on_terminal() is True
+
+
+def test_handler_ignores_late_signals_after_the_run():
+    """uninstall(ignore=True): a late copy of the signal (Slurm fans it out, the launcher
+    forwards another) cannot kill a process that is exiting after its save."""
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        handler = PreemptionHandler(signals="USR2").install()
+        handler.uninstall(ignore=True)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR2)  # ignored: the test process lives on
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
