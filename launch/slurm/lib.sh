@@ -4,16 +4,24 @@
 # Settings (environment variables, all optional):
 #   EAOPD_LOG_ROOT       parent of the per-job log folder (default: $EAOPD_ROOT/logs)
 #   EAOPD_MASTER_ADDR    rendezvous host (default: first node of the allocation)
-#   EAOPD_MASTER_PORT    rendezvous port (default: derived from the job id and the attempt)
-#   EAOPD_SIGNAL         pre-timeout signal name, must match #SBATCH --signal (default: USR1)
-#   EAOPD_REQUEUE=0      never requeue after the signal (default: 1)
+#   EAOPD_MASTER_PORT    rendezvous port (default: derived from the job id and the attempt, outside
+#                        the kernel's ephemeral port range, /proc/sys/net/ipv4/ip_local_port_range)
+#   EAOPD_PREEMPT_SIGNALS  signals that lead to a checkpoint and a requeue (default: USR1,TERM)
+#   EAOPD_REQUEUE=0      never requeue a run that stopped early (default: 1)
 #   EAOPD_MAX_REQUEUES   stop requeueing after this many restarts (default: 20)
 #   EAOPD_CONTAINER_IMAGE / EAOPD_CONTAINER_MOUNTS / EAOPD_CONTAINER_WORKDIR / EAOPD_CONTAINER_NAME
 #                        pyxis: --container-image / -mounts / -workdir / -name for the srun step;
-#                        mounts default to the repository and the submit folder at the same
-#                        paths, the workdir to the submit folder (where relative paths point)
+#                        the repository and the submit folder are always mounted at the same
+#                        paths, EAOPD_CONTAINER_MOUNTS adds to them; the workdir defaults to the
+#                        submit folder (where relative paths point)
 #   EAOPD_SRUN_ARGS      extra srun arguments (split on spaces)
 #   EAOPD_DRY_RUN=1      print the srun command, run nothing
+#
+# Exit status of the batch script, hence the job's state (docs/slurm.md):
+#   0  the run finished (COMPLETED), or it stopped early and was requeued (PENDING again)
+#   75 the run stopped early with a checkpoint and was NOT requeued (FAILED 75:0)
+#   2  configuration or data error reported by the trainer (FAILED 2:0)
+#   other: the training step failed with that status (FAILED)
 
 # shellcheck source=launch/common.sh
 source "$EAOPD_ROOT/launch/common.sh"
@@ -35,37 +43,80 @@ eaopd_job_key() {
   fi
 }
 
-# Export the rendezvous, log folder and container settings; write launch-attempt<N>.txt.
+EAOPD_EXIT_STOPPED=75
+
+# eaopd_master_port JOB_ID ATTEMPT [LOW HIGH]: a rendezvous port from the widest stretch of ports
+# outside the kernel's ephemeral range LOW-HIGH (default: /proc/sys/net/ipv4/ip_local_port_range),
+# 10000-LOW or HIGH-65535, so that no outgoing connection on the node can hold it. Moves with the
+# attempt: a requeued job (same id) never meets a lingering socket of its previous attempt.
+eaopd_master_port() {
+  local job=$1 attempt=$2 low=${3:-} high=${4:-} start size
+  if [[ -z $low ]]; then
+    read -r low high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || {
+      low=32768
+      high=60999
+    }
+  fi
+  if ((low - 10000 >= 65535 - high)); then
+    start=10000
+    size=$((low - 10000))
+  else
+    start=$((high + 1))
+    size=$((65535 - high))
+  fi
+  ((size >= 100)) || eaopd_die "the ephemeral port range $low-$high leaves no room for a" \
+    "rendezvous port: set EAOPD_MASTER_PORT"
+  echo $((start + (job + 7919 * attempt) % size))
+}
+
+# Export the rendezvous, log folder, stop file and container settings.
 eaopd_slurm_setup() {
-  local job_key attempt
-  # A pre-timeout signal during the set-up must not kill this shell: remember it (eaopd_run_step).
-  EAOPD_SIGNALLED=0
-  trap 'EAOPD_SIGNALLED=1' "${EAOPD_SIGNAL:-USR1}"
+  local job_key attempt sig signals
+  signals=$(eaopd_preempt_signals) # exits on an unknown name
+  mapfile -t EAOPD_SIGNAL_LIST <<<"$signals"
+  [[ -n ${EAOPD_SIGNAL_LIST[0]:-} ]] || eaopd_die "EAOPD_PREEMPT_SIGNALS names no signal (e.g. USR1,TERM)"
+  EAOPD_PREEMPT_SIGNALS=$(
+    IFS=,
+    echo "${EAOPD_SIGNAL_LIST[*]}"
+  )
+  export EAOPD_PREEMPT_SIGNALS
+  # A preemption signal during the set-up must not kill this shell: remember it (eaopd_run_step).
+  EAOPD_SIGNALLED=""
+  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
+    # shellcheck disable=SC2064  # expand now: one trap per signal
+    trap "EAOPD_SIGNALLED=$sig" "$sig"
+  done
   job_key=$(eaopd_job_key)
   attempt=${SLURM_RESTART_COUNT:-0}
   eaopd_python_defaults
   eaopd_nccl_defaults
 
   export MASTER_ADDR="${EAOPD_MASTER_ADDR:-$(eaopd_first_host)}"
-  # Same job id after a requeue: move the port with the attempt so a lingering socket never clashes.
-  export MASTER_PORT="${EAOPD_MASTER_PORT:-$((15000 + (${SLURM_JOB_ID:?} + 7919 * attempt) % 20000))}"
+  export MASTER_PORT="${EAOPD_MASTER_PORT:-$(eaopd_master_port "${SLURM_JOB_ID:?}" "$attempt")}"
 
   export EAOPD_JOB_KEY="$job_key"
   export EAOPD_ATTEMPT="$attempt"
   export EAOPD_LOG_DIR="${EAOPD_LOG_ROOT:-$EAOPD_ROOT/logs}/${SLURM_JOB_NAME:-eaopd}-${job_key}"
   # The batch script requeues after the trainer exits; the trainer must not (preemption.py).
   export EAOPD_REQUEUE_BY=batch
+  # How each rank ended (trainer.preemption.write_exit_status), and the stop file that tells the
+  # trainer to save and stop even when a signal never reached it (caught before it existed).
+  export EAOPD_STATUS_DIR="$EAOPD_LOG_DIR/status-attempt$attempt"
+  export EAOPD_STOP_FILE="$EAOPD_LOG_DIR/stop-attempt$attempt"
   mkdir -p "$EAOPD_LOG_DIR"
+  rm -rf "$EAOPD_STATUS_DIR" "$EAOPD_STOP_FILE"
+  mkdir -p "$EAOPD_STATUS_DIR"
 
   EAOPD_CONTAINER_ARGS=()
   if [[ -n ${EAOPD_CONTAINER_IMAGE:-} ]]; then
-    # Default mounts: the repository and the submit folder (relative config paths, runs/) at
-    # the same paths, so the command line works unchanged inside the container.
+    # The repository and the submit folder (relative config paths, runs/) at the same paths, so
+    # the command line works unchanged inside the container; EAOPD_CONTAINER_MOUNTS adds more.
     local mounts="$EAOPD_ROOT:$EAOPD_ROOT"
     if [[ $PWD != "$EAOPD_ROOT" ]]; then mounts+=",$PWD:$PWD"; fi
+    if [[ -n ${EAOPD_CONTAINER_MOUNTS:-} ]]; then mounts+=",$EAOPD_CONTAINER_MOUNTS"; fi
     EAOPD_CONTAINER_ARGS+=(
       "--container-image=$EAOPD_CONTAINER_IMAGE"
-      "--container-mounts=${EAOPD_CONTAINER_MOUNTS:-$mounts}"
+      "--container-mounts=$mounts"
       "--container-workdir=${EAOPD_CONTAINER_WORKDIR:-$PWD}"
     )
     if [[ -n ${EAOPD_CONTAINER_NAME:-} ]]; then
@@ -85,6 +136,33 @@ eaopd_slurm_setup() {
   fi
 }
 
+# Write the config (merged with its defaults: parents, overrides applied) into the job's log
+# folder; without a python that can read it here (e.g. only inside a container), copy the file
+# as given. The trainer saves the fully resolved config as <training.output_dir>/config.yaml.
+eaopd_write_merged_config() {
+  local out=$EAOPD_LOG_DIR/config.yaml err
+  [[ -e $out ]] && return 0
+  if err=$("$EAOPD_PYTHON" - "$EAOPD_CONFIG" "${EAOPD_OVERRIDES[@]}" 2>&1 >"$out.tmp" <<'PY'
+import sys
+
+import yaml
+
+from megatron_eaopd.config.loader import apply_overrides, load_yaml_with_defaults
+
+data = apply_overrides(load_yaml_with_defaults(sys.argv[1]), sys.argv[2:])
+print(f"# {sys.argv[1]} merged with its defaults: files, then the command-line overrides")
+print("# (the trainer saves the complete config as <training.output_dir>/config.yaml)")
+yaml.safe_dump(data, sys.stdout, sort_keys=False, default_flow_style=False)
+PY
+  ); then
+    mv "$out.tmp" "$out"
+  else
+    rm -f "$out.tmp"
+    cp "$EAOPD_CONFIG" "$out"
+    eaopd_log "could not merge the config here (${err##*$'\n'}): copied $EAOPD_CONFIG as given"
+  fi
+}
+
 # Write what this attempt runs into the job's log folder.
 eaopd_write_launch_record() {
   local record="$EAOPD_LOG_DIR/launch-attempt${EAOPD_ATTEMPT}.txt" commit=unknown
@@ -99,9 +177,10 @@ eaopd_write_launch_record() {
     echo "root: $EAOPD_ROOT (commit $commit)"
     echo "config: $EAOPD_CONFIG"
     echo "entry: $EAOPD_PYTHON -m $EAOPD_ENTRY"
+    echo "preemption signals: $EAOPD_PREEMPT_SIGNALS; stop file: $EAOPD_STOP_FILE"
     echo "command: $(eaopd_print_cmd "$@")"
   } >"$record"
-  if [[ ! -e $EAOPD_LOG_DIR/config.yaml ]]; then cp "$EAOPD_CONFIG" "$EAOPD_LOG_DIR/config.yaml"; fi
+  eaopd_write_merged_config
 }
 
 # Requeue this job unless disabled or out of restarts; returns 0 when requeued.
@@ -116,37 +195,81 @@ eaopd_requeue() {
     return 1
   fi
   eaopd_log "requeueing job $EAOPD_JOB_KEY (attempt $((EAOPD_ATTEMPT + 1)) will resume from the checkpoint)"
-  scontrol requeue "$EAOPD_JOB_KEY"
+  if ! scontrol requeue "$EAOPD_JOB_KEY"; then
+    eaopd_log "scontrol requeue $EAOPD_JOB_KEY failed (is the job requeueable: --requeue, JobRequeue?)"
+    return 1
+  fi
 }
 
-# eaopd_run_step SRUN_CMD...: run the training step, forward the pre-timeout signal to it, wait
-# for it to save and exit, then requeue. Exits the batch script with the step's status.
+# The run stopped early (checkpoint saved, iterations left): requeue, else exit 75.
+eaopd_stopped_early() {
+  if eaopd_requeue; then exit 0; fi
+  eaopd_log "the run stopped early and was not requeued: exit $EAOPD_EXIT_STOPPED (resubmit to resume)"
+  exit "$EAOPD_EXIT_STOPPED"
+}
+
+# How the trainer ended, from the status files of its ranks: "stopped" when any rank stopped
+# early, else "finished" when one finished, else "config_error"/"failed", else "" (none written).
+eaopd_trainer_status() {
+  local file status found=""
+  for file in "$EAOPD_STATUS_DIR"/rank*; do
+    [[ -f $file ]] || continue
+    read -r status _ <"$file" || continue
+    case $status in
+      stopped) found=stopped ;;
+      finished) [[ $found == stopped ]] || found=finished ;;
+      *) [[ -n $found ]] || found=$status ;;
+    esac
+  done
+  echo "$found"
+}
+
+# eaopd_forward_signal SIG PID: pass a caught preemption signal on to a training step. srun turns
+# SIGTERM (and SIGINT, SIGHUP) into SIGKILL for its tasks, so those are forwarded as SIGUSR1 when
+# USR1 is a preemption signal, else not at all: the stop file carries them.
+eaopd_forward_signal() {
+  local sig=$1 pid=$2
+  case $sig in
+    TERM | INT | HUP | QUIT)
+      if [[ ",$EAOPD_PREEMPT_SIGNALS," == *,USR1,* ]]; then sig=USR1; else return 0; fi
+      ;;
+  esac
+  kill -s "$sig" "$pid" 2>/dev/null && echo "SIG$sig"
+}
+
+# eaopd_run_step SRUN_CMD...: run the training step; on a preemption signal write the stop file
+# and forward the signal; when the step ends, requeue only a run that stopped early. Exits the
+# batch script: 0 finished (or requeued), 75 stopped and not requeued, else the step's status.
 eaopd_run_step() {
-  local signal_name=${EAOPD_SIGNAL:-USR1} rc=0
+  local rc=0 sig status
   if [[ ${EAOPD_DRY_RUN:-0} == 1 ]]; then
     eaopd_print_cmd "$@"
     exit 0
   fi
   eaopd_write_launch_record "$@"
-  if [[ ${EAOPD_SIGNALLED:-0} == 1 ]]; then
-    eaopd_log "SIG$signal_name arrived before training started: not starting it"
-    if eaopd_requeue; then exit 0; fi
-    exit 1
+  if [[ -n ${EAOPD_SIGNALLED:-} ]]; then
+    eaopd_log "SIG$EAOPD_SIGNALLED arrived before training started: not starting it"
+    eaopd_stopped_early
   fi
   eaopd_log "job $EAOPD_JOB_KEY attempt $EAOPD_ATTEMPT: $(eaopd_print_cmd "$@")"
   eaopd_log "logs: $EAOPD_LOG_DIR"
 
   "$@" &
   EAOPD_STEP_PID=$!
-  # Slurm's --signal=B:<sig>@<secs> reaches only this shell: pass it on to srun, which forwards it
-  # to every task of the step. The training processes catch it, agree on a last iteration, save.
+  # Slurm's --signal=B:<sig>@<secs> reaches only this shell: write the stop file (the trainer
+  # polls it every iteration, even if it does not exist yet) and pass the signal on to srun.
   # shellcheck disable=SC2317  # called through trap
   eaopd_on_signal() {
-    EAOPD_SIGNALLED=1
-    eaopd_log "caught SIG$signal_name: forwarding it to the training step (srun pid $EAOPD_STEP_PID)"
-    kill -s "$signal_name" "$EAOPD_STEP_PID" 2>/dev/null || true
+    local sent
+    EAOPD_SIGNALLED=$1
+    : >>"$EAOPD_STOP_FILE"
+    sent=$(eaopd_forward_signal "$1" "$EAOPD_STEP_PID" || true)
+    eaopd_log "caught SIG$1: wrote the stop file; forwarded ${sent:-no signal} to the training step (srun pid $EAOPD_STEP_PID)"
   }
-  trap eaopd_on_signal "$signal_name"
+  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
+    # shellcheck disable=SC2064  # expand now: one trap per signal
+    trap "eaopd_on_signal $sig" "$sig"
+  done
 
   while :; do
     rc=0
@@ -154,15 +277,31 @@ eaopd_run_step() {
     # wait also returns when a trapped signal arrives: keep waiting while srun lives.
     kill -0 "$EAOPD_STEP_PID" 2>/dev/null || break
   done
-  trap - "$signal_name"
-  eaopd_log "training step exited with status $rc"
+  # From here on a signal changes nothing (requeueing sends this shell SIGTERM).
+  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do trap '' "$sig"; done
+  status=$(eaopd_trainer_status)
+  eaopd_log "training step exited with status $rc; trainer status: ${status:-none written}"
 
-  if [[ $EAOPD_SIGNALLED == 1 ]]; then
-    if [[ $rc == 0 ]]; then
-      if eaopd_requeue; then exit 0; fi
-    else
-      eaopd_log "the step failed after the signal: not requeueing (check the logs in $EAOPD_LOG_DIR)"
-    fi
+  if [[ $rc != 0 ]]; then
+    [[ -z $EAOPD_SIGNALLED ]] || eaopd_log "the step failed after the signal: not requeueing (check the logs in $EAOPD_LOG_DIR)"
+    exit "$rc"
   fi
-  exit "$rc"
+  case $status in
+    stopped) eaopd_stopped_early ;;
+    finished)
+      eaopd_log "the run finished${EAOPD_SIGNALLED:+ (SIG$EAOPD_SIGNALLED came too late to stop it)}"
+      exit 0
+      ;;
+    "")
+      if [[ -n $EAOPD_SIGNALLED ]]; then
+        eaopd_log "no trainer status in $EAOPD_STATUS_DIR: taking exit 0 after SIG$EAOPD_SIGNALLED as a stop"
+        eaopd_stopped_early
+      fi
+      exit 0
+      ;;
+    *)
+      eaopd_log "trainer status '$status' with exit 0: treating it as a failure"
+      exit 1
+      ;;
+  esac
 }

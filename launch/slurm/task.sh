@@ -47,7 +47,10 @@ export NODE_RANK="$GROUP_RANK"
 
 eaopd_omp_threads "${SLURM_CPUS_PER_TASK:-1}" 1
 
-# Ignore the pre-timeout signal until the trainer installs its handler
-# (megatron_eaopd.trainer.preemption): an early signal must not kill a task.
-trap '' "${EAOPD_SIGNAL:-USR1}"
+# Ignore the preemption signals until the trainer installs its handler
+# (megatron_eaopd.trainer.preemption): an early signal must not kill a task. One that arrives in
+# that window is not lost: the batch script's stop file makes the trainer stop at iteration one.
+signals=$(eaopd_preempt_signals)
+mapfile -t signal_list <<<"$signals"
+for sig in "${signal_list[@]}"; do trap '' "$sig"; done
 exec "$EAOPD_PYTHON" -m "$EAOPD_ENTRY" --config "$config" "$@"

@@ -86,6 +86,7 @@ def test_sbatch_headers(script):
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)
     assert "--open-mode=append" in directives  # requeued attempts append to the same log
     assert any(d.startswith("--time=") for d in directives)
+    assert "--exclusive" in directives and "--mem=0" in directives  # all of each node's memory
     assert "\nset -euo pipefail\n" in text
     # Directives must come before the first command, or sbatch ignores them.
     first_command = text.index("\nset -euo pipefail")
@@ -157,14 +158,20 @@ def test_per_gpu_dry_run_builds_the_srun_command(tmp_path):
     assert "--export=ALL" in cmd and "--kill-on-bad-exit=1" in cmd
     assert f"--output={tmp_path}/logs/eaopd-123/attempt0-node%n.log" in cmd
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in cmd
-    assert "--container-mounts=/data:/data,/ckpt:/ckpt" in cmd
+    # EAOPD_CONTAINER_MOUNTS adds to the repository and the submit folder, never replaces them.
+    assert f"--container-mounts={ROOT}:{ROOT},{tmp_path}:{tmp_path},/data:/data,/ckpt:/ckpt" in cmd
     assert f"--container-workdir={tmp_path}" in cmd  # the submit folder, as without a container
     assert "--mpi=none" in cmd and "--network=sn_all" in cmd
     assert cmd[-4:] == ["bash", f"{ROOT}/launch/slurm/task.sh", str(CONFIG), "a.b=1"]
 
 
 def test_torchrun_dry_run_uses_one_task_per_node(tmp_path):
-    env = _slurm_env(tmp_path, SLURM_RESTART_COUNT="2", EAOPD_CONTAINER_IMAGE="img.sqsh")
+    env = _slurm_env(
+        tmp_path,
+        SLURM_RESTART_COUNT="2",
+        EAOPD_CONTAINER_IMAGE="img.sqsh",
+        SLURM_GPUS_PER_NODE="h100:8",
+    )
     env.pop("SLURM_CPUS_PER_TASK")
     env["SLURM_CPUS_ON_NODE"] = "96"
     cmd = _dry_run(SBATCH[0].parent / "eaopd_torchrun.sbatch", env, str(CONFIG))

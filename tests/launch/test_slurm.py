@@ -3,10 +3,11 @@
 The session's `slurm` fixture (tests/launch/conftest.py) installs Debian's Slurm when it is
 missing, starts munged, slurmctld and slurmd on loopback and stops every process by PID at the
 end, also on failure. Jobs run configs/tiny-cpu.yaml, made small by dotted overrides, on 2 srun
-tasks (eaopd_per_gpu.sbatch: TP=2 over gloo); the teacher and the student warm start are prepared
-by the first job and loaded from the session's cache by the others. The checks read what the
-jobs wrote: the trainer's console metrics per attempt, metrics.jsonl, the checkpoints and the
-launcher's messages, not only the job state.
+tasks (eaopd_per_gpu.sbatch: TP=2 over gloo) or 2 torchrun processes (eaopd_torchrun.sbatch); the
+teacher and the student warm start are prepared by the first job and loaded from the session's
+cache by the others. The checks read what the jobs wrote: the trainer's console metrics per
+attempt, metrics.jsonl, the checkpoints, the trainer's status files and the launcher's messages,
+not only the job state.
 """
 
 from __future__ import annotations
@@ -63,8 +64,14 @@ SMALL = (
     "logging.tensorboard=false",
 )
 JOB_TIMEOUT = 420  # seconds; a job takes ~30-60 s here, more when the machine is busy
-# Console line of a train record, rank-prefixed by srun --label: "0: [train 3] fkl=2.4, loss=..."
+# Console line of a train record, rank-prefixed by srun --label (per-GPU script) or torchrun's
+# prefix template (torchrun script): "0: [train 3] fkl=2.4, loss=..."
 TRAIN_LINE = re.compile(r"^(?:\d+: )?\[train (\d+)\] (.*)$")
+# Every line of a job log: a rank label, or in the torchrun variant "node<K>: " for the lines of
+# torchrun and the node script; Slurm's own messages ("slurmstepd-<node>: ... STEP 2.0 CANCELLED",
+# written when the step is signalled) are not ours to label.
+RANK_LABEL = re.compile(r"^(?:\d+: |slurmstepd)")
+NODE_OR_RANK_LABEL = re.compile(r"^(?:\d+: |node\d+: |slurmstepd)")
 # Non-deterministic metrics, left out when a resumed run is compared with an uninterrupted one.
 TIMING = ("time_", "tokens_per_s")
 
@@ -109,6 +116,17 @@ def latest(out: Path) -> str:
     return read(out / "run" / "checkpoints" / "latest").strip()
 
 
+def unlabelled(log: Path, label: re.Pattern) -> list[str]:
+    """The lines of a job log that do not start with a rank (or node) label."""
+    return [line for line in read(log).splitlines() if not label.match(line)]
+
+
+def statuses(out: Path, job: int, attempt: int) -> list[str]:
+    """The trainer's status lines of one attempt (one per rank, from EAOPD_STATUS_DIR)."""
+    folder = job_dir(out, job) / f"status-attempt{attempt}"
+    return [read(path).strip() for path in sorted(folder.glob("rank*"))]
+
+
 @pytest.fixture(scope="module")
 def plain_job(slurm, trainer_cache, tmp_path_factory):
     """One uninterrupted job (submitted once, read by several tests): (out, job id, info, s)."""
@@ -146,7 +164,11 @@ def test_job_trains_logs_metrics_and_writes_checkpoints(slurm, plain_job, traine
     assert saved_iterations(out) == [4, 8, TOTAL], why
     assert latest(out) == f"iter_{TOTAL:07d}"
     assert f"saved checkpoint {out / 'run' / 'checkpoints' / f'iter_{TOTAL:07d}'}" in text
-    assert f"iterations: {TOTAL}" in read(out / "run" / "config.yaml")
+    # The complete config in the run folder: the top file's keys, its defaults: parent's
+    # (base.yaml: loss.fkl_coef), the overrides and the schema's defaults.
+    resolved = read(out / "run" / "config.yaml")
+    assert f"iterations: {TOTAL}" in resolved and "fkl_coef: 1.0" in resolved, resolved
+    assert "name: tiny-cpu" in resolved and "log_interval: 1" in resolved
     # One teacher and one student warm start, prepared by the session's first job (or found in
     # its cache).
     for role in ("teacher", "student"):
@@ -157,25 +179,37 @@ def test_job_trains_logs_metrics_and_writes_checkpoints(slurm, plain_job, traine
     logs = job_dir(out, job)
     record = read(logs / "launch-attempt0.txt")
     assert "-m megatron_eaopd.cli" in record and f"job: {job}" in record
-    assert (logs / "config.yaml").read_text() == CONFIG.read_text()
-    assert "training step exited with status 0" in read(out / "batch.out")
-    assert "1: " in text  # rank 1 ran too (srun --label prefixes its lines)
+    # The job's log folder: the config merged with its defaults: parent, overrides applied.
+    merged = (logs / "config.yaml").read_text()
+    assert "fkl_coef: 1.0" in merged and f"iterations: {TOTAL}" in merged, merged
+    assert not re.search(r"^defaults:", merged, flags=re.M) and str(CONFIG) in merged
+    # How the run ended, from each rank, and the job's exit.
+    assert statuses(out, job, 0) == [f"finished 0 {TOTAL}"] * 2
+    batch = read(out / "batch.out")
+    assert "training step exited with status 0; trainer status: finished" in batch
+    assert "the run finished" in batch and "requeueing" not in batch
+    # srun --label prefixes every line of the step with its rank; rank 1 ran too.
+    assert unlabelled(log, RANK_LABEL) == [], why
+    assert any(line.startswith("1: ") for line in text.splitlines())
+    assert "\r" not in text  # no progress-bar redraws in a log file
     print(f"\nplain job {job}: {TOTAL} iterations in {seconds:.1f} s from submission")
 
 
 def test_preempted_job_saves_requeues_and_resumes_exactly(
     slurm, plain_job, trainer_cache, tmp_path
 ):
-    """What --signal=B:USR1@<secs> does before the time limit, sent mid-training: the trainer
-    saves and exits, the batch script requeues, the next attempt resumes from the saved
-    iteration: every iteration exactly once, with the uninterrupted job's metrics."""
+    """A preemption as Slurm does it, on the torchrun variant: SIGTERM to every process of the
+    training step (torchrun, the node script, the trainer), not to the batch shell. torchrun
+    survives it and lets its workers finish the iteration and save; the batch script sees the
+    trainer's status "stopped" and requeues; the next attempt resumes from the saved iteration:
+    every iteration exactly once, with the uninterrupted (per-GPU) job's metrics."""
     out = tmp_path
     start = time.monotonic()
-    job = submit(slurm, PER_GPU, out, *overrides(out, trainer_cache))
+    job = submit(slurm, TORCHRUN, out, *overrides(out, trainer_cache))
     first_log, second_log = attempt_log(out, job, 0), attempt_log(out, job, 1)
     wait_for_output(slurm, job, out, lambda: len(train_lines(first_log)) >= 2, JOB_TIMEOUT)
-    # Slurm's pre-timeout signal goes to the batch shell only; so does this one.
-    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
+    # What slurmctld sends a preempted job's steps, GraceTime seconds before it kills them.
+    slurm.run("scancel", "--signal=TERM", str(job))
     info = slurm.wait_job(job, timeout=2 * JOB_TIMEOUT)  # a requeued job is PENDING, not final
     seconds = time.monotonic() - start
     why = explain(out, job, slurm)
@@ -219,10 +253,18 @@ def test_preempted_job_saves_requeues_and_resumes_exactly(
                     continue
                 assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (ours, theirs)
 
-    # The batch script forwarded the signal, requeued, and the next attempt ran the same command.
+    # The node script passed SIGTERM on (a second copy), torchrun kept its workers alive; the
+    # trainer said "stopped" and the batch script requeued; the next attempt ran the same command.
+    assert re.search(r"node0: .*SIGTERM forwarded to training processes: \d+ \d+", first_text)
+    assert statuses(out, job, 0) == [f"stopped 0 {stopped}"] * 2, why
+    assert statuses(out, job, 1) == [f"finished 0 {TOTAL}"] * 2, why
     batch = read(out / "batch.out")  # appended across the requeue
-    assert "caught SIGUSR1: forwarding it to the training step" in batch
-    assert f"requeueing job {job}" in batch
+    assert "trainer status: stopped" in batch and f"requeueing job {job}" in batch
+    # Every line of both attempts' logs carries a rank label ("node0: " for torchrun's own).
+    for text in (first_text, second_text):
+        assert [ln for ln in text.splitlines() if not NODE_OR_RANK_LABEL.match(ln)] == [], why
+        assert sum(ln.startswith("0: ") for ln in text.splitlines()) > 10, why
+        assert any(ln.startswith("1: ") for ln in text.splitlines()), why
     assert f"job {job} attempt 1:" in batch
     assert "attempt=1" in read(job_dir(out, job) / "launch-attempt1.txt")
     print(f"\npreempted job {job}: stopped after {stopped}, resumed, {seconds:.1f} s in all")
@@ -234,9 +276,13 @@ def test_bad_config_fails_the_torchrun_job_without_requeue(slurm, tmp_path):
     job = submit(slurm, TORCHRUN, tmp_path, "training.iterations=0", "no_such.key=1")
     info = slurm.wait_job(job, timeout=JOB_TIMEOUT)
     why = explain(tmp_path, job, slurm)
-    assert info["JobState"] == "FAILED", why
+    # The trainer's status 2, not torchrun's 1: the node script took it from the status files.
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", why
     assert info["Restarts"] == "0", why
+    assert statuses(tmp_path, job, 0) == ["config_error 2"] * 2, why
     text = read(attempt_log(tmp_path, job, 0))
     assert "eaopd-train:" in text and "no_such" in text, why
     assert "--nproc-per-node=2" in text, why
+    assert "the training processes exited 2: exit 2" in text, why
+    assert "training step exited with status 2" in read(tmp_path / "batch.out")
     assert "requeueing" not in read(tmp_path / "batch.out")
