@@ -49,6 +49,7 @@ setup(
             "eaopd-train=megatron_eaopd.cli:main",
             "eaopd-loss-demo=megatron_eaopd.demo:main",
             "eaopd-convert=megatron_eaopd.convert:main",
+            "eaopd-plan=megatron_eaopd.plan.cli:main",
         ],
     },
 )

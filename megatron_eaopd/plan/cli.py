@@ -1,0 +1,229 @@
+"""eaopd-plan: per-rank memory and communication of one EOPD iteration, and which GPUs it fits.
+
+    eaopd-plan --config configs/qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml [key=value ...] [--world-size 8]
+
+Reads the config as eaopd-train does (defaults chain, dotted overrides, validation) and prints,
+for the largest pipeline stage of each model, the persistent state (weights, fp32 gradient
+buffer, Adam state, the teacher's weights) and each phase's transients (rollout KV cache, teacher
+scoring, the student update with and without full activation recomputation, the loss as logits
+or fused chunks, the teacher payload), the peak, the GPUs it fits (90% of 40 / 80 / 141 GB), and
+the bytes each rank sends per iteration. The model is `plan.memory` (docs/memory.md).
+
+A model given as a Hugging Face folder takes its shape from the folder's config.json; when the
+folder is not there (planning before the download), `--student-preset` / `--teacher-preset`
+name a built-in shape (`models.config.PRESETS`), or the folder's name picks one (Qwen3-8B ->
+qwen3-8b, Qwen3-1.7B-Base -> qwen3-1.7b). A vocabulary size of 0 (the tokenizer's) needs
+`--vocab-size`. Exit status 2 on a bad config or argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from megatron_eaopd.plan.memory import (
+    GIB,
+    GPUS,
+    Batch,
+    Layout,
+    Shape,
+    combined,
+    fits,
+    padded_vocab,
+    plan_memory,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eaopd-plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML config (as for eaopd-train)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs in the job (default 8)")
+    p.add_argument("--vocab-size", type=int, default=None, help="when the config's is 0")
+    p.add_argument("--student-preset", default=None, help="shape when student_hf is missing")
+    p.add_argument("--teacher-preset", default=None, help="shape when teacher_hf is missing")
+    p.add_argument(
+        "--spec", default="te", choices=("te", "local"),
+        help="activation accounting: te (GPU, flash attention) or local (CPU)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    return p
+
+
+def _preset_for(folder: str, name: str | None):
+    from megatron_eaopd.models.config import PRESETS
+
+    if name is None:
+        base = os.path.basename(os.path.normpath(folder)).lower()
+        name = base[: -len("-base")] if base.endswith("-base") else base
+    return (name, PRESETS[name]) if name in PRESETS else (name, None)
+
+
+def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=None):
+    """The validated config, HF folders that are not on disk replaced by preset shapes.
+    Returns (cfg, notes). Raises ValueError (or ConfigError) naming the problem."""
+    from megatron_eaopd.config.hf_models import schema_shape
+    from megatron_eaopd.config.loader import (
+        apply_overrides,
+        config_from_dict,
+        load_yaml_with_defaults,
+    )
+
+    data = apply_overrides(load_yaml_with_defaults(path), overrides)
+    model = data.setdefault("model", {})
+    notes = []
+    replaced = False
+    for who, preset_name in (("student", student_preset), ("teacher", teacher_preset)):
+        folder = model.get(f"{who}_hf")
+        if not folder or os.path.isfile(os.path.join(folder, "config.json")):
+            continue
+        name, preset = _preset_for(folder, preset_name)
+        if preset is None:
+            raise ValueError(
+                f"model.{who}_hf={folder!r} has no config.json and no preset matches it: pass "
+                f"--{who}-preset NAME (models.config.PRESETS) or download the folder"
+            )
+        section = model.setdefault(who, {})
+        section.update(schema_shape(preset))
+        model[f"{who}_hf"] = None
+        replaced = True
+        notes.append(f"{who}: {folder} is not on disk; shape of the preset {name}")
+    if replaced:  # the planner needs shapes only: no teacher weights, tokenizer or prompts
+        model.setdefault("teacher_checkpoint", "planned")
+        data.setdefault("tokenizer", {}).update(kind="task", chat_template=False, path=None)
+        data.setdefault("teacher_prep", {})["enabled"] = False
+        data.setdefault("task", {}).update(name="builtin")
+        data["task"].pop("distill_file", None)
+        data["task"].pop("eval_files", None)
+        data["task"].pop("train_file", None)
+        data.setdefault("rollout", {})
+    cfg = config_from_dict(data, path)
+    return cfg, notes
+
+
+def _shape(m, vocab: int | None) -> Shape:
+    v = m.vocab_size or vocab
+    if not v:
+        raise ValueError("the model's vocab_size is 0 (the tokenizer's): pass --vocab-size N")
+    return Shape(
+        layers=m.layers, hidden=m.hidden, heads=m.heads, query_groups=m.query_groups,
+        ffn_hidden=m.ffn_hidden, vocab_size=int(v), kv_channels=m.kv_channels,
+        tied=m.tied_embeddings, qk_layernorm=m.qk_layernorm, dtype=m.dtype,
+    )  # fmt: skip
+
+
+def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> dict:
+    """Everything eaopd-plan prints, as plain numbers (bytes)."""
+    from megatron_eaopd.losses.objectives import ObjectiveConfig
+
+    student, teacher = _shape(cfg.model.student, vocab), _shape(cfg.model.teacher, vocab)
+    lay = {}
+    for who in ("student", "teacher"):
+        p = getattr(cfg.parallel, who)
+        if world % (p.tp * p.pp):
+            raise ValueError(f"--world-size {world} is not a multiple of parallel.{who}.tp * pp")
+        lay[who] = Layout(p.tp, p.pp, world // (p.tp * p.pp))
+    r = cfg.rollout
+    dp = lay["student"].dp
+    rows = math.ceil(r.prompts_per_iteration * r.samples_per_prompt / dp)
+    steps = r.prompts_per_iteration // r.mini_batch_size
+    per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / dp)
+    mb = max(d for d in range(1, min(r.micro_batch_size, per_step) + 1) if per_step % d == 0)
+    seq = r.max_prompt_tokens + r.max_response_tokens
+    loss = cfg.loss
+    fused_on = ObjectiveConfig(
+        name="eopd" if loss.objective == "eopd_exact" else loss.objective, form=loss.form,
+        fused_output=loss.fused_output,
+    ).use_fused  # fmt: skip
+    div = cfg.parallel.make_vocab_size_divisible_by
+    chunk = (loss.fused_chunk_size or 0) * padded_vocab(student.vocab_size, lay["student"].tp, div)
+    batch = Batch(
+        micro_batch=mb, seq=seq, micro_batches=per_step // mb, steps=steps, rows=rows,
+        top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
+    )  # fmt: skip
+    out = {"world": world, "spec": spec, "fused": fused_on, "batch": batch.__dict__,
+           "layouts": {k: v.__dict__ for k, v in lay.items()}, "variants": {}}  # fmt: skip
+    for fused in (True, False):
+        rs, rt = plan_memory(student, teacher, lay["student"], lay["teacher"], batch,
+                             fused=fused, spec=spec, divisible_by=div)  # fmt: skip
+        tot = combined(rs, rt)
+        out["variants"]["fused" if fused else "logits"] = {
+            "parts": tot.parts, "comm": tot.comm, "peak": tot.peak(False),
+            "peak_recompute": tot.peak(True), "persistent": tot.persistent,
+        }  # fmt: skip
+    return out
+
+
+def format_plan(plan: dict, cfg, notes=()) -> str:
+    """The plain-text table eaopd-plan prints."""
+    b, lay = plan["batch"], plan["layouts"]
+    lines = [f"world size {plan['world']}; activation spec {plan['spec']}"]
+    lines += [f"note: {n}" for n in notes]
+    for who in ("student", "teacher"):
+        m, ly = getattr(cfg.model, who), lay[who]
+        lines.append(
+            f"{who}: {m.layers} layers, hidden {m.hidden}, heads {m.heads}/{m.query_groups}, "
+            f"ffn {m.ffn_hidden}, vocab {m.vocab_size}, {m.dtype}; TP {ly['tp']} x PP {ly['pp']}"
+            f" x DP {ly['dp']}"
+        )
+    lines.append(
+        f"batch per student replica: {b['rows']} rows of {b['seq']} tokens per iteration, "
+        f"{b['steps']} steps of {b['micro_batches']} micro-batches of {b['micro_batch']} rows"
+    )
+    chosen = "fused" if plan["fused"] else "logits"
+    lines.append(f"loss.fused_output resolves to {plan['fused']}: the '{chosen}' column applies")
+    f_, u_ = plan["variants"]["fused"], plan["variants"]["logits"]
+    lines.append("")
+    lines.append(f"{'GiB per rank (largest stage)':<48} {'fused':>9} {'logits':>9}")
+    for key in f_["parts"]:
+        lines.append(f"{key:<48} {f_['parts'][key] / GIB:9.2f} {u_['parts'][key] / GIB:9.2f}")
+    lines.append(f"{'peak, no recompute':<48} {f_['peak'] / GIB:9.2f} {u_['peak'] / GIB:9.2f}")
+    lines.append(
+        f"{'peak, full recompute':<48} {f_['peak_recompute'] / GIB:9.2f} "
+        f"{u_['peak_recompute'] / GIB:9.2f}"
+    )
+    lines.append("")
+    for label, key in (("no recompute", "peak"), ("full recompute", "peak_recompute")):
+        ok = fits(plan["variants"][chosen][key])
+        lines.append(
+            f"fits ({chosen}, {label}): "
+            + ", ".join(f"{gpu} {'yes' if y else 'no'}" for gpu, y in ok.items())
+        )
+    lines.append("")
+    lines.append(f"{'GiB sent per rank per iteration':<48} {'fused':>9} {'logits':>9}")
+    for key in f_["comm"]:
+        lines.append(f"{key:<48} {f_['comm'][key] / GIB:9.3f} {u_['comm'][key] / GIB:9.3f}")
+    total_f, total_u = sum(f_["comm"].values()), sum(u_["comm"].values())
+    lines.append(f"{'total':<48} {total_f / GIB:9.3f} {total_u / GIB:9.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from megatron_eaopd.config.loader import ConfigError
+
+    try:
+        cfg, notes = load_plan_config(
+            args.config, args.overrides, args.student_preset, args.teacher_preset
+        )
+        plan = plan_config(cfg, args.world_size, args.vocab_size, args.spec)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"eaopd-plan: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(plan, indent=1, default=float))
+    else:
+        print(format_plan(plan, cfg, notes))
+    return 0
+
+
+__all__ = ["GPUS", "format_plan", "load_plan_config", "main", "plan_config"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Per-rank memory and communication of one EOPD iteration: an analytic model.
+
+Everything is counted in bytes per rank of the largest pipeline stage, from the model shapes, the
+layouts and the batch sizes, with no torch import: `plan_memory` runs on a laptop for any config.
+
+Persistent state (the student is trained, the teacher frozen; both live on every rank):
+  student weights   P_s * bytes(dtype)
+  student grads     P_s * 4          (megatron DDP grad buffer, grad_reduce_in_fp32=True)
+  optimizer state   P_s * (8 + 4 if the weights are not fp32)   (Adam moments + fp32 master);
+                    / dp with a distributed optimizer (ZeRO-1; the trainer does not use one)
+  teacher weights   P_t * bytes(dtype)
+where P is the parameter count of the rank's stage (`stage_params`: embedding on the first
+stage, output layer on the last, an output copy on the last stage of a tied PP model, L / pp
+layers, everything but the norms split over TP).
+
+Activations saved for backward per layer and micro-batch (`layer_activation_terms`, n = s b
+tokens, t = TP, e = bytes per element of the compute dtype) for three specs:
+  "local"       megatron-core's local spec as the trainer runs it without TE (CPU): per norm
+                3 n h e (input, normalised, the next linear's input), q, expanded k and v and
+                the context 4 n a d / t e, the softmax b (a / t) s^2 e (no dropout copy at p=0),
+                SwiGLU 5 n f / t e (fc1 output [2f], silu output, product) - measured with
+                saved-tensor hooks on the CPU model (docs/memory.md);
+  "te"          Transformer Engine with flash attention (GPU): per norm 2 n h e, q, k, v
+                unexpanded n (a + 2g) d / t e, the output twice, the softmax statistics, SwiGLU
+                3 n f / t e. An estimate from TE's saved tensors, not measured (no GPU here);
+  "korthikanti" the accounting of Korthikanti et al. 2022, eq. (1)-(2): sbh (10 + 24 / t +
+                5 a s / (h t)) for a 4h GELU MLP with dropout in 16 bit (docs/memory.md).
+Full activation recomputation keeps each layer's input n h e and, during backward, one layer's
+activations. Megatron's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in
+flight on a stage; the first stage has the most.
+
+The loss: unfused, the [n, V_pad / t] logits in the compute dtype, their gradient and the loss
+kernels' fp32 chunk temporaries; fused (loss.fused_output), three fp32 [chunk, V_pad / t] buffers
+and the hidden-state gradient; either way the output weight's gradient [V_pad / t, h] (fp32 when
+fused). Backward adds one layer's gradients (about its activations) while earlier layers' are
+still saved. Checked against measured CPU peaks within 12% (docs/memory.md).
+The teacher forward keeps no activations: one layer's transients, and its logits (plus their fp32
+copy) or one fused chunk. The payload is (2 + 2k) fp32 per position for the replica's rows. The
+rollout KV cache is 2 L/pp (g / t) d e per position for every row decoded at once.
+
+Communication per rank and iteration (bytes sent; ring all-reduce 2 (t - 1) / t of the buffer,
+all-gather (t - 1) / t of the result): TP all-reduces 2 per layer forward ([n, h] e) and 2 backward
+for the student, 2 per layer for the teacher forward and per decode step; the pipeline's
+activations and gradients per micro-batch; the loss's all-gather of packed statistics (and the
+fused loss's hidden-gradient all-reduce); the DP gradient all-reduce of the fp32 grad buffer; the
+teacher payload point to point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GIB = float(1 << 30)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GPUS = {"A100-40GB": 40e9, "A100/H100-80GB": 80e9, "H200-141GB": 141e9}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A GPT model's shape (the config's model section)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    query_groups: int
+    ffn_hidden: int
+    vocab_size: int
+    kv_channels: int | None = None
+    tied: bool = False
+    swiglu: bool = True
+    qk_layernorm: bool = False
+    dtype: str = "bf16"
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden // self.heads
+
+    @property
+    def bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """TP x PP of one model and the data-parallel size the world leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+
+def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    """megatron's padded vocabulary: a multiple of divisible_by * tp."""
+    m = divisible_by * tp
+    return int(math.ceil(vocab / m) * m)
+
+
+def layer_params(s: Shape, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (norms replicated)."""
+    d, h = s.head_dim, s.hidden
+    qkv = h * (s.heads + 2 * s.query_groups) * d
+    proj = s.heads * d * h
+    mlp = h * s.ffn_hidden * (3 if s.swiglu else 2)
+    norms = 2 * h + (2 * d if s.qk_layernorm else 0)
+    return (qkv + proj + mlp) // tp + norms
+
+
+def stage_params(s: Shape, lay: Layout, stage: int, divisible_by: int = 128) -> int:
+    """Parameters held by one rank of pipeline stage `stage` (0-based)."""
+    v = padded_vocab(s.vocab_size, lay.tp, divisible_by) // lay.tp
+    n = layer_params(s, lay.tp) * (s.layers // lay.pp)
+    if stage == 0:
+        n += v * s.hidden
+    if stage == lay.pp - 1:
+        n += s.hidden  # final norm
+        if not s.tied or lay.pp > 1:  # untied output layer, or the tied copy on the last stage
+            n += v * s.hidden
+    return n
+
+
+def layer_activation_terms(s: Shape, tokens: int, seq: int, tp: int, spec: str) -> dict:
+    """Bytes saved for backward by one layer for one micro-batch of `tokens` = s b tokens of
+    length `seq`, by tensor group (see the module docstring)."""
+    n, h, e, t = tokens, s.hidden, s.bytes, tp
+    a, g, d, f = s.heads, s.query_groups, s.head_dim, s.ffn_hidden
+    b = tokens // seq
+    if spec == "korthikanti":  # eq. (2), in bytes: 16-bit, 4h GELU MLP, dropout everywhere
+        return {
+            "replicated: norm inputs 4, QKV and fc1 inputs 4, dropout masks 2": 10 * n * h,
+            "split: Q K V 6, projection input 2, GeLU input 8 and output 8": 24 * n * h // t,
+            "softmax 2, its dropout mask 1 and output 2": 5 * a * seq * seq * b // t,
+        }
+    qk = 2 * n * (a + g) * d // t * e if s.qk_layernorm else 0
+    if spec == "local":
+        return {
+            "norms (input, normalised, next input)": 2 * 3 * n * h * e + 2 * n * 4,
+            "q, k, v (expanded), context": 4 * n * a * d // t * e + qk,
+            "softmax probabilities": b * a * seq * seq // t * e + seq * seq,
+            "MLP": (5 if s.swiglu else 2) * n * f // t * e,
+        }
+    if spec == "te":
+        return {
+            "norms (input, normalised)": 2 * 2 * n * h * e,
+            "q, k, v, output, projection input": (n * (a + 2 * g) * d + 2 * n * a * d) // t * e
+            + n * a // t * 4
+            + qk,
+            "softmax probabilities": 0,
+            "MLP": (3 if s.swiglu else 2) * n * f // t * e,
+        }
+    raise ValueError(f"unknown activation spec {spec!r}: local, te or korthikanti")
+
+
+def korthikanti_per_layer(seq: int, batch: int, hidden: int, heads: int, tp: int = 1) -> float:
+    """Korthikanti et al. 2022, eq. (1) (tp = 1) and (2): activation bytes of one layer,
+    s b h (10 + 24 / t + 5 a s / (h t))."""
+    s, b, h, a, t = seq, batch, hidden, heads, tp
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+@dataclass
+class Batch:
+    """What one iteration moves through a model on one data-parallel replica."""
+
+    micro_batch: int  # rows per micro-batch
+    seq: int  # tokens per row (prompt + response, the longest)
+    micro_batches: int  # micro-batches per optimizer step on this replica
+    steps: int  # optimizer steps per iteration
+    rows: int  # rollout rows of this replica per iteration
+    top_k: int = 16
+    chunk_elems: int = 1 << 24  # fused: logit values per chunk
+    kernel_chunk_elems: int = 1 << 24  # unfused kernels' fp32 temporaries
+    decode_rows: int | None = None  # rows decoded at once (None: all rows)
+
+
+@dataclass
+class Report:
+    """Per-rank bytes (the largest stage) and communication, with the parts named."""
+
+    parts: dict = field(default_factory=dict)
+    comm: dict = field(default_factory=dict)
+
+    @property
+    def persistent(self) -> float:
+        return sum(v for k, v in self.parts.items() if k.startswith("persistent"))
+
+    def peak(self, recompute: bool = False) -> float:
+        """Persistent state plus the largest phase (rollout, teacher scoring, update)."""
+        key = "update (recompute)" if recompute else "update"
+        phases = [self.parts.get(k, 0.0) for k in ("rollout", "teacher scoring", key)]
+        return self.persistent + max(phases)
+
+
+def _ring(size: float, n: int) -> float:
+    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * size
+
+
+def student_update_terms(
+    s: Shape, lay: Layout, batch: Batch, *, fused: bool, spec: str, divisible_by: int = 128
+) -> dict:
+    """Transient bytes of the student update on its first (activations) or last (loss) stage:
+    {"activations", "activations (recompute)", "loss", "in flight"}."""
+    n = batch.micro_batch * batch.seq
+    per_layer = sum(layer_activation_terms(s, n, batch.seq, lay.tp, spec).values())
+    layers = s.layers // lay.pp
+    in_flight = min(lay.pp, batch.micro_batches)
+    acts = per_layer * layers * in_flight
+    recompute = n * s.hidden * s.bytes * layers * in_flight + per_layer
+    v = padded_vocab(s.vocab_size, lay.tp, divisible_by) // lay.tp
+    final = 3 * n * s.hidden * s.bytes  # final norm and output-layer input
+    wgrad = v * s.hidden * (4 if fused else s.bytes)  # the output weight's gradient
+    if fused:
+        rows = max(1, min(n, batch.chunk_elems // v))
+        loss = 3 * rows * v * 4 + n * s.hidden * s.bytes + wgrad
+    else:
+        rows = max(1, min(n, batch.kernel_chunk_elems // v))
+        loss = 2 * n * v * s.bytes + 3 * rows * v * 4 + wgrad
+    # backward transients: the gradients of the layer being differentiated, about its activations
+    grads = per_layer
+    if lay.pp > 1:  # the last stage holds one micro-batch in flight
+        last = per_layer * layers + final + loss + grads
+        last_rc = n * s.hidden * s.bytes * layers + per_layer + final + loss + grads
+        first = acts + grads
+        return {"activations": max(first, last),
+                "activations (recompute)": max(recompute + grads, last_rc),
+                "loss": loss, "in flight": in_flight}  # fmt: skip
+    return {"activations": acts + final + loss + grads,
+            "activations (recompute)": recompute + final + loss + grads,
+            "loss": loss, "in flight": in_flight}  # fmt: skip
+
+
+def plan_memory(
+    student: Shape, teacher: Shape, s_lay: Layout, t_lay: Layout, batch: Batch, *,
+    fused: bool = True, spec: str = "te", distributed_optimizer: bool = False,
+    divisible_by: int = 128,
+) -> tuple[Report, Report]:  # fmt: skip
+    """(student rank report, teacher rank report): every rank holds both; see `combined`."""
+    rs, rt = Report(), Report()
+    ps = max(stage_params(student, s_lay, i, divisible_by) for i in range(s_lay.pp))
+    pt = max(stage_params(teacher, t_lay, i, divisible_by) for i in range(t_lay.pp))
+    opt = ps * (8 + (4 if student.bytes != 4 else 0))
+    if distributed_optimizer:
+        opt /= s_lay.dp
+    rs.parts["persistent: student weights"] = ps * student.bytes
+    rs.parts["persistent: student grads (fp32)"] = ps * 4
+    rs.parts["persistent: optimizer state"] = opt
+    rt.parts["persistent: teacher weights"] = pt * teacher.bytes
+    upd = student_update_terms(student, s_lay, batch, fused=fused, spec=spec,
+                               divisible_by=divisible_by)  # fmt: skip
+    k = batch.top_k
+    payload = batch.rows * batch.seq * (2 + 2 * k) * 4 + batch.rows * batch.seq * 8 * 3
+    rs.parts["update"] = upd["activations"] + payload
+    rs.parts["update (recompute)"] = upd["activations (recompute)"] + payload
+    rs.parts["teacher payload"] = payload
+    rs.parts["student loss (logits or fused chunks)"] = upd["loss"]
+    # teacher scoring: no saved activations; one layer's transients and the logits or a chunk
+    n = batch.micro_batch * batch.seq
+    vt = padded_vocab(teacher.vocab_size, t_lay.tp, divisible_by) // t_lay.tp
+    one_layer = sum(layer_activation_terms(teacher, n, batch.seq, t_lay.tp, spec).values())
+    if fused:
+        t_logits = 2 * max(1, min(n, batch.chunk_elems // vt)) * vt * 4
+    else:
+        t_logits = n * vt * (teacher.bytes + 4)
+    rt.parts["teacher scoring"] = one_layer + t_logits + payload
+    # rollouts: the student's KV cache for the rows decoded at once, and one step's logits
+    rows = batch.decode_rows or batch.rows
+    kv = 2 * (student.layers // s_lay.pp) * rows * batch.seq
+    kv *= max(1, student.query_groups // s_lay.tp) * student.head_dim * student.bytes
+    vs = padded_vocab(student.vocab_size, s_lay.tp, divisible_by) // s_lay.tp
+    rs.parts["rollout"] = kv + rows * vs * 4 * 3
+    rs.parts["rollout KV cache"] = kv
+    _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused)
+    return rs, rt
+
+
+def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused) -> None:
+    """Bytes sent per rank and iteration (module docstring)."""
+    n = batch.micro_batch * batch.seq
+    mbs = batch.micro_batches * batch.steps
+    h, e = student.hidden, student.bytes
+    layers = student.layers // s_lay.pp
+    rs.comm["student TP all-reduces"] = mbs * 4 * layers * _ring(n * h * e, s_lay.tp)
+    stats = n * (5 + batch.top_k) * 4 * (s_lay.tp - 1) / s_lay.tp
+    grad_h = _ring(n * h * e, s_lay.tp) if fused else 0.0
+    rs.comm["student loss (all-gather, hidden grad)"] = mbs * (stats + grad_h)
+    rs.comm["student PP activations + grads"] = (mbs * 2 * n * h * e) if s_lay.pp > 1 else 0.0
+    rs.comm["student DP grad all-reduce (fp32)"] = batch.steps * _ring(ps * 4, s_lay.dp)
+    gen = batch.seq * 2 * layers * _ring((batch.decode_rows or batch.rows) * h * e, s_lay.tp)
+    rs.comm["rollout TP all-reduces (decode)"] = gen
+    nt = teacher.hidden * teacher.bytes * n
+    t_layers = teacher.layers // t_lay.pp
+    rt.comm["teacher TP all-reduces"] = mbs * 2 * t_layers * _ring(nt, t_lay.tp)
+    rt.comm["teacher PP activations"] = (mbs * nt) if t_lay.pp > 1 else 0.0
+    rt.comm["teacher payload (p2p)"] = mbs * n * (2 + 2 * batch.top_k) * 4
+
+
+def combined(rs: Report, rt: Report) -> Report:
+    """One rank's total: student and teacher persistent state and every phase's transients."""
+    out = Report()
+    out.parts = {**rs.parts}
+    out.parts.update({k: v for k, v in rt.parts.items() if k.startswith("persistent")})
+    out.parts["teacher scoring"] = rt.parts["teacher scoring"]
+    out.comm = {**rs.comm, **rt.comm}
+    return out
+
+
+def fits(total_bytes: float, headroom: float = 0.9) -> dict:
+    """{GPU: whether `total_bytes` fits in `headroom` of its memory}."""
+    return {name: total_bytes <= headroom * cap for name, cap in GPUS.items()}
+
+
+__all__ = [
+    "GIB", "GPUS", "Batch", "Layout", "Report", "Shape", "combined", "fits",
+    "korthikanti_per_layer", "layer_activation_terms", "layer_params", "padded_vocab",
+    "plan_memory", "stage_params", "student_update_terms",
+]  # fmt: skip
