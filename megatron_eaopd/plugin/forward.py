@@ -87,10 +87,14 @@ def offline_micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, micro_b
     return split_micro_batches(batch, micro_batch_size)
 
 
-def rollout_micro_batches(rollouts, pad_id: int, micro_batch_size: int):
+def rollout_micro_batches(rollouts, pad_id: int, micro_batch_size: int, multiple: int = 1):
     """On-policy micro-batches from a ``rollout.RolloutBatch`` (``rollout.generate``'s output or
     the caller's own sampler filled in the same fields): the response tokens are trained, the
-    rollout's log-probs are the PPO ratio's denominator."""
+    rollout's log-probs are the PPO ratio's denominator.
+
+    ``multiple``: pad the sequence length to a multiple of this with masked pad tokens; a student
+    built with sequence parallelism needs ``models.sequence_parallel.sequence_multiple(model)``
+    (its TP size)."""
     from megatron_eaopd.trainer.batches import collate, split_micro_batches
 
-    return split_micro_batches(collate(rollouts, pad_id), micro_batch_size)
+    return split_micro_batches(collate(rollouts, pad_id, multiple=multiple), micro_batch_size)

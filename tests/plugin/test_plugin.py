@@ -94,3 +94,32 @@ def test_offline_refuses_objectives_that_need_samples():
     check_offline(ObjectiveConfig(name="eopd", form="exact"))
     with pytest.raises(ValueError, match="on-policy"):
         check_offline(ObjectiveConfig(name="eopd"))
+
+
+def test_rollout_micro_batches_pad_to_a_multiple_for_sequence_parallelism():
+    """A student built with sequence parallelism needs the sequence length to be a multiple of
+    tp: the plugin's batches pad with masked pad tokens and keep every trained position."""
+    import torch
+
+    from megatron_eaopd.plugin import rollout_micro_batches
+    from megatron_eaopd.rollout import RolloutBatch
+
+    # prompt [1, 5, 6], response [7, 8, 3]; prompt [1, 9], response [4]: 5 positions
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 3], [1, 9, 4, 0, 0, 0]])
+    r = RolloutBatch(
+        tokens=tokens,
+        prompt_lens=torch.tensor([3, 2]),
+        response_lens=torch.tensor([3, 1]),
+        logprobs=torch.tensor([[0, 0, 0, -0.1, -0.2, -0.3], [0, 0, -0.4, 0, 0, 0]]),
+        entropies=torch.zeros(2, 6),
+        finished=torch.tensor([True, False]),
+    )
+    plain = rollout_micro_batches(r, 0, 2)
+    padded = rollout_micro_batches(r, 0, 2, multiple=4)
+    assert len(plain) == len(padded) == 1
+    s = plain[0]["tokens"].shape[1]
+    assert padded[0]["tokens"].shape[1] % 4 == 0 and padded[0]["tokens"].shape[1] >= s
+    for key in ("tokens", "labels", "loss_mask", "old_logprobs"):
+        assert torch.equal(padded[0][key][:, :s], plain[0][key])
+    assert not padded[0]["loss_mask"][:, s:].any()
+    assert (padded[0]["tokens"][:, s:] == 0).all()
