@@ -18,7 +18,7 @@ from megatron_eaopd.data import answers, prepare
 from tests.paper_configs import hf_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny-cpu.yaml"
+TINY = REPO / "configs" / "tiny-cpu-tp2.yaml"
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_exact_form_allows_different_temperatures():
 def test_shipped_configs_pass_the_run_checks(path, tmp_path):
     cfg = load_config(path, hf_overrides(path, str(tmp_path)))
     cuda = cfg.parallel.backend != "gloo"
-    world = 2 if path.name == "tiny-cpu.yaml" else 8
+    world = 2 if path.name.startswith("tiny-cpu") else 8
     check_run(cfg, world, vocab_size=None if cuda else 182, cuda_available=cuda,
               math_verify_installed=True)  # fmt: skip
 

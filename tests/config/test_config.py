@@ -262,11 +262,20 @@ def test_paper_configs_carry_the_paper_hyperparameters(tmp_path):
     assert load_config(path, hf_overrides(path, str(tmp_path))).training.epochs == 2
 
 
-def test_tiny_cpu_is_tp2_gloo():
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml")
-    assert cfg.parallel.student.tp == 2 and cfg.parallel.teacher.tp == 2
-    assert cfg.parallel.backend == "gloo" and cfg.task.name == "builtin"
-    assert cfg.model.student.dtype == "fp32" and cfg.teacher_prep.enabled
+def test_tiny_cpu_configs():
+    """The main job runs data-parallel with the exact form; its TP 2 sibling is the paper's
+    sampled form, vocab-parallel, on the same task and models."""
+    main = load_config(REPO / "configs" / "tiny-cpu.yaml")
+    assert main.parallel.student.tp == 1 and main.parallel.teacher.tp == 1
+    assert main.loss.form == "exact" and main.student_prep.enabled
+    tp2 = load_config(REPO / "configs" / "tiny-cpu-tp2.yaml")
+    assert tp2.parallel.student.tp == 2 and tp2.parallel.teacher.tp == 2
+    assert tp2.loss.form == "sampled"
+    for cfg in (main, tp2):
+        assert cfg.parallel.backend == "gloo" and cfg.task.name == "builtin"
+        assert cfg.model.student.dtype == "fp32" and cfg.teacher_prep.enabled
+    assert main.model == tp2.model and main.task == tp2.task
+    assert main.teacher_prep == tp2.teacher_prep
 
 
 def test_every_field_documented_and_in_docs():
@@ -315,7 +324,7 @@ def test_loss_section_builds_objective_config(objective):
     from megatron_eaopd.config import objective_kwargs
     from megatron_eaopd.losses import objectives
 
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"loss.objective={objective}"])
+    cfg = load_config(REPO / "configs" / "tiny-cpu-tp2.yaml", [f"loss.objective={objective}"])
     expected_form = "exact" if objective in ("eopd_exact", "jsd") else "sampled"
     assert cfg.loss.form == expected_form
     oc = objectives.ObjectiveConfig(**objective_kwargs(cfg.loss))

@@ -12,7 +12,7 @@ import random
 from tests.dist import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+CONFIG = os.path.join(ROOT, "configs", "tiny-cpu-tp2.yaml")
 
 
 def _write(path, n, seed, solutions):

@@ -14,7 +14,7 @@ import pytest
 from tests.dist import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+CONFIG = os.path.join(ROOT, "configs", "tiny-cpu-tp2.yaml")
 
 # A small version of the tiny CPU config: 4 iterations of 8 prompts x 2 samples, 2 optimizer
 # steps per iteration, a briefly trained teacher, short responses.
