@@ -13,8 +13,8 @@ Config keys read (same names as megatron_eaopd.config's schema; ``defaults:`` fi
 ``training.iterations`` (default 20), ``training.output_dir``, ``training.checkpoint_dir``
 (default <output_dir>/checkpoints), ``training.checkpoint_interval`` (0: only at the end and on
 preemption), ``standin.step_seconds`` (sleep per iteration, default 0.1) and
-``standin.linger_seconds`` (sleep after the last iteration, before exiting: a window for a signal
-that comes after the run finished; default 0).
+``standin.linger_seconds`` (after the last iteration, wait up to this long for a signal before
+exiting: a window for a signal that comes after the run finished; default 0).
 """
 
 from __future__ import annotations
@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"standin: training done at iteration {total}", flush=True)
     if stopped_at is None and linger_seconds > 0:
-        time.sleep(linger_seconds)
+        deadline = time.monotonic() + linger_seconds
+        while handler.received_signal is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         if rank == 0:
             print(f"standin: exiting (signal while lingering: {handler.reason})", flush=True)
     handler.uninstall(ignore=True)  # as the trainer: a late signal copy must not kill the exit

@@ -101,7 +101,7 @@ def test_preempted_torchrun_job_forwards_the_signal_requeues_and_resumes(slurm, 
     COMPLETED 0 after one restart, not requeued a second time."""
     total, signal_after = 24, 4
     job = standin_job(
-        slurm, TORCHRUN, tmp_path, total, step_seconds=0.2, extra=["standin.linger_seconds=5"]
+        slurm, TORCHRUN, tmp_path, total, step_seconds=0.2, extra=["standin.linger_seconds=120"]
     )
     first_log = attempt_log(tmp_path, job, 0)
     wait_for_output(
