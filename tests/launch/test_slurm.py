@@ -3,7 +3,7 @@
 The session's `slurm` fixture (tests/launch/conftest.py) installs Debian's Slurm when it is
 missing, starts munged, slurmctld and slurmd on loopback and stops every process by PID at the
 end, also on failure. Jobs run configs/tiny-cpu.yaml, made small by dotted overrides, on 2 srun
-tasks (eaopd_per_gpu.sbatch: TP=2 over gloo) or 2 torchrun processes (eaopd_torchrun.sbatch); the
+tasks (eaopd_per_gpu.sbatch, gloo) or 2 torchrun processes (eaopd_torchrun.sbatch); the
 teacher and the student warm start are prepared by the first job and loaded from the session's
 cache by the others. The checks read what the jobs wrote: the trainer's console metrics per
 attempt, metrics.jsonl, the checkpoints, the trainer's status files and the launcher's messages,
