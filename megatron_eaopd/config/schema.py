@@ -216,9 +216,9 @@ class LossConfig:
     so no [tokens, V_pad / tp] logits tensor exists (peak loss memory 0.15x, CPU time 1.2x (exact,
     one pass) to 1.35x (sampled) of the logits path at 4096 tokens x 32,768 columns:
     docs/benchmarks.md). Applies to the student update, its teacher scoring and the evaluation's
-    student forward; the evaluation's teacher payload is always fused; rollouts keep logits (one
-    position per decode step). null: on for every objective but jsd, which has no fused form
-    (true with jsd is refused)."""
+    student forward and teacher payload (evaluation measures with eopd, so null fuses it there
+    for jsd too); rollouts keep logits (one position per decode step). null: on for every
+    objective but jsd, which has no fused form (true with jsd is refused)."""
     fused_chunk_size: int | None = _f(None, ge=1)
     """Tokens per chunk of the fused loss and payload (loss.fused_output): each chunk
     materialises a few [fused_chunk_size, V_pad / tp] logits and gradient buffers, recomputed in

@@ -211,7 +211,8 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
         seq = batch["tokens"].shape[1]
     score_with_teacher(
         trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
-        temp=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+        temp=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size, fused=objective.use_fused,
+        fused_chunk_size=objective.fused_chunk_size,
     )  # fmt: skip
     with use_layout(STUDENT):
         outputs = []

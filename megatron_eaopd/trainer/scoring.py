@@ -24,7 +24,7 @@ def score_with_teacher(
 
     On the student's last pipeline stage "teacher" holds a TeacherPayload with [b, s] and
     [b, s, k] fields (the loss's layout); on other stages None (they never compute the loss).
-    ``fused`` (loss.fused_output; the default for callers that do not pass it, e.g. evaluation):
+    ``fused`` (loss.fused_output; the default for callers that do not pass it, e.g. the plugin):
     the payload comes from the teacher's final hidden states and output weight shard,
     ``fused_chunk_size`` tokens at a time (``losses.vocab_parallel_linear_teacher_payload``);
     otherwise from its logits, ``chunk_size`` tokens per kernel chunk.

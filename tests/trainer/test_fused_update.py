@@ -206,3 +206,42 @@ def test_fused_output_key_resolves_and_refuses_jsd():
     assert [key for key, _ in run_problems(cfg, 2)] == ["loss.fused_output"]
     with pytest.raises(ValueError, match="jsd"):
         ObjectiveConfig(name="jsd", form="exact", fused_output=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, fused, chunk",
+    [
+        ([], True, None),
+        (["loss.fused_output=false"], False, None),
+        (["loss.fused_chunk_size=7"], True, 7),
+        (["loss.objective=jsd", "loss.fused_chunk_size=9"], True, 9),  # evaluation measures eopd
+    ],
+)
+def test_evaluation_teacher_scoring_reads_the_fused_keys(monkeypatch, overrides, fused, chunk):
+    """The evaluation's teacher payload follows loss.fused_output and loss.fused_chunk_size like
+    the update's (it used to be fused with the default chunk whatever the keys said)."""
+    from types import SimpleNamespace
+
+    from megatron_eaopd.config import load_config, objective_kwargs
+    from megatron_eaopd.losses import ObjectiveConfig
+    from megatron_eaopd.trainer import evaluate
+    from tests.trainer.common import CONFIG
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def score(teacher, micro, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "score_with_teacher", score)
+    cfg = load_config(CONFIG, overrides)
+    trainer = SimpleNamespace(
+        cfg=cfg, data=SimpleNamespace(tokenizer=None, vocab_size=300), teacher=None,
+        student=None, objective=ObjectiveConfig(**objective_kwargs(cfg.loss)),
+    )  # fmt: skip
+    with pytest.raises(Stop):
+        evaluate._entropy_sums(trainer, None, 0.5)
+    assert seen["fused"] is fused and seen["fused_chunk_size"] == chunk, seen
