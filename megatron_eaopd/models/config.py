@@ -354,11 +354,20 @@ QWEN3_1_7B = ModelConfig(
     params_dtype="bfloat16",
 )
 
+QWEN3_0_6B = replace(
+    QWEN3_1_7B, hidden_size=1024, ffn_hidden_size=3072
+)  # 28 layers, 16 / 8 heads of 128, tied
+QWEN3_4B = replace(
+    QWEN3_1_7B, num_layers=36, hidden_size=2560, num_attention_heads=32, ffn_hidden_size=9728
+)  # 8 query groups of 128, tied
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny-teacher": TINY_TEACHER,
     "tiny-student": TINY_STUDENT,
     "qwen3-8b": QWEN3_8B,
+    "qwen3-0.6b": QWEN3_0_6B,
     "qwen3-1.7b": QWEN3_1_7B,
+    "qwen3-4b": QWEN3_4B,
 }
 
 

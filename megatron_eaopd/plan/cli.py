@@ -39,12 +39,24 @@ from megatron_eaopd.plan.memory import (
 EXIT_BAD_INPUT = 2
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eaopd-plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (as for eaopd-train)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs in the job (default 8)")
-    p.add_argument("--vocab-size", type=int, default=None, help="when the config's is 0")
+    p.add_argument(
+        "--world-size", type=_positive_int, default=8, help="GPUs in the job (default 8)"
+    )
+    p.add_argument("--vocab-size", type=_positive_int, default=None, help="when the config's is 0")
     p.add_argument("--student-preset", default=None, help="shape when student_hf is missing")
     p.add_argument("--teacher-preset", default=None, help="shape when teacher_hf is missing")
     p.add_argument(
@@ -103,6 +115,21 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
         data["task"].pop("train_file", None)
         data.setdefault("rollout", {})
     cfg = config_from_dict(data, path)
+    from megatron_eaopd.config.checks import sequence_parallel_problem
+
+    problem = sequence_parallel_problem(cfg)
+    if problem is not None:
+        raise ValueError(f"parallel.sequence_parallel: {problem}")
+    if cfg.parallel.sequence_parallel:
+        notes.append(
+            "parallel.sequence_parallel is not modelled: the student's activations outside the "
+            "TP regions are planned unsplit (an upper bound)"
+        )
+    if cfg.loss.form == "exact":
+        notes.append(
+            "loss.form=exact is not modelled: the plan counts the sampled form's top-k payload, "
+            "not the teacher's logits shard (or hidden states, fused) kept per micro-batch"
+        )
     return cfg, notes
 
 
@@ -121,6 +148,10 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> 
     """Everything eaopd-plan prints, as plain numbers (bytes)."""
     from megatron_eaopd.losses.objectives import ObjectiveConfig
 
+    if world < 1:
+        raise ValueError(f"--world-size {world} must be >= 1")
+    if vocab is not None and vocab < 1:
+        raise ValueError(f"--vocab-size {vocab} must be >= 1")
     student, teacher = _shape(cfg.model.student, vocab), _shape(cfg.model.teacher, vocab)
     lay = {}
     for who in ("student", "teacher"):

@@ -199,3 +199,41 @@ def test_cli_on_the_paper_config(capsys):
     assert "not a multiple" in capsys.readouterr().err
     assert main(["--config", PAPER, "loss.fused_chunk_size=0"]) == 2
     assert "loss.fused_chunk_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size, total", [("0.6b", 0.6e9), ("4b", 4.0e9)])
+def test_cli_on_every_qwen3_config(capsys, size, total):
+    """The 0.6B and 4B configs plan from presets before the download (they used to stop at
+    'no preset matches'); the presets have the published sizes (Qwen3 0.6B / 4B, tied)."""
+    from megatron_eaopd.config.hf_models import schema_shape
+    from megatron_eaopd.models.config import PRESETS
+
+    path = os.path.join(ROOT, "configs", f"qwen3-8b-to-{size}-1n8g-tp2pp2.yaml")
+    assert main(["--config", path]) == 0
+    assert f"preset qwen3-{size}" in capsys.readouterr().out
+    m = schema_shape(PRESETS[f"qwen3-{size}"])
+    shape = P.Shape(
+        layers=m["layers"], hidden=m["hidden"], heads=m["heads"], query_groups=m["query_groups"],
+        ffn_hidden=m["ffn_hidden"], vocab_size=m["vocab_size"], kv_channels=m["kv_channels"],
+        tied=m["tied_embeddings"], qk_layernorm=m["qk_layernorm"],
+    )  # fmt: skip
+    assert P.stage_params(shape, P.Layout(1, 1), 0) == pytest.approx(total, rel=0.03)
+
+
+def test_cli_refuses_bad_arguments_without_a_traceback(capsys):
+    """Non-positive --world-size / --vocab-size (a ZeroDivisionError before), sequence
+    parallelism at student TP 1 (check_run's rule): exit 2 naming the argument or key; sequence
+    parallelism and the exact form are planned with a note that they are not modelled."""
+    for args in (["--world-size", "0"], ["--world-size", "-8"], ["--vocab-size", "-3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--config", PAPER, *args])
+        assert exc.value.code == 2
+        assert args[0] in capsys.readouterr().err
+    sp = ["parallel.sequence_parallel=true"]
+    assert main(["--config", PAPER, *sp, "parallel.student.tp=1"]) == 2
+    assert "parallel.sequence_parallel" in capsys.readouterr().err
+    assert main(["--config", PAPER, *sp]) == 0
+    assert "sequence_parallel is not modelled" in capsys.readouterr().out
+    exact = ["loss.objective=eopd_exact", "parallel.teacher.pp=1"]
+    assert main(["--config", PAPER, *exact]) == 0
+    assert "loss.form=exact is not modelled" in capsys.readouterr().out
