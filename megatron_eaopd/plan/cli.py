@@ -133,10 +133,12 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
     return cfg, notes
 
 
-def _shape(m, vocab: int | None) -> Shape:
+def _shape(m, vocab: int | None, who: str = "student") -> Shape:
     v = m.vocab_size or vocab
     if not v:
-        raise ValueError("the model's vocab_size is 0 (the tokenizer's): pass --vocab-size N")
+        raise ValueError(
+            f"model.{who}.vocab_size is 0 (the tokenizer's): pass --vocab-size N (or set the key)"
+        )
     return Shape(
         layers=m.layers, hidden=m.hidden, heads=m.heads, query_groups=m.query_groups,
         ffn_hidden=m.ffn_hidden, vocab_size=int(v), kv_channels=m.kv_channels,
@@ -152,7 +154,8 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> 
         raise ValueError(f"--world-size {world} must be >= 1")
     if vocab is not None and vocab < 1:
         raise ValueError(f"--vocab-size {vocab} must be >= 1")
-    student, teacher = _shape(cfg.model.student, vocab), _shape(cfg.model.teacher, vocab)
+    student = _shape(cfg.model.student, vocab, "student")
+    teacher = _shape(cfg.model.teacher, vocab, "teacher")
     lay = {}
     for who in ("student", "teacher"):
         p = getattr(cfg.parallel, who)

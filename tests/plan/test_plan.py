@@ -234,6 +234,11 @@ def test_cli_refuses_bad_arguments_without_a_traceback(capsys):
     assert "parallel.sequence_parallel" in capsys.readouterr().err
     assert main(["--config", PAPER, *sp]) == 0
     assert "sequence_parallel is not modelled" in capsys.readouterr().out
+    base = os.path.join(ROOT, "configs", "base.yaml")  # the tokenizer's vocabulary (0)
+    assert main(["--config", base]) == 2
+    assert "model.student.vocab_size is 0" in capsys.readouterr().err
+    assert main(["--config", base, "--vocab-size", "320", "--world-size", "2"]) == 0
+    capsys.readouterr()
     exact = ["loss.objective=eopd_exact", "parallel.teacher.pp=1"]
     assert main(["--config", PAPER, *exact]) == 0
     assert "loss.form=exact is not modelled" in capsys.readouterr().out
