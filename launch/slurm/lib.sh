@@ -271,12 +271,14 @@ eaopd_run_step() {
     trap "eaopd_on_signal $sig" "$sig"
   done
 
-  while :; do
-    rc=0
-    wait "$EAOPD_STEP_PID" || rc=$?
-    # wait also returns when a trapped signal arrives: keep waiting while srun lives.
-    kill -0 "$EAOPD_STEP_PID" 2>/dev/null || break
+  # wait also returns when a trapped signal arrives (status 128+N, not srun's): keep waiting
+  # while srun lives, then take its own status; bash keeps it even when srun ended, and was
+  # reaped, while the trap ran.
+  while kill -0 "$EAOPD_STEP_PID" 2>/dev/null; do
+    wait "$EAOPD_STEP_PID" || true
   done
+  rc=0
+  wait "$EAOPD_STEP_PID" || rc=$?
   # From here on a signal changes nothing (requeueing sends this shell SIGTERM).
   for sig in "${EAOPD_SIGNAL_LIST[@]}"; do trap '' "$sig"; done
   status=$(eaopd_trainer_status)

@@ -86,13 +86,14 @@ for sig in "${signal_list[@]}"; do
   trap "forward $sig" "$sig"
 done
 
-rc=0
-while :; do
-  rc=0
-  wait "$torchrun_pid" || rc=$?
-  # wait also returns when a trapped signal arrives; go on waiting while torchrun lives.
-  kill -0 "$torchrun_pid" 2>/dev/null || break
+# wait also returns when a trapped signal arrives (status 128+N, not torchrun's): go on waiting
+# while torchrun lives, then take its own status (kept by bash even when torchrun ended, and was
+# reaped, while the trap ran).
+while kill -0 "$torchrun_pid" 2>/dev/null; do
+  wait "$torchrun_pid" || true
 done
+rc=0
+wait "$torchrun_pid" || rc=$?
 
 # torchrun turns every worker failure into 1: take this node's workers' own statuses instead.
 if [[ $rc != 0 && -n ${EAOPD_STATUS_DIR:-} ]]; then

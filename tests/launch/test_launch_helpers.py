@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,95 @@ def test_handler_ignores_late_signals_after_the_run():
         os.kill(os.getpid(), signal.SIGUSR2)  # ignored: the test process lives on
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def _slow_date_path(tmp_path: Path) -> str:
+    """PATH with a `date` that takes 0.3 s: a launcher's trap (it logs) outlasts a step that
+    ends at once on the signal, as a step that is already exiting does."""
+    bin_dir = tmp_path / "slowbin"
+    bin_dir.mkdir()
+    real = shutil.which("date")
+    (bin_dir / "date").write_text(f'#!/bin/bash\nsleep 0.3\nexec {real} "$@"\n')
+    (bin_dir / "date").chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def _signal_when_ready(proc: subprocess.Popen, ready: Path, sig: int) -> tuple[int, str]:
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+# A step that ends as soon as it is signalled, writing its status ("stopped" or "finished").
+STEP = """
+import os, signal, sys, time
+def stop(*_):
+    with open(os.path.join(os.environ["EAOPD_STATUS_DIR"], "rank0"), "w") as f:
+        f.write(sys.argv[1] + " 0 3\\n")
+    os._exit(0)
+signal.signal(signal.SIGUSR1, stop)
+open(os.environ["READY"], "w").close()
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize(("status", "expected"), [("stopped", 75), ("finished", 0)])
+def test_batch_script_takes_the_step_status_when_the_step_ends_during_the_trap(
+    tmp_path, status, expected
+):
+    """The signal's trap interrupts `wait` (status 138); if srun ends while the trap runs, the
+    batch script must still exit with srun's status and the trainer's verdict, not 138."""
+    (tmp_path / "step.py").write_text(STEP)
+    snippet = (
+        "eaopd_write_launch_record() { :; }; "
+        "EAOPD_SIGNAL_LIST=(USR1 TERM); EAOPD_PREEMPT_SIGNALS=USR1,TERM; EAOPD_SIGNALLED=''; "
+        "EAOPD_JOB_KEY=1; EAOPD_ATTEMPT=0; EAOPD_LOG_DIR=$T; EAOPD_STOP_FILE=$T/stop; "
+        "export EAOPD_STATUS_DIR=$T/status; mkdir -p $EAOPD_STATUS_DIR; "
+        f'eaopd_run_step "{sys.executable}" "$T/step.py" {status}'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EAOPD_"))}
+    env.update(
+        EAOPD_ROOT=str(ROOT), EAOPD_REQUEUE="0", T=str(tmp_path), READY=str(tmp_path / "ready"),
+        PATH=_slow_date_path(tmp_path),
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [BASH, "-c", f'set -euo pipefail; source "$EAOPD_ROOT/launch/slurm/lib.sh"; {snippet}'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    rc, out = _signal_when_ready(proc, tmp_path / "ready", signal.SIGUSR1)
+    assert f"exited with status 0; trainer status: {status}" in out, out
+    assert rc == expected, out
+
+
+def test_node_script_takes_torchrun_status_when_it_ends_during_the_trap(tmp_path):
+    """As above for torchrun_node.sh: torchrun (here a stand-in that ends 0 once the stop file
+    exists) ends while the node script's trap runs; the node script exits 0, not 143."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        "#!/bin/bash\n"
+        ': >"$READY"\n'
+        f"exec {sys.executable} -c '\n"
+        "import os, time\n"
+        'while not os.path.exists(os.environ["EAOPD_STOP_FILE"]): time.sleep(0.005)\n'
+        "'\n"
+    )
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EAOPD_"))}
+    env.update(
+        EAOPD_ROOT=str(ROOT), EAOPD_ENTRY="x", EAOPD_PYTHON=str(fake), EAOPD_NPROC_PER_NODE="1",
+        EAOPD_STOP_FILE=str(tmp_path / "stop"), EAOPD_STATUS_DIR=str(tmp_path / "status"),
+        EAOPD_LOG_DIR=str(tmp_path), SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT="1", READY=str(tmp_path / "ready"),
+        PATH=_slow_date_path(tmp_path),
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [BASH, str(ROOT / "launch/slurm/torchrun_node.sh"), str(CONFIG)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    rc, out = _signal_when_ready(proc, tmp_path / "ready", signal.SIGTERM)
+    assert "SIGTERM forwarded to training processes" in out, out
+    assert rc == 0, out
