@@ -247,6 +247,25 @@ eaopd_run_step() {
     exit 0
   fi
   eaopd_write_launch_record "$@"
+  # Slurm's --signal=B:<sig>@<secs> reaches only this shell: write the stop file (the trainer
+  # polls it every iteration, even if it does not exist yet) and pass the signal on to srun.
+  # Installed before the check below, so that a signal between the check and the start of the
+  # step is not lost: the stop file is there when the trainer starts.
+  # shellcheck disable=SC2317  # called through trap
+  eaopd_on_signal() {
+    local sent=""
+    EAOPD_SIGNALLED=$1
+    : >>"$EAOPD_STOP_FILE"
+    if [[ -n $EAOPD_STEP_PID ]]; then
+      sent=$(eaopd_forward_signal "$1" "$EAOPD_STEP_PID" || true)
+    fi
+    eaopd_log "caught SIG$1: wrote the stop file; forwarded ${sent:-no signal} to the training step (srun pid ${EAOPD_STEP_PID:-none yet})"
+  }
+  EAOPD_STEP_PID=""
+  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
+    # shellcheck disable=SC2064  # expand now: one trap per signal
+    trap "eaopd_on_signal $sig" "$sig"
+  done
   if [[ -n ${EAOPD_SIGNALLED:-} ]]; then
     eaopd_log "SIG$EAOPD_SIGNALLED arrived before training started: not starting it"
     eaopd_stopped_early
@@ -256,20 +275,6 @@ eaopd_run_step() {
 
   "$@" &
   EAOPD_STEP_PID=$!
-  # Slurm's --signal=B:<sig>@<secs> reaches only this shell: write the stop file (the trainer
-  # polls it every iteration, even if it does not exist yet) and pass the signal on to srun.
-  # shellcheck disable=SC2317  # called through trap
-  eaopd_on_signal() {
-    local sent
-    EAOPD_SIGNALLED=$1
-    : >>"$EAOPD_STOP_FILE"
-    sent=$(eaopd_forward_signal "$1" "$EAOPD_STEP_PID" || true)
-    eaopd_log "caught SIG$1: wrote the stop file; forwarded ${sent:-no signal} to the training step (srun pid $EAOPD_STEP_PID)"
-  }
-  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
-    # shellcheck disable=SC2064  # expand now: one trap per signal
-    trap "eaopd_on_signal $sig" "$sig"
-  done
 
   # wait also returns when a trapped signal arrives (status 128+N, not srun's): keep waiting
   # while srun lives, then take its own status; bash keeps it even when srun ended, and was

@@ -313,3 +313,30 @@ def test_node_script_takes_torchrun_status_when_it_ends_during_the_trap(tmp_path
     rc, out = _signal_when_ready(proc, tmp_path / "ready", signal.SIGTERM)
     assert "SIGTERM forwarded to training processes" in out, out
     assert rc == 0, out
+
+
+def test_batch_script_keeps_a_signal_that_comes_just_before_the_step_starts(tmp_path):
+    """USR1 after the "signal before training" check but before srun started (here: while the
+    script logs the command): the stop file must be written, so the step stops at once."""
+    step = (
+        "import os, sys, time\n"
+        "stop, end = os.environ['EAOPD_STOP_FILE'], time.monotonic() + 5\n"
+        "while not os.path.exists(stop) and time.monotonic() < end: time.sleep(0.02)\n"
+        "status = 'stopped' if os.path.exists(stop) else 'finished'\n"
+        "with open(os.path.join(os.environ['EAOPD_STATUS_DIR'], 'rank0'), 'w') as f:\n"
+        "    f.write(status + ' 0 1\\n')\n"
+    )
+    (tmp_path / "step.py").write_text(step)
+    snippet = (
+        "eaopd_write_launch_record() { :; }; "
+        # The signal comes while the script logs "logs: ...", just before it starts the step.
+        'eaopd_log() { [[ $* != logs:* ]] || kill -USR1 $$; printf "%s\\n" "$*" >&2; }; '
+        "EAOPD_SIGNAL_LIST=(USR1 TERM); EAOPD_PREEMPT_SIGNALS=USR1,TERM; "
+        "trap 'EAOPD_SIGNALLED=USR1' USR1; EAOPD_SIGNALLED=''; "
+        "EAOPD_JOB_KEY=1; EAOPD_ATTEMPT=0; EAOPD_LOG_DIR=$T; export EAOPD_STOP_FILE=$T/stop; "
+        "export EAOPD_STATUS_DIR=$T/status; mkdir -p $EAOPD_STATUS_DIR; "
+        f'eaopd_run_step "{sys.executable}" "$T/step.py"'
+    )
+    result = bash(snippet, {"EAOPD_REQUEUE": "0", "T": str(tmp_path)})
+    assert "trainer status: stopped" in result.stderr, result.stderr
+    assert result.returncode == 75, result.stderr
