@@ -161,6 +161,10 @@ def build_teacher(mcfg: ModelConfig, checkpoint_root: str | None, hf_dir: str | 
 
 
 def _bars(cfg: EAOPDConfig) -> bool:
+    """Progress bars as the trainer draws them: asked for, rank 0, stderr a terminal."""
     import torch.distributed as dist
 
-    return bool(cfg.logging.progress_bars) and (not dist.is_initialized() or dist.get_rank() == 0)
+    from megatron_eaopd.trainer.loop import _on_terminal
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return bool(cfg.logging.progress_bars) and rank0 and _on_terminal()

@@ -340,3 +340,22 @@ def test_batch_script_keeps_a_signal_that_comes_just_before_the_step_starts(tmp_
     result = bash(snippet, {"EAOPD_REQUEUE": "0", "T": str(tmp_path)})
     assert "trainer status: stopped" in result.stderr, result.stderr
     assert result.returncode == 75, result.stderr
+
+
+def test_hf_import_bar_only_on_a_terminal(monkeypatch):
+    """The student's HF import (model.student_hf) draws its bar under the same rule as the
+    trainer's bars: never into a log file."""
+    from types import SimpleNamespace
+
+    from megatron_eaopd.trainer import build
+
+    cfg = SimpleNamespace(logging=SimpleNamespace(progress_bars=True))
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert build._bars(cfg) is False
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Tty())
+    assert build._bars(cfg) is True
