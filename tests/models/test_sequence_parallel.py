@@ -45,23 +45,13 @@ VARIANTS = {
 def _rollouts(vocab: int):
     """ROWS rows, prompts of 2-5 tokens, responses of 1-8 tokens, the longest 13 (odd: padded to
     14 at TP 2), random ids and old log-probs at response positions."""
-    from megatron_eaopd.rollout import RolloutBatch
+    from tests.trainer.common import random_rollouts
 
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(2, 6, (ROWS,), generator=gen)
     response = torch.randint(1, 9, (ROWS,), generator=gen)
     prompt[0], response[0] = 5, 8  # width 13
-    width = int((prompt + response).max())
-    tokens = torch.zeros(ROWS, width, dtype=torch.long)
-    logprobs = torch.zeros(ROWS, width)
-    for i in range(ROWS):
-        n = int(prompt[i] + response[i])
-        tokens[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
-        logprobs[i, prompt[i] : n] = -0.05 - 3.95 * torch.rand(int(response[i]), generator=gen)
-    return RolloutBatch(
-        tokens=tokens, prompt_lens=prompt, response_lens=response, logprobs=logprobs,
-        entropies=torch.zeros(ROWS, width), finished=torch.ones(ROWS, dtype=torch.bool),
-    )  # fmt: skip
+    return random_rollouts(prompt, response, vocab, gen)
 
 
 def test_collate_pads_to_a_multiple_and_masks_the_padding():

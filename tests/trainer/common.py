@@ -24,3 +24,27 @@ TINY_RUN = [
     "logging.progress_bars=false",
     "logging.console=false",
 ]
+
+
+def random_rollouts(prompt_lens, response_lens, vocab: int, gen):
+    """A RolloutBatch with the given [rows] prompt and response lengths, random token ids in
+    [1, vocab) and old log-probs in [-4, -0.05] at response positions, drawn from `gen` row by
+    row (ids, then log-probs)."""
+    import torch
+
+    from megatron_eaopd.rollout import RolloutBatch
+
+    rows = len(prompt_lens)
+    width = int((prompt_lens + response_lens).max())
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    logprobs = torch.zeros(rows, width)
+    for i in range(rows):
+        n = int(prompt_lens[i] + response_lens[i])
+        tokens[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
+        logprobs[i, prompt_lens[i] : n] = -0.05 - 3.95 * torch.rand(
+            int(response_lens[i]), generator=gen
+        )
+    return RolloutBatch(
+        tokens=tokens, prompt_lens=prompt_lens, response_lens=response_lens, logprobs=logprobs,
+        entropies=torch.zeros(rows, width), finished=torch.ones(rows, dtype=torch.bool),
+    )  # fmt: skip

@@ -45,23 +45,12 @@ NAMES = {
 def make_rollouts():
     """PROMPTS x SAMPLES rows, prompts of 2-5 tokens, responses of 2-8 tokens, ids < VOCAB, old
     log-probs in [-4, -0.05] at response positions."""
-    from megatron_eaopd.rollout import RolloutBatch
+    from tests.trainer.common import random_rollouts
 
     gen = torch.Generator().manual_seed(3)
-    rows = PROMPTS * SAMPLES
     prompt = torch.randint(2, 6, (PROMPTS,), generator=gen).repeat_interleave(SAMPLES)
-    response = torch.randint(2, 9, (rows,), generator=gen)
-    width = int((prompt + response).max())
-    tokens = torch.zeros(rows, width, dtype=torch.long)
-    logprobs = torch.zeros(rows, width)
-    for i in range(rows):
-        n = int(prompt[i] + response[i])
-        tokens[i, :n] = torch.randint(1, VOCAB, (n,), generator=gen)
-        logprobs[i, prompt[i] : n] = -0.05 - 3.95 * torch.rand(int(response[i]), generator=gen)
-    return RolloutBatch(
-        tokens=tokens, prompt_lens=prompt, response_lens=response, logprobs=logprobs,
-        entropies=torch.zeros(rows, width), finished=torch.ones(rows, dtype=torch.bool),
-    )  # fmt: skip
+    response = torch.randint(2, 9, (PROMPTS * SAMPLES,), generator=gen)
+    return random_rollouts(prompt, response, VOCAB, gen)
 
 
 class LogitWatch(torch.utils._python_dispatch.TorchDispatchMode):

@@ -38,24 +38,14 @@ LAYOUTS = {
 def write_rollouts(path: str) -> None:
     """PROMPTS x SAMPLES rows with prompts of 2-6 tokens, responses of 1-9 tokens, random ids
     and old log-probs in [-4, -0.05] at response positions (RolloutBatch fields)."""
-    from megatron_eaopd.rollout import RolloutBatch
+    from tests.trainer.common import random_rollouts
 
     gen = torch.Generator().manual_seed(11)
     rows = PROMPTS * SAMPLES
     prompt = torch.randint(2, 7, (PROMPTS,), generator=gen).repeat_interleave(SAMPLES)
     response = torch.randint(1, 10, (rows,), generator=gen)
-    width = int((prompt + response).max())
     vocab = helpers.preset("tiny-student").vocab_size
-    tokens = torch.zeros(rows, width, dtype=torch.long)
-    logprobs = torch.zeros(rows, width)
-    for i in range(rows):
-        n = int(prompt[i] + response[i])
-        tokens[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
-        logprobs[i, prompt[i] : n] = -0.05 - 3.95 * torch.rand(int(response[i]), generator=gen)
-    batch = RolloutBatch(
-        tokens=tokens, prompt_lens=prompt, response_lens=response, logprobs=logprobs,
-        entropies=torch.zeros(rows, width), finished=torch.ones(rows, dtype=torch.bool),
-    )  # fmt: skip
+    batch = random_rollouts(prompt, response, vocab, gen)
     torch.save(batch.__dict__, path)
 
 
