@@ -37,6 +37,7 @@ import tempfile
 import time
 
 import torch
+from bench_losses import _rss_bytes  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ("unfused", "fused", "fused_1pass", "unfused_sampled", "fused_sampled")
 
@@ -83,14 +84,6 @@ def run_variant(variant, inputs, chunk):
     else:
         raise ValueError(variant)
     loss.sum().backward()
-
-
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def measure(args):
