@@ -11,6 +11,12 @@ k = 1..8, the high-entropy fractions over training) and a PNG of the curves with
 
     python benchmarks/opd_vs_eopd.py --config configs/tiny-cpu.yaml --seeds 1 2 3 4 5 \\
         --out runs/compare --plot docs/opd_vs_eopd.png [dotted.overrides ...]
+
+Arms other than plain objectives: ``--arm "NAME OVERRIDE..."`` (one quoted string, repeatable)
+adds an arm with its own overrides, and ``--preset ablation`` runs the ablation of docs/results.md
+(tau, top-k, tail bucket, objective variants; ``ablation_arms``). Arms with the same name share run
+folders, so the ablation reuses the seeds an OPD vs EOPD study already ran in the same ``--out``.
+``--jobs N`` runs N trainings at once (after the first, which prepares the shared caches alone).
 """
 
 from __future__ import annotations
@@ -76,11 +82,51 @@ def _finished(run_dir: str) -> bool:
     return latest == total and bool(evals) and evals[-1]["iteration"] == total
 
 
-def run_one(args, objective: str, seed: int) -> tuple[str, float]:
-    """Run (or resume, or skip when finished) one training run; return its folder and seconds."""
-    run_dir = os.path.join(args.out, f"{objective}-s{seed}")
+# The sampled block's optimiser settings (docs/results.md 0.1: the sampled-token estimator needs a
+# smaller step than the exact form at this mini-batch size; measured in 0.5)
+SAMPLED_SCHEDULE = ["optimizer.lr=5e-4"]
+
+
+def ablation_arms() -> dict[str, list[str]]:
+    """The ablation's arms: name -> overrides on top of the study's config and overrides.
+
+    Exact block (the default config's form): OPD and EOPD, tau in {0.4, 1.2}, the soft gate, the
+    fixed mix, forward KL only and JSD. Sampled block (the paper's form, top-k forward KL from the
+    teacher's payload, where top-k and the tail bucket matter): OPD, EOPD at k = 16, k = 4, k = 64,
+    k = 16 with the tail bucket. The tau arms keep ``eval.entropy_threshold`` at the paper's 0.8,
+    so the high-entropy fractions of every arm are measured at the same threshold.
+    """
+    sampled = ["loss.form=sampled", *SAMPLED_SCHEDULE]
+    same_eval_tau = ["eval.entropy_threshold=0.8"]
+    return {
+        "opd": ["loss.objective=opd"],
+        "eopd": ["loss.objective=eopd"],
+        "eopd-tau0.4": ["loss.objective=eopd", "loss.entropy_threshold=0.4", *same_eval_tau],
+        "eopd-tau1.2": ["loss.objective=eopd", "loss.entropy_threshold=1.2", *same_eval_tau],
+        "eopd_soft": ["loss.objective=eopd_soft"],
+        "mix": ["loss.objective=mix"],
+        "fkl": ["loss.objective=fkl"],
+        "jsd": ["loss.objective=jsd"],
+        "sampled-opd": ["loss.objective=opd", *sampled],
+        "sampled-eopd": ["loss.objective=eopd", *sampled],
+        "sampled-eopd-k4": ["loss.objective=eopd", "loss.top_k=4", *sampled],
+        "sampled-eopd-k64": ["loss.objective=eopd", "loss.top_k=64", *sampled],
+        "sampled-eopd-tail": ["loss.objective=eopd", "loss.tail_bucket=true", *sampled],
+    }
+
+
+def run_one(args, arm: str, overrides: list[str], seed: int) -> tuple[str, float]:
+    """Run (or resume, or skip when finished) one training run; return its folder and seconds.
+
+    The seconds of a finished run are kept in ``<run>/study_seconds`` (summed over resumes)."""
+    run_dir = os.path.join(args.out, f"{arm}-s{seed}")
+    timing = os.path.join(run_dir, "study_seconds")
+    spent = 0.0
+    if os.path.exists(timing):
+        with open(timing, encoding="utf-8") as f:
+            spent = float(f.read().strip() or 0)
     if os.path.isdir(run_dir) and _finished(run_dir):
-        return run_dir, 0.0
+        return run_dir, spent
     if args.nproc == 1:
         launch = [sys.executable, "-m", "megatron_eaopd.cli"]
         layout = ["parallel.student.tp=1", "parallel.teacher.tp=1"]
@@ -89,14 +135,27 @@ def run_one(args, objective: str, seed: int) -> tuple[str, float]:
                   f"--nproc-per-node={args.nproc}", "-m", "megatron_eaopd.cli"]  # fmt: skip
         layout = []
     cmd = [
-        *launch, "--config", args.config, *layout,
-        f"loss.objective={objective}", f"training.seed={seed}", f"training.output_dir={run_dir}",
-        "logging.progress_bars=false", "logging.tensorboard=false", *args.overrides,
+        *launch, "--config", args.config, *layout, *args.overrides, *overrides,
+        f"training.seed={seed}", f"training.output_dir={run_dir}",
+        "logging.progress_bars=false", "logging.tensorboard=false",
     ]  # fmt: skip
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc)))
     t0 = time.perf_counter()
-    with open(os.path.join(args.out, f"{objective}-s{seed}.log"), "a") as log:
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return run_dir, time.perf_counter() - t0
+    with open(os.path.join(args.out, f"{arm}-s{seed}.log"), "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"{run_dir} failed (exit {proc.returncode}); see {args.out}/{arm}-s{seed}.log. "
+            "Rerunning the same command resumes the study from here."
+        )
+    spent += time.perf_counter() - t0
+    with open(timing, "w", encoding="utf-8") as f:
+        f.write(f"{spent:.1f}\n")
+    return run_dir, spent
 
 
 def summarise(runs: dict) -> dict:
@@ -198,19 +257,73 @@ def plot(summary: dict, path: str, title: str):
     return out1, out2
 
 
+def ablation_table(summary: dict, arms: dict, seconds: dict, seeds) -> str:
+    """One row per arm: final Avg@8 / Pass@8 with 95% CIs, the change from iteration 0, forward KL
+    on the teacher's high-entropy tokens, the high-entropy fractions and the mean run time."""
+    out = [f"Final evaluation per arm, mean ± 95% CI over seeds {list(seeds)}:", ""]
+    out.append("| arm | overrides | Avg@8 | Pass@8 | Avg@8 change from iteration 0 | fkl_high "
+               "| student H>=tau (teacher) | response length | s per run |")  # fmt: skip
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for arm, overrides in arms.items():
+        final = summary["final"][arm]
+        gains = [f - s for s, f in summary["per_seed"][arm]["mean/avg@8"]]
+        run_s = [t for t in seconds[arm] if t]
+        out.append(
+            f"| {arm} | `{' '.join(overrides)}` | {_cell(final['mean/avg@8'])} | "
+            f"{_cell(final['mean/pass@8'])} | {_cell(mean_ci(gains))} | "
+            f"{_cell(final['fkl_high'])} | {final['student_high_frac'][0]:.3f} "
+            f"({final['teacher_high_frac'][0]:.3f}) | {final['response_length'][0]:.1f} | "
+            f"{statistics.mean(run_s) if run_s else float('nan'):.0f} |"
+        )
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--objectives", nargs="+", default=["opd", "eopd"])
+    p.add_argument("--objectives", nargs="+", default=None,
+                   help="arms that differ only in loss.objective (default: opd eopd)")  # fmt: skip
+    p.add_argument("--arm", action="append", default=[], metavar='"NAME OVERRIDE ..."',
+                   help="an arm and its overrides in one quoted string (repeatable)")  # fmt: skip
+    p.add_argument("--preset", choices=("ablation",), default=None,
+                   help="ablation: the arms of ablation_arms()")  # fmt: skip
+    p.add_argument(
+        "--name",
+        default=None,
+        help="stem of the written tables and summary (default: study, or the preset)",
+    )
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at the same time")
     p.add_argument("--plot", default=None, help="PNG path for the curves")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = p.parse_args()
+    if args.jobs < 1 or args.nproc < 1:
+        p.error("--jobs and --nproc must be >= 1")
+    arms: dict[str, list[str]] = {}
+    if args.preset == "ablation":
+        arms.update(ablation_arms())
+    for name in args.objectives or ([] if (args.preset or args.arm) else ["opd", "eopd"]):
+        arms[name] = [f"loss.objective={name}"]
+    sys.path.insert(0, ROOT)
+    from megatron_eaopd.config.schema import OBJECTIVES
+
+    for name in args.objectives or []:
+        if name not in OBJECTIVES:
+            p.error(f"--objectives: {name!r} is not one of {OBJECTIVES} (dotted overrides go "
+                    "before the options or after --)")  # fmt: skip
+    for spec in args.arm:
+        name, *overrides = spec.split()
+        arms[name] = overrides
+    bad = [a for a in arms if not a or "/" in a or a.startswith(".") or "=" in a]
+    bad += [o for ovs in arms.values() for o in ovs if "=" not in o]
+    bad += [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"not an arm name or a key=value override: {bad}")
+    stem = args.name or args.preset or "study"
     os.makedirs(args.out, exist_ok=True)
-    jobs = [(o, s) for s in args.seeds for o in args.objectives]  # seeds outer: early pairs
-    runs: dict[str, list[str]] = {o: [] for o in args.objectives}
+    jobs = [(a, s) for s in args.seeds for a in arms]  # seeds outer: early complete pairs
     try:
         from tqdm import tqdm
 
@@ -218,28 +331,46 @@ def main():
     except ImportError:
         bar = None
     t0 = time.perf_counter()
-    for objective, seed in jobs:
+    done: dict[tuple[str, int], tuple[str, float]] = {}
+
+    def one(job):
+        arm, seed = job
         if bar is not None:
-            bar.set_postfix_str(f"{objective} seed {seed}")
-        run_dir, seconds = run_one(args, objective, seed)
-        runs[objective].append(run_dir)
-        msg = f"{run_dir}: {'done already' if seconds == 0 else f'{seconds:.0f} s'}"
-        (bar.write if bar is not None else print)(msg)
+            bar.set_postfix_str(f"{arm} seed {seed}")
+        run_dir, seconds = run_one(args, arm, arms[arm], seed)
+        done[job] = (run_dir, seconds)
+        (bar.write if bar is not None else print)(f"{run_dir}: {seconds:.0f} s")
         if bar is not None:
             bar.update(1)
+
+    one(jobs[0])  # alone: it prepares the tokenizer, teacher and student caches the others share
+    if args.jobs == 1:
+        for job in jobs[1:]:
+            one(job)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for future in [pool.submit(one, job) for job in jobs[1:]]:
+                future.result()
     if bar is not None:
         bar.close()
+    runs = {a: [done[(a, s)][0] for s in args.seeds] for a in arms}
+    seconds = {a: [done[(a, s)][1] for s in args.seeds] for a in arms}
     summary = summarise(runs)
     summary["wall_seconds"] = time.perf_counter() - t0
-    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+    summary["arms"] = arms
+    summary["run_seconds"] = seconds
+    with open(os.path.join(args.out, f"{stem}-summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    text = tables(summary, args.seeds)
-    with open(os.path.join(args.out, "tables.md"), "w", encoding="utf-8") as f:
+    text = ablation_table(summary, arms, seconds, args.seeds) + "\n\n" + tables(summary, args.seeds)
+    with open(os.path.join(args.out, f"{stem}-tables.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
-    print(f"wall time of this invocation: {summary['wall_seconds']:.0f} s")
+    print(f"wall time of this invocation: {summary['wall_seconds']:.0f} s "
+          f"(sum over runs: {sum(t for ts in seconds.values() for t in ts):.0f} s)")  # fmt: skip
     if args.plot:
-        title = f"OPD vs EOPD, {len(args.seeds)} seeds, mean and 95% CI"
+        title = f"{', '.join(arms)}: {len(args.seeds)} seeds, mean and 95% CI"
         for out in plot(summary, args.plot, title):
             print(f"plot: {out}")
 
