@@ -4,6 +4,7 @@
 from megatron_eaopd.plan.memory import (
     GIB,
     GPUS,
+    KEPT,
     Batch,
     Layout,
     Report,
@@ -17,11 +18,13 @@ from megatron_eaopd.plan.memory import (
     plan_memory,
     stage_params,
     student_update_terms,
+    teacher_kept_bytes,
 )
 
 __all__ = [
     "GIB",
     "GPUS",
+    "KEPT",
     "Batch",
     "Layout",
     "Report",
@@ -35,4 +38,5 @@ __all__ = [
     "plan_memory",
     "stage_params",
     "student_update_terms",
+    "teacher_kept_bytes",
 ]

@@ -6,8 +6,10 @@ Reads the config as eaopd-train does (defaults chain, dotted overrides, validati
 for the largest pipeline stage of each model, the persistent state (weights, fp32 gradient
 buffer, Adam state, the teacher's weights) and each phase's transients (rollout KV cache, teacher
 scoring, the student update with and without full activation recomputation, the loss as logits
-or fused chunks, the teacher payload), the peak, the GPUs it fits (90% of 40 / 80 / 141 GB), and
-the bytes each rank sends per iteration. The model is `plan.memory` (docs/memory.md).
+or fused chunks, the teacher payload or, in the exact form, the teacher's logits shard or hidden
+states kept for the iteration) under the student's sequence parallelism when it is on, the peak,
+the GPUs it fits (90% of 40 / 80 / 141 GB), and the bytes each rank sends per iteration. The
+model is `plan.memory` (docs/memory.md).
 
 A model given as a Hugging Face folder takes its shape from the folder's config.json; when the
 folder is not there (planning before the download), `--student-preset` / `--teacher-preset`
@@ -122,13 +124,13 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
         raise ValueError(f"parallel.sequence_parallel: {problem}")
     if cfg.parallel.sequence_parallel:
         notes.append(
-            "parallel.sequence_parallel is not modelled: the student's activations outside the "
-            "TP regions are planned unsplit (an upper bound)"
+            "parallel.sequence_parallel: the student's norm inputs and outputs, the linears' "
+            "inputs before their all-gather and the residual parts are planned split over tp"
         )
     if cfg.loss.form == "exact":
         notes.append(
-            "loss.form=exact is not modelled: the plan counts the sampled form's top-k payload, "
-            "not the teacher's logits shard (or hidden states, fused) kept per micro-batch"
+            "loss.form=exact: the teacher's logits shard (logits column) or final hidden states "
+            "(fused column) of every row of the iteration are kept from scoring to the last step"
         )
     return cfg, notes
 
@@ -180,11 +182,14 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> 
         micro_batch=mb, seq=seq, micro_batches=per_step // mb, steps=steps, rows=rows,
         top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
     )  # fmt: skip
-    out = {"world": world, "spec": spec, "fused": fused_on, "batch": batch.__dict__,
+    sp = bool(cfg.parallel.sequence_parallel)
+    out = {"world": world, "spec": spec, "fused": fused_on, "form": loss.form,
+           "sequence_parallel": sp, "batch": batch.__dict__,
            "layouts": {k: v.__dict__ for k, v in lay.items()}, "variants": {}}  # fmt: skip
     for fused in (True, False):
         rs, rt = plan_memory(student, teacher, lay["student"], lay["teacher"], batch,
-                             fused=fused, spec=spec, divisible_by=div)  # fmt: skip
+                             fused=fused, spec=spec, divisible_by=div, form=loss.form,
+                             sequence_parallel=sp)  # fmt: skip
         tot = combined(rs, rt)
         out["variants"]["fused" if fused else "logits"] = {
             "parts": tot.parts, "comm": tot.comm, "peak": tot.peak(False),
@@ -196,7 +201,10 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> 
 def format_plan(plan: dict, cfg, notes=()) -> str:
     """The plain-text table eaopd-plan prints."""
     b, lay = plan["batch"], plan["layouts"]
-    lines = [f"world size {plan['world']}; activation spec {plan['spec']}"]
+    lines = [
+        f"world size {plan['world']}; activation spec {plan['spec']}; loss form {plan['form']}; "
+        f"sequence parallel {'on' if plan['sequence_parallel'] else 'off'}"
+    ]
     lines += [f"note: {n}" for n in notes]
     for who in ("student", "teacher"):
         m, ly = getattr(cfg.model, who), lay[who]

@@ -25,6 +25,10 @@ tokens, t = TP, e = bytes per element of the compute dtype) for three specs:
                 3 n f / t e. An estimate from TE's saved tensors, not measured (no GPU here);
   "korthikanti" the accounting of Korthikanti et al. 2022, eq. (1)-(2): sbh (10 + 24 / t +
                 5 a s / (h t)) for a 4h GELU MLP with dropout in 16 bit (docs/memory.md).
+With sequence parallelism (the student's `parallel.sequence_parallel`) the tensors outside the
+TP regions are [s / t, b, h]: the norm terms above (measured: the two norms' six [n, h] tensors and
+their rstd; the column-parallel linears save their input before the all-gather), Korthikanti's
+replicated 10 s b h (their eq. (4)), the final norm and each layer's checkpointed input.
 Full activation recomputation keeps each layer's input n h e and, during backward, one layer's
 activations. Megatron's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in
 flight on a stage; the first stage has the most.
@@ -35,7 +39,10 @@ and the hidden-state gradient; either way the output weight's gradient [V_pad / 
 fused). Backward adds one layer's gradients (about its activations) while earlier layers' are
 still saved. Checked against measured CPU peaks within 12% (docs/memory.md).
 The teacher forward keeps no activations: one layer's transients, and its logits (plus their fp32
-copy) or one fused chunk. The payload is (2 + 2k) fp32 per position for the replica's rows. The
+copy) or one fused chunk. What the trainer keeps from scoring to the iteration's last step, for
+every row of the replica (`teacher_kept_bytes`): the sampled form's payload, (2 + 2k) fp32 per
+position; the exact form's teacher logits shard [rows, s, V_pad / t] fp32, or fused its final
+hidden states [rows, s, h_t] (`trainer.scoring.attach_teacher_logits`). The
 rollout KV cache is 2 L/pp (g / t) d e per position for every row decoded at once.
 
 Communication per rank and iteration (bytes sent; ring all-reduce 2 (t - 1) / t of the buffer,
@@ -54,6 +61,7 @@ from dataclasses import dataclass, field
 GIB = float(1 << 30)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GPUS = {"A100-40GB": 40e9, "A100/H100-80GB": 80e9, "H200-141GB": 141e9}
+KEPT = "teacher payload / exact-form tensors"  # the part kept from scoring to the last step
 
 
 @dataclass(frozen=True)
@@ -119,29 +127,35 @@ def stage_params(s: Shape, lay: Layout, stage: int, divisible_by: int = 128) -> 
     return n
 
 
-def layer_activation_terms(s: Shape, tokens: int, seq: int, tp: int, spec: str) -> dict:
+def layer_activation_terms(
+    s: Shape, tokens: int, seq: int, tp: int, spec: str, sequence_parallel: bool = False
+) -> dict:
     """Bytes saved for backward by one layer for one micro-batch of `tokens` = s b tokens of
-    length `seq`, by tensor group (see the module docstring)."""
+    length `seq`, by tensor group (see the module docstring). `sequence_parallel`: megatron's
+    sequence parallelism, which keeps the tensors outside the TP regions (norm inputs and
+    outputs, the column-parallel linears' inputs before their all-gather, the dropout and
+    residual parts) as [s / tp, b, h]: the norm terms are divided by tp."""
     n, h, e, t = tokens, s.hidden, s.bytes, tp
     a, g, d, f = s.heads, s.query_groups, s.head_dim, s.ffn_hidden
     b = tokens // seq
-    if spec == "korthikanti":  # eq. (2), in bytes: 16-bit, 4h GELU MLP, dropout everywhere
+    sp = t if sequence_parallel else 1  # divisor of the terms outside the TP regions
+    if spec == "korthikanti":  # eq. (2) / with SP eq. (4), in bytes: 16-bit, 4h GELU, dropout
         return {
-            "replicated: norm inputs 4, QKV and fc1 inputs 4, dropout masks 2": 10 * n * h,
+            "replicated: norm inputs 4, QKV and fc1 inputs 4, dropout masks 2": 10 * n * h // sp,
             "split: Q K V 6, projection input 2, GeLU input 8 and output 8": 24 * n * h // t,
             "softmax 2, its dropout mask 1 and output 2": 5 * a * seq * seq * b // t,
         }
     qk = 2 * n * (a + g) * d // t * e if s.qk_layernorm else 0
     if spec == "local":
         return {
-            "norms (input, normalised, next input)": 2 * 3 * n * h * e + 2 * n * 4,
+            "norms (input, normalised, next input)": (2 * 3 * n * h * e + 2 * n * 4) // sp,
             "q, k, v (expanded), context": 4 * n * a * d // t * e + qk,
             "softmax probabilities": b * a * seq * seq // t * e + seq * seq,
             "MLP": (5 if s.swiglu else 2) * n * f // t * e,
         }
     if spec == "te":
         return {
-            "norms (input, normalised)": 2 * 2 * n * h * e,
+            "norms (input, normalised)": 2 * 2 * n * h * e // sp,
             "q, k, v, output, projection input": (n * (a + 2 * g) * d + 2 * n * a * d) // t * e
             + n * a // t * 4
             + qk,
@@ -151,10 +165,15 @@ def layer_activation_terms(s: Shape, tokens: int, seq: int, tp: int, spec: str) 
     raise ValueError(f"unknown activation spec {spec!r}: local, te or korthikanti")
 
 
-def korthikanti_per_layer(seq: int, batch: int, hidden: int, heads: int, tp: int = 1) -> float:
-    """Korthikanti et al. 2022, eq. (1) (tp = 1) and (2): activation bytes of one layer,
-    s b h (10 + 24 / t + 5 a s / (h t))."""
+def korthikanti_per_layer(
+    seq: int, batch: int, hidden: int, heads: int, tp: int = 1, sequence_parallel: bool = False
+) -> float:
+    """Korthikanti et al. 2022, eq. (1) (tp = 1), (2) and with sequence parallelism (4):
+    activation bytes of one layer, s b h (10 + 24 / t + 5 a s / (h t)), or s b h / t (34 +
+    5 a s / h) with sequence parallelism."""
     s, b, h, a, t = seq, batch, hidden, heads, tp
+    if sequence_parallel:
+        return s * b * h / t * (34 + 5 * a * s / h)
     return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
 
 
@@ -196,18 +215,30 @@ def _ring(size: float, n: int) -> float:
 
 
 def student_update_terms(
-    s: Shape, lay: Layout, batch: Batch, *, fused: bool, spec: str, divisible_by: int = 128
-) -> dict:
+    s: Shape, lay: Layout, batch: Batch, *, fused: bool, spec: str, divisible_by: int = 128,
+    sequence_parallel: bool = False,
+) -> dict:  # fmt: skip
     """Transient bytes of the student update on its first (activations) or last (loss) stage:
-    {"activations", "activations (recompute)", "loss", "in flight"}."""
+    {"activations", "activations (recompute)", "loss", "in flight"}.
+
+    `sequence_parallel`: the layers' norm terms, each layer's checkpointed input (recompute) and
+    the final norm's input and output are [s / tp, b, h]; the output layer's input is gathered
+    over the sequence ([s, b, h], saved by the fused loss; the unfused output layer saves its
+    [s / tp, b, h] input and gathers again in backward)."""
     n = batch.micro_batch * batch.seq
-    per_layer = sum(layer_activation_terms(s, n, batch.seq, lay.tp, spec).values())
+    sp = lay.tp if sequence_parallel else 1
+    per_layer = sum(
+        layer_activation_terms(s, n, batch.seq, lay.tp, spec, sequence_parallel).values()
+    )
     layers = s.layers // lay.pp
     in_flight = min(lay.pp, batch.micro_batches)
     acts = per_layer * layers * in_flight
-    recompute = n * s.hidden * s.bytes * layers * in_flight + per_layer
+    layer_input = n * s.hidden * s.bytes // sp  # what full recompute keeps per layer
+    recompute = layer_input * layers * in_flight + per_layer
     v = padded_vocab(s.vocab_size, lay.tp, divisible_by) // lay.tp
-    final = 3 * n * s.hidden * s.bytes  # final norm and output-layer input
+    nhe = n * s.hidden * s.bytes
+    # final norm (input, output) and the output layer's input
+    final = 2 * nhe // sp + (nhe if fused else nhe // sp)
     wgrad = v * s.hidden * (4 if fused else s.bytes)  # the output weight's gradient
     if fused:
         rows = max(1, min(n, batch.chunk_elems // v))
@@ -219,7 +250,7 @@ def student_update_terms(
     grads = per_layer
     if lay.pp > 1:  # the last stage holds one micro-batch in flight
         last = per_layer * layers + final + loss + grads
-        last_rc = n * s.hidden * s.bytes * layers + per_layer + final + loss + grads
+        last_rc = layer_input * layers + per_layer + final + loss + grads
         first = acts + grads
         return {"activations": max(first, last),
                 "activations (recompute)": max(recompute + grads, last_rc),
@@ -229,12 +260,36 @@ def student_update_terms(
             "loss": loss, "in flight": in_flight}  # fmt: skip
 
 
+def teacher_kept_bytes(teacher: Shape, t_lay: Layout, batch: Batch, *, fused: bool, form: str,
+                       divisible_by: int = 128) -> float:  # fmt: skip
+    """Bytes of the teacher's view of the replica's rollouts that stay on a rank from teacher
+    scoring to the iteration's last optimizer step (the trainer scores every micro-batch first).
+
+    sampled: the payload, (2 + 2k) fp32 per position (entropy, sampled-token log-prob, top-k
+    log-probs and int64 ids counted as fp32 pairs) plus three [rows, seq] 8-byte bookkeeping
+    tensors; exact, unfused: the teacher's [rows, seq, V_pad / tp] fp32 logits shard; exact, fused:
+    its final hidden states [rows, seq, h_t] in the teacher's dtype (the output weight is the
+    teacher's own parameter)."""
+    positions = batch.rows * batch.seq
+    if form == "sampled":
+        return positions * (2 + 2 * batch.top_k) * 4 + positions * 8 * 3
+    if form != "exact":
+        raise ValueError(f"unknown loss form {form!r}: sampled or exact")
+    if fused:
+        return positions * teacher.hidden * teacher.bytes
+    return positions * (padded_vocab(teacher.vocab_size, t_lay.tp, divisible_by) // t_lay.tp) * 4
+
+
 def plan_memory(
     student: Shape, teacher: Shape, s_lay: Layout, t_lay: Layout, batch: Batch, *,
     fused: bool = True, spec: str = "te", distributed_optimizer: bool = False,
-    divisible_by: int = 128,
+    divisible_by: int = 128, form: str = "sampled", sequence_parallel: bool = False,
 ) -> tuple[Report, Report]:  # fmt: skip
-    """(student rank report, teacher rank report): every rank holds both; see `combined`."""
+    """(student rank report, teacher rank report): every rank holds both; see `combined`.
+
+    `form`: the loss form ("sampled": the top-k payload; "exact": the teacher's logits shard, or
+    fused its hidden states, kept for every micro-batch of the iteration, `teacher_kept_bytes`).
+    `sequence_parallel`: the student's (`student_update_terms`); the teacher runs without."""
     rs, rt = Report(), Report()
     ps = max(stage_params(student, s_lay, i, divisible_by) for i in range(s_lay.pp))
     pt = max(stage_params(teacher, t_lay, i, divisible_by) for i in range(t_lay.pp))
@@ -246,22 +301,25 @@ def plan_memory(
     rs.parts["persistent: optimizer state"] = opt
     rt.parts["persistent: teacher weights"] = pt * teacher.bytes
     upd = student_update_terms(student, s_lay, batch, fused=fused, spec=spec,
-                               divisible_by=divisible_by)  # fmt: skip
-    k = batch.top_k
-    payload = batch.rows * batch.seq * (2 + 2 * k) * 4 + batch.rows * batch.seq * 8 * 3
-    rs.parts["update"] = upd["activations"] + payload
-    rs.parts["update (recompute)"] = upd["activations (recompute)"] + payload
-    rs.parts["teacher payload"] = payload
+                               divisible_by=divisible_by,
+                               sequence_parallel=sequence_parallel)  # fmt: skip
+    kept = teacher_kept_bytes(teacher, t_lay, batch, fused=fused, form=form,
+                              divisible_by=divisible_by)  # fmt: skip
+    rs.parts["update"] = upd["activations"] + kept
+    rs.parts["update (recompute)"] = upd["activations (recompute)"] + kept
+    rs.parts[KEPT] = kept
     rs.parts["student loss (logits or fused chunks)"] = upd["loss"]
     # teacher scoring: no saved activations; one layer's transients and the logits or a chunk
     n = batch.micro_batch * batch.seq
     vt = padded_vocab(teacher.vocab_size, t_lay.tp, divisible_by) // t_lay.tp
     one_layer = sum(layer_activation_terms(teacher, n, batch.seq, t_lay.tp, spec).values())
-    if fused:
+    if form == "exact":  # the output is kept; unfused, a 16-bit forward's logits before .float()
+        t_logits = 0 if fused or teacher.bytes == 4 else n * vt * teacher.bytes
+    elif fused:
         t_logits = 2 * max(1, min(n, batch.chunk_elems // vt)) * vt * 4
     else:
         t_logits = n * vt * (teacher.bytes + 4)
-    rt.parts["teacher scoring"] = one_layer + t_logits + payload
+    rt.parts["teacher scoring"] = one_layer + t_logits + kept
     # rollouts: the student's KV cache for the rows decoded at once, and one step's logits
     rows = batch.decode_rows or batch.rows
     kv = 2 * (student.layers // s_lay.pp) * rows * batch.seq
@@ -269,18 +327,20 @@ def plan_memory(
     vs = padded_vocab(student.vocab_size, s_lay.tp, divisible_by) // s_lay.tp
     rs.parts["rollout"] = kv + rows * vs * 4 * 3
     rs.parts["rollout KV cache"] = kv
-    _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused)
+    _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form)
     return rs, rt
 
 
-def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused) -> None:
-    """Bytes sent per rank and iteration (module docstring)."""
+def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form) -> None:
+    """Bytes sent per rank and iteration (module docstring). Sequence parallelism replaces each
+    TP all-reduce by a reduce-scatter and an all-gather of the same ring volume."""
     n = batch.micro_batch * batch.seq
     mbs = batch.micro_batches * batch.steps
     h, e = student.hidden, student.bytes
     layers = student.layers // s_lay.pp
     rs.comm["student TP all-reduces"] = mbs * 4 * layers * _ring(n * h * e, s_lay.tp)
-    stats = n * (5 + batch.top_k) * 4 * (s_lay.tp - 1) / s_lay.tp
+    width = 9 if form == "exact" else 5 + batch.top_k  # packed per-token statistics, fp32
+    stats = n * width * 4 * (s_lay.tp - 1) / s_lay.tp
     grad_h = _ring(n * h * e, s_lay.tp) if fused else 0.0
     rs.comm["student loss (all-gather, hidden grad)"] = mbs * (stats + grad_h)
     rs.comm["student PP activations + grads"] = (mbs * 2 * n * h * e) if s_lay.pp > 1 else 0.0
@@ -291,7 +351,9 @@ def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused) -> 
     t_layers = teacher.layers // t_lay.pp
     rt.comm["teacher TP all-reduces"] = mbs * 2 * t_layers * _ring(nt, t_lay.tp)
     rt.comm["teacher PP activations"] = (mbs * nt) if t_lay.pp > 1 else 0.0
-    rt.comm["teacher payload (p2p)"] = mbs * n * (2 + 2 * batch.top_k) * 4
+    # the exact form's teacher runs on the student's TP group: nothing crosses layouts
+    payload = 0.0 if form == "exact" else mbs * n * (2 + 2 * batch.top_k) * 4
+    rt.comm["teacher payload (p2p)"] = payload
 
 
 def combined(rs: Report, rt: Report) -> Report:
@@ -310,7 +372,7 @@ def fits(total_bytes: float, headroom: float = 0.9) -> dict:
 
 
 __all__ = [
-    "GIB", "GPUS", "Batch", "Layout", "Report", "Shape", "combined", "fits",
+    "GIB", "GPUS", "KEPT", "Batch", "Layout", "Report", "Shape", "combined", "fits",
     "korthikanti_per_layer", "layer_activation_terms", "layer_params", "padded_vocab",
-    "plan_memory", "stage_params", "student_update_terms",
+    "plan_memory", "stage_params", "student_update_terms", "teacher_kept_bytes",
 ]  # fmt: skip

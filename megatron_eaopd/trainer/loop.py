@@ -315,7 +315,10 @@ class Trainer:
         )  # fmt: skip
         if bar is not None:
             bar.close()
-        self.last_micro_batches = done["micro"]
+        # kept for inspection without the teacher's tensors (the exact form's logits shard would
+        # otherwise stay alive through the next iteration's rollout and scoring)
+        self.last_micro_batches = [{k: v for k, v in mb.items() if k != "teacher"}
+                                   for mb in done["micro"]]  # fmt: skip
         grad_norms, step_metrics = done["grad_norms"], done["last"]
         with use_layout(STUDENT):
             metrics = reduce_outputs(done["outputs"])

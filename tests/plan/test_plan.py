@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -26,8 +27,14 @@ PAPER = os.path.join(ROOT, "configs", "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml")
 
 SHAPE = dict(layers=2, hidden=256, heads=4, query_groups=2, ffn_hidden=512, vocab_size=8192)
 SEQ, MB, MICRO, K, CHUNK = 256, 4, 2, 4, 128
-# (tp, pp, fused) on 2 ranks
-LAYOUTS = [(2, 1, True), (1, 2, True), (1, 1, True), (2, 1, False)]
+# (tp, pp, fused, loss form, sequence parallel) on 2 ranks
+LAYOUTS = [
+    (2, 1, True, "sampled", False), (1, 2, True, "sampled", False),
+    (1, 1, True, "sampled", False), (2, 1, False, "sampled", False),
+    (2, 1, True, "sampled", True), (2, 1, False, "sampled", True),
+    (2, 1, True, "exact", False), (2, 1, False, "exact", False),
+]  # fmt: skip
+CHEAP = [(2, 1, True, "exact", True)]  # the default (not slow) case: both new terms at once
 
 
 def _rss(field: str) -> int:
@@ -38,14 +45,25 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
+def _reset_peak() -> int:
+    """Reset the process's peak RSS (VmHWM) to the current RSS and return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss("VmRSS")
+
+
 def _worker(rank, world, layouts):
+    """Per layout: the growth of peak RSS while the trainer's exact-form teacher pass attaches
+    the teacher's tensors (exact form only) and during the second of two optimizer steps."""
     import torch
 
     from megatron_eaopd.losses import ObjectiveConfig, TeacherPayload
-    from megatron_eaopd.models import ModelConfig
+    from megatron_eaopd.models import ModelConfig, build_model
     from megatron_eaopd.models.student import OptimConfig
-    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
-    from megatron_eaopd.trainer.build import build_trainable
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_layouts, use_layout
+    from megatron_eaopd.trainer.build import STUDENT, TEACHER, build_trainable
+    from megatron_eaopd.trainer.scoring import attach_teacher_logits
     from megatron_eaopd.trainer.update import distill_forward_step, optimizer_step
 
     cfg = ModelConfig(
@@ -57,35 +75,49 @@ def _worker(rank, world, layouts):
     gen = torch.Generator().manual_seed(0)
     v = SHAPE["vocab_size"]
 
-    def micro_batch():
-        top = torch.randn(MB, SEQ, K, generator=gen).sort(-1, descending=True).values - 2.0
-        return {
+    def micro_batch(form):
+        mb = {
             "tokens": torch.randint(0, v, (MB, SEQ), generator=gen),
             "labels": torch.randint(0, v, (MB, SEQ), generator=gen),
             "position_ids": torch.arange(SEQ).expand(MB, SEQ),
             "loss_mask": torch.ones(MB, SEQ, dtype=torch.bool),
             "old_logprobs": torch.full((MB, SEQ), -2.0),
-            "teacher": TeacherPayload(
+        }
+        if form == "sampled":
+            top = torch.randn(MB, SEQ, K, generator=gen).sort(-1, descending=True).values - 2.0
+            mb["teacher"] = TeacherPayload(
                 torch.rand(MB, SEQ, generator=gen) * 2, torch.full((MB, SEQ), -1.5), top,
                 torch.randint(0, v, (MB, SEQ, K), generator=gen),
-            ),
-        }  # fmt: skip
+            )  # fmt: skip
+        return mb
 
     out = []
-    for tp, pp, fused in layouts:
+    for tp, pp, fused, form, sp in layouts:
         destroy_parallel()
-        initialize_parallel(tp, pp, seed=1)
-        student = build_trainable(cfg, OptimConfig(lr=1e-4, total_steps=10), seed=0)
-        objective = ObjectiveConfig(top_k=K, fused_output=fused, fused_chunk_size=CHUNK)
+        initialize_layouts({STUDENT: (tp, pp, None), TEACHER: (tp, 1, None)}, seed=1)
+        student = build_trainable(cfg, OptimConfig(lr=1e-4, total_steps=10), seed=0,
+                                  sequence_parallel=sp)  # fmt: skip
+        objective = ObjectiveConfig(name="eopd", form=form, top_k=K, fused_output=fused,
+                                    fused_chunk_size=CHUNK)  # fmt: skip
         step = distill_forward_step(objective, v)
-        micro = [micro_batch() for _ in range(MICRO)]
-        optimizer_step(student, step, micro, SEQ, MB)  # Adam's state now exists
-        state = sum(t.numel() * t.element_size() for t in _state_tensors(student))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss("VmRSS")
-        optimizer_step(student, step, micro, SEQ, MB)
-        out.append({"peak": _rss("VmHWM") - base, "state": state})
+        micro = [micro_batch(form) for _ in range(MICRO)]
+        row = {"scoring": 0, "kept": 0}
+        if form == "exact":
+            with use_layout(TEACHER):
+                teacher = FrozenTeacher(build_model(cfg))
+            base = _reset_peak()
+            attach_teacher_logits(teacher, micro, fused=fused)
+            row["scoring"] = _rss("VmHWM") - base
+            first = micro[0]["teacher"]
+            first = first[0] if isinstance(first, tuple) else first
+            row["kept"] = MICRO * first.numel() * first.element_size()
+        with use_layout(STUDENT):
+            optimizer_step(student, step, micro, SEQ, MB)  # Adam's state now exists
+            row["state"] = sum(t.numel() * t.element_size() for t in _state_tensors(student))
+            base = _reset_peak()
+            optimizer_step(student, step, micro, SEQ, MB)
+            row["peak"] = _rss("VmHWM") - base
+        out.append(row)
         del student, micro
     destroy_parallel()
     return out
@@ -117,31 +149,55 @@ def _state_tensors(student):
     return out
 
 
-def _predicted(tp, pp, fused):
+def _predicted(tp, pp, fused, form, sp):
+    """The planner's (update activations, teacher scoring, kept teacher tensors, persistent
+    student state) for a layout of the measured runs ("local" spec, fp32)."""
     shape = P.Shape(**SHAPE, tied=False, dtype="fp32")
     lay = P.Layout(tp, pp, 2 // (tp * pp))
     batch = P.Batch(MB, SEQ, MICRO, 1, MB * MICRO, top_k=K, chunk_elems=CHUNK * 8192 // tp)
-    terms = P.student_update_terms(shape, lay, batch, fused=fused, spec="local")
+    terms = P.student_update_terms(shape, lay, batch, fused=fused, spec="local",
+                                   sequence_parallel=sp)  # fmt: skip
+    _, rt = P.plan_memory(shape, shape, lay, P.Layout(tp, 1, 2 // tp), batch, fused=fused,
+                          spec="local", form=form, sequence_parallel=sp)  # fmt: skip
+    kept = P.teacher_kept_bytes(shape, P.Layout(tp, 1), batch, fused=fused, form=form)
     ps = max(P.stage_params(shape, lay, i) for i in range(pp))
-    return terms["activations"], ps * (4 + 4 + 8)
+    return terms["activations"], rt.parts["teacher scoring"], kept, ps * (4 + 4 + 8)
+
+
+def _compare(layouts, results):
+    """Assert the planner within 25% of the measured step (and exact-form scoring) peaks, the
+    kept teacher tensors and the persistent state within 1%; return the table rows (MiB)."""
+    rows = []
+    for i, layout in enumerate(layouts):
+        acts, scoring, kept, state = _predicted(*layout)
+        peak = max(r[i]["peak"] for r in results)
+        m_state = max(r[i]["state"] for r in results)
+        m_scoring = max(r[i]["scoring"] for r in results)
+        m_kept = max(r[i]["kept"] for r in results)
+        rows.append([layout] + [x / 2**20 for x in (peak, acts, m_scoring, scoring, m_state)])
+        assert abs(acts - peak) <= 0.25 * peak, (layout, peak, acts)
+        assert abs(m_state - state) <= 0.01 * m_state, (layout, m_state, state)
+        if layout[3] == "exact":
+            assert m_kept == kept, (layout, m_kept, kept)
+            assert abs(scoring - m_scoring) <= 0.25 * m_scoring, (layout, m_scoring, scoring)
+    print("\n(tp, pp, fused, form, sp)  step MiB measured, planned; exact-form scoring MiB "
+          "measured, planned; state MiB")  # fmt: skip
+    for row in rows:
+        print(row[0], " ".join(f"{x:7.1f}" for x in row[1:]))
+    return rows
 
 
 @pytest.mark.slow
 def test_planner_matches_measured_peak_memory(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # inherited by the spawned workers
-    results = run_distributed(_worker, 2, LAYOUTS, timeout=400)
-    rows = []
-    for i, layout in enumerate(LAYOUTS):
-        acts, state = _predicted(*layout)
-        peak = max(r[i]["peak"] for r in results)
-        measured_state = max(r[i]["state"] for r in results)
-        rows.append((layout, peak / 2**20, acts / 2**20, measured_state / 2**20, state / 2**20))
-    print("\n(tp, pp, fused)  measured MiB  planned MiB  state MiB  planned state MiB")
-    for row in rows:
-        print(row)
-    for layout, peak, acts, m_state, p_state in rows:
-        assert abs(acts - peak) <= 0.25 * peak, (layout, peak, acts)
-        assert abs(m_state - p_state) <= 0.01 * m_state, (layout, m_state, p_state)
+    _compare(LAYOUTS, run_distributed(_worker, 2, LAYOUTS, timeout=600))
+
+
+def test_planner_matches_measured_peak_memory_exact_form_with_sequence_parallelism(monkeypatch):
+    """The cheap default case: TP 2 with sequence parallelism, the exact form fused (the
+    teacher's hidden states kept for both micro-batches), one teacher pass and one update."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    _compare(CHEAP, run_distributed(_worker, 2, CHEAP, timeout=300))
 
 
 @pytest.mark.parametrize("s, b, h, a, t", [(2048, 1, 12288, 96, 8), (4096, 2, 4096, 32, 1),
@@ -222,8 +278,7 @@ def test_cli_on_every_qwen3_config(capsys, size, total):
 
 def test_cli_refuses_bad_arguments_without_a_traceback(capsys):
     """Non-positive --world-size / --vocab-size (a ZeroDivisionError before), sequence
-    parallelism at student TP 1 (check_run's rule): exit 2 naming the argument or key; sequence
-    parallelism and the exact form are planned with a note that they are not modelled."""
+    parallelism at student TP 1 (check_run's rule): exit 2 naming the argument or key."""
     for args in (["--world-size", "0"], ["--world-size", "-8"], ["--vocab-size", "-3"]):
         with pytest.raises(SystemExit) as exc:
             main(["--config", PAPER, *args])
@@ -233,12 +288,44 @@ def test_cli_refuses_bad_arguments_without_a_traceback(capsys):
     assert main(["--config", PAPER, *sp, "parallel.student.tp=1"]) == 2
     assert "parallel.sequence_parallel" in capsys.readouterr().err
     assert main(["--config", PAPER, *sp]) == 0
-    assert "sequence_parallel is not modelled" in capsys.readouterr().out
+    capsys.readouterr()
     base = os.path.join(ROOT, "configs", "base.yaml")  # the tokenizer's vocabulary (0)
     assert main(["--config", base]) == 2
     assert "model.student.vocab_size is 0" in capsys.readouterr().err
     assert main(["--config", base, "--vocab-size", "320", "--world-size", "2"]) == 0
     capsys.readouterr()
-    exact = ["loss.objective=eopd_exact", "parallel.teacher.pp=1"]
-    assert main(["--config", PAPER, *exact]) == 0
-    assert "loss.form=exact is not modelled" in capsys.readouterr().out
+
+
+def _cli_json(capsys, *overrides):
+    assert main(["--config", PAPER, "--json", *overrides]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_plans_the_exact_form_and_sequence_parallelism(capsys):
+    """eaopd-plan on the paper config with the exact form / sequence parallelism: the numbers
+    it prints are the planner's for that form and split, recomputed here from the shapes: the
+    kept teacher tensors are the [rows, s, V_pad / tp] fp32 logits shard (logits) or the
+    [rows, s, h_t] bf16 hidden states (fused) of the replica's rows; sequence parallelism lowers
+    the student update by the norm terms' (tp - 1) / tp, layer by layer."""
+    base = _cli_json(capsys)
+    exact = _cli_json(capsys, "loss.objective=eopd_exact", "parallel.teacher.pp=1")
+    assert exact["form"] == "exact" and base["form"] == "sampled"
+    b = exact["batch"]
+    positions = b["rows"] * b["seq"]
+    fused, logits = (exact["variants"][k]["parts"] for k in ("fused", "logits"))
+    assert fused[P.KEPT] == positions * 4096 * 2  # Qwen3-8B hidden, bf16
+    assert logits[P.KEPT] == positions * (P.padded_vocab(151936, 2) // 2) * 4
+    for v in ("fused", "logits"):  # in the update the kept tensors replace the payload
+        got, want = (r["variants"][v]["parts"] for r in (exact, base))
+        assert got["update"] - got[P.KEPT] == pytest.approx(want["update"] - want[P.KEPT])
+    assert exact["variants"]["fused"]["comm"]["teacher payload (p2p)"] == 0
+    sp = _cli_json(capsys, "parallel.sequence_parallel=true")
+    assert sp["sequence_parallel"] and not base["sequence_parallel"]
+    n = b["micro_batch"] * b["seq"]
+    per_layer_norms = 2 * 2 * n * 2048 * 2  # te spec: two norms, input and output, bf16
+    layers, in_flight = 28 // 2, min(2, b["micro_batches"])  # first stage of PP 2, 1F1B
+    saved = per_layer_norms // 2 * (layers * in_flight + 1)  # + one layer's gradients
+    for v in ("fused", "logits"):
+        drop = base["variants"][v]["parts"]["update"] - sp["variants"][v]["parts"]["update"]
+        assert drop == pytest.approx(saved)
+        assert sp["variants"][v]["comm"] == base["variants"][v]["comm"]
