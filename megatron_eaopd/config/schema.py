@@ -251,6 +251,11 @@ class RolloutConfig:
     """Sample among the k most likely tokens; 0 disables it; at most the vocabulary size."""
     use_kv_cache: bool = True
     """Decode with a KV cache (off: re-run the whole prefix each token; for benchmarks)."""
+    max_decode_batch: int | None = _f(None, ge=1)
+    """Most sequences decoded at once per data-parallel replica (rollouts and evaluation; bounds
+    the KV cache); with more, the rows of finished sequences are refilled with waiting prompts
+    (continuous batching; chunks where the fast decoder does not apply, e.g. student pp > 1).
+    Never changes the tokens. null: all of a replica's sequences at once."""
 
 
 @dataclass

@@ -136,19 +136,12 @@ class FastDecoder:
         bias = getattr(layer, "bias", None)
         return out if bias is None else out + bias
 
-    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Positions [start, start + s) of every row; returns logits [n, V_pad / tp] of the last.
-
-        tokens: [n, s] int64 (s > 1 only for the prefill at start 0). Writes the keys and values
-        of these positions into the cache. Collectives: 1 + 2 * layers TP all-reduces of
-        [n, s, h] (none at TP 1).
-        """
-        n, s = tokens.shape
-        end = start + s
-        if s > 1 and start != 0:
-            raise ValueError("multi-token forwards must start at position 0")
-        h = self._embed(tokens).to(self.dtype)  # [n, s, hidden]
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [s, 1, d]
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend):
+        """Every layer on hidden states h [n, s, hidden]; cos / sin broadcast against
+        [n, s, heads, d]. ``attend(i, q, k, v)`` gets layer i's rotated queries [n, s, heads, d],
+        keys and values [n, s, groups, d], writes the cache, returns the context [n, s, heads, d]
+        (or any shape of that size). Collectives: 2 TP all-reduces of [n, s, h] per layer."""
+        n, s = h.shape[:2]
         r = self.heads // self.groups
         for i, layer in enumerate(self.module.decoder.layers):
             attn = layer.self_attention
@@ -162,19 +155,7 @@ class FastDecoder:
                 k = attn.k_layernorm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k[i, :n, :, start:end] = k.transpose(1, 2)
-            self.v[i, :n, :, start:end] = v.transpose(1, 2)
-            keys, values = self.k[i, :n, :, :end], self.v[i, :n, :, :end]
-            if s == 1:  # decode: the r query heads of a group attend to its keys, no expansion
-                ctx = F.scaled_dot_product_attention(
-                    q.view(n, self.groups, r, self.d), keys, values, scale=self.scale
-                )  # [n, groups, r, d] = [n, heads, d] in megatron's head order
-            else:
-                ctx = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), keys, values, is_causal=True, scale=self.scale,
-                    enable_gqa=r > 1,
-                ).transpose(1, 2)  # fmt: skip
-            ctx = ctx.reshape(n, s, self.heads * self.d)
+            ctx = attend(i, q, k, v).reshape(n, s, self.heads * self.d)
             h = h + self._linear(attn.linear_proj, ctx, self._reduce)
             x = layer.pre_mlp_layernorm(h)
             y = self._linear(layer.mlp.linear_fc1, x)
@@ -184,11 +165,103 @@ class FastDecoder:
             else:
                 y = self.act(y)
             h = h + self._linear(layer.mlp.linear_fc2, y, self._reduce)
-        last = self.module.decoder.final_layernorm(h[:, -1])
+        return h
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer: [n, hidden] -> vocab-parallel logits [n, V_pad / tp]."""
         m = self.module
         weight = (m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights
                   else m.output_layer.weight)  # fmt: skip
-        return F.linear(last, weight)
+        return F.linear(m.decoder.final_layernorm(last), weight)
+
+    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Positions [start, start + s) of rows [0, n); returns logits [n, V_pad / tp] of the last.
+
+        tokens: [n, s] int64 (s > 1 only for the prefill at start 0). Writes the keys and values
+        of these positions into the cache. Collectives: 1 + 2 * layers TP all-reduces of
+        [n, s, h] (none at TP 1).
+        """
+        n, s = tokens.shape
+        end = start + s
+        if s > 1 and start != 0:
+            raise ValueError("multi-token forwards must start at position 0")
+        r = self.heads // self.groups
+
+        def attend(i, q, k, v):
+            self.k[i, :n, :, start:end] = k.transpose(1, 2)
+            self.v[i, :n, :, start:end] = v.transpose(1, 2)
+            keys, values = self.k[i, :n, :, :end], self.v[i, :n, :, :end]
+            if s == 1:  # decode: the r query heads of a group attend to its keys, no expansion
+                return F.scaled_dot_product_attention(
+                    q.view(n, self.groups, r, self.d), keys, values, scale=self.scale
+                )  # [n, groups, r, d] = [n, heads, d] in megatron's head order
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, is_causal=True, scale=self.scale,
+                enable_gqa=r > 1,
+            ).transpose(1, 2)  # fmt: skip
+
+        h = self._embed(tokens).to(self.dtype)  # [n, s, hidden]
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [s, 1, d]
+        return self._logits(self._layers(h, cos, sin, attend)[:, -1])
+
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row at its own position (continuous batching).
+
+        tokens: [n] int64, the input token of cache rows [0, n); positions: [n] int64 (device)
+        where each sits (its keys and values are written there; it attends to positions
+        [0, position]). Returns logits [n, V_pad / tp] predicting position + 1.
+        Collectives: 1 + 2 * layers TP all-reduces of [n, 1, h] (none at TP 1).
+        """
+        n = tokens.shape[0]
+        end = int(positions.max()) + 1
+        r = self.heads // self.groups
+        rows = torch.arange(n, device=tokens.device)
+        mask = (torch.arange(end, device=tokens.device) <= positions[:, None])[:, None, None, :]
+
+        def attend(i, q, k, v):
+            self.k[i, rows, :, positions] = k[:, 0]  # [n, groups, d]
+            self.v[i, rows, :, positions] = v[:, 0]
+            return F.scaled_dot_product_attention(
+                q.view(n, self.groups, r, self.d), self.k[i, :n, :, :end],
+                self.v[i, :n, :, :end], attn_mask=mask, scale=self.scale,
+            )  # fmt: skip
+
+        h = self._embed(tokens[:, None]).to(self.dtype)  # [n, 1, hidden]
+        cos = self.cos[positions][:, None, None, :]  # [n, 1, 1, d]
+        sin = self.sin[positions][:, None, None, :]
+        return self._logits(self._layers(h, cos, sin, attend)[:, 0])
+
+    def prefill_rows(self, tokens: torch.Tensor, lens: torch.Tensor,
+                     slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Prompts into cache rows ``slots`` (continuous batching refills freed rows).
+
+        tokens: [m, s] int64 right-padded prompts (positions [0, s)); lens: [m] int64 (device)
+        their lengths; slots: [m] int64 (device) cache rows to write (positions >= len hold
+        padding's keys, never attended: later tokens overwrite them first). Returns logits
+        [m, V_pad / tp] predicting position len of each prompt.
+        Collectives: 1 + 2 * layers TP all-reduces of [m, s, h] (none at TP 1).
+        """
+        m, s = tokens.shape
+        r = self.heads // self.groups
+
+        def attend(i, q, k, v):
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [m, groups, s, d]
+            self.k[i, slots, :, :s] = k
+            self.v[i, slots, :, :s] = v
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, is_causal=True, scale=self.scale, enable_gqa=r > 1
+            ).transpose(1, 2)
+
+        h = self._embed(tokens).to(self.dtype)  # [m, s, hidden]
+        cos, sin = self.cos[:s, None, :], self.sin[:s, None, :]
+        h = self._layers(h, cos, sin, attend)
+        return self._logits(h[torch.arange(m, device=h.device), lens - 1])
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy cache rows ``src`` to rows ``dst`` (device int64 [m], disjoint), first ``length``
+        positions. No communication."""
+        for cache in (self.k, self.v):
+            cache[:, dst, :, :length] = cache[:, src, :, :length]
 
     def compact(self, idx: torch.Tensor, cached: int) -> None:
         """Keep rows ``idx`` (device int64) of the cache, first ``cached`` positions copied."""

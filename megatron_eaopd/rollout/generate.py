@@ -18,8 +18,11 @@ ranks cannot diverge and no broadcast is needed. The draw is the same at every T
 
 Finished sequences stop costing compute: when a quarter of the decode batch (``compact_frac``)
 has finished, their rows are dropped from the decode batch and from every layer's KV cache (one
-copy of the live cache entries); noise and uniforms follow the original row ids, so compaction
-never changes a token.
+copy of the live cache entries). With more prompts than ``max_batch`` the waiting prompts are
+prefilled into the rows that finished sequences free (continuous batching, ``continuous``;
+``FastDecoder`` only, else chunks of ``max_batch`` run one after another). The random numbers
+follow (position, the prompt's index in the call) (``sampling.PositionRandoms``), so neither
+compaction, chunks nor refills change a token.
 
 Under pipeline parallelism (one model chunk per rank, no virtual stages) every step runs the
 stages in order: a stage receives the previous stage's hidden states [n, b, h] (p2p recv), runs
@@ -40,8 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.rollout.continuous import ContinuousDecoder, FastDecodeMismatch, warn_fallback
 from megatron_eaopd.rollout.fast_decode import FastDecoder
-from megatron_eaopd.rollout.sampling import SamplingParams
+from megatron_eaopd.rollout.sampling import PositionRandoms, SamplingParams
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["RolloutBatch", "generate"]
@@ -169,6 +173,8 @@ def generate(
     compact_frac: float | None = 0.25,
     stats: dict | None = None,
     fast_decode: bool = True,
+    continuous: bool = True,
+    refill_frac: float | None = 0.25,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat a prompt for several samples).
 
@@ -180,18 +186,30 @@ def generate(
         eos_id, pad_id: special ids; generation of a sequence stops after EOS.
         vocab_size: real vocabulary; padded logit columns are never sampled.
         params: temperature / top-k / top-p / log-prob temperature.
-        generator: CPU generator of the draws (one 32-bit key per step for plain sampling, one
-            uniform per sequence and step for top-k / top-p); seed it the same on every rank of
-            the TP group.
+        generator: CPU generator of the draws (one 32-bit key per position for plain sampling,
+            one uniform per sequence and position for top-k / top-p, drawn in position order from
+            the shortest prompt's length on); seed it the same on every rank of the TP group.
+            The tokens do not depend on ``max_batch``, ``continuous`` or ``compact_frac``.
         use_kv_cache: decode with megatron's static KV cache; False re-runs the prefix each step.
-        max_batch: decode at most this many sequences at once (chunks run one after another).
-        progress: called with the number of sequences finished after each chunk.
+        max_batch: decode at most this many sequences at once (continuous batching, or chunks
+            run one after another).
+        progress: called with the number of sequences finished (after each chunk; with
+            continuous batching after each step that finishes some).
         compact_frac: drop finished rows from the decode batch (and KV cache) once at least this
-            fraction of it has finished; None never compacts. Never changes the tokens.
+            fraction of it has finished; None never compacts. Never changes the tokens. (With
+            continuous batching finished rows always leave at once.)
         stats: if given, filled with counters: steps, decode_rows (rows run through the model,
-            summed over steps), compactions, fallbacks (filtered steps that gathered the
-            vocabulary), sample_elements (elements of the sampler's collectives on this rank),
-            fast (chunks decoded by ``FastDecoder``).
+            summed over steps; a prefilled row counts once), compactions, fallbacks (filtered
+            steps that gathered the vocabulary), sample_elements (elements of the sampler's
+            collectives on this rank), fast (chunks decoded by ``FastDecoder``; 1 for a
+            continuous call), continuous (1 when continuous batching ran), prefills (prompts
+            prefilled into freed rows) and refills (prefill forwards), continuous batching.
+        continuous: with more prompts than ``max_batch``, refill the rows of finished sequences
+            with waiting prompts (needs ``use_kv_cache``, ``fast_decode`` and a model
+            ``FastDecoder`` supports; otherwise, or False, chunks).
+        refill_frac: continuous batching prefills waiting prompts once at least this fraction
+            of ``max_batch`` rows is free (one prefill forward for several prompts); None: as
+            soon as one row is free. Never changes the tokens.
         fast_decode: decode with ``FastDecoder`` (our lean forward of the same weights) where it
             supports the model (PP 1, local spec) and its first logits match megatron's forward;
             else megatron's forward with its ``StaticInferenceContext``.
@@ -213,12 +231,13 @@ def generate(
             model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             vocab_size=vocab_size, params=params, generator=generator, use_kv_cache=use_kv_cache,
             max_batch=max_batch, progress=progress, compact_frac=compact_frac, stats=stats,
-            fast_decode=fast_decode,
+            fast_decode=fast_decode, continuous=continuous, refill_frac=refill_frac,
         )  # fmt: skip
 
 
 def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, params, generator,
-              use_kv_cache, max_batch, progress, compact_frac, stats, fast_decode):  # fmt: skip
+              use_kv_cache, max_batch, progress, compact_frac, stats, fast_decode,
+              continuous, refill_frac):  # fmt: skip
     from megatron.core import parallel_state as ps
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -229,24 +248,38 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if compact_frac is not None and not 0 < compact_frac <= 1:
-        raise ValueError(f"compact_frac must be in (0, 1] or None, got {compact_frac}")
+    for name, frac in (("compact_frac", compact_frac), ("refill_frac", refill_frac)):
+        if frac is not None and not 0 < frac <= 1:
+            raise ValueError(f"{name} must be in (0, 1] or None, got {frac}")
     module = _bare_module(model)
     was_training = module.training
     module.eval()
     counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,
-                "sample_elements": 0, "fast": 0}  # fmt: skip
+                "sample_elements": 0, "fast": 0, "continuous": 0, "prefills": 0,
+                "refills": 0}  # fmt: skip
+    randoms = PositionRandoms(generator, len(prompts), params.filtered,
+                              min(len(p) for p in prompts))  # fmt: skip
+    step = max_batch or len(prompts)
+    refill = (continuous and step < len(prompts) and use_kv_cache and fast_decode
+              and FastDecoder.unsupported(module) is None)  # fmt: skip
     try:
-        step = max_batch or len(prompts)
         out = []
         with _vocab_parallel_output(module), _without_cpu_device_mode() as cpu_mode:
+            if refill:
+                try:
+                    return _continuous(module, prompts, step, max_new_tokens, eos_id, pad_id,
+                                       vocab_size, params, randoms, counters, progress, cpu_mode,
+                                       stats, refill_frac)  # fmt: skip
+                except FastDecodeMismatch:
+                    warn_fallback()
+                    fast_decode = False
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
                 decoder = _Decoder(
                     module, chunk, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                    use_kv_cache, compact_frac, counters, fast_decode, cpu_mode,
+                    use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms, start,
                 )  # fmt: skip
-                out.append(decoder.run(generator))
+                out.append(decoder.run())
                 if progress is not None:
                     progress(len(chunk))
     finally:
@@ -256,13 +289,38 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     return out[0] if len(out) == 1 else RolloutBatch.concat(out, pad_id)
 
 
+def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params,
+                randoms, counters, progress, cpu_mode, stats,
+                refill_frac) -> RolloutBatch:  # fmt: skip
+    """Continuous batching (``continuous.ContinuousDecoder``) at PP 1 with ``FastDecoder``."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.parallel.init import compute_device
+
+    def reference(tokens):  # megatron's forward of right-padded prompts [m, s]
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        with cpu_mode if cpu_mode is not None else contextlib.nullcontext():
+            return module(tokens, pos, None, runtime_gather_output=True)
+
+    decoder = ContinuousDecoder(
+        module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params, randoms,
+        counters, ps.get_tensor_model_parallel_group(), compute_device(), progress, reference,
+        refill_frac,
+    )  # fmt: skip
+    decoder.run()
+    counters["continuous"] = 1
+    if stats is not None:
+        stats.update(counters)
+    return _result(decoder, pad_id)
+
+
 class _Decoder:
     """One chunk's decode loop. Rows of the decode batch are ``active`` (original row ids);
     the full-batch records (tokens, log-probs, entropies) live on the CPU."""
 
     def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                 use_kv_cache, compact_frac, counters, fast_decode=True,
-                 cpu_mode=None):  # fmt: skip
+                 use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms,
+                 offset):  # fmt: skip
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -271,6 +329,7 @@ class _Decoder:
         self.module, self.eos_id, self.pad_id = module, eos_id, pad_id
         self.vocab_size, self.params, self.compact_frac = vocab_size, params, compact_frac
         self.counters, self.cpu_mode = counters, cpu_mode
+        self.randoms, self.offset = randoms, offset  # offset: call id of this chunk's row 0
         self.device = device = compute_device()
         b = self.b = len(prompts)
         prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -367,7 +426,7 @@ class _Decoder:
         self.cached = t
         return logits
 
-    def _sample(self, t: int, generator):
+    def _sample(self, t: int):
         n = self.cur_tokens.shape[0]
         logits = self._next_logits(t)
         packed = None
@@ -376,7 +435,9 @@ class _Decoder:
                 self.sampler = VocabParallelSampler(self.params, self.vocab_size,
                                                     logits.shape[-1], self.tp_group,
                                                     self.device)  # fmt: skip
-            new, lp, ent = self.sampler.sample(logits, self.active, generator, self.b)
+            rows = self.active + self.offset  # ids in the call: the random numbers follow them
+            keys, u = self.randoms.at(torch.full_like(rows, t), rows)
+            new, lp, ent = self.sampler.draw(logits, rows.to(self.device), keys, u)
             if self.pp > 1:
                 packed = torch.stack([new.double(), lp.double(), ent.double()])
         if self.pp > 1:
@@ -386,12 +447,12 @@ class _Decoder:
             new, lp, ent = packed[0].long(), packed[1].float(), packed[2].float()
         return new.cpu(), lp.cpu(), ent.cpu()
 
-    def run(self, generator) -> RolloutBatch:
+    def run(self) -> RolloutBatch:
         t = int(self.prompt_lens.min())
         while t < self.total:
             self.counters["steps"] += 1
             self.counters["decode_rows"] += int(self.cur_tokens.shape[0])
-            new, lp, ent = self._sample(t, generator)
+            new, lp, ent = self._sample(t)
             generating = (t >= self.cur_prompt_lens) & ~self.done & (t < self.cur_limit)
             rows = self.active[generating]
             new_g = new[generating]
@@ -413,7 +474,7 @@ class _Decoder:
         if self.sampler is not None:
             self.counters["fallbacks"] += self.sampler.counters["fallbacks"]
             self.counters["sample_elements"] += self.sampler.counters["elements"]
-        return self._result()
+        return _result(self, self.pad_id)
 
     def _compact(self, keep: torch.Tensor) -> None:
         """Drop the finished rows from the decode batch and from every layer's KV cache (a copy
@@ -439,18 +500,20 @@ class _Decoder:
                 compacted.append(new)
             memory[layer] = tuple(compacted)
 
-    def _result(self) -> RolloutBatch:
-        prompt_lens, response_lens, total = self.prompt_lens, self.response_lens, self.total
-        pos = torch.arange(total).unsqueeze(0)
-        start = prompt_lens.unsqueeze(1)
-        mask = (pos >= start) & (pos < (prompt_lens + response_lens).unsqueeze(1))
-        tokens = torch.where(mask | (pos < start), self.tokens, self.pad_id)
-        width = int((prompt_lens + response_lens).max())
-        return RolloutBatch(
-            tokens=tokens[:, :width].contiguous(),
-            prompt_lens=prompt_lens,
-            response_lens=response_lens,
-            logprobs=torch.where(mask, self.logprobs, 0.0)[:, :width].contiguous(),
-            entropies=torch.where(mask, self.entropies, 0.0)[:, :width].contiguous(),
-            finished=self.finished,
-        )
+
+def _result(dec, pad_id: int) -> RolloutBatch:
+    """The RolloutBatch of a finished decoder (``_Decoder`` or ``ContinuousDecoder``)."""
+    prompt_lens, response_lens, total = dec.prompt_lens, dec.response_lens, dec.total
+    pos = torch.arange(total).unsqueeze(0)
+    start = prompt_lens.unsqueeze(1)
+    mask = (pos >= start) & (pos < (prompt_lens + response_lens).unsqueeze(1))
+    tokens = torch.where(mask | (pos < start), dec.tokens, pad_id)
+    width = int((prompt_lens + response_lens).max())
+    return RolloutBatch(
+        tokens=tokens[:, :width].contiguous(),
+        prompt_lens=prompt_lens,
+        response_lens=response_lens,
+        logprobs=torch.where(mask, dec.logprobs, 0.0)[:, :width].contiguous(),
+        entropies=torch.where(mask, dec.entropies, 0.0)[:, :width].contiguous(),
+        finished=dec.finished,
+    )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "PositionRandoms",
     "SamplingParams",
     "column_keys",
     "filter_logits",
@@ -89,6 +90,53 @@ def step_randoms(generator: torch.Generator, rows: int, filtered: bool):
     return int(torch.randint(0, 1 << 32, (1,), generator=generator)), None
 
 
+class PositionRandoms:
+    """The random numbers of a whole ``generate`` call, keyed by sequence position.
+
+    Position t's numbers are the (t - first)-th ``step_randoms`` draw from ``generator`` (drawn
+    lazily, in position order, the first time any row reaches t), so a row's draw depends only on
+    (its position, its index in the call's batch), not on which rows share its decode step: the
+    same tokens unbatched, in chunks, or with rows refilled as others finish. Unbatched, the
+    draws are those of one ``step_randoms`` call per decode step from position ``first`` on.
+
+    Args:
+        generator: CPU generator (the same state on every TP rank).
+        rows: prompts in the call (filtered sampling draws that many uniforms per position).
+        filtered: top-k / top-p sampling (uniforms) rather than plain (one 32-bit key).
+        first: the first position ever sampled (the shortest prompt's length).
+    """
+
+    def __init__(self, generator: torch.Generator, rows: int, filtered: bool, first: int):
+        self.generator, self.rows, self.filtered, self.first = generator, rows, filtered, first
+        self.drawn = 0  # positions [first, first + drawn) have their numbers
+        shape = (64, rows) if filtered else (64,)
+        self._table = torch.empty(shape, dtype=torch.float64 if filtered else torch.int64)
+
+    def _extend(self, last: int) -> None:
+        need = last - self.first + 1
+        if need > self._table.shape[0]:
+            grown = self._table.new_empty((max(need, 2 * self._table.shape[0]),)
+                                          + tuple(self._table.shape[1:]))  # fmt: skip
+            grown[: self.drawn] = self._table[: self.drawn]
+            self._table = grown
+        while self.drawn < need:
+            key, u = step_randoms(self.generator, self.rows, self.filtered)
+            self._table[self.drawn] = u if self.filtered else key
+            self.drawn += 1
+
+    def at(self, positions: torch.Tensor, rows: torch.Tensor):
+        """(keys [n] int64 or None, uniforms [n] float64 or None) of rows ``rows`` [n] (call
+        batch ids) at positions ``positions`` [n] (CPU int64, each >= first). No communication."""
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < self.first:
+            raise ValueError(f"position {lo} is before the first sampled position {self.first}")
+        self._extend(hi)
+        idx = positions - self.first
+        if self.filtered:
+            return None, self._table[idx, rows]
+        return self._table[idx], None
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding values in [0, 2**32).
 
@@ -107,8 +155,9 @@ def column_keys(start: int, count: int, device=None) -> torch.Tensor:
     return _mix32((ids * 0x9E3779B1 + 0x7F4A7C15) & _M32)
 
 
-def row_keys(key: int, rows: torch.Tensor) -> torch.Tensor:
-    """[n] int64 per-row keys of one step from the step's 32-bit key and the rows' batch ids."""
+def row_keys(key: int | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[n] int64 per-row keys from the step's 32-bit key (an int, or [n] int64: one per row)
+    and the rows' batch ids [n]."""
     return _mix32(_mix32(rows.to(torch.int64) * 0x85EBCA77 + 0x165667B1 & _M32) ^ key)
 
 

@@ -131,15 +131,31 @@ class VocabParallelSampler:
         Collectives: 1 all-gather of [n, 6] float64 (plain) or [n, 6 + 2 (c + 1)] float64
         (filtered); on a filtered fallback step also 1 all-gather of [n, V_pad / tp] fp32.
         """
+        key, u = step_randoms(generator, batch, self.filtered)
+        return self.draw(logits, rows, key, None if u is None else u[rows.cpu()])
+
+    def draw(self, logits: torch.Tensor, rows: torch.Tensor, keys, u):
+        """One step with given random numbers (``sample`` draws them; ``PositionRandoms`` gives
+        them per row when the rows of a step sit at different positions).
+
+        Args:
+            logits: [n, V_pad / tp] this rank's shard.
+            rows: [n] int64 ids of these rows in the whole batch.
+            keys: plain sampling: the step's 32-bit key (int) or one per row ([n] int64);
+                filtered: None.
+            u: filtered sampling: [n] float64 uniforms of these rows; plain: None.
+        Returns and collectives: as ``sample``.
+        """
         if logits.shape[-1] != self.shard.width:
             raise ValueError(f"logits shard has {logits.shape[-1]} columns, expected "
                              f"{self.shard.width}")  # fmt: skip
         self.counters["steps"] += 1
         self.counters["tokens"] += logits.shape[0]
-        key, u = step_randoms(generator, batch, self.filtered)
         if self.filtered:
-            return self._filtered(logits, u[rows.cpu()].to(logits.device))
-        return self._plain(logits, key, rows)
+            return self._filtered(logits, u.to(logits.device))
+        if isinstance(keys, torch.Tensor):
+            keys = keys.to(logits.device)
+        return self._plain(logits, keys, rows)
 
     # ------------------------------------------------------------------ plain (Gumbel-max)
 

@@ -130,7 +130,7 @@ class Trainer:
         self.cfg = cfg
         self.preemption = preemption
         self.data = data
-        self.max_decode_batch = None
+        self.max_decode_batch = cfg.rollout.max_decode_batch
         self.metrics_logger = None
         self.start_iteration = 0
         self.eval_pending = False

@@ -50,10 +50,12 @@ def _rollout_worker(rank, world, params_kw, pp=1):
     counts[PAD] = 0
     kw["eos_id"] = eos = int(counts.argmax())
     out, stats = {}, {}
-    # KV cache (FastDecoder at PP 1, compaction after every finished row), megatron's own KV
-    # cache without compaction, and full recompute: the same rollouts
+    # KV cache (FastDecoder at PP 1, chunks with compaction after every finished row),
+    # continuous batching (PP 1; chunks at PP 2), megatron's own KV cache without compaction,
+    # and full recompute: the same rollouts
     variants = {
-        "fast": dict(use_kv_cache=True, compact_frac=0.01),
+        "fast": dict(use_kv_cache=True, compact_frac=0.01, continuous=False),
+        "continuous": dict(use_kv_cache=True),
         "megatron": dict(use_kv_cache=True, fast_decode=False, compact_frac=None),
         "recompute": dict(use_kv_cache=False),
     }
@@ -66,8 +68,9 @@ def _rollout_worker(rank, world, params_kw, pp=1):
     assert stats["megatron"]["fast"] == 0 and stats["megatron"]["compactions"] == 0
     assert stats["fast"]["compactions"] > 0
     assert stats["fast"]["decode_rows"] < stats["megatron"]["decode_rows"]
+    assert stats["continuous"]["continuous"] == (1 if pp == 1 else 0)
     a = out["fast"]
-    for b in (out["megatron"], out["recompute"]):
+    for b in (out["continuous"], out["megatron"], out["recompute"]):
         assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
         assert torch.equal(a.response_lens, b.response_lens)
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,166 @@
+"""Continuous batching: rows freed by finished sequences are refilled with waiting prompts.
+
+``generate(..., max_batch=m)`` with more than m prompts decodes at most m sequences at once in a
+``FastDecoder`` cache of m rows (PP 1, local spec). Every row sits at its own position: a step
+runs one ``FastDecoder.decode_rows`` of the live rows (each feeds its last token at its own
+position, RoPE and the attention mask per row) and, when rows are free and prompts wait, one
+``FastDecoder.prefill_rows`` of the next waiting prompts (right-padded, causal) into the free
+cache rows; the two logit blocks are sampled together (one sampler call, so one small TP
+all-gather per step). A row that finishes (EOS or its token limit) leaves at once: the last live
+rows are copied into the holes (one copy of their cached positions), so the live rows are always
+cache rows [0, n) and nothing finished runs through the model again.
+
+The draws follow (position, the prompt's index in the call) through ``PositionRandoms``, so the
+tokens are those of one unbatched call; the log-probs are those of the same forward (up to
+floating-point rounding of different batch shapes).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from megatron_eaopd.rollout.fast_decode import FastDecoder
+from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
+
+__all__ = ["ContinuousDecoder", "FastDecodeMismatch"]
+
+
+class FastDecodeMismatch(RuntimeError):
+    """FastDecoder's first logits differ from megatron's forward (the caller falls back)."""
+
+
+class ContinuousDecoder:
+    """One ``generate`` call's continuous-batching loop (see the module docstring).
+
+    Args:
+        module: the bare GPTModel (eval mode, logits kept vocab-parallel).
+        prompts: token ids per sequence; slots: cache rows (most sequences decoded at once).
+        max_new_tokens, eos_id, pad_id, vocab_size, params: as ``generate``.
+        randoms: the call's ``PositionRandoms``.
+        counters: ``generate``'s counters (updated in place).
+        tp_group, device: the TP group and the compute device.
+        progress: called with the number of sequences finished at each step that finishes some.
+        reference: ``reference(tokens [m, s]) -> logits [m, s, V_pad / tp]``, megatron's forward;
+            the first prefill's logits are checked against it (``FastDecodeMismatch``).
+        refill_frac: prefill waiting prompts once at least this fraction of the rows is free
+            (or no row is live): a prefill is one more pass over the weights, so batching
+            refills pays where a step's cost is mostly reading the weights; None: at once.
+    Attributes after ``run``: tokens [B, total], prompt_lens, response_lens [B], logprobs,
+    entropies [B, total], finished [B], as ``generate``'s ``_Decoder``.
+    """
+
+    def __init__(self, module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size,
+                 params, randoms, counters, tp_group, device, progress=None,
+                 reference=None, refill_frac=None):  # fmt: skip
+        self.eos_id, self.vocab_size, self.params = eos_id, vocab_size, params
+        self.randoms, self.counters, self.tp_group = randoms, counters, tp_group
+        self.device, self.progress, self.reference = device, progress, reference
+        self.refill_at = 1 if refill_frac is None else max(1, round(refill_frac * slots))
+        b = len(prompts)
+        self.prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        if int(self.prompt_lens.min()) < 1:
+            raise ValueError("every prompt needs at least one token (BOS)")
+        longest = int(self.prompt_lens.max())
+        max_len = getattr(module, "max_sequence_length", None) or int(1e9)
+        self.total = min(longest + max_new_tokens, max_len)
+        if longest >= self.total:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room to generate")
+        self.tokens = torch.full((b, self.total), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            self.tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        self.limit = torch.clamp(self.prompt_lens + max_new_tokens, max=self.total)
+        self.logprobs = torch.zeros(b, self.total)
+        self.entropies = torch.zeros(b, self.total)
+        self.finished = torch.zeros(b, dtype=torch.bool)
+        self.response_lens = torch.zeros(b, dtype=torch.long)
+        self.slots = min(slots, b)
+        self.fast = FastDecoder(module, self.slots, self.total, tp_group)
+        self.sampler = None
+
+    def _prefill(self, new: torch.Tensor, first_slot: int) -> torch.Tensor:
+        """Prefill prompts ``new`` [m] (call ids) into cache rows [first_slot, first_slot + m);
+        logits [m, V_pad / tp]."""
+        dev = self.device
+        lens = self.prompt_lens[new]
+        tokens = self.tokens[new, : int(lens.max())].to(dev)
+        slots = torch.arange(first_slot, first_slot + len(new), device=dev)
+        logits = self.fast.prefill_rows(tokens, lens.to(dev), slots)
+        if self.reference is not None:
+            ref = self.reference(tokens)[torch.arange(len(new), device=dev), lens.to(dev) - 1]
+            self.reference = None
+            tol = 1e-4 if ref.dtype == torch.float32 else 5e-2
+            if not torch.allclose(logits.float(), ref.float(), atol=tol, rtol=tol):
+                raise FastDecodeMismatch("FastDecoder's logits differ from megatron's forward")
+            self.counters["fast"] += 1
+        self.counters["prefills"] += len(new)
+        self.counters["refills"] += 1
+        return logits
+
+    def run(self) -> None:
+        b, dev = self.tokens.shape[0], self.device
+        rows = torch.empty(0, dtype=torch.long)  # call id of each live cache row [0, n)
+        pos = torch.empty(0, dtype=torch.long)  # the position each live row predicts next
+        waiting = 0
+        while True:
+            n = len(rows)
+            m = min(self.slots - n, b - waiting)
+            if m < self.refill_at and n > 0:
+                m = 0  # wait for more free rows
+            parts = []
+            if n:  # each live row feeds its last token at its own position
+                fed = pos - 1
+                parts.append(self.fast.decode_rows(self.tokens[rows, fed].to(dev), fed.to(dev)))
+            if m:  # free rows and waiting prompts: refill
+                new = torch.arange(waiting, waiting + m)
+                waiting += m
+                parts.append(self._prefill(new, n))
+                rows, pos = torch.cat([rows, new]), torch.cat([pos, self.prompt_lens[new]])
+            if not len(rows):
+                break
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self.counters["steps"] += 1
+            self.counters["decode_rows"] += len(rows)
+            if self.sampler is None:
+                self.sampler = VocabParallelSampler(self.params, self.vocab_size,
+                                                    logits.shape[-1], self.tp_group,
+                                                    dev)  # fmt: skip
+            keys, u = self.randoms.at(pos, rows)
+            tok, lp, ent = self.sampler.draw(logits, rows.to(dev), keys, u)
+            tok, lp, ent = tok.cpu(), lp.cpu(), ent.cpu()
+            self.tokens[rows, pos] = tok
+            self.logprobs[rows, pos] = lp
+            self.entropies[rows, pos] = ent
+            self.response_lens[rows] += 1
+            eos = tok == self.eos_id
+            self.finished[rows[eos]] = True
+            pos = pos + 1
+            done = eos | (pos >= self.limit[rows])
+            if bool(done.any()):
+                rows, pos = self._drop(done, rows, pos)
+        if self.sampler is not None:
+            self.counters["fallbacks"] += self.sampler.counters["fallbacks"]
+            self.counters["sample_elements"] += self.sampler.counters["elements"]
+
+    def _drop(self, done, rows, pos):
+        """Remove finished rows: the live rows past the new end move into the holes (a copy of
+        their cached positions). No communication."""
+        if self.progress is not None:
+            self.progress(int(done.sum()))
+        keep = ~done
+        n_keep = int(keep.sum())
+        holes = done[:n_keep].nonzero().squeeze(1)
+        movers = keep[n_keep:].nonzero().squeeze(1) + n_keep
+        order = torch.arange(n_keep)
+        if len(holes):
+            self.counters["compactions"] += 1
+            cached = int(pos[movers].max()) - 1  # positions [0, pos - 1) are in the cache
+            self.fast.move_rows(movers.to(self.device), holes.to(self.device), cached)
+            order[holes] = movers
+        return rows[order], pos[order]
+
+
+def warn_fallback() -> None:
+    warnings.warn("FastDecoder's logits differ from megatron's forward; rollouts use megatron's "
+                  "forward in chunks (no continuous batching)", stacklevel=3)  # fmt: skip
