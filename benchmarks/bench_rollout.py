@@ -17,9 +17,15 @@ Sections (``--sections``, default ``hf comm``), each printed as a table:
   torch.distributed call is wrapped and the elements of its output buffers counted; per generated
   token: the sampler's elements and all elements (the model's TP all-reduces included).
 - ``kv``: our KV-cache decoding against re-running the prefix (``use_kv_cache=False``).
+- ``continuous``: many prompts (``--cb-prompts``, uneven lengths 8 to ``--prompt`` tokens) decoded
+  at most ``--cb-max-batch`` at once on the ``skewed`` workload (up to ``--new`` tokens):
+  continuous batching (freed rows refilled with waiting prompts), chunks of ``--cb-max-batch``
+  with compaction, and transformers' ``generate`` on the same chunks; ours all at once
+  (compaction) for reference. Our variants give identical tokens (checked). Same timing rules.
 
     python benchmarks/bench_rollout.py
     python benchmarks/bench_rollout.py --sections hf --reps 5 --batch 32 --new 128
+    python benchmarks/bench_rollout.py --sections continuous
 """
 
 from __future__ import annotations
@@ -160,6 +166,109 @@ def _print_hf(rows, args):
               f"{speed:.2f}x |")  # fmt: skip
 
 
+# --------------------------------------------------------------------------- continuous section
+
+
+def _hf_copy(model, cfg, eos):
+    """Our weights as transformers' Qwen3ForCausalLM (eval), EOS id ``eos`` (None: off)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_eaopd.models.hf import save_hf_weights
+
+    with tempfile.TemporaryDirectory() as hf_dir:
+        save_hf_weights([model], hf_dir, model_config=cfg, dtype="fp32", overwrite=True,
+                        token_ids={"bos_token_id": 1, "eos_token_id": EOS,
+                                   "pad_token_id": 0})  # fmt: skip
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = eos
+    return hf
+
+
+def _cb_worker(rank, port, args, out_path):
+    _init(rank, 1, port)
+    from megatron_eaopd.rollout import SamplingParams, generate
+
+    model, cfg = _model(args, 1)
+    with torch.no_grad():  # the skewed workload
+        model.output_layer.weight[EOS] *= args.eos_scale
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(8, args.prompt + 1, (args.cb_prompts,), generator=gen).tolist()
+    prompts = [[1] + torch.randint(3, args.vocab, (n - 1,), generator=gen).tolist() for n in lens]
+    hf = _hf_copy(model, cfg, EOS)
+    m = args.cb_max_batch
+
+    def ours(**kw):
+        stats = {}
+        out = generate(model, prompts, max_new_tokens=args.new, eos_id=EOS, pad_id=0,
+                       vocab_size=args.vocab, params=SamplingParams(), stats=stats,
+                       generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+        return out, int(out.response_lens.sum()), stats["decode_rows"]
+
+    def theirs():  # transformers' generate on the same chunks (left-padded, as it needs)
+        torch.manual_seed(1)
+        n_tok = rows_run = 0
+        for start in range(0, len(prompts), m):
+            chunk = prompts[start : start + m]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+            mask = (torch.arange(width)[None] >= width - torch.tensor([len(p) for p in chunk])[
+                :, None]).long()  # fmt: skip
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new,
+                                  eos_token_id=EOS, pad_token_id=0)  # fmt: skip
+            resp = out[:, width:]
+            hit = (resp == EOS).cumsum(1)
+            n_tok += int(((hit == 0) | ((hit == 1) & (resp == EOS))).sum())
+            rows_run += resp.shape[0] * resp.shape[1]
+        return None, n_tok, rows_run
+
+    variants = {
+        f"ours, continuous (max_batch {m}, refill each free row)": lambda: ours(max_batch=m),
+        f"ours, continuous (max_batch {m}, refill at 1/4 free)": lambda: ours(
+            max_batch=m, refill_frac=0.25
+        ),
+        f"ours, chunks of {m}, compaction": lambda: ours(max_batch=m, continuous=False),
+        f"ours, chunks of {m}, no compaction": lambda: ours(max_batch=m, continuous=False,
+                                                          compact_frac=None),
+        f"transformers, chunks of {m}": theirs,
+        f"ours, all {len(prompts)} at once, compaction": lambda: ours(),
+    }  # fmt: skip
+    best = {k: [float("inf"), float("inf"), 0, 0] for k in variants}
+    tokens = None
+    for _ in range(args.reps + 1):  # the first round is a warm-up
+        for name, fn in variants.items():
+            (out, n_tok, rows_run), wall, cpu = _timed(fn)
+            if out is not None:  # ours: identical tokens however the prompts are batched
+                if tokens is None:
+                    tokens = out.tokens
+                assert torch.equal(out.tokens, tokens), name
+            b = best[name]
+            b[0], b[1], b[2], b[3] = min(b[0], wall), min(b[1], cpu), n_tok, rows_run
+    rows = [dict(workload="skewed", name=name, wall=w, cpu=c, tokens=t, rows_run=r)
+            for name, (w, c, t, r) in best.items()]  # fmt: skip
+    torch.save(rows, out_path)
+    dist.destroy_process_group()
+
+
+def _print_cb(rows, args):
+    print(f"\n### continuous batching: {args.cb_prompts} prompts of 8-{args.prompt} tokens, at "
+          f"most {args.cb_max_batch} decoded at once, skewed workload (EOS row x "
+          f"{args.eos_scale}), up to {args.new} new tokens, {args.layers} x {args.hidden} "
+          f"Qwen3-shaped, vocab {args.vocab}, 1 thread; best of {args.reps}\n")  # fmt: skip
+    print("| decoder | tokens | rows decoded | wall (s) | CPU (s) | tokens/s (CPU) | "
+          "x transformers (CPU) | x chunks + compaction (CPU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    base = next(r for r in rows if r["name"].startswith("transformers"))
+    chunks = next(r for r in rows if "compaction" in r["name"] and "chunks" in r["name"]
+                  and "no compaction" not in r["name"])  # fmt: skip
+    for r in rows:
+        speed = r["tokens"] / r["cpu"]
+        print(f"| {r['name']} | {r['tokens']} | {r['rows_run']} | {r['wall']:.2f} | "
+              f"{r['cpu']:.2f} | {speed:.0f} | {speed / (base['tokens'] / base['cpu']):.2f}x | "
+              f"{speed / (chunks['tokens'] / chunks['cpu']):.2f}x |")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- comm section
 
 
@@ -263,7 +372,9 @@ def _launch(worker, nprocs, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", nargs="+", default=["hf", "comm"], choices=["hf", "comm", "kv"])
+    p.add_argument(
+        "--sections", nargs="+", default=["hf", "comm"], choices=["hf", "comm", "kv", "continuous"]
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new", type=int, default=128)
@@ -278,6 +389,8 @@ def main():
         help="skewed workload: factor on the EOS row of the output layer",
     )
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cb-prompts", type=int, default=128)
+    p.add_argument("--cb-max-batch", type=int, default=32)
     p.add_argument("--comm-vocab", type=int, nargs="+", default=[4096, 32768])
     p.add_argument("--comm-batch", type=int, default=8)
     p.add_argument("--comm-new", type=int, default=16)
@@ -288,6 +401,8 @@ def main():
         _print_comm(_launch(_comm_worker, 2, args), args)
     if "kv" in args.sections:
         _print_kv(_launch(_kv_worker, 1, args), args)
+    if "continuous" in args.sections:
+        _print_cb(_launch(_cb_worker, 1, args), args)
 
 
 if __name__ == "__main__":

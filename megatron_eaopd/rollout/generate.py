@@ -174,7 +174,7 @@ def generate(
     stats: dict | None = None,
     fast_decode: bool = True,
     continuous: bool = True,
-    refill_frac: float | None = 0.25,
+    refill_frac: float | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat a prompt for several samples).
 
@@ -208,8 +208,9 @@ def generate(
             with waiting prompts (needs ``use_kv_cache``, ``fast_decode`` and a model
             ``FastDecoder`` supports; otherwise, or False, chunks).
         refill_frac: continuous batching prefills waiting prompts once at least this fraction
-            of ``max_batch`` rows is free (one prefill forward for several prompts); None: as
-            soon as one row is free. Never changes the tokens.
+            of ``max_batch`` rows is free (one prefill forward for several prompts); None (the
+            default: measured faster, bench_rollout.py ``continuous``): as soon as one row is
+            free. Never changes the tokens.
         fast_decode: decode with ``FastDecoder`` (our lean forward of the same weights) where it
             supports the model (PP 1, local spec) and its first logits match megatron's forward;
             else megatron's forward with its ``StaticInferenceContext``.
