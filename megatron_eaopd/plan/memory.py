@@ -37,7 +37,8 @@ The loss: unfused, the [n, V_pad / t] logits in the compute dtype, their gradien
 kernels' fp32 chunk temporaries; fused (loss.fused_output), three fp32 [chunk, V_pad / t] buffers
 and the hidden-state gradient; either way the output weight's gradient [V_pad / t, h] (fp32 when
 fused). Backward adds one layer's gradients (about its activations) while earlier layers' are
-still saved. Checked against measured CPU peaks within 12% (docs/memory.md).
+still saved. Checked against measured CPU peaks (docs/memory.md): the fused TP 2 layouts
+within 11%; today the unfused loss (its kernel chunks) and PP 2 / TP 1 are over-counted.
 The teacher forward keeps no activations: one layer's transients, and its logits (plus their fp32
 copy) or one fused chunk. What the trainer keeps from scoring to the iteration's last step, for
 every row of the replica (`teacher_kept_bytes`): the sampled form's payload, (2 + 2k) fp32 per

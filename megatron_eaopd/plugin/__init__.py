@@ -6,9 +6,11 @@ megatron-core script): docs/plugin.md.
   the compact payload (``attach_logits``: the logits shard, exact form).
 * :func:`eopd_forward_step`: a ``forward_step_func`` for ``get_forward_backward_func`` whose
   ``loss_func`` returns ``(loss_sum, num_tokens, {name: [num, den]})``
-  (``calculate_per_token_loss=True``).
+  (``calculate_per_token_loss=True``); ``fused=True`` computes it from the final hidden states
+  and the output weight shard, chunk by chunk, without the logits.
 * :func:`offline_micro_batches` (teacher-forced data), :func:`rollout_micro_batches`
-  (on-policy: ``megatron_eaopd.rollout.generate`` or your own sampler).
+  (on-policy: ``megatron_eaopd.rollout.generate`` or your own sampler); both pad the sequence
+  to a ``multiple=`` for sequence parallelism.
 * :func:`add_eopd_args` / :func:`eopd_settings_from_args`: ``--eopd-*`` flags for
   Megatron-LM's ``extra_args_provider``, mapped onto the config schema.
 """

@@ -28,6 +28,12 @@ _LOSS_FLAGS = {
     "tail-bucket": (None, "add the mass outside the top-k as one bucket (loss.tail_bucket)"),
     "gate-strict": (None, "gate with H > tau instead of H >= tau (loss.gate_strict)"),
     "chunk-size": (int, "tokens per chunk of the loss kernels (loss.chunk_size)"),
+    "fused-output": (
+        None,
+        "compute the loss from the final hidden states and the output weight "
+        "shard, no logits (loss.fused_output; eopd_forward_step's fused)",
+    ),
+    "fused-chunk-size": (int, "tokens per chunk of the fused loss (loss.fused_chunk_size)"),
 }
 _KEYS = {"tau": "entropy_threshold", "alpha": "fkl_coef", "topk": "top_k"}
 
@@ -38,7 +44,8 @@ def add_eopd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Flags: --eopd-teacher (HF folder or project checkpoint), --eopd-teacher-tp / -pp (default:
     the student's), and the loss flags --eopd-objective, --eopd-tau, --eopd-alpha, --eopd-topk,
     --eopd-clip, --eopd-temperature, --eopd-form, --eopd-tail-bucket, --eopd-gate-strict,
-    --eopd-chunk-size (defaults: the schema's, i.e. the paper's).
+    --eopd-chunk-size, --eopd-fused-output, --eopd-fused-chunk-size (defaults: the schema's, i.e.
+    the paper's; the plugin's loss is unfused unless --eopd-fused-output is given).
     """
     group = parser.add_argument_group("EOPD distillation (megatron-eaopd)")
     group.add_argument(

@@ -40,7 +40,7 @@ def check_offline(objective) -> None:
         )
 
 
-def eopd_forward_step(objective, vocab_size: int):
+def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
     """A megatron forward_step_func for EOPD / OPD / the variants (``losses.ObjectiveConfig``).
 
     Runs the caller's model (``model(tokens, position_ids, None)``: a GPTModel returning
@@ -48,39 +48,77 @@ def eopd_forward_step(objective, vocab_size: int):
     loss_func: loss_sum over valid tokens, the valid-token count, and every metric as a
     [numerator, denominator] pair ("loss", "pg_loss", "fkl", "rkl_sampled", "gate",
     "teacher_high_entropy", ...). Only the last pipeline stage reads "teacher".
-    Collectives in loss_func: one TP all-gather (sampled form) or one (exact form); backward none.
+
+    ``fused`` (None: ``objective.fused_output`` is True, i.e. ``--eopd-fused-output``): on the
+    last pipeline stage the model runs with its output layer swapped for an identity
+    (``losses.output_layer.hidden_states_output``), returns its final hidden states [b, s, h],
+    and the loss is computed from them and the output weight shard [V_pad / tp, h] chunk by
+    chunk (``objective.fused_chunk_size`` tokens, ``losses.fused``): no [b, s, V_pad / tp]
+    logits or logits gradient exist. Same loss and metrics as unfused; the weight shard gets its
+    gradient through autograd (DDP accumulates it as any parameter's), the hidden states the
+    full-vocabulary gradient. In the exact form "teacher" must then be the pair (teacher hidden
+    states [b, s, h_t], teacher output weight [V_pad / tp, h_t]):
+    ``EOPDTeacher.attach_logits(micro, fused=True)``. Objective ``jsd`` has no fused form
+    (ValueError from loss_func).
+    Collectives in loss_func: unfused one TP all-gather (sampled: [b s, 5 + k]; exact: [b s, 9]),
+    none in backward; fused the same all-gather (exact: one of [chunk, 9] per chunk) and in
+    backward one TP all-reduce of the [b s, h] hidden-state gradient (the output layer's own,
+    which the swapped-out layer no longer makes).
     """
     from megatron_eaopd.losses import DistillMicroBatch, make_loss_func
+    from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
     from megatron_eaopd.trainer.batches import on_device
+
+    use_fused = bool(objective.fused_output) if fused is None else bool(fused)
 
     def forward_step(data_iterator, model):
         mb = on_device(next(data_iterator))
-        output = model(mb["tokens"], mb["position_ids"], None)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb.get("teacher"),
                                   mb.get("old_logprobs"))  # fmt: skip
+        if use_fused and is_last_stage(model):
+            with hidden_states_output(model) as weight:
+                output = model(mb["tokens"], mb["position_ids"], None)
+            return output, make_loss_func(objective, batch, vocab_size=vocab_size,
+                                          output_weight=weight)  # fmt: skip
+        output = model(mb["tokens"], mb["position_ids"], None)
         return output, make_loss_func(objective, batch, vocab_size=vocab_size)
 
     return forward_step
 
 
-def offline_micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int):
+def offline_micro_batches(
+    tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int, multiple: int = 1,
+    pad_id: int = 0,
+):  # fmt: skip
     """Teacher-forced micro-batches from a dataset batch (the ModelOpt style).
 
     Args:
         tokens: [B, S + 1] int64 sequences; loss_mask: [B, S + 1] bool, True on the tokens to
             learn (it applies to the label, i.e. position t + 1 of the sequence).
+        multiple: pad the S positions at the end to a multiple of this with ``pad_id`` tokens
+            and labels, masked out of the loss (zero old log-probs, position ids continuing
+            0..S'-1); a student built with sequence parallelism needs
+            ``models.sequence_parallel.sequence_multiple(model)`` (its TP size). With causal
+            attention the padding changes no earlier position.
     Returns:
-        micro-batches of ``micro_batch_size`` rows with [b, S] "tokens", "labels",
-        "position_ids", "loss_mask" and zero "old_logprobs".
+        micro-batches of ``micro_batch_size`` rows with [b, S'] "tokens", "labels",
+        "position_ids", "loss_mask" and zero "old_logprobs" (S' = S rounded up to ``multiple``).
     """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
     b, width = tokens.shape
     s = width - 1
+    padded = -(-s // multiple) * multiple
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, padded - s), value=value).contiguous()
+
     batch = {
-        "tokens": tokens[:, :s].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
-        "loss_mask": loss_mask[:, 1:].contiguous().bool(),
-        "old_logprobs": torch.zeros(b, s),
+        "tokens": pad(tokens[:, :s], pad_id),
+        "labels": pad(tokens[:, 1:], pad_id),
+        "position_ids": torch.arange(padded).unsqueeze(0).expand(b, padded).contiguous(),
+        "loss_mask": pad(loss_mask[:, 1:].bool(), False),
+        "old_logprobs": torch.zeros(b, padded),
     }
     from megatron_eaopd.trainer.batches import split_micro_batches
 

@@ -127,13 +127,17 @@ class EOPDTeacher:
             self.score(micro_batches, k=k, vocab_size=vocab_size, temperature=temperature),
         )
 
-    def attach_logits(self, micro_batches) -> None:
+    def attach_logits(self, micro_batches, *, fused: bool = False) -> None:
         """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under
-        ``mb["teacher"]``. Needs the teacher's TP group to be the caller's and no teacher
-        pipeline (ValueError otherwise). Collectives: the teacher forward's TP all-reduces."""
+        ``mb["teacher"]``, or with ``fused`` (for ``eopd_forward_step(..., fused=True)``) the
+        pair (final hidden states [b, s, h_t], output weight shard [V_pad / tp, h_t]): no
+        teacher logits are kept, the fused loss recomputes them chunk by chunk. Needs the
+        teacher's TP group to be the caller's and no teacher pipeline (ValueError otherwise).
+        Collectives: the teacher forward's TP all-reduces."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        from megatron_eaopd.losses.output_layer import hidden_states_output
         from megatron_eaopd.parallel.init import use_layout
         from megatron_eaopd.trainer.batches import on_device
 
@@ -149,4 +153,9 @@ class EOPDTeacher:
         with use_layout(TEACHER_LAYOUT):
             for mb in micro_batches:
                 dev = on_device({"tokens": mb["tokens"], "position_ids": mb["position_ids"]})
-                mb["teacher"] = self.frozen(dev["tokens"], dev["position_ids"], None).float()
+                args = (dev["tokens"], dev["position_ids"], None)
+                if fused:
+                    with hidden_states_output(self.frozen.chunks[0]) as weight:
+                        mb["teacher"] = (self.frozen(*args), weight)
+                else:
+                    mb["teacher"] = self.frozen(*args).float()

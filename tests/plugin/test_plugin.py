@@ -78,6 +78,11 @@ def test_flags_map_onto_the_schema():
     assert (s.teacher, s.teacher_tp, s.teacher_pp) == ("/t", 2, None)
     default = eopd_settings_from_args(parser.parse_args([])).objective
     assert (default.entropy_threshold, default.fkl_coef, default.top_k) == (0.8, 1.0, 16)
+    assert default.fused_output is None  # the plugin's loss stays unfused without the flag
+    fused = eopd_settings_from_args(
+        parser.parse_args(["--eopd-fused-output", "--eopd-fused-chunk-size", "64"])
+    ).objective
+    assert (fused.fused_output, fused.fused_chunk_size) == (True, 64)
     exact = eopd_settings_from_args(parser.parse_args(["--eopd-objective", "eopd_exact"]))
     assert exact.objective.form == "exact"
     with pytest.raises(ConfigError, match="loss.entropy_threshold"):
@@ -123,3 +128,109 @@ def test_rollout_micro_batches_pad_to_a_multiple_for_sequence_parallelism():
         assert torch.equal(padded[0][key][:, :s], plain[0][key])
     assert not padded[0]["loss_mask"][:, s:].any()
     assert (padded[0]["tokens"][:, s:] == 0).all()
+
+
+def _fused_and_padded_worker(rank, world):
+    """At TP 2: the plugin's loss with fused=True against fused=False (exact form with the
+    teacher's hidden states against its logits; the sampled forward KL with the same payload),
+    and offline micro-batches padded to a multiple of 4 against unpadded ones (exact form,
+    unfused): loss sums, reported metrics and every parameter gradient."""
+    import torch
+
+    from megatron_eaopd.losses import ObjectiveConfig
+    from megatron_eaopd.models import ModelConfig, build_model
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import (
+        add_layout,
+        destroy_parallel,
+        initialize_parallel,
+        register_current_layout,
+        use_layout,
+    )
+    from megatron_eaopd.plugin import (
+        STUDENT_LAYOUT,
+        TEACHER_LAYOUT,
+        EOPDTeacher,
+        eopd_forward_step,
+        offline_micro_batches,
+    )
+
+    initialize_parallel(2, 1, seed=1)
+    register_current_layout(STUDENT_LAYOUT)
+    vocab = 250
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=64, vocab_size=vocab, max_sequence_length=16,
+        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=True,
+    )  # fmt: skip
+    student = build_model(cfg)[0]
+    layout = add_layout(TEACHER_LAYOUT, 2, 1, seed=7)
+    with use_layout(TEACHER_LAYOUT):
+        teacher = EOPDTeacher(FrozenTeacher(build_model(cfg)), cfg, layout)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (2, 11), generator=gen)
+    mask = torch.rand(2, 11, generator=gen) > 0.3
+
+    def run(objective, micro, fused):
+        for p in student.parameters():
+            p.grad = None
+        step = eopd_forward_step(objective, vocab, fused=fused)
+        output, loss_func = step(iter(micro), student)
+        loss_sum, count, reported = loss_func(output)
+        loss_sum.backward()
+        grads = [p.grad.clone() for p in student.parameters()]
+        return float(loss_sum), int(count), {k: v.tolist() for k, v in reported.items()}, grads
+
+    out = {}
+    exact = ObjectiveConfig(name="eopd", form="exact", fused_chunk_size=5)
+    fkl = ObjectiveConfig(name="fkl", top_k=4, fused_chunk_size=5)
+    for name, objective in (("exact", exact), ("fkl", fkl)):
+        runs = []
+        for fused in (False, True):
+            micro = offline_micro_batches(tokens, mask, 2)
+            if name == "exact":
+                teacher.attach_logits(micro, fused=fused)
+                kept = micro[0]["teacher"]
+                assert isinstance(kept, tuple) == fused  # hidden states and weight, or logits
+            else:
+                teacher.attach(micro, k=4, vocab_size=vocab)
+            runs.append(run(objective, micro, fused))
+        out[name] = runs
+    padded = offline_micro_batches(tokens, mask, 2, multiple=4, pad_id=7)
+    plain = offline_micro_batches(tokens, mask, 2)
+    for micro in (padded, plain):
+        teacher.attach_logits(micro)
+    out["padded"] = [run(exact, plain, False), run(exact, padded, False)]
+    out["shapes"] = [list(padded[0]["tokens"].shape), list(plain[0]["tokens"].shape)]
+    out["pad"] = {k: padded[0][k][:, 10:].tolist() for k in ("tokens", "labels", "loss_mask")}
+    out["same_prefix"] = all(
+        torch.equal(padded[0][k][:, :10], plain[0][k])
+        for k in ("tokens", "labels", "position_ids", "loss_mask", "old_logprobs")
+    )
+    destroy_parallel()
+    return out
+
+
+def test_fused_loss_and_offline_padding_match_the_plain_path():
+    """The plugin's fused student loss (eopd_forward_step(fused=True), attach_logits(fused=True))
+    gives the unfused loss, metrics and gradients at TP 2 (fp32: 1e-5 values, 1e-4 gradients);
+    offline_micro_batches(multiple=4) pads with masked pad tokens and gives the unpadded loss
+    and gradients."""
+    import torch
+
+    from tests.dist import run_distributed
+
+    for res in run_distributed(_fused_and_padded_worker, 2, timeout=600):
+        for name in ("exact", "fkl", "padded"):
+            (loss_a, n_a, rep_a, g_a), (loss_b, n_b, rep_b, g_b) = res[name]
+            assert n_a == n_b > 0, name
+            assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-6), name
+            assert sorted(rep_a) == sorted(rep_b), name
+            for key in rep_a:
+                assert rep_b[key] == pytest.approx(rep_a[key], rel=1e-5, abs=1e-6), (name, key)
+            for a, b in zip(g_a, g_b):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+            assert any(float(g.abs().sum()) > 0 for g in g_a), name
+        assert res["shapes"] == [[2, 12], [2, 10]] and res["same_prefix"]
+        assert res["pad"] == {"tokens": [[7, 7]] * 2, "labels": [[7, 7]] * 2,
+                              "loss_mask": [[False, False]] * 2}  # fmt: skip
