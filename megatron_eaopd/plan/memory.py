@@ -33,12 +33,13 @@ Full activation recomputation keeps each layer's input n h e and, during backwar
 activations. Megatron's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in
 flight on a stage; the first stage has the most.
 
-The loss: unfused, the [n, V_pad / t] logits in the compute dtype, their gradient and the loss
-kernels' fp32 chunk temporaries; fused (loss.fused_output), three fp32 [chunk, V_pad / t] buffers
-and the hidden-state gradient; either way the output weight's gradient [V_pad / t, h] (fp32 when
-fused). Backward adds one layer's gradients (about its activations) while earlier layers' are
-still saved. Checked against measured CPU peaks (docs/memory.md): the fused TP 2 layouts
-within 11%; today the unfused loss (its kernel chunks) and PP 2 / TP 1 are over-counted.
+The loss: unfused, the [n, V_pad / t] logits in the compute dtype, their gradient and, with
+eager kernels (EAOPD_COMPILE=0; compiled is the default and keeps none), three fp32 chunks;
+fused (loss.fused_output), three fp32 [chunk, V_pad / t] buffers and the hidden-state gradient;
+either way the output weight's gradient [V_pad / t, h] (fp32 when fused). Backward adds one
+layer's gradients (about its activations) while earlier layers' are still saved. Checked
+against measured CPU peaks (docs/memory.md): TP 2 within 25% (fused and logits, SP, exact
+form); PP 2 and TP 1 x DP 2 are over-counted today (1.30x, 1.40x).
 The teacher forward keeps no activations: one layer's transients, and its logits (plus their fp32
 copy) or one fused chunk. What the trainer keeps from scoring to the iteration's last step, for
 every row of the replica (`teacher_kept_bytes`): the sampled form's payload, (2 + 2k) fp32 per
@@ -189,7 +190,8 @@ class Batch:
     rows: int  # rollout rows of this replica per iteration
     top_k: int = 16
     chunk_elems: int = 1 << 24  # fused: logit values per chunk
-    kernel_chunk_elems: int = 1 << 24  # unfused kernels' fp32 temporaries
+    kernel_chunk_elems: int = 1 << 24  # unfused kernels' fp32 temporaries (eager kernels)
+    compiled_kernels: bool = True  # EAOPD_COMPILE (default on): the unfused kernels keep none
     decode_rows: int | None = None  # rows decoded at once (None: all rows)
 
 
@@ -246,7 +248,8 @@ def student_update_terms(
         loss = 3 * rows * v * 4 + n * s.hidden * s.bytes + wgrad
     else:
         rows = max(1, min(n, batch.kernel_chunk_elems // v))
-        loss = 2 * n * v * s.bytes + 3 * rows * v * 4 + wgrad
+        temporaries = 0 if batch.compiled_kernels else 3 * rows * v * 4
+        loss = 2 * n * v * s.bytes + temporaries + wgrad
     # backward transients: the gradients of the layer being differentiated, about its activations
     grads = per_layer
     if lay.pp > 1:  # the last stage holds one micro-batch in flight
