@@ -12,6 +12,7 @@ k = 1..8, the high-entropy fractions over training) and a PNG of the curves with
     python benchmarks/opd_vs_eopd.py --config configs/tiny-cpu.yaml --seeds 1 2 3 4 5 \\
         --out runs/compare --plot docs/opd_vs_eopd.png [dotted.overrides ...]
 
+(Overrides go after a single-valued option as here, or after ``--``: ``--seeds 1 2 -- key=v``.)
 Arms other than plain objectives: ``--arm "NAME OVERRIDE..."`` (one quoted string, repeatable)
 adds an arm with its own overrides, and ``--preset ablation`` runs the ablation of docs/results.md
 (tau, top-k, tail bucket, objective variants; ``ablation_arms``). Arms with the same name share run
