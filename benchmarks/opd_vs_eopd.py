@@ -319,8 +319,15 @@ def main():
             p.error(f"--objectives: {name!r} is not one of {OBJECTIVES} (dotted overrides go "
                     "before the options or after --)")  # fmt: skip
     for spec in args.arm:
+        if not spec.split():
+            p.error('--arm: an empty arm (give "NAME OVERRIDE ...")')
         name, *overrides = spec.split()
+        if name in arms and arms[name] != overrides:
+            p.error(f"--arm: {name!r} is given twice with different overrides (they would share "
+                    "run folders)")  # fmt: skip
         arms[name] = overrides
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds: a seed is given twice {args.seeds} (it would train one folder twice)")
     bad = [a for a in arms if not a or "/" in a or a.startswith(".") or "=" in a]
     bad += [o for ovs in arms.values() for o in ovs if "=" not in o]
     bad += [o for o in args.overrides if "=" not in o]
@@ -355,12 +362,14 @@ def main():
     else:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=args.jobs)
+        try:
             futures = [pool.submit(one, job) for job in jobs[1:]]
             for future in as_completed(futures):
                 if future.exception() is not None:  # stop at the first failure, keep its message
-                    pool.shutdown(wait=True, cancel_futures=True)
                     raise future.exception()
+        finally:  # a failure or an interrupt (Ctrl-C) starts no further run; running ones finish
+            pool.shutdown(wait=True, cancel_futures=True)
     if bar is not None:
         bar.close()
     runs = {a: [done[(a, s)][0] for s in args.seeds] for a in arms}

@@ -168,6 +168,9 @@ def test_remainder_task_files_are_valid_disjoint_and_judged_by_the_jsonl_path(tm
         (["--arm", "k4 loss.top_k"], "not an arm name or a key=value override"),
         (["--arm", "a/b loss.top_k=4"], "not an arm name"),
         (["--jobs", "0"], "--jobs and --nproc must be >= 1"),
+        (["--arm", " "], "an empty arm"),
+        (["--seeds", "1", "2", "1"], "a seed is given twice"),
+        (["--objectives", "opd", "--arm", "opd loss.top_k=4"], "given twice with different"),
     ],
 )
 def test_study_refuses_bad_arguments_before_running(tmp_path, monkeypatch, capsys, args, message):
@@ -176,3 +179,36 @@ def test_study_refuses_bad_arguments_before_running(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         study.main()
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_interrupted_study_with_jobs_starts_no_further_run(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt in the main thread) while --jobs runs trainings: the queued runs
+    must not start afterwards (the pool used to run every remaining one before exiting)."""
+    import concurrent.futures
+    import threading
+    import time
+
+    launched, lock = [], threading.Lock()
+
+    def fake_run(cmd, cwd, stdout, stderr, env):
+        run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("training.output_dir="))
+        with lock:
+            launched.append(os.path.basename(run_dir))
+        time.sleep(0.3)
+        _fake_run(run_dir, 1)
+        return type("Done", (), {"returncode": 0})()
+
+    def interrupted(futures):
+        raise KeyboardInterrupt
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    monkeypatch.setattr(concurrent.futures, "as_completed", interrupted)
+    argv = ["opd_vs_eopd.py", "--out", str(tmp_path), "--seeds", "1", "2", "3", "4",
+            "--nproc", "1", "--jobs", "2"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        study.main()
+    time.sleep(0.5)  # anything still queued would have started by now
+    # the first run alone, then at most the two the workers had taken: not the other five
+    assert 1 <= len(launched) <= 3, launched
