@@ -117,6 +117,11 @@ def main():
     p.add_argument("--num-eval", type=int, default=64)
     p.add_argument("--solutions", type=int, default=8, help="distinct solutions per train problem")
     args = p.parse_args()
+    sizes = {"--num-train": args.num_train, "--num-distill": args.num_distill,
+             "--num-eval": args.num_eval, "--solutions": args.solutions}  # fmt: skip
+    small = [f"{k} {v}" for k, v in sizes.items() if v < 1]
+    if small:  # a negative size used to slice silently (--num-train -5 wrote 0 train problems)
+        p.error(f"sizes must be >= 1: {', '.join(small)}")
     os.makedirs(args.out, exist_ok=True)
     splits = build(args.seed, args.num_train, args.num_distill, args.num_eval, args.solutions)
     for name, rows in zip(("train", "distill", "heldout"), splits):

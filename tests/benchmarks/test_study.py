@@ -212,3 +212,25 @@ def test_interrupted_study_with_jobs_starts_no_further_run(tmp_path, monkeypatch
     time.sleep(0.5)  # anything still queued would have started by now
     # the first run alone, then at most the two the workers had taken: not the other five
     assert 1 <= len(launched) <= 3, launched
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--num-train", "-5"], ["--num-eval", "0"], ["--solutions", "0"], ["--num-distill", "0"]],
+)
+def test_remainder_task_refuses_empty_or_negative_sizes(tmp_path, monkeypatch, capsys, args):
+    out = tmp_path / "task"
+    monkeypatch.setattr(sys, "argv", ["make_remainder_task.py", "--out", str(out), *args])
+    with pytest.raises(SystemExit) as exc:
+        remainder.main()
+    assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+
+
+def test_remainder_task_refuses_more_problems_than_exist():
+    total = len(remainder.all_problems())
+    # independent count: d in 3..8, N from 3d to min(72, 9d - 1), 14 multiplier sets (4 + 6 + 4)
+    assert total == 14 * sum(min(72, 9 * d - 1) - 3 * d + 1 for d in range(3, 9))
+    with pytest.raises(SystemExit, match=f"only {total}"):
+        remainder.build(0, total - 1, 1, 1, 1)
+    assert sum(map(len, remainder.build(0, total - 2, 1, 1, 1))) == total
