@@ -120,6 +120,44 @@ def ablation_arms() -> dict[str, list[str]]:
     }
 
 
+# keys that do not change what a run computes: where it writes, where the (content-keyed) caches
+# live, and how it logs
+_IGNORED = ("training.output_dir", "teacher_prep.cache_dir", "student_prep.cache_dir",
+            "tokenizer.cache_dir", "logging.")  # fmt: skip
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _changed_settings(config: str, settings: list[str], run_dir: str) -> list[str]:
+    """``key: saved -> wanted`` for every setting in which the run saved in ``run_dir`` differs
+    from the config this study would run there (empty when the folder holds no config yet)."""
+    saved_file = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved_file):
+        return []
+    import yaml
+
+    sys.path.insert(0, ROOT)
+    from megatron_eaopd.config import config_to_dict, load_config
+
+    with open(saved_file, encoding="utf-8") as f:
+        saved = _flat(yaml.safe_load(f))
+    wanted = _flat(config_to_dict(load_config(os.path.join(ROOT, config), settings)))
+    keys = sorted(set(saved) | set(wanted))
+    return [
+        f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}"
+        for k in keys
+        if not k.startswith(_IGNORED) and saved.get(k) != wanted.get(k)
+    ]
+
+
 def run_one(args, arm: str, overrides: list[str], seed: int) -> tuple[str, float]:
     """Run (or resume, or skip when finished) one training run; return its folder and seconds.
 
@@ -130,8 +168,6 @@ def run_one(args, arm: str, overrides: list[str], seed: int) -> tuple[str, float
     if os.path.exists(timing):
         with open(timing, encoding="utf-8") as f:
             spent = float(f.read().strip() or 0)
-    if os.path.isdir(run_dir) and _finished(run_dir):
-        return run_dir, spent
     if args.nproc == 1:
         launch = [sys.executable, "-m", "megatron_eaopd.cli"]
         layout = ["parallel.student.tp=1", "parallel.teacher.tp=1"]
@@ -139,11 +175,21 @@ def run_one(args, arm: str, overrides: list[str], seed: int) -> tuple[str, float
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   f"--nproc-per-node={args.nproc}", "-m", "megatron_eaopd.cli"]  # fmt: skip
         layout = []
-    cmd = [
-        *launch, "--config", args.config, *layout, *args.overrides, *overrides,
-        f"training.seed={seed}", f"training.output_dir={run_dir}",
-        "logging.progress_bars=false", "logging.tensorboard=false",
+    settings = [
+        *layout, *args.overrides, *overrides, f"training.seed={seed}",
+        f"training.output_dir={run_dir}", "logging.progress_bars=false",
+        "logging.tensorboard=false",
     ]  # fmt: skip
+    changed = _changed_settings(args.config, settings, run_dir)
+    if changed:
+        raise SystemExit(
+            f"{run_dir} holds a run with other settings than this study's: "
+            + "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+            + ". Use another --out, or remove the folder to run it again."
+        )  # fmt: skip
+    if os.path.isdir(run_dir) and _finished(run_dir):
+        return run_dir, spent
+    cmd = [*launch, "--config", args.config, *settings]
     env = dict(os.environ)
     if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc)))

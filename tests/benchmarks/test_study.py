@@ -14,9 +14,8 @@ import statistics
 import sys
 
 import pytest
-import yaml
 
-from megatron_eaopd.config import check_run, load_config
+from megatron_eaopd.config import check_run, load_config, save_resolved
 from megatron_eaopd.data import prepare_data
 from megatron_eaopd.data.jsonl import JsonlTask
 
@@ -59,8 +58,9 @@ def test_every_ablation_arm_is_a_valid_config_with_its_values(tmp_path):
             assert cfg.optimizer.lr < load_config(TINY).optimizer.lr
 
 
-def _fake_run(run_dir, seed, iterations=4, gain=0.1, finished=True):
-    """The files a finished training run leaves: metrics rows, the resolved config, checkpoints."""
+def _fake_run(run_dir, seed, settings, iterations=4, gain=0.1, finished=True):
+    """The files a finished training run leaves: metrics rows, the resolved config of
+    ``settings`` (the dotted overrides on the tiny config, as the trainer saves it), checkpoints."""
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     rows = [{"split": "teacher", "iteration": 0, "mean/avg@8": 0.9, "mean/pass@8": 1.0}]
     last = iterations if finished else iterations // 2
@@ -72,29 +72,52 @@ def _fake_run(run_dir, seed, iterations=4, gain=0.1, finished=True):
                      "response_length": 30.0 + it})  # fmt: skip
     with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump({"training": {"iterations": iterations}}, f)
+    cfg = load_config(TINY, settings)
+    assert cfg.training.iterations == iterations
+    save_resolved(cfg, os.path.join(run_dir, "config.yaml"))
     with open(os.path.join(run_dir, "checkpoints", "latest"), "w", encoding="utf-8") as f:
         f.write(f"iter_{last:07d}\n")
 
 
-def test_study_skips_finished_runs_resumes_others_and_tabulates(tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "study")
-    _fake_run(f"{out}/opd-s1", 1)  # finished: must not run again
-    _fake_run(f"{out}/opd-s2", 2, finished=False)  # interrupted: must run (resume)
-    launched = []
+def _settings(cmd):
+    """The dotted overrides of a trainer command line (what follows ``--config FILE``)."""
+    return cmd[cmd.index("--config") + 2 :]
 
+
+def _fake_trainer(launched):
     def fake_run(cmd, cwd, stdout, stderr, env):
         run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("training.output_dir="))
         seed = int(next(a.split("=", 1)[1] for a in cmd if a.startswith("training.seed=")))
         launched.append((os.path.basename(run_dir), cmd))
-        _fake_run(run_dir, seed, gain=0.2 if "loss.objective=eopd" in cmd else 0.1)
+        gain = 0.2 if "loss.objective=eopd" in cmd else 0.1
+        _fake_run(run_dir, seed, _settings(cmd), gain=gain)
         return type("Done", (), {"returncode": 0})()
+
+    return fake_run
+
+
+STUDY = ["task.synthetic.seed=5", "training.iterations=4"]
+
+
+def _as_study(out, arm, seed):
+    """The overrides the study passes for ``arm`` at ``seed`` with --nproc 1 and STUDY."""
+    return ["parallel.student.tp=1", "parallel.teacher.tp=1", *STUDY, f"loss.objective={arm}",
+            f"training.seed={seed}", f"training.output_dir={out}/{arm}-s{seed}",
+            "logging.progress_bars=false", "logging.tensorboard=false"]  # fmt: skip
+
+
+def test_study_skips_finished_runs_resumes_others_and_tabulates(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "study")
+    _fake_run(f"{out}/opd-s1", 1, _as_study(out, "opd", 1))  # finished: must not run again
+    # interrupted: must run (resume)
+    _fake_run(f"{out}/opd-s2", 2, _as_study(out, "opd", 2), finished=False)
+    launched = []
+    fake_run = _fake_trainer(launched)
 
     monkeypatch.setattr(study.subprocess, "run", fake_run)
     argv = ["opd_vs_eopd.py", "--out", out, "--seeds", "1", "2", "3", "--nproc", "1",
             "--jobs", "2", "--arm", "eopd loss.objective=eopd", "--objectives", "opd",
-            "--", "task.synthetic.seed=5"]  # fmt: skip
+            "--", *STUDY]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     study.main()
     names = sorted(n for n, _ in launched)
@@ -117,7 +140,7 @@ def test_study_skips_finished_runs_resumes_others_and_tabulates(tmp_path, monkey
     launched.clear()
     study.main()
     assert launched == []
-    _fake_run(f"{out}/opd-s3", 3, finished=False)
+    _fake_run(f"{out}/opd-s3", 3, _as_study(out, "opd", 3), finished=False)
     monkeypatch.setattr(study.subprocess, "run",
                         lambda *a, **k: type("Failed", (), {"returncode": 1})())  # fmt: skip
     with pytest.raises(SystemExit, match=r"opd-s3 failed \(exit 1\).*opd-s3.log"):
@@ -195,7 +218,7 @@ def test_interrupted_study_with_jobs_starts_no_further_run(tmp_path, monkeypatch
         with lock:
             launched.append(os.path.basename(run_dir))
         time.sleep(0.3)
-        _fake_run(run_dir, 1)
+        _fake_run(run_dir, 1, _settings(cmd), iterations=60)
         return type("Done", (), {"returncode": 0})()
 
     def interrupted(futures):
@@ -234,3 +257,26 @@ def test_remainder_task_refuses_more_problems_than_exist():
     with pytest.raises(SystemExit, match=f"only {total}"):
         remainder.build(0, total - 1, 1, 1, 1)
     assert sum(map(len, remainder.build(0, total - 2, 1, 1, 1))) == total
+
+
+def test_study_refuses_a_folder_that_holds_a_run_with_other_settings(tmp_path, monkeypatch):
+    """Rerunning into the same --out with changed settings must not report the old runs as
+    this study's (finished) or resume them under the new settings (unfinished)."""
+    out = str(tmp_path)
+    _fake_run(f"{out}/opd-s1", 1, _as_study(out, "opd", 1))
+    _fake_run(f"{out}/eopd-s1", 1, [*_as_study(out, "eopd", 1)], finished=False)
+    launched = []
+    monkeypatch.setattr(study.subprocess, "run", _fake_trainer(launched))
+    base = ["opd_vs_eopd.py", "--out", out, "--seeds", "1", "--nproc", "1", "--"]
+    for changed, message in [
+        ([*STUDY, "optimizer.lr=1e-3"], "optimizer.lr: 0.002 -> 0.001"),
+        (["task.synthetic.seed=5", "training.iterations=8"], "training.iterations: 4 -> 8"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [*base, *changed])
+        with pytest.raises(SystemExit, match=rf"opd-s1 holds a run with other settings.*{message}"):
+            study.main()
+    assert launched == []
+    # where the data lives and how it logs are not settings of the run: accepted
+    monkeypatch.setattr(sys, "argv", [*base, *STUDY, f"tokenizer.cache_dir={out}/tok"])
+    study.main()
+    assert [name for name, _ in launched] == ["eopd-s1"]
