@@ -38,8 +38,8 @@ eager kernels (EAOPD_COMPILE=0; compiled is the default and keeps none), three f
 fused (loss.fused_output), three fp32 [chunk, V_pad / t] buffers and the hidden-state gradient;
 either way the output weight's gradient [V_pad / t, h] (fp32 when fused). Backward adds one
 layer's gradients (about its activations) while earlier layers' are still saved. Checked
-against measured CPU peaks (docs/memory.md): TP 2 within 25% (fused and logits, SP, exact
-form); PP 2 and TP 1 x DP 2 are over-counted today (1.30x, 1.40x).
+against measured CPU peaks (docs/memory.md): within 25% with eager kernels but for the exact
+form's unfused pair kernels (0.67x); compiled, PP 2 and TP 1 x DP 2 over-counted (1.30-1.40x).
 The teacher forward keeps no activations: one layer's transients, and its logits (plus their fp32
 copy) or one fused chunk. What the trainer keeps from scoring to the iteration's last step, for
 every row of the replica (`teacher_kept_bytes`): the sampled form's payload, (2 + 2k) fp32 per
