@@ -20,15 +20,32 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
-__all__ = ["ContinuousDecoder", "FastDecodeMismatch"]
+__all__ = ["ContinuousDecoder", "FastDecodeMismatch", "logits_match"]
 
 
 class FastDecodeMismatch(RuntimeError):
     """FastDecoder's first logits differ from megatron's forward (the caller falls back)."""
+
+
+def logits_match(logits: torch.Tensor, reference: torch.Tensor, tp_group) -> bool:
+    """Whether FastDecoder's logits shard equals megatron's on EVERY rank of the TP group.
+
+    Each rank holds a different vocabulary shard, so a rank alone may see a mismatch the others
+    do not; the verdict is agreed (1 all-reduce of one element, MAX) so that all ranks take the
+    same path (a rank falling back alone would pair its collectives with the wrong ones: a hang).
+    """
+    tol = 1e-4 if reference.dtype == torch.float32 else 5e-2
+    bad = not torch.allclose(logits.float(), reference.float(), atol=tol, rtol=tol)
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        flag = torch.tensor([float(bad)], device=logits.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=tp_group)
+        bad = bool(flag.item() > 0)
+    return not bad
 
 
 class ContinuousDecoder:
@@ -90,8 +107,7 @@ class ContinuousDecoder:
         if self.reference is not None:
             ref = self.reference(tokens)[torch.arange(len(new), device=dev), lens.to(dev) - 1]
             self.reference = None
-            tol = 1e-4 if ref.dtype == torch.float32 else 5e-2
-            if not torch.allclose(logits.float(), ref.float(), atol=tol, rtol=tol):
+            if not logits_match(logits, ref, self.tp_group):
                 raise FastDecodeMismatch("FastDecoder's logits differ from megatron's forward")
             self.counters["fast"] += 1
         self.counters["prefills"] += len(new)

@@ -43,7 +43,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_eaopd.rollout.continuous import ContinuousDecoder, FastDecodeMismatch, warn_fallback
+from megatron_eaopd.rollout.continuous import (
+    ContinuousDecoder,
+    FastDecodeMismatch,
+    logits_match,
+    warn_fallback,
+)
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.sampling import PositionRandoms, SamplingParams
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
@@ -249,6 +254,10 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+    ):  # 0 used to mean "all at once" silently
+        raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
     for name, frac in (("compact_frac", compact_frac), ("refill_frac", refill_frac)):
         if frac is not None and not 0 < frac <= 1:
             raise ValueError(f"{name} must be in (0, 1] or None, got {frac}")
@@ -417,8 +426,7 @@ class _Decoder:
         logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
         if self.cached == 0:
             reference = self._stage(0, t)[:, -1, :]
-            tol = 1e-4 if reference.dtype == torch.float32 else 5e-2
-            if not torch.allclose(logits.float(), reference.float(), atol=tol, rtol=tol):
+            if not logits_match(logits, reference, self.tp_group):  # agreed across TP ranks
                 warnings.warn("FastDecoder's logits differ from megatron's forward; rollouts "
                               "use megatron's forward", stacklevel=2)  # fmt: skip
                 self.fast = None

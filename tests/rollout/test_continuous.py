@@ -113,29 +113,50 @@ def _worker(rank, world):
 
 
 def _fallback_check(model, prompts, expected):
-    """FastDecoder logits that disagree with megatron's forward: a warning, the chunked path with
-    megatron's forward, the same tokens."""
+    """FastDecoder logits that disagree with megatron's forward: a warning, megatron's forward
+    (in chunks), the same tokens. Only the LAST TP rank sees the mismatch (each rank checks its own
+    vocabulary shard): every rank must still take the same path, for continuous batching (the
+    first prefill) and for chunks (each chunk's first forward); one rank falling back alone paired
+    its collectives with the wrong ones and hung."""
     from megatron_eaopd.rollout import SamplingParams, generate
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
-    original = FastDecoder.prefill_rows
+    last = _tp_rank() == _tp_world() - 1
+    same = True
+    for name, extra in (("prefill_rows", dict(max_batch=5)),
+                        ("forward", dict(max_batch=11, continuous=False))):  # fmt: skip
+        original = getattr(FastDecoder, name)
 
-    def wrong(self, *a, **k):
-        return original(self, *a, **k) + 1.0
+        def wrong(self, *a, _original=original, **k):
+            out = _original(self, *a, **k)
+            return out + 1.0 if last else out
 
-    FastDecoder.prefill_rows = wrong
-    try:
-        stats = {}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = generate(model, prompts, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD,
-                           vocab_size=VOCAB, params=SamplingParams(), max_batch=5, stats=stats,
-                           generator=torch.Generator().manual_seed(11))  # fmt: skip
-    finally:
-        FastDecoder.prefill_rows = original
-    assert any("differ from megatron" in str(w.message) for w in caught)
-    assert stats["continuous"] == 0
-    return torch.equal(out.tokens, expected)
+        setattr(FastDecoder, name, wrong)
+        try:
+            stats = {}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = generate(model, prompts, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD,
+                               vocab_size=VOCAB, params=SamplingParams(), stats=stats,
+                               generator=torch.Generator().manual_seed(11), **extra)  # fmt: skip
+        finally:
+            setattr(FastDecoder, name, original)
+        assert any("differ from megatron" in str(w.message) for w in caught), name
+        assert stats["continuous"] == 0 and stats["fast"] == 0, (name, stats)
+        same = same and torch.equal(out.tokens, expected)
+    # generate's max_batch: 0 used to mean "all at once" silently; negative crashed obscurely
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="max_batch"):
+            generate(model, prompts, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD, vocab_size=VOCAB,
+                     params=SamplingParams(), generator=torch.Generator(),
+                     max_batch=bad)  # fmt: skip
+    return same
+
+
+def _tp_world():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
 
 
 def _check(results):
