@@ -4,6 +4,7 @@ gloo)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_eaopd.rollout import SamplingParams, filter_logits, sample_tokens
@@ -147,6 +148,7 @@ def test_rollouts_under_pipeline_parallelism():
         assert torch.equal(results[0][i]["tokens"], reference[i]["tokens"])
 
 
+@pytest.mark.slow  # 33 s; TP 2 and PP 2 rollouts are each in the default run
 def test_rollouts_under_tp2_pp2():
     results = run_distributed(_pp_worker, 4, 2, timeout=600)
     for i in range(len(PARAMS)):
