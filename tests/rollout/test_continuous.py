@@ -18,17 +18,10 @@ PARAMS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.8, top_k=5, logpr
 
 
 def _model(tp):
-    from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
-    from megatron_eaopd.parallel.init import initialize_parallel
+    """test_generate's model, untied, with the EOS row of the output layer scaled up."""
+    from tests.rollout.test_generate import _model as base_model
 
-    initialize_parallel(tp, 1, seed=1)
-    cfg = ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=40,
-        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=True,
-    )  # fmt: skip
-    (model,) = build_model(cfg)
-    init_weights_layout_invariant([model], 7, std=0.3)
+    model = base_model(tp, untied=True)
     # skewed lengths: the EOS row of the output layer (vocab-parallel: the rank holding it)
     layer = model.output_layer
     start = layer.weight.shape[0] * _tp_rank()

@@ -13,7 +13,7 @@ from tests.dist import run_distributed
 VOCAB, PAD = 16, 0
 
 
-def _model(tp, seed=7, pp=1):
+def _model(tp, seed=7, pp=1, untied=False):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
@@ -21,7 +21,7 @@ def _model(tp, seed=7, pp=1):
     cfg = ModelConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=40,
-        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=False,
+        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=untied,
     )  # fmt: skip
     (model,) = build_model(cfg)
     # a large init makes the distributions peaked enough that EOS and varied lengths happen
