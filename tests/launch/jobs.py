@@ -85,14 +85,23 @@ def explain(out: Path, job_id: int, slurm=None) -> str:
     return "\n".join(parts)
 
 
+WAITING_STATES = frozenset(
+    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "RESIZING"}
+)
+
+
 def wait_for_output(
     slurm, job_id: int, out: Path, ready: Callable[[], bool], timeout: float
 ) -> None:
-    """Wait until `ready()` while the job is pending or running; fail with its output if not."""
+    """Wait until `ready()` while the job is pending, running or passing between the two; fail
+    with its output if not.
+
+    A requeued job goes RUNNING -> COMPLETING -> PENDING (some Slurm versions show REQUEUED on the
+    way), so those transient states are waited through, not taken for the end of the job."""
     deadline = time.monotonic() + timeout
     while not ready():
         state = slurm.job(job_id).get("JobState")
-        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+        if state not in WAITING_STATES:
             raise AssertionError(f"job {job_id} is {state}\n{explain(out, job_id, slurm)}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no progress in {timeout:.0f}s\n{explain(out, job_id, slurm)}")
