@@ -12,7 +12,11 @@ shards of `columns` rows. Forward + backward (gradients to the student's hidden 
                    passes the loss mask)
   unfused_sampled  teacher payload from teacher logits, then the paper's sampled objective on
                    student logits (top-k 16), backward
-  fused_sampled    vocab_parallel_linear_teacher_payload + linear_sampled_objective
+  fused_sampled    vocab_parallel_linear_teacher_payload + linear_sampled_objective (two passes
+                   over the student: backward recomputes its chunks)
+  fused_sampled_1pass  the same with grad_weights (all ones): one pass over the student, each
+                   chunk's gradient made in the forward pass (fused_rows.linear_row_loss; the
+                   trainer passes the loss mask)
 
 Each variant runs in a fresh process with MALLOC_MMAP_THRESHOLD_=65536 (so that freed tensors go
 back to the OS and the resident set tracks live tensors), one warm-up call (which includes the
@@ -39,7 +43,9 @@ import time
 import torch
 from bench_losses import _rss_bytes  # benchmarks/ is on sys.path when run as a script
 
-VARIANTS = ("unfused", "fused", "fused_1pass", "unfused_sampled", "fused_sampled")
+VARIANTS = (
+    "unfused", "fused", "fused_1pass", "unfused_sampled", "fused_sampled", "fused_sampled_1pass",
+)  # fmt: skip
 
 
 def make_inputs(tokens, hidden, columns, dtype):
@@ -62,7 +68,7 @@ def run_variant(variant, inputs, chunk):
 
     hs, ws, ht, wt, y, old = inputs
     hs.grad = ws.grad = None
-    cfg = L.ObjectiveConfig(name="eopd", top_k=16, chunk_size=chunk)
+    cfg = L.ObjectiveConfig(name="eopd", top_k=16, chunk_size=chunk, fused_chunk_size=chunk)
     if variant == "unfused":
         with torch.no_grad():
             teacher_logits = ht @ wt.T
@@ -78,9 +84,10 @@ def run_variant(variant, inputs, chunk):
         with torch.no_grad():
             payload = L.vocab_parallel_teacher_payload(ht @ wt.T, y, 16)
         loss, _ = L.sampled_objective(cfg, hs @ ws.T, y, old, payload)
-    elif variant == "fused_sampled":
+    elif variant in ("fused_sampled", "fused_sampled_1pass"):
         payload = L.vocab_parallel_linear_teacher_payload(ht, wt, y, 16, chunk_size=chunk)
-        loss, _ = L.linear_sampled_objective(cfg, hs, ws, y, old, payload)
+        ones = torch.ones(hs.shape[:-1]) if variant.endswith("1pass") else None
+        loss, _ = L.linear_sampled_objective(cfg, hs, ws, y, old, payload, grad_weights=ones)
     else:
         raise ValueError(variant)
     loss.sum().backward()
@@ -155,7 +162,7 @@ def _print_table(rows):
           "memory vs unfused | time vs unfused (cpu) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base_name = "unfused_sampled" if r["variant"].endswith("sampled") else "unfused"
+        base_name = "unfused_sampled" if "sampled" in r["variant"] else "unfused"
         base = next((b for b in rows if b["variant"] == base_name and b["dtype"] == r["dtype"]),
                     None)  # fmt: skip
         mem = time_ = ""

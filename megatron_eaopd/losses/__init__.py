@@ -6,6 +6,7 @@ from megatron_eaopd.losses.fused import (
     vocab_parallel_linear_logprobs_and_entropy,
     vocab_parallel_linear_teacher_payload,
 )
+from megatron_eaopd.losses.fused_rows import linear_row_loss
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
 from megatron_eaopd.losses.kl import (
     entropy_gate,
@@ -49,6 +50,7 @@ __all__ = [
     "exact_objective",
     "high_entropy",
     "linear_exact_objective",
+    "linear_row_loss",
     "linear_sampled_objective",
     "make_loss_func",
     "ppo_clip_loss",

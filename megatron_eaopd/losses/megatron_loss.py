@@ -65,8 +65,9 @@ def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, 
 
     With `output_weight` ([V_pad / tp, h], fused with the output layer, `fused.py`), `logits` are
     the student's final hidden states [b, s, h] and, in the exact form, `mb.teacher` is the pair
-    (teacher hidden states [b, s, h_t], teacher output weight [V_pad / tp, h_t]); the exact form
-    then makes its gradients in the forward pass for the loss mask (`grad_weights`).
+    (teacher hidden states [b, s, h_t], teacher output weight [V_pad / tp, h_t]); both forms then
+    make their gradients in the forward pass for the loss mask (`grad_weights`: one pass over the
+    logits chunks, one all-gather per chunk).
     """
     if cfg.form == "sampled":
         if not isinstance(mb.teacher, TeacherPayload) or mb.old_logprobs is None:
@@ -78,6 +79,7 @@ def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, 
             return linear_sampled_objective(
                 cfg, logits, output_weight, mb.token_ids, mb.old_logprobs, mb.teacher,
                 tp_group=tp_group, vocab_size=vocab_size,
+                grad_weights=mb.loss_mask.to(logits.dtype),
             )  # fmt: skip
         return sampled_objective(
             cfg, logits, mb.token_ids, mb.old_logprobs, mb.teacher, tp_group=tp_group,

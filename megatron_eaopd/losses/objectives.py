@@ -29,6 +29,7 @@ from megatron_eaopd.losses.fused import (
     linear_pair_loss,
     vocab_parallel_linear_logprobs_and_entropy,
 )
+from megatron_eaopd.losses.fused_rows import linear_row_loss
 from megatron_eaopd.losses.jsd import vocab_parallel_jsd
 from megatron_eaopd.losses.kl import entropy_gate, gate_input, vocab_parallel_kl_terms
 from megatron_eaopd.losses.statistics import TeacherPayload, vocab_parallel_logprobs_and_entropy
@@ -258,24 +259,47 @@ def linear_sampled_objective(
     tp_group=None,
     vocab_size=None,
     reduce_hidden_grad: bool = True,
+    grad_weights: torch.Tensor | None = None,
 ):
     """`sampled_objective` on the logits `student_hidden @ student_weight.T`, fused with the
-    output layer (`fused.vocab_parallel_linear_logprobs_and_entropy`): no logits materialised.
+    output layer: no logits materialised.
 
     Args:
-        student_hidden: [s, b, h]; student_weight: [V_pad / tp, h]; the rest as sampled_objective.
+        student_hidden: [s, b, h]; student_weight: [V_pad / tp, h]; the rest as sampled_objective;
+        grad_weights [s, b] (optional): the upstream gradient the loss will get, up to a scalar
+        (the loss mask): one pass (`fused_rows.linear_row_loss`: each chunk's gradient made in
+        the forward pass, 4 matmuls per chunk instead of 5); any other upstream gradient still
+        gets the exact gradient (the chunks are recomputed).
     Returns:
         (per_token_loss [s, b] with gradients to student_hidden and student_weight, metrics).
-    Collectives: per chunk none; forward 1 all-gather of [s*b, 5 + k]; backward 1 SUM all-reduce
-    of the [s*b, h] hidden-state gradient (none with reduce_hidden_grad=False or at TP 1).
+    Collectives: grad_weights None: per chunk none, forward 1 all-gather of [s*b, 5 + k]; with
+    grad_weights: 1 all-gather of [chunk, 5 + k] per chunk. Backward 1 SUM all-reduce of the
+    [s*b, h] hidden-state gradient (none with reduce_hidden_grad=False or at TP 1).
     """
     ids = torch.cat([token_ids.unsqueeze(-1), teacher.topk_ids], dim=-1)
-    logprobs, student_entropy = vocab_parallel_linear_logprobs_and_entropy(
-        student_hidden, student_weight, ids, temperature=cfg.temperature, tp_group=tp_group,
-        vocab_size=vocab_size, chunk_size=cfg.fused_chunk_size,
-        reduce_hidden_grad=reduce_hidden_grad,
+    kw = dict(
+        temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size,
+        chunk_size=cfg.fused_chunk_size, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    return _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
+    if grad_weights is None:
+        logprobs, student_entropy = vocab_parallel_linear_logprobs_and_entropy(
+            student_hidden, student_weight, ids, **kw
+        )
+        return _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
+    flat_old = old_logprobs.reshape(-1)
+    flat_teacher = TeacherPayload(
+        *(t.reshape(flat_old.shape[0], *t.shape[len(token_ids.shape) :]) for t in teacher)
+    )
+
+    def row_fn(rows, logprobs, entropy):
+        rows_teacher = TeacherPayload(*(t[rows] for t in flat_teacher))
+        return _sampled_terms(cfg, logprobs, entropy, flat_old[rows], rows_teacher)[0]
+
+    loss, logprobs, student_entropy = linear_row_loss(
+        student_hidden, student_weight, ids, row_fn, grad_weights, **kw
+    )
+    _, metrics = _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
+    return loss, metrics
 
 
 def linear_exact_objective(

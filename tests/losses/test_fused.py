@@ -190,6 +190,21 @@ def _check_sampled(rank, tp, group, dtype, vocab, v_pad, chunk, tail, seed):
     _check(gh, gh_u, ref_gh, dtype, "grad", f"sampled d hidden {tag}")
     _check(gw, gw_u, ref_gw, dtype, "grad", f"sampled d weight {tag}")
 
+    # one pass (grad_weights): the upstream gradient it was told (no recompute), then another one
+    # (the chunks recomputed); the same values, metrics and gradients
+    for told in (up, torch.ones_like(up)):
+        hs1, ws1 = hs_f.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        loss1, m1 = L.linear_sampled_objective(
+            cfg, hs1, ws1, y, old.to(dtype), pay, grad_weights=told.to(dtype), **kw
+        )
+        gh1, gw1 = torch.autograd.grad((loss1 * up.to(loss1.dtype)).sum(), (hs1, ws1))
+        what = f"one-pass sampled ({'told' if told is up else 'other'} upstream) {tag}"
+        _check(loss1, loss_u, ref_loss, dtype, "value", f"{what} loss")
+        for name in m_u:
+            R.assert_close(m1[name], m_u[name], dtype, what=f"{what} {name}")
+        _check(gh1, gh_u, ref_gh, dtype, "grad", f"{what} d hidden")
+        _check(gw1, gw_u, ref_gw, dtype, "grad", f"{what} d weight")
+
 
 def _check_collectives(rank, tp, group):
     """Per call: forward 1 all-gather, backward 1 all-reduce (hidden grad), whatever the number of
@@ -199,7 +214,8 @@ def _check_collectives(rank, tp, group):
     ws, wt = R.shard(ws_f.T, rank, tp).T, R.shard(wt_f.T, rank, tp).T
     y = torch.zeros(SB, dtype=torch.long)
     calls: Counter = Counter()
-    orig = {name: getattr(K, name) for name in ("pair_stats", "pair_backward", "single_stats")}
+    names = ("pair_stats", "pair_backward", "single_stats", "single_backward")
+    orig = {name: getattr(K, name) for name in names}
 
     def counted(name):
         def fn(*args):
@@ -256,6 +272,26 @@ def _check_collectives(rank, tp, group):
                     )
                     (g_full,) = torch.autograd.grad(loss2.sum(), hs2)
                     R.assert_close(_tp_sum(gh, group), g_full, torch.float64, "grad", "partial")
+            # the sampled objective in one pass: 1 all-gather per chunk, statistics once per
+            # chunk; its backward recomputes only for an upstream gradient it was not told
+            pay = L.vocab_parallel_linear_teacher_payload(
+                ht_f, wt, y, 3, tp_group=group, vocab_size=vocab
+            )
+            cfg = L.ObjectiveConfig(name="eopd", top_k=3, fused_chunk_size=chunk)
+            for upstream, recomputed in ((3.0 * mask, 0), (mask + 1.0, n_chunks)):
+                hs = hs_f.clone().requires_grad_(True)
+                w = ws.clone().requires_grad_(True)
+                counts.clear(), calls.clear()
+                loss, _ = L.linear_sampled_objective(
+                    cfg, hs, w, y, torch.zeros(SB, dtype=hs.dtype), pay, tp_group=group,
+                    vocab_size=vocab, grad_weights=mask,
+                )  # fmt: skip
+                assert dict(counts) == ({gather: n_chunks} if tp > 1 else {}), counts
+                counts.clear()
+                torch.autograd.grad((loss * upstream).sum(), (hs, w))
+                assert dict(counts) == ({"all_reduce": 1} if tp > 1 else {}), counts
+                want = {"single_stats": n_chunks, "single_backward": n_chunks + recomputed}
+                assert calls == want, (calls, want)
             counts.clear(), calls.clear()
             L.vocab_parallel_linear_teacher_payload(
                 ht_f, wt, y, 4, tp_group=group, vocab_size=vocab, chunk_size=chunk
@@ -357,6 +393,14 @@ def test_linear_exact_objective_variants():
         L.linear_exact_objective(L.ObjectiveConfig(name="jsd", form="exact"), hs, ws, ht, wt)
 
 
+def _ids(h):
+    return torch.zeros(h.shape[:-1] + (2,), dtype=torch.long)
+
+
+def _row_sum(rows, logprobs, entropy):
+    return logprobs.sum(-1) + entropy
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -368,6 +412,9 @@ def test_linear_exact_objective_variants():
         (lambda h, w: L.vocab_parallel_linear_teacher_payload(h, w, h[..., 0].long(), 0), "k=0"),
         (lambda h, w: L.vocab_parallel_linear_teacher_payload(h, w, h.long(), 2), "shape"),
         (lambda h, w: L.vocab_parallel_linear_eopd_loss(h, w, h, w, temperature=0), "temperature"),
+        (lambda h, w: L.linear_row_loss(h, w, _ids(h), _row_sum, h), "grad_weights must"),
+        (lambda h, w: L.linear_row_loss(h, w, _ids(h)[..., 0], _row_sum, h[..., 0]), "ids must"),
+        (lambda h, w: L.linear_row_loss(h, w, _ids(h), lambda r, lp, e: lp, h[..., 0]), "row_fn"),
     ],
 )
 def test_bad_input_raises_value_error(call, match):
