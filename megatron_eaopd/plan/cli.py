@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "--spec", default="te", choices=("te", "local"),
         help="activation accounting: te (GPU, flash attention) or local (CPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--distributed-optimizer", action="store_true",
+        help="optimizer state split over the student's DP ranks, as megatron's "
+        "--use-distributed-optimizer (the plugin inside your own Megatron job; eaopd-train's "
+        "trainer keeps the whole state on every rank, the default here)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return p
 
@@ -148,8 +154,10 @@ def _shape(m, vocab: int | None, who: str = "student") -> Shape:
     )  # fmt: skip
 
 
-def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> dict:
-    """Everything eaopd-plan prints, as plain numbers (bytes)."""
+def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
+                distributed_optimizer: bool = False) -> dict:  # fmt: skip
+    """Everything eaopd-plan prints, as plain numbers (bytes). `distributed_optimizer`: the
+    optimizer state split over the student's DP ranks (megatron's --use-distributed-optimizer)."""
     from megatron_eaopd.losses.objectives import ObjectiveConfig
 
     if world < 1:
@@ -184,12 +192,14 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te") -> 
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
     out = {"world": world, "spec": spec, "fused": fused_on, "form": loss.form,
-           "sequence_parallel": sp, "batch": batch.__dict__,
+           "sequence_parallel": sp, "distributed_optimizer": bool(distributed_optimizer),
+           "batch": batch.__dict__,
            "layouts": {k: v.__dict__ for k, v in lay.items()}, "variants": {}}  # fmt: skip
     for fused in (True, False):
         rs, rt = plan_memory(student, teacher, lay["student"], lay["teacher"], batch,
                              fused=fused, spec=spec, divisible_by=div, form=loss.form,
-                             sequence_parallel=sp)  # fmt: skip
+                             sequence_parallel=sp,
+                             distributed_optimizer=distributed_optimizer)  # fmt: skip
         tot = combined(rs, rt)
         out["variants"]["fused" if fused else "logits"] = {
             "parts": tot.parts, "comm": tot.comm, "peak": tot.peak(False),
@@ -203,7 +213,12 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
     b, lay = plan["batch"], plan["layouts"]
     lines = [
         f"world size {plan['world']}; activation spec {plan['spec']}; loss form {plan['form']}; "
-        f"sequence parallel {'on' if plan['sequence_parallel'] else 'off'}"
+        f"sequence parallel {'on' if plan['sequence_parallel'] else 'off'}; optimizer state "
+        + (
+            "split over DP (distributed optimizer)"
+            if plan.get("distributed_optimizer")
+            else "whole on every DP rank"
+        )
     ]
     lines += [f"note: {n}" for n in notes]
     for who in ("student", "teacher"):
@@ -253,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, notes = load_plan_config(
             args.config, args.overrides, args.student_preset, args.teacher_preset
         )
-        plan = plan_config(cfg, args.world_size, args.vocab_size, args.spec)
+        plan = plan_config(
+            cfg, args.world_size, args.vocab_size, args.spec, args.distributed_optimizer
+        )
     except (ConfigError, ValueError, OSError) as exc:
         print(f"eaopd-plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
