@@ -4,8 +4,8 @@ what the real-trainer jobs of test_slurm.py do not, at a fraction of their cost:
 - the torchrun variant preempted mid-training: the node script must pass the signal on to the
   training processes (torchrun ignores it), then requeue and an exact resume; a signal that comes
   after the last iteration changes nothing (no second requeue);
-- a preemption (SIGTERM to the step) that arrives before torchrun has started its workers: the
-  stop file remembers it, the workers stop at their first iteration, save, and the job requeues;
+- (slow) a preemption (SIGTERM to the step) that arrives before torchrun has started its workers:
+  the stop file remembers it, the workers stop at their first iteration, save, and the job requeues;
 - a run stopped early that is not requeued (EAOPD_REQUEUE=0; slow: the budget spent, `scontrol
   requeue` refused) ends FAILED with exit 75, not COMPLETED;
 - the CPU-only recipe of docs/slurm.md, submitted exactly as written;
@@ -152,6 +152,7 @@ def _slow_python(tmp_path: Path) -> Path:
     return wrapper
 
 
+@pytest.mark.slow  # 25 s; the signal during training stays in the default run
 def test_signal_before_the_workers_start_is_remembered(slurm, tmp_path):
     """A preemption's SIGTERM reaches the step while torchrun is still starting (no training
     process exists yet to receive it). The node script writes the stop file; the workers, once
