@@ -213,8 +213,8 @@ class LossConfig:
     """Fuse the loss with the output layer: the trainer computes the student's loss from its final
     hidden states and output weight shard, and the teacher's payload (sampled form) or its side
     of the KL (exact form) from the teacher's hidden states, fused_chunk_size tokens at a time,
-    so no [tokens, V_pad / tp] logits tensor exists (peak loss memory 0.15x, CPU time 1.2x (exact,
-    one pass) to 1.35x (sampled) of the logits path at 4096 tokens x 32,768 columns:
+    so no [tokens, V_pad / tp] logits tensor exists (peak loss memory 0.15x, time about 1.1x (one
+    pass, exact and sampled) of the logits path at 4096 tokens x 32,768 columns:
     docs/benchmarks.md). Applies to the student update, its teacher scoring and the evaluation's
     student forward and teacher payload (evaluation measures with eopd, so null fuses it there
     for jsd too); rollouts keep logits (one position per decode step). null: on for every

@@ -127,7 +127,9 @@ class ContinuousDecoder:
             parts = []
             if n:  # each live row feeds its last token at its own position
                 fed = pos - 1
-                parts.append(self.fast.decode_rows(self.tokens[rows, fed].to(dev), fed.to(dev)))
+                parts.append(self.fast.decode_rows(  # end from the host copy: no device sync
+                    self.tokens[rows, fed].to(dev), fed.to(dev), int(fed.max()) + 1
+                ))  # fmt: skip
             if m:  # free rows and waiting prompts: refill
                 new = torch.arange(waiting, waiting + m)
                 waiting += m

@@ -204,16 +204,18 @@ class FastDecoder:
         cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [s, 1, d]
         return self._logits(self._layers(h, cos, sin, attend)[:, -1])
 
-    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor,
+                    end: int | None = None) -> torch.Tensor:  # fmt: skip
         """One token per row at its own position (continuous batching).
 
         tokens: [n] int64, the input token of cache rows [0, n); positions: [n] int64 (device)
         where each sits (its keys and values are written there; it attends to positions
-        [0, position]). Returns logits [n, V_pad / tp] predicting position + 1.
-        Collectives: 1 + 2 * layers TP all-reduces of [n, 1, h] (none at TP 1).
+        [0, position]); end: max(positions) + 1 when the caller knows it on the host (no device
+        sync; None: read from ``positions``). Returns logits [n, V_pad / tp] predicting
+        position + 1. Collectives: 1 + 2 * layers TP all-reduces of [n, 1, h] (none at TP 1).
         """
         n = tokens.shape[0]
-        end = int(positions.max()) + 1
+        end = int(positions.max()) + 1 if end is None else int(end)
         r = self.heads // self.groups
         rows = torch.arange(n, device=tokens.device)
         mask = (torch.arange(end, device=tokens.device) <= positions[:, None])[:, None, None, :]
