@@ -221,8 +221,9 @@ class LossConfig:
     objective but jsd, which has no fused form (true with jsd is refused)."""
     fused_chunk_size: int | None = _f(None, ge=1)
     """Tokens per chunk of the fused loss and payload (loss.fused_output): each chunk
-    materialises a few [fused_chunk_size, V_pad / tp] logits and gradient buffers, recomputed in
-    backward; null: about 2^24 logit values per chunk (512 tokens at 32,768 columns), or the env
+    materialises a few [fused_chunk_size, V_pad / tp] logits and gradient buffers (the trainer's
+    one-pass forms make the gradient in the forward pass; the two-pass forms recompute the chunk in
+    backward); null: about 2^24 logit values per chunk (512 tokens at 32,768 columns), or the env
     EAOPD_FUSED_CHUNK_ELEMS divided by the shard width. Changes memory and speed, not the
     result."""
 

@@ -335,6 +335,12 @@ class _LinearPairLoss(torch.autograd.Function):
         return g_hidden, g_weight, None, None, None, None, None, None, None, None, None
 
 
+def needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autograd will want gradients of these student inputs (grad mode on and one of them
+    requires grad): the one-pass forms make their gradients in forward only then."""
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+
+
 def _scale_of(g: torch.Tensor, gw: torch.Tensor):
     """The scalar c with g == c * gw exactly (a Python float), or None if there is none."""
     nonzero = (gw != 0).nonzero()
@@ -356,9 +362,11 @@ def linear_pair_loss(
     grad_weights None: two passes (`_LinearPairKL`: statistics, 1 all-gather; backward recomputes
     the logits). grad_weights [s, b] (the upstream gradient expected for the loss up to a scalar,
     e.g. the loss mask): one pass (`_LinearPairLoss`: 1 all-gather per chunk, the gradients made
-    in forward), no recompute when the upstream gradient is c * grad_weights.
+    in forward), no recompute when the upstream gradient is c * grad_weights. Without a gradient
+    to make (grad mode off, or neither student input requires grad: e.g. an evaluation forward)
+    the forward-only statistics of the two-pass form, whatever grad_weights.
     """
-    if grad_weights is None:
+    if grad_weights is None or not needs_grad(student_hidden, student_weight):
         terms = vocab_parallel_linear_kl_terms(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,

@@ -6,10 +6,17 @@ the vocab-parallel output layer, in ONE pass over the logits: each chunk's logit
 reduced to packed statistics, all-gathered (one collective per chunk), merged, and, while the
 chunk's logits are still live, its logits gradient for the expected upstream gradient is formed and
 multiplied into the hidden-state and weight gradients. Backward then only scales the stored
-gradients (or recomputes the chunks for any other upstream gradient). 4 matmuls per chunk instead
-of the 5 of `fused.vocab_parallel_linear_logprobs_and_entropy` + loss (forward 1, backward
-recompute 1 + 2): the paper's sampled objective (`objectives.linear_sampled_objective` with
-`grad_weights`) uses it.
+gradients (or recomputes the chunks for any other upstream gradient). 3 matmuls per chunk for the
+student instead of the 4 of `fused.vocab_parallel_linear_logprobs_and_entropy` + loss (forward 1,
+backward recompute 1 + 2): the paper's sampled objective (`objectives.linear_sampled_objective`
+with `grad_weights`) uses it.
+
+Memory: the gradients made in forward (d weight [V_pad / tp, h] in fp32, d hidden [n, h]) are held
+from the forward until the backward, where the two-pass form allocates them. megatron's schedules
+run one micro-batch's loss backward before the next loss forward on the last stage, so the peak is
+the same there; a caller that keeps several one-pass losses alive before one backward holds one
+such pair per loss. Without a gradient to make (grad mode off, or neither `hidden` nor `weight`
+requires grad, e.g. an evaluation forward) the function runs the two-pass form's forward only.
 
 Requirement on `row_fn(rows: slice, logprobs [c, j], entropy [c]) -> loss [c]`: row t of the result
 depends only on row t of the inputs (a per-token loss; a token mean's denominator belongs in the
@@ -29,7 +36,9 @@ from megatron_eaopd.losses.fused import (
     _logits,
     _scale_of,
     fused_row_chunk,
+    needs_grad,
     prepare_linear,
+    vocab_parallel_linear_logprobs_and_entropy,
 )
 from megatron_eaopd.losses.statistics import (
     local_ids_of,
@@ -40,17 +49,20 @@ from megatron_eaopd.losses.statistics import (
 from megatron_eaopd.parallel.groups import all_gather_rows
 
 
+def _checked(loss, entropy):
+    if not isinstance(loss, torch.Tensor) or loss.shape != entropy.shape:
+        got = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"row_fn must return a per-token loss of shape {list(entropy.shape)}, "
+                         f"got {got}")  # fmt: skip
+    return loss
+
+
 def _row_derivatives(row_fn, rows: slice, logprobs, entropy):
     """(loss [c], d loss / d logprobs [c, j], d loss / d entropy [c]) of a per-token `row_fn`."""
     with torch.enable_grad():
         lp = logprobs.detach().requires_grad_(True)
         ent = entropy.detach().requires_grad_(True)
-        loss = row_fn(rows, lp, ent)
-        if loss.shape != ent.shape:
-            raise ValueError(
-                f"row_fn must return a per-token loss of shape {list(ent.shape)}, got "
-                f"{list(loss.shape)}"
-            )
+        loss = _checked(row_fn(rows, lp, ent), ent)
         if loss.requires_grad:
             d_lp, d_ent = torch.autograd.grad(loss.sum(), (lp, ent), allow_unused=True)
         else:
@@ -122,6 +134,7 @@ class _LinearRowLoss(torch.autograd.Function):
                 if grad is not None:
                     grad.mul_(scale)
         else:  # another upstream gradient: recompute every chunk
+            del sink  # free the forward's buffers before allocating new ones
             sink = _GradSink(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             for i in range(0, hidden.shape[0], step):
                 r = slice(i, i + step)
@@ -148,8 +161,11 @@ def linear_row_loss(
     Args:
         hidden [s, b, h] (no TP copy region: see `fused`'s docstring); weight [V_pad / tp, h];
         ids [s, b, j] global ids; row_fn(rows: slice, logprobs [c, j], entropy [c]) -> loss [c],
-        rows indexing the flattened [s * b] tokens; grad_weights [s, b]: the upstream gradient the
-        loss will get up to a scalar (the loss mask when the caller sums masked per-token losses).
+        rows indexing the flattened [s * b] tokens. row_fn MUST be per-token: row t of its result
+        may depend only on row t of its inputs (not checked: a loss that mixes tokens, e.g. one
+        that subtracts a batch mean, gets silently wrong values across chunks and wrong
+        gradients); grad_weights [s, b]: the upstream gradient the loss will get up to a scalar
+        (the loss mask when the caller sums masked per-token losses).
     Returns:
         (loss [s, b] with gradients to hidden and weight, logprobs [s, b, j] and entropy [s, b]
         detached), fp32 (fp64 for fp64 inputs).
@@ -167,6 +183,15 @@ def linear_row_loss(
     if not isinstance(grad_weights, torch.Tensor) or tuple(grad_weights.shape) != lead:
         shape = list(grad_weights.shape) if isinstance(grad_weights, torch.Tensor) else None
         raise ValueError(f"grad_weights must be a tensor of shape {list(lead)}, got {shape}")
+    if not needs_grad(hidden, weight):  # nothing to make in forward: statistics only
+        logprobs, entropy = vocab_parallel_linear_logprobs_and_entropy(
+            hidden, weight, ids, temperature=temperature, tp_group=tp_group,
+            vocab_size=vocab_size, chunk_size=chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+        )  # fmt: skip
+        n, j = ids2d.shape
+        loss = _checked(row_fn(slice(0, n), logprobs.reshape(n, j), entropy.reshape(n)),
+                        entropy.reshape(n))  # fmt: skip
+        return loss.reshape(lead), logprobs.reshape(lead + (-1,)), entropy.reshape(lead)
     step = fused_row_chunk(weight.shape[0], chunk_size)
     loss, logprobs, entropy = _LinearRowLoss.apply(
         h2d, weight, ids2d, grad_weights.detach().reshape(-1), shard, inv_temp, group, step,

@@ -268,8 +268,8 @@ def linear_sampled_objective(
         student_hidden: [s, b, h]; student_weight: [V_pad / tp, h]; the rest as sampled_objective;
         grad_weights [s, b] (optional): the upstream gradient the loss will get, up to a scalar
         (the loss mask): one pass (`fused_rows.linear_row_loss`: each chunk's gradient made in
-        the forward pass, 4 matmuls per chunk instead of 5); any other upstream gradient still
-        gets the exact gradient (the chunks are recomputed).
+        the forward pass, 3 student matmuls per chunk instead of 4); any other upstream gradient
+        still gets the exact gradient (the chunks are recomputed).
     Returns:
         (per_token_loss [s, b] with gradients to student_hidden and student_weight, metrics).
     Collectives: grad_weights None: per chunk none, forward 1 all-gather of [s*b, 5 + k]; with

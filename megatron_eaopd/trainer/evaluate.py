@@ -217,10 +217,11 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     with use_layout(STUDENT):
         outputs = []
         if micro:
-            outputs = run_forward_backward(
-                trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
-                iter(micro), len(micro), seq, mbs, forward_only=True,
-            )  # fmt: skip
+            with torch.no_grad():  # no backward: the fused loss makes no gradients in forward
+                outputs = run_forward_backward(
+                    trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
+                    iter(micro), len(micro), seq, mbs, forward_only=True,
+                )  # fmt: skip
         names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
                  "teacher_high_entropy", "gate"]  # fmt: skip
         means = reduce_outputs(list(outputs or []), names)

@@ -11,6 +11,7 @@ TP 4 holds only padding. One launch per TP size runs every case.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 
@@ -453,3 +454,45 @@ def test_loss_func_fused_with_the_output_layer():
             R.assert_close(rf[key], ru[key], torch.float32, what=f"{form} {key}")
         for a, b in zip(gf, gu):
             R.assert_close(a, b, torch.float64, "grad", form)
+
+
+def test_one_pass_forms_make_no_gradient_without_autograd(monkeypatch):
+    """Under no_grad (and for inputs that require no grad) the one-pass forms (grad_weights) make
+    no gradient in forward (an evaluation forward used to pay for one: the backward kernels ran
+    and d weight was allocated) and give the two-pass values."""
+    calls = Counter()
+    for name in ("single_backward", "pair_backward"):
+        orig = getattr(K, name)
+
+        def counted(*args, _name=name, _orig=orig):
+            calls[_name] += 1
+            return _orig(*args)
+
+        monkeypatch.setattr(K, name, counted)
+    g = torch.Generator().manual_seed(11)
+    hs = torch.randn(5, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(40, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(5, 3, 8, generator=g).double(), torch.randn(40, 8, generator=g).double()
+    y = torch.randint(0, 37, (5, 3), generator=g)
+    pay = L.vocab_parallel_linear_teacher_payload(ht, wt, y, 4, vocab_size=37)
+    old = torch.full((5, 3), -3.0, dtype=torch.float64)
+    mask = torch.ones(5, 3, dtype=torch.float64)
+    cfg = L.ObjectiveConfig(name="eopd", top_k=4, fused_chunk_size=4)
+    ref_s, _ = L.linear_sampled_objective(cfg, hs, ws, y, old, pay, vocab_size=37)
+    ref_e, _ = L.vocab_parallel_linear_eopd_loss(hs, ws, ht, wt, vocab_size=37, chunk_size=4)
+    for ctx, h in ((torch.no_grad, hs), (contextlib.nullcontext, hs.detach())):
+        with ctx():
+            s, _ = L.linear_sampled_objective(
+                cfg, h, ws.detach() if h is not hs else ws, y, old, pay, vocab_size=37,
+                grad_weights=mask,
+            )  # fmt: skip
+            e, _ = L.vocab_parallel_linear_eopd_loss(
+                h, ws.detach() if h is not hs else ws, ht, wt, vocab_size=37, chunk_size=4,
+                grad_weights=mask,
+            )  # fmt: skip
+        assert not s.requires_grad and not e.requires_grad
+        R.assert_close(s, ref_s, torch.float64, what="sampled")
+        R.assert_close(e, ref_e, torch.float64, what="exact")
+    assert calls == Counter(), calls
+    s, _ = L.linear_sampled_objective(cfg, hs, ws, y, old, pay, vocab_size=37, grad_weights=mask)
+    assert calls["single_backward"] == 4  # with autograd: one per chunk, in forward (15 / 4)
