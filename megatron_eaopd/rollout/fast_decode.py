@@ -21,7 +21,9 @@ Collectives per forward: 1 TP all-reduce of the embeddings [b, s, h] and 2 per l
 (attention and MLP outputs, [b, s, h]); none at TP 1.
 
 On CPU the linear layers' weights are copied once per ``FastDecoder`` (one per ``generate``
-call, so the copies follow the training updates) into transposed, contiguous [in, out] form:
+call with continuous batching, one per chunk of ``max_decode_batch`` prompts otherwise; never
+reused across calls, so the copies follow the training updates) into transposed, contiguous
+[in, out] form:
 ``x @ W^T`` with a row-major [out, in] weight is a transposed-operand GEMM, 25-30% slower alone
 on one CPU thread at decode batch 32 than the plain product with [in, out]; in a whole decode call
 (4 x 256, vocabulary 4096) the matmuls took 13% less time and the call 3-5% (docs/trainer.md).
@@ -120,14 +122,17 @@ class FastDecoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=device)
         self.gated = cfg.gated_linear_unit
         self.act = cfg.activation_func
-        self.transposed: dict = {}  # id(weight) -> weight.T contiguous (CPU; module docstring)
+        # id(weight) -> (weight, weight.T contiguous) on CPU (module docstring); the weight is
+        # kept so that its id cannot be reused by another tensor while this decoder lives
+        self.transposed: dict = {}
         if device.type == "cpu":
             for layer in module.decoder.layers:
                 for sub in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
                             layer.mlp.linear_fc1, layer.mlp.linear_fc2):  # fmt: skip
-                    self.transposed[id(sub.weight)] = sub.weight.detach().t().contiguous()
+                    w = sub.weight
+                    self.transposed[id(w)] = (w, w.detach().t().contiguous())
             out = self._output_weight()
-            self.transposed[id(out)] = out.detach().t().contiguous()
+            self.transposed[id(out)] = (out, out.detach().t().contiguous())
 
     def _output_weight(self) -> torch.Tensor:
         m = self.module
@@ -136,8 +141,10 @@ class FastDecoder:
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ weight[out, in]^T, with the transposed copy when there is one."""
-        wt = self.transposed.get(id(weight))
-        return F.linear(x, weight) if wt is None else torch.matmul(x, wt)
+        entry = self.transposed.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            return F.linear(x, weight)
+        return torch.matmul(x, entry[1])
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp > 1:

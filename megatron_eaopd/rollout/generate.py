@@ -290,6 +290,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
                     use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms, start,
                 )  # fmt: skip
                 out.append(decoder.run())
+                del decoder  # its KV cache and weight copies go before the next chunk's
                 if progress is not None:
                     progress(len(chunk))
     finally:
