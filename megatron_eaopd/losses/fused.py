@@ -168,6 +168,45 @@ class _GradSink:
         return self.g_hidden, g_w
 
 
+def forward_grads_for(ctx, g: torch.Tensor, gw: torch.Tensor):
+    """The one-pass forms' gradients made in forward (`ctx.sink`, taken off ctx) for the upstream
+    gradient `g`: scaled by c when g == c * gw exactly (`_scale_of`), else None, the buffers then
+    freed before the caller recomputes the chunks."""
+    sink, ctx.sink = ctx.sink, None
+    scale = None if sink is None else _scale_of(g, gw)
+    if scale is None:
+        return None
+    for grad in (sink.g_hidden, sink.g_weight):
+        if grad is not None:
+            grad.mul_(scale)
+    return sink
+
+
+def add_softmax_chunk_grad(sink, rows: slice, logits, local_ids, own, lse, entropy, g_entropy,
+                           g_logprobs, shard, inv_temp) -> None:  # fmt: skip
+    """One chunk's logits gradient of g_H H + sum_j g_j log p(id_j) (`softmax_stats_grad_chunk`;
+    per-token tensors already sliced to the chunk) multiplied into `sink`'s d hidden and d W."""
+    g_logits = torch.empty_like(logits)
+    softmax_stats_grad_chunk(
+        logits, local_ids, own, lse, entropy, g_entropy, g_logprobs, shard, inv_temp, g_logits
+    )
+    sink.add(rows, g_logits)
+
+
+def softmax_grads(hidden, weight, local_ids, own, lse, entropy, g_entropy, g_logprobs, shard,
+                  inv_temp, step, need_hidden: bool, need_weight: bool) -> _GradSink:  # fmt: skip
+    """Every chunk's logits recomputed and its `add_softmax_chunk_grad`: the gradients to hidden
+    [n, h] and weight [w, h] of sum_t (g_H,t H_t + sum_j g_t,j log p_t(id_j)). No communication."""
+    sink = _GradSink(hidden, weight, need_hidden, need_weight)
+    for i in range(0, hidden.shape[0], step):
+        r = slice(i, i + step)
+        logits = _logits(hidden[r], weight)
+        add_softmax_chunk_grad(sink, r, logits, local_ids[r], own[r], lse[r], entropy[r],
+                               g_entropy[r], g_logprobs[r], shard, inv_temp)  # fmt: skip
+        del logits  # free this chunk before the next one is allocated
+    return sink
+
+
 # --------------------------------------------------------------------------- student x teacher
 
 
@@ -311,14 +350,9 @@ class _LinearPairLoss(torch.autograd.Function):
     def backward(ctx, g_loss, *_unused):
         hs, ws, ht, wt, gw, lse_s, lse_t, rkl, h_s, w_r, w_f = ctx.saved_tensors
         shard, inv_temp, group, step, reduce_hidden = ctx.cfg
-        sink, ctx.sink = ctx.sink, None
         g = torch.zeros_like(rkl) if g_loss is None else g_loss.to(rkl.dtype)
-        scale = _scale_of(g, gw)
-        if sink is not None and scale is not None:
-            for grad in (sink.g_hidden, sink.g_weight):
-                if grad is not None:
-                    grad.mul_(scale)
-        else:  # another upstream gradient: recompute every chunk
+        sink = forward_grads_for(ctx, g, gw)
+        if sink is None:  # another upstream gradient: recompute every chunk
             sink = _GradSink(hs, ws, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             zero = torch.zeros_like(g)
             for i in range(0, hs.shape[0], step):
@@ -484,17 +518,10 @@ class _LinearSoftmaxStats(torch.autograd.Function):
         hidden, weight, local_ids, own, lse, entropy = ctx.saved_tensors
         shard, inv_temp, group, step, reduce_hidden = ctx.cfg
         g_entropy, g_logprobs = upstream_grads(g_entropy, g_logprobs, lse, local_ids.shape[1])
-        sink = _GradSink(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        for i in range(0, hidden.shape[0], step):
-            r = slice(i, i + step)
-            logits = _logits(hidden[r], weight)
-            g_logits = torch.empty_like(logits)
-            softmax_stats_grad_chunk(
-                logits, local_ids[r], own[r], lse[r], entropy[r], g_entropy[r], g_logprobs[r],
-                shard, inv_temp, g_logits,
-            )  # fmt: skip
-            sink.add(r, g_logits)
-            del logits, g_logits  # free this chunk before the next one is allocated
+        sink = softmax_grads(
+            hidden, weight, local_ids, own, lse, entropy, g_entropy, g_logprobs, shard, inv_temp,
+            step, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
         g_hidden, g_weight = sink.finish(group, reduce_hidden)
         return g_hidden, g_weight, None, None, None, None, None, None
 

@@ -34,17 +34,18 @@ from megatron_eaopd.losses._common import check_token_ids, stats_buffer
 from megatron_eaopd.losses.fused import (
     _GradSink,
     _logits,
-    _scale_of,
+    add_softmax_chunk_grad,
+    forward_grads_for,
     fused_row_chunk,
     needs_grad,
     prepare_linear,
+    softmax_grads,
     vocab_parallel_linear_logprobs_and_entropy,
 )
 from megatron_eaopd.losses.statistics import (
     local_ids_of,
     merge_softmax_stats,
     softmax_stats_chunk,
-    softmax_stats_grad_chunk,
 )
 from megatron_eaopd.parallel.groups import all_gather_rows
 
@@ -108,13 +109,9 @@ class _LinearRowLoss(torch.autograd.Function):
             entropy[r], logprobs[r], lse[r], _, _ = merge_softmax_stats(gathered, j, 0, acc)
             loss[r], d_lp[r], d_ent[r] = _row_derivatives(row_fn, r, logprobs[r], entropy[r])
             if sink is not None:
-                g_logits = torch.empty_like(logits)
-                softmax_stats_grad_chunk(
-                    logits, local_ids[r], own[r], lse[r], entropy[r], gw[r] * d_ent[r],
-                    gw[r, None] * d_lp[r], shard, inv_temp, g_logits,
-                )  # fmt: skip
-                sink.add(r, g_logits)
-                del g_logits
+                add_softmax_chunk_grad(sink, r, logits, local_ids[r], own[r], lse[r], entropy[r],
+                                       gw[r] * d_ent[r], gw[r, None] * d_lp[r], shard,
+                                       inv_temp)  # fmt: skip
             del logits  # free this chunk before the next one is allocated
         ctx.save_for_backward(hidden, weight, local_ids, own, gw, lse, entropy, d_lp, d_ent)
         ctx.cfg = (shard, inv_temp, group, step, reduce_hidden)
@@ -126,26 +123,13 @@ class _LinearRowLoss(torch.autograd.Function):
     def backward(ctx, g_loss, *_unused):
         hidden, weight, local_ids, own, gw, lse, entropy, d_lp, d_ent = ctx.saved_tensors
         shard, inv_temp, group, step, reduce_hidden = ctx.cfg
-        sink, ctx.sink = ctx.sink, None
         g = torch.zeros_like(lse) if g_loss is None else g_loss.to(lse.dtype)
-        scale = _scale_of(g, gw)
-        if sink is not None and scale is not None:
-            for grad in (sink.g_hidden, sink.g_weight):
-                if grad is not None:
-                    grad.mul_(scale)
-        else:  # another upstream gradient: recompute every chunk
-            del sink  # free the forward's buffers before allocating new ones
-            sink = _GradSink(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-            for i in range(0, hidden.shape[0], step):
-                r = slice(i, i + step)
-                logits = _logits(hidden[r], weight)
-                g_logits = torch.empty_like(logits)
-                softmax_stats_grad_chunk(
-                    logits, local_ids[r], own[r], lse[r], entropy[r], g[r] * d_ent[r],
-                    g[r, None] * d_lp[r], shard, inv_temp, g_logits,
-                )  # fmt: skip
-                sink.add(r, g_logits)
-                del logits, g_logits  # free this chunk before the next one is allocated
+        sink = forward_grads_for(ctx, g, gw)
+        if sink is None:  # another upstream gradient: recompute every chunk
+            sink = softmax_grads(
+                hidden, weight, local_ids, own, lse, entropy, g * d_ent, g[:, None] * d_lp,
+                shard, inv_temp, step, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            )  # fmt: skip
         g_hidden, g_weight = sink.finish(group, reduce_hidden)
         return g_hidden, g_weight, None, None, None, None, None, None, None, None
 
