@@ -26,7 +26,8 @@ reused across calls, so the copies follow the training updates) into transposed,
 [in, out] form:
 ``x @ W^T`` with a row-major [out, in] weight is a transposed-operand GEMM, 25-30% slower alone
 on one CPU thread at decode batch 32 than the plain product with [in, out]; in a whole decode call
-(4 x 256, vocabulary 4096) the matmuls took 13% less time and the call 3-5% (docs/trainer.md).
+(4 x 256, vocabulary 4096) the matmuls took 13% less time and the call 3-15% in three A/B runs
+(benchmarks/bench_decode_ab.py, docs/trainer.md).
 The copies cost one weight's memory more for the rollout; on GPU the parameters are used as they
 are. The product may sum in another order: results agree to rounding, not necessarily bitwise.
 """
