@@ -24,7 +24,7 @@ On CPU the linear layers' weights are copied once per ``FastDecoder`` (one per `
 call with continuous batching, one per chunk of ``max_decode_batch`` prompts otherwise; never
 reused across calls, so the copies follow the training updates) into transposed, contiguous
 [in, out] form:
-``x @ W^T`` with a row-major [out, in] weight is a transposed-operand GEMM, 25-30% slower alone
+``x @ W^T`` with a row-major [out, in] weight is a transposed-operand GEMM, 10-30% slower alone
 on one CPU thread at decode batch 32 than the plain product with [in, out]; in a whole decode call
 (4 x 256, vocabulary 4096) the matmuls took 13% less time and the call 3-15% in three A/B runs
 (benchmarks/bench_decode_ab.py, docs/trainer.md).
