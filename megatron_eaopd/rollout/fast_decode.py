@@ -30,6 +30,14 @@ on one CPU thread at decode batch 32 than the plain product with [in, out]; in a
 (benchmarks/bench_decode_ab.py, docs/trainer.md).
 The copies cost one weight's memory more for the rollout; on GPU the parameters are used as they
 are. The product may sum in another order: results agree to rounding, not necessarily bitwise.
+
+Per-op overhead dominates a decode step at rollout batch sizes (each op touches a few thousand
+values), so the common layouts take fewer ops: a torch RMSNorm's gain is folded into the next
+linear's CPU copy (the norm becomes a mean of squares and one scale, ``_fold``); the r query heads
+and the key of a group are QK-RMSNormed and rotated in one pass over the QKV output (Qwen3's
+layout, ``_qk_gains``); RoPE is ``x * cos + roll(x, d / 2) * signed sin`` (one ``addcmul``).
+Other norms (LayerNorm, QK norms with different eps) run as their modules. Measured: 7-9% less
+time per ``generate`` call (median of 19 interleaved pairs, identical tokens; docs/trainer.md).
 """
 
 from __future__ import annotations
@@ -41,11 +49,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["FastDecoder"]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class FastDecoder:
@@ -126,14 +129,72 @@ class FastDecoder:
         # id(weight) -> (weight, weight.T contiguous) on CPU (module docstring); the weight is
         # kept so that its id cannot be reused by another tensor while this decoder lives
         self.transposed: dict = {}
+        # id(norm) -> (norm, eps, weight, [in, out] copy scaled by the norm's gain) on CPU
+        self.folded: dict = {}
         if device.type == "cpu":
             for layer in module.decoder.layers:
-                for sub in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
-                            layer.mlp.linear_fc1, layer.mlp.linear_fc2):  # fmt: skip
+                attn, mlp = layer.self_attention, layer.mlp
+                for sub in (attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2):
                     w = sub.weight
                     self.transposed[id(w)] = (w, w.detach().t().contiguous())
+                self._fold(layer.input_layernorm, attn.linear_qkv.weight)
+                self._fold(layer.pre_mlp_layernorm, mlp.linear_fc1.weight)
             out = self._output_weight()
             self.transposed[id(out)] = (out, out.detach().t().contiguous())
+            self._fold(module.decoder.final_layernorm, out)
+        self.sign = torch.ones(self.d, dtype=self.dtype, device=device)
+        self.sign[: self.d // 2] = -1.0
+        self.sin_signed = self.sin * self.sign  # rotate_half(x) * sin == roll(x, d / 2) * this
+        # layer i -> (eps, [r + 1, d] gains of the r query heads and the key) of its QK norms
+        self.qk_norm = [self._qk_gains(layer.self_attention) for layer in module.decoder.layers]
+
+    @staticmethod
+    def _rms_eps(norm, size: int, dtype) -> float | None:
+        """The eps of a torch RMSNorm over the last ``size`` features with a gain (None: another
+        norm, which runs as its module)."""
+        if type(norm) is not torch.nn.RMSNorm or norm.weight is None:
+            return None
+        if tuple(norm.normalized_shape) != (size,):
+            return None
+        return torch.finfo(dtype).eps if norm.eps is None else float(norm.eps)
+
+    def _fold(self, norm, weight: torch.Tensor) -> None:
+        """CPU: fold a torch RMSNorm's gain g into the [in, out] copy of the next linear's
+        weight: RMSNorm(x) @ W^T = (rsqrt(mean(x^2) + eps) * x) @ (g[:, None] * W^T), so the
+        norm costs a mean of squares and one scale of x (``_norm_linear``)."""
+        eps = self._rms_eps(norm, weight.shape[1], self.dtype)
+        if eps is not None:
+            wt = self.transposed[id(weight)][1]
+            gain = norm.weight.detach().to(wt.dtype)
+            self.folded[id(norm)] = (norm, eps, weight, gain[:, None] * wt)
+
+    def _qk_gains(self, attn):
+        """(eps, [r + 1, d] gains) when the QK norms are torch RMSNorms over d with one eps, so
+        the r query heads and the key of a group normalise in one pass; None otherwise."""
+        qn, kn = attn.q_layernorm, attn.k_layernorm
+        if qn is None or kn is None:
+            return None
+        eps = self._rms_eps(qn, self.d, self.dtype)
+        if eps is None or eps != self._rms_eps(kn, self.d, self.dtype):
+            return None
+        r = self.heads // self.groups
+        gains = torch.stack([qn.weight.detach()] * r + [kn.weight.detach()])
+        return eps, gains.to(self.dtype)
+
+    def _norm_linear(self, norm, x: torch.Tensor, weight: torch.Tensor, bias=None):
+        """``norm(x) @ weight^T (+ bias)`` for a column-parallel (or the output) linear
+        [out / tp, in], folded (``_fold``) where it can be. Collectives: none."""
+        entry = self.folded.get(id(norm))
+        if entry is None or entry[0] is not norm or entry[2] is not weight:
+            out = self._matmul(norm(x), weight)
+        else:
+            scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + entry[1])
+            out = torch.matmul(x * scale.to(x.dtype), entry[3])  # scale the narrower side
+        return out if bias is None else out + bias
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, with sin the signed table (``sin_signed``)."""
+        return torch.addcmul(x * cos, x.roll(self.d // 2, -1), sin)
 
     def _output_weight(self) -> torch.Tensor:
         m = self.module
@@ -170,28 +231,41 @@ class FastDecoder:
         return out if bias is None else out + bias
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend):
-        """Every layer on hidden states h [n, s, hidden]; cos / sin broadcast against
-        [n, s, heads, d]. ``attend(i, q, k, v)`` gets layer i's rotated queries [n, s, heads, d],
-        keys and values [n, s, groups, d], writes the cache, returns the context [n, s, heads, d]
-        (or any shape of that size). Collectives: 2 TP all-reduces of [n, s, h] per layer."""
+        """Every layer on hidden states h [n, s, hidden]; cos / sin (``sin_signed``) broadcast
+        against [n, s, heads, d]. ``attend(i, q, k, v)`` gets layer i's rotated queries
+        [n, s, heads, d], keys and values [n, s, groups, d], writes the cache, returns the
+        context [n, s, heads, d] (or any shape of that size). The r query heads and the key of
+        a group are normalised (fused QK RMSNorm) and rotated in one pass where ``qk_norm``
+        allows. Collectives: 2 TP all-reduces of [n, s, h] per layer."""
         n, s = h.shape[:2]
         r = self.heads // self.groups
+        cos_g, sin_g = cos.unsqueeze(-2), sin.unsqueeze(-2)  # against [n, s, groups, r + 1, d]
         for i, layer in enumerate(self.module.decoder.layers):
             attn = layer.self_attention
-            x = layer.input_layernorm(h)
-            qkv = self._linear(attn.linear_qkv, x).view(n, s, self.groups, (r + 2) * self.d)
-            q, k, v = torch.split(qkv, [r * self.d, self.d, self.d], dim=-1)
-            q = q.reshape(n, s, self.heads, self.d)
-            if attn.q_layernorm is not None:
-                q = attn.q_layernorm(q)
-            if attn.k_layernorm is not None:
-                k = attn.k_layernorm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = self._norm_linear(layer.input_layernorm, h, attn.linear_qkv.weight,
+                                    getattr(attn.linear_qkv, "bias", None))  # fmt: skip
+            qkv = qkv.view(n, s, self.groups, r + 2, self.d)  # megatron's per-group [q.., k, v]
+            qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]
+            fused = self.qk_norm[i]
+            if fused is not None or (attn.q_layernorm is None and attn.k_layernorm is None):
+                if fused is not None:
+                    eps, gains = fused
+                    ms = qk.float().pow(2).mean(-1, keepdim=True)
+                    qk = qk * torch.rsqrt(ms + eps).to(qk.dtype) * gains
+                qk = self._rope(qk, cos_g, sin_g)
+                q, k = qk[..., :r, :].reshape(n, s, self.heads, self.d), qk[..., r, :]
+            else:  # QK norms this forward does not fuse: their modules, then RoPE each
+                q, k = qk[..., :r, :].reshape(n, s, self.heads, self.d), qk[..., r, :]
+                if attn.q_layernorm is not None:
+                    q = attn.q_layernorm(q)
+                if attn.k_layernorm is not None:
+                    k = attn.k_layernorm(k)
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             ctx = attend(i, q, k, v).reshape(n, s, self.heads * self.d)
             h = h + self._linear(attn.linear_proj, ctx, self._reduce)
-            x = layer.pre_mlp_layernorm(h)
-            y = self._linear(layer.mlp.linear_fc1, x)
+            fc1 = layer.mlp.linear_fc1
+            y = self._norm_linear(layer.pre_mlp_layernorm, h, fc1.weight,
+                                  getattr(fc1, "bias", None))  # fmt: skip
             if self.gated:
                 a, b = y.chunk(2, dim=-1)
                 y = self.act(a) * b
@@ -202,7 +276,7 @@ class FastDecoder:
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer: [n, hidden] -> vocab-parallel logits [n, V_pad / tp]."""
-        return self._matmul(self.module.decoder.final_layernorm(last), self._output_weight())
+        return self._norm_linear(self.module.decoder.final_layernorm, last, self._output_weight())
 
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Positions [start, start + s) of rows [0, n); returns logits [n, V_pad / tp] of the last.
@@ -231,7 +305,7 @@ class FastDecoder:
             ).transpose(1, 2)  # fmt: skip
 
         h = self._embed(tokens).to(self.dtype)  # [n, s, hidden]
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [s, 1, d]
+        cos, sin = self.cos[start:end, None, :], self.sin_signed[start:end, None, :]  # [s, 1, d]
         return self._logits(self._layers(h, cos, sin, attend)[:, -1])
 
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor,
@@ -260,7 +334,7 @@ class FastDecoder:
 
         h = self._embed(tokens[:, None]).to(self.dtype)  # [n, 1, hidden]
         cos = self.cos[positions][:, None, None, :]  # [n, 1, 1, d]
-        sin = self.sin[positions][:, None, None, :]
+        sin = self.sin_signed[positions][:, None, None, :]
         return self._logits(self._layers(h, cos, sin, attend)[:, 0])
 
     def prefill_rows(self, tokens: torch.Tensor, lens: torch.Tensor,
@@ -285,7 +359,7 @@ class FastDecoder:
             ).transpose(1, 2)
 
         h = self._embed(tokens).to(self.dtype)  # [m, s, hidden]
-        cos, sin = self.cos[:s, None, :], self.sin[:s, None, :]
+        cos, sin = self.cos[:s, None, :], self.sin_signed[:s, None, :]
         h = self._layers(h, cos, sin, attend)
         return self._logits(h[torch.arange(m, device=h.device), lens - 1])
 
