@@ -188,9 +188,15 @@ class FastDecoder:
         if entry is None or entry[0] is not norm or entry[2] is not weight:
             out = self._matmul(norm(x), weight)
         else:
-            scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + entry[1])
-            out = torch.matmul(x * scale.to(x.dtype), entry[3])  # scale the narrower side
+            out = torch.matmul(x * self._rms_scale(x, entry[1]), entry[3])  # x: the narrower
         return out if bias is None else out + bias
+
+    @staticmethod
+    def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+        """rsqrt(mean(x^2, -1) + eps) [..., 1], computed in fp32, in x's dtype."""
+        xf = x if x.dtype == torch.float32 else x.float()
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        return scale if x.dtype == torch.float32 else scale.to(x.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin, with sin the signed table (``sin_signed``)."""
@@ -250,8 +256,7 @@ class FastDecoder:
             if fused is not None or (attn.q_layernorm is None and attn.k_layernorm is None):
                 if fused is not None:
                     eps, gains = fused
-                    ms = qk.float().pow(2).mean(-1, keepdim=True)
-                    qk = qk * torch.rsqrt(ms + eps).to(qk.dtype) * gains
+                    qk = torch.mul(qk, self._rms_scale(qk, eps)).mul_(gains)
                 qk = self._rope(qk, cos_g, sin_g)
                 q, k = qk[..., :r, :].reshape(n, s, self.heads, self.d), qk[..., r, :]
             else:  # QK norms this forward does not fuse: their modules, then RoPE each

@@ -174,6 +174,10 @@ class VocabParallelSampler:
         else:  # a shard of padding only: no mass, never the best
             packet = torch.zeros(n, 6, dtype=torch.float64, device=logits.device)
             packet[:, 0] = packet[:, 3] = _NEG_INF
+        if self.tp == 1:  # nothing to merge: the shard is the vocabulary
+            log_z = packet[:, 1].log()
+            lse, entropy = packet[:, 0] + log_z, log_z - packet[:, 2] / packet[:, 1]
+            return packet[:, 4].long(), (packet[:, 5] - lse).float(), entropy.float()
         g = self._gather(packet)  # [tp, n, 6]
         lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
         win = g[..., 3].argmax(0, keepdim=True)  # the first maximum: the lowest global id
