@@ -8,13 +8,23 @@ Sections (``--sections``, default all), each printed as a table:
 - ``weights``: whole ``generate`` calls (``bench_rollout.py``'s model and uniform workload: batch
   32, 16-token prompts, 128 new tokens, 4 x 256, vocabulary 4096) with FastDecoder's [in, out]
   weight copies and without them (copies dropped after construction), calls alternating in one
-  process so that the machine's drift hits both; best call of ``--reps`` after one warm-up each,
-  and whether the two produced the same tokens.
+  process so that the machine's drift hits both; process CPU time, best call of ``--reps`` after
+  one warm-up each, the median of the paired ratios, and whether the two gave the same tokens.
+- ``norms``: the same A/B with FastDecoder's fused norms (RMSNorm gains folded into the weight
+  copies, the QK RMSNorms and RoPE of a group's queries and key in one pass) against the norm
+  modules (the QK norms per tensor, RoPE of queries and keys separately).
 - ``attention``: a decode step's attention (r = 2 query heads per group against cache lengths 20,
   80, 144) through SDPA's CPU kernel against two matmuls and a softmax.
 
+- ``sampler``: the plain (temperature-only) sampling kernel at [``--batch``, ``--vocab``]: the
+  shipped per-column Gumbel-max (compiled as in rollouts, and eager) against a prototype two-level
+  draw (Gumbel-max over blocks of columns, then inverse CDF inside the winner: far fewer random
+  numbers), with each one's token frequencies against softmax over 20k draws of one row (max
+  z-score over 256 columns; ~3-4 is what chance gives). The prototype is exact but its tokens are
+  the same at every TP size only when every shard width is a multiple of the block.
+
     python benchmarks/bench_decode_ab.py
-    python benchmarks/bench_decode_ab.py --sections weights --reps 8
+    python benchmarks/bench_decode_ab.py --sections weights norms --reps 8
 """
 
 from __future__ import annotations
@@ -52,7 +62,13 @@ def gemm(args):
         print(f"| [{out_f}, {in_f}] | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
 
 
-def weights(args):
+def _generate_ab(args, title, names, patch):
+    """Whole ``generate`` calls (``bench_rollout.py``'s model and uniform workload), A and B
+    alternating in one process; ``patch(decoder, on)`` runs after each FastDecoder is built.
+    Prints the best call of each, every call, the median of the paired B / A ratios and
+    whether both gave the same tokens."""
+    import statistics
+
     import bench_rollout as B  # benchmarks/ is on sys.path when run as a script
 
     from megatron_eaopd.rollout import SamplingParams, generate
@@ -64,16 +80,16 @@ def weights(args):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    B._init(0, 1, port)
+    if not torch.distributed.is_initialized():
+        B._init(0, 1, port)
     model, _ = B._model(ns, 1)
     prompts = B._prompts(ns, ns.vocab)
-    use = {"copies": True}
+    use = {"on": True}
     init = FD.FastDecoder.__init__
 
     def patched(self, *a, **k):
         init(self, *a, **k)
-        if not use["copies"]:
-            self.transposed = {}
+        patch(self, use["on"])
 
     FD.FastDecoder.__init__ = patched
 
@@ -83,23 +99,47 @@ def weights(args):
                         generator=torch.Generator().manual_seed(1), compact_frac=0.25)  # fmt: skip
 
     times, tokens = {True: [], False: []}, {}
-    for i in range(args.reps + 1):
-        for on in (True, False):
-            use["copies"] = on
-            t = time.perf_counter()
-            out = run()
-            if i:  # the first round is a warm-up (and the sampler's compile)
-                times[on].append(time.perf_counter() - t)
-            tokens[on] = out.tokens
-    FD.FastDecoder.__init__ = init
+    try:
+        for i in range(args.reps + 1):
+            for on in (True, False):
+                use["on"] = on
+                t = time.process_time()
+                out = run()
+                if i:  # the first round is a warm-up (and the sampler's compile)
+                    times[on].append(time.process_time() - t)
+                tokens[on] = out.tokens
+    finally:
+        FD.FastDecoder.__init__ = init
     a, b = min(times[True]), min(times[False])
-    print(f"\n### generate with and without the [in, out] weight copies (best of {args.reps})\n")
+    paired = statistics.median(x / y for x, y in zip(times[True], times[False]))
+    print(f"\n### {title} (CPU s per generate call, best of {args.reps})\n")
     print("| decoder | best call (s) | all calls (s) |")
     print("|---|---|---|")
-    for on, name in ((True, "with copies"), (False, "F.linear on the parameters")):
+    for on, name in ((True, names[0]), (False, names[1])):
         print(f"| {name} | {min(times[on]):.3f} | {' '.join(f'{x:.2f}' for x in times[on])} |")
     same = torch.equal(tokens[True], tokens[False])
-    print(f"\nwith / without: {a / b:.3f}x; identical tokens: {same}")
+    print(
+        f"\nbest / best: {a / b:.3f}x; median of paired calls: {paired:.3f}x; "
+        f"identical tokens: {same}"
+    )
+
+
+def weights(args):
+    def patch(dec, on):
+        if not on:  # F.linear on the parameters; the norm folding needs the copies too
+            dec.transposed, dec.folded = {}, {}
+
+    _generate_ab(args, "generate with and without the [in, out] weight copies",
+                 ("with copies", "F.linear on the parameters"), patch)  # fmt: skip
+
+
+def norms(args):
+    def patch(dec, on):
+        if not on:  # the norm modules, then RoPE of queries and keys separately
+            dec.folded, dec.qk_norm = {}, [None] * len(dec.qk_norm)
+
+    names = ("RMSNorm gains folded, QK norms + RoPE fused", "norm modules")
+    _generate_ab(args, "generate with and without the fused norms", names, patch)
 
 
 def attention(args):
@@ -124,10 +164,63 @@ def attention(args):
               f"{diff:.1e} |")  # fmt: skip
 
 
+def _blocked_draw(x, rkeys, block):
+    """Prototype (not used by the package): an exact two-level draw from softmax(x) [n, w]. The
+    columns are cut into blocks of ``block``; a block wins a Gumbel-max over its log-mass
+    (counter-based noise per (row, block): w / block random numbers per row instead of w), then
+    one uniform per row picks the column inside the winning block by inverse CDF. Returns the
+    columns [n]."""
+    from megatron_eaopd.rollout.sampling import _mix32, column_keys, gumbel_noise
+
+    n, w = x.shape
+    y = x.view(n, w // block, block)
+    top = y.amax(-1, keepdim=True)
+    e = torch.exp(y - top)
+    score = top.squeeze(-1).double() + e.sum(-1).double().log()
+    best = (score + gumbel_noise(rkeys, column_keys(0, w // block))).argmax(-1)
+    cdf = e[torch.arange(n), best].double().cumsum(-1)
+    h = _mix32(rkeys ^ 0x5BD1E995)  # a second, independent uniform per row
+    u = (h.double() + 0.5) / 4294967296.0
+    inner = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return best * block + inner.clamp_(max=block - 1)
+
+
+def sampler(args):
+    from megatron_eaopd.rollout.sampling import column_keys, row_keys
+    from megatron_eaopd.rollout.vocab_parallel import _plain_local, _plain_local_eager
+
+    n, w = args.batch, args.vocab
+    x = torch.randn(n, w) * 2
+    rk, ck = row_keys(7, torch.arange(n)), column_keys(0, w)
+    print(f"\n### plain sampling kernel, [{n}, {w}] (us per call, best)\n")
+    print("| kernel | us per call | frequencies vs softmax (max z over columns, 20k draws) |")
+    print("|---|---|---|")
+    draws, row = 20000, torch.randn(1, 256) * 2
+    probs = torch.softmax(row.double(), -1)[0]
+
+    def zmax(cols):
+        freq = torch.bincount(cols, minlength=256).double() / draws
+        return float(((freq - probs).abs() / (probs * (1 - probs) / draws).sqrt()).max())
+
+    many = row.expand(draws, 256).contiguous()
+    rows_k = row_keys(11, torch.arange(draws))
+    current = _plain_local_eager(many, rows_k, column_keys(0, 256), 1.0, 1.0)[:, 4].long()
+    variants = [("per-column Gumbel, as shipped (compiled when enabled)",
+                 lambda: _plain_local(x, rk, ck, 1.0, 1.0), zmax(current)),
+                ("per-column Gumbel, eager", lambda: _plain_local_eager(x, rk, ck, 1.0, 1.0),
+                 zmax(current))]  # fmt: skip
+    for block in (8, 16, 64):
+        z = zmax(_blocked_draw(many, rows_k, block))
+        variants.append((f"prototype: blocks of {block}", lambda b=block: _blocked_draw(x, rk, b),
+                         z))  # fmt: skip
+    for name, fn, z in variants:
+        print(f"| {name} | {_per_call_us(fn, n=100):.0f} | {z:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", nargs="+", default=["gemm", "weights", "attention"],
-                   choices=["gemm", "weights", "attention"])  # fmt: skip
+    names = ["gemm", "weights", "norms", "attention", "sampler"]
+    p.add_argument("--sections", nargs="+", default=names, choices=names)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=4096)
