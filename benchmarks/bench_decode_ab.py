@@ -17,11 +17,11 @@ Sections (``--sections``, default all), each printed as a table:
   80, 144) through SDPA's CPU kernel against two matmuls and a softmax.
 
 - ``sampler``: the plain (temperature-only) sampling kernel at [``--batch``, ``--vocab``]: the
-  shipped per-column Gumbel-max (compiled as in rollouts, and eager) against a prototype two-level
-  draw (Gumbel-max over blocks of columns, then inverse CDF inside the winner: far fewer random
-  numbers), with each one's token frequencies against softmax over 20k draws of one row (max
-  z-score over 256 columns; ~3-4 is what chance gives). The prototype is exact but its tokens are
-  the same at every TP size only when every shard width is a multiple of the block.
+  per-column Gumbel-max (used where a shard width is not a multiple of 64; compiled as in
+  rollouts, and eager) against the two-level draw (``sampling.blocked_draw``: Gumbel-max over
+  blocks of columns, then inverse CDF inside the winner; shipped with blocks of 64), with each
+  one's token frequencies against softmax over 20k draws of one row (max z-score over 256
+  columns; 2.5-4.5 is what chance gives for the max of 256).
 
     python benchmarks/bench_decode_ab.py
     python benchmarks/bench_decode_ab.py --sections weights norms --reps 8
@@ -165,24 +165,11 @@ def attention(args):
 
 
 def _blocked_draw(x, rkeys, block):
-    """Prototype (not used by the package): an exact two-level draw from softmax(x) [n, w]. The
-    columns are cut into blocks of ``block``; a block wins a Gumbel-max over its log-mass
-    (counter-based noise per (row, block): w / block random numbers per row instead of w), then
-    one uniform per row picks the column inside the winning block by inverse CDF. Returns the
-    columns [n]."""
-    from megatron_eaopd.rollout.sampling import _mix32, column_keys, gumbel_noise
+    """The shipped two-level draw (``sampling.blocked_draw``) over blocks of ``block`` columns of
+    x [n, w]; the columns [n]."""
+    from megatron_eaopd.rollout.sampling import block_view, blocked_draw
 
-    n, w = x.shape
-    y = x.view(n, w // block, block)
-    top = y.amax(-1, keepdim=True)
-    e = torch.exp(y - top)
-    score = top.squeeze(-1).double() + e.sum(-1).double().log()
-    best = (score + gumbel_noise(rkeys, column_keys(0, w // block))).argmax(-1)
-    cdf = e[torch.arange(n), best].double().cumsum(-1)
-    h = _mix32(rkeys ^ 0x5BD1E995)  # a second, independent uniform per row
-    u = (h.double() + 0.5) / 4294967296.0
-    inner = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    return best * block + inner.clamp_(max=block - 1)
+    return blocked_draw(block_view(x, block), rkeys, 0)[1]
 
 
 def sampler(args):
@@ -190,6 +177,7 @@ def sampler(args):
     from megatron_eaopd.rollout.vocab_parallel import _plain_local, _plain_local_eager
 
     n, w = args.batch, args.vocab
+    torch.manual_seed(0)
     x = torch.randn(n, w) * 2
     rk, ck = row_keys(7, torch.arange(n)), column_keys(0, w)
     print(f"\n### plain sampling kernel, [{n}, {w}] (us per call, best)\n")
@@ -205,14 +193,14 @@ def sampler(args):
     many = row.expand(draws, 256).contiguous()
     rows_k = row_keys(11, torch.arange(draws))
     current = _plain_local_eager(many, rows_k, column_keys(0, 256), 1.0, 1.0)[:, 4].long()
-    variants = [("per-column Gumbel, as shipped (compiled when enabled)",
+    variants = [("per-column Gumbel (widths not multiples of 64; compiled when enabled)",
                  lambda: _plain_local(x, rk, ck, 1.0, 1.0), zmax(current)),
                 ("per-column Gumbel, eager", lambda: _plain_local_eager(x, rk, ck, 1.0, 1.0),
                  zmax(current))]  # fmt: skip
     for block in (8, 16, 64):
         z = zmax(_blocked_draw(many, rows_k, block))
-        variants.append((f"prototype: blocks of {block}", lambda b=block: _blocked_draw(x, rk, b),
-                         z))  # fmt: skip
+        name = f"two-level, blocks of {block}" + (" (shipped)" if block == 64 else "")
+        variants.append((name, lambda b=block: _blocked_draw(x, rk, b), z))
     for name, fn, z in variants:
         print(f"| {name} | {_per_call_us(fn, n=100):.0f} | {z:.2f} |")
 

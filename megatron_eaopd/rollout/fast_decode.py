@@ -3,8 +3,8 @@
 megatron-core's static-batching decode path re-applies RoPE to the whole cached key and expands
 the grouped KV heads (``repeat_interleave``) of the whole cache in every layer at every step, and
 runs many Python layers per op. This module runs the same math on the model's own parameters and
-norm modules: per layer, RMSNorm/LayerNorm module -> QKV (column-parallel shard) -> per-head QK
-norm modules -> RoPE of the NEW positions only (tables from the model's ``rotary_pos_emb``) ->
+norm modules: per layer, the input norm -> QKV (column-parallel shard) -> QK norms -> RoPE of the
+NEW positions only (tables from the model's ``rotary_pos_emb``) ->
 keys and values written into a cache [b, groups / tp, S, d] -> ``scaled_dot_product_attention``
 (a decode step attends each group's r query heads to that group's keys as an [r, d] query block,
 so the grouped cache is never expanded) -> output projection (row-parallel shard, TP
@@ -32,11 +32,14 @@ The copies cost one weight's memory more for the rollout; on GPU the parameters 
 are. The product may sum in another order: results agree to rounding, not necessarily bitwise.
 
 Per-op overhead dominates a decode step at rollout batch sizes (each op touches a few thousand
-values), so the common layouts take fewer ops: a torch RMSNorm's gain is folded into the next
-linear's CPU copy (the norm becomes a mean of squares and one scale, ``_fold``); the r query heads
-and the key of a group are QK-RMSNormed and rotated in one pass over the QKV output (Qwen3's
-layout, ``_qk_gains``); RoPE is ``x * cos + roll(x, d / 2) * signed sin`` (one ``addcmul``).
-Other norms (LayerNorm, QK norms with different eps) run as their modules. Measured: 7-9% less
+values), so the common layouts take fewer ops. With fp32 parameters: a torch RMSNorm's gain is
+folded into the next linear's CPU copy (the norm becomes a mean of squares and one scale,
+``_fold``; CPU only, as the copies), and the r query heads and the key of a group are
+QK-RMSNormed and rotated in one pass over the QKV output (Qwen3's layout, ``_qk_gains``). RoPE is
+``x * cos + roll(x, d / 2) * signed sin`` (one ``addcmul``) everywhere. Other norms (LayerNorm,
+RMSNorm without a gain, QK norms with different eps) and other dtypes (bf16 / fp16: torch's norm
+rounds once, after its fp32 math; a folded gain or a separate scale would round twice and fail
+the first-step check more often) run the norm modules. Measured: 7-9% less
 time per ``generate`` call (median of 19 interleaved pairs, identical tokens; docs/trainer.md).
 """
 
@@ -150,13 +153,14 @@ class FastDecoder:
 
     @staticmethod
     def _rms_eps(norm, size: int, dtype) -> float | None:
-        """The eps of a torch RMSNorm over the last ``size`` features with a gain (None: another
-        norm, which runs as its module)."""
-        if type(norm) is not torch.nn.RMSNorm or norm.weight is None:
+        """The eps of a torch RMSNorm over the last ``size`` features with a gain, for fp32
+        parameters (None: another norm or dtype, which runs as its module). eps None is
+        torch's default for fp32 input, ``finfo(float32).eps``."""
+        if dtype != torch.float32 or type(norm) is not torch.nn.RMSNorm or norm.weight is None:
             return None
         if tuple(norm.normalized_shape) != (size,):
             return None
-        return torch.finfo(dtype).eps if norm.eps is None else float(norm.eps)
+        return torch.finfo(torch.float32).eps if norm.eps is None else float(norm.eps)
 
     def _fold(self, norm, weight: torch.Tensor) -> None:
         """CPU: fold a torch RMSNorm's gain g into the [in, out] copy of the next linear's
@@ -193,10 +197,8 @@ class FastDecoder:
 
     @staticmethod
     def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-        """rsqrt(mean(x^2, -1) + eps) [..., 1], computed in fp32, in x's dtype."""
-        xf = x if x.dtype == torch.float32 else x.float()
-        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
-        return scale if x.dtype == torch.float32 else scale.to(x.dtype)
+        """rsqrt(mean(x^2, -1) + eps) [..., 1] of fp32 x (the fused paths are fp32 only)."""
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin, with sin the signed table (``sin_signed``)."""
@@ -237,12 +239,13 @@ class FastDecoder:
         return out if bias is None else out + bias
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend):
-        """Every layer on hidden states h [n, s, hidden]; cos / sin (``sin_signed``) broadcast
-        against [n, s, heads, d]. ``attend(i, q, k, v)`` gets layer i's rotated queries
-        [n, s, heads, d], keys and values [n, s, groups, d], writes the cache, returns the
-        context [n, s, heads, d] (or any shape of that size). The r query heads and the key of
-        a group are normalised (fused QK RMSNorm) and rotated in one pass where ``qk_norm``
-        allows. Collectives: 2 TP all-reduces of [n, s, h] per layer."""
+        """Every layer on hidden states h [n, s, hidden]; cos / sin (``sin_signed``) [..., d]
+        broadcast against [n, s, heads, d] (and, unsqueezed at -2, [n, s, groups, r + 1, d]).
+        ``attend(i, q, k, v)`` gets layer i's rotated queries [n, s, heads, d], keys and values
+        [n, s, groups, d], writes the cache, returns the context [n, s, heads, d] (or any shape
+        of that size). The r query heads and the key of a group are normalised (fused QK
+        RMSNorm) and rotated in one pass where ``qk_norm`` allows. Collectives: 2 TP
+        all-reduces of [n, s, h] per layer."""
         n, s = h.shape[:2]
         r = self.heads // self.groups
         cos_g, sin_g = cos.unsqueeze(-2), sin.unsqueeze(-2)  # against [n, s, groups, r + 1, d]

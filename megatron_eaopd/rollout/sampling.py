@@ -9,7 +9,9 @@ Two draws, both pure functions of the logits and of random numbers taken from an
   so a vocabulary shard computes the noise of its own columns without communication and the draw
   does not depend on the TP size or on which rows are still in the decode batch. The uniform has
   32 bits (``(h + 0.5) / 2**32``), so the Gumbel values are capped at ~22.9; the total-variation
-  error this introduces is below V * 2**-33 (1.8e-5 at V = 151,936).
+  error this introduces is below V * 2**-33 (1.8e-5 at V = 151,936). Where shards are whole
+  blocks of ``PLAIN_BLOCK`` columns, ``blocked_draw`` draws the same distribution from one noise
+  value per (row, block) and one uniform per row (see ``vocab_parallel``).
 - Filtered sampling (top-k and/or top-p < 1): the kept set is a prefix of the vocabulary sorted by
   (scaled logit descending, id ascending) - the most likely token always kept, positions >= k
   dropped, positions whose mass before them reaches top_p dropped, mass from the UNtruncated
@@ -28,13 +30,17 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "PLAIN_BLOCK",
     "PositionRandoms",
     "SamplingParams",
+    "block_view",
+    "blocked_draw",
     "column_keys",
     "filter_logits",
     "filtered_draw",
     "gather_vocab_logits",
     "gumbel_noise",
+    "plain_block",
     "row_keys",
     "sample_tokens",
     "step_randoms",
@@ -168,6 +174,63 @@ def gumbel_noise(rkeys: torch.Tensor, ckeys: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+PLAIN_BLOCK = 64
+_INNER_SALT = 0x5BD1E995
+
+
+def plain_block(width: int) -> int:
+    """Block size of the plain draw for a vocabulary (shard) of ``width`` padded columns:
+    ``PLAIN_BLOCK`` when it divides the width (every shard then starts on a block boundary),
+    else 1 (one Gumbel per column)."""
+    return PLAIN_BLOCK if width % PLAIN_BLOCK == 0 else 1
+
+
+def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int):
+    """Exact two-level draw from softmax over consecutive blocks of columns (no communication).
+
+    The blocks are global (block i of ``y`` is block ``first_block + i`` of the vocabulary).
+    Level 1: Gumbel-max over the blocks' log-masses, ``argmax_b (log sum_{v in b} e^{y_v} + g_b)``
+    with counter-based noise per (row, block): block b wins with probability Z_b / Z. Level 2:
+    one counter-based uniform per (row, winning block) picks the column inside it by inverse CDF:
+    probability e^{y_v} / Z_b. So column v is drawn with probability e^{y_v} / Z, from
+    ``w / B`` + 1 random numbers per row instead of w. The winner's score is comparable across
+    shards (Gumbel-max over all blocks = over the shards' winners).
+
+    Args:
+        y: [n, nb, B] fp32 scaled logits (x / T); columns outside the vocabulary -inf.
+        rkeys: [n] int64 row keys (``row_keys``).
+        first_block: global index of block 0.
+    Returns:
+        best [n] float64 (the winning block's score), col [n] int64 (the column in ``y``
+        flattened to [n, nb * B]), and the blocks' statistics [n, nb] fp32: max (0 for a block
+        without mass), sum exp(y - max), sum exp(y - max) (y - max).
+    """
+    n, nb, block = y.shape
+    top = y.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    d = (y - top).clamp_(min=-1e30)  # -inf columns: e = 0 and e * d = 0, not nan
+    e = torch.exp(d)
+    z = e.sum(-1)
+    a = torch.linalg.vecdot(e, d)
+    bkeys = column_keys(first_block, nb, y.device)
+    score = top[..., 0].double() + z.double().log() + gumbel_noise(rkeys, bkeys)
+    best, blk = score.max(-1)
+    cdf = e[torch.arange(n, device=y.device), blk].double().cumsum(-1)  # [n, B]
+    h = _mix32(_mix32(rkeys ^ _INNER_SALT) ^ bkeys[blk])
+    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)  # < 1: the target < the block's mass
+    inner = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return best, blk * block + inner.clamp_(max=block - 1), top[..., 0], z, a
+
+
+def block_view(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[n, w] -> [n, ceil(w / block), block], the last block padded with -inf."""
+    n, w = x.shape
+    nb = -(-w // block)
+    if nb * block != w:
+        x = torch.nn.functional.pad(x, (0, nb * block - w), value=float("-inf"))
+    return x.reshape(n, nb, block)
+
+
 # --------------------------------------------------------------------------- filtered draws
 
 
@@ -274,7 +337,7 @@ def gather_vocab_logits(logits: torch.Tensor, vocab_size: int, tp_group=None) ->
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, block: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row of full-vocabulary logits (the single-rank reference).
 
@@ -282,10 +345,13 @@ def sample_tokens(
         logits: [b, V] fp32 full-vocabulary logits (padding removed).
         params: temperature / top-k / top-p.
         generator: one step's random numbers are drawn (``step_randoms``); rows are 0..b-1.
+        block: plain sampling: 1, one Gumbel per column; B > 1, ``blocked_draw`` over blocks of
+            B columns (``VocabParallelSampler`` uses ``plain_block(shard width)``).
     Returns:
         (tokens [b] int64, logprobs [b] fp32 = log softmax(logits / T_lp)[token] of the untruncated
         distribution, entropy [b] fp32 of that same distribution, in nats).
-    No communication; the same draw as ``VocabParallelSampler`` at any TP size.
+    No communication; the same draw as ``VocabParallelSampler`` at any TP size whose
+    ``plain_block`` is ``block``.
     """
     b = logits.shape[0]
     key, u = step_randoms(generator, b, params.filtered)
@@ -297,6 +363,10 @@ def sample_tokens(
         choice, _ = filtered_draw(sorted_logits, known, lse_t, 1.0 / params.temperature,
                                   params.top_k, params.top_p, u, complete=True)  # fmt: skip
         tokens = order.gather(-1, choice[:, None]).squeeze(-1)
+    elif block > 1:
+        rkeys = row_keys(key, torch.arange(b, device=logits.device))
+        y = block_view(logits.float() * (1.0 / params.temperature), block)
+        tokens = blocked_draw(y, rkeys, 0)[1]
     else:
         rows = torch.arange(b, device=logits.device)
         noise = gumbel_noise(row_keys(key, rows), column_keys(0, x.shape[-1], logits.device))

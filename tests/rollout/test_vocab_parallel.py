@@ -10,13 +10,18 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.rollout import SamplingParams
-from megatron_eaopd.rollout.sampling import filter_logits, sample_tokens
+from megatron_eaopd.rollout.sampling import filter_logits, plain_block, sample_tokens
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 from tests.dist import run_distributed
 
 ROWS = 4000  # draws per setting (one step of ROWS identical rows)
+# (vocab, padded vocab): shard widths not multiples of 64 (one Gumbel per column) and multiples
+# of 64 at TP 1, 2 and 4 (the blocked two-level draw)
+CASES = ((50, 56), (500, 504), (470, 512))
 SETTINGS = {
     "plain": (SamplingParams(temperature=0.8, logprob_temperature=1.0), 64),
+    # log-probs at the sampling temperature: the blocked draw's statistics come from its blocks
+    "plain, lp at T": (SamplingParams(temperature=0.9), 64),
     "top-k": (SamplingParams(temperature=1.0, top_k=7), 64),
     "top-p": (SamplingParams(temperature=1.0, top_p=0.7), 64),
     "top-k+p": (SamplingParams(temperature=0.7, top_k=12, top_p=0.9, logprob_temperature=1.0), 64),
@@ -78,7 +83,7 @@ def _worker(rank, world):
     dist.all_gather = count_list
     result = {}
     try:
-        for vocab, v_pad in ((50, 56), (500, 504)):
+        for vocab, v_pad in CASES:
             full = _logits(vocab, v_pad)
             for name, (params, cands) in SETTINGS.items():
                 for tp in (1, 2, 4):
@@ -109,13 +114,20 @@ def _reference(full, vocab, params):
 def test_vocab_parallel_sampling_tp_1_2_4():
     results = run_distributed(_worker, 4, timeout=300)
     p_values = {}
-    for vocab, v_pad in ((50, 56), (500, 504)):
+    for vocab, v_pad in CASES:
         full = _logits(vocab, v_pad)
+        # plain sampling: one Gumbel per column where a shard width is not a multiple of 64,
+        # else the blocked draw; the same block at every TP size of a case (checked)
+        block = {plain_block(v_pad // tp) for tp in (1, 2, 4)}
+        assert len(block) == 1
+        block = block.pop()
+        assert block == (64 if v_pad == 512 else 1)
         for name, (params, _) in SETTINGS.items():
             probs, logp, entropy = _reference(full, vocab, params)
             # the single-rank reference sampler, same generator seed
             gen = torch.Generator().manual_seed(123)
-            ref_tokens, _, _ = sample_tokens(full[:, :vocab].expand(ROWS, vocab), params, gen)
+            ref_tokens, _, _ = sample_tokens(full[:, :vocab].expand(ROWS, vocab), params, gen,
+                                             block=block)  # fmt: skip
             for tp in (1, 2, 4):
                 for rank in range(4):
                     r = results[rank][(vocab, name, tp)]
@@ -139,7 +151,7 @@ def test_vocab_parallel_sampling_tp_1_2_4():
     # communication per token: [tp, 6] for plain sampling, [tp, 6 + 2 (c + 1)] with top-k / top-p
     # (c = top_k or the candidate count, capped by the shard width): no term grows with the
     # vocabulary; only a fallback step gathers it. Nothing at TP 1.
-    for vocab, v_pad in ((50, 56), (500, 504)):
+    for vocab, v_pad in CASES:
         for name, (params, cands) in SETTINGS.items():
             for tp in (1, 2, 4):
                 got = results[0][(vocab, name, tp)]["elements"]
@@ -148,8 +160,8 @@ def test_vocab_parallel_sampling_tp_1_2_4():
                 if name == "top-p fallback" and tp > 1:
                     want += v_pad  # one gather of the full [ROWS, v_pad] logits
                 assert got == want, (vocab, name, tp, got, want)
-    plain = [results[0][(v, "plain", 2)]["elements"] for v in (50, 500)]
-    assert plain == [12, 12]
+    plain = [results[0][(v, "plain", 2)]["elements"] for v, _ in CASES]
+    assert plain == [12, 12, 12]
 
 
 @pytest.mark.slow
