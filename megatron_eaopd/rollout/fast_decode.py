@@ -1,4 +1,4 @@
-"""A lean KV-cache forward of megatron-core's local-spec GPTModel for rollouts (PP 1, any TP).
+"""A lean KV-cache forward of megatron-core's local-spec GPTModel for rollouts (any TP and PP).
 
 megatron-core's static-batching decode path re-applies RoPE to the whole cached key and expands
 the grouped KV heads (``repeat_interleave``) of the whole cache in every layer at every step, and
@@ -12,8 +12,14 @@ all-reduce) -> MLP (GLU or not, the config's activation; row-parallel fc2, TP al
 last position's final norm and the output layer give vocab-parallel logits [b, V_pad / tp], never
 gathered.
 
+Under pipeline parallelism (one model chunk per rank) each stage runs its own layers on hidden
+states received from the previous stage and sends its output on (p2p, [n, s, h]); the first stage
+embeds, the last gives the logits. ``forward`` does this; the per-row ``decode_rows`` /
+``prefill_rows`` of continuous batching are PP 1 only.
+
 ``FastDecoder.unsupported(module)`` names the first feature this forward does not reproduce
-(PP > 1, TE fused layers, MoE, sequence parallel, biases on skip-add paths we do not model...);
+(virtual PP, TE fused layers, MoE, sequence parallel, biases on skip-add paths we do not
+model...);
 the caller then keeps megatron's forward. ``generate`` also compares the first step's logits
 with megatron's forward of the same prefix and falls back (with a warning) on any mismatch.
 
@@ -69,10 +75,15 @@ class FastDecoder:
         from megatron.core import parallel_state as ps
 
         cfg = getattr(module, "config", None)
-        if cfg is None or not hasattr(module, "decoder") or not hasattr(module, "embedding"):
+        first = getattr(module, "pre_process", True)
+        if cfg is None or not hasattr(module, "decoder") or not hasattr(module, "rotary_pos_emb"):
             return "not a megatron GPTModel"
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            return "pipeline parallelism"
+        if first and not hasattr(module, "embedding"):
+            return "not a megatron GPTModel"
+        if ps.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
+            return "virtual pipeline parallelism"
+        if len(module.decoder.layers) == 0:
+            return "a pipeline stage without layers"
         if getattr(module, "position_embedding_type", None) != "rope":
             return "position embeddings other than RoPE"
         checks = {
@@ -105,21 +116,30 @@ class FastDecoder:
                     return f"layer {name} is {kind}"
             if type(layer.cross_attention).__name__ != "IdentityOp":
                 return "cross attention"
-        if module.decoder.final_layernorm is None:
+        if getattr(module, "post_process", True) and module.decoder.final_layernorm is None:
             return "no final layernorm"
         return None
 
     def __init__(self, module, batch: int, total: int, tp_group=None):
+        from megatron.core import parallel_state as ps
+
         self.module = module
         self.cfg = cfg = module.config
         self.group = tp_group
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        # pipeline stage: the first embeds, the last gives logits, the others receive and send
+        # hidden states [n, s, h] (p2p with the neighbouring stages' FastDecoders)
+        self.first = getattr(module, "pre_process", True)
+        self.last = getattr(module, "post_process", True)
+        if not (self.first and self.last):
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
         attn = module.decoder.layers[0].self_attention
         self.d = attn.hidden_size_per_attention_head
         self.heads = attn.num_attention_heads_per_partition
         self.groups = attn.num_query_groups_per_partition
         self.scale = 1.0 / math.sqrt(self.d)
-        weight = module.embedding.word_embeddings.weight
+        weight = attn.linear_qkv.weight
         self.dtype, device = weight.dtype, weight.device
         emb = module.rotary_pos_emb(total)  # [total, 1, 1, d]
         emb = emb.reshape(total, -1).to(device)
@@ -142,9 +162,10 @@ class FastDecoder:
                     self.transposed[id(w)] = (w, w.detach().t().contiguous())
                 self._fold(layer.input_layernorm, attn.linear_qkv.weight)
                 self._fold(layer.pre_mlp_layernorm, mlp.linear_fc1.weight)
-            out = self._output_weight()
-            self.transposed[id(out)] = (out, out.detach().t().contiguous())
-            self._fold(module.decoder.final_layernorm, out)
+            if self.last:
+                out = self._output_weight()
+                self.transposed[id(out)] = (out, out.detach().t().contiguous())
+                self._fold(module.decoder.final_layernorm, out)
         self.sign = torch.ones(self.d, dtype=self.dtype, device=device)
         self.sign[: self.d // 2] = -1.0
         self.sin_signed = self.sin * self.sign  # rotate_half(x) * sin == roll(x, d / 2) * this
@@ -287,11 +308,13 @@ class FastDecoder:
         return self._norm_linear(self.module.decoder.final_layernorm, last, self._output_weight())
 
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Positions [start, start + s) of rows [0, n); returns logits [n, V_pad / tp] of the last.
+        """Positions [start, start + s) of rows [0, n); returns logits [n, V_pad / tp] of the last
+        (on the last pipeline stage; None on the others).
 
-        tokens: [n, s] int64 (s > 1 only for the prefill at start 0). Writes the keys and values
-        of these positions into the cache. Collectives: 1 + 2 * layers TP all-reduces of
-        [n, s, h] (none at TP 1).
+        tokens: [n, s] int64 (s > 1 only for the prefill at start 0; every stage passes them).
+        Writes the keys and values of these positions into this stage's layers' cache.
+        Collectives: 1 (first stage) + 2 * layers TP all-reduces of [n, s, h] (none at TP 1);
+        under PP 1 p2p recv (not the first stage) and 1 send (not the last) of [n, s, h].
         """
         n, s = tokens.shape
         end = start + s
@@ -312,9 +335,26 @@ class FastDecoder:
                 enable_gqa=r > 1,
             ).transpose(1, 2)  # fmt: skip
 
-        h = self._embed(tokens).to(self.dtype)  # [n, s, hidden]
         cos, sin = self.cos[start:end, None, :], self.sin_signed[start:end, None, :]  # [s, 1, d]
-        return self._logits(self._layers(h, cos, sin, attend)[:, -1])
+        h = self._layers(self._stage_input(tokens), cos, sin, attend)
+        if not self.last:
+            dist.send(h.contiguous(), dst=self.next_rank)
+            return None
+        return self._logits(h[:, -1])
+
+    def _single_stage(self, what: str) -> None:
+        if not (self.first and self.last):
+            raise RuntimeError(f"FastDecoder.{what} is PP 1 only (continuous batching)")
+
+    def _stage_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states [n, s, hidden] entering this stage: the embeddings of tokens [n, s]
+        (first stage) or the previous stage's output (1 p2p recv)."""
+        if self.first:
+            return self._embed(tokens).to(self.dtype)
+        n, s = tokens.shape
+        h = torch.empty(n, s, self.cfg.hidden_size, dtype=self.dtype, device=self.k.device)
+        dist.recv(h, src=self.prev_rank)
+        return h
 
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor,
                     end: int | None = None) -> torch.Tensor:  # fmt: skip
@@ -326,6 +366,7 @@ class FastDecoder:
         sync; None: read from ``positions``). Returns logits [n, V_pad / tp] predicting
         position + 1. Collectives: 1 + 2 * layers TP all-reduces of [n, 1, h] (none at TP 1).
         """
+        self._single_stage("decode_rows")
         n = tokens.shape[0]
         end = int(positions.max()) + 1 if end is None else int(end)
         r = self.heads // self.groups
@@ -355,6 +396,7 @@ class FastDecoder:
         [m, V_pad / tp] predicting position len of each prompt.
         Collectives: 1 + 2 * layers TP all-reduces of [m, s, h] (none at TP 1).
         """
+        self._single_stage("prefill_rows")
         m, s = tokens.shape
         r = self.heads // self.groups
 

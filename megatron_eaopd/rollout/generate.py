@@ -14,7 +14,9 @@ the log-probs kept for the PPO ratio are those a fresh forward of the finished s
 Under TP the logits stay vocab-parallel: ``VocabParallelSampler`` draws the token, its log-prob
 and the entropy with one small all-gather per step ([b, 6] float64 for plain sampling, whatever the
 vocabulary; see ``vocab_parallel``), and every rank merges the gathered packet identically, so the
-ranks cannot diverge and no broadcast is needed. The draw is the same at every TP size.
+ranks cannot diverge and no broadcast is needed. The draw is the same at every TP size (plain
+sampling: at every TP size whose shard width is, or at every one whose width is not, a multiple of
+64; see ``vocab_parallel``).
 
 Finished sequences stop costing compute: when a quarter of the decode batch (``compact_frac``)
 has finished, their rows are dropped from the decode batch and from every layer's KV cache (one
@@ -270,7 +272,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     randoms = PositionRandoms(generator, len(prompts), params.filtered,
                               min(len(p) for p in prompts))  # fmt: skip
     step = max_batch or len(prompts)
-    refill = (continuous and step < len(prompts) and use_kv_cache and fast_decode
+    refill = (continuous and step < len(prompts) and use_kv_cache and fast_decode and pp == 1
               and FastDecoder.unsupported(module) is None)  # fmt: skip
     try:
         out = []
@@ -426,8 +428,13 @@ class _Decoder:
         megatron's forward of the same prefix, and a mismatch switches to megatron's path."""
         logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
         if self.cached == 0:
-            reference = self._stage(0, t)[:, -1, :]
-            if not logits_match(logits, reference, self.tp_group):  # agreed across TP ranks
+            reference = self._stage(0, t)  # None off the last stage
+            ok = logits_match(logits, reference[:, -1, :], self.tp_group) if self.last else True
+            if self.pp > 1:  # the last stage's verdict (agreed across its TP ranks) for all
+                flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+                dist.broadcast(flag, src=self.pp_last, group=self.pp_group)
+                ok = bool(flag.item() == 0.0)
+            if not ok:
                 warnings.warn("FastDecoder's logits differ from megatron's forward; rollouts "
                               "use megatron's forward", stacklevel=2)  # fmt: skip
                 self.fast = None

@@ -216,7 +216,8 @@ class VocabParallelSampler:
         best, col, top, z, a = blocked_draw(block_view(y, self.block), rkeys,
                                             self.shard.start // self.block)  # fmt: skip
         packet = torch.empty(n, 6, dtype=torch.float64, device=x.device)
-        if self.inv_lp == inv_t:
+        if self.inv_lp == inv_t:  # blocks without mass must not set the shift (max) of the merge
+            top = torch.where(z > 0, top, float("-inf"))
             lse, entropy = merge_single(top.t().double(), z.t().double(), a.t().double())
             live = torch.isfinite(lse)
             packet[:, 0] = lse
@@ -224,6 +225,7 @@ class VocabParallelSampler:
             packet[:, 2] = torch.where(live, -entropy, 0.0)
         else:
             packet[:, :3] = K.single_stats(x, x.shape[1], self.inv_lp)
+        col = col.clamp_(max=x.shape[1] - 1)  # a shard whose columns are all -inf: never wins
         packet[:, 3] = best
         packet[:, 4] = col
         packet[:, 5] = x.gather(1, col[:, None]).squeeze(1).double() * self.inv_lp

@@ -21,13 +21,15 @@ def _model(tp):
     """test_generate's model, untied, with the EOS row of the output layer scaled up."""
     from tests.rollout.test_generate import _model as base_model
 
-    model = base_model(tp, untied=True)
+    # the vocabulary padded to 64 per rank: plain sampling takes the blocked draw (per-row keys
+    # of PositionRandoms, refills) at TP 1 and 2
+    model = base_model(tp, untied=True, divisible=64)
     # skewed lengths: the EOS row of the output layer (vocab-parallel: the rank holding it)
     layer = model.output_layer
     start = layer.weight.shape[0] * _tp_rank()
     if start <= EOS < start + layer.weight.shape[0]:
         with torch.no_grad():
-            layer.weight[EOS - start] *= 2.5
+            layer.weight[EOS - start] *= 3.0
     return model
 
 

@@ -13,7 +13,7 @@ from tests.dist import run_distributed
 VOCAB, PAD = 16, 0
 
 
-def _model(tp, seed=7, pp=1, untied=False):
+def _model(tp, seed=7, pp=1, untied=False, divisible=8):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
@@ -21,7 +21,7 @@ def _model(tp, seed=7, pp=1, untied=False):
     cfg = ModelConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=40,
-        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=untied,
+        make_vocab_size_divisible_by=divisible, untie_embeddings_and_output_weights=untied,
     )  # fmt: skip
     (model,) = build_model(cfg)
     # a large init makes the distributions peaked enough that EOS and varied lengths happen
@@ -65,7 +65,7 @@ def _rollout_worker(rank, world, params_kw, pp=1):
         stats[name] = {}
         out[name] = generate(model, _prompts(), generator=gen, max_batch=4, stats=stats[name],
                              **v, **kw)  # fmt: skip
-    assert stats["fast"]["fast"] == (2 if pp == 1 else 0)  # both chunks, no fallback
+    assert stats["fast"]["fast"] == 2  # both chunks (every stage under PP), no fallback
     assert stats["megatron"]["fast"] == 0 and stats["megatron"]["compactions"] == 0
     assert stats["fast"]["compactions"] > 0
     assert stats["fast"]["decode_rows"] < stats["megatron"]["decode_rows"]
@@ -134,18 +134,55 @@ def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward():
 
 
 def _pp_worker(rank, world, pp):
-    return [_rollout_worker(rank, world, kw, pp=pp) for kw in PARAMS]
+    out = [_rollout_worker(rank, world, kw, pp=pp) for kw in PARAMS]
+    return out + [_pp_fallback(out[0]["tokens"], out[0]["eos"])]
+
+
+def _pp_fallback(expected, eos):
+    """FastDecoder's first logits made to differ from megatron's on the last stage only: every
+    stage must learn the last stage's verdict and fall back together (a stage continuing alone
+    would pair its p2p with the wrong ones and hang); the tokens are those of the fast path."""
+    import warnings
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.rollout import generate
+    from megatron_eaopd.rollout.fast_decode import FastDecoder
+
+    original = FastDecoder.forward
+
+    def wrong(self, *a, **k):
+        out = original(self, *a, **k)
+        return None if out is None else out + 1.0
+
+    FastDecoder.forward = wrong
+    try:
+        stats = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = generate(_model(ps.get_tensor_model_parallel_world_size(), pp=2), _prompts(),
+                           max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, eos_id=eos,
+                           params=SamplingParams(**PARAMS[0]), max_batch=4, stats=stats,
+                           generator=torch.Generator().manual_seed(11), compact_frac=0.01,
+                           continuous=False)  # fmt: skip
+    finally:
+        FastDecoder.forward = original
+    warned = any("differ from megatron" in str(w.message) for w in caught)
+    return warned and stats["fast"] == 0 and torch.equal(out.tokens, expected)
 
 
 def test_rollouts_under_pipeline_parallelism():
-    """PP 2: the last stage samples and broadcasts; every rank returns the same rollouts, the KV
-    cache equals recompute, and the log-probs equal a pipelined fresh forward; the same tokens as
-    the PP 1 model (layout-invariant init, same generator)."""
+    """PP 2: FastDecoder on every stage (hidden states by p2p), the last stage samples and
+    broadcasts; every rank returns the same rollouts, FastDecoder == megatron's KV cache ==
+    recompute, and the log-probs equal a pipelined fresh forward; the same tokens as the PP 1
+    model (layout-invariant init, same generator); a FastDecoder mismatch seen by the last stage
+    makes every stage fall back to megatron's forward together."""
     results = run_distributed(_pp_worker, 2, 2, timeout=300)
     reference = run_distributed(_all_params_worker, 1, timeout=300)[0]
     for i in range(len(PARAMS)):
         _check_rollouts([res[i] for res in results])
         assert torch.equal(results[0][i]["tokens"], reference[i]["tokens"])
+    assert all(res[-1] is True for res in results)  # the fallback: together, same tokens
 
 
 @pytest.mark.slow  # 33 s; TP 2 and PP 2 rollouts are each in the default run

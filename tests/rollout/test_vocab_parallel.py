@@ -178,3 +178,28 @@ def test_compiled_plain_kernel_equals_eager():
         got, want = compiled(*args), _plain_local_eager(*args)
         assert torch.equal(got[:, 4], want[:, 4])  # the same columns win
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # log rounding differs
+
+
+def test_blocked_draw_edge_cases():
+    """Blocks without mass (all -inf) next to very negative logits: finite log-probs and
+    entropies equal to float64 (the blocks' merge is shifted by live blocks only); a shard of
+    fewer than 64 valid columns, all -inf (the last shard at TP 4): no error, never the winner."""
+    import math
+
+    from megatron_eaopd.parallel.vocab import vocab_shard
+    from megatron_eaopd.rollout.sampling import row_keys
+
+    x = torch.full((2, 128), -1000.0)
+    x[:, :64] = -math.inf
+    x[1, 64:] = torch.linspace(-3.0, 2.0, 64)
+    sampler = VocabParallelSampler(SamplingParams(temperature=1.0), 128, 128)
+    assert sampler.block == 64
+    tokens, lp, ent = sampler.sample(x, torch.arange(2), torch.Generator().manual_seed(0), 2)
+    logp = torch.log_softmax(x.double(), -1)
+    assert (tokens >= 64).all()
+    torch.testing.assert_close(lp.double(), logp.gather(1, tokens[:, None])[:, 0])
+    want = -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
+    torch.testing.assert_close(ent.double(), want)
+    sampler.shard = vocab_shard(128, 3, 4, 400)  # valid columns 16 of 128
+    packet = sampler._blocked_local(torch.full((1, 16), -math.inf), row_keys(7, torch.arange(1)))
+    assert packet[0, 3] == -math.inf and 0 <= packet[0, 4] < 16
