@@ -25,7 +25,13 @@ Sections (``--sections``, default ``hf comm``), each printed as a table:
 
     python benchmarks/bench_rollout.py
     python benchmarks/bench_rollout.py --sections hf --reps 5 --batch 32 --new 128
+- ``pp``: PP 2 (two gloo processes, one torch thread each), the ``hf`` shape and uniform
+  workload: ``generate`` with FastDecoder on both stages against megatron's forward with its
+  ``StaticInferenceContext`` (``fast_decode=False``); wall time, calls alternating, best of
+  ``--reps`` after a warm-up, and whether the tokens are identical.
+
     python benchmarks/bench_rollout.py --sections continuous
+    python benchmarks/bench_rollout.py --sections pp
 """
 
 from __future__ import annotations
@@ -43,11 +49,11 @@ import torch.multiprocessing as mp
 EOS = 2
 
 
-def _model(args, tp, vocab=None):
+def _model(args, tp, vocab=None, pp=1):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
-    initialize_parallel(tp, 1, seed=1)
+    initialize_parallel(tp, pp, seed=1)
     cfg = ModelConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=max(1, args.heads // 2), kv_channels=args.hidden // args.heads,
@@ -360,6 +366,39 @@ def _print_kv(times, args):
     print(f"| {times[True]:.2f} | {times[False]:.2f} | {times[False] / times[True]:.1f}x |")
 
 
+def _pp_worker(rank, port, args, out_path):
+    _init(rank, 2, port)
+    from megatron_eaopd.rollout import SamplingParams, generate
+
+    model, _ = _model(args, 1, pp=2)
+    prompts = _prompts(args, args.vocab)
+    best, tokens = {True: float("inf"), False: float("inf")}, {}
+    for i in range(args.reps + 1):  # the first round is a warm-up
+        for fast in (True, False):
+            stats = {}
+            out, wall, _ = _timed(lambda fast=fast, stats=stats: generate(
+                model, prompts, max_new_tokens=args.new, eos_id=-1, pad_id=0,
+                vocab_size=args.vocab, params=SamplingParams(), fast_decode=fast, stats=stats,
+                generator=torch.Generator().manual_seed(1)))  # fmt: skip
+            assert stats["fast"] == (1 if fast else 0)
+            if i:
+                best[fast] = min(best[fast], wall)
+            tokens[fast] = out.tokens
+    if rank == 0:
+        torch.save(dict(best=best, same=torch.equal(tokens[True], tokens[False])), out_path)
+    dist.destroy_process_group()
+
+
+def _print_pp(res, args):
+    print(
+        f"\n### PP 2 (two processes, one layer half each): FastDecoder vs megatron's forward "
+        f"with its StaticInferenceContext (wall s, best of {args.reps}; uniform workload)\n"
+    )
+    print("| FastDecoder | megatron's forward | speed-up | identical tokens |\n|---|---|---|---|")
+    a, b = res["best"][True], res["best"][False]
+    print(f"| {a:.2f} | {b:.2f} | {b / a:.2f}x | {res['same']} |")
+
+
 def _launch(worker, nprocs, args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,7 +412,10 @@ def _launch(worker, nprocs, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--sections", nargs="+", default=["hf", "comm"], choices=["hf", "comm", "kv", "continuous"]
+        "--sections",
+        nargs="+",
+        default=["hf", "comm"],
+        choices=["hf", "comm", "kv", "continuous", "pp"],
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=16)
@@ -403,6 +445,8 @@ def main():
         _print_kv(_launch(_kv_worker, 1, args), args)
     if "continuous" in args.sections:
         _print_cb(_launch(_cb_worker, 1, args), args)
+    if "pp" in args.sections:
+        _print_pp(_launch(_pp_worker, 2, args), args)
 
 
 if __name__ == "__main__":
