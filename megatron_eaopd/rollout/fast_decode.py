@@ -45,8 +45,9 @@ QK-RMSNormed and rotated in one pass over the QKV output (Qwen3's layout, ``_qk_
 ``x * cos + roll(x, d / 2) * signed sin`` (one ``addcmul``) everywhere. Other norms (LayerNorm,
 RMSNorm without a gain, QK norms with different eps) and other dtypes (bf16 / fp16: torch's norm
 rounds once, after its fp32 math; a folded gain or a separate scale would round twice and fail
-the first-step check more often) run the norm modules. Measured: 7-9% less
-time per ``generate`` call (median of 19 interleaved pairs, identical tokens; docs/trainer.md).
+the first-step check more often) run the norm modules. Measured: 3-8 % less CPU time per
+``generate`` call (medians of paired calls in three A/B runs, identical tokens;
+``benchmarks/bench_decode_ab.py --sections norms``, docs/trainer.md).
 """
 
 from __future__ import annotations
