@@ -315,7 +315,8 @@ class FastDecoder:
         tokens: [n, s] int64 (s > 1 only for the prefill at start 0; every stage passes them).
         Writes the keys and values of these positions into this stage's layers' cache.
         Collectives: 1 (first stage) + 2 * layers TP all-reduces of [n, s, h] (none at TP 1);
-        under PP 1 p2p recv (not the first stage) and 1 send (not the last) of [n, s, h].
+        under pipeline parallelism also 1 p2p recv (every stage but the first) and 1 send
+        (every stage but the last) of [n, s, h].
         """
         n, s = tokens.shape
         end = start + s

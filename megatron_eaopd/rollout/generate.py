@@ -27,9 +27,11 @@ follow (position, the prompt's index in the call) (``sampling.PositionRandoms``)
 compaction, chunks nor refills change a token.
 
 Under pipeline parallelism (one model chunk per rank, no virtual stages) every step runs the
-stages in order: a stage receives the previous stage's hidden states [n, b, h] (p2p recv), runs
-its layers (each stage keeps the KV cache of its own layers in its own ``StaticInferenceContext``)
-and sends its output to the next stage; the last stage samples (drawing from ``generator``; the
+stages in order: a stage receives the previous stage's hidden states (p2p recv), runs its layers
+(each stage keeps the KV cache of its own layers: ``FastDecoder``'s, or megatron's
+``StaticInferenceContext`` where FastDecoder does not apply or its first-step check, judged on
+the last stage and broadcast over the pipeline group, failed) and sends its output to the next
+stage; the last stage samples (drawing from ``generator``; the
 other stages' generators are not advanced) and broadcasts the tokens, log-probs and entropies over
 the pipeline group, so every rank ends with the same ``RolloutBatch``. The last stage samples
 vocab-parallel too (its own TP group), and every stage compacts its own KV cache identically.
@@ -219,16 +221,19 @@ def generate(
             default: measured faster, bench_rollout.py ``continuous``): as soon as one row is
             free. Never changes the tokens.
         fast_decode: decode with ``FastDecoder`` (our lean forward of the same weights) where it
-            supports the model (PP 1, local spec) and its first logits match megatron's forward;
-            else megatron's forward with its ``StaticInferenceContext``.
+            supports the model (local spec, every pipeline stage; continuous batching PP 1 only)
+            and its first logits match megatron's forward; else megatron's forward with its
+            ``StaticInferenceContext``.
     A model built with sequence parallelism generates with it switched off
     (``models.sequence_parallel.sequence_parallel_off``), restored on return.
     Returns:
         RolloutBatch (on every rank).
     Collectives per decoded position: 1 TP all-gather of [b, 6] float64 (plain sampling; top-k /
     top-p: [b, 6 + 2 (c + 1)], plus one of [b, V_pad / tp] on a fallback step), besides the
-    model's own TP all-reduces; under PP also 1 p2p send/recv of [n, b, h] hidden states between
-    neighbouring stages and 1 broadcast of [3, b] from the last stage over the pipeline group.
+    model's own TP all-reduces; under PP also 1 p2p send/recv of the hidden states between
+    neighbouring stages ([b, n, h] FastDecoder, [n, b, h] megatron's forward) and 1 broadcast of
+    [3, b] from the last stage over the pipeline group (and per chunk, under PP, 1 all-reduce of
+    one element: whether every stage can use FastDecoder, and 1 broadcast of its first check).
     """
     from megatron_eaopd.models.sequence_parallel import sequence_parallel_off
 
@@ -384,7 +389,12 @@ class _Decoder:
         self.context = StaticInferenceContext(b, total) if use_kv_cache else None
         self.cached = 0
         self.fast = None
-        if use_kv_cache and fast_decode and FastDecoder.unsupported(module) is None:
+        use_fast = use_kv_cache and fast_decode and FastDecoder.unsupported(module) is None
+        if self.pp > 1:  # some reasons exist on one stage only: all stages or none (else a hang)
+            flag = torch.tensor([0.0 if use_fast else 1.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.pp_group)
+            use_fast = bool(flag.item() == 0.0)
+        if use_fast:
             self.fast = FastDecoder(module, b, total, self.tp_group)
         self.sampler = None
 

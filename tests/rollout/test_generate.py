@@ -135,7 +135,35 @@ def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward():
 
 def _pp_worker(rank, world, pp):
     out = [_rollout_worker(rank, world, kw, pp=pp) for kw in PARAMS]
-    return out + [_pp_fallback(out[0]["tokens"], out[0]["eos"])]
+    expected, eos = out[0]["tokens"], out[0]["eos"]
+    fallback = _pp_fallback(expected, eos)  # both on every rank (they pair collectives)
+    disagree = _pp_disagree(expected, eos)
+    return out + [fallback and disagree]
+
+
+def _pp_disagree(expected, eos):
+    """FastDecoder unsupported on the last stage only (a reason only one stage can have, such as
+    a missing final norm): every stage must take megatron's forward (a stage on FastDecoder
+    alone would pair its p2p with the wrong ones and hang); the same tokens."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.rollout import generate
+    from megatron_eaopd.rollout.fast_decode import FastDecoder
+
+    original = FastDecoder.unsupported
+    FastDecoder.unsupported = staticmethod(
+        lambda module: "test" if getattr(module, "post_process", True) else original(module)
+    )
+    try:
+        stats = {}
+        out = generate(_model(ps.get_tensor_model_parallel_world_size(), pp=2), _prompts(),
+                       max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, eos_id=eos,
+                       params=SamplingParams(**PARAMS[0]), max_batch=4, stats=stats,
+                       generator=torch.Generator().manual_seed(11), compact_frac=0.01,
+                       continuous=False)  # fmt: skip
+    finally:
+        FastDecoder.unsupported = original
+    return stats["fast"] == 0 and torch.equal(out.tokens, expected)
 
 
 def _pp_fallback(expected, eos):
@@ -176,7 +204,8 @@ def test_rollouts_under_pipeline_parallelism():
     broadcasts; every rank returns the same rollouts, FastDecoder == megatron's KV cache ==
     recompute, and the log-probs equal a pipelined fresh forward; the same tokens as the PP 1
     model (layout-invariant init, same generator); a FastDecoder mismatch seen by the last stage
-    makes every stage fall back to megatron's forward together."""
+    makes every stage fall back to megatron's forward together, and so does FastDecoder being
+    unsupported on one stage only."""
     results = run_distributed(_pp_worker, 2, 2, timeout=300)
     reference = run_distributed(_all_params_worker, 1, timeout=300)[0]
     for i in range(len(PARAMS)):
