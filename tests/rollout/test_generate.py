@@ -13,13 +13,13 @@ from tests.dist import run_distributed
 VOCAB, PAD = 16, 0
 
 
-def _model(tp, seed=7, pp=1, untied=False, divisible=8):
+def _model(tp, seed=7, pp=1, untied=False, divisible=8, layers=2):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
     initialize_parallel(tp, pp, seed=1)
     cfg = ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        num_layers=layers, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=40,
         make_vocab_size_divisible_by=divisible, untie_embeddings_and_output_weights=untied,
     )  # fmt: skip
@@ -35,14 +35,14 @@ def _prompts():
     return [[1] + torch.randint(4, VOCAB, (n - 1,), generator=gen).tolist() for n in lens]
 
 
-def _rollout_worker(rank, world, params_kw, pp=1):
+def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.losses import vocab_parallel_logprobs_and_entropy
     from megatron_eaopd.models.teacher import FrozenTeacher
     from megatron_eaopd.rollout import generate
 
-    model = _model(world // pp, pp=pp)
+    model = _model(world // pp, pp=pp, layers=layers)
     params = SamplingParams(**params_kw)
     kw = dict(max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, params=params)
     # EOS: a token this random model emits often (so responses end at different lengths)
@@ -219,6 +219,21 @@ def test_rollouts_under_tp2_pp2():
     results = run_distributed(_pp_worker, 4, 2, timeout=600)
     for i in range(len(PARAMS)):
         _check_rollouts([res[i] for res in results])
+
+
+def _pp3_worker(rank, world):
+    return _rollout_worker(rank, world, PARAMS[0], pp=world, layers=3)
+
+
+@pytest.mark.slow  # 3 processes
+def test_rollouts_under_pp3():
+    """PP 3: a middle stage receives and sends (FastDecoder's and megatron's p2p chains);
+    FastDecoder on every stage == megatron's forward == recompute, log-probs equal a pipelined
+    fresh forward, and the same tokens as the same 3-layer model at PP 1."""
+    results = run_distributed(_pp3_worker, 3, timeout=600)
+    reference = run_distributed(_pp3_worker, 1, timeout=300)[0]
+    _check_rollouts(results)
+    assert torch.equal(results[0]["tokens"], reference["tokens"])
 
 
 def _check_rollouts(results):
