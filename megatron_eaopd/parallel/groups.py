@@ -59,6 +59,17 @@ def _all_gather_single(out, local, group):
     gather(out, local, group=group)
 
 
+def any_rank(flag: bool, group, device=None) -> bool:
+    """Whether ``flag`` is True on any rank of ``group``: 1 all-reduce (MAX) of one element when
+    the group has more than one rank, none otherwise. Every rank gets the same answer, so ranks
+    that must take the same path (or pair the same collectives) can agree on it."""
+    if group is None or dist.get_world_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)
+
+
 def all_reduce_sum(tensor: torch.Tensor, tp_group) -> torch.Tensor:
     """In-place SUM all-reduce over the TP group (one collective; none for a single rank)."""
     if tp_rank_and_size(tp_group)[1] > 1:

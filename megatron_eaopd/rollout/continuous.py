@@ -20,8 +20,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 
+from megatron_eaopd.parallel.groups import any_rank
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
@@ -41,11 +41,7 @@ def logits_match(logits: torch.Tensor, reference: torch.Tensor, tp_group) -> boo
     """
     tol = 1e-4 if reference.dtype == torch.float32 else 5e-2
     bad = not torch.allclose(logits.float(), reference.float(), atol=tol, rtol=tol)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        flag = torch.tensor([float(bad)], device=logits.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=tp_group)
-        bad = bool(flag.item() > 0)
-    return not bad
+    return not any_rank(bad, tp_group, logits.device)
 
 
 class ContinuousDecoder:

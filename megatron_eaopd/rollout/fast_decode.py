@@ -144,7 +144,11 @@ class FastDecoder:
         self.dtype, device = weight.dtype, weight.device
         emb = module.rotary_pos_emb(total)  # [total, 1, 1, d]
         emb = emb.reshape(total, -1).to(device)
-        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        self.cos = emb.cos().to(self.dtype)
+        # rotate_half(x) * sin == roll(x, d / 2) * sin with its first half negated
+        sign = torch.ones(self.d, dtype=self.dtype, device=device)
+        sign[: self.d // 2] = -1.0
+        self.sin_signed = emb.sin().to(self.dtype) * sign
         shape = (len(module.decoder.layers), batch, self.groups, total, self.d)
         self.k = torch.zeros(shape, dtype=self.dtype, device=device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=device)
@@ -167,9 +171,6 @@ class FastDecoder:
                 out = self._output_weight()
                 self.transposed[id(out)] = (out, out.detach().t().contiguous())
                 self._fold(module.decoder.final_layernorm, out)
-        self.sign = torch.ones(self.d, dtype=self.dtype, device=device)
-        self.sign[: self.d // 2] = -1.0
-        self.sin_signed = self.sin * self.sign  # rotate_half(x) * sin == roll(x, d / 2) * this
         # layer i -> (eps, [r + 1, d] gains of the r query heads and the key) of its QK norms
         self.qk_norm = [self._qk_gains(layer.self_attention) for layer in module.decoder.layers]
 

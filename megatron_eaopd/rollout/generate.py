@@ -30,7 +30,7 @@ Under pipeline parallelism (one model chunk per rank, no virtual stages) every s
 stages in order: a stage receives the previous stage's hidden states (p2p recv), runs its layers
 (each stage keeps the KV cache of its own layers: ``FastDecoder``'s, or megatron's
 ``StaticInferenceContext`` where FastDecoder does not apply or its first-step check, judged on
-the last stage and broadcast over the pipeline group, failed) and sends its output to the next
+the last stage and agreed over the pipeline group, failed) and sends its output to the next
 stage; the last stage samples (drawing from ``generator``; the
 other stages' generators are not advanced) and broadcasts the tokens, log-probs and entropies over
 the pipeline group, so every rank ends with the same ``RolloutBatch``. The last stage samples
@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.parallel.groups import any_rank
 from megatron_eaopd.rollout.continuous import (
     ContinuousDecoder,
     FastDecodeMismatch,
@@ -233,7 +234,7 @@ def generate(
     model's own TP all-reduces; under PP also 1 p2p send/recv of the hidden states between
     neighbouring stages ([b, n, h] FastDecoder, [n, b, h] megatron's forward) and 1 broadcast of
     [3, b] from the last stage over the pipeline group (and per chunk, under PP, 1 all-reduce of
-    one element: whether every stage can use FastDecoder, and 1 broadcast of its first check).
+    one element: whether every stage can use FastDecoder, and 1 of its first check's verdict).
     """
     from megatron_eaopd.models.sequence_parallel import sequence_parallel_off
 
@@ -389,12 +390,9 @@ class _Decoder:
         self.context = StaticInferenceContext(b, total) if use_kv_cache else None
         self.cached = 0
         self.fast = None
-        use_fast = use_kv_cache and fast_decode and FastDecoder.unsupported(module) is None
-        if self.pp > 1:  # some reasons exist on one stage only: all stages or none (else a hang)
-            flag = torch.tensor([0.0 if use_fast else 1.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.pp_group)
-            use_fast = bool(flag.item() == 0.0)
-        if use_fast:
+        unfit = not (use_kv_cache and fast_decode) or FastDecoder.unsupported(module) is not None
+        # some reasons exist on one stage only: all stages or none (else the p2p pair wrongly)
+        if not any_rank(unfit, self.pp_group if self.pp > 1 else None, device):
             self.fast = FastDecoder(module, b, total, self.tp_group)
         self.sampler = None
 
@@ -448,14 +446,9 @@ class _Decoder:
         if self.cached == 0:
             m = min(_CHECK_ROWS, self.cur_tokens.shape[0])
             reference = self._stage(0, t, rows=m)  # None off the last stage
-            ok = True
-            if self.last:
-                ok = logits_match(logits[:m], reference[:, -1, :], self.tp_group)
-            if self.pp > 1:  # the last stage's verdict (agreed across its TP ranks) for all
-                flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-                dist.broadcast(flag, src=self.pp_last, group=self.pp_group)
-                ok = bool(flag.item() == 0.0)
-            if not ok:
+            # judged on the last stage (agreed across its TP ranks), then by every stage
+            bad = self.last and not logits_match(logits[:m], reference[:, -1, :], self.tp_group)
+            if any_rank(bad, self.pp_group if self.pp > 1 else None, self.device):
                 warnings.warn("FastDecoder's logits differ from megatron's forward; rollouts "
                               "use megatron's forward", stacklevel=2)  # fmt: skip
                 self.fast = None

@@ -185,7 +185,7 @@ def plain_block(width: int) -> int:
     return PLAIN_BLOCK if width % PLAIN_BLOCK == 0 else 1
 
 
-def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int):
+def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int, entropy: bool = True):
     """Exact two-level draw from softmax over consecutive blocks of columns (no communication).
 
     The blocks are global (block i of ``y`` is block ``first_block + i`` of the vocabulary).
@@ -200,6 +200,7 @@ def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int):
         y: [n, nb, B] fp32 scaled logits (x / T); columns outside the vocabulary -inf.
         rkeys: [n] int64 row keys (``row_keys``).
         first_block: global index of block 0.
+        entropy: also return the blocks' entropy numerators (one more pass over y; else None).
     Returns:
         best [n] float64 (the winning block's score), col [n] int64 (the column in ``y``
         flattened to [n, nb * B]), and the blocks' statistics [n, nb] fp32: max (0 for a block
@@ -211,7 +212,7 @@ def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int):
     d = (y - top).clamp_(min=-1e30)  # -inf columns: e = 0 and e * d = 0, not nan
     e = torch.exp(d)
     z = e.sum(-1)
-    a = torch.linalg.vecdot(e, d)
+    a = torch.linalg.vecdot(e, d) if entropy else None
     bkeys = column_keys(first_block, nb, y.device)
     score = top[..., 0].double() + z.double().log() + gumbel_noise(rkeys, bkeys)
     best, blk = score.max(-1)
@@ -366,7 +367,7 @@ def sample_tokens(
     elif block > 1:
         rkeys = row_keys(key, torch.arange(b, device=logits.device))
         y = block_view(logits.float() * (1.0 / params.temperature), block)
-        tokens = blocked_draw(y, rkeys, 0)[1]
+        tokens = blocked_draw(y, rkeys, 0, entropy=False)[1]
     else:
         rows = torch.arange(b, device=logits.device)
         noise = gumbel_noise(row_keys(key, rows), column_keys(0, x.shape[-1], logits.device))

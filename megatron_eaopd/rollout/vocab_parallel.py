@@ -195,10 +195,6 @@ class VocabParallelSampler:
         else:  # a shard of padding only: no mass, never the best
             packet = torch.zeros(n, 6, dtype=torch.float64, device=logits.device)
             packet[:, 0] = packet[:, 3] = _NEG_INF
-        if self.tp == 1:  # nothing to merge: the shard is the vocabulary
-            log_z = packet[:, 1].log()
-            lse, entropy = packet[:, 0] + log_z, log_z - packet[:, 2] / packet[:, 1]
-            return packet[:, 4].long(), (packet[:, 5] - lse).float(), entropy.float()
         g = self._gather(packet)  # [tp, n, 6]
         lse, entropy = merge_single(g[..., 0], g[..., 1], g[..., 2])
         win = g[..., 3].argmax(0, keepdim=True)  # the first maximum: the lowest global id
@@ -213,10 +209,11 @@ class VocabParallelSampler:
         (lse, 1, -entropy), which ``merge_single`` merges as it merges (max, sum-exp, A)."""
         n, inv_t = x.shape[0], self.inv_t
         y = x.float() if inv_t == 1.0 else x.float() * inv_t
+        same_t = self.inv_lp == inv_t  # the statistics come from the blocks
         best, col, top, z, a = blocked_draw(block_view(y, self.block), rkeys,
-                                            self.shard.start // self.block)  # fmt: skip
+                                            self.shard.start // self.block, same_t)  # fmt: skip
         packet = torch.empty(n, 6, dtype=torch.float64, device=x.device)
-        if self.inv_lp == inv_t:  # blocks without mass must not set the shift (max) of the merge
+        if same_t:  # blocks without mass must not set the shift (max) of the merge
             top = torch.where(z > 0, top, float("-inf"))
             lse, entropy = merge_single(top.t().double(), z.t().double(), a.t().double())
             live = torch.isfinite(lse)

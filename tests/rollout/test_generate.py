@@ -141,13 +141,23 @@ def _pp_worker(rank, world, pp):
     return out + [fallback and disagree]
 
 
+def _pp_generate(eos, stats):
+    """The PP 2 model's rollouts of the first sampling setting, as the "fast" variant asks."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.rollout import generate
+
+    return generate(_model(ps.get_tensor_model_parallel_world_size(), pp=2), _prompts(),
+                    max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, eos_id=eos,
+                    params=SamplingParams(**PARAMS[0]), max_batch=4, stats=stats,
+                    generator=torch.Generator().manual_seed(11), compact_frac=0.01,
+                    continuous=False)  # fmt: skip
+
+
 def _pp_disagree(expected, eos):
     """FastDecoder unsupported on the last stage only (a reason only one stage can have, such as
     a missing final norm): every stage must take megatron's forward (a stage on FastDecoder
     alone would pair its p2p with the wrong ones and hang); the same tokens."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_eaopd.rollout import generate
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
     original = FastDecoder.unsupported
@@ -156,11 +166,7 @@ def _pp_disagree(expected, eos):
     )
     try:
         stats = {}
-        out = generate(_model(ps.get_tensor_model_parallel_world_size(), pp=2), _prompts(),
-                       max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, eos_id=eos,
-                       params=SamplingParams(**PARAMS[0]), max_batch=4, stats=stats,
-                       generator=torch.Generator().manual_seed(11), compact_frac=0.01,
-                       continuous=False)  # fmt: skip
+        out = _pp_generate(eos, stats)
     finally:
         FastDecoder.unsupported = original
     return stats["fast"] == 0 and torch.equal(out.tokens, expected)
@@ -172,9 +178,6 @@ def _pp_fallback(expected, eos):
     would pair its p2p with the wrong ones and hang); the tokens are those of the fast path."""
     import warnings
 
-    from megatron.core import parallel_state as ps
-
-    from megatron_eaopd.rollout import generate
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
     original = FastDecoder.forward
@@ -188,11 +191,7 @@ def _pp_fallback(expected, eos):
         stats = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = generate(_model(ps.get_tensor_model_parallel_world_size(), pp=2), _prompts(),
-                           max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, eos_id=eos,
-                           params=SamplingParams(**PARAMS[0]), max_batch=4, stats=stats,
-                           generator=torch.Generator().manual_seed(11), compact_frac=0.01,
-                           continuous=False)  # fmt: skip
+            out = _pp_generate(eos, stats)
     finally:
         FastDecoder.forward = original
     warned = any("differ from megatron" in str(w.message) for w in caught)
