@@ -440,8 +440,8 @@ class _Decoder:
         """FastDecoder's logits [n, V_pad / tp]; its first (prefill) logits are checked against
         megatron's forward of the same prefix, and a mismatch switches to megatron's path. The
         check runs on the first ``_CHECK_ROWS`` rows: every row holds prompt tokens at the
-        prefilled positions [0, shortest prompt), so the rows differ only in their values (the
-        whole-batch check cost ~5 % of a 128-token call at batch 32)."""
+        prefilled positions [0, shortest prompt), so the rows differ only in their values, and
+        megatron's forward of the whole batch would cost a prefill of every row."""
         logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
         if self.cached == 0:
             m = min(_CHECK_ROWS, self.cur_tokens.shape[0])
