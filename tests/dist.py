@@ -1,9 +1,10 @@
-"""Run a function in several CPU processes over gloo: the distributed test harness.
+"""Run a function in several processes (CPU over gloo): the distributed test harness.
 
-Workers never touch torch.cuda. Each worker gets (rank, world_size, *args), runs with one torch
-thread, and may return a picklable value; `run_distributed` returns the list of values by rank and
-re-raises the first failure with the worker's traceback. Every launch has a deadline: a hung
-collective fails the test instead of hanging CI.
+Workers run where ``compute_device()`` points: the CPU here (gloo); a GPU test passes
+``backend="nccl"`` (one GPU: world size 1). Each worker gets (rank, world_size, *args), runs with
+one torch thread, and may return a picklable value; `run_distributed` returns the list of values
+by rank and re-raises the first failure with the worker's traceback. Every launch has a deadline:
+a hung collective fails the test instead of hanging CI.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, init_file, out_dir, fn, args, env):
+def _worker(rank, world_size, init_file, out_dir, fn, args, env, backend):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(1)
     result_path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
         )
         value = fn(rank, world_size, *args)
         payload = ("ok", value)
@@ -50,8 +53,12 @@ def _worker(rank, world_size, init_file, out_dir, fn, args, env):
         os._exit(1)
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None):
-    """Run fn(rank, world_size, *args) on `world_size` gloo processes; return results by rank."""
+def run_distributed(
+    fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None,
+    backend: str = "gloo",
+):  # fmt: skip
+    """Run fn(rank, world_size, *args) on `world_size` processes (``backend``: gloo, or nccl on
+    GPUs); return results by rank."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         env = dict(env or {})
@@ -59,7 +66,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0, env: dic
         env.setdefault("MASTER_PORT", str(free_port()))
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, init_file, tmp, fn, args, env),
+            args=(world_size, init_file, tmp, fn, args, env, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",

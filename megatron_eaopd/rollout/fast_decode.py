@@ -92,6 +92,7 @@ class FastDecoder:
             "apply_query_key_layer_scaling": False, "num_moe_experts": None,
             "multi_latent_attention": False, "attention_output_gate": False,
             "context_parallel_size": 1, "mtp_num_layers": None, "softmax_scale": None,
+            "fp32_residual_connection": False,
         }  # fmt: skip
         for name, want in checks.items():
             if getattr(cfg, name, want) != want:
@@ -423,10 +424,24 @@ class FastDecoder:
             cache[:, dst, :, :length] = cache[:, src, :, :length]
 
     def compact(self, idx: torch.Tensor, cached: int) -> None:
-        """Keep rows ``idx`` (device int64) of the cache, first ``cached`` positions copied."""
-        shape = (self.k.shape[0], len(idx)) + tuple(self.k.shape[2:])
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(shape)
-            new[:, :, :, :cached] = old[:, idx, :, :cached]
-            setattr(self, name, new)
+        """Keep rows ``idx`` (device int64, ascending) of the cache as rows [0, len(idx)), first
+        ``cached`` positions copied (``compact_rows``: in place, no second cache)."""
+        for cache in (self.k, self.v):
+            compact_rows(cache, idx, cached, batch_dim=1, pos_dim=3)
+
+
+def compact_rows(cache: torch.Tensor, idx: torch.Tensor, length: int, batch_dim: int,
+                 pos_dim: int) -> None:  # fmt: skip
+    """Move rows ``idx`` (ascending int64 on the cache's device) of ``cache`` along
+    ``batch_dim`` to rows [0, len(idx)), positions [0, length) along ``pos_dim``, in place.
+
+    The copy runs in chunks of about an eighth of the batch: row j's source idx[j] >= j, so a
+    chunk never reads a row an earlier chunk wrote, and the temporary is one chunk's rows rather
+    than a second cache (which would double the KV memory at the moment of compaction).
+    No communication.
+    """
+    cached = cache.narrow(pos_dim, 0, length)
+    step = max(1, cache.shape[batch_dim] // 8)
+    for lo in range(0, len(idx), step):
+        src = idx[lo : lo + step]
+        cached.narrow(batch_dim, lo, len(src)).copy_(cached.index_select(batch_dim, src))

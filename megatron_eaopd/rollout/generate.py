@@ -54,7 +54,7 @@ from megatron_eaopd.rollout.continuous import (
     logits_match,
     warn_fallback,
 )
-from megatron_eaopd.rollout.fast_decode import FastDecoder
+from megatron_eaopd.rollout.fast_decode import FastDecoder, compact_rows
 from megatron_eaopd.rollout.sampling import PositionRandoms, SamplingParams
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
@@ -112,6 +112,15 @@ class RolloutBatch:
             entropies=torch.cat([pad(b.entropies, 0.0) for b in batches]),
             finished=torch.cat([b.finished for b in batches]),
         )
+
+
+def _device(module) -> torch.device:
+    """The device of the model's parameters (inputs, caches and sampler tensors go there; a
+    stage without parameters: the current device)."""
+    from megatron_eaopd.parallel.init import compute_device
+
+    param = next(module.parameters(), None)
+    return compute_device() if param is None else param.device
 
 
 def _bare_module(model):
@@ -260,6 +269,11 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
             raise ValueError("rollouts under virtual pipeline parallelism are not supported")
     if not prompts:
         raise ValueError("no prompts to generate from")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(
+            f"generator must be a CPU torch.Generator (the draws are made on the CPU, the same "
+            f"on every rank, then moved to the model's device), got {generator!r}"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_batch is not None and (
@@ -314,8 +328,6 @@ def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_si
     """Continuous batching (``continuous.ContinuousDecoder``) at PP 1 with ``FastDecoder``."""
     from megatron.core import parallel_state as ps
 
-    from megatron_eaopd.parallel.init import compute_device
-
     def reference(tokens):  # megatron's forward of right-padded prompts [m, s]
         pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         with cpu_mode if cpu_mode is not None else contextlib.nullcontext():
@@ -323,7 +335,7 @@ def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_si
 
     decoder = ContinuousDecoder(
         module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params, randoms,
-        counters, ps.get_tensor_model_parallel_group(), compute_device(), progress, reference,
+        counters, ps.get_tensor_model_parallel_group(), _device(module), progress, reference,
         refill_frac,
     )  # fmt: skip
     decoder.run()
@@ -346,13 +358,11 @@ class _Decoder:
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        from megatron_eaopd.parallel.init import compute_device
-
         self.module, self.eos_id, self.pad_id = module, eos_id, pad_id
         self.vocab_size, self.params, self.compact_frac = vocab_size, params, compact_frac
         self.counters, self.cpu_mode = counters, cpu_mode
         self.randoms, self.offset = randoms, offset  # offset: call id of this chunk's row 0
-        self.device = device = compute_device()
+        self.device = device = _device(module)
         b = self.b = len(prompts)
         prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if int(prompt_lens.min()) < 1:
@@ -390,7 +400,11 @@ class _Decoder:
         self.context = StaticInferenceContext(b, total) if use_kv_cache else None
         self.cached = 0
         self.fast = None
-        unfit = not (use_kv_cache and fast_decode) or FastDecoder.unsupported(module) is not None
+        reason = FastDecoder.unsupported(module) if use_kv_cache and fast_decode else None
+        if reason is not None:  # shown once per reason (the default warnings filter)
+            warnings.warn(f"rollouts decode with megatron's forward, slower: FastDecoder does "
+                          f"not support this model ({reason})", stacklevel=2)  # fmt: skip
+        unfit = not (use_kv_cache and fast_decode) or reason is not None
         # some reasons exist on one stage only: all stages or none (else the p2p pair wrongly)
         if not any_rank(unfit, self.pp_group if self.pp > 1 else None, device):
             self.fast = FastDecoder(module, b, total, self.tp_group)
@@ -403,8 +417,9 @@ class _Decoder:
         module = self.module
         n = self.cur_tokens.shape[0] if rows is None else rows
         if not self.first:
-            cfg = module.config
-            hidden = torch.empty(end - start, n, cfg.hidden_size, dtype=cfg.params_dtype,
+            cfg = module.config  # the previous stage's output: fp32 with fp32 residuals
+            dtype = torch.float32 if cfg.fp32_residual_connection else cfg.params_dtype
+            hidden = torch.empty(end - start, n, cfg.hidden_size, dtype=dtype,
                                  device=self.device)  # fmt: skip
             dist.recv(hidden, src=self.pp_prev)
             module.set_input_tensor(hidden)
@@ -508,8 +523,9 @@ class _Decoder:
         return _result(self, self.pad_id)
 
     def _compact(self, keep: torch.Tensor) -> None:
-        """Drop the finished rows from the decode batch and from every layer's KV cache (a copy
-        of the first ``cached`` positions of the live rows). No communication."""
+        """Drop the finished rows from the decode batch and from every layer's KV cache (the
+        first ``cached`` positions of the live rows moved to the front in place,
+        ``compact_rows``: no second cache). No communication."""
         self.counters["compactions"] += 1
         idx = keep.nonzero().squeeze(1)
         self.active, self.done = self.active[idx], self.done[idx]
@@ -522,14 +538,10 @@ class _Decoder:
         if self.context is None:
             return
         memory = self.context.key_value_memory_dict
-        c = self.cached
         for layer, kv in memory.items():  # [S, b, ...] keys and values of one layer
-            compacted = []
-            for m in kv:
-                new = m.new_empty((m.shape[0], len(idx)) + tuple(m.shape[2:]))
-                torch.index_select(m[:c], 1, dev_idx, out=new[:c])
-                compacted.append(new)
-            memory[layer] = tuple(compacted)
+            for m in kv:  # in place, then a view of the kept rows (megatron writes rows [0, n))
+                compact_rows(m, dev_idx, self.cached, batch_dim=1, pos_dim=0)
+            memory[layer] = tuple(m[:, : len(idx)] for m in kv)
 
 
 def _result(dec, pad_id: int) -> RolloutBatch:

@@ -91,9 +91,9 @@ def step_randoms(generator: torch.Generator, rows: int, filtered: bool):
     ``rows`` float64 uniforms in [0, 1) (key is None). Every rank drawing with the same generator
     state gets the same numbers.
     """
-    if filtered:
-        return None, torch.rand(rows, generator=generator, dtype=torch.float64)
-    return int(torch.randint(0, 1 << 32, (1,), generator=generator)), None
+    if filtered:  # device="cpu": the CPU generator's draws, whatever the default device
+        return None, torch.rand(rows, generator=generator, dtype=torch.float64, device="cpu")
+    return int(torch.randint(0, 1 << 32, (1,), generator=generator, device="cpu")), None
 
 
 class PositionRandoms:
@@ -116,7 +116,8 @@ class PositionRandoms:
         self.generator, self.rows, self.filtered, self.first = generator, rows, filtered, first
         self.drawn = 0  # positions [first, first + drawn) have their numbers
         shape = (64, rows) if filtered else (64,)
-        self._table = torch.empty(shape, dtype=torch.float64 if filtered else torch.int64)
+        self._table = torch.empty(shape, dtype=torch.float64 if filtered else torch.int64,
+                                  device="cpu")  # fmt: skip
 
     def _extend(self, last: int) -> None:
         need = last - self.first + 1
@@ -356,6 +357,7 @@ def sample_tokens(
     """
     b = logits.shape[0]
     key, u = step_randoms(generator, b, params.filtered)
+    u = None if u is None else u.to(logits.device)
     x = logits.double()
     if params.filtered:
         sorted_logits, order = _sort_desc_stable(x)

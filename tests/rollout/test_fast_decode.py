@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_eaopd.parallel.groups import any_rank
 from tests.dist import run_distributed
 
 VOCAB = 40
@@ -66,7 +67,7 @@ def _reference(model, tokens):
     """megatron's forward: vocab-parallel logits [b, s, V_pad / tp]."""
     from megatron_eaopd.rollout.generate import _vocab_parallel_output
 
-    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     with _vocab_parallel_output(model):
         return model(tokens, pos, None, runtime_gather_output=True)
 
@@ -78,11 +79,13 @@ def _forbidden(*_args, **_kwargs):
 def _worker(rank, world, layout):
     from megatron.core import parallel_state as ps
 
+    from megatron_eaopd.parallel.init import compute_device
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
     model = _model(world, layout)
     gen = torch.Generator().manual_seed(5)
-    tokens = torch.randint(1, VOCAB, (3, 12), generator=gen)
+    dev = compute_device()  # the CPU here; a GPU in tests/rollout/test_cuda.py
+    tokens = torch.randint(1, VOCAB, (3, 12), generator=gen).to(dev)
     with torch.no_grad():
         ref = _reference(model, tokens)  # [3, 12, V_pad / tp]
         fast = FastDecoder(model, 3, 12, ps.get_tensor_model_parallel_group())
@@ -101,29 +104,117 @@ def _worker(rank, world, layout):
         err = max(float((g.float() - ref[:, i + 4]).abs().max()) for i, g in enumerate(got))
         # per-row paths: rows prefilled to different lengths, then decoded at their own positions
         rows = FastDecoder(model, 3, 12, ps.get_tensor_model_parallel_group())
-        lens = torch.tensor([3, 6, 4])
-        first = rows.prefill_rows(tokens[:, :6], lens, torch.arange(3))
-        err_rows = float((first.float() - ref[torch.arange(3), lens - 1]).abs().max())
+        lens, three = torch.tensor([3, 6, 4], device=dev), torch.arange(3, device=dev)
+        first = rows.prefill_rows(tokens[:, :6], lens, three)
+        err_rows = float((first.float() - ref[three, lens - 1]).abs().max())
         pos = lens.clone()
         for _ in range(4):
-            logits = rows.decode_rows(tokens[torch.arange(3), pos], pos)
-            diff = (logits.float() - ref[torch.arange(3), pos]).abs().max()
+            logits = rows.decode_rows(tokens[three, pos], pos)
+            diff = (logits.float() - ref[three, pos]).abs().max()
             err_rows = max(err_rows, float(diff))
             pos = pos + 1
     return dict(err=err, err_rows=err_rows, scale=float(ref.abs().max()), **paths)
+
+
+def check_layout(layout: str, res: dict, cpu: bool = True) -> None:
+    """One rank's result of ``_worker``: close to megatron's forward, on the expected paths
+    (gains are folded only into the CPU weight copies)."""
+    assert res["scale"] > 1.0, (layout, res)  # the logits are not trivially small
+    # bf16: the first-step check's own tolerance (continuous.logits_match)
+    tol = (5e-2 if layout.endswith("bf16") else 2e-5) * res["scale"]
+    assert res["err"] < tol, (layout, res)
+    assert res["err_rows"] < tol, (layout, res)
+    # the path under test is the one this layout should take
+    folded = 2 * 2 + 1  # 2 norms per layer and the final norm (CPU copies)
+    fp32_rms = layout.startswith("rms") and not layout.endswith("bf16")
+    assert res["folded"] == (folded if fp32_rms and cpu else 0), (layout, res)
+    assert res["qk_fused"] == (2 if layout in FUSED else 0), (layout, res)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_fast_decoder_equals_megatron_forward(tp):
     for layout in LAYOUTS:
         for res in run_distributed(_worker, tp, layout, timeout=300):
-            assert res["scale"] > 1.0, (layout, res)  # the logits are not trivially small
-            # bf16: the first-step check's own tolerance (continuous.logits_match)
-            tol = (5e-2 if layout.endswith("bf16") else 2e-5) * res["scale"]
-            assert res["err"] < tol, (layout, res)
-            assert res["err_rows"] < tol, (layout, res)
-            # the path under test is the one this layout should take
-            folded = 2 * 2 + 1  # 2 norms per layer and the final norm (CPU copies)
-            fp32_rms = layout.startswith("rms") and not layout.endswith("bf16")
-            assert res["folded"] == (folded if fp32_rms else 0), (layout, res)
-            assert res["qk_fused"] == (2 if layout in FUSED else 0), (layout, res)
+            check_layout(layout, res)
+
+
+def _bf16_check_worker(rank, world):
+    """bf16 parameters: the first-step check accepts FastDecoder's rounding (where an
+    elementwise tolerance rejected it) and still rejects a planted bug (RoPE off), on the
+    chunked and the continuous-batching paths."""
+    import warnings
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.parallel.init import compute_device
+    from megatron_eaopd.rollout import SamplingParams, generate
+    from megatron_eaopd.rollout.continuous import logits_match
+    from megatron_eaopd.rollout.fast_decode import FastDecoder
+
+    model = _model(world, "rms_qk_bf16")
+    group, dev = ps.get_tensor_model_parallel_group(), compute_device()
+    gen = torch.Generator().manual_seed(8)
+    elementwise_rejects, accepted = 0, 0
+    with torch.no_grad():
+        for _ in range(8):
+            tokens = torch.randint(1, VOCAB, (4, 10), generator=gen).to(dev)
+            ref = _reference(model, tokens)[:, -1]
+            got = FastDecoder(model, 4, 10, group).forward(tokens, 0)
+            close = torch.allclose(got.float(), ref.float(), atol=5e-2, rtol=5e-2)
+            elementwise_rejects += int(any_rank(not close, group, dev))
+            accepted += int(logits_match(got, ref, group))
+    prompts = [[1] + torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in range(2, 10)]
+    kw = dict(max_new_tokens=6, eos_id=-1, pad_id=0, vocab_size=VOCAB, params=SamplingParams())
+    runs = {}
+    original = FastDecoder._rope
+    for bug in (False, True):
+        if bug:
+            FastDecoder._rope = lambda self, x, cos, sin: x
+        try:
+            for max_batch in (None, 4):  # one chunk; continuous batching (8 prompts, 4 rows)
+                stats = {}
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = generate(model, prompts, generator=torch.Generator().manual_seed(2),
+                                   stats=stats, max_batch=max_batch, **kw)  # fmt: skip
+                warned = any("differ" in str(w.message) for w in caught)
+                runs[bug, max_batch] = (stats["fast"], warned, out.tokens)
+        finally:
+            FastDecoder._rope = original
+    reference = generate(model, prompts, generator=torch.Generator().manual_seed(2),
+                         fast_decode=False, **kw).tokens  # fmt: skip
+    return dict(elementwise_rejects=elementwise_rejects, accepted=accepted, runs=runs,
+                reference=reference)  # fmt: skip
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bf16_first_step_check_accepts_rounding_and_rejects_bugs(tp):
+    for res in run_distributed(_bf16_check_worker, tp, timeout=300):
+        assert res["accepted"] == 8, res  # every bf16 prefill keeps FastDecoder
+        assert res["elementwise_rejects"] > 0, res  # which an elementwise 5e-2 did not
+        for max_batch in (None, 4):
+            fast, warned, _ = res["runs"][False, max_batch]
+            assert fast == 1 and not warned, (max_batch, fast, warned)
+            fast, warned, tokens = res["runs"][True, max_batch]
+            assert fast == 0 and warned, (max_batch, fast, warned)  # RoPE off: megatron's path
+            assert torch.equal(tokens, res["reference"])  # with megatron's tokens
+
+
+@pytest.mark.parametrize("batch_dim,pos_dim", [(1, 3), (1, 0)])  # FastDecoder's, megatron's
+def test_compact_rows_moves_kept_rows_to_the_front_in_place(batch_dim, pos_dim):
+    from megatron_eaopd.rollout.fast_decode import compact_rows
+
+    gen = torch.Generator().manual_seed(0)
+    shape = [3, 19, 2, 7, 4] if pos_dim == 3 else [7, 19, 2, 4]
+    for keep in ([0, 1, 2], [18], [1, 5, 6, 7, 8, 12, 17, 18], list(range(19)), [3, 9]):
+        cache = torch.randn(shape, generator=gen)
+        before, ptr = cache.clone(), cache.data_ptr()
+        idx = torch.tensor(keep)
+        compact_rows(cache, idx, 5, batch_dim=batch_dim, pos_dim=pos_dim)
+        assert cache.data_ptr() == ptr and list(cache.shape) == shape  # no new cache
+        want = before.index_select(batch_dim, idx).narrow(pos_dim, 0, 5)
+        got = cache.narrow(batch_dim, 0, len(keep)).narrow(pos_dim, 0, 5)
+        assert torch.equal(got, want), keep
+        # positions past `length` are not touched
+        rest = cache.narrow(pos_dim, 5, shape[pos_dim] - 5)
+        assert torch.equal(rest, before.narrow(pos_dim, 5, shape[pos_dim] - 5))

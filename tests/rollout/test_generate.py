@@ -40,6 +40,7 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
 
     from megatron_eaopd.losses import vocab_parallel_logprobs_and_entropy
     from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import compute_device
     from megatron_eaopd.rollout import generate
 
     model = _model(world // pp, pp=pp, layers=layers)
@@ -78,22 +79,25 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
         torch.testing.assert_close(a.entropies, b.entropies, atol=1e-5, rtol=1e-5)
     # a fresh training-style forward of the finished sequences gives the same log-probs
     model.eval()
+    dev = compute_device()  # the CPU here; a GPU in tests/rollout/test_cuda.py
     with torch.no_grad():
         s = a.tokens.shape[1]
-        pos = torch.arange(s).unsqueeze(0).expand_as(a.tokens)
+        tokens = a.tokens.to(dev)
+        pos = torch.arange(s, device=dev).unsqueeze(0).expand_as(tokens)
         if pp == 1:
-            logits = model(a.tokens, pos, None)  # [b, s, V_pad / tp]
+            logits = model(tokens, pos, None)  # [b, s, V_pad / tp]
         else:  # a forward-only pass through megatron's pipeline schedule
-            scored = FrozenTeacher([model]).score([{"tokens": a.tokens, "position_ids": pos}],
+            scored = FrozenTeacher([model]).score([{"tokens": tokens, "position_ids": pos}],
                                                   s, a.tokens.shape[0])  # fmt: skip
             if not ps.is_pipeline_last_stage():
                 return _summary(a, eos)
             logits = scored[0].transpose(0, 1)  # [s, b, V_pad / tp] -> [b, s, ...]
-        labels = torch.roll(a.tokens, -1, dims=1)
+        labels = torch.roll(tokens, -1, dims=1)
         t_lp = params.logprob_temperature or params.temperature
         fresh, fresh_ent = vocab_parallel_logprobs_and_entropy(
             logits.float(), labels.unsqueeze(-1), temperature=t_lp, vocab_size=VOCAB
         )
+        fresh, fresh_ent = fresh.cpu(), fresh_ent.cpu()
     mask = a.response_mask()
     shifted = torch.roll(mask, -1, dims=1)  # logits at t-1 predict the response token at t
     shifted[:, -1] = False
@@ -158,6 +162,10 @@ def _pp_disagree(expected, eos):
     """FastDecoder unsupported on the last stage only (a reason only one stage can have, such as
     a missing final norm): every stage must take megatron's forward (a stage on FastDecoder
     alone would pair its p2p with the wrong ones and hang); the same tokens."""
+    import warnings
+
+    from megatron.core import parallel_state as ps
+
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
     original = FastDecoder.unsupported
@@ -166,10 +174,15 @@ def _pp_disagree(expected, eos):
     )
     try:
         stats = {}
-        out = _pp_generate(eos, stats)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = _pp_generate(eos, stats)
     finally:
         FastDecoder.unsupported = original
-    return stats["fast"] == 0 and torch.equal(out.tokens, expected)
+    # the stage that cannot use it says why (a TE-spec model is the common case)
+    warned = any("does not support this model (test)" in str(w.message) for w in caught)
+    last = ps.is_pipeline_last_stage()
+    return stats["fast"] == 0 and torch.equal(out.tokens, expected) and warned == last
 
 
 def _pp_fallback(expected, eos):
@@ -281,3 +294,33 @@ def test_sampling_frequencies_follow_the_distribution():
     torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.03, rtol=0)
     p = torch.softmax(logits[0], -1)
     torch.testing.assert_close(ent[0], -(p * p.log()).sum())
+
+
+def _bad_arguments_worker(rank, world):
+    from megatron_eaopd.rollout import generate
+
+    model = _model(world)
+    kw = dict(max_new_tokens=4, eos_id=2, pad_id=PAD, vocab_size=VOCAB, params=SamplingParams(),
+              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    cases = {
+        "no prompts": ([], {}),
+        "max_new_tokens must be >= 1": (_prompts(), dict(max_new_tokens=0)),
+        "max_batch must be an int >= 1": (_prompts(), dict(max_batch=0)),
+        "compact_frac must be in (0, 1]": (_prompts(), dict(compact_frac=0.0)),
+        "generator must be a CPU torch.Generator": (_prompts(), dict(generator=5)),
+        "leaves no room to generate": ([[1] * 40], {}),
+    }
+    messages = {}
+    for expected, (prompts, over) in cases.items():
+        try:
+            generate(model, prompts, **(kw | over))
+            messages[expected] = None
+        except ValueError as exc:
+            messages[expected] = str(exc)
+    return messages
+
+
+def test_generate_rejects_bad_arguments_with_clear_errors():
+    (messages,) = run_distributed(_bad_arguments_worker, 1)
+    for expected, got in messages.items():
+        assert got is not None and expected in got, (expected, got)

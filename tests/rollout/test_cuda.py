@@ -1,0 +1,34 @@
+"""Rollouts on a CUDA device (run on a GPU machine: pytest -m gpu tests/rollout/test_cuda.py).
+
+The CPU tests' workers and checks, run in one NCCL process on the GPU: FastDecoder equals
+megatron's forward for every norm layout (fp32 and bf16); rollouts with FastDecoder and
+compaction, continuous batching, megatron's KV cache and full recompute give the same tokens, and
+the kept log-probs and entropies equal a fresh forward; a bf16 model keeps FastDecoder (its
+first-step check accepts bf16 rounding) and its log-probs stay close to a fresh forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.rollout import test_fast_decode as fd
+from tests.rollout import test_generate as tg
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_fast_decoder_equals_megatron_forward_on_cuda():
+    for layout in fd.LAYOUTS:
+        (res,) = run_distributed(fd._worker, 1, layout, backend="nccl", timeout=300)
+        fd.check_layout(layout, res, cpu=False)
+
+
+def test_rollouts_on_cuda_equal_recompute_and_fresh_forward():
+    (results,) = run_distributed(tg._all_params_worker, 1, backend="nccl", timeout=300)
+    for res in results:
+        tg._check_rollouts([res])
