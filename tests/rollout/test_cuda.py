@@ -28,6 +28,11 @@ def test_fast_decoder_equals_megatron_forward_on_cuda():
         fd.check_layout(layout, res, cpu=False)
 
 
+def test_bf16_first_step_check_on_cuda():
+    (res,) = run_distributed(fd._bf16_check_worker, 1, backend="nccl", timeout=300)
+    fd.check_bf16(res)
+
+
 def test_rollouts_on_cuda_equal_recompute_and_fresh_forward():
     (results,) = run_distributed(tg._all_params_worker, 1, backend="nccl", timeout=300)
     for res in results:

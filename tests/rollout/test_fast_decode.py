@@ -190,14 +190,19 @@ def _bf16_check_worker(rank, world):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_bf16_first_step_check_accepts_rounding_and_rejects_bugs(tp):
     for res in run_distributed(_bf16_check_worker, tp, timeout=300):
-        assert res["accepted"] == 8, res  # every bf16 prefill keeps FastDecoder
         assert res["elementwise_rejects"] > 0, res  # which an elementwise 5e-2 did not
-        for max_batch in (None, 4):
-            fast, warned, _ = res["runs"][False, max_batch]
-            assert fast == 1 and not warned, (max_batch, fast, warned)
-            fast, warned, tokens = res["runs"][True, max_batch]
-            assert fast == 0 and warned, (max_batch, fast, warned)  # RoPE off: megatron's path
-            assert torch.equal(tokens, res["reference"])  # with megatron's tokens
+        check_bf16(res)
+
+
+def check_bf16(res: dict) -> None:
+    """One rank's result of ``_bf16_check_worker``."""
+    assert res["accepted"] == 8, res  # every bf16 prefill keeps FastDecoder
+    for max_batch in (None, 4):
+        fast, warned, _ = res["runs"][False, max_batch]
+        assert fast == 1 and not warned, (max_batch, fast, warned)
+        fast, warned, tokens = res["runs"][True, max_batch]
+        assert fast == 0 and warned, (max_batch, fast, warned)  # RoPE off: megatron's path
+        assert torch.equal(tokens, res["reference"])  # with megatron's tokens
 
 
 @pytest.mark.parametrize("batch_dim,pos_dim", [(1, 3), (1, 0)])  # FastDecoder's, megatron's
