@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_eaopd.parallel.groups import any_rank
 from megatron_eaopd.rollout.fast_decode import FastDecoder
+from megatron_eaopd.rollout.sampling import to_device
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["ContinuousDecoder", "FastDecodeMismatch", "logits_match"]
@@ -153,7 +154,7 @@ class ContinuousDecoder:
             if n:  # each live row feeds its last token at its own position
                 fed = pos - 1
                 parts.append(self.fast.decode_rows(  # end from the host copy: no device sync
-                    self.tokens[rows, fed].to(dev), fed.to(dev), int(fed.max()) + 1
+                    to_device(self.tokens[rows, fed], dev), to_device(fed, dev), int(fed.max()) + 1
                 ))  # fmt: skip
             if m:  # free rows and waiting prompts: refill
                 new = torch.arange(waiting, waiting + m)
@@ -170,8 +171,9 @@ class ContinuousDecoder:
                                                     logits.shape[-1], self.tp_group,
                                                     dev)  # fmt: skip
             keys, u = self.randoms.at(pos, rows)
-            tok, lp, ent = self.sampler.draw(logits, rows.to(dev), keys, u)
-            tok, lp, ent = tok.cpu(), lp.cpu(), ent.cpu()
+            tok, lp, ent = self.sampler.draw(logits, to_device(rows, dev), keys, u)
+            host = torch.stack([tok.double(), lp.double(), ent.double()]).cpu()  # one wait
+            tok, lp, ent = host[0].long(), host[1].float(), host[2].float()
             self.tokens[rows, pos] = tok
             self.logprobs[rows, pos] = lp
             self.entropies[rows, pos] = ent

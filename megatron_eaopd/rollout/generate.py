@@ -55,7 +55,7 @@ from megatron_eaopd.rollout.continuous import (
     warn_fallback,
 )
 from megatron_eaopd.rollout.fast_decode import FastDecoder, compact_rows
-from megatron_eaopd.rollout.sampling import PositionRandoms, SamplingParams
+from megatron_eaopd.rollout.sampling import PositionRandoms, SamplingParams, to_device
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["RolloutBatch", "generate"]
@@ -483,15 +483,14 @@ class _Decoder:
                                                     self.device)  # fmt: skip
             rows = self.active + self.offset  # ids in the call: the random numbers follow them
             keys, u = self.randoms.at(torch.full_like(rows, t), rows)
-            new, lp, ent = self.sampler.draw(logits, rows.to(self.device), keys, u)
-            if self.pp > 1:
-                packed = torch.stack([new.double(), lp.double(), ent.double()])
+            new, lp, ent = self.sampler.draw(logits, to_device(rows, self.device), keys, u)
+            packed = torch.stack([new.double(), lp.double(), ent.double()])  # exact for all 3
         if self.pp > 1:
             if packed is None:
                 packed = torch.empty(3, n, dtype=torch.float64, device=self.device)
             dist.broadcast(packed, src=self.pp_last, group=self.pp_group)
-            new, lp, ent = packed[0].long(), packed[1].float(), packed[2].float()
-        return new.cpu(), lp.cpu(), ent.cpu()
+        host = packed.cpu()  # the step's one wait for the device
+        return host[0].long(), host[1].float(), host[2].float()
 
     def run(self) -> RolloutBatch:
         t = int(self.prompt_lens.min())
@@ -510,7 +509,7 @@ class _Decoder:
             self.finished[self.active[hit_eos]] = True
             self.done |= hit_eos | (t + 1 >= self.cur_limit)
             col = torch.where(generating, new, self.tokens[self.active, t])
-            self.cur_tokens[:, t] = col.to(self.device)
+            self.cur_tokens[:, t] = to_device(col, self.device)
             t += 1
             n_done = int(self.done.sum())
             if n_done == self.done.shape[0]:

@@ -96,6 +96,14 @@ def step_randoms(generator: torch.Generator, rows: int, filtered: bool):
     return int(torch.randint(0, 1 << 32, (1,), generator=generator, device="cpu")), None
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (a CPU tensor the caller does not write again before the copy is queued) on
+    ``device``, without waiting for the device: a host-to-GPU copy from pageable memory is
+    staged at once, so it needs no stream synchronisation (``.to(device)`` alone would wait for
+    every queued kernel). A no-op on the CPU."""
+    return t.to(device, non_blocking=True)
+
+
 class PositionRandoms:
     """The random numbers of a whole ``generate`` call, keyed by sequence position.
 

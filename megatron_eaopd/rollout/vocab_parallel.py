@@ -56,6 +56,7 @@ from megatron_eaopd.rollout.sampling import (
     plain_block,
     row_keys,
     step_randoms,
+    to_device,
 )
 
 __all__ = ["VocabParallelSampler"]
@@ -169,9 +170,9 @@ class VocabParallelSampler:
         self.counters["steps"] += 1
         self.counters["tokens"] += logits.shape[0]
         if self.filtered:
-            return self._filtered(logits, u.to(logits.device))
+            return self._filtered(logits, to_device(u, logits.device))
         if isinstance(keys, torch.Tensor):
-            keys = keys.to(logits.device)
+            keys = to_device(keys, logits.device)
         return self._plain(logits, keys, rows)
 
     # ------------------------------------------------------------------ plain (Gumbel-max)
