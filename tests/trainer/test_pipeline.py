@@ -38,7 +38,27 @@ def _worker(rank, world, tmp, tp):
             f"tokenizer.cache_dir={tmp}/tokenizers",
         ],
     )
-    return run(cfg)
+    # rollouts and evaluation decode with FastDecoder on both stages (no fallback, no stage
+    # without it): count its forwards, keep the warnings that a fallback would give
+    import warnings
+
+    from megatron_eaopd.rollout.fast_decode import FastDecoder
+
+    original, calls = FastDecoder.forward, [0]
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    FastDecoder.forward = counted
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = run(cfg)
+    finally:
+        FastDecoder.forward = original
+    fallbacks = [str(w.message) for w in caught if "megatron's forward" in str(w.message)]
+    return dict(summary, fast_forwards=calls[0], fallbacks=fallbacks)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +68,9 @@ def test_trainer_with_pipeline_parallel_student(tmp_path, tp):
     tmp = str(tmp_path)
     summaries = run_distributed(_worker, 2 * tp, tmp, tp, timeout=600)
     assert all(s["iteration"] == 2 and not s["stopped_early"] for s in summaries)
+    assert all(s["fast_forwards"] > 0 and not s["fallbacks"] for s in summaries), [
+        (s["fast_forwards"], s["fallbacks"]) for s in summaries
+    ]
     # both stages hold the same (reduced) metrics
     same = [
         {k: v for k, v in s["train"].items() if not k.startswith("time_") and k != "tokens_per_s"}
