@@ -5,7 +5,8 @@
 #    layouts), rollouts == megatron's KV cache == recompute, log-probs == a fresh forward;
 # 2) bench_rollout_gpu.py at the issue's shape: Qwen3-1.7B-shaped, bf16, batch 128, 512-token
 #    prompts, 1024 new tokens: ours, ours through megatron's forward, transformers' generate
-#    (about 3-5 minutes on one H100/H200).
+#    (expected 3-5 minutes on one H100/H200; at most 9 with the timeouts below, so that one
+#    device call of 10 minutes holds it).
 # megatron-core must import. Where it is not installed and pip cannot reach an index, put its
 # wheel in .whl/ first, on a machine that can (the wheel's Python version must match), e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -22,7 +23,7 @@ nvidia-smi -L
 python3 -c "import torch, transformers, megatron.core as m
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core',
       m.__version__)"
-timeout 300 python3 -m pytest -q -m gpu tests/rollout/test_cuda.py -p no:cacheprovider 2>&1 \
+timeout 180 python3 -m pytest -q -m gpu tests/rollout/test_cuda.py -p no:cacheprovider 2>&1 \
   | tail -25
-timeout 480 python3 benchmarks/bench_rollout_gpu.py --json "$out/bench_rollout_gpu.json" 2>&1 \
+timeout 360 python3 benchmarks/bench_rollout_gpu.py --json "$out/bench_rollout_gpu.json" 2>&1 \
   | grep -v -i "warn" | tee "$out/bench_rollout_gpu.log"
