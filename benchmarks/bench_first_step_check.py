@@ -8,7 +8,7 @@ unmodified FastDecoder and for planted bugs, and whether the check accepts each:
 
 - ``none``: FastDecoder as shipped (bf16: rounding only);
 - ``no RoPE``: queries and keys not rotated;
-- ``RoPE +1``: the rotation of the next position (an off-by-one);
+- ``RoPE -1``: the rotation of the previous position (an off-by-one);
 - ``scale x1.25``: a wrong attention softmax scale;
 - ``no final norm``: the output layer on the un-normalised hidden states.
 
@@ -33,7 +33,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-BUGS = ("none", "no RoPE", "RoPE +1", "scale x1.25", "no final norm")
+BUGS = ("none", "no RoPE", "RoPE -1", "scale x1.25", "no final norm")
 
 
 def _model(kind: str, layers: int, dtype: str):
@@ -75,7 +75,7 @@ def _planted(bug: str):
     rope, logits, init = FastDecoder._rope, FastDecoder._logits, FastDecoder.__init__
     if bug == "no RoPE":
         FastDecoder._rope = lambda self, x, cos, sin: x
-    elif bug == "RoPE +1":
+    elif bug == "RoPE -1":
         FastDecoder._rope = lambda self, x, cos, sin: rope(
             self, x, torch.roll(cos, 1, 0), torch.roll(sin, 1, 0)
         )

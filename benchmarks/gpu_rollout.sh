@@ -23,7 +23,12 @@ nvidia-smi -L
 python3 -c "import torch, transformers, megatron.core as m
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core',
       m.__version__)"
-timeout 180 python3 -m pytest -q -m gpu tests/rollout/test_cuda.py -p no:cacheprovider 2>&1 \
-  | tail -25
-timeout 360 python3 benchmarks/bench_rollout_gpu.py --json "$out/bench_rollout_gpu.json" 2>&1 \
-  | grep -v -i "warn" | tee "$out/bench_rollout_gpu.log"
+# full logs under OUT_DIR; the JSON gets each decoder's row as soon as it is measured
+timeout 180 python3 -m pytest -q -m gpu tests/rollout/test_cuda.py -p no:cacheprovider \
+  >"$out/test_cuda.log" 2>&1
+echo "test_cuda.py exit status $?"
+tail -25 "$out/test_cuda.log"
+timeout 360 python3 benchmarks/bench_rollout_gpu.py --json "$out/bench_rollout_gpu.json" \
+  >"$out/bench_rollout_gpu.log" 2>&1
+echo "bench_rollout_gpu.py exit status $?"
+grep -E "^(  |###|\|)" "$out/bench_rollout_gpu.log"

@@ -22,7 +22,6 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from megatron_eaopd.parallel.groups import any_rank
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.sampling import to_device
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
@@ -35,43 +34,51 @@ class FastDecodeMismatch(RuntimeError):
 
 
 # bf16 / fp16 / TF32: the largest |FastDecoder - megatron| logit difference allowed, as a fraction
-# of the largest |megatron| logit. Measured on the first-step logits (4 rows, 24-32 positions):
-# bf16 rounding gives 0.013 (the tests' 2-layer model), 0.019 (Qwen3-1.7B width, 8 layers) and
-# 0.034 (all 28 layers, its 151,936 vocabulary), FastDecoder as close to an fp32 forward as
-# megatron's own bf16 forward; planted bugs give 0.29-9 (RoPE off or one position off, attention
-# scale x1.25, no final norm). An elementwise allclose at 5e-2 rejected every 28-layer bf16 call.
+# of the largest |megatron| logit. Measured on the first-step logits (benchmarks/
+# bench_first_step_check.py; random weights): bf16 rounding gives 0.014 (the tests' 2-layer
+# model), 0.020 (Qwen3-1.7B width, 8 layers) and 0.034 (all 28 layers, its 151,936 vocabulary),
+# FastDecoder as close to an fp32 forward as megatron's own bf16 forward; planted bugs give
+# 0.35-9.4 (RoPE off or one position off, attention scale x1.25, no final norm). An elementwise
+# allclose at 5e-2 rejected every one of those bf16 calls.
 LOW_PRECISION_TOL = 0.1
 
 
-def _exact(dtype: torch.dtype, device: torch.device) -> bool:
-    """fp32 logits computed without TF32 matmuls (compared elementwise at 1e-4)."""
+def _low_precision(dtype: torch.dtype, device: torch.device) -> bool:
+    """bf16 / fp16 logits, or fp32 ones from TF32 matmuls (the scale-relative rule)."""
     if dtype != torch.float32:
-        return False
-    return device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32
+        return True
+    return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
 def logits_match(logits: torch.Tensor, reference: torch.Tensor, tp_group) -> bool:
     """Whether FastDecoder's logits shard equals megatron's, judged over the whole TP group.
 
     fp32: elementwise ``allclose`` at 1e-4 on every rank. bf16 / fp16 parameters (or TF32
-    matmuls): max |logits - reference| over the group's shards <= ``LOW_PRECISION_TOL`` times
-    max |reference| (rounding grows with depth and with the logits' scale, so an elementwise
-    tolerance rejects correct low-precision forwards; a forward that differs in structure is
-    off by a large fraction of the scale). Each rank holds a different vocabulary shard, so the
-    verdict is agreed (1 all-reduce, MAX, of one element (fp32) or two (the difference and the
-    scale)) and all ranks take the same path (a rank falling back alone would pair its
-    collectives with the wrong ones: a hang)."""
+    matmuls on any rank): max |logits - reference| over the group's shards <=
+    ``LOW_PRECISION_TOL`` times max |reference| (rounding grows with depth and with the logits'
+    scale, so an elementwise tolerance rejects correct low-precision forwards; a forward that
+    differs in structure is off by a large fraction of the scale). A NaN or inf anywhere is a
+    mismatch. Each rank holds a different vocabulary shard, so the verdict is agreed: 1
+    all-reduce (MAX) of 5 elements, the same on every rank and path, and all ranks take the same
+    path (a rank falling back alone would pair its collectives with the wrong ones: a hang)."""
     from megatron_eaopd.parallel.groups import tp_rank_and_size
 
-    if _exact(reference.dtype, reference.device):
-        bad = not torch.allclose(logits.float(), reference.float(), atol=1e-4, rtol=1e-4)
-        return not any_rank(bad, tp_group, logits.device)
-    ref = reference.float()
-    stats = torch.stack([(logits.float() - ref).abs().max(), ref.abs().max()])
-    if tp_rank_and_size(tp_group)[1] > 1:
+    got, ref = logits.float(), reference.float()
+    flags = [
+        _low_precision(reference.dtype, reference.device),
+        not torch.allclose(got, ref, atol=1e-4, rtol=1e-4),
+        not bool(torch.isfinite(got).all() and torch.isfinite(ref).all()),
+    ]
+    stats = torch.cat([
+        torch.tensor(flags, dtype=torch.float32, device=got.device),
+        torch.stack([(got - ref).abs().max(), ref.abs().max()]),
+    ])  # fmt: skip
+    if tp_rank_and_size(tp_group)[1] > 1:  # MAX: a NaN could be dropped, hence the flag
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=tp_group)
-    diff, scale = stats.tolist()
-    return diff <= LOW_PRECISION_TOL * scale  # False for NaN
+    low, elementwise_bad, nonfinite, diff, scale = stats.tolist()
+    if nonfinite:
+        return False
+    return diff <= LOW_PRECISION_TOL * scale if low else not elementwise_bad
 
 
 class ContinuousDecoder:
@@ -127,11 +134,12 @@ class ContinuousDecoder:
         logits [m, V_pad / tp]."""
         dev = self.device
         lens = self.prompt_lens[new]
-        tokens = self.tokens[new, : int(lens.max())].to(dev)
+        tokens = to_device(self.tokens[new, : int(lens.max())], dev)
+        lens_dev = to_device(lens, dev)
         slots = torch.arange(first_slot, first_slot + len(new), device=dev)
-        logits = self.fast.prefill_rows(tokens, lens.to(dev), slots)
+        logits = self.fast.prefill_rows(tokens, lens_dev, slots)
         if self.reference is not None:
-            ref = self.reference(tokens)[torch.arange(len(new), device=dev), lens.to(dev) - 1]
+            ref = self.reference(tokens)[torch.arange(len(new), device=dev), lens_dev - 1]
             self.reference = None
             if not logits_match(logits, ref, self.tp_group):
                 raise FastDecodeMismatch("FastDecoder's logits differ from megatron's forward")
@@ -201,7 +209,8 @@ class ContinuousDecoder:
         if len(holes):
             self.counters["compactions"] += 1
             cached = int(pos[movers].max()) - 1  # positions [0, pos - 1) are in the cache
-            self.fast.move_rows(movers.to(self.device), holes.to(self.device), cached)
+            self.fast.move_rows(to_device(movers, self.device), to_device(holes, self.device),
+                                cached)  # fmt: skip
             order[holes] = movers
         return rows[order], pos[order]
 

@@ -432,7 +432,8 @@ class FastDecoder:
 
 def compact_rows(cache: torch.Tensor, idx: torch.Tensor, length: int, batch_dim: int,
                  pos_dim: int) -> None:  # fmt: skip
-    """Move rows ``idx`` (ascending int64 on the cache's device) of ``cache`` along
+    """Move rows ``idx`` (ascending and distinct, int64 on the cache's device; checked when
+    that is the CPU) of ``cache`` along
     ``batch_dim`` to rows [0, len(idx)), positions [0, length) along ``pos_dim``, in place.
 
     The copy runs in chunks of about an eighth of the batch: row j's source idx[j] >= j, so a
@@ -440,6 +441,8 @@ def compact_rows(cache: torch.Tensor, idx: torch.Tensor, length: int, batch_dim:
     than a second cache (which would double the KV memory at the moment of compaction).
     No communication.
     """
+    if idx.device.type == "cpu" and bool((idx[1:] <= idx[:-1]).any()):  # free on the host
+        raise ValueError("compact_rows needs ascending, distinct row indices")
     cached = cache.narrow(pos_dim, 0, length)
     step = max(1, cache.shape[batch_dim] // 8)
     for lo in range(0, len(idx), step):

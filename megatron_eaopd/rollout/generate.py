@@ -529,7 +529,7 @@ class _Decoder:
         idx = keep.nonzero().squeeze(1)
         self.active, self.done = self.active[idx], self.done[idx]
         self.cur_prompt_lens, self.cur_limit = self.cur_prompt_lens[idx], self.cur_limit[idx]
-        dev_idx = idx.to(self.device)
+        dev_idx = to_device(idx, self.device)
         self.cur_tokens = self.cur_tokens.index_select(0, dev_idx)
         if self.fast is not None:
             self.fast.compact(dev_idx, self.cached)

@@ -97,10 +97,10 @@ def step_randoms(generator: torch.Generator, rows: int, filtered: bool):
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` (a CPU tensor the caller does not write again before the copy is queued) on
-    ``device``, without waiting for the device: a host-to-GPU copy from pageable memory is
-    staged at once, so it needs no stream synchronisation (``.to(device)`` alone would wait for
-    every queued kernel). A no-op on the CPU."""
+    """``t.to(device, non_blocking=True)``: a host-to-GPU copy queued without the explicit wait
+    for the device's queued kernels that a blocking ``.to`` makes. ``t`` must be a CPU tensor
+    the host does not write afterwards (every caller passes a freshly made one). A no-op on the
+    CPU."""
     return t.to(device, non_blocking=True)
 
 

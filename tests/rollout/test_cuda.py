@@ -4,7 +4,8 @@ The CPU tests' workers and checks, run in one NCCL process on the GPU: FastDecod
 megatron's forward for every norm layout (fp32 and bf16); rollouts with FastDecoder and
 compaction, continuous batching, megatron's KV cache and full recompute give the same tokens, and
 the kept log-probs and entropies equal a fresh forward; a bf16 model keeps FastDecoder (its
-first-step check accepts bf16 rounding) and its log-probs stay close to a fresh forward.
+first-step check accepts bf16 rounding) and falls back, with megatron's tokens, when RoPE is
+switched off.
 """
 
 from __future__ import annotations
