@@ -1,4 +1,5 @@
-"""A lean KV-cache forward of megatron-core's local-spec GPTModel for rollouts (any TP and PP).
+"""A lean KV-cache forward of megatron-core's GPTModel for rollouts (any TP and PP; the local
+spec, or Transformer Engine's with its fused norm + linear layers).
 
 megatron-core's static-batching decode path re-applies RoPE to the whole cached key and expands
 the grouped KV heads (``repeat_interleave``) of the whole cache in every layer at every step, and
@@ -17,9 +18,13 @@ states received from the previous stage and sends its output on (p2p, [n, s, h])
 embeds, the last gives the logits. ``forward`` does this; the per-row ``decode_rows`` /
 ``prefill_rows`` of continuous batching are PP 1 only.
 
+Transformer Engine's layer spec (where TE is installed, the default) keeps the same weight
+layouts; its ``LayerNormLinear`` holds the norm before linear_qkv / linear_fc1 (``LinearNorm``
+computes it from the attributes megatron's own TE code reads) and its separate norms (QK norms,
+the final norm) run as modules. Only the weights are read: no TE module's forward runs.
+
 ``FastDecoder.unsupported(module)`` names the first feature this forward does not reproduce
-(virtual PP, TE fused layers, MoE, sequence parallel, biases on skip-add paths we do not
-model...);
+(virtual PP, other TE layers, fp8, MoE, sequence parallel, sliding windows...);
 the caller then keeps megatron's forward. ``generate`` also compares the first step's logits
 with megatron's forward of the same prefix and falls back (with a warning) on any mismatch.
 
@@ -58,7 +63,55 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["FastDecoder"]
+__all__ = ["FastDecoder", "LinearNorm", "compact_rows"]
+
+# Transformer Engine linears of megatron's TE layer spec (weights laid out as the local spec's)
+_TE_LINEARS = {
+    "linear_qkv": ("TELayerNormColumnParallelLinear", "TEColumnParallelLinear"),
+    "linear_proj": ("TERowParallelLinear",),
+    "linear_fc1": ("TELayerNormColumnParallelLinear", "TEColumnParallelLinear"),
+    "linear_fc2": ("TERowParallelLinear",),
+}
+_NORM_INSIDE = {"input_layernorm": "linear_qkv", "pre_mlp_layernorm": "linear_fc1"}
+
+
+class LinearNorm:
+    """The norm a Transformer Engine ``LayerNormLinear`` applies before its matmul (megatron's
+    TE spec fuses the input norm into ``linear_qkv`` and the pre-MLP norm into ``linear_fc1``,
+    leaving ``IdentityOp`` in their place), as a callable on [..., in]: RMSNorm or LayerNorm
+    (``normalization``) with gain ``layer_norm_weight`` (+ 1 with ``zero_centered_gamma``), shift
+    ``layer_norm_bias`` and ``eps``: the attributes megatron's own TE code reads. Computed in
+    fp32 and cast back (as TE does). No communication."""
+
+    def __init__(self, linear):
+        self.kind, self.eps = linear.normalization, float(linear.eps)
+        gain = linear.layer_norm_weight.detach().float()
+        self.weight = gain + 1.0 if getattr(linear, "zero_centered_gamma", False) else gain
+        shift = getattr(linear, "layer_norm_bias", None)
+        self.bias = None if shift is None or shift.numel() == 0 else shift.detach().float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[-1],)
+        if self.kind == "RMSNorm":
+            y = F.rms_norm(x.float(), shape, self.weight, self.eps)
+        else:
+            y = F.layer_norm(x.float(), shape, self.weight, self.bias, self.eps)
+        return y.to(x.dtype)
+
+
+def _norm_before(norm, linear):
+    """The norm applied before ``linear``: ``norm`` itself, or the one fused into a TE linear."""
+    if type(norm).__name__ in ("IdentityOp", "IdentityFuncOp") and hasattr(
+        linear, "layer_norm_weight"
+    ):
+        return LinearNorm(linear)
+    return norm
+
+
+def _bias(layer):
+    """A linear's bias, or None (TE keeps an empty tensor when there is none)."""
+    bias = getattr(layer, "bias", None)
+    return None if bias is None or bias.numel() == 0 else bias
 
 
 class FastDecoder:
@@ -92,7 +145,7 @@ class FastDecoder:
             "apply_query_key_layer_scaling": False, "num_moe_experts": None,
             "multi_latent_attention": False, "attention_output_gate": False,
             "context_parallel_size": 1, "mtp_num_layers": None, "softmax_scale": None,
-            "fp32_residual_connection": False,
+            "fp32_residual_connection": False, "fp8": None, "fp4": None, "window_size": None,
         }  # fmt: skip
         for name, want in checks.items():
             if getattr(cfg, name, want) != want:
@@ -114,7 +167,18 @@ class FastDecoder:
             }  # fmt: skip
             for name, sub in names.items():
                 kind = type(sub).__name__
-                if sub is None or kind.startswith("TE") or kind in ("IdentityOp", "IdentityFuncOp"):
+                if name in _NORM_INSIDE and kind in ("IdentityOp", "IdentityFuncOp"):
+                    linear = names[_NORM_INSIDE[name]]  # TE spec: the norm is in that linear
+                    if getattr(linear, "normalization", None) in ("RMSNorm", "LayerNorm") and (
+                        getattr(linear, "layer_norm_weight", None) is not None
+                    ):
+                        continue
+                te_ok = kind in _TE_LINEARS.get(name, ())
+                if (
+                    sub is None
+                    or (kind.startswith("TE") and not te_ok)
+                    or kind in ("IdentityOp", "IdentityFuncOp")
+                ):
                     return f"layer {name} is {kind}"
             if type(layer.cross_attention).__name__ != "IdentityOp":
                 return "cross attention"
@@ -160,14 +224,21 @@ class FastDecoder:
         self.transposed: dict = {}
         # id(norm) -> (norm, eps, weight, [in, out] copy scaled by the norm's gain) on CPU
         self.folded: dict = {}
+        # layer i -> (input norm, pre-MLP norm): the modules, or for Transformer Engine's fused
+        # LayerNormLinear (its norm inside linear_qkv / linear_fc1) a ``LinearNorm``
+        self.norms = [
+            (_norm_before(layer.input_layernorm, layer.self_attention.linear_qkv),
+             _norm_before(layer.pre_mlp_layernorm, layer.mlp.linear_fc1))
+            for layer in module.decoder.layers
+        ]  # fmt: skip
         if device.type == "cpu":
-            for layer in module.decoder.layers:
+            for layer, (norm_in, norm_mlp) in zip(module.decoder.layers, self.norms):
                 attn, mlp = layer.self_attention, layer.mlp
                 for sub in (attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2):
                     w = sub.weight
                     self.transposed[id(w)] = (w, w.detach().t().contiguous())
-                self._fold(layer.input_layernorm, attn.linear_qkv.weight)
-                self._fold(layer.pre_mlp_layernorm, mlp.linear_fc1.weight)
+                self._fold(norm_in, attn.linear_qkv.weight)
+                self._fold(norm_mlp, mlp.linear_fc1.weight)
             if self.last:
                 out = self._output_weight()
                 self.transposed[id(out)] = (out, out.detach().t().contiguous())
@@ -259,7 +330,7 @@ class FastDecoder:
         out = self._matmul(x, layer.weight)
         if reduce is not None:
             out = reduce(out)
-        bias = getattr(layer, "bias", None)
+        bias = _bias(layer)
         return out if bias is None else out + bias
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend):
@@ -274,9 +345,9 @@ class FastDecoder:
         r = self.heads // self.groups
         cos_g, sin_g = cos.unsqueeze(-2), sin.unsqueeze(-2)  # against [n, s, groups, r + 1, d]
         for i, layer in enumerate(self.module.decoder.layers):
-            attn = layer.self_attention
-            qkv = self._norm_linear(layer.input_layernorm, h, attn.linear_qkv.weight,
-                                    getattr(attn.linear_qkv, "bias", None))  # fmt: skip
+            attn, (norm_in, norm_mlp) = layer.self_attention, self.norms[i]
+            qkv = self._norm_linear(norm_in, h, attn.linear_qkv.weight,
+                                    _bias(attn.linear_qkv))  # fmt: skip
             qkv = qkv.view(n, s, self.groups, r + 2, self.d)  # megatron's per-group [q.., k, v]
             qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]
             fused = self.qk_norm[i]
@@ -296,8 +367,7 @@ class FastDecoder:
             ctx = attend(i, q, k, v).reshape(n, s, self.heads * self.d)
             h = h + self._linear(attn.linear_proj, ctx, self._reduce)
             fc1 = layer.mlp.linear_fc1
-            y = self._norm_linear(layer.pre_mlp_layernorm, h, fc1.weight,
-                                  getattr(fc1, "bias", None))  # fmt: skip
+            y = self._norm_linear(norm_mlp, h, fc1.weight, _bias(fc1))
             if self.gated:
                 a, b = y.chunk(2, dim=-1)
                 y = self.act(a) * b

@@ -266,3 +266,98 @@ def test_compact_rows_refuses_unordered_rows():
     for idx in ([2, 0], [1, 1]):
         with pytest.raises(ValueError, match="ascending, distinct"):
             compact_rows(torch.zeros(4, 3, 2), torch.tensor(idx), 2, batch_dim=0, pos_dim=1)
+
+
+class TELayerNormColumnParallelLinear(torch.nn.Module):
+    """Stands in for Transformer Engine's fused norm + column-parallel linear (TE does not run on
+    a CPU): the weight, an empty bias tensor when there is none (TE's convention), and the norm
+    attributes megatron-core's own TE code reads (normalization, eps, zero_centered_gamma,
+    layer_norm_weight, layer_norm_bias). Its forward must never run."""
+
+    def __init__(self, linear, norm, zero_centered: bool):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias if linear.bias is not None else torch.empty(0)
+        self.normalization = "RMSNorm" if isinstance(norm, torch.nn.RMSNorm) else "LayerNorm"
+        self.eps = norm.eps
+        self.zero_centered_gamma = zero_centered
+        gain = norm.weight.detach() - 1.0 if zero_centered else norm.weight.detach()
+        self.layer_norm_weight = torch.nn.Parameter(gain)
+        self.layer_norm_bias = getattr(norm, "bias", None)
+
+    forward = _forbidden
+
+
+class TERowParallelLinear(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias if linear.bias is not None else torch.empty(0)
+
+    forward = _forbidden
+
+
+def _te_shaped(model, zero_centered: bool):
+    """Swap the local spec's norms and linears for TE-shaped ones holding the same weights."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    for layer in model.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        attn.linear_qkv = TELayerNormColumnParallelLinear(attn.linear_qkv, layer.input_layernorm,
+                                                          zero_centered)  # fmt: skip
+        mlp.linear_fc1 = TELayerNormColumnParallelLinear(mlp.linear_fc1, layer.pre_mlp_layernorm,
+                                                         zero_centered)  # fmt: skip
+        layer.input_layernorm, layer.pre_mlp_layernorm = IdentityOp(), IdentityOp()
+        attn.linear_proj = TERowParallelLinear(attn.linear_proj)
+        mlp.linear_fc2 = TERowParallelLinear(mlp.linear_fc2)
+
+
+def _te_worker(rank, world):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_eaopd.rollout.fast_decode import FastDecoder
+
+    out = {}
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(1, VOCAB, (3, 12), generator=gen)
+    for layout in ("rms_qk", "rms_qk_r1_bias", "layernorm_qk"):
+        for zero_centered in (False, True):
+            model = _model(world, layout)
+            with torch.no_grad():
+                ref = _reference(model, tokens).float()  # the local spec's own forward
+                _te_shaped(model, zero_centered)
+                reason = FastDecoder.unsupported(model)
+                fast = FastDecoder(model, 3, 12, ps.get_tensor_model_parallel_group())
+                got = [fast.forward(tokens[:, :5], 0)]
+                got += [fast.forward(tokens[:, t : t + 1], t) for t in range(5, 12)]
+                err = max(float((g.float() - ref[:, i + 4]).abs().max()) for i, g in enumerate(got))
+            out[layout, zero_centered] = dict(reason=reason, err=err, scale=float(ref.abs().max()))
+    # what it must refuse: a TE layer it does not know, an IdentityOp with no norm behind it, fp8
+    model = _model(world, "rms_qk")
+    _te_shaped(model, False)
+    unknown = type("TELayerNormMLP", (torch.nn.Module,), {})
+    model.decoder.layers[0].mlp.linear_fc2.__class__ = unknown
+    out["unknown"] = FastDecoder.unsupported(model)
+    model = _model(world, "rms_qk")
+    model.decoder.layers[0].input_layernorm = IdentityOp()
+    out["no norm"] = FastDecoder.unsupported(model)
+    model = _model(world, "rms_qk")
+    model.config.fp8 = "hybrid"
+    out["fp8"] = FastDecoder.unsupported(model)
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fast_decoder_reads_transformer_engine_layers(tp):
+    """Megatron's TE spec (the default where TE is installed): the norm fused into
+    linear_qkv / linear_fc1, empty bias tensors. FastDecoder on TE-shaped layers == the local
+    spec's forward of the same weights, zero-centred gains included; unknown layers refused."""
+    for res in run_distributed(_te_worker, tp, timeout=300):
+        for key, r in res.items():
+            if isinstance(key, tuple):
+                assert r["reason"] is None, (key, r)
+                assert r["err"] < 2e-5 * r["scale"], (key, r)
+        assert res["unknown"] == "layer linear_fc2 is TELayerNormMLP", res["unknown"]
+        assert res["no norm"] == "layer input_layernorm is IdentityOp", res["no norm"]
+        assert res["fp8"] == "config.fp8='hybrid'", res["fp8"]
