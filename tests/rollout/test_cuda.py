@@ -23,13 +23,8 @@ pytestmark = [
 ]
 
 
-def layouts_worker(rank, world):
-    """Every layout in one process (one start-up, not six: a GPU session's minutes count)."""
-    return {layout: fd._worker(rank, world, layout) for layout in fd.LAYOUTS}
-
-
 def test_fast_decoder_equals_megatron_forward_on_cuda():
-    (results,) = run_distributed(layouts_worker, 1, backend="nccl", timeout=300)
+    (results,) = run_distributed(fd.layouts_worker, 1, backend="nccl", timeout=300)
     for layout, res in results.items():
         fd.check_layout(layout, res, cpu=False)
 

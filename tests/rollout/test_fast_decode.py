@@ -133,10 +133,16 @@ def check_layout(layout: str, res: dict, cpu: bool = True) -> None:
     assert res["qk_fused"] == (2 if layout in FUSED else 0), (layout, res)
 
 
+def layouts_worker(rank, world):
+    """Every layout in one process group (one start-up, not six)."""
+    return {layout: _worker(rank, world, layout) for layout in LAYOUTS}
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_fast_decoder_equals_megatron_forward(tp):
-    for layout in LAYOUTS:
-        for res in run_distributed(_worker, tp, layout, timeout=300):
+    for results in run_distributed(layouts_worker, tp, timeout=300):
+        assert set(results) == set(LAYOUTS)
+        for layout, res in results.items():
             check_layout(layout, res)
 
 
