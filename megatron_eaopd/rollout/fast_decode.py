@@ -65,13 +65,16 @@ import torch.nn.functional as F
 
 __all__ = ["FastDecoder", "LinearNorm", "compact_rows"]
 
-# Transformer Engine linears of megatron's TE layer spec (weights laid out as the local spec's)
-_TE_LINEARS = {
-    "linear_qkv": ("TELayerNormColumnParallelLinear", "TEColumnParallelLinear"),
-    "linear_proj": ("TERowParallelLinear",),
-    "linear_fc1": ("TELayerNormColumnParallelLinear", "TEColumnParallelLinear"),
-    "linear_fc2": ("TERowParallelLinear",),
-}
+# the linears of megatron's local and Transformer Engine layer specs (the same weight layouts);
+# any other class (quantized, inference-only, ...) is refused
+_LINEARS = {
+    "linear_qkv": ("ColumnParallelLinear", "TELayerNormColumnParallelLinear",
+                   "TEColumnParallelLinear"),
+    "linear_proj": ("RowParallelLinear", "TERowParallelLinear"),
+    "linear_fc1": ("ColumnParallelLinear", "TELayerNormColumnParallelLinear",
+                   "TEColumnParallelLinear"),
+    "linear_fc2": ("RowParallelLinear", "TERowParallelLinear"),
+}  # fmt: skip
 _NORM_INSIDE = {"input_layernorm": "linear_qkv", "pre_mlp_layernorm": "linear_fc1"}
 
 
@@ -115,7 +118,7 @@ def _bias(layer):
 
 
 class FastDecoder:
-    """KV-cache forward of a local-spec GPTModel (see the module docstring).
+    """KV-cache forward of a local- or TE-spec GPTModel (see the module docstring).
 
     Args:
         module: the bare GPTModel (eval mode).
@@ -146,6 +149,8 @@ class FastDecoder:
             "multi_latent_attention": False, "attention_output_gate": False,
             "context_parallel_size": 1, "mtp_num_layers": None, "softmax_scale": None,
             "fp32_residual_connection": False, "fp8": None, "fp4": None, "window_size": None,
+            "quant_recipe": None, "softmax_type": "vanilla", "no_rope_freq": None,
+            "glu_linear_offset": 0.0, "activation_func_clamp_value": None,
         }  # fmt: skip
         for name, want in checks.items():
             if getattr(cfg, name, want) != want:
@@ -167,18 +172,19 @@ class FastDecoder:
             }  # fmt: skip
             for name, sub in names.items():
                 kind = type(sub).__name__
-                if name in _NORM_INSIDE and kind in ("IdentityOp", "IdentityFuncOp"):
-                    linear = names[_NORM_INSIDE[name]]  # TE spec: the norm is in that linear
-                    if getattr(linear, "normalization", None) in ("RMSNorm", "LayerNorm") and (
-                        getattr(linear, "layer_norm_weight", None) is not None
+                if name in _NORM_INSIDE:
+                    linear = names[_NORM_INSIDE[name]]
+                    fused = getattr(linear, "layer_norm_weight", None) is not None
+                    identity = kind in ("IdentityOp", "IdentityFuncOp")
+                    if (
+                        fused
+                        and identity
+                        and getattr(linear, "normalization", None) in ("RMSNorm", "LayerNorm")
                     ):
-                        continue
-                te_ok = kind in _TE_LINEARS.get(name, ())
-                if (
-                    sub is None
-                    or (kind.startswith("TE") and not te_ok)
-                    or kind in ("IdentityOp", "IdentityFuncOp")
-                ):
+                        continue  # TE spec: the norm is inside that linear
+                    if fused or identity:  # a norm twice, or none, before the linear
+                        return f"layer {name} is {kind} before a {type(linear).__name__}"
+                elif kind not in _LINEARS[name]:  # other linears (quantized, inference-only, ..)
                     return f"layer {name} is {kind}"
             if type(layer.cross_attention).__name__ != "IdentityOp":
                 return "cross attention"

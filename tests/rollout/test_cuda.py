@@ -10,6 +10,8 @@ switched off.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -38,3 +40,20 @@ def test_rollouts_on_cuda_equal_recompute_and_fresh_forward():
     (results,) = run_distributed(tg._all_params_worker, 1, backend="nccl", timeout=300)
     for res in results:
         tg._check_rollouts([res])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is None, reason="needs Transformer Engine"
+)
+def test_fast_decoder_equals_megatron_forward_with_transformer_engine():
+    """Megatron's TE spec (fused norm + linear, TE norms as modules): FastDecoder reads its
+    weights; its logits equal TE's own forward (fp32 elementwise, bf16 at the check's
+    tolerance). The CPU tests use stand-ins with TE's attributes; this is the real thing."""
+    layouts = ("rms_qk", "rms", "layernorm_qk", "rms_qk_bf16")
+    (results,) = run_distributed(fd.layouts_worker, 1, True, layouts, backend="nccl",
+                                 timeout=300)  # fmt: skip
+    for layout, res in results.items():
+        assert res["scale"] > 1.0, (layout, res)
+        # fp32: TE's GEMMs may run in TF32 (the first-step check's low-precision case too)
+        tol = (5e-2 if layout.endswith("bf16") else 2e-3) * res["scale"]
+        assert res["err"] < tol and res["err_rows"] < tol, (layout, res)

@@ -36,7 +36,7 @@ LAYOUTS = {
 FUSED = ("rms_qk", "rms_qk_r1_bias")  # fold and QK fusion expected
 
 
-def _model(tp, layout):
+def _model(tp, layout, use_te=False):
     from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
     from megatron_eaopd.parallel.init import initialize_parallel
 
@@ -47,7 +47,7 @@ def _model(tp, layout):
         vocab_size=VOCAB, max_sequence_length=24, make_vocab_size_divisible_by=8,
         untie_embeddings_and_output_weights=True, **kw,
     )  # fmt: skip
-    (model,) = build_model(cfg)
+    (model,) = build_model(cfg, use_te=use_te)
     init_weights_layout_invariant([model], 3, std=0.3)
     with torch.no_grad():  # gains away from 1, so a dropped or misplaced gain shows
         gen = torch.Generator().manual_seed(11)
@@ -76,13 +76,13 @@ def _forbidden(*_args, **_kwargs):
     raise AssertionError("a norm module ran on a fused path")
 
 
-def _worker(rank, world, layout):
+def _worker(rank, world, layout, use_te=False):
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.parallel.init import compute_device
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
-    model = _model(world, layout)
+    model = _model(world, layout, use_te)
     gen = torch.Generator().manual_seed(5)
     dev = compute_device()  # the CPU here; a GPU in tests/rollout/test_cuda.py
     tokens = torch.randint(1, VOCAB, (3, 12), generator=gen).to(dev)
@@ -133,9 +133,9 @@ def check_layout(layout: str, res: dict, cpu: bool = True) -> None:
     assert res["qk_fused"] == (2 if layout in FUSED else 0), (layout, res)
 
 
-def layouts_worker(rank, world):
+def layouts_worker(rank, world, use_te=False, layouts=tuple(LAYOUTS)):
     """Every layout in one process group (one start-up, not six)."""
-    return {layout: _worker(rank, world, layout) for layout in LAYOUTS}
+    return {layout: _worker(rank, world, layout, use_te) for layout in layouts}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -348,9 +348,19 @@ def _te_worker(rank, world):
     model = _model(world, "rms_qk")
     model.decoder.layers[0].input_layernorm = IdentityOp()
     out["no norm"] = FastDecoder.unsupported(model)
-    model = _model(world, "rms_qk")
-    model.config.fp8 = "hybrid"
-    out["fp8"] = FastDecoder.unsupported(model)
+    model = _model(world, "rms_qk")  # a TE linear's fused norm after a norm module: two norms
+    mlp = model.decoder.layers[1].mlp
+    mlp.linear_fc1 = TELayerNormColumnParallelLinear(mlp.linear_fc1, torch.nn.RMSNorm(32), False)
+    out["two norms"] = FastDecoder.unsupported(model)
+    model = _model(world, "rms_qk")  # a linear class of neither spec (e.g. inference-only)
+    attn = model.decoder.layers[0].self_attention
+    attn.linear_qkv.__class__ = type("InferenceLayerNormColumnParallelLinear",
+                                     (type(attn.linear_qkv),), {})  # fmt: skip
+    out["other linear"] = FastDecoder.unsupported(model)
+    for name, value in (("fp8", "hybrid"), ("quant_recipe", object()), ("window_size", (8, 0))):
+        model = _model(world, "rms_qk")
+        setattr(model.config, name, value)
+        out[name] = FastDecoder.unsupported(model)
     return out
 
 
@@ -365,5 +375,15 @@ def test_fast_decoder_reads_transformer_engine_layers(tp):
                 assert r["reason"] is None, (key, r)
                 assert r["err"] < 2e-5 * r["scale"], (key, r)
         assert res["unknown"] == "layer linear_fc2 is TELayerNormMLP", res["unknown"]
-        assert res["no norm"] == "layer input_layernorm is IdentityOp", res["no norm"]
+        assert res["no norm"] == (
+            "layer input_layernorm is IdentityOp before a ColumnParallelLinear"
+        ), res["no norm"]
+        assert res["two norms"] == (
+            "layer pre_mlp_layernorm is RMSNorm before a TELayerNormColumnParallelLinear"
+        ), res["two norms"]
+        assert res["other linear"] == (
+            "layer linear_qkv is InferenceLayerNormColumnParallelLinear"
+        ), res["other linear"]
         assert res["fp8"] == "config.fp8='hybrid'", res["fp8"]
+        assert res["quant_recipe"].startswith("config.quant_recipe="), res["quant_recipe"]
+        assert res["window_size"] == "config.window_size=(8, 0)", res["window_size"]
