@@ -12,7 +12,7 @@ unmodified FastDecoder and for planted bugs, and whether the check accepts each:
 - ``scale x1.25``: a wrong attention softmax scale;
 - ``no final norm``: the output layer on the un-normalised hidden states.
 
-Models: the tests' 2-layer model (tests/rollout/test_fast_decode.py: hidden 32, weights N(0, 0.3),
+Models: the tests' 2-layer model (tests/rollout/test_fast_decode.py's builder: hidden 32, N(0, 0.3),
 norm gains and eps away from 1 and 0) and the Qwen3-1.7B width (2048 hidden, 16 / 8 heads of
 128, ffn 6144, its 151,936 vocabulary, tied) at each of ``--layers`` depths with N(0, 0.02)
 weights and unit gains. For bf16, the fp32 forward of the same (bf16-rounded) weights is also
@@ -37,34 +37,24 @@ BUGS = ("none", "no RoPE", "RoPE -1", "scale x1.25", "no final norm")
 
 
 def _model(kind: str, layers: int, dtype: str):
-    from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
+    """(model, vocabulary): the Qwen3-1.7B width at ``layers`` with N(0, 0.02) weights, or the
+    tests' 2-layer model (``tests/rollout/test_fast_decode.py``'s own builder)."""
+    if kind == "test":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.rollout.test_fast_decode import VOCAB
+        from tests.rollout.test_fast_decode import _model as tests_model
+
+        return tests_model(1, "rms_qk_bf16" if dtype == "bfloat16" else "rms_qk"), VOCAB
+    from megatron_eaopd.models import build_model
     from megatron_eaopd.models.config import QWEN3_1_7B
 
     sys.path.insert(0, os.path.dirname(__file__))
     from bench_rollout_gpu import random_init
 
-    if kind == "qwen":
-        cfg = dataclasses.replace(QWEN3_1_7B, num_layers=layers, max_sequence_length=64,
-                                  params_dtype=dtype)  # fmt: skip
-        (m,) = build_model(cfg)
-        random_init(m, 3)
-        return m.eval(), cfg.vocab_size
-    cfg = ModelConfig(
-        num_layers=layers, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=48, vocab_size=40, max_sequence_length=64,
-        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=True,
-        normalization="RMSNorm", qk_layernorm=True, params_dtype=dtype,
-    )  # fmt: skip
+    cfg = dataclasses.replace(QWEN3_1_7B, num_layers=layers, max_sequence_length=64,
+                              params_dtype=dtype)  # fmt: skip
     (m,) = build_model(cfg)
-    init_weights_layout_invariant([m], 3, std=0.3)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(11)
-        for name, p in m.named_parameters():
-            if "layernorm" in name or name.endswith("bias"):
-                p.add_(0.5 * torch.randn(p.shape, generator=gen).to(p.dtype))
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.RMSNorm):
-                mod.eps = 0.05
+    random_init(m, 3)
     return m.eval(), cfg.vocab_size
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.rollout.fast_decode import FastDecoder
-from megatron_eaopd.rollout.sampling import to_device
+from megatron_eaopd.rollout.sampling import pack_draw, to_device, unpack_draw
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["ContinuousDecoder", "FastDecodeMismatch", "logits_match"]
@@ -180,8 +180,7 @@ class ContinuousDecoder:
                                                     dev)  # fmt: skip
             keys, u = self.randoms.at(pos, rows)
             tok, lp, ent = self.sampler.draw(logits, to_device(rows, dev), keys, u)
-            host = torch.stack([tok.double(), lp.double(), ent.double()]).cpu()  # one wait
-            tok, lp, ent = host[0].long(), host[1].float(), host[2].float()
+            tok, lp, ent = unpack_draw(pack_draw(tok, lp, ent).cpu())  # one wait
             self.tokens[rows, pos] = tok
             self.logprobs[rows, pos] = lp
             self.entropies[rows, pos] = ent

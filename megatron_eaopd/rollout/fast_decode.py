@@ -102,13 +102,14 @@ class LinearNorm:
         return y.to(x.dtype)
 
 
+def _identity(module) -> bool:
+    """megatron's placeholder for a layer a spec leaves out."""
+    return type(module).__name__ in ("IdentityOp", "IdentityFuncOp")
+
+
 def _norm_before(norm, linear):
     """The norm applied before ``linear``: ``norm`` itself, or the one fused into a TE linear."""
-    if type(norm).__name__ in ("IdentityOp", "IdentityFuncOp") and hasattr(
-        linear, "layer_norm_weight"
-    ):
-        return LinearNorm(linear)
-    return norm
+    return LinearNorm(linear) if _identity(norm) and hasattr(linear, "layer_norm_weight") else norm
 
 
 def _bias(layer):
@@ -175,7 +176,7 @@ class FastDecoder:
                 if name in _NORM_INSIDE:
                     linear = names[_NORM_INSIDE[name]]
                     fused = getattr(linear, "layer_norm_weight", None) is not None
-                    identity = kind in ("IdentityOp", "IdentityFuncOp")
+                    identity = _identity(sub)
                     if (
                         fused
                         and identity
@@ -186,7 +187,7 @@ class FastDecoder:
                         return f"layer {name} is {kind} before a {type(linear).__name__}"
                 elif kind not in _LINEARS[name]:  # other linears (quantized, inference-only, ..)
                     return f"layer {name} is {kind}"
-            if type(layer.cross_attention).__name__ != "IdentityOp":
+            if not _identity(layer.cross_attention):
                 return "cross attention"
         if getattr(module, "post_process", True) and module.decoder.final_layernorm is None:
             return "no final layernorm"

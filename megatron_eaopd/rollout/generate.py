@@ -55,7 +55,13 @@ from megatron_eaopd.rollout.continuous import (
     warn_fallback,
 )
 from megatron_eaopd.rollout.fast_decode import FastDecoder, compact_rows
-from megatron_eaopd.rollout.sampling import PositionRandoms, SamplingParams, to_device
+from megatron_eaopd.rollout.sampling import (
+    PositionRandoms,
+    SamplingParams,
+    pack_draw,
+    to_device,
+    unpack_draw,
+)
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["RolloutBatch", "generate"]
@@ -484,13 +490,12 @@ class _Decoder:
             rows = self.active + self.offset  # ids in the call: the random numbers follow them
             keys, u = self.randoms.at(torch.full_like(rows, t), rows)
             new, lp, ent = self.sampler.draw(logits, to_device(rows, self.device), keys, u)
-            packed = torch.stack([new.double(), lp.double(), ent.double()])  # exact for all 3
+            packed = pack_draw(new, lp, ent)
         if self.pp > 1:
             if packed is None:
                 packed = torch.empty(3, n, dtype=torch.float64, device=self.device)
             dist.broadcast(packed, src=self.pp_last, group=self.pp_group)
-        host = packed.cpu()  # the step's one wait for the device
-        return host[0].long(), host[1].float(), host[2].float()
+        return unpack_draw(packed.cpu())  # the step's one wait for the device
 
     def run(self) -> RolloutBatch:
         t = int(self.prompt_lens.min())

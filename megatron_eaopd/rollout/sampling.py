@@ -104,6 +104,17 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def pack_draw(tokens, logprobs, entropies) -> torch.Tensor:
+    """One decode step's draw as [3, n] float64 (exact for token ids and fp32 values): what the
+    last pipeline stage broadcasts and what comes back to the host in one copy."""
+    return torch.stack([tokens.double(), logprobs.double(), entropies.double()])
+
+
+def unpack_draw(packed: torch.Tensor):
+    """``pack_draw``'s inverse: (tokens int64, log-probs fp32, entropies fp32)."""
+    return packed[0].long(), packed[1].float(), packed[2].float()
+
+
 class PositionRandoms:
     """The random numbers of a whole ``generate`` call, keyed by sequence position.
 
