@@ -138,16 +138,42 @@ def die_with_parent(parent_pid: int, started_by_main_thread: bool) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
 
 
-class _DiesWithParent:
-    """Picklable wrapper of a spawned process's target: guard first, then run the target."""
+def _die_with_requester(parent_pid: int) -> None:
+    """Call in a fresh "forkserver" child: end it (SIGKILL) as soon as ``parent_pid``, the
+    process that asked the fork server for it, ends. Its OS parent is the server (which outlives
+    that process briefly and never kills its children), so neither the parent-death signal nor
+    ``os.getppid()`` can tell; multiprocessing's parent sentinel can: a pipe from the requesting
+    process that reads EOF once it has died. A daemon thread waits on it."""
+    import multiprocessing
+    from multiprocessing.connection import wait
 
-    def __init__(self, target: Callable, parent_pid: int, started_by_main_thread: bool):
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid != parent_pid or not parent.is_alive():
+        _kill_self()
+
+    def watch():
+        wait([parent.sentinel])
+        _kill_self()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _DiesWithParent:
+    """Picklable wrapper of a spawned or fork-server process's target: guard first, then run the
+    target."""
+
+    def __init__(self, target: Callable, parent_pid: int, started_by_main_thread: bool,
+                 start_method: str = "spawn"):  # fmt: skip
         self.target = target
         self.parent_pid = parent_pid
         self.started_by_main_thread = started_by_main_thread
+        self.start_method = start_method
 
     def __call__(self, *args, **kwargs):
-        die_with_parent(self.parent_pid, self.started_by_main_thread)
+        if self.start_method == "forkserver":
+            _die_with_requester(self.parent_pid)
+        else:
+            die_with_parent(self.parent_pid, self.started_by_main_thread)
         return self.target(*args, **kwargs)
 
 
@@ -181,7 +207,9 @@ def install_orphan_guard() -> None:
       in the child; the hook is inherited, so their own forks are covered too;
     * "spawn" / "forkserver" children of ``multiprocessing`` started with a ``target`` (e.g.
       the ``Manager`` that dist_checkpointing starts on its first save and keeps):
-      ``BaseProcess.start`` wraps the target so the child runs :func:`die_with_parent` first.
+      ``BaseProcess.start`` wraps the target so the child runs :func:`die_with_parent` first
+      (a fork-server child, whose OS parent is the server, watches this process through
+      multiprocessing's parent sentinel instead; "forkserver" is Python 3.14's default).
 
     Not covered: programs started with ``subprocess`` (they run no Python hook). The resource
     tracker multiprocessing starts this way exits by itself once every process holding its pipe
@@ -200,14 +228,14 @@ def install_orphan_guard() -> None:
         original_start = mp_process.BaseProcess.start
 
         def start(self):
-            target = self._target
-            if (
-                target is not None
-                and getattr(self, "_start_method", None) != "fork"
-                and not isinstance(target, _DiesWithParent)
-            ):
+            target, method = self._target, getattr(self, "_start_method", None)
+            if method is None:  # a default-context Process: the default start method
+                import multiprocessing
+
+                method = multiprocessing.get_start_method()
+            if target is not None and method != "fork" and not isinstance(target, _DiesWithParent):
                 main = threading.current_thread() is threading.main_thread()
-                self._target = _DiesWithParent(target, os.getpid(), main)
+                self._target = _DiesWithParent(target, os.getpid(), main, method)
             return original_start(self)
 
         mp_process.BaseProcess.start = start

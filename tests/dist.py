@@ -5,6 +5,15 @@ Workers run where ``compute_device()`` points: the CPU here (gloo); a GPU test p
 one torch thread, and may return a picklable value; `run_distributed` returns the list of values
 by rank and re-raises the first failure with the worker's traceback. Every launch has a deadline:
 a hung collective fails the test instead of hanging CI.
+
+Workers start from a fork server that has imported torch and megatron-core once (``PRELOAD``):
+importing them costs ~8 s of CPU per process, which spawned workers paid at every launch (about
+half of the default test run's CPU time). Each worker still imports the test's own modules
+(ours included) fresh, and gets the caller's current environment (``os.environ`` at the launch),
+as a spawned process would. Variables that only act when a process starts (``_STARTUP_ENV``:
+the allocator's, OpenMP's, the loader's, and torch's and CUDA's, which the preloaded modules may
+read when they import) cannot be handed to a forked process: a launch whose environment differs
+in one of them from the one this module was imported with (the fork server's) is spawned.
 """
 
 from __future__ import annotations
@@ -19,6 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# imported once by the fork server (third-party only: our modules import in each worker, after
+# its environment is set)
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state"]
+# read when a process starts or when the preloaded modules import
+_STARTUP_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_", "OMP_", "KMP_", "GOMP_", "MKL_", "PYTHON",
+                "TORCH", "CUDA_")  # fmt: skip
+# the server starts at the first forkserver launch, which needs these as they are now
+_SERVER_ENV = {k: v for k, v in os.environ.items() if k.startswith(_STARTUP_ENV)}
+mp.set_forkserver_preload(PRELOAD)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,6 +46,7 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, init_file, out_dir, fn, args, env, backend):
+    os.environ.clear()  # the launching process's environment (a forked worker has the server's)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
@@ -53,6 +73,14 @@ def _worker(rank, world_size, init_file, out_dir, fn, args, env, backend):
         os._exit(1)
 
 
+def _start_method(env: dict) -> str:
+    """The start method of a launch with environment ``env``: "forkserver" (workers forked from
+    a server that imported ``PRELOAD``), or "spawn" when ``env`` differs from the server's in a
+    variable that acts only at process start."""
+    startup = {k: v for k, v in env.items() if k.startswith(_STARTUP_ENV)}
+    return "forkserver" if startup == _SERVER_ENV else "spawn"
+
+
 def run_distributed(
     fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None,
     backend: str = "gloo",
@@ -61,7 +89,7 @@ def run_distributed(
     GPUs); return results by rank."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        env = dict(env or {})
+        env = {**os.environ, **(env or {})}
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
         ctx = mp.start_processes(
@@ -69,7 +97,7 @@ def run_distributed(
             args=(world_size, init_file, tmp, fn, args, env, backend),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method=_start_method(env),
         )
         import time
 

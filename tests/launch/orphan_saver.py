@@ -3,8 +3,9 @@
 ``python -m tests.launch.orphan_saver ROOT``: one gloo rank saves a tiny model with
 ``save_checkpoint`` (dist_checkpointing starts its spawned manager and forked writers), then starts
 a forked and a spawned helper from a worker thread that exits at once (Linux's parent-death signal
-would fire on that thread's exit; the guard must not kill them for it) and one forked helper from
-the main thread. It prints ``READY`` and sleeps until it is killed.
+would fire on that thread's exit; the guard must not kill them for it), one forked helper from
+the main thread and one from a fork server (its OS parent is the server, not this process: the
+default start method from Python 3.14). It prints ``READY`` and sleeps until it is killed.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def main(root: str) -> None:
     worker = threading.Thread(target=start_from_thread)
     worker.start()
     worker.join()  # the thread that started them has exited
-    p = mp.get_context("fork").Process(target=_sleep, daemon=False)
-    p.start()
-    helpers.append(p)
+    for method in ("fork", "forkserver"):
+        p = mp.get_context(method).Process(target=_sleep, daemon=False)
+        p.start()
+        helpers.append(p)
     print("HELPERS", " ".join(str(h.pid) for h in helpers), flush=True)
     print("READY", flush=True)
     time.sleep(600)

@@ -1,8 +1,9 @@
 """Helper processes die with their rank: a rank killed with SIGKILL leaves no process behind.
 
 A real save (``models.checkpoint.save_checkpoint`` -> megatron's dist_checkpointing, which starts a
-spawned multiprocessing manager on the first save and keeps it) plus forked and spawned helpers
-started after it, some from a thread that has already exited (tests/launch/orphan_saver.py).
+spawned multiprocessing manager on the first save and keeps it) plus forked, spawned and
+fork-server helpers started after it, some from a thread that has already exited
+(tests/launch/orphan_saver.py).
 Without ``signals.install_orphan_guard`` the manager (and the resource tracker it holds open)
 outlive a SIGKILLed rank.
 """
@@ -54,7 +55,7 @@ def test_sigkilled_rank_leaves_no_helper_alive(tmp_path):
             if line.startswith("READY") or time.monotonic() > deadline:
                 break
         assert rank.poll() is None, "the rank stand-in died before it was ready"
-        assert len(started) == 3
+        assert len(started) == 4
         time.sleep(1.0)  # helpers started from the exited thread must still be alive
         descendants = psutil.Process(rank.pid).children(recursive=True)
         pids = {p.pid for p in descendants}

@@ -174,7 +174,6 @@ def test_continuous_batching_equals_unbatched_tp2():
     _check(run_distributed(_worker, 2, timeout=300))
 
 
-@pytest.mark.slow
 def test_continuous_batching_equals_unbatched_tp1():
     _check(run_distributed(_worker, 1, timeout=300))
 

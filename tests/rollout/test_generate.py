@@ -226,7 +226,6 @@ def test_rollouts_under_pipeline_parallelism():
     assert all(res[-1] is True for res in results)  # the fallback: together, same tokens
 
 
-@pytest.mark.slow  # 33 s; TP 2 and PP 2 rollouts are each in the default run
 def test_rollouts_under_tp2_pp2():
     results = run_distributed(_pp_worker, 4, 2, timeout=600)
     for i in range(len(PARAMS)):

@@ -113,10 +113,8 @@ def _run(world, cfg):
     "world, layout",
     [
         (2, ((1, 1), (1, 1))),  # TP 1 x DP 2 for both (the layout of the crash)
-        # student TP 1 x DP 4, teacher TP 2 x PP 2 (slow: 42 s on CI's 2 cores; the teacher at
-        # another layout stays in the default run in tests/models/test_teacher_layouts.py and
-        # tests/plugin/test_plugin.py)
-        pytest.param(4, ((1, 1), (2, 2)), marks=pytest.mark.slow),
+        # student TP 1 x DP 4, teacher TP 2 x PP 2 (19 s with the preloading fork server)
+        (4, ((1, 1), (2, 2))),
     ],
     ids=["dp2", "dp4-teacher-tp2pp2"],
 )

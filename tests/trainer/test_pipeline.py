@@ -61,9 +61,7 @@ def _worker(rank, world, tmp, tp):
     return dict(summary, fast_forwards=calls[0], fallbacks=fallbacks)
 
 
-@pytest.mark.parametrize(
-    "tp", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["tp1-pp2", "tp2-pp2"]
-)
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1-pp2", "tp2-pp2"])
 def test_trainer_with_pipeline_parallel_student(tmp_path, tp):
     tmp = str(tmp_path)
     summaries = run_distributed(_worker, 2 * tp, tmp, tp, timeout=600)
