@@ -8,12 +8,19 @@ a hung collective fails the test instead of hanging CI.
 
 Workers start from a fork server that has imported torch and megatron-core once (``PRELOAD``):
 importing them costs ~8 s of CPU per process, which spawned workers paid at every launch (about
-half of the default test run's CPU time). Each worker still imports the test's own modules
-(ours included) fresh, and gets the caller's current environment (``os.environ`` at the launch),
-as a spawned process would. Variables that only act when a process starts (``_STARTUP_ENV``:
-the allocator's, OpenMP's, the loader's, and torch's and CUDA's, which the preloaded modules may
-read when they import) cannot be handed to a forked process: a launch whose environment differs
-in one of them from the one this module was imported with (the fork server's) is spawned.
+half of the default test run's CPU time). As in a spawned process, a worker gets the caller's
+current environment (``os.environ`` at the launch) before it imports anything else: the test
+function and its arguments travel pickled and are loaded after the environment is set, so the
+test's modules (ours included) import fresh under it. What differs from a spawned process:
+
+- variables read when a process starts or when the preloaded modules import (``_STARTUP_ENV``:
+  the allocator's, OpenMP's and BLAS's thread settings, the loader's, torch's, numpy's, CUDA's
+  and Transformer Engine's) cannot be handed to a forked process: a launch whose environment
+  differs in one of them from the one this module was imported with (the fork server's) is
+  spawned instead, and so is every NCCL launch (a GPU library imported by the server may have
+  initialised CUDA, which a forked process cannot use);
+- torch's and numpy's global random states are reseeded from the OS in each worker (a fork
+  would copy the server's); Python's hash seed is the server's, the same in every worker.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -32,8 +40,10 @@ import torch.multiprocessing as mp
 # its environment is set)
 PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state"]
 # read when a process starts or when the preloaded modules import
-_STARTUP_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_", "OMP_", "KMP_", "GOMP_", "MKL_", "PYTHON",
-                "TORCH", "CUDA_")  # fmt: skip
+# (not TORCHINDUCTOR_*: inductor sets its cache directory in the launching process when it
+# compiles there, which would send every later launch down the slow path)
+_STARTUP_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_",
+                "PYTHON", "PYTORCH_", "TORCH_", "NPY_", "NUMPY_", "CUDA_", "NVTE_")  # fmt: skip
 # the server starts at the first forkserver launch, which needs these as they are now
 _SERVER_ENV = {k: v for k, v in os.environ.items() if k.startswith(_STARTUP_ENV)}
 mp.set_forkserver_preload(PRELOAD)
@@ -45,14 +55,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, init_file, out_dir, fn, args, env, backend):
+def _worker(rank, world_size, init_file, out_dir, call, env, backend):
     os.environ.clear()  # the launching process's environment (a forked worker has the server's)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
+    tempfile.tempdir = None  # re-read TMPDIR
+    torch.seed()  # a forked worker holds the server's random states
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     torch.set_num_threads(1)
     result_path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:
+        fn, args = pickle.loads(call)  # imports the test's modules, under this environment
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
@@ -73,12 +88,12 @@ def _worker(rank, world_size, init_file, out_dir, fn, args, env, backend):
         os._exit(1)
 
 
-def _start_method(env: dict) -> str:
+def _start_method(env: dict, backend: str) -> str:
     """The start method of a launch with environment ``env``: "forkserver" (workers forked from
-    a server that imported ``PRELOAD``), or "spawn" when ``env`` differs from the server's in a
-    variable that acts only at process start."""
+    a server that imported ``PRELOAD``), or "spawn" for NCCL and when ``env`` differs from the
+    server's in a variable that acts only at process start or import."""
     startup = {k: v for k, v in env.items() if k.startswith(_STARTUP_ENV)}
-    return "forkserver" if startup == _SERVER_ENV else "spawn"
+    return "forkserver" if startup == _SERVER_ENV and backend != "nccl" else "spawn"
 
 
 def run_distributed(
@@ -89,15 +104,14 @@ def run_distributed(
     GPUs); return results by rank."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        env = {**os.environ, **(env or {})}
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               **(env or {})}  # fmt: skip
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, init_file, tmp, fn, args, env, backend),
+            args=(world_size, init_file, tmp, pickle.dumps((fn, args)), env, backend),
             nprocs=world_size,
             join=False,
-            start_method=_start_method(env),
+            start_method=_start_method(env, backend),
         )
         import time
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import os
 
-from tests.dist import run_distributed
+import torch
 
-# set while the tests are collected, so before the fork server starts (at the first launch)
-os.environ.setdefault("EAOPD_DIST_STALE", "server")
+from tests.dist import _start_method, run_distributed
+
+if "RANK" not in os.environ:  # pytest's process, while the tests are collected: so before the
+    os.environ.setdefault("EAOPD_DIST_STALE", "server")  # fork server starts (first launch)
+# in a worker: what its environment held when this module was imported there
+AT_IMPORT = os.environ.get("EAOPD_DIST_PROBE")
 
 
 def _env_worker(rank, world_size, names):
@@ -21,6 +25,8 @@ def _env_worker(rank, world_size, names):
         "parent": os.getppid(),
         "megatron_preloaded": "megatron.core" in __import__("sys").modules,
         "rank": os.environ["RANK"],
+        "at_import": AT_IMPORT,
+        "seed": torch.initial_seed(),
     }
 
 
@@ -34,6 +40,9 @@ def test_workers_see_the_launchers_current_environment(monkeypatch):
     assert [r["now"]["EAOPD_DIST_PROBE"] for r in first] == ["first", "first"]
     assert [r["now"] for r in second] == [dict.fromkeys(names)] * 2
     assert [r["rank"] for r in first] == ["0", "1"]
+    assert [r["at_import"] for r in first] == ["first", "first"]  # imported under it
+    # random states reseeded: not the server's, the same in every worker
+    assert len({r["seed"] for r in first + second}) == 4
     # forked from the server (not children of this process), torch and megatron-core imported
     assert all(r["parent"] != os.getpid() and r["megatron_preloaded"] for r in first + second)
 
@@ -43,3 +52,15 @@ def test_a_start_up_variable_gets_spawned_workers(monkeypatch):
     results = run_distributed(_env_worker, 2, ["MALLOC_ARENA_MAX"])
     assert all(r["initial"]["MALLOC_ARENA_MAX"] == "3" for r in results)
     assert all(r["parent"] == os.getpid() for r in results)  # spawned by this process
+
+
+def test_start_method_choice():
+    env = dict(os.environ)
+    # fails when an earlier test or library changed a start-up variable in this process: every
+    # later launch would be spawned (~8 s of imports per worker)
+    assert _start_method(env, "gloo") == "forkserver"
+    inductor = {"TORCHINDUCTOR_CACHE_DIR": "/tmp/x", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR": "1"}
+    assert _start_method({**env, **inductor}, "gloo") == "forkserver"  # set by torch.compile
+    assert _start_method(env, "nccl") == "spawn"  # CUDA may be initialised in the server
+    assert _start_method({**env, "PYTORCH_JIT": "0"}, "gloo") == "spawn"
+    assert _start_method({**env, "EAOPD_ANYTHING": "1"}, "gloo") == "forkserver"

@@ -124,8 +124,8 @@ def test_trainer_with_data_parallel_student(tmp_path, world, layout):
     _check_run(f"{tmp_path}/run", 2)
 
 
-@pytest.mark.slow
 def test_trainer_tp2_pp2_dp2_on_8_ranks_then_resumed_at_tp1_dp4(tmp_path):
+    """The shipped 8-GPU configs' layout (TP 2 x PP 2 x DP 2; ~50 s on 2 cores)."""
     tmp = str(tmp_path)
     first = _run(8, _cfg(tmp, "run", ((2, 2), (2, 2))))
     _check_run(f"{tmp}/run", 2)
