@@ -1,0 +1,107 @@
+"""Torch calls per decode step of ``rollout.generate`` (FastDecoder and the vocab-parallel
+sampler), by the function of ours that makes them.
+
+Every torch function and tensor method called from Python counts (views and indexing included),
+through a ``TorchFunctionMode`` whose frame walk names the first caller outside torch. On a GPU
+each such call is host work and most are a kernel launch, so this is the per-step host overhead
+that CUDA graphs would remove; on one CPU thread at rollout batch sizes each costs a few us.
+Two ``generate`` calls that differ only in the number of new tokens are counted and subtracted,
+so the prefill and the first-step check cancel: what is left is per decode step. The count does
+not depend on the batch or the vocabulary (tests/benchmarks/test_count_decode_ops.py).
+
+    python benchmarks/count_decode_ops.py               # bench_rollout.py's shape (4 x 256)
+    python benchmarks/count_decode_ops.py --layers 28 --hidden 2048 --heads 16 --vocab 151936
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_GROUPS = {"fast_decode.py": "model (FastDecoder)", "generate.py": "decode loop",
+           "continuous.py": "decode loop", "sampling.py": "sampler",
+           "vocab_parallel.py": "sampler", "_common.py": "sampler"}  # fmt: skip
+
+
+class _Count(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+            frame = frame.f_back
+        where = "?"
+        if frame is not None:
+            where = f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)})"
+        self.calls[where] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def per_step(args, new: tuple[int, int] = (8, 16)) -> dict[str, float]:
+    """Torch calls per decode step by caller, from two uniform ``generate`` calls of ``new``
+    tokens (EOS off: every row decodes every step). Needs torch.distributed initialised (one
+    rank); builds the model with bench_rollout.py's ``_model``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_rollout
+
+    from megatron_eaopd.rollout import SamplingParams, generate
+
+    model, _ = bench_rollout._model(argparse.Namespace(**{**vars(args), "new": max(new)}), 1)
+    prompts = bench_rollout._prompts(args, args.vocab)
+    counts = []
+    for n in (new[0], new[0], new[1]):  # the first call warms up
+        mode = _Count()
+        with mode:
+            generate(model, prompts, max_new_tokens=n, eos_id=-1, pad_id=0,
+                     vocab_size=args.vocab, params=SamplingParams(),
+                     generator=torch.Generator().manual_seed(1))  # fmt: skip
+        counts.append(mode.calls)
+    short, long = counts[1], counts[2]
+    steps = new[1] - new[0]
+    return {k: (long[k] - short.get(k, 0)) / steps for k in long if long[k] != short.get(k, 0)}
+
+
+def _table(rows: dict[str, float], args) -> str:
+    by_group = collections.Counter()
+    for where, n in rows.items():
+        by_group[_GROUPS.get(where.rsplit("(", 1)[-1].rstrip(")"), "other")] += n
+    lines = [f"### torch calls per decode step: {args.layers} x {args.hidden}, {args.heads} "
+             f"heads, vocab {args.vocab}, batch {args.batch}, TP 1\n",
+             "| part | calls / step |", "|---|---|"]  # fmt: skip
+    lines += [f"| {g} | {n:.1f} |" for g, n in by_group.most_common()]
+    lines += [f"| **total** | **{sum(rows.values()):.1f}** |", "",
+              "| function | calls / step |", "|---|---|"]  # fmt: skip
+    lines += [f"| {w} | {n:.1f} |" for w, n in sorted(rows.items(), key=lambda r: -r[1])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    args = p.parse_args(argv)
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        print(_table(per_step(args), args))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
