@@ -77,8 +77,13 @@ def _worker(rank, world_size, init_file, out_dir, call, env, backend):
         payload = ("ok", value)
     except BaseException as exc:  # noqa: BLE001 - report everything to the parent
         payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    with open(result_path, "wb") as f:
-        pickle.dump(payload, f)
+    try:
+        data = pickle.dumps(payload)
+    except Exception as exc:  # noqa: BLE001 - an unpicklable return value
+        data = pickle.dumps(("error", f"rank {rank}: result not picklable: {exc!r}"))
+    with open(result_path + ".part", "wb") as f:  # a rank killed mid-write leaves no result
+        f.write(data)
+    os.replace(result_path + ".part", result_path)
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -106,24 +111,35 @@ def run_distributed(
         init_file = os.path.join(tmp, "init")
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                **(env or {})}  # fmt: skip
-        ctx = mp.start_processes(
-            _worker,
-            args=(world_size, init_file, tmp, pickle.dumps((fn, args)), env, backend),
-            nprocs=world_size,
-            join=False,
-            start_method=_start_method(env, backend),
-        )
+        method = _start_method(env, backend)
+        saved = dict(os.environ)
+        if method == "spawn":  # a spawned process starts with this process's environment
+            os.environ.update(env)
+        try:
+            ctx = mp.start_processes(
+                _worker,
+                args=(world_size, init_file, tmp, pickle.dumps((fn, args)), env, backend),
+                nprocs=world_size,
+                join=False,
+                start_method=method,
+            )
+        finally:
+            if method == "spawn":
+                for key in set(os.environ) - set(saved):
+                    del os.environ[key]
+                os.environ.update(saved)
         import time
 
         deadline = time.monotonic() + timeout
+        exited = ""
         try:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"distributed test timed out after {timeout:.0f}s")
-        except mp.ProcessRaisedException as exc:  # pragma: no cover - we catch inside workers
+        except mp.ProcessRaisedException as exc:  # pragma: no cover - _worker catches
             raise AssertionError(str(exc)) from None
-        except mp.ProcessExitedException:
-            pass
+        except mp.ProcessExitedException as exc:  # which process died first, and how
+            exited = f" (first exit: {exc})"
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -133,7 +149,8 @@ def run_distributed(
         for rank in range(world_size):
             path = os.path.join(tmp, f"rank{rank}.pkl")
             if not os.path.exists(path):
-                errors.append(f"rank {rank}: exited without a result")
+                code = ctx.processes[rank].exitcode
+                errors.append(f"rank {rank}: exited without a result, exit code {code}{exited}")
                 continue
             with open(path, "rb") as f:
                 status, value = pickle.load(f)

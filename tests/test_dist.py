@@ -5,7 +5,10 @@ spawned so that the variable acts."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 
+import pytest
 import torch
 
 from tests.dist import _start_method, run_distributed
@@ -41,7 +44,7 @@ def test_workers_see_the_launchers_current_environment(monkeypatch):
     assert [r["now"] for r in second] == [dict.fromkeys(names)] * 2
     assert [r["rank"] for r in first] == ["0", "1"]
     assert [r["at_import"] for r in first] == ["first", "first"]  # imported under it
-    # random states reseeded: not the server's, the same in every worker
+    # random states reseeded: not the server's, so different in every worker and launch
     assert len({r["seed"] for r in first + second}) == 4
     # forked from the server (not children of this process), torch and megatron-core imported
     assert all(r["parent"] != os.getpid() and r["megatron_preloaded"] for r in first + second)
@@ -52,6 +55,21 @@ def test_a_start_up_variable_gets_spawned_workers(monkeypatch):
     results = run_distributed(_env_worker, 2, ["MALLOC_ARENA_MAX"])
     assert all(r["initial"]["MALLOC_ARENA_MAX"] == "3" for r in results)
     assert all(r["parent"] == os.getpid() for r in results)  # spawned by this process
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    results = run_distributed(_env_worker, 1, ["MALLOC_ARENA_MAX"], env={"MALLOC_ARENA_MAX": "4"})
+    assert results[0]["initial"]["MALLOC_ARENA_MAX"] == "4"  # given as env=: in force at start
+    assert "MALLOC_ARENA_MAX" not in os.environ
+
+
+def _killed_worker(rank, world_size):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+
+
+def test_a_killed_rank_is_reported_with_its_exit():
+    with pytest.raises(AssertionError, match=r"rank 1: exited without a result, exit code -9"):
+        run_distributed(_killed_worker, 2, timeout=60)
 
 
 def test_start_method_choice():
