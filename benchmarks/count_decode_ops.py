@@ -91,12 +91,11 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     args = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_rollout
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    bench_rollout._init(0, 1, int(os.environ.get("MASTER_PORT", "29517")))  # gloo, 1 thread
     try:
         print(_table(per_step(args), args))
     finally:

@@ -25,12 +25,14 @@ test's modules (ours included) import fresh under it. What differs from a spawne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
 import sys
 import tempfile
 import traceback
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -112,10 +114,8 @@ def run_distributed(
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                **(env or {})}  # fmt: skip
         method = _start_method(env, backend)
-        saved = dict(os.environ)
-        if method == "spawn":  # a spawned process starts with this process's environment
-            os.environ.update(env)
-        try:
+        # a spawned process starts with this process's environment: ``env`` while it starts
+        with mock.patch.dict(os.environ, env) if method == "spawn" else contextlib.nullcontext():
             ctx = mp.start_processes(
                 _worker,
                 args=(world_size, init_file, tmp, pickle.dumps((fn, args)), env, backend),
@@ -123,11 +123,6 @@ def run_distributed(
                 join=False,
                 start_method=method,
             )
-        finally:
-            if method == "spawn":
-                for key in set(os.environ) - set(saved):
-                    del os.environ[key]
-                os.environ.update(saved)
         import time
 
         deadline = time.monotonic() + timeout
