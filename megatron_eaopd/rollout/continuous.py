@@ -176,8 +176,8 @@ class ContinuousDecoder:
             self.counters["decode_rows"] += len(rows)
             if self.sampler is None:
                 self.sampler = VocabParallelSampler(self.params, self.vocab_size,
-                                                    logits.shape[-1], self.tp_group,
-                                                    dev)  # fmt: skip
+                                                    logits.shape[-1], self.tp_group, dev,
+                                                    rows=self.randoms.rows)  # fmt: skip
             keys, u = self.randoms.at(pos, rows)
             tok, lp, ent = self.sampler.draw(logits, to_device(rows, dev), keys, u)
             tok, lp, ent = unpack_draw(pack_draw(tok, lp, ent).cpu())  # one wait

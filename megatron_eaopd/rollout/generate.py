@@ -484,9 +484,10 @@ class _Decoder:
         packed = None
         if self.last:
             if self.sampler is None:
-                self.sampler = VocabParallelSampler(self.params, self.vocab_size,
-                                                    logits.shape[-1], self.tp_group,
-                                                    self.device)  # fmt: skip
+                self.sampler = VocabParallelSampler(
+                    self.params, self.vocab_size, logits.shape[-1], self.tp_group, self.device,
+                    rows=self.randoms.rows,
+                )  # fmt: skip
             rows = self.active + self.offset  # ids in the call: the random numbers follow them
             keys, u = self.randoms.at(torch.full_like(rows, t), rows)
             new, lp, ent = self.sampler.draw(logits, to_device(rows, self.device), keys, u)

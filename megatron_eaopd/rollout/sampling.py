@@ -41,6 +41,7 @@ __all__ = [
     "gather_vocab_logits",
     "gumbel_noise",
     "plain_block",
+    "row_bases",
     "row_keys",
     "sample_tokens",
     "step_randoms",
@@ -181,17 +182,26 @@ def column_keys(start: int, count: int, device=None) -> torch.Tensor:
     return _mix32((ids * 0x9E3779B1 + 0x7F4A7C15) & _M32)
 
 
-def row_keys(key: int | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def row_bases(rows: torch.Tensor) -> torch.Tensor:
+    """[n] int64 hashes of the rows' batch ids [n]: the step-independent half of ``row_keys``
+    (a sampler that knows how many rows a call has computes them once)."""
+    return _mix32(rows.to(torch.int64) * 0x85EBCA77 + 0x165667B1 & _M32)
+
+
+def row_keys(key: int | torch.Tensor, rows: torch.Tensor, bases: torch.Tensor | None = None):
     """[n] int64 per-row keys from the step's 32-bit key (an int, or [n] int64: one per row)
-    and the rows' batch ids [n]."""
-    return _mix32(_mix32(rows.to(torch.int64) * 0x85EBCA77 + 0x165667B1 & _M32) ^ key)
+    and the rows' batch ids [n]; ``bases``: their ``row_bases`` if already known."""
+    return _mix32((row_bases(rows) if bases is None else bases) ^ key)
+
+
+def _uniform(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float64 uniforms in (0, 1): (h + 0.5) / 2**32."""
+    return (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
 
 
 def gumbel_noise(rkeys: torch.Tensor, ckeys: torch.Tensor) -> torch.Tensor:
     """[n, w] float64 standard Gumbel noise for rows ``rkeys`` [n] and columns ``ckeys`` [w]."""
-    h = _mix32(rkeys[:, None] ^ ckeys[None, :])
-    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(_uniform(_mix32(rkeys[:, None] ^ ckeys[None, :]))))
 
 
 PLAIN_BLOCK = 64
@@ -205,7 +215,8 @@ def plain_block(width: int) -> int:
     return PLAIN_BLOCK if width % PLAIN_BLOCK == 0 else 1
 
 
-def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int, entropy: bool = True):
+def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int, entropy: bool = True,
+                 bkeys: torch.Tensor | None = None):  # fmt: skip
     """Exact two-level draw from softmax over consecutive blocks of columns (no communication).
 
     The blocks are global (block i of ``y`` is block ``first_block + i`` of the vocabulary).
@@ -221,6 +232,8 @@ def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int, entropy
         rkeys: [n] int64 row keys (``row_keys``).
         first_block: global index of block 0.
         entropy: also return the blocks' entropy numerators (one more pass over y; else None).
+        bkeys: [nb] int64 ``column_keys(first_block, nb)`` if already known (a sampler keeps
+            its shard's).
     Returns:
         best [n] float64 (the winning block's score), col [n] int64 (the column in ``y``
         flattened to [n, nb * B]), and the blocks' statistics [n, nb] fp32: max (0 for a block
@@ -233,12 +246,15 @@ def blocked_draw(y: torch.Tensor, rkeys: torch.Tensor, first_block: int, entropy
     e = torch.exp(d)
     z = e.sum(-1)
     a = torch.linalg.vecdot(e, d) if entropy else None
-    bkeys = column_keys(first_block, nb, y.device)
-    score = top[..., 0].double() + z.double().log() + gumbel_noise(rkeys, bkeys)
+    if bkeys is None:
+        bkeys = column_keys(first_block, nb, y.device)
+    # one hash pass: the blocks' noise [n, nb] and, in the last column, the rows' inner keys
+    h = _mix32(torch.cat([rkeys[:, None] ^ bkeys, (rkeys ^ _INNER_SALT)[:, None]], 1))
+    noise = -torch.log(-torch.log(_uniform(h[:, :nb])))  # = gumbel_noise(rkeys, bkeys)
+    score = top[..., 0].double() + z.double().log() + noise
     best, blk = score.max(-1)
     cdf = e[torch.arange(n, device=y.device), blk].double().cumsum(-1)  # [n, B]
-    h = _mix32(_mix32(rkeys ^ _INNER_SALT) ^ bkeys[blk])
-    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)  # < 1: the target < the block's mass
+    u = _uniform(_mix32(h[:, nb] ^ bkeys[blk]))  # < 1: the target < the block's mass
     inner = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     return best, blk * block + inner.clamp_(max=block - 1), top[..., 0], z, a
 

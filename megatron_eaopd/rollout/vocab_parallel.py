@@ -9,7 +9,10 @@ Each TP rank holds columns [r * V_pad / tp, (r + 1) * V_pad / tp) of the last po
   temperature (max, sum-exp, entropy numerator, or the equivalent (lse, 1, -entropy)).
   ONE all-gather of [n, 6] float64 per step; every rank then merges identically in float64: the
   token is the best score over shards (ties: the lowest id), its log-prob is
-  logit / T_lp - lse, the entropy comes from ``merge_single``. The shard's draw:
+  logit / T_lp - lse, the entropy comes from ``merge_single``. (At TP 1 with T_lp == T and
+  blocks, the draw and its statistics are returned without the packet and the one-shard merge,
+  which would give the same numbers.) The rows' hashes are computed once per ``generate`` call
+  when the sampler is told the call's row count. The shard's draw:
   - shard width a multiple of ``sampling.PLAIN_BLOCK`` (64; megatron pads the vocabulary to
     ``make_vocab_size_divisible_by`` x tp, 128 x tp by default): ``sampling.blocked_draw``, a
     Gumbel-max over global blocks of 64 columns (score: the block's log-mass + its noise) and an
@@ -54,6 +57,7 @@ from megatron_eaopd.rollout.sampling import (
     filtered_draw,
     gumbel_noise,
     plain_block,
+    row_bases,
     row_keys,
     step_randoms,
     to_device,
@@ -112,13 +116,15 @@ class VocabParallelSampler:
         tp_group: the tensor-parallel group (None: a single rank, no communication).
         device: where the logits live.
         candidates: first candidate count per shard for top-p without top-k (default 64).
+        rows: the call's number of rows, when known: every ``rows`` passed to ``draw`` is then
+            below it, and the rows' hashes are computed once here instead of every step.
     Attributes:
         counters: steps, fallbacks (full gathers), tokens (rows sampled), elements (elements of
             every collective this sampler made, as seen by this rank's output buffers).
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, width: int, tp_group=None,
-                 device=None, candidates: int = 64):  # fmt: skip
+                 device=None, candidates: int = 64, rows: int | None = None):  # fmt: skip
         self.params = params
         self.group = tp_group
         self.rank, self.tp = tp_rank_and_size(tp_group)
@@ -129,9 +135,12 @@ class VocabParallelSampler:
         self.filtered = params.filtered
         self.c = min(params.top_k or candidates, max(1, self.shard.width))
         self.block = plain_block(self.shard.width)
-        self.ckeys = None
+        self.ckeys = self.bases = None
+        self._bkeys = {}  # (first block, blocks) -> their column_keys, for the blocked draw
         if not self.filtered and self.block == 1:
             self.ckeys = column_keys(self.shard.start, self.shard.valid, device)
+        if not self.filtered and rows is not None:
+            self.bases = row_bases(torch.arange(rows, device=device))
         self.counters = {"steps": 0, "fallbacks": 0, "tokens": 0, "elements": 0}
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, generator: torch.Generator,
@@ -186,7 +195,10 @@ class VocabParallelSampler:
     def _plain(self, logits, key, rows):
         n, valid = logits.shape[0], self.shard.valid
         if valid > 0:
-            rkeys = row_keys(key, rows.to(logits.device))
+            rows = rows.to(logits.device)
+            rkeys = row_keys(key, rows, None if self.bases is None else self.bases[rows])
+            if self.tp == 1 and self.block > 1 and self.inv_lp == self.inv_t:
+                return self._blocked_single(logits[:, :valid], rkeys)
             if self.block > 1:
                 packet = self._blocked_local(logits[:, :valid], rkeys)
             else:
@@ -203,20 +215,44 @@ class VocabParallelSampler:
         logprobs = g[..., 5].gather(0, win).squeeze(0) - lse
         return tokens, logprobs.float(), entropy.float()
 
+    def _blocks(self, x, rkeys, stats: bool):
+        """``sampling.blocked_draw`` over the valid columns x [n, valid] of the shard (blocks of
+        ``self.block``; the shard starts on a block boundary), at temperature T."""
+        y = x.float() if self.inv_t == 1.0 else x.float() * self.inv_t
+        y = block_view(y, self.block)
+        first = self.shard.start // self.block
+        bkeys = self._bkeys.get((first, y.shape[1]))
+        if bkeys is None:
+            bkeys = self._bkeys[(first, y.shape[1])] = column_keys(first, y.shape[1], x.device)
+        return blocked_draw(y, rkeys, first, stats, bkeys)
+
+    @staticmethod
+    def _block_stats(top, z, a):
+        """(lse [n], entropy [n]) float64 of the whole shard from the blocks' statistics
+        [n, nb] (blocks without mass must not set the merge's shift)."""
+        top = torch.where(z > 0, top, float("-inf"))
+        return merge_single(top.t().double(), z.t().double(), a.t().double())
+
+    def _blocked_single(self, x, rkeys):
+        """TP 1 at T_lp == T: the draw and its statistics without a packet or a merge over
+        shards (which would give the same numbers: a one-shard merge adds log 1 = 0)."""
+        _, col, top, z, a = self._blocks(x, rkeys, True)
+        lse, entropy = self._block_stats(top, z, a)
+        col = col.clamp_(max=x.shape[1] - 1)
+        logprobs = x.gather(1, col[:, None]).squeeze(1).double() * self.inv_lp - lse
+        return col, logprobs.float(), entropy.float()
+
     def _blocked_local(self, x, rkeys):
         """The shard's packet [n, 6] float64 from ``sampling.blocked_draw`` over its valid
         columns x [n, valid] (blocks of ``self.block``; the shard starts on a block boundary).
         At T_lp == T the statistics come from the blocks' (lse, entropy) as the triple
         (lse, 1, -entropy), which ``merge_single`` merges as it merges (max, sum-exp, A)."""
-        n, inv_t = x.shape[0], self.inv_t
-        y = x.float() if inv_t == 1.0 else x.float() * inv_t
-        same_t = self.inv_lp == inv_t  # the statistics come from the blocks
-        best, col, top, z, a = blocked_draw(block_view(y, self.block), rkeys,
-                                            self.shard.start // self.block, same_t)  # fmt: skip
+        n = x.shape[0]
+        same_t = self.inv_lp == self.inv_t  # the statistics come from the blocks
+        best, col, top, z, a = self._blocks(x, rkeys, same_t)
         packet = torch.empty(n, 6, dtype=torch.float64, device=x.device)
-        if same_t:  # blocks without mass must not set the shift (max) of the merge
-            top = torch.where(z > 0, top, float("-inf"))
-            lse, entropy = merge_single(top.t().double(), z.t().double(), a.t().double())
+        if same_t:
+            lse, entropy = self._block_stats(top, z, a)
             live = torch.isfinite(lse)
             packet[:, 0] = lse
             packet[:, 1] = live.double()

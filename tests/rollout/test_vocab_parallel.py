@@ -203,3 +203,69 @@ def test_blocked_draw_edge_cases():
     sampler.shard = vocab_shard(128, 3, 4, 400)  # valid columns 16 of 128
     packet = sampler._blocked_local(torch.full((1, 16), -math.inf), row_keys(7, torch.arange(1)))
     assert packet[0, 3] == -math.inf and 0 <= packet[0, 4] < 16
+
+
+@pytest.mark.parametrize("width,params", [
+    (256, SamplingParams(temperature=0.9)),  # blocked, TP 1 without a packet
+    (256, SamplingParams(temperature=0.9, logprob_temperature=1.0)),  # blocked, with a packet
+    (250, SamplingParams(temperature=0.9)),  # one Gumbel per column
+])  # fmt: skip
+def test_row_hashes_once_per_call_same_draws(width, params):
+    """A sampler told the call's row count (the rows' hashes computed once, looked up each step)
+    draws exactly what a sampler without it draws and what the single-rank reference draws,
+    for a subset of the call's rows in any order (after compaction or refills); the reference
+    row ids follow the subset."""
+    from megatron_eaopd.rollout.sampling import block_view, blocked_draw, row_keys
+
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.tensor([6, 1, 3, 0])
+    x = torch.randn(len(rows), width, generator=gen) * 2
+    keys = torch.randint(0, 1 << 32, (len(rows),), generator=gen)
+    once = VocabParallelSampler(params, width, width, rows=8)
+    every = VocabParallelSampler(params, width, width)
+    assert once.bases is not None and every.bases is None
+    got, want = once.draw(x, rows, keys, None), every.draw(x, rows, keys, None)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # independent reference: the blocked draw / Gumbel-max on the full logits, float64 stats
+    rkeys = row_keys(keys, rows)
+    if once.block > 1:
+        y = block_view(x.float() * (1.0 / params.temperature), once.block)
+        tokens = blocked_draw(y, rkeys, 0, entropy=False)[1]
+    else:
+        from megatron_eaopd.rollout.sampling import column_keys, gumbel_noise
+
+        noise = gumbel_noise(rkeys, column_keys(0, width))
+        tokens = (x.double() / params.temperature + noise).argmax(-1)
+    assert torch.equal(got[0], tokens)
+    logp = torch.log_softmax(x.double() / params.lp_temperature, -1)
+    tol = dict(atol=1e-5, rtol=1e-5)  # fp32 outputs
+    torch.testing.assert_close(got[1].double(), logp.gather(1, tokens[:, None])[:, 0], **tol)
+    torch.testing.assert_close(got[2].double(), -(logp.exp() * logp).sum(-1), **tol)
+
+
+def test_blocked_draw_given_block_keys_and_one_hash_pass():
+    """``blocked_draw`` with its blocks' keys passed in equals computing them; its one hash pass
+    (block noise and inner keys together) equals hashing them separately as defined:
+    noise ``gumbel_noise(rkeys, bkeys)``, inner uniform ``mix(mix(rkey ^ salt) ^ bkey)``."""
+    from megatron_eaopd.rollout import sampling as S
+
+    gen = torch.Generator().manual_seed(3)
+    y = S.block_view(torch.randn(5, 320, generator=gen), 64)
+    rkeys = S.row_keys(77, torch.arange(5))
+    bkeys = S.column_keys(2, 5)
+    a = S.blocked_draw(y, rkeys, 2)
+    b = S.blocked_draw(y, rkeys, 2, bkeys=bkeys)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    top = y.amax(-1)
+    z = torch.exp(y - top[..., None]).sum(-1)
+    score = top.double() + z.double().log() + S.gumbel_noise(rkeys, bkeys)
+    best, blk = score.max(-1)
+    assert torch.equal(a[0], best)
+    e = torch.exp(y - top[..., None])[torch.arange(5), blk].double()
+    cdf = e.cumsum(-1)
+    h = S._mix32(S._mix32(rkeys ^ S._INNER_SALT) ^ bkeys[blk])
+    u = (h.double() + 0.5) / 2**32
+    inner = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert torch.equal(a[1], blk * 64 + inner)
