@@ -60,6 +60,7 @@ def _model(args, tp, vocab=None, pp=1):
         ffn_hidden_size=3 * args.hidden, vocab_size=vocab or args.vocab, qk_layernorm=True,
         max_sequence_length=args.prompt + args.new, make_vocab_size_divisible_by=8,
         untie_embeddings_and_output_weights=True, rotary_base=1000000.0,
+        params_dtype=getattr(args, "params_dtype", "float32"),
     )  # fmt: skip
     (model,) = build_model(cfg)
     init_weights_layout_invariant([model], 0)

@@ -121,7 +121,8 @@ def _table(rows: dict[str, float], args) -> str:
     for where, n in rows.items():
         by_group[_GROUPS.get(where.rsplit("(", 1)[-1].rstrip(")"), "other")] += n
     lines = [f"### torch calls per decode step: {args.layers} x {args.hidden}, {args.heads} "
-             f"heads, vocab {args.vocab}, batch {args.batch}, TP 1\n",
+             f"heads, vocab {args.vocab}, batch {args.batch}, TP 1, "
+             f"{getattr(args, 'params_dtype', 'float32')}\n",
              "| part | calls / step |", "|---|---|"]  # fmt: skip
     lines += [f"| {g} | {n:.1f} |" for g, n in by_group.most_common()]
     lines += [f"| **total** | **{sum(rows.values()):.1f}** |", "",
@@ -138,6 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--dtype", dest="params_dtype", default="float32",
+                   choices=["float32", "bfloat16"],
+                   help="the model's dtype; bfloat16 counts the path a bf16 GPU model takes (its "
+                        "norms as modules: FastDecoder folds and fuses them for fp32 only)")
     p.add_argument("--time", action="store_true", help="also seconds per step, ours and HF")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
