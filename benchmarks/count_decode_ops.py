@@ -139,10 +139,14 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--dtype", dest="params_dtype", default="float32",
-                   choices=["float32", "bfloat16"],
-                   help="the model's dtype; bfloat16 counts the path a bf16 GPU model takes (its "
-                        "norms as modules: FastDecoder folds and fuses them for fp32 only)")
+    p.add_argument(
+        "--dtype",
+        dest="params_dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the model's dtype; bfloat16 counts the path a bf16 GPU model takes (its "
+        "norms as modules: FastDecoder folds and fuses them for fp32 only)",
+    )
     p.add_argument("--time", action="store_true", help="also seconds per step, ours and HF")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
