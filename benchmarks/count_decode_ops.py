@@ -150,6 +150,8 @@ def main(argv=None) -> None:
     p.add_argument("--time", action="store_true", help="also seconds per step, ours and HF")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_rollout
     import torch.distributed as dist

@@ -44,7 +44,7 @@ are. The product may sum in another order: results agree to rounding, not necess
 
 Per-op overhead dominates a decode step at rollout batch sizes (each op touches a few thousand
 values), so the common layouts take fewer ops. With fp32 parameters: a torch RMSNorm's gain is
-folded into the next linear's CPU copy (the norm becomes a mean of squares and one scale,
+folded into the next linear's CPU copy (the norm becomes one gain-free ``F.rms_norm``,
 ``_fold``; CPU only, as the copies), and the r query heads and the key of a group are
 QK-RMSNormed and rotated in one pass over the QKV output (Qwen3's layout, ``_qk_gains``). RoPE is
 ``x * cos + roll(x, d / 2) * signed sin`` (one ``addcmul``) everywhere. Other norms (LayerNorm,

@@ -196,6 +196,8 @@ class VocabParallelSampler:
         n, valid = logits.shape[0], self.shard.valid
         if valid > 0:
             rows = rows.to(logits.device)
+            if self.bases is not None and self.bases.device != logits.device:
+                self.bases = self.bases.to(logits.device)  # built for another device
             rkeys = row_keys(key, rows, None if self.bases is None else self.bases[rows])
             if self.tp == 1 and self.block > 1 and self.inv_lp == self.inv_t:
                 return self._blocked_single(logits[:, :valid], rkeys)
@@ -235,9 +237,11 @@ class VocabParallelSampler:
 
     def _blocked_single(self, x, rkeys):
         """TP 1 at T_lp == T: the draw and its statistics without a packet or a merge over
-        shards (which would give the same numbers: a one-shard merge adds log 1 = 0)."""
+        shards, the same numbers bit for bit: a one-shard merge adds log 1 = 0 to a finite lse
+        and makes any other NaN (a row with a +inf logit: NaN log-prob, as at TP > 1)."""
         _, col, top, z, a = self._blocks(x, rkeys, True)
         lse, entropy = self._block_stats(top, z, a)
+        lse = torch.where(torch.isfinite(lse), lse, float("nan"))
         col = col.clamp_(max=x.shape[1] - 1)
         logprobs = x.gather(1, col[:, None]).squeeze(1).double() * self.inv_lp - lse
         return col, logprobs.float(), entropy.float()

@@ -269,3 +269,36 @@ def test_blocked_draw_given_block_keys_and_one_hash_pass():
     u = (h.double() + 0.5) / 2**32
     inner = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     assert torch.equal(a[1], blk * 64 + inner)
+
+
+def test_tp1_shortcut_equals_packet_and_merge_bit_for_bit():
+    """At TP 1 (T_lp == T, blocked draw) the sampler skips the [n, 6] packet and the one-shard
+    merge; its tokens, log-probs and entropies equal that path's bit for bit, on ordinary,
+    peaked and tied rows, a row with -inf columns, a row of -inf only and a row with a +inf
+    logit (NaN log-prob on both paths)."""
+    import math
+
+    from megatron_eaopd.losses._common import merge_single
+    from megatron_eaopd.rollout.sampling import row_keys
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 256, generator=gen)
+    x[1] *= 40.0  # peaked
+    x[2] = 0.5  # all tied
+    x[3, :100] = -math.inf
+    x[4] = -math.inf
+    x[5, 17] = math.inf
+    x[6] = x[6] * 1e-3 - 50.0  # far from 0
+    sampler = VocabParallelSampler(SamplingParams(temperature=0.9), 256, 256, rows=7)
+    rkeys = row_keys(torch.arange(7) * 977, torch.arange(7))
+    got = sampler._blocked_single(x, rkeys)
+    packet = sampler._blocked_local(x, rkeys)[None]  # [tp = 1, n, 6], as the gather returns
+    lse, entropy = merge_single(packet[..., 0], packet[..., 1], packet[..., 2])
+    want = (packet[0, :, 4].long(), (packet[0, :, 5] - lse).float(), entropy.float())
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), (a, b)
+    assert got[1][5].isnan() and not got[1][[0, 1, 2, 3, 6]].isnan().any()
+    # and the sampler takes the shortcut at TP 1
+    tokens, lp, ent = sampler.draw(x, torch.arange(7), torch.arange(7) * 977, None)
+    assert torch.equal(tokens, got[0]) and torch.equal(lp.nan_to_num(1.0), got[1].nan_to_num(1.0))
