@@ -367,37 +367,49 @@ def _print_kv(times, args):
     print(f"| {times[True]:.2f} | {times[False]:.2f} | {times[False] / times[True]:.1f}x |")
 
 
+_PP_VARIANTS = {  # name -> generate kwargs
+    "FastDecoder, interleaved groups": dict(fast_decode=True, pp_interleave=True),
+    "FastDecoder, one batch": dict(fast_decode=True, pp_interleave=False),
+    "megatron's forward": dict(fast_decode=False),
+}
+
+
 def _pp_worker(rank, port, args, out_path):
     _init(rank, 2, port)
     from megatron_eaopd.rollout import SamplingParams, generate
 
     model, _ = _model(args, 1, pp=2)
     prompts = _prompts(args, args.vocab)
-    best, tokens = {True: float("inf"), False: float("inf")}, {}
+    best, tokens = dict.fromkeys(_PP_VARIANTS, float("inf")), {}
     for i in range(args.reps + 1):  # the first round is a warm-up
-        for fast in (True, False):
+        for name, kw in _PP_VARIANTS.items():
             stats = {}
-            out, wall, _ = _timed(lambda fast=fast, stats=stats: generate(
+            out, wall, _ = _timed(lambda kw=kw, stats=stats: generate(
                 model, prompts, max_new_tokens=args.new, eos_id=-1, pad_id=0,
-                vocab_size=args.vocab, params=SamplingParams(), fast_decode=fast, stats=stats,
-                generator=torch.Generator().manual_seed(1)))  # fmt: skip
-            assert stats["fast"] == (1 if fast else 0)
+                vocab_size=args.vocab, params=SamplingParams(), stats=stats,
+                generator=torch.Generator().manual_seed(1), **kw))  # fmt: skip
+            assert stats["fast"] == int(kw["fast_decode"])
+            assert stats["interleaved"] == int(kw.get("pp_interleave", False))
             if i:
-                best[fast] = min(best[fast], wall)
-            tokens[fast] = out.tokens
+                best[name] = min(best[name], wall)
+            tokens[name] = out.tokens
     if rank == 0:
-        torch.save(dict(best=best, same=torch.equal(tokens[True], tokens[False])), out_path)
+        ref = tokens["megatron's forward"]
+        same = {k: torch.equal(v, ref) for k, v in tokens.items()}
+        torch.save(dict(best=best, same=same), out_path)
     dist.destroy_process_group()
 
 
 def _print_pp(res, args):
     print(
-        f"\n### PP 2 (two processes, one layer half each): FastDecoder vs megatron's forward "
-        f"with its StaticInferenceContext (wall s, best of {args.reps}; uniform workload)\n"
+        f"\n### PP 2 (two processes, one layer half each; batch {args.batch}, {args.new} new "
+        f"tokens, uniform workload): wall s, best of {args.reps}\n"
     )
-    print("| FastDecoder | megatron's forward | speed-up | identical tokens |\n|---|---|---|---|")
-    a, b = res["best"][True], res["best"][False]
-    print(f"| {a:.2f} | {b:.2f} | {b / a:.2f}x | {res['same']} |")
+    print("| decoder | wall (s) | speed-up vs megatron's forward | tokens as megatron's |\n"
+          "|---|---|---|---|")  # fmt: skip
+    ref = res["best"]["megatron's forward"]
+    for name, wall in res["best"].items():
+        print(f"| {name} | {wall:.2f} | {ref / wall:.2f}x | {res['same'][name]} |")
 
 
 def _launch(worker, nprocs, args):

@@ -257,6 +257,11 @@ class RolloutConfig:
     the KV cache); with more, the rows of finished sequences are refilled with waiting prompts
     (continuous batching; chunks where the fast decoder does not apply, e.g. student pp > 1).
     Never changes the tokens. null: all of a replica's sequences at once."""
+    pp_interleave: bool = False
+    """Student pp > 1: decode each batch as pp groups of rows whose steps overlap over the
+    pipeline stages (docs/trainer.md, Pipeline parallelism). Never changes the tokens. Measured
+    on CPU: 1.11-1.17x faster at 64 rows, 0.78x at 32 rows of a small model; not measured on a
+    GPU. Off by default."""
 
 
 @dataclass

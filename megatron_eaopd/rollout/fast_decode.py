@@ -193,7 +193,10 @@ class FastDecoder:
             return "no final layernorm"
         return None
 
-    def __init__(self, module, batch: int, total: int, tp_group=None):
+    def __init__(self, module, batch: int, total: int, tp_group=None, share=None):
+        """A KV cache of ``batch`` rows x ``total`` positions for this stage's layers.
+        ``share``: another FastDecoder of the same module whose weight copies and norm plans
+        this one reuses (CPU: no second copy of the weights)."""
         from megatron.core import parallel_state as ps
 
         self.module = module
@@ -226,6 +229,16 @@ class FastDecoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=device)
         self.gated = cfg.gated_linear_unit
         self.act = cfg.activation_func
+        # non-last stages: send hidden states without waiting for the receiver (``isend``) when
+        # set (interleaved pipeline decoding); the last send's (work, tensor) until it is waited
+        self.async_send = False
+        self._sent = None
+        if share is not None:
+            if share.module is not module or share.dtype != self.dtype:
+                raise ValueError("FastDecoder(share=...) must be a decoder of the same module")
+            self.transposed, self.folded = share.transposed, share.folded
+            self.norms, self.qk_norm = share.norms, share.qk_norm
+            return
         # id(weight) -> (weight, weight.T contiguous) on CPU (module docstring); the weight is
         # kept so that its id cannot be reused by another tensor while this decoder lives
         self.transposed: dict = {}
@@ -421,9 +434,24 @@ class FastDecoder:
         cos, sin = self.cos[start:end, None, :], self.sin_signed[start:end, None, :]  # [s, 1, d]
         h = self._layers(self._stage_input(tokens), cos, sin, attend)
         if not self.last:
-            dist.send(h.contiguous(), dst=self.next_rank)
+            self._send(h.contiguous())
             return None
         return self._logits(h[:, -1])
+
+    def _send(self, h: torch.Tensor) -> None:
+        """To the next stage: 1 p2p send, or with ``async_send`` 1 isend (this decoder's
+        previous isend waited first, so at most one is in flight and its tensor stays alive)."""
+        if not self.async_send:
+            dist.send(h, dst=self.next_rank)
+            return
+        self.wait_sent()
+        self._sent = (dist.isend(h, dst=self.next_rank), h)
+
+    def wait_sent(self) -> None:
+        """Wait for the hidden states ``async_send`` sent last, if any."""
+        if self._sent is not None:
+            self._sent[0].wait()
+            self._sent = None
 
     def _single_stage(self, what: str) -> None:
         if not (self.first and self.last):

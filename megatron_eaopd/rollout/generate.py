@@ -55,6 +55,7 @@ from megatron_eaopd.rollout.continuous import (
     warn_fallback,
 )
 from megatron_eaopd.rollout.fast_decode import FastDecoder, compact_rows
+from megatron_eaopd.rollout.interleave import run_interleaved, split_rows
 from megatron_eaopd.rollout.sampling import (
     PositionRandoms,
     SamplingParams,
@@ -200,6 +201,7 @@ def generate(
     fast_decode: bool = True,
     continuous: bool = True,
     refill_frac: float | None = None,
+    pp_interleave: bool = False,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat a prompt for several samples).
 
@@ -228,7 +230,8 @@ def generate(
             steps that gathered the vocabulary), sample_elements (elements of the sampler's
             collectives on this rank), fast (chunks decoded by ``FastDecoder``; 1 for a
             continuous call), continuous (1 when continuous batching ran), prefills (prompts
-            prefilled into freed rows) and refills (prefill forwards), continuous batching.
+            prefilled into freed rows) and refills (prefill forwards), continuous batching;
+            interleaved (chunks decoded as interleaved groups under PP).
         continuous: with more prompts than ``max_batch``, refill the rows of finished sequences
             with waiting prompts (needs ``use_kv_cache``, ``fast_decode`` and a model
             ``FastDecoder`` supports; otherwise, or False, chunks).
@@ -240,6 +243,11 @@ def generate(
             supports the model (local spec, every pipeline stage; continuous batching PP 1 only)
             and its first logits match megatron's forward; else megatron's forward with its
             ``StaticInferenceContext``.
+        pp_interleave: under pipeline parallelism with ``FastDecoder``, split each chunk into
+            PP groups of rows whose decode steps interleave over the stages (each stage works
+            on one group while the next works on another: ``rollout.interleave``). Never
+            changes the tokens. Off by default: measured on CPU faster at 64 rows (1.11-1.17x),
+            slower at 32 rows of a small model (0.78x); not measured on a GPU.
     A model built with sequence parallelism generates with it switched off
     (``models.sequence_parallel.sequence_parallel_off``), restored on return.
     Returns:
@@ -261,12 +269,13 @@ def generate(
             vocab_size=vocab_size, params=params, generator=generator, use_kv_cache=use_kv_cache,
             max_batch=max_batch, progress=progress, compact_frac=compact_frac, stats=stats,
             fast_decode=fast_decode, continuous=continuous, refill_frac=refill_frac,
+            pp_interleave=pp_interleave,
         )  # fmt: skip
 
 
 def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, params, generator,
               use_kv_cache, max_batch, progress, compact_frac, stats, fast_decode,
-              continuous, refill_frac):  # fmt: skip
+              continuous, refill_frac, pp_interleave):  # fmt: skip
     from megatron.core import parallel_state as ps
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -294,7 +303,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     module.eval()
     counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,
                 "sample_elements": 0, "fast": 0, "continuous": 0, "prefills": 0,
-                "refills": 0}  # fmt: skip
+                "refills": 0, "interleaved": 0}  # fmt: skip
     randoms = PositionRandoms(generator, len(prompts), params.filtered,
                               min(len(p) for p in prompts))  # fmt: skip
     step = max_batch or len(prompts)
@@ -311,14 +320,22 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
                 except FastDecodeMismatch:
                     warn_fallback()
                     fast_decode = False
+            groups = pp if pp > 1 and pp_interleave and use_kv_cache and fast_decode else 1
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
-                decoder = _Decoder(
-                    module, chunk, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                    use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms, start,
-                )  # fmt: skip
-                out.append(decoder.run())
-                del decoder  # its KV cache and weight copies go before the next chunk's
+                args = (module, max_new_tokens, eos_id, pad_id, vocab_size, params, use_kv_cache,
+                        compact_frac, counters, fast_decode, cpu_mode, randoms)  # fmt: skip
+                if groups > 1 and len(chunk) > 1:
+                    decoders, share = [], None
+                    for lo, hi in split_rows(len(chunk), groups):
+                        share = _Decoder(args[0], chunk[lo:hi], *args[1:], start + lo, share=share)
+                        decoders.append(share)
+                    out.extend(run_interleaved(decoders, counters))
+                    del decoders, share
+                else:
+                    decoder = _Decoder(args[0], chunk, *args[1:], start)
+                    out.append(decoder.run())
+                    del decoder  # its KV cache and weight copies go before the next chunk's
                 if progress is not None:
                     progress(len(chunk))
     finally:
@@ -360,7 +377,7 @@ class _Decoder:
 
     def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
                  use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms,
-                 offset):  # fmt: skip
+                 offset, share=None):  # fmt: skip
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -413,8 +430,12 @@ class _Decoder:
         unfit = not (use_kv_cache and fast_decode) or reason is not None
         # some reasons exist on one stage only: all stages or none (else the p2p pair wrongly)
         if not any_rank(unfit, self.pp_group if self.pp > 1 else None, device):
-            self.fast = FastDecoder(module, b, total, self.tp_group)
+            self.fast = FastDecoder(module, b, total, self.tp_group,
+                                    share=None if share is None else share.fast)  # fmt: skip
         self.sampler = None
+        self.t = int(prompt_lens.min())  # the position the next step samples
+        self.alive = True  # steps remain
+        self._logits = None  # ``forward``'s logits until ``finish`` draws from them
 
     def _stage(self, start: int, end: int, rows: int | None = None, **kw):
         """This stage's forward of positions [start, end) of the first ``rows`` rows (None: all
@@ -478,9 +499,12 @@ class _Decoder:
         self.cached = t
         return logits
 
-    def _sample(self, t: int):
+    def _draw(self, t: int):
+        """The draw of step t from the logits ``forward`` left: (tokens, log-probs, entropies)
+        of the decode batch, on every stage. Collectives: the sampler's (last stage); under PP
+        1 broadcast of [3, n] over the pipeline group."""
         n = self.cur_tokens.shape[0]
-        logits = self._next_logits(t)
+        logits, self._logits = self._logits, None
         packed = None
         if self.last:
             if self.sampler is None:
@@ -499,29 +523,46 @@ class _Decoder:
         return unpack_draw(packed.cpu())  # the step's one wait for the device
 
     def run(self) -> RolloutBatch:
-        t = int(self.prompt_lens.min())
-        while t < self.total:
-            self.counters["steps"] += 1
-            self.counters["decode_rows"] += int(self.cur_tokens.shape[0])
-            new, lp, ent = self._sample(t)
-            generating = (t >= self.cur_prompt_lens) & ~self.done & (t < self.cur_limit)
-            rows = self.active[generating]
-            new_g = new[generating]
-            self.tokens[rows, t] = new_g
-            self.logprobs[rows, t] = lp[generating]
-            self.entropies[rows, t] = ent[generating]
-            self.response_lens[rows] += 1
-            hit_eos = generating & (new == self.eos_id)
-            self.finished[self.active[hit_eos]] = True
-            self.done |= hit_eos | (t + 1 >= self.cur_limit)
-            col = torch.where(generating, new, self.tokens[self.active, t])
-            self.cur_tokens[:, t] = to_device(col, self.device)
-            t += 1
-            n_done = int(self.done.sum())
-            if n_done == self.done.shape[0]:
-                break
-            if self.compact_frac is not None and n_done >= self.compact_frac * len(self.done):
-                self._compact(~self.done)
+        """Every step of this chunk, then its RolloutBatch."""
+        while self.alive:
+            self.forward()
+            self.finish()
+        return self.result()
+
+    def forward(self) -> None:
+        """The first half of step ``t``: this stage's forward (the logits, kept on the last
+        stage). Collectives: the model's (module docstring of ``generate``)."""
+        self._logits = self._next_logits(self.t)
+
+    def finish(self) -> bool:
+        """The second half of step ``t``: draw (last stage), share the draw over the pipeline,
+        record it, compact. Returns ``alive``: whether steps remain."""
+        t = self.t
+        self.counters["steps"] += 1
+        self.counters["decode_rows"] += int(self.cur_tokens.shape[0])
+        new, lp, ent = self._draw(t)
+        generating = (t >= self.cur_prompt_lens) & ~self.done & (t < self.cur_limit)
+        rows = self.active[generating]
+        new_g = new[generating]
+        self.tokens[rows, t] = new_g
+        self.logprobs[rows, t] = lp[generating]
+        self.entropies[rows, t] = ent[generating]
+        self.response_lens[rows] += 1
+        hit_eos = generating & (new == self.eos_id)
+        self.finished[self.active[hit_eos]] = True
+        self.done |= hit_eos | (t + 1 >= self.cur_limit)
+        col = torch.where(generating, new, self.tokens[self.active, t])
+        self.cur_tokens[:, t] = to_device(col, self.device)
+        self.t = t = t + 1
+        n_done = int(self.done.sum())
+        self.alive = n_done < self.done.shape[0] and t < self.total
+        frac = self.compact_frac
+        if self.alive and frac is not None and n_done >= frac * len(self.done):
+            self._compact(~self.done)
+        return self.alive
+
+    def result(self) -> RolloutBatch:
+        """The finished chunk's RolloutBatch (and the sampler's counters)."""
         if self.sampler is not None:
             self.counters["fallbacks"] += self.sampler.counters["fallbacks"]
             self.counters["sample_elements"] += self.sampler.counters["elements"]

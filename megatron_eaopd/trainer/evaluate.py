@@ -78,6 +78,7 @@ def sample_problems(
     use_kv_cache: bool = True,
     max_batch: int | None = None,
     progress=None,
+    pp_interleave: bool = False,
 ) -> RolloutBatch:
     """``n`` responses per problem (rows ``i * n ... i * n + n - 1`` belong to problem i).
 
@@ -98,6 +99,7 @@ def sample_problems(
         use_kv_cache=use_kv_cache,
         max_batch=max_batch,
         progress=progress,
+        pp_interleave=pp_interleave,
     )
 
 
@@ -159,6 +161,7 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
                     params=params, vocab_size=data.vocab_size, generator=gen,
                     use_kv_cache=cfg.rollout.use_kv_cache, max_batch=trainer.max_decode_batch,
                     progress=bar.update if bar is not None else None,
+                    pp_interleave=cfg.rollout.pp_interleave,
                 )  # fmt: skip
                 if bar is not None:
                     bar.close()

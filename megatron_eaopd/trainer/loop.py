@@ -291,6 +291,7 @@ class Trainer:
                     max_new_tokens=r.max_response_tokens, params=params,
                     vocab_size=data.vocab_size, generator=gen, use_kv_cache=r.use_kv_cache,
                     max_batch=self.max_decode_batch, progress=bar.update if bar else None,
+                    pp_interleave=r.pp_interleave,
                 )  # fmt: skip
                 if bar is not None:
                     bar.close()

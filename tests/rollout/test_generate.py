@@ -56,7 +56,10 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
     # continuous batching (PP 1; chunks at PP 2), megatron's own KV cache without compaction,
     # and full recompute: the same rollouts
     variants = {
-        "fast": dict(use_kv_cache=True, compact_frac=0.01, continuous=False),
+        "fast": dict(use_kv_cache=True, compact_frac=0.01, continuous=False, pp_interleave=True),
+        "fast, one batch": dict(
+            use_kv_cache=True, compact_frac=0.01, continuous=False, pp_interleave=False
+        ),
         "continuous": dict(use_kv_cache=True),
         "megatron": dict(use_kv_cache=True, fast_decode=False, compact_frac=None),
         "recompute": dict(use_kv_cache=False),
@@ -67,12 +70,16 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
         out[name] = generate(model, _prompts(), generator=gen, max_batch=4, stats=stats[name],
                              **v, **kw)  # fmt: skip
     assert stats["fast"]["fast"] == 2  # both chunks (every stage under PP), no fallback
+    # under PP each chunk's rows decode as PP interleaved groups (the same tokens, below)
+    assert stats["fast"]["interleaved"] == (2 if pp > 1 else 0)
+    assert stats["megatron"]["interleaved"] == stats["fast, one batch"]["interleaved"] == 0
+    assert stats["fast, one batch"]["fast"] == 2
     assert stats["megatron"]["fast"] == 0 and stats["megatron"]["compactions"] == 0
     assert stats["fast"]["compactions"] > 0
     assert stats["fast"]["decode_rows"] < stats["megatron"]["decode_rows"]
     assert stats["continuous"]["continuous"] == (1 if pp == 1 else 0)
     a = out["fast"]
-    for b in (out["continuous"], out["megatron"], out["recompute"]):
+    for b in (out["fast, one batch"], out["continuous"], out["megatron"], out["recompute"]):
         assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
         assert torch.equal(a.response_lens, b.response_lens)
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
@@ -323,3 +330,16 @@ def test_generate_rejects_bad_arguments_with_clear_errors():
     (messages,) = run_distributed(_bad_arguments_worker, 1)
     for expected, got in messages.items():
         assert got is not None and expected in got, (expected, got)
+
+
+def test_split_rows_into_interleaved_groups():
+    from megatron_eaopd.rollout.interleave import split_rows
+
+    for rows in range(1, 12):
+        for groups in range(1, 5):
+            parts = split_rows(rows, groups)
+            assert parts[0][0] == 0 and parts[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # contiguous
+            sizes = [hi - lo for lo, hi in parts]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+            assert len(parts) == min(rows, groups)

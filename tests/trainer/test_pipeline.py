@@ -32,6 +32,7 @@ def _worker(rank, world, tmp, tp):
         TINY
         + [
             f"parallel.student.tp={tp}",
+            f"rollout.pp_interleave={'true' if tp == 2 else 'false'}",  # both paths
             f"training.output_dir={tmp}/run",
             f"teacher_prep.cache_dir={tmp}/teachers",
             f"student_prep.cache_dir={tmp}/students",
@@ -40,25 +41,32 @@ def _worker(rank, world, tmp, tp):
     )
     # rollouts and evaluation decode with FastDecoder on both stages (no fallback, no stage
     # without it): count its forwards, keep the warnings that a fallback would give
+    import importlib
     import warnings
 
+    G = importlib.import_module("megatron_eaopd.rollout.generate")  # the module, not the function
     from megatron_eaopd.rollout.fast_decode import FastDecoder
 
     original, calls = FastDecoder.forward, [0]
+    interleave, chunks = G.run_interleaved, [0]
 
     def counted(self, *args, **kwargs):
         calls[0] += 1
         return original(self, *args, **kwargs)
 
-    FastDecoder.forward = counted
+    def counted_chunks(*args, **kwargs):
+        chunks[0] += 1
+        return interleave(*args, **kwargs)
+
+    FastDecoder.forward, G.run_interleaved = counted, counted_chunks
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             summary = run(cfg)
     finally:
-        FastDecoder.forward = original
+        FastDecoder.forward, G.run_interleaved = original, interleave
     fallbacks = [str(w.message) for w in caught if "megatron's forward" in str(w.message)]
-    return dict(summary, fast_forwards=calls[0], fallbacks=fallbacks)
+    return dict(summary, fast_forwards=calls[0], fallbacks=fallbacks, interleaved=chunks[0])
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1-pp2", "tp2-pp2"])
@@ -69,6 +77,8 @@ def test_trainer_with_pipeline_parallel_student(tmp_path, tp):
     assert all(s["fast_forwards"] > 0 and not s["fallbacks"] for s in summaries), [
         (s["fast_forwards"], s["fallbacks"]) for s in summaries
     ]
+    # rollout.pp_interleave reaches the rollouts and the evaluation (on at TP 2 x PP 2 here)
+    assert all((s["interleaved"] > 0) == (tp == 2) for s in summaries), summaries
     # both stages hold the same (reduced) metrics
     same = [
         {k: v for k, v in s["train"].items() if not k.startswith("time_") and k != "tokens_per_s"}
