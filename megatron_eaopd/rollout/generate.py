@@ -231,7 +231,8 @@ def generate(
             collectives on this rank), fast (chunks decoded by ``FastDecoder``; 1 for a
             continuous call), continuous (1 when continuous batching ran), prefills (prompts
             prefilled into freed rows) and refills (prefill forwards), continuous batching;
-            interleaved (chunks decoded as interleaved groups under PP).
+            interleaved (chunks whose groups interleaved under PP; steps and decode_rows then
+            count each group's steps).
         continuous: with more prompts than ``max_batch``, refill the rows of finished sequences
             with waiting prompts (needs ``use_kv_cache``, ``fast_decode`` and a model
             ``FastDecoder`` supports; otherwise, or False, chunks).
@@ -320,7 +321,8 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
                 except FastDecodeMismatch:
                     warn_fallback()
                     fast_decode = False
-            groups = pp if pp > 1 and pp_interleave and use_kv_cache and fast_decode else 1
+            groups = pp if (pp > 1 and pp_interleave and use_kv_cache and fast_decode
+                            and FastDecoder.unsupported(module) is None) else 1  # fmt: skip
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
                 args = (module, max_new_tokens, eos_id, pad_id, vocab_size, params, use_kv_cache,

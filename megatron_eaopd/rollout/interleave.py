@@ -18,9 +18,20 @@ Schedule (``run_interleaved``), the same rule on every rank:
 
 Every rank therefore makes the same sequence of broadcasts, each stage receives its hidden
 states in the order its predecessor sent them, and a group that finishes leaves the rotation on
-every rank at the same draw. With PP 2 and two groups: stage 0 runs F0 F1 D0 F0 D1 F1 ...,
-stage 1 runs F0 D0 F1 D1 F0 ... (F: forward, D: draw), each stage's forward of one group
-alongside the other stage's work on the other group.
+every rank at the same draw. Why this cannot deadlock: number the forwards 0, 1, 2, ... in
+round-robin order (the same numbering on every stage) and the draws likewise. Stage s runs
+forward i right after draw i - a_s, a_s = min(PP - s, live groups). a_s does not grow with s,
+so when stage s needs forward i's hidden states, stage s - 1 has already been free to run it
+(its draw i - a_{s-1} <= i - a_s came earlier in the common draw order); a send never waits
+for its receiver (isend, waited at the group's next forward, after the receiver has taken it);
+and a group's next forward follows its draw on every stage, so no forward waits on a draw
+that waits on it. Under NCCL the sends (world group) and the draws' broadcasts (pipeline group)
+use different communicators in rank-dependent order, which NCCL warns may deadlock; small sends
+normally complete without the receiver, but this was run on gloo only.
+
+With PP 2 and two groups: stage 0 runs F0 F1 D0 F0 D1 F1 ..., stage 1 runs F0 D0 F1 D1 F0 ...
+(F: forward, D: draw), each stage's forward of one group alongside the other stage's work on
+the other group.
 """
 
 from __future__ import annotations
@@ -44,8 +55,9 @@ def run_interleaved(decoders: list, counters: dict) -> list:
         decoders: the groups' ``generate._Decoder`` (``forward``, ``finish``, ``alive``,
             ``fast``, ``result``), built on every rank in the same order, whose FastDecoders
             share their weight copies.
-        counters: ``generate``'s counters: "interleaved" counts the chunk when its groups
-            interleaved; "fast" counts the chunk once if every group decoded with FastDecoder.
+        counters: ``generate``'s counters: "interleaved" counts the chunk when two or more of
+            its groups interleaved; "fast" counts the chunk once if every group decoded with
+            FastDecoder.
     Returns:
         The groups' RolloutBatches, in the order of ``decoders``.
     Collectives: those of the groups' steps (``generate``), hidden states by isend instead of
@@ -66,7 +78,7 @@ def run_interleaved(decoders: list, counters: dict) -> list:
                     d.forward()
                     d.finish()
         else:
-            counters["interleaved"] += 1
+            counters["interleaved"] += len(live) > 1
             for d in live:
                 d.fast.async_send = True
             stage = ps.get_pipeline_model_parallel_rank()

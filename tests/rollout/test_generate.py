@@ -147,13 +147,15 @@ def test_kv_cache_equals_recompute_and_logprobs_equal_fresh_forward():
 def _pp_worker(rank, world, pp):
     out = [_rollout_worker(rank, world, kw, pp=pp) for kw in PARAMS]
     expected, eos = out[0]["tokens"], out[0]["eos"]
-    fallback = _pp_fallback(expected, eos)  # both on every rank (they pair collectives)
+    # each on every rank (they pair collectives)
+    fallback = _pp_fallback(expected, eos) and _pp_fallback(expected, eos, interleave=True)
     disagree = _pp_disagree(expected, eos)
     return out + [fallback and disagree]
 
 
-def _pp_generate(eos, stats):
-    """The PP 2 model's rollouts of the first sampling setting, as the "fast" variant asks."""
+def _pp_generate(eos, stats, interleave=False):
+    """The PP 2 model's rollouts of the first sampling setting, as the "fast" variant asks
+    (``interleave``: as interleaved groups)."""
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.rollout import generate
@@ -162,7 +164,7 @@ def _pp_generate(eos, stats):
                     max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, eos_id=eos,
                     params=SamplingParams(**PARAMS[0]), max_batch=4, stats=stats,
                     generator=torch.Generator().manual_seed(11), compact_frac=0.01,
-                    continuous=False)  # fmt: skip
+                    continuous=False, pp_interleave=interleave)  # fmt: skip
 
 
 def _pp_disagree(expected, eos):
@@ -192,10 +194,11 @@ def _pp_disagree(expected, eos):
     return stats["fast"] == 0 and torch.equal(out.tokens, expected) and warned == last
 
 
-def _pp_fallback(expected, eos):
+def _pp_fallback(expected, eos, interleave=False):
     """FastDecoder's first logits made to differ from megatron's on the last stage only: every
     stage must learn the last stage's verdict and fall back together (a stage continuing alone
-    would pair its p2p with the wrong ones and hang); the tokens are those of the fast path."""
+    would pair its p2p with the wrong ones and hang); the tokens are those of the fast path.
+    ``interleave``: the groups of each chunk fall back and run one after another."""
     import warnings
 
     from megatron_eaopd.rollout.fast_decode import FastDecoder
@@ -211,11 +214,12 @@ def _pp_fallback(expected, eos):
         stats = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = _pp_generate(eos, stats)
+            out = _pp_generate(eos, stats, interleave)
     finally:
         FastDecoder.forward = original
     warned = any("differ from megatron" in str(w.message) for w in caught)
-    return warned and stats["fast"] == 0 and torch.equal(out.tokens, expected)
+    fell_back = stats["fast"] == 0 and stats["interleaved"] == 0
+    return warned and fell_back and torch.equal(out.tokens, expected)
 
 
 def test_rollouts_under_pipeline_parallelism():
