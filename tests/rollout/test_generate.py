@@ -149,6 +149,7 @@ def _pp_worker(rank, world, pp):
     expected, eos = out[0]["tokens"], out[0]["eos"]
     # each on every rank (they pair collectives)
     fallback = _pp_fallback(expected, eos) and _pp_fallback(expected, eos, interleave=True)
+    fallback = fallback and _pp_unsupported(expected, eos)
     disagree = _pp_disagree(expected, eos)
     return out + [fallback and disagree]
 
@@ -220,6 +221,27 @@ def _pp_fallback(expected, eos, interleave=False):
     warned = any("differ from megatron" in str(w.message) for w in caught)
     fell_back = stats["fast"] == 0 and stats["interleaved"] == 0
     return warned and fell_back and torch.equal(out.tokens, expected)
+
+
+def _pp_unsupported(expected, eos):
+    """A model FastDecoder does not support, with pp_interleave on: one batch per chunk
+    through megatron's forward (the same steps as with it off, not PP groups run one after
+    another), nothing interleaved, the same tokens."""
+    from megatron_eaopd.rollout.fast_decode import FastDecoder
+
+    original = FastDecoder.unsupported
+    FastDecoder.unsupported = staticmethod(lambda module: "a layout it does not model")
+    try:
+        steps = []
+        for interleave in (False, True):
+            stats = {}
+            out = _pp_generate(eos, stats, interleave)
+            steps.append(stats["steps"])
+            assert stats["interleaved"] == 0 and stats["fast"] == 0
+            assert torch.equal(out.tokens, expected)
+    finally:
+        FastDecoder.unsupported = original
+    return steps[0] == steps[1]
 
 
 def test_rollouts_under_pipeline_parallelism():
