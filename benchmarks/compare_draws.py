@@ -45,24 +45,17 @@ def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
+    import bench_rollout  # this checkout's; it imports megatron_eaopd when called: the other's
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_eaopd.models import ModelConfig, build_model, init_weights_layout_invariant
-    from megatron_eaopd.parallel.init import initialize_parallel
     from megatron_eaopd.rollout import SamplingParams, generate
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
     for vocab, sampling, kwargs in CASES:
-        initialize_parallel(world, 1, seed=1)
-        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                          num_query_groups=2, kv_channels=16, ffn_hidden_size=192,
-                          vocab_size=vocab, qk_layernorm=True, max_sequence_length=6 + NEW,
-                          make_vocab_size_divisible_by=8,
-                          untie_embeddings_and_output_weights=True)  # fmt: skip
-        (model,) = build_model(cfg)
-        init_weights_layout_invariant([model], 0)
+        shape = argparse.Namespace(layers=2, hidden=64, heads=4, vocab=vocab, prompt=6, new=NEW)
+        model, _ = bench_rollout._model(shape, world)  # the same weights at every TP size
         with torch.no_grad():  # peaked, and EOS likely enough that some rows end early
             w = model.output_layer.weight  # this rank's rows [start, start + w.shape[0])
             w.mul_(8.0)

@@ -323,19 +323,19 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
                     fast_decode = False
             groups = pp if (pp > 1 and pp_interleave and use_kv_cache and fast_decode
                             and FastDecoder.unsupported(module) is None) else 1  # fmt: skip
+            rest = (max_new_tokens, eos_id, pad_id, vocab_size, params, use_kv_cache,
+                    compact_frac, counters, fast_decode, cpu_mode, randoms)  # fmt: skip
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
-                args = (module, max_new_tokens, eos_id, pad_id, vocab_size, params, use_kv_cache,
-                        compact_frac, counters, fast_decode, cpu_mode, randoms)  # fmt: skip
                 if groups > 1 and len(chunk) > 1:
                     decoders, share = [], None
                     for lo, hi in split_rows(len(chunk), groups):
-                        share = _Decoder(args[0], chunk[lo:hi], *args[1:], start + lo, share=share)
+                        share = _Decoder(module, chunk[lo:hi], *rest, start + lo, share=share)
                         decoders.append(share)
                     out.extend(run_interleaved(decoders, counters))
-                    del decoders, share
+                    del decoders, share  # their KV caches go before the next chunk's
                 else:
-                    decoder = _Decoder(args[0], chunk, *args[1:], start)
+                    decoder = _Decoder(module, chunk, *rest, start)
                     out.append(decoder.run())
                     del decoder  # its KV cache and weight copies go before the next chunk's
                 if progress is not None:
