@@ -48,6 +48,7 @@ from megatron_eaopd.data.task import Problem, Task, TaskError
 __all__ = [
     "CountdownTask",
     "count_countdown_solutions",
+    "countdown_error",
     "countdown_step_options",
     "enumerate_countdown_solutions",
     "sample_countdown_solution",
@@ -114,23 +115,43 @@ def sample_countdown_solution(start: int, steps: Sequence[int], rng: random.Rand
     return "".join(parts)
 
 
-def verify_countdown(start: int, steps: Sequence[int], text: str) -> bool:
-    """Whether ``text`` is a complete valid solution: every step an allowed size no larger than
-    what is left, every subtraction right, ending at exactly 0 (and nothing after it).
-    Surrounding whitespace is ignored."""
+def countdown_error(start: int, steps: Sequence[int], text: str) -> str | None:
+    """Why ``text`` is not a complete valid solution, or None when it is one.
+
+    The reason names the first check that fails, as ``"<kind>: <detail>"`` with kind one of
+    ``unfinished`` (no closing ``;``), ``malformed`` (a step is not ``-s=r``), ``size not
+    allowed``, ``below zero`` (a step larger than what is left), ``subtraction`` (``r`` is not
+    what is left minus ``s``) and ``not at zero`` (the steps stop early). Surrounding whitespace
+    is ignored.
+    """
     body = text.strip()
     if not body.endswith(";"):
-        return False
+        return f"unfinished: {body[-12:]!r}"
     allowed, left = set(steps), start
     for step in body[:-1].split(";"):
         m = _STEP_RE.fullmatch(step)
-        if m is None:
-            return False
-        s, r = (_number(g) for g in m.groups())
-        if s is None or r is None or s not in allowed or s > left or left - s != r:
-            return False
+        s, r = (_number(g) for g in m.groups()) if m is not None else (None, None)
+        if s is None or r is None:
+            return f"malformed: {step!r}"
+        if s not in allowed:
+            return f"size not allowed: -{s} with {left} left (allowed {_sizes(allowed)})"
+        if s > left:
+            return f"below zero: -{s} with {left} left"
+        if left - s != r:
+            return f"subtraction: {left}-{s} written as {r}"
         left = r
-    return left == 0
+    return None if left == 0 else f"not at zero: stops at {left}"
+
+
+def _sizes(allowed: set[int]) -> str:
+    return ",".join(str(s) for s in sorted(allowed))
+
+
+def verify_countdown(start: int, steps: Sequence[int], text: str) -> bool:
+    """Whether ``text`` is a complete valid solution: every step an allowed size no larger than
+    what is left, every subtraction right, ending at exactly 0 (and nothing after it).
+    Surrounding whitespace is ignored. :func:`countdown_error` says why not."""
+    return countdown_error(start, steps, text) is None
 
 
 def _stream(seed: int, split: str) -> random.Random:
@@ -247,6 +268,10 @@ class CountdownTask(Task):
     def check(self, response: str, problem: Problem) -> bool:
         """The verifier: every step allowed, every subtraction right, ending at exactly 0."""
         return verify_countdown(*self.problem_of(problem), response)
+
+    def explain(self, response: str, problem: Problem) -> str | None:
+        """The first failed check of :func:`countdown_error`, or None for a valid solution."""
+        return countdown_error(*self.problem_of(problem), response)
 
     def check_reasoning(self, response: str, problem: Problem) -> bool:
         """Same as :meth:`check` (the verifier checks every step)."""

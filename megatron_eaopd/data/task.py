@@ -91,6 +91,13 @@ class Task(abc.ABC):
         with math-verify as :attr:`use_math_verify` says)."""
         return check_answer(response, problem.answer, use_math_verify=self.use_math_verify)
 
+    def explain(self, response: str, problem: Problem) -> str | None:
+        """Why ``response`` is wrong, as a short ``"<kind>: <detail>"`` text, or None when
+        :meth:`check` accepts it. Written beside each saved evaluation sample
+        (``eval.save_samples``); the default says only ``"wrong answer"``. Override it to name
+        the kind of mistake (the built-in countdown task names the first failed step check)."""
+        return None if self.check(response, problem) else "wrong answer"
+
     def reward(self, response: str, problem: Problem) -> float:
         """1.0 for a correct answer, else 0.0."""
         return 1.0 if self.check(response, problem) else 0.0

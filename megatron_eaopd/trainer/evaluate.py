@@ -11,11 +11,18 @@ Evaluation samples ``eval.k`` responses per held-out prompt from the student (``
   ``fkl_all`` (over all tokens). The forward KL is taken on the teacher's top-k set plus one tail
   bucket for the rest of the vocabulary: the KL between the two distributions coarsened to k + 1
   outcomes, a lower bound of the full-vocabulary forward KL.
+
+With ``eval.save_samples`` (default: the first 16 prompts of each set) it also writes the
+responses, whether each is right and the task's reason when not, to
+``<output_dir>/eval_samples/<who>_iter_<iteration>.jsonl`` (rank 0; the replicas' records are
+gathered as objects over the data-parallel group).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +42,9 @@ __all__ = [
     "evaluate",
     "pad_id_of",
     "sample_problems",
+    "sample_records",
     "seeded_generator",
+    "write_samples",
 ]
 
 
@@ -115,6 +124,49 @@ def check_responses(task, tokenizer, problems, rollouts: RolloutBatch, n: int) -
     return out
 
 
+def _saved(limit: int | None, index: int) -> bool:
+    return limit is None or index < limit
+
+
+def sample_records(data, name, problems, rollouts, rows, keep, dp_rank, dp, k) -> list[dict]:
+    """JSON-ready records of the kept problems' ``k`` responses each: the set's name, the
+    problem's index in the set (``dp_rank + i * dp`` for this replica's i-th problem), uid,
+    prompt, and per response its text, token count, whether it is right (``rows``) and, if not,
+    the task's reason (:meth:`Task.explain`). Local; no collective."""
+    out = []
+    for i in keep:
+        problem, responses = problems[i], []
+        for j in range(k):
+            row = i * k + j
+            text = decode(data.tokenizer, rollouts.response_ids(row))
+            responses.append({
+                "text": text,
+                "tokens": int(rollouts.response_lens[row]),
+                "correct": rows[i][j],
+                "why": None if rows[i][j] else data.task.explain(text, problem),
+            })  # fmt: skip
+        out.append({
+            "set": name, "index": dp_rank + i * dp, "uid": problem.uid,
+            "prompt": problem.prompt, "responses": responses,
+        })  # fmt: skip
+    return out
+
+
+def write_samples(output_dir: str, who: str, iteration: int, records: list[dict]) -> str:
+    """Write ``records`` (sorted by set and index) as JSON lines to
+    ``<output_dir>/eval_samples/<who>_iter_<iteration:07d>.jsonl`` (replacing a file of the same
+    evaluation, e.g. after a resume) through a temporary file; return the path."""
+    folder = os.path.join(output_dir, "eval_samples")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{who}_iter_{iteration:07d}.jsonl")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in sorted(records, key=lambda r: (r["set"], r["index"])):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _gather_rows(rows: list, group) -> list:
     """Concatenate per-rank lists over a group (data-parallel ranks hold different prompts)."""
     if group is None or dist.get_world_size(group=group) == 1:
@@ -146,7 +198,7 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
     tau = ev.entropy_threshold if ev.entropy_threshold is not None else cfg.loss.entropy_threshold
     layout = TEACHER if who == "teacher" else STUDENT
     model = trainer.teacher if who == "teacher" else trainer.student.chunks
-    results, sums, lengths = {}, {}, [0.0, 0.0]
+    results, sums, lengths, saved = {}, {}, [0.0, 0.0], []
     for name, problems in data.eval_sets.items():
         problems = list(problems)[: ev.max_prompts] if ev.max_prompts else list(problems)
         with use_layout(layout):
@@ -168,10 +220,17 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
                 rows = check_responses(data.task, data.tokenizer, mine, rollouts, ev.k)
                 lengths[0] += float(rollouts.response_lens.sum())
                 lengths[1] += len(rollouts)
-            results[name] = _gather_rows(rows, ps.get_data_parallel_group() if dp > 1 else None)
+            group = ps.get_data_parallel_group() if dp > 1 else None
+            results[name] = _gather_rows(rows, group)
+            if ev.save_samples != 0:
+                keep = [i for i in range(len(mine)) if _saved(ev.save_samples, dp_rank + i * dp)]
+                records = sample_records(data, name, mine, rollouts, rows, keep, dp_rank, dp, ev.k)
+                saved.extend(_gather_rows(records, group))
         if who == "student":
             for key, value in _entropy_sums(trainer, rollouts, tau).items():
                 sums[key] = sums.get(key, 0.0) + value
+    if saved and trainer.rank0:
+        write_samples(cfg.training.output_dir, who, iteration, saved)
     metrics = summarize_samples(results, ks=range(1, ev.k + 1))  # the Pass@k curve
     with use_layout(layout):
         if ps.get_data_parallel_world_size() > 1:

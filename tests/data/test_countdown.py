@@ -13,12 +13,13 @@ from megatron_eaopd.data import load_task
 from megatron_eaopd.data.countdown import (
     CountdownTask,
     count_countdown_solutions,
+    countdown_error,
     countdown_step_options,
     enumerate_countdown_solutions,
     sample_countdown_solution,
     verify_countdown,
 )
-from megatron_eaopd.data.task import Problem
+from megatron_eaopd.data.task import Problem, Task
 from megatron_eaopd.data.tokenizer import train_tokenizer
 
 SMALL = dict(num_train=150, num_distill=100, num_eval=40)
@@ -76,26 +77,58 @@ def test_a_valid_solution(text):
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, kind",
     [
-        "-5=12;-5=7;-5=2;-2=0;",  # 2 is not allowed
-        "-5=12;-5=7;-5=2;-3=-1;",  # below zero
-        "-5=12;-5=7;-5=2;-3=0;",  # 3 does not fit under 2 (wrong subtraction too)
-        "-5=12;-5=7;-5=3;-3=0;",  # wrong subtraction
-        "-5=12;-5=7;-5=2;-1=1;",  # stops before 0
-        "-5=12;-5=7;-5=2;-1=1;-1=0",  # no final ';'
-        "-5=12;-5=7;-5=2;-1=1;-1=0;-1=0;",  # a step past 0 (0 - 1 is not 0)
-        "-5=12;-5=7;-5=2;-1=1;-1=0;x",  # text after the end
-        "-05=12;-5=7;-5=2;-1=1;-1=0;",  # not a canonical number
-        "-5=12;;-5=7;-5=2;-1=1;-1=0;",
-        "-5=12;-5=7;-5=2;-1=1;-1=0;\\boxed{0}",
-        "\\boxed{0}",
-        ";",
-        "",
+        ("-5=12;-5=7;-5=2;-2=0;", "size not allowed"),  # 2 is not allowed
+        ("-5=12;-5=7;-5=2;-3=-1;", "malformed"),  # below zero: no such number
+        ("-5=12;-5=7;-5=2;-3=0;", "below zero"),  # 3 does not fit under 2
+        ("-5=12;-5=7;-5=3;-3=0;", "subtraction"),  # wrong subtraction
+        ("-5=12;-5=7;-5=2;-1=1;", "not at zero"),  # stops before 0
+        ("-5=12;-5=7;-5=2;-1=1;-1=0", "unfinished"),  # no final ';'
+        ("-5=12;-5=7;-5=2;-1=1;-1=0;-1=0;", "below zero"),  # a step past 0
+        ("-5=12;-5=7;-5=2;-1=1;-1=0;x", "unfinished"),  # text after the end
+        ("-05=12;-5=7;-5=2;-1=1;-1=0;", "malformed"),  # not a canonical number
+        ("-5=12;;-5=7;-5=2;-1=1;-1=0;", "malformed"),
+        ("-5=12;-5=7;-5=2;-1=1;-1=0;\\boxed{0}", "unfinished"),
+        ("\\boxed{0}", "unfinished"),
+        (";", "malformed"),
+        ("", "unfinished"),
     ],
 )
-def test_verifier_rejects_wrong_solutions(text):
+def test_verifier_rejects_wrong_solutions_and_names_the_first_failed_check(text, kind):
     assert not verify_countdown(17, (1, 3, 5), text)
+    assert countdown_error(17, (1, 3, 5), text).split(":")[0] == kind
+
+
+def test_explain_is_none_exactly_for_accepted_responses(task):
+    """Over mutated valid solutions (a changed, dropped or inserted character, the last steps
+    dropped, or unchanged): ``explain`` is None exactly when the verifier accepts, and so is
+    the base class's default (which says only "wrong answer")."""
+    rng = random.Random(5)
+    alphabet = "0123456789-=;"
+    kinds = set()
+    for p in task.eval_problems()[:20]:
+        start, steps = task.problem_of(p)
+        for _ in range(30):
+            text = list(sample_countdown_solution(start, steps, rng))
+            i = rng.randrange(len(text))
+            op = rng.randrange(5)
+            if op == 3:  # drop the last steps
+                ends = [j for j, c in enumerate(text) if c == ";"]
+                text = text[: ends[rng.randrange(len(ends))] + 1]
+            elif op == 0:
+                text[i] = rng.choice(alphabet)
+            elif op == 1:
+                del text[i]
+            elif op == 2:
+                text.insert(i, rng.choice(alphabet))
+            text = "".join(text)
+            why = task.explain(text, p)
+            assert (why is None) == task.check(text, p), (text, why)
+            assert (Task.explain(task, text, p) is None) == task.check(text, p)
+            if why is not None:
+                kinds.add(why.split(":")[0])
+    assert {"size not allowed", "subtraction", "malformed", "not at zero"} <= kinds
 
 
 def test_check_uses_the_verifier(task):

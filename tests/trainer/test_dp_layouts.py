@@ -87,6 +87,30 @@ def _records(path, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+def _check_samples(out_dir, evals, saved):
+    """The saved evaluation samples: the first ``saved`` of the 7 prompts in order, 2 responses
+    each, the verifier's verdict on each text, a reason exactly for the wrong ones; when every
+    prompt is saved their mean correctness is the logged Avg@2."""
+    from megatron_eaopd.data.countdown import _PROMPT_RE, verify_countdown
+
+    for row in evals:
+        path = f"{out_dir}/eval_samples/student_iter_{row['iteration']:07d}.jsonl"
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        assert [r["index"] for r in records] == list(range(saved)), path
+        right = []
+        for r in records:
+            assert len(r["responses"]) == 2
+            start, sizes = _PROMPT_RE.fullmatch(r["prompt"]).groups()
+            sizes = [int(x) for x in sizes.split(",")]
+            for response in r["responses"]:
+                ok = verify_countdown(int(start), sizes, response["text"])
+                assert response["correct"] == ok and (response["why"] is None) == ok, response
+                right.append(ok)
+        if saved == 7:
+            assert abs(sum(right) / len(right) - row["mean/avg@2"]) < 1e-3
+
+
 def _check_run(out_dir, iterations):
     train = _records(f"{out_dir}/metrics.jsonl", "train")
     assert [r["iteration"] for r in train] == list(range(1, iterations + 1))
@@ -121,14 +145,17 @@ def _run(world, cfg):
 def test_trainer_with_data_parallel_student(tmp_path, world, layout):
     cfg = _cfg(str(tmp_path), "run", layout)
     _run(world, cfg)
-    _check_run(f"{tmp_path}/run", 2)
+    _, evals = _check_run(f"{tmp_path}/run", 2)
+    _check_samples(f"{tmp_path}/run", evals, 7)  # eval.save_samples: 16 by default
 
 
 def test_trainer_tp2_pp2_dp2_on_8_ranks_then_resumed_at_tp1_dp4(tmp_path):
     """The shipped 8-GPU configs' layout (TP 2 x PP 2 x DP 2; ~50 s on 2 cores)."""
     tmp = str(tmp_path)
-    first = _run(8, _cfg(tmp, "run", ((2, 2), (2, 2))))
-    _check_run(f"{tmp}/run", 2)
+    first = _run(8, _cfg(tmp, "run", ((2, 2), (2, 2)), ["eval.save_samples=3"]))
+    _, evals = _check_run(f"{tmp}/run", 2)
+    _check_samples(f"{tmp}/run", evals, 3)
+    assert (tmp_path / "run" / "eval_samples" / "teacher_iter_0000000.jsonl").is_file()
     saved = helpers.assemble([r["end"] for r in first])
 
     cfg = _cfg(tmp, "run", ((1, 1), (2, 1)), ["training.iterations=3"])
