@@ -347,9 +347,9 @@ class EvalConfig:
     """Write a PNG of the evaluation curves when matplotlib is installed."""
     save_samples: int | None = _f(16, ge=0)
     """Save the responses to the first this many prompts of each eval set (all k per prompt,
-    with whether each is right and, if not, the task's reason) to
-    <output_dir>/eval_samples/<who>_iter_<iteration>.jsonl at every evaluation; 0: none;
-    null: every prompt."""
+    with whether each is right and, if not, the task's reason: Task.explain) to
+    <output_dir>/eval_samples/<who>_iter_<7-digit iteration>.jsonl at every evaluation
+    (who: student, or teacher for its evaluation at the start); 0: none; null: every prompt."""
 
 
 @dataclass

@@ -58,6 +58,7 @@ __all__ = [
 PROMPT = "down({start}|{steps}):"
 _PROMPT_RE = re.compile(r"down\(([0-9]+)\|([0-9]+(?:,[0-9]+)*)\):")
 _STEP_RE = re.compile(r"-([0-9]+)=([0-9]+)")
+_NEGATIVE_STEP_RE = re.compile(r"-([0-9]+)=-([0-9]+)")  # a step below zero, as a model writes it
 
 
 def _number(text: str) -> int | None:
@@ -118,28 +119,34 @@ def sample_countdown_solution(start: int, steps: Sequence[int], rng: random.Rand
 def countdown_error(start: int, steps: Sequence[int], text: str) -> str | None:
     """Why ``text`` is not a complete valid solution, or None when it is one.
 
-    The reason names the first check that fails, as ``"<kind>: <detail>"`` with kind one of
-    ``unfinished`` (no closing ``;``), ``malformed`` (a step is not ``-s=r``), ``size not
-    allowed``, ``below zero`` (a step larger than what is left), ``subtraction`` (``r`` is not
-    what is left minus ``s``) and ``not at zero`` (the steps stop early). Surrounding whitespace
-    is ignored.
+    The reason names the first check that fails, reading the steps up to the last ``;``, as
+    ``"<kind>: <detail>"`` with kind one of ``malformed`` (a step is not ``-s=r``), ``size not
+    allowed``, ``below zero`` (a step larger than what is left, also written as ``-s=-r``),
+    ``subtraction`` (``r`` is not what is left minus ``s``), ``not at zero`` (the steps stop
+    early), ``unfinished`` (text after the last ``;`` before reaching 0, or no ``;`` at all) and
+    ``text after the end`` (after reaching 0). Surrounding whitespace is ignored.
     """
     body = text.strip()
-    if not body.endswith(";"):
-        return f"unfinished: {body[-12:]!r}"
+    head, sep, tail = body.rpartition(";")
+    if not sep:
+        return f"unfinished: no complete step in {body[:24]!r}"
     allowed, left = set(steps), start
-    for step in body[:-1].split(";"):
+    for step in head.split(";"):
         m = _STEP_RE.fullmatch(step)
-        s, r = (_number(g) for g in m.groups()) if m is not None else (None, None)
+        negative = _NEGATIVE_STEP_RE.fullmatch(step) if m is None else None
+        s, r = (_number(g) for g in (m or negative).groups()) if m or negative else (None, None)
         if s is None or r is None:
-            return f"malformed: {step!r}"
+            return f"malformed: {step[:24]!r}"
         if s not in allowed:
             return f"size not allowed: -{s} with {left} left (allowed {_sizes(allowed)})"
         if s > left:
             return f"below zero: -{s} with {left} left"
-        if left - s != r:
-            return f"subtraction: {left}-{s} written as {r}"
+        if negative is not None or left - s != r:
+            return f"subtraction: {left}-{s} written as {'-' if negative else ''}{r}"
         left = r
+    if tail:
+        kind = "text after the end" if left == 0 else "unfinished"
+        return f"{kind}: {tail[:24]!r}"
     return None if left == 0 else f"not at zero: stops at {left}"
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_eaopd.data.answers import check_answer
+from megatron_eaopd.data.answers import check_answer, extract_boxed
 
 __all__ = [
     "Problem",
@@ -94,9 +94,18 @@ class Task(abc.ABC):
     def explain(self, response: str, problem: Problem) -> str | None:
         """Why ``response`` is wrong, as a short ``"<kind>: <detail>"`` text, or None when
         :meth:`check` accepts it. Written beside each saved evaluation sample
-        (``eval.save_samples``); the default says only ``"wrong answer"``. Override it to name
-        the kind of mistake (the built-in countdown task names the first failed step check)."""
-        return None if self.check(response, problem) else "wrong answer"
+        (``eval.save_samples``). The default reads the last ``\\boxed{}``: ``no answer`` (none),
+        ``wrong answer`` (it differs from the reference) or ``rejected`` (it matches, but the
+        check, e.g. of the steps, fails). Override it to name the kind of mistake (the built-in
+        countdown task names the first failed step check)."""
+        if self.check(response, problem):
+            return None
+        boxed = extract_boxed(response)
+        if boxed is None:
+            return "no answer: no \\boxed{}"
+        if boxed.strip() != str(problem.answer).strip():
+            return f"wrong answer: {boxed.strip()[:40]!r}, expected {str(problem.answer)[:40]!r}"
+        return "rejected: the final answer matches but the check fails"
 
     def reward(self, response: str, problem: Problem) -> float:
         """1.0 for a correct answer, else 0.0."""

@@ -7,8 +7,8 @@ This module counts the reasons' kinds per file::
 
     python -m megatron_eaopd.eval.samples runs/tiny-cpu
 
-prints one row per evaluation (the teacher's first) with the responses, the fraction right and
-the fraction of responses per kind of mistake.
+prints one row per evaluation (the teacher's first; per eval set when there are several) with the
+saved responses, the fraction right and the fraction of responses per kind of mistake.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def count_mistakes(records: Sequence[dict]) -> tuple[int, int, Counter]:
 
 def mistake_table(run_dir: str | os.PathLike) -> str:
     """A markdown table of :func:`count_mistakes` for every samples file of a run folder (or of
-    the ``eval_samples`` folder itself), teacher first, then by iteration."""
+    the ``eval_samples`` folder itself), teacher first, then by iteration; one row per eval set
+    when there are several. "right" is the fraction over the saved prompts only (the first
+    ``eval.save_samples`` of each set), so it equals the logged Avg@k only when all are saved."""
     folder = os.path.join(run_dir, "eval_samples")
     folder = folder if os.path.isdir(folder) else str(run_dir)
     found = []
@@ -60,15 +62,23 @@ def mistake_table(run_dir: str | os.PathLike) -> str:
         raise FileNotFoundError(f"no <who>_iter_<n>.jsonl samples files under {folder}")
     rows = []
     for _, iteration, who, path in sorted(found):
-        total, right, kinds = count_mistakes(read_samples(path))
-        rows.append((f"{who} {iteration}", total, right, kinds))
+        by_set: dict[str, list[dict]] = {}
+        for record in read_samples(path):
+            by_set.setdefault(record["set"], []).append(record)
+        for name, records in sorted(by_set.items()):
+            label = f"{who} {iteration}" + (f" ({name})" if len(by_set) > 1 else "")
+            rows.append((label, *count_mistakes(records)))
     names = sorted({k for *_, kinds in rows for k in kinds})
     head = ["evaluation", "responses", "right", *names]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for label, total, right, kinds in rows:
         cells = [label, str(total), _frac(right, total)] + [_frac(kinds[n], total) for n in names]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def _frac(n: int, total: int) -> str:

@@ -14,14 +14,16 @@ Evaluation samples ``eval.k`` responses per held-out prompt from the student (``
 
 With ``eval.save_samples`` (default: the first 16 prompts of each set) it also writes the
 responses, whether each is right and the task's reason when not, to
-``<output_dir>/eval_samples/<who>_iter_<iteration>.jsonl`` (rank 0; the replicas' records are
-gathered as objects over the data-parallel group).
+``<output_dir>/eval_samples/<who>_iter_<iteration>.jsonl`` (rank 0 writes; the replicas of its
+tensor- and pipeline-parallel slice send their records to it with one gather_object).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Sequence
 
@@ -35,6 +37,8 @@ from megatron_eaopd.trainer.batches import collate, largest_divisor, split_micro
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
 from megatron_eaopd.trainer.scoring import score_with_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_responses",
@@ -152,19 +156,38 @@ def sample_records(data, name, problems, rollouts, rows, keep, dp_rank, dp, k) -
     return out
 
 
-def write_samples(output_dir: str, who: str, iteration: int, records: list[dict]) -> str:
-    """Write ``records`` (sorted by set and index) as JSON lines to
+def write_samples(output_dir: str, who: str, iteration: int, records: list[dict]) -> str | None:
+    """Write ``records`` (sorted by set and index) as JSON lines (ASCII, escapes for the rest) to
     ``<output_dir>/eval_samples/<who>_iter_<iteration:07d>.jsonl`` (replacing a file of the same
-    evaluation, e.g. after a resume) through a temporary file; return the path."""
+    evaluation, e.g. after a resume) through a temporary file; return the path. The samples are
+    a diagnostic: a failed write (disk full, permissions) is logged as a warning and returns
+    None, so it never stops the run (and no other rank waits on it)."""
     folder = os.path.join(output_dir, "eval_samples")
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{who}_iter_{iteration:07d}.jsonl")
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in sorted(records, key=lambda r: (r["set"], r["index"])):
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in sorted(records, key=lambda r: (r["set"], r["index"])):
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        logger.warning("evaluation samples not saved to %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return None
     return path
+
+
+def _gather_to_first(records: list, group) -> list:
+    """Concatenate per-rank lists over a group on its first rank (one gather_object; the other
+    ranks get an empty list)."""
+    if group is None or dist.get_world_size(group=group) == 1:
+        return records
+    first = dist.get_global_rank(group, 0)
+    parts = [None] * dist.get_world_size(group=group) if dist.get_rank() == first else None
+    dist.gather_object(records, parts, dst=first, group=group)
+    return [r for part in parts for r in part] if parts is not None else []
 
 
 def _gather_rows(rows: list, group) -> list:
@@ -222,10 +245,14 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
                 lengths[1] += len(rollouts)
             group = ps.get_data_parallel_group() if dp > 1 else None
             results[name] = _gather_rows(rows, group)
-            if ev.save_samples != 0:
+            first_slice = (
+                ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_pipeline_model_parallel_rank() == 0
+            )  # global rank 0's replicas: the others hold the same rollouts
+            if ev.save_samples != 0 and first_slice:
                 keep = [i for i in range(len(mine)) if _saved(ev.save_samples, dp_rank + i * dp)]
                 records = sample_records(data, name, mine, rollouts, rows, keep, dp_rank, dp, ev.k)
-                saved.extend(_gather_rows(records, group))
+                saved.extend(_gather_to_first(records, group))
         if who == "student":
             for key, value in _entropy_sums(trainer, rollouts, tau).items():
                 sums[key] = sums.get(key, 0.0) + value

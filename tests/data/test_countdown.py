@@ -80,17 +80,18 @@ def test_a_valid_solution(text):
     "text, kind",
     [
         ("-5=12;-5=7;-5=2;-2=0;", "size not allowed"),  # 2 is not allowed
-        ("-5=12;-5=7;-5=2;-3=-1;", "malformed"),  # below zero: no such number
+        ("-5=12;-5=7;-5=2;-3=-1;", "below zero"),  # written as a negative number
         ("-5=12;-5=7;-5=2;-3=0;", "below zero"),  # 3 does not fit under 2
         ("-5=12;-5=7;-5=3;-3=0;", "subtraction"),  # wrong subtraction
         ("-5=12;-5=7;-5=2;-1=1;", "not at zero"),  # stops before 0
         ("-5=12;-5=7;-5=2;-1=1;-1=0", "unfinished"),  # no final ';'
         ("-5=12;-5=7;-5=2;-1=1;-1=0;-1=0;", "below zero"),  # a step past 0
-        ("-5=12;-5=7;-5=2;-1=1;-1=0;x", "unfinished"),  # text after the end
+        ("-5=12;-5=7;-5=2;-1=1;-1=0;x", "text after the end"),
         ("-05=12;-5=7;-5=2;-1=1;-1=0;", "malformed"),  # not a canonical number
         ("-5=12;;-5=7;-5=2;-1=1;-1=0;", "malformed"),
-        ("-5=12;-5=7;-5=2;-1=1;-1=0;\\boxed{0}", "unfinished"),
-        ("\\boxed{0}", "unfinished"),
+        ("-5=12;-5=7;-5=2;-1=1;-1=0;\\boxed{0}", "text after the end"),
+        ("-5=12;-3=-9;", "subtraction"),  # fits, but written as a negative number
+        ("\\boxed{0}", "unfinished"),  # no complete step
         (";", "malformed"),
         ("", "unfinished"),
     ],

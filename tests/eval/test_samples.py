@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_eaopd.data.countdown import CountdownTask, sample_countdown_solution
+from megatron_eaopd.data.task import Problem, Task
 from megatron_eaopd.eval.samples import count_mistakes, mistake_table, read_samples
 from megatron_eaopd.trainer.evaluate import check_responses, sample_records, write_samples
 
@@ -104,3 +105,65 @@ def test_command_line(written, tmp_path):
     empty.mkdir()
     proc = subprocess.run(run + [str(empty)], capture_output=True, text=True)
     assert proc.returncode == 2 and "eval.save_samples" in proc.stderr
+
+
+def test_write_failure_warns_and_leaves_nothing(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with caplog.at_level("WARNING"):
+        assert write_samples(str(blocker), "student", 3, [{"set": "a", "index": 0}]) is None
+    assert "evaluation samples not saved" in caplog.text
+    assert blocker.read_text() == "not a folder"
+
+
+def test_rewrite_replaces_and_odd_text_round_trips(tmp_path):
+    odd = "emoji \ud83d broken | \u2028 \u00e9 " + "x" * 10_000  # a lone surrogate, a bar
+    first = [{"set": "b", "index": 0, "responses": []}, {"set": "a", "index": 1, "responses": []}]
+    write_samples(str(tmp_path), "student", 5, first)
+    second = [{"set": "a", "index": 0, "prompt": odd, "responses": [
+        {"text": odd, "correct": False, "why": "odd | kind: x"}]}]  # fmt: skip
+    path = write_samples(str(tmp_path), "student", 5, second)
+    assert read_samples(path) == second
+    assert sorted(p.name for p in (tmp_path / "eval_samples").iterdir()) == [
+        "student_iter_0000005.jsonl"
+    ]
+    table = mistake_table(tmp_path).splitlines()
+    assert table[0].endswith("| odd \\| kind |") and table[2].startswith("| student 5 | 1 | 0.000")
+
+
+def test_one_row_per_set_when_there_are_several(tmp_path):
+    def rec(name, ok):
+        return {"set": name, "index": 0, "responses": [{"correct": ok, "why": None}]}
+
+    write_samples(str(tmp_path), "student", 0, [rec("b", True), rec("a", False)])
+    lines = mistake_table(tmp_path / "eval_samples").splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["student 0 (a)", "student 0 (b)"]
+
+
+class _Boxed(Task):
+    """The default check (boxed answer) and explain, plus a stricter check that also wants
+    the word "because" (a task that checks reasoning)."""
+
+    def train_problems(self):
+        return []
+
+    def distill_problems(self):
+        return []
+
+    def eval_problems(self):
+        return []
+
+
+class _Strict(_Boxed):
+    def check(self, response, problem):
+        return "because" in response and super().check(response, problem)
+
+
+def test_default_explain_reads_the_boxed_answer():
+    problem = Problem(uid="p", prompt="2+3?", answer="5")
+    task = _Boxed()
+    assert task.explain("so \\boxed{5}", problem) is None
+    assert task.explain("five", problem) == "no answer: no \\boxed{}"
+    assert task.explain("\\boxed{6}", problem) == "wrong answer: '6', expected '5'"
+    assert _Strict().explain("\\boxed{5}", problem).startswith("rejected:")
+    assert _Strict().explain("because \\boxed{5}", problem) is None

@@ -34,7 +34,7 @@ def _overrides(tmp):
         "task.name=jsonl",
         f"task.train_file={tmp}/train.jsonl",
         f"task.distill_file={tmp}/distill.jsonl",
-        f"task.eval_files=[{tmp}/heldout.jsonl]",
+        f"task.eval_files=[{tmp}/heldout.jsonl,{tmp}/more.jsonl]",
         "tokenizer.vocab_size=48",
         "training.iterations=2",
         "training.eval_interval=2",
@@ -68,12 +68,13 @@ def test_jsonl_task_through_the_trainer(tmp_path):
     _write(f"{tmp}/train.jsonl", 40, 0, solutions=True)
     _write(f"{tmp}/distill.jsonl", 8, 1, solutions=False)
     _write(f"{tmp}/heldout.jsonl", 3, 2, solutions=False)
+    _write(f"{tmp}/more.jsonl", 2, 3, solutions=False)
 
     from megatron_eaopd.config import load_config
     from megatron_eaopd.data import prepare_data
 
     data = prepare_data(load_config(CONFIG, _overrides(tmp)))
-    assert len(data.distill) == 8 and list(data.eval_sets) == ["heldout"]
+    assert len(data.distill) == 8 and list(data.eval_sets) == ["heldout", "more"]
     problem = data.distill[0]
     assert data.task.check(f"so \\boxed{{{problem.answer}}}", problem)
     assert not data.task.check("\\boxed{100}", problem)
@@ -91,6 +92,21 @@ def test_jsonl_task_through_the_trainer(tmp_path):
     assert [row["iteration"] for row in evals] == [0, 2]
     for row in evals:
         assert 0 <= row["heldout/avg@2"] <= row["heldout/pass@2"] <= 1
+    # the saved samples of both sets (default eval.save_samples 16: all), with the default
+    # Task.explain's boxed-answer reasons
+    with open(f"{tmp}/run/eval_samples/student_iter_0000002.jsonl", encoding="utf-8") as f:
+        saved = [json.loads(line) for line in f]
+    expected = [("heldout", 0), ("heldout", 1), ("heldout", 2), ("more", 0), ("more", 1)]
+    assert [(r["set"], r["index"]) for r in saved] == expected
+    by_uid = {p.uid: p for problems in data.eval_sets.values() for p in problems}
+    for r in saved:
+        for response in r["responses"]:
+            ok = data.task.check(response["text"], by_uid[r["uid"]])
+            assert response["correct"] == ok and (response["why"] is None) == ok
+            if not ok:
+                assert response["why"].split(":")[0] in ("no answer", "wrong answer")
+    for row in evals:
+        assert 0 <= row["more/avg@2"] <= 1
     teacher = [row for row in rows if row["split"] == "teacher"]
     assert len(teacher) == 1 and "heldout/pass@2" in teacher[0]
     # the teacher was prepared on the train file and cached

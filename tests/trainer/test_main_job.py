@@ -22,6 +22,7 @@ def test_main_job_at_reduced_size(tmp_path):
         "student_prep.iterations=3", "student_prep.batch_size=8",
         "rollout.prompts_per_iteration=4", "rollout.mini_batch_size=2",
         "rollout.micro_batch_size=4",
+        "eval.save_samples=0",
         f"training.output_dir={out}",
         f"teacher_prep.cache_dir={tmp_path}/teachers",
         f"student_prep.cache_dir={tmp_path}/students",
@@ -37,6 +38,7 @@ def test_main_job_at_reduced_size(tmp_path):
     for row in ("teacher", "student, iteration 0", "student, iteration 2", "change"):
         assert row in firsts, proc.stdout[-2000:]
     assert (out / "eval_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "eval_samples").exists()  # eval.save_samples=0: none
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     splits = {}
