@@ -218,7 +218,7 @@ def test_interrupted_study_with_jobs_starts_no_further_run(tmp_path, monkeypatch
         with lock:
             launched.append(os.path.basename(run_dir))
         time.sleep(0.3)
-        _fake_run(run_dir, 1, _settings(cmd), iterations=60)
+        _fake_run(run_dir, 1, _settings(cmd), iterations=load_config(TINY).training.iterations)
         return type("Done", (), {"returncode": 0})()
 
     def interrupted(futures):
@@ -268,8 +268,9 @@ def test_study_refuses_a_folder_that_holds_a_run_with_other_settings(tmp_path, m
     launched = []
     monkeypatch.setattr(study.subprocess, "run", _fake_trainer(launched))
     base = ["opd_vs_eopd.py", "--out", out, "--seeds", "1", "--nproc", "1", "--"]
+    lr = load_config(TINY).optimizer.lr  # the config's; the study changes it to half
     for changed, message in [
-        ([*STUDY, "optimizer.lr=1e-3"], "optimizer.lr: 0.002 -> 0.001"),
+        ([*STUDY, f"optimizer.lr={lr / 2!r}"], f"optimizer.lr: {lr!r} -> {lr / 2!r}"),
         (["task.synthetic.seed=5", "training.iterations=8"], "training.iterations: 4 -> 8"),
     ]:
         monkeypatch.setattr(sys, "argv", [*base, *changed])
