@@ -58,7 +58,7 @@ __all__ = [
 PROMPT = "down({start}|{steps}):"
 _PROMPT_RE = re.compile(r"down\(([0-9]+)\|([0-9]+(?:,[0-9]+)*)\):")
 _STEP_RE = re.compile(r"-([0-9]+)=([0-9]+)")
-_NEGATIVE_STEP_RE = re.compile(r"-([0-9]+)=-([0-9]+)")  # a step below zero, as a model writes it
+_WRITTEN_STEP_RE = re.compile(r"-([0-9]+)=(-?)([0-9]+)")  # also a result below zero, as written
 
 
 def _number(text: str) -> int | None:
@@ -132,17 +132,16 @@ def countdown_error(start: int, steps: Sequence[int], text: str) -> str | None:
         return f"unfinished: no complete step in {body[:24]!r}"
     allowed, left = set(steps), start
     for step in head.split(";"):
-        m = _STEP_RE.fullmatch(step)
-        negative = _NEGATIVE_STEP_RE.fullmatch(step) if m is None else None
-        s, r = (_number(g) for g in (m or negative).groups()) if m or negative else (None, None)
+        m = _WRITTEN_STEP_RE.fullmatch(step)
+        s, sign, r = (_number(m[1]), m[2], _number(m[3])) if m else (None, "", None)
         if s is None or r is None:
             return f"malformed: {step[:24]!r}"
         if s not in allowed:
             return f"size not allowed: -{s} with {left} left (allowed {_sizes(allowed)})"
         if s > left:
             return f"below zero: -{s} with {left} left"
-        if negative is not None or left - s != r:
-            return f"subtraction: {left}-{s} written as {'-' if negative else ''}{r}"
+        if sign or left - s != r:
+            return f"subtraction: {left}-{s} written as {sign}{r}"
         left = r
     if tail:
         kind = "text after the end" if left == 0 else "unfinished"

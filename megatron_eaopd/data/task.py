@@ -95,15 +95,16 @@ class Task(abc.ABC):
         """Why ``response`` is wrong, as a short ``"<kind>: <detail>"`` text, or None when
         :meth:`check` accepts it. Written beside each saved evaluation sample
         (``eval.save_samples``). The default reads the last ``\\boxed{}``: ``no answer`` (none),
-        ``wrong answer`` (it differs from the reference) or ``rejected`` (it matches, but the
-        check, e.g. of the steps, fails). Override it to name the kind of mistake (the built-in
-        countdown task names the first failed step check)."""
+        ``wrong answer`` (the default answer check, :func:`check_answer`, refuses it) or
+        ``rejected`` (it accepts the answer, but this task's :meth:`check`, e.g. of the steps,
+        fails). Override it to name the kind of mistake (the built-in countdown task names the
+        first failed step check)."""
         if self.check(response, problem):
             return None
         boxed = extract_boxed(response)
         if boxed is None:
             return "no answer: no \\boxed{}"
-        if boxed.strip() != str(problem.answer).strip():
+        if not check_answer(response, problem.answer, use_math_verify=self.use_math_verify):
             return f"wrong answer: {boxed.strip()[:40]!r}, expected {str(problem.answer)[:40]!r}"
         return "rejected: the final answer matches but the check fails"
 

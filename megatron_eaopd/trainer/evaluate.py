@@ -128,10 +128,6 @@ def check_responses(task, tokenizer, problems, rollouts: RolloutBatch, n: int) -
     return out
 
 
-def _saved(limit: int | None, index: int) -> bool:
-    return limit is None or index < limit
-
-
 def sample_records(data, name, problems, rollouts, rows, keep, dp_rank, dp, k) -> list[dict]:
     """JSON-ready records of the kept problems' ``k`` responses each: the set's name, the
     problem's index in the set (``dp_rank + i * dp`` for this replica's i-th problem), uid,
@@ -179,24 +175,20 @@ def write_samples(output_dir: str, who: str, iteration: int, records: list[dict]
     return path
 
 
-def _gather_to_first(records: list, group) -> list:
-    """Concatenate per-rank lists over a group on its first rank (one gather_object; the other
-    ranks get an empty list)."""
-    if group is None or dist.get_world_size(group=group) == 1:
-        return records
-    first = dist.get_global_rank(group, 0)
-    parts = [None] * dist.get_world_size(group=group) if dist.get_rank() == first else None
-    dist.gather_object(records, parts, dst=first, group=group)
-    return [r for part in parts for r in part] if parts is not None else []
-
-
-def _gather_rows(rows: list, group) -> list:
-    """Concatenate per-rank lists over a group (data-parallel ranks hold different prompts)."""
+def _gather_rows(rows: list, group, first_only: bool = False) -> list:
+    """Concatenate per-rank lists over a group (data-parallel ranks hold different prompts): on
+    every rank (all_gather_object), or with ``first_only`` on the group's first rank only
+    (gather_object; the other ranks get an empty list)."""
     if group is None or dist.get_world_size(group=group) == 1:
         return rows
-    parts = [None] * dist.get_world_size(group=group)
-    dist.all_gather_object(parts, rows, group=group)
-    return [r for part in parts for r in part]
+    size, first = dist.get_world_size(group=group), dist.get_global_rank(group, 0)
+    if not first_only:
+        parts = [None] * size
+        dist.all_gather_object(parts, rows, group=group)
+    else:
+        parts = [None] * size if dist.get_rank() == first else None
+        dist.gather_object(rows, parts, dst=first, group=group)
+    return [r for part in parts for r in part] if parts is not None else []
 
 
 def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
@@ -250,9 +242,10 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
                 and ps.get_pipeline_model_parallel_rank() == 0
             )  # global rank 0's replicas: the others hold the same rollouts
             if ev.save_samples != 0 and first_slice:
-                keep = [i for i in range(len(mine)) if _saved(ev.save_samples, dp_rank + i * dp)]
+                limit = len(problems) if ev.save_samples is None else ev.save_samples
+                keep = [i for i in range(len(mine)) if dp_rank + i * dp < limit]
                 records = sample_records(data, name, mine, rollouts, rows, keep, dp_rank, dp, ev.k)
-                saved.extend(_gather_to_first(records, group))
+                saved.extend(_gather_rows(records, group, first_only=True))
         if who == "student":
             for key, value in _entropy_sums(trainer, rollouts, tau).items():
                 sums[key] = sums.get(key, 0.0) + value

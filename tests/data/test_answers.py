@@ -145,3 +145,24 @@ def test_prepare_data_sets_and_checks_use_math_verify(tmp_path, monkeypatch):
     for text, setting in (("false", False), ("null", None)):
         data = prepare_data(load_config(tiny, [*base, f"eval.use_math_verify={text}"]))
         assert data.task.use_math_verify is setting
+
+
+def test_default_explain_reads_the_boxed_answer():
+    """The default Task.explain: None exactly when check accepts; else no answer, wrong answer
+    (by the default answer check, so the same value written otherwise is not "wrong") or
+    rejected (a task whose own check also wants the word "because")."""
+    task, problem = _BoxedTask.make(False)  # reference 0.5
+    assert task.explain("so \\boxed{0.5}", problem) is None
+    assert task.explain("half", problem) == "no answer: no \\boxed{}"
+    assert task.explain("\\boxed{6}", problem) == "wrong answer: '6', expected '0.5'"
+
+    class Strict(type(task)):
+        def check(self, response, problem):
+            return "because" in response and super().check(response, problem)
+
+    strict = Strict()
+    strict.use_math_verify = False
+    assert strict.explain("\\boxed{0.5}", problem).startswith("rejected:")
+    assert strict.explain("\\boxed{1/2}", problem).startswith("rejected:")  # the same value
+    assert strict.explain("\\boxed{6}", problem).startswith("wrong answer:")
+    assert strict.explain("because \\boxed{0.5}", problem) is None

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_eaopd.data.countdown import CountdownTask, sample_countdown_solution
-from megatron_eaopd.data.task import Problem, Task
 from megatron_eaopd.eval.samples import count_mistakes, mistake_table, read_samples
 from megatron_eaopd.trainer.evaluate import check_responses, sample_records, write_samples
 
@@ -138,32 +137,3 @@ def test_one_row_per_set_when_there_are_several(tmp_path):
     write_samples(str(tmp_path), "student", 0, [rec("b", True), rec("a", False)])
     lines = mistake_table(tmp_path / "eval_samples").splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["student 0 (a)", "student 0 (b)"]
-
-
-class _Boxed(Task):
-    """The default check (boxed answer) and explain, plus a stricter check that also wants
-    the word "because" (a task that checks reasoning)."""
-
-    def train_problems(self):
-        return []
-
-    def distill_problems(self):
-        return []
-
-    def eval_problems(self):
-        return []
-
-
-class _Strict(_Boxed):
-    def check(self, response, problem):
-        return "because" in response and super().check(response, problem)
-
-
-def test_default_explain_reads_the_boxed_answer():
-    problem = Problem(uid="p", prompt="2+3?", answer="5")
-    task = _Boxed()
-    assert task.explain("so \\boxed{5}", problem) is None
-    assert task.explain("five", problem) == "no answer: no \\boxed{}"
-    assert task.explain("\\boxed{6}", problem) == "wrong answer: '6', expected '5'"
-    assert _Strict().explain("\\boxed{5}", problem).startswith("rejected:")
-    assert _Strict().explain("because \\boxed{5}", problem) is None
