@@ -45,6 +45,7 @@ def _overrides(tmp):
         "rollout.max_response_tokens=16",
         "eval.k=2",
         "eval.max_response_tokens=16",
+        "eval.save_samples=null",  # every prompt (the DP tests run the default, 16, and 3)
         "teacher_prep.iterations=4",
         "teacher_prep.batch_size=8",
         "student_prep.enabled=false",
@@ -92,7 +93,7 @@ def test_jsonl_task_through_the_trainer(tmp_path):
     assert [row["iteration"] for row in evals] == [0, 2]
     for row in evals:
         assert 0 <= row["heldout/avg@2"] <= row["heldout/pass@2"] <= 1
-    # the saved samples of both sets (default eval.save_samples 16: all), with the default
+    # the saved samples of both sets (eval.save_samples null: all), with the default
     # Task.explain's boxed-answer reasons
     with open(f"{tmp}/run/eval_samples/student_iter_0000002.jsonl", encoding="utf-8") as f:
         saved = [json.loads(line) for line in f]
