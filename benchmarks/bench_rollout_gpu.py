@@ -10,6 +10,8 @@ Decoders, each run once as a warm-up (``--warmup-new`` tokens) and then ``--reps
 
 - ``ours``: ``rollout.generate`` (FastDecoder where its first-step check accepts it; the table says
   whether it did);
+- ``ours, CUDA graphs``: ``generate(decode_graphs=True)``: decode steps at static shapes replayed
+  as CUDA graphs (on a CPU the static-shape steps run eagerly; the path column says which);
 - ``ours, megatron forward``: ``generate(fast_decode=False)`` (megatron's forward with its
   ``StaticInferenceContext``);
 - ``transformers``: the same weights exported with ``save_hf_weights`` and loaded as
@@ -133,14 +135,22 @@ def run(args) -> list[dict]:
     prompts = [[1] + torch.randint(3, args.vocab, (args.prompt - 1,), generator=gen).tolist()
                for _ in range(args.batch)]  # fmt: skip
 
-    def ours(fast: bool, new: int):
+    def ours(fast: bool, new: int, graphs: bool = False):
         stats: dict = {}
         out = generate(model, prompts, max_new_tokens=new, eos_id=-1, pad_id=0,
                        vocab_size=args.vocab, params=SamplingParams(), fast_decode=fast,
-                       generator=torch.Generator().manual_seed(1), stats=stats)  # fmt: skip
-        return int(out.response_lens.sum()), ("FastDecoder" if stats["fast"] else "megatron")
+                       generator=torch.Generator().manual_seed(1), stats=stats,
+                       decode_graphs=graphs)  # fmt: skip
+        path = "FastDecoder" if stats["fast"] else "megatron"
+        if stats["graph_captures"]:
+            path += f", {stats['graph_captures']} graphs, {stats['graph_replays']} replays"
+        elif stats["static_eager"]:
+            path += f", {stats['static_eager']} static-shape steps run eagerly"
+        return int(out.response_lens.sum()), path
 
     variants = {"ours": lambda new: ours(True, new)}
+    if args.graphs:
+        variants["ours, CUDA graphs"] = lambda new: ours(True, new, graphs=True)
     if args.transformers:
         from transformers import AutoModelForCausalLM
 
@@ -217,6 +227,12 @@ def main(argv=None):
     p.add_argument("--ffn", type=int, default=6144)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--no-transformers", dest="transformers", action="store_false")
+    p.add_argument(
+        "--no-graphs",
+        dest="graphs",
+        action="store_false",
+        help="skip the generate(decode_graphs=True) row",
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     for name in ("batch", "prompt", "new", "warmup_new", "reps", "layers", "hidden", "heads",

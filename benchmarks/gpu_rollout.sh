@@ -2,9 +2,11 @@
 # GPU checks for rollouts, run on a CUDA machine from the repo root (docs/benchmarks.md):
 #   bash benchmarks/gpu_rollout.sh [OUT_DIR]
 # 1) tests/rollout/test_cuda.py: on the GPU, FastDecoder == megatron's forward (fp32 and bf16
-#    layouts), rollouts == megatron's KV cache == recompute, log-probs == a fresh forward;
+#    layouts), rollouts == megatron's KV cache == recompute == CUDA-graphed decode steps,
+#    log-probs == a fresh forward;
 # 2) bench_rollout_gpu.py at the issue's shape: Qwen3-1.7B-shaped, bf16, batch 128, 512-token
-#    prompts, 1024 new tokens: ours, ours through megatron's forward, transformers' generate
+#    prompts, 1024 new tokens: ours, ours with CUDA graphs, ours through megatron's forward,
+#    transformers' generate
 #    (expected 3-5 minutes on one H100/H200; at most 9 with the timeouts below, so that one
 #    device call of 10 minutes holds it).
 # megatron-core must import. Where it is not installed and pip cannot reach an index, put its

@@ -262,6 +262,11 @@ class RolloutConfig:
     pipeline stages (docs/trainer.md, Pipeline parallelism). Never changes the tokens. Measured
     on CPU: 1.11-1.17x faster at 64 rows, 0.78x at 32 rows of a small model; not measured on a
     GPU. Off by default."""
+    cuda_graphs: bool = False
+    """Decode at a few static shapes and replay each as a CUDA graph (rollouts and evaluation;
+    ``rollout.decode_graphs``). Needs a CUDA device and student pp = 1 (refused otherwise).
+    Tokens as without it, up to float rounding of a longer masked key range. Off by default:
+    not yet measured on a GPU (docs/trainer.md)."""
 
 
 @dataclass

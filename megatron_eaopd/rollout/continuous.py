@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.rollout.decode_graphs import DecodeGraphs
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.sampling import pack_draw, to_device, unpack_draw
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
@@ -97,13 +98,14 @@ class ContinuousDecoder:
         refill_frac: prefill waiting prompts once at least this fraction of the rows is free
             (or no row is live): a prefill is one more pass over the weights, so batching
             refills pays where a step's cost is mostly reading the weights; None: at once.
+        decode_graphs: decode at static shapes (``DecodeGraphs``: CUDA graphs on a GPU).
     Attributes after ``run``: tokens [B, total], prompt_lens, response_lens [B], logprobs,
     entropies [B, total], finished [B], as ``generate``'s ``_Decoder``.
     """
 
     def __init__(self, module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size,
                  params, randoms, counters, tp_group, device, progress=None,
-                 reference=None, refill_frac=None):  # fmt: skip
+                 reference=None, refill_frac=None, decode_graphs=False):  # fmt: skip
         self.eos_id, self.vocab_size, self.params = eos_id, vocab_size, params
         self.randoms, self.counters, self.tp_group = randoms, counters, tp_group
         self.device, self.progress, self.reference = device, progress, reference
@@ -127,6 +129,8 @@ class ContinuousDecoder:
         self.response_lens = torch.zeros(b, dtype=torch.long)
         self.slots = min(slots, b)
         self.fast = FastDecoder(module, self.slots, self.total, tp_group)
+        # decode steps at static shapes (CUDA graphs on a GPU), else at the live ones
+        self.decode = DecodeGraphs(self.fast) if decode_graphs else self.fast.decode_rows
         self.sampler = None
 
     def _prefill(self, new: torch.Tensor, first_slot: int) -> torch.Tensor:
@@ -161,7 +165,7 @@ class ContinuousDecoder:
             parts = []
             if n:  # each live row feeds its last token at its own position
                 fed = pos - 1
-                parts.append(self.fast.decode_rows(  # end from the host copy: no device sync
+                parts.append(self.decode(  # end from the host copy: no device sync
                     to_device(self.tokens[rows, fed], dev), to_device(fed, dev), int(fed.max()) + 1
                 ))  # fmt: skip
             if m:  # free rows and waiting prompts: refill

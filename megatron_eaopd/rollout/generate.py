@@ -42,18 +42,19 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_eaopd.parallel.groups import any_rank
+from megatron_eaopd.rollout.batch import RolloutBatch, rollout_result
 from megatron_eaopd.rollout.continuous import (
     ContinuousDecoder,
     FastDecodeMismatch,
     logits_match,
     warn_fallback,
 )
+from megatron_eaopd.rollout.decode_graphs import DecodeGraphs
 from megatron_eaopd.rollout.fast_decode import FastDecoder, compact_rows
 from megatron_eaopd.rollout.interleave import run_interleaved, split_rows
 from megatron_eaopd.rollout.sampling import (
@@ -66,59 +67,6 @@ from megatron_eaopd.rollout.sampling import (
 from megatron_eaopd.rollout.vocab_parallel import VocabParallelSampler
 
 __all__ = ["RolloutBatch", "generate"]
-
-
-@dataclass
-class RolloutBatch:
-    """Sampled sequences, right-padded.
-
-    Attributes:
-        tokens: [b, L] int64: prompt, response (ending with EOS when it finished), then pad.
-        prompt_lens: [b] int64 tokens of each prompt.
-        response_lens: [b] int64 generated tokens (EOS included).
-        logprobs: [b, L] fp32: at response position t, log p(tokens[t] | tokens[:t]) under the
-            untruncated softmax at the log-prob temperature; 0 elsewhere.
-        entropies: [b, L] fp32: entropy (nats) of that distribution at response positions; 0 else.
-        finished: [b] bool: the response ended with EOS (else it hit the token limit).
-    """
-
-    tokens: torch.Tensor
-    prompt_lens: torch.Tensor
-    response_lens: torch.Tensor
-    logprobs: torch.Tensor
-    entropies: torch.Tensor
-    finished: torch.Tensor
-
-    def response_mask(self) -> torch.Tensor:
-        """[b, L] bool, True on response positions (EOS included)."""
-        pos = torch.arange(self.tokens.shape[1]).unsqueeze(0)
-        start = self.prompt_lens.unsqueeze(1)
-        return (pos >= start) & (pos < start + self.response_lens.unsqueeze(1))
-
-    def response_ids(self, i: int) -> list[int]:
-        """Token ids of response i (EOS included when it finished)."""
-        start = int(self.prompt_lens[i])
-        return self.tokens[i, start : start + int(self.response_lens[i])].tolist()
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @staticmethod
-    def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
-        """Join batches along b, padding to the longest L."""
-        width = max(b.tokens.shape[1] for b in batches)
-
-        def pad(t, value):
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-        return RolloutBatch(
-            tokens=torch.cat([pad(b.tokens, pad_id) for b in batches]),
-            prompt_lens=torch.cat([b.prompt_lens for b in batches]),
-            response_lens=torch.cat([b.response_lens for b in batches]),
-            logprobs=torch.cat([pad(b.logprobs, 0.0) for b in batches]),
-            entropies=torch.cat([pad(b.entropies, 0.0) for b in batches]),
-            finished=torch.cat([b.finished for b in batches]),
-        )
 
 
 def _device(module) -> torch.device:
@@ -202,6 +150,7 @@ def generate(
     continuous: bool = True,
     refill_frac: float | None = None,
     pp_interleave: bool = False,
+    decode_graphs: bool = False,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat a prompt for several samples).
 
@@ -232,7 +181,8 @@ def generate(
             continuous call), continuous (1 when continuous batching ran), prefills (prompts
             prefilled into freed rows) and refills (prefill forwards), continuous batching;
             interleaved (chunks whose groups interleaved under PP; steps and decode_rows then
-            count each group's steps).
+            count each group's steps); with ``decode_graphs``: graph_captures, graph_replays
+            and static_eager (static-shape steps run eagerly: the CPU, or after a failed capture).
         continuous: with more prompts than ``max_batch``, refill the rows of finished sequences
             with waiting prompts (needs ``use_kv_cache``, ``fast_decode`` and a model
             ``FastDecoder`` supports; otherwise, or False, chunks).
@@ -249,6 +199,11 @@ def generate(
             on one group while the next works on another: ``rollout.interleave``). Never
             changes the tokens. Off by default: measured on CPU faster at 64 rows (1.11-1.17x),
             slower at 32 rows of a small model (0.78x); not measured on a GPU.
+        decode_graphs: run FastDecoder's decode steps at static shapes
+            (``rollout.decode_graphs.DecodeGraphs``), captured and replayed as CUDA graphs on a
+            GPU; PP 1 only (ignored under PP). On the CPU the same static-shape steps run
+            eagerly (slower: the path the CPU tests check). The tokens may differ from the
+            default path only where float rounding of a longer masked key range decides a tie.
     A model built with sequence parallelism generates with it switched off
     (``models.sequence_parallel.sequence_parallel_off``), restored on return.
     Returns:
@@ -270,13 +225,13 @@ def generate(
             vocab_size=vocab_size, params=params, generator=generator, use_kv_cache=use_kv_cache,
             max_batch=max_batch, progress=progress, compact_frac=compact_frac, stats=stats,
             fast_decode=fast_decode, continuous=continuous, refill_frac=refill_frac,
-            pp_interleave=pp_interleave,
+            pp_interleave=pp_interleave, decode_graphs=decode_graphs,
         )  # fmt: skip
 
 
 def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, params, generator,
               use_kv_cache, max_batch, progress, compact_frac, stats, fast_decode,
-              continuous, refill_frac, pp_interleave):  # fmt: skip
+              continuous, refill_frac, pp_interleave, decode_graphs):  # fmt: skip
     from megatron.core import parallel_state as ps
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -304,7 +259,8 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     module.eval()
     counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,
                 "sample_elements": 0, "fast": 0, "continuous": 0, "prefills": 0,
-                "refills": 0, "interleaved": 0}  # fmt: skip
+                "refills": 0, "interleaved": 0, "graph_captures": 0, "graph_replays": 0,
+                "static_eager": 0}  # fmt: skip
     randoms = PositionRandoms(generator, len(prompts), params.filtered,
                               min(len(p) for p in prompts))  # fmt: skip
     step = max_batch or len(prompts)
@@ -317,14 +273,15 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
                 try:
                     return _continuous(module, prompts, step, max_new_tokens, eos_id, pad_id,
                                        vocab_size, params, randoms, counters, progress, cpu_mode,
-                                       stats, refill_frac)  # fmt: skip
+                                       stats, refill_frac, decode_graphs)  # fmt: skip
                 except FastDecodeMismatch:
                     warn_fallback()
                     fast_decode = False
             groups = pp if (pp > 1 and pp_interleave and use_kv_cache and fast_decode
                             and FastDecoder.unsupported(module) is None) else 1  # fmt: skip
             rest = (max_new_tokens, eos_id, pad_id, vocab_size, params, use_kv_cache,
-                    compact_frac, counters, fast_decode, cpu_mode, randoms)  # fmt: skip
+                    compact_frac, counters, fast_decode, cpu_mode, randoms,
+                    decode_graphs)  # fmt: skip
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
                 if groups > 1 and len(chunk) > 1:
@@ -348,8 +305,8 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
 
 
 def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params,
-                randoms, counters, progress, cpu_mode, stats,
-                refill_frac) -> RolloutBatch:  # fmt: skip
+                randoms, counters, progress, cpu_mode, stats, refill_frac,
+                decode_graphs) -> RolloutBatch:  # fmt: skip
     """Continuous batching (``continuous.ContinuousDecoder``) at PP 1 with ``FastDecoder``."""
     from megatron.core import parallel_state as ps
 
@@ -361,13 +318,15 @@ def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_si
     decoder = ContinuousDecoder(
         module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params, randoms,
         counters, ps.get_tensor_model_parallel_group(), _device(module), progress, reference,
-        refill_frac,
+        refill_frac, decode_graphs,
     )  # fmt: skip
     decoder.run()
+    if isinstance(decoder.decode, DecodeGraphs):
+        decoder.decode.add_counters(counters)
     counters["continuous"] = 1
     if stats is not None:
         stats.update(counters)
-    return _result(decoder, pad_id)
+    return rollout_result(decoder, pad_id)
 
 
 _CHECK_ROWS = 4  # rows of the first-step check of FastDecoder against megatron's forward
@@ -379,7 +338,7 @@ class _Decoder:
 
     def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
                  use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms,
-                 offset, share=None):  # fmt: skip
+                 decode_graphs, offset, share=None):  # fmt: skip
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -434,6 +393,9 @@ class _Decoder:
         if not any_rank(unfit, self.pp_group if self.pp > 1 else None, device):
             self.fast = FastDecoder(module, b, total, self.tp_group,
                                     share=None if share is None else share.fast)  # fmt: skip
+        # decode steps at static shapes (CUDA graphs on a GPU); decode_rows is PP 1 only
+        use_graphs = decode_graphs and self.fast is not None and self.pp == 1
+        self.graphs = DecodeGraphs(self.fast) if use_graphs else None
         self.sampler = None
         self.t = int(prompt_lens.min())  # the position the next step samples
         self.alive = True  # steps remain
@@ -486,7 +448,10 @@ class _Decoder:
         check runs on the first ``_CHECK_ROWS`` rows: every row holds prompt tokens at the
         prefilled positions [0, shortest prompt), so the rows differ only in their values, and
         megatron's forward of the whole batch would cost a prefill of every row."""
-        logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
+        if self.graphs is not None and self.cached > 0:  # a decode step: position cached
+            logits = self.graphs(self.cur_tokens[:, self.cached], self.cached, t)
+        else:
+            logits = self.fast.forward(self.cur_tokens[:, self.cached : t], self.cached)
         if self.cached == 0:
             m = min(_CHECK_ROWS, self.cur_tokens.shape[0])
             reference = self._stage(0, t, rows=m)  # None off the last stage
@@ -495,7 +460,7 @@ class _Decoder:
             if any_rank(bad, self.pp_group if self.pp > 1 else None, self.device):
                 warnings.warn("FastDecoder's logits differ from megatron's forward; rollouts "
                               "use megatron's forward", stacklevel=2)  # fmt: skip
-                self.fast = None
+                self.fast = self.graphs = None
                 return self._next_logits(t)
             self.counters["fast"] += 1
         self.cached = t
@@ -568,7 +533,9 @@ class _Decoder:
         if self.sampler is not None:
             self.counters["fallbacks"] += self.sampler.counters["fallbacks"]
             self.counters["sample_elements"] += self.sampler.counters["elements"]
-        return _result(self, self.pad_id)
+        if self.graphs is not None:
+            self.graphs.add_counters(self.counters)
+        return rollout_result(self, self.pad_id)
 
     def _compact(self, keep: torch.Tensor) -> None:
         """Drop the finished rows from the decode batch and from every layer's KV cache (the
@@ -590,21 +557,3 @@ class _Decoder:
             for m in kv:  # in place, then a view of the kept rows (megatron writes rows [0, n))
                 compact_rows(m, dev_idx, self.cached, batch_dim=1, pos_dim=0)
             memory[layer] = tuple(m[:, : len(idx)] for m in kv)
-
-
-def _result(dec, pad_id: int) -> RolloutBatch:
-    """The RolloutBatch of a finished decoder (``_Decoder`` or ``ContinuousDecoder``)."""
-    prompt_lens, response_lens, total = dec.prompt_lens, dec.response_lens, dec.total
-    pos = torch.arange(total).unsqueeze(0)
-    start = prompt_lens.unsqueeze(1)
-    mask = (pos >= start) & (pos < (prompt_lens + response_lens).unsqueeze(1))
-    tokens = torch.where(mask | (pos < start), dec.tokens, pad_id)
-    width = int((prompt_lens + response_lens).max())
-    return RolloutBatch(
-        tokens=tokens[:, :width].contiguous(),
-        prompt_lens=prompt_lens,
-        response_lens=response_lens,
-        logprobs=torch.where(mask, dec.logprobs, 0.0)[:, :width].contiguous(),
-        entropies=torch.where(mask, dec.entropies, 0.0)[:, :width].contiguous(),
-        finished=dec.finished,
-    )

@@ -92,6 +92,7 @@ def sample_problems(
     max_batch: int | None = None,
     progress=None,
     pp_interleave: bool = False,
+    decode_graphs: bool = False,
 ) -> RolloutBatch:
     """``n`` responses per problem (rows ``i * n ... i * n + n - 1`` belong to problem i).
 
@@ -113,6 +114,7 @@ def sample_problems(
         max_batch=max_batch,
         progress=progress,
         pp_interleave=pp_interleave,
+        decode_graphs=decode_graphs,
     )
 
 
@@ -229,6 +231,7 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
                     use_kv_cache=cfg.rollout.use_kv_cache, max_batch=trainer.max_decode_batch,
                     progress=bar.update if bar is not None else None,
                     pp_interleave=cfg.rollout.pp_interleave,
+                    decode_graphs=cfg.rollout.cuda_graphs,
                 )  # fmt: skip
                 if bar is not None:
                     bar.close()

@@ -61,6 +61,10 @@ def _on_terminal() -> bool:
         return False
 
 
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
     """What the trainer needs beyond the schema's checks; ValueError naming the fix."""
     problems = []
@@ -74,6 +78,13 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
             "parallel.teacher.vpp must be null: the interleaved schedule needs at least pp "
             "micro-batches per teacher replica, which the scoring shares do not guarantee (use "
             "parallel.teacher.pp without virtual stages)"
+        )
+    if cfg.rollout.cuda_graphs and not _cuda_available():
+        problems.append("rollout.cuda_graphs needs a CUDA device (none here): set it to false")
+    if cfg.rollout.cuda_graphs and cfg.parallel.student.pp > 1:
+        problems.append(
+            "rollout.cuda_graphs needs parallel.student.pp = 1 (the graphed decode step runs "
+            "one pipeline stage): set it to false or use pp = 1"
         )
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)
@@ -292,6 +303,7 @@ class Trainer:
                     vocab_size=data.vocab_size, generator=gen, use_kv_cache=r.use_kv_cache,
                     max_batch=self.max_decode_batch, progress=bar.update if bar else None,
                     pp_interleave=r.pp_interleave,
+                    decode_graphs=r.cuda_graphs,
                 )  # fmt: skip
                 if bar is not None:
                     bar.close()

@@ -28,13 +28,17 @@ def test_gpu_rollout_benchmark_runs_on_cpu_at_a_small_shape(tmp_path, dtype):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"ours", "ours, megatron forward", "transformers",
+    assert set(rows) == {"ours", "ours, CUDA graphs", "ours, megatron forward", "transformers",
                          "megatron dynamic engine"}  # fmt: skip
-    for name in ("ours", "ours, megatron forward", "transformers"):
+    for name in ("ours", "ours, CUDA graphs", "ours, megatron forward", "transformers"):
         assert rows[name]["tokens"] == 3 * 5 and rows[name]["wall"] > 0, rows[name]
     # bf16 too: FastDecoder's first-step check accepts bf16 rounding
     assert rows["ours"]["path"] == "FastDecoder"
     assert rows["ours, megatron forward"]["path"] == "megatron"
+    # 5 new tokens: the prefill, then 4 decode steps at static shapes (eager on the CPU)
+    assert rows["ours, CUDA graphs"]["path"] == ("FastDecoder, 4 static-shape steps run eagerly"), (
+        rows["ours, CUDA graphs"]
+    )
     assert rows["megatron dynamic engine"]["note"].startswith("not run: ")
     assert "| ours | FastDecoder | 15 |" in proc.stdout
 

@@ -2,7 +2,8 @@
 
 The CPU tests' workers and checks, run in one NCCL process on the GPU: FastDecoder equals
 megatron's forward for every norm layout (fp32 and bf16); rollouts with FastDecoder and
-compaction, continuous batching, megatron's KV cache and full recompute give the same tokens, and
+compaction, continuous batching, CUDA-graphed decode steps, megatron's KV cache and full
+recompute give the same tokens, and
 the kept log-probs and entropies equal a fresh forward; a bf16 model keeps FastDecoder (its
 first-step check accepts bf16 rounding) and falls back, with megatron's tokens, when RoPE is
 switched off.
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
+from tests.rollout import test_decode_graphs as dg
 from tests.rollout import test_fast_decode as fd
 from tests.rollout import test_generate as tg
 
@@ -34,6 +36,13 @@ def test_fast_decoder_equals_megatron_forward_on_cuda():
 def test_bf16_first_step_check_on_cuda():
     (res,) = run_distributed(fd._bf16_check_worker, 1, backend="nccl", timeout=300)
     fd.check_bf16(res)
+
+
+def test_decode_steps_replayed_as_cuda_graphs_equal_live_steps():
+    """One graph per static shape, replayed at every step: logits and cache equal the
+    live-shape steps' (through row and length buckets, padding rows included)."""
+    (res,) = run_distributed(dg.static_worker, 1, True, backend="nccl", timeout=300)
+    dg.check_static(res, captured=True)
 
 
 def test_rollouts_on_cuda_equal_recompute_and_fresh_forward():

@@ -43,6 +43,7 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
     from megatron_eaopd.parallel.init import compute_device
     from megatron_eaopd.rollout import generate
 
+    dev = compute_device()  # the CPU here; a GPU in tests/rollout/test_cuda.py
     model = _model(world // pp, pp=pp, layers=layers)
     params = SamplingParams(**params_kw)
     kw = dict(max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, params=params)
@@ -61,6 +62,11 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
             use_kv_cache=True, compact_frac=0.01, continuous=False, pp_interleave=False
         ),
         "continuous": dict(use_kv_cache=True),
+        # decode steps at static shapes: CUDA graphs on a GPU, eager on the CPU; PP: ignored
+        "fast, static": dict(
+            use_kv_cache=True, compact_frac=0.01, continuous=False, decode_graphs=True
+        ),
+        "continuous, static": dict(use_kv_cache=True, decode_graphs=True),
         "megatron": dict(use_kv_cache=True, fast_decode=False, compact_frac=None),
         "recompute": dict(use_kv_cache=False),
     }
@@ -78,15 +84,30 @@ def _rollout_worker(rank, world, params_kw, pp=1, layers=2):
     assert stats["fast"]["compactions"] > 0
     assert stats["fast"]["decode_rows"] < stats["megatron"]["decode_rows"]
     assert stats["continuous"]["continuous"] == (1 if pp == 1 else 0)
+    for name in ("fast, static", "continuous, static"):
+        st, cuda = stats[name], dev.type == "cuda"
+        static_steps = st["graph_replays"] + st["static_eager"]
+        # at PP 1 every step after a chunk's prefill is a static-shape step (continuous
+        # batching: every step with live rows), replayed from a graph on CUDA (captured once
+        # per new shape); under PP none
+        if pp > 1:
+            assert static_steps == 0, (name, st)
+        elif name == "fast, static":
+            assert static_steps == st["steps"] - st["fast"], st
+        else:
+            assert 0 < static_steps < st["steps"], st
+        assert st["static_eager"] == 0 if cuda else st["graph_replays"] == 0, (name, st)
+        assert (0 < st["graph_captures"] < st["graph_replays"]) == (cuda and pp == 1), (name, st)
+    assert stats["fast, static"]["compactions"] > 0
     a = out["fast"]
-    for b in (out["fast, one batch"], out["continuous"], out["megatron"], out["recompute"]):
+    for b in (out["fast, one batch"], out["continuous"], out["fast, static"],
+              out["continuous, static"], out["megatron"], out["recompute"]):  # fmt: skip
         assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
         assert torch.equal(a.response_lens, b.response_lens)
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.entropies, b.entropies, atol=1e-5, rtol=1e-5)
     # a fresh training-style forward of the finished sequences gives the same log-probs
     model.eval()
-    dev = compute_device()  # the CPU here; a GPU in tests/rollout/test_cuda.py
     with torch.no_grad():
         s = a.tokens.shape[1]
         tokens = a.tokens.to(dev)

@@ -66,8 +66,19 @@ def _cfg(tmp, name, layout, extra=()):
 
 def _train_worker(rank, world, cfg):
     from megatron_eaopd.parallel.init import destroy_parallel, use_layout
-    from megatron_eaopd.trainer import Trainer
+    from megatron_eaopd.rollout.decode_graphs import DecodeGraphs
+    from megatron_eaopd.trainer import Trainer, loop
 
+    static_steps = [0]
+    if cfg.rollout.cuda_graphs:  # on the CPU: the static-shape steps run eagerly, counted
+        loop._cuda_available = lambda: True
+        step = DecodeGraphs.__call__
+
+        def counted(self, *a, **kw):
+            static_steps[0] += 1
+            return step(self, *a, **kw)
+
+        DecodeGraphs.__call__ = counted
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -79,7 +90,8 @@ def _train_worker(rank, world, cfg):
     finally:
         trainer.close()
         destroy_parallel()
-    return {"summary": summary, "start": start, "end": end, "from": trainer.start_iteration}
+    return {"summary": summary, "start": start, "end": end, "from": trainer.start_iteration,
+            "static_steps": static_steps[0]}  # fmt: skip
 
 
 def _records(path, split):
@@ -143,8 +155,12 @@ def _run(world, cfg):
     ids=["dp2", "dp4-teacher-tp2pp2"],
 )
 def test_trainer_with_data_parallel_student(tmp_path, world, layout):
-    cfg = _cfg(str(tmp_path), "run", layout)
-    _run(world, cfg)
+    # DP 2 also decodes at static shapes (rollout.cuda_graphs; on the CPU its static-shape
+    # steps run eagerly, the CUDA check pretended): rollouts and evaluations go through them
+    extra = ["rollout.cuda_graphs=true"] if world == 2 else []
+    cfg = _cfg(str(tmp_path), "run", layout, extra)
+    results = _run(world, cfg)
+    assert all((r["static_steps"] > 0) == (world == 2) for r in results), results
     _, evals = _check_run(f"{tmp_path}/run", 2)
     _check_samples(f"{tmp_path}/run", evals, 7)  # eval.save_samples: 16 by default
 

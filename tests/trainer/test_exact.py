@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import pytest
+import torch
 
 from tests.dist import run_distributed
 from tests.trainer.common import CONFIG, TINY_RUN
@@ -138,3 +140,17 @@ def test_exact_form_with_a_pipelined_student(tmp_path):
     keys = ("loss", "rkl", "fkl", "gate", "grad_norm")
     assert [summaries[1]["train"][k] for k in keys] == [summaries[0]["train"][k] for k in keys]
     assert all(math.isfinite(summaries[0]["train"][k]) for k in keys)
+
+
+def test_cuda_graphs_are_refused_without_cuda_and_under_pp():
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.trainer import loop
+
+    cfg = load_config(CONFIG, ["rollout.cuda_graphs=true", "parallel.student.pp=2"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="rollout.cuda_graphs needs a CUDA device"):
+            loop.check_trainer_config(cfg, 2)
+    with mock.patch.object(loop, "_cuda_available", return_value=True):
+        with pytest.raises(ValueError, match="needs parallel.student.pp = 1"):
+            loop.check_trainer_config(cfg, 2)
+        loop.check_trainer_config(load_config(CONFIG, ["rollout.cuda_graphs=true"]), 2)
