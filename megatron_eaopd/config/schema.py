@@ -264,9 +264,11 @@ class RolloutConfig:
     GPU. Off by default."""
     cuda_graphs: bool = False
     """Decode at a few static shapes and replay each as a CUDA graph (rollouts and evaluation;
-    ``rollout.decode_graphs``). Needs a CUDA device and student pp = 1 (refused otherwise).
-    Tokens as without it, up to float rounding of a longer masked key range. Off by default:
-    not yet measured on a GPU (docs/trainer.md)."""
+    the module megatron_eaopd/rollout/decode_graphs.py). Needs a CUDA device, use_kv_cache and
+    student pp = 1 (refused otherwise); a pipelined teacher's evaluation, and a model the fast
+    decoder does not support (it warns), decode without it. Tokens as without it, up to float
+    rounding of a longer masked key range. Off by default: not yet measured on a GPU
+    (docs/trainer.md)."""
 
 
 @dataclass

@@ -81,6 +81,9 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         )
     if cfg.rollout.cuda_graphs and not _cuda_available():
         problems.append("rollout.cuda_graphs needs a CUDA device (none here): set it to false")
+    if cfg.rollout.cuda_graphs and not cfg.rollout.use_kv_cache:
+        problems.append("rollout.cuda_graphs needs rollout.use_kv_cache: true (the graphed step "
+                        "is a KV-cache decode step): set one of them")  # fmt: skip
     if cfg.rollout.cuda_graphs and cfg.parallel.student.pp > 1:
         problems.append(
             "rollout.cuda_graphs needs parallel.student.pp = 1 (the graphed decode step runs "

@@ -153,4 +153,7 @@ def test_cuda_graphs_are_refused_without_cuda_and_under_pp():
     with mock.patch.object(loop, "_cuda_available", return_value=True):
         with pytest.raises(ValueError, match="needs parallel.student.pp = 1"):
             loop.check_trainer_config(cfg, 2)
+        cfg = load_config(CONFIG, ["rollout.cuda_graphs=true", "rollout.use_kv_cache=false"])
+        with pytest.raises(ValueError, match="needs rollout.use_kv_cache: true"):
+            loop.check_trainer_config(cfg, 2)
         loop.check_trainer_config(load_config(CONFIG, ["rollout.cuda_graphs=true"]), 2)
