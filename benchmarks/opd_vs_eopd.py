@@ -138,7 +138,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _changed_settings(config: str, settings: list[str], run_dir: str) -> list[str]:
     """``key: saved -> wanted`` for every setting in which the run saved in ``run_dir`` differs
-    from the config this study would run there (empty when the folder holds no config yet)."""
+    from the config this study would run there (empty when the folder holds no config yet). The
+    saved config is read through today's schema, so a key added since the run, at its default
+    (which keeps the earlier behaviour), is not a difference."""
     saved_file = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(saved_file):
         return []
@@ -147,8 +149,11 @@ def _changed_settings(config: str, settings: list[str], run_dir: str) -> list[st
     sys.path.insert(0, ROOT)
     from megatron_eaopd.config import config_to_dict, load_config
 
-    with open(saved_file, encoding="utf-8") as f:
-        saved = _flat(yaml.safe_load(f))
+    try:  # through today's schema: a key added since (at its default) is not a change
+        saved = _flat(config_to_dict(load_config(saved_file)))
+    except ValueError:  # a key today's schema does not know: compare the saved file as it is
+        with open(saved_file, encoding="utf-8") as f:
+            saved = _flat(yaml.safe_load(f))
     wanted = _flat(config_to_dict(load_config(os.path.join(ROOT, config), settings)))
     keys = sorted(set(saved) | set(wanted))
     return [

@@ -277,6 +277,17 @@ def test_study_refuses_a_folder_that_holds_a_run_with_other_settings(tmp_path, m
         with pytest.raises(SystemExit, match=rf"opd-s1 holds a run with other settings.*{message}"):
             study.main()
     assert launched == []
+    # a run saved before a key existed (here: without rollout.cuda_graphs), the key at its
+    # default now: the same settings; at another value: a change
+    saved = f"{out}/opd-s1/config.yaml"
+    with open(saved, encoding="utf-8") as f:
+        text = f.read()
+    assert "  cuda_graphs: false\n" in text
+    with open(saved, "w", encoding="utf-8") as f:
+        f.write(text.replace("  cuda_graphs: false\n", ""))
+    monkeypatch.setattr(sys, "argv", [*base, *STUDY, "rollout.cuda_graphs=true"])
+    with pytest.raises(SystemExit, match=r"rollout.cuda_graphs: False -> True"):
+        study.main()
     # where the data lives and how it logs are not settings of the run: accepted
     monkeypatch.setattr(sys, "argv", [*base, *STUDY, f"tokenizer.cache_dir={out}/tok"])
     study.main()
