@@ -130,7 +130,8 @@ class ContinuousDecoder:
         self.slots = min(slots, b)
         self.fast = FastDecoder(module, self.slots, self.total, tp_group)
         # decode steps at static shapes (CUDA graphs on a GPU), else at the live ones
-        self.decode = DecodeGraphs(self.fast) if decode_graphs else self.fast.decode_rows
+        self.graphs = DecodeGraphs(self.fast) if decode_graphs else None
+        self.decode = self.fast.decode_rows if self.graphs is None else self.graphs
         self.sampler = None
 
     def _prefill(self, new: torch.Tensor, first_slot: int) -> torch.Tensor:

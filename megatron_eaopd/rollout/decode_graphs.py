@@ -105,7 +105,9 @@ class DecodeGraphs:
         n = tokens.shape[0]
         if self.broken:
             self.counters["eager"] += 1
-            return self.fast.decode_rows(tokens, self._tensor(positions, n), end)
+            if isinstance(positions, int):
+                positions = torch.full((n,), positions, dtype=torch.long, device=self.device)
+            return self.fast.decode_rows(tokens, positions, end)
         rows, length = self.shape(n, int(end))
         buffers = self.inputs.get(rows)
         if buffers is None:
@@ -128,19 +130,13 @@ class DecodeGraphs:
         replay = self.graphs.get((rows, length))
         if replay is None:
             replay = self._capture(tok, pos, rows, length)
-            if replay is None:  # refused on some rank: every rank decodes at the live shapes
-                self.counters["eager"] += 1
-                return self.fast.decode_rows(tokens, self._tensor(positions, n), end)
+            if replay is None:  # refused on some rank: every rank is broken, at the live shapes
+                return self(tokens, positions, end)
             self.graphs[(rows, length)] = replay  # its first replay ran in _capture
         else:
             replay()
         self.counters["replays"] += 1
         return self.out[:n]
-
-    def _tensor(self, positions, n: int) -> torch.Tensor:
-        if isinstance(positions, int):
-            return torch.full((n,), positions, dtype=torch.long, device=self.device)
-        return positions
 
     def add_counters(self, counters: dict) -> None:
         """Add this object's counters to ``generate``'s (graph_captures, graph_replays,

@@ -321,8 +321,8 @@ def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_si
         refill_frac, decode_graphs,
     )  # fmt: skip
     decoder.run()
-    if isinstance(decoder.decode, DecodeGraphs):
-        decoder.decode.add_counters(counters)
+    if decoder.graphs is not None:
+        decoder.graphs.add_counters(counters)
     counters["continuous"] = 1
     if stats is not None:
         stats.update(counters)

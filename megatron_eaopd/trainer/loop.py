@@ -79,16 +79,8 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
             "micro-batches per teacher replica, which the scoring shares do not guarantee (use "
             "parallel.teacher.pp without virtual stages)"
         )
-    if cfg.rollout.cuda_graphs and not _cuda_available():
-        problems.append("rollout.cuda_graphs needs a CUDA device (none here): set it to false")
-    if cfg.rollout.cuda_graphs and not cfg.rollout.use_kv_cache:
-        problems.append("rollout.cuda_graphs needs rollout.use_kv_cache: true (the graphed step "
-                        "is a KV-cache decode step): set one of them")  # fmt: skip
-    if cfg.rollout.cuda_graphs and cfg.parallel.student.pp > 1:
-        problems.append(
-            "rollout.cuda_graphs needs parallel.student.pp = 1 (the graphed decode step runs "
-            "one pipeline stage): set it to false or use pp = 1"
-        )
+    if cfg.rollout.cuda_graphs:
+        problems += _cuda_graphs_problems(cfg)
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)
     if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
@@ -97,6 +89,22 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         )
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+def _cuda_graphs_problems(cfg: EAOPDConfig) -> list[str]:
+    """What ``rollout.cuda_graphs`` needs: a CUDA device, KV-cache decoding, one student stage."""
+    problems = []
+    if not _cuda_available():
+        problems.append("rollout.cuda_graphs needs a CUDA device (none here): set it to false")
+    if not cfg.rollout.use_kv_cache:
+        problems.append("rollout.cuda_graphs needs rollout.use_kv_cache: true (the graphed step "
+                        "is a KV-cache decode step): set one of them")  # fmt: skip
+    if cfg.parallel.student.pp > 1:
+        problems.append(
+            "rollout.cuda_graphs needs parallel.student.pp = 1 (the graphed decode step runs "
+            "one pipeline stage): set it to false or use pp = 1"
+        )
+    return problems
 
 
 def _exact_form_problems(cfg: EAOPDConfig) -> list[str]:
