@@ -143,7 +143,9 @@ class ParallelLayout:
     pp: int = _f(1, ge=1)
     """Pipeline-parallel size."""
     vpp: int | None = _f(None, ge=1)
-    """Virtual pipeline stages per rank (interleaved schedule); null: not interleaved."""
+    """Virtual pipeline stages per rank (interleaved schedule); null: not interleaved. The
+    library's layouts accept it; ``eaopd-train`` refuses any value but null (rollouts need one
+    model chunk per rank, teacher scoring shares too few micro-batches)."""
 
 
 @dataclass
@@ -351,7 +353,8 @@ class EvalConfig:
     (normalised string/number comparison); null: when it is installed. The builtin task checks
     its integer answers exactly and ignores it."""
     plot: bool = True
-    """Write a PNG of the evaluation curves when matplotlib is installed."""
+    """Write a PNG of the evaluation curves (eval_curves.png; matplotlib when installed, else a
+    built-in renderer)."""
     save_samples: int | None = _f(16, ge=0)
     """Save the responses to the first this many prompts of each eval set (all k per prompt,
     with whether each is right and, if not, the task's reason: Task.explain) to

@@ -397,9 +397,8 @@ class Trainer:
         cfg = self.cfg
         last_train, last_eval, stopped = {}, {}, False
         if self.start_iteration == 0 and cfg.training.eval_at_start:
-            if cfg.parallel.teacher.vpp is None:  # rollouts need one model chunk per rank
-                teacher_metrics = evaluate(self, 0, who="teacher")
-                self.metrics_logger.log("teacher", 0, teacher_metrics)
+            teacher_metrics = evaluate(self, 0, who="teacher")
+            self.metrics_logger.log("teacher", 0, teacher_metrics)
             last_eval = self.run_eval(0)
         if self.start_iteration > 0 and self.eval_pending:  # preempted before this evaluation
             last_eval = self.run_eval(self.start_iteration)
