@@ -104,6 +104,9 @@ def _main(argv: list[str] | None) -> int:
 
         data = prepare_data(cfg)  # every data check, before any compute
         check_run(cfg, world_size, data.vocab_size)  # top-k bounded by the vocabulary
+        from megatron_eaopd.trainer.loop import check_data_config
+
+        check_data_config(cfg, data)  # the exact form's padded vocabularies
     except (ConfigError, TaskError, ValueError) as err:
         from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status
 

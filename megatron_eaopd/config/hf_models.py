@@ -101,3 +101,35 @@ def resolve_hf_models(cfg, data: dict, problems: list) -> None:
                     "tokens to different ids: distillation needs one shared vocabulary",
                 )
             )
+    if folders:
+        _tokenizer_problems(cfg, folders, problems)
+
+
+def _tokenizer_problems(cfg, folders: dict, problems: list) -> None:
+    """The tokenizer must be the HF models' (their embedding rows index its ids): a task-trained
+    tokenizer is refused, and an HF tokenizer folder other than the models' must map tokens to
+    the same ids (compared on tokenizer.json where both have one)."""
+    kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
+    names = " / ".join(f"model.{who}_hf" for who in folders)
+    if kind == "task":
+        problems.append(
+            (
+                "tokenizer.kind",
+                f"task (a tokenizer trained on the task) cannot drive the models of {names}, "
+                "whose embeddings index their own tokenizer's ids: set tokenizer.kind=auto (the "
+                "teacher folder's tokenizer) or huggingface with tokenizer.path",
+            )
+        )
+    elif kind == "huggingface" and path and os.path.isdir(path):
+        mine = tokenizer_fingerprint(path)
+        for who, folder in folders.items():
+            theirs = tokenizer_fingerprint(folder)
+            if None not in (mine, theirs) and mine != theirs:
+                problems.append(
+                    (
+                        "tokenizer.path",
+                        f"{path} maps tokens to other ids than {folder} (model.{who}_hf): use "
+                        "the models' own tokenizer (tokenizer.path=null with tokenizer.kind=auto "
+                        "takes the teacher folder's)",
+                    )
+                )

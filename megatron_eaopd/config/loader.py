@@ -19,6 +19,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import textwrap
 import types
 import typing
@@ -61,6 +62,25 @@ class ConfigError(ValueError):
 # YAML files, inheritance and overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (plain YAML keeps the last
+    value and silently drops the earlier block's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool | None):  # unhashable: YAML's error
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping; merge the two blocks",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     """Return ``base`` updated by ``top``; nested mappings merge, everything else is replaced."""
     out = copy.deepcopy(base)
@@ -92,7 +112,7 @@ def load_yaml_with_defaults(path: str | os.PathLike, _stack: tuple[Path, ...] = 
     if not p.is_file():
         raise ConfigError([("", f"config file not found: {path}")])
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as err:
         raise ConfigError([("", f"YAML syntax error: {err}")], str(path)) from err
     if data is None:
@@ -416,6 +436,21 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         )
     if cfg.tokenizer.kind != "task" and not cfg.tokenizer.path:
         problems.append(("tokenizer.path", f"tokenizer.kind={cfg.tokenizer.kind} needs a path"))
+    elif cfg.tokenizer.kind != "task" and not os.path.exists(cfg.tokenizer.path):
+        # a Hugging Face hub id (org/name) may resolve from the local hub cache; anything else
+        # is a path, and a missing one would fail only once the data is prepared
+        hub_id = cfg.tokenizer.kind == "huggingface" and re.fullmatch(
+            r"[\w.-]+/[\w.-]+", cfg.tokenizer.path
+        )
+        if not hub_id:
+            what = "file" if cfg.tokenizer.kind == "sentencepiece" else "folder"
+            problems.append(
+                (
+                    "tokenizer.path",
+                    f"no such {what}: {cfg.tokenizer.path} (relative paths are taken from the "
+                    f"current folder)",
+                )
+            )
     if cfg.tokenizer.chat_template and cfg.tokenizer.kind != "huggingface":
         problems.append(
             ("tokenizer.chat_template", "needs tokenizer.kind=huggingface (a template to apply)")

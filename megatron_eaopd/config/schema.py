@@ -17,6 +17,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 NORMS = ("rmsnorm", "layernorm")
 
 
+_MAX_SEED = 2**32 - 1  # torch and numpy seeds; derived seeds (seed x 1,000,003 + i) stay in int64
+
+
 def _f(default: Any = None, *, factory: Any = None, **meta: Any) -> Any:
     """A dataclass field with validation metadata (ge, gt, le, lt, choices)."""
     if factory is not None:
@@ -101,7 +104,7 @@ class TeacherPrepConfig:
     """Linear warm-up steps of the teacher training."""
     cache_dir: str = ".cache/eaopd/teachers"
     """Where prepared teachers are cached (keyed by task, tokenizer, shape and these settings)."""
-    seed: int = 1234
+    seed: int = _f(1234, ge=0, le=_MAX_SEED)
     """Seed of the teacher's initialisation and data order."""
 
 
@@ -130,7 +133,7 @@ class StudentPrepConfig:
     """Use only the first this many training problems; null: all."""
     cache_dir: str = ".cache/eaopd/students"
     """Where warm-started students are cached (keyed like prepared teachers)."""
-    seed: int = 4321
+    seed: int = _f(4321, ge=0, le=_MAX_SEED)
     """Seed of the student's initialisation and data order during the warm start."""
 
 
@@ -210,7 +213,8 @@ class LossConfig:
     """Tokens per row chunk of the vocab-parallel loss kernels (bounds transient memory: a few
     fp32 [chunk_size, V_pad / tp] temporaries when the kernels run eagerly); null: about 2^24
     (eager) or 2^28 (compiled) logit values per chunk, or the env EAOPD_CHUNK_ELEMS (for
-    benchmarks), divided by the shard width. Changes memory and speed, not the result."""
+    benchmarks), divided by the shard width. Changes memory and speed, not the result. Read by the
+    logits path only: with fused_output on, fused_chunk_size sets the chunks."""
     fused_output: bool | None = None
     """Fuse the loss with the output layer: the trainer computes the student's loss from its final
     hidden states and output weight shard, and the teacher's payload (sampled form) or its side
@@ -241,7 +245,9 @@ class RolloutConfig:
     mini_batch_size: int = _f(32, ge=1)
     """Prompts (with all their samples) per optimizer step; 128 / 32 = 4 steps per iteration."""
     micro_batch_size: int = _f(4, ge=1)
-    """Sequences per forward/backward micro-batch (gradient accumulation inside a mini-batch)."""
+    """Most sequences per forward/backward micro-batch (gradient accumulation inside a
+    mini-batch): each data-parallel replica uses the largest divisor of its rows per optimizer
+    step that is at most this (8 rows and 16: one micro-batch of 8; 7 rows and 4: seven of 1)."""
     max_prompt_tokens: int = _f(1024, ge=1)
     """Longest prompt; longer prompts are an error before training starts."""
     max_response_tokens: int = _f(4096, ge=1)
@@ -305,7 +311,7 @@ class TrainingConfig:
     """Iterations to run; null: derived from ``epochs`` over the distillation prompts."""
     epochs: float = _f(1.0, gt=0)
     """Passes over the distillation prompts when ``iterations`` is null (paper: 3 MATH, 2 DAPO)."""
-    seed: int = 42
+    seed: int = _f(42, ge=0, le=_MAX_SEED)
     """Seed of the data order, sampling and initialisation."""
     output_dir: str = "runs/default"
     """Run folder: resolved config, metrics, TensorBoard events, plots."""
@@ -396,7 +402,7 @@ class SyntheticTaskConfig:
     default, configs/tiny-cpu.yaml), ``sums`` (add a list of numbers in any order) or ``arith``
     (step-by-step products and sums with connective words). See docs/tasks.md for what the
     settings below mean for each."""
-    seed: int = 0
+    seed: int = _f(0, ge=0, le=_MAX_SEED)
     """Seed of the problem generator (splits are a pure function of the settings)."""
     num_train: int = _f(4000, ge=0)
     """Training problems (with reference solutions) for teacher preparation."""

@@ -58,7 +58,8 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
 
     Raises:
         TaskError: a missing/malformed prompt file, eval.use_math_verify=true without math-verify
-            installed, an empty prompt set, a prompt longer than
+            installed, an empty prompt set, fewer distillation prompts than
+            ``rollout.prompts_per_iteration``, a prompt longer than
             ``rollout.max_prompt_tokens``, a training example longer than the teacher's context.
     """
     task = load_task(cfg.task)
@@ -83,6 +84,12 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     for name, problems in eval_sets.items():
         longest = max(
             longest, validate_prompt_lengths(problems, encode, limit, f"'{name}' prompts")
+        )
+    if len(distill) < cfg.rollout.prompts_per_iteration:
+        raise TaskError(
+            f"rollout.prompts_per_iteration={cfg.rollout.prompts_per_iteration} exceeds the "
+            f"{len(distill)} distillation prompts of the task: lower it (and "
+            "rollout.mini_batch_size with it) or give more prompts"
         )
     if check_teacher_examples is None:
         check_teacher_examples = (

@@ -32,7 +32,8 @@ def model_configs(cfg: EAOPDConfig, vocab_size: int) -> tuple[ModelConfig, Model
 
     A model given as an HF folder (``model.<who>_hf``) takes its architecture from config.json
     (``models.hf.model_config_from_hf``: RoPE scaling, q/k/v biases and the source
-    architecture included), with the config's dtype and ``max_seq_len``.
+    architecture included), with the config's dtype, ``max_seq_len`` and
+    ``parallel.make_vocab_size_divisible_by``.
     """
     div = cfg.parallel.make_vocab_size_divisible_by
     out = []
@@ -47,6 +48,7 @@ def model_configs(cfg: EAOPDConfig, vocab_size: int) -> tuple[ModelConfig, Model
                     folder,
                     params_dtype=kwargs["params_dtype"],
                     max_sequence_length=kwargs["max_sequence_length"],
+                    make_vocab_size_divisible_by=div,
                 )
             )
         else:

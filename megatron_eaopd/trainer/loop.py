@@ -87,8 +87,58 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         problems.append(
             "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
         )
+    problems += _source_problems(cfg, world_size)
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+def check_data_config(cfg: EAOPDConfig, data) -> None:
+    """What needs the prepared data's vocabulary (``prepare_data``), before any compute: in the
+    exact form the student's and the teacher's padded vocabularies (the logits shards' widths at
+    the shared TP size) must be equal. ValueError naming the fix."""
+    if cfg.loss.form != "exact":
+        return
+    from megatron_eaopd.trainer.build import model_configs
+
+    student, teacher = model_configs(cfg, data.vocab_size)
+    tp = cfg.parallel.student.tp
+    ps, pt = student.padded_vocab_size(tp), teacher.padded_vocab_size(tp)
+    if ps != pt:
+        raise ValueError(
+            f"loss.form=exact: the student's and the teacher's padded vocabularies differ ({ps} "
+            f"vs {pt} rows at tp {tp}; model.student.vocab_size={student.vocab_size}, "
+            f"model.teacher.vocab_size={teacher.vocab_size}): the logits shards must line up. "
+            "Give both models the same vocabulary size (0: the tokenizer's), or use "
+            "loss.form=sampled"
+        )
+
+
+def _source_problems(cfg: EAOPDConfig, world_size: int) -> list[str]:
+    """Where the models start: a project checkpoint must exist with a complete save, and a
+    preparation that will run must split its batch over its layout's data-parallel ranks."""
+    from megatron_eaopd.models.checkpoint import resolve_checkpoint
+
+    problems = []
+    m = cfg.model
+    for who in ("teacher", "student"):
+        root = getattr(m, f"{who}_checkpoint")
+        if root:
+            try:
+                resolve_checkpoint(root)
+            except (OSError, ValueError) as err:
+                problems.append(f"model.{who}_checkpoint: {err}")
+    for who, prep in (("teacher", cfg.teacher_prep), ("student", cfg.student_prep)):
+        if not prep.enabled or getattr(m, f"{who}_checkpoint") or getattr(m, f"{who}_hf"):
+            continue  # this preparation does not run
+        lay = getattr(cfg.parallel, who)
+        dp = world_size // (lay.tp * lay.pp) if world_size % (lay.tp * lay.pp) == 0 else 0
+        if dp and prep.batch_size % dp:
+            problems.append(
+                f"{who}_prep.batch_size={prep.batch_size} must be a multiple of the {who}'s "
+                f"data-parallel size {dp} (world {world_size} / tp {lay.tp} / pp {lay.pp}): set "
+                f"{who}_prep.batch_size={-(-prep.batch_size // dp) * dp}"
+            )
+    return problems
 
 
 def _cuda_graphs_problems(cfg: EAOPDConfig) -> list[str]:
@@ -171,6 +221,7 @@ class Trainer:
         from megatron_eaopd.config import check_run
 
         check_run(cfg, world, data.vocab_size)  # what needs the vocabulary (top-k bounds)
+        check_data_config(cfg, data)
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
         if self.rank0:
@@ -209,12 +260,6 @@ class Trainer:
         self.objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
         self.exact = self.objective.form == "exact"
         if self.exact:
-            tp = cfg.parallel.student.tp
-            if student_cfg.padded_vocab_size(tp) != teacher_cfg.padded_vocab_size(tp):
-                raise ValueError(
-                    "loss.form=exact: the student and teacher padded vocabularies differ "
-                    f"({student_cfg.padded_vocab_size(tp)} vs {teacher_cfg.padded_vocab_size(tp)})"
-                )
             if _tp_ranks(STUDENT) != _tp_ranks(TEACHER):
                 raise ValueError("loss.form=exact: the student and teacher TP groups differ")
         self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)

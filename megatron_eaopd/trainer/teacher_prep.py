@@ -127,7 +127,7 @@ def prepare_supervised(
     with use_layout(layout):
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if prep.batch_size % dp != 0:
-            raise ValueError(f"teacher_prep.batch_size={prep.batch_size} must divide by DP={dp}")
+            raise ValueError(f"{role}_prep.batch_size={prep.batch_size} must divide by DP={dp}")
         model = build_trainable(mcfg, optim, prep.seed)
         forward_step = sft_forward_step(data.vocab_size)
         bar = _progress(prep.iterations, f"{role} prep", show_progress and rank0)

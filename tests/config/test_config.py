@@ -87,6 +87,22 @@ def test_defaults_cycle_and_missing_parent(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_a_key_repeated_in_one_mapping_is_refused(tmp_path):
+    """Plain YAML keeps the last of two ``loss:`` blocks and drops the first one's settings."""
+    _write(tmp_path / "twice.yaml", "loss: {objective: opd}\nrollout: {top_p: 0.9}\n"
+                                    "loss: {fkl_coef: 0.5}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match="'loss' appears twice"):
+        load_config(tmp_path / "twice.yaml")
+    _write(tmp_path / "inner.yaml", "loss:\n  top_k: 4\n  clip: 0.1\n  top_k: 8\n")
+    with pytest.raises(ConfigError, match="'top_k' appears twice"):
+        load_config(tmp_path / "inner.yaml")
+    # the same key in different mappings, and a parent's key set again by its child, stay fine
+    _write(tmp_path / "parent.yaml", "loss: {top_k: 4}\nrollout: {top_k: 4}\n")
+    _write(tmp_path / "child.yaml", "defaults: [parent.yaml]\nloss: {top_k: 8}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.loss.top_k, cfg.rollout.top_k) == (8, 4)
+
+
 @pytest.mark.parametrize(
     "text, value",
     [
@@ -305,13 +321,15 @@ def test_model_shapes_build_model_configs(path, tmp_path):
     translation, config.json for HF folders) and split over their layouts."""
     from megatron_eaopd.trainer.build import model_configs
 
-    cfg = load_config(path, hf_overrides(path, str(tmp_path)))
+    div = ["parallel.make_vocab_size_divisible_by=64"]  # not the default: it must reach both
+    cfg = load_config(path, hf_overrides(path, str(tmp_path)) + div)
     built = dict(zip(("student", "teacher"), model_configs(cfg, 320)))
     for who in ("student", "teacher"):
         shape, mc = getattr(cfg.model, who), built[who]
         assert mc.num_layers == shape.layers and mc.tied_embeddings == shape.tied_embeddings
         assert mc.hidden_size == shape.hidden and mc.kv_channels == shape.kv_channels
         assert mc.vocab_size == (shape.vocab_size or 320)
+        assert mc.make_vocab_size_divisible_by == 64
         assert mc.params_dtype == {"fp32": "float32", "bf16": "bfloat16"}[shape.dtype]
         layout = getattr(cfg.parallel, who)
         mc.check_layout(layout.tp, layout.pp, layout.vpp, name=who)

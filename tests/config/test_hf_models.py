@@ -61,3 +61,24 @@ def test_bad_folders_are_refused_with_the_key(tmp_path):
     assert "different ids" in problems["model.student_hf"]
     _tokenizer(student, {"a": 0, "b": 1})  # the same mapping: accepted
     load_config(PAPER, [f"model.teacher_hf={teacher}", f"model.student_hf={student}"])
+
+
+def test_the_tokenizer_must_be_the_hf_models_own(tmp_path):
+    """A task-trained tokenizer, or an HF tokenizer folder that maps tokens to other ids than the
+    models', cannot drive HF models (their embedding rows index their own ids)."""
+    teacher, student = _folders(tmp_path)
+    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}",
+          "eval.use_math_verify=false"]  # fmt: skip
+    problems = _problems([*hf, "tokenizer.kind=task", "tokenizer.chat_template=false"])
+    assert "model.student_hf / model.teacher_hf" in problems["tokenizer.kind"]
+    _tokenizer(teacher, {"a": 0, "b": 1})
+    _tokenizer(student, {"a": 0, "b": 1})
+    other = tmp_path / "other"
+    other.mkdir()
+    _tokenizer(str(other), {"a": 1, "b": 0})
+    problems = _problems([*hf, "tokenizer.kind=huggingface", f"tokenizer.path={other}"])
+    assert "other ids" in problems["tokenizer.path"]
+    _tokenizer(str(other), {"a": 0, "b": 1})  # the same mapping in another folder: accepted
+    cfg = load_config(PAPER, [*hf, "tokenizer.kind=huggingface", f"tokenizer.path={other}"])
+    assert cfg.tokenizer.path == str(other)
+    assert load_config(PAPER, hf).tokenizer.path == teacher  # auto: the teacher folder's

@@ -67,3 +67,20 @@ def test_jsonl_errors_surface(tmp_path):
     )
     with pytest.raises(TaskError, match="e.jsonl: no prompts"):
         prepare_data(cfg)
+
+
+def test_fewer_prompts_than_one_iteration_are_refused_before_any_compute(tmp_path):
+    """A JSONL task with fewer distillation prompts than rollout.prompts_per_iteration (the
+    built-in task's count is checked when the config loads)."""
+    distill = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"Compute {i}+2 step by step:", "answer": str(i + 2)} for i in range(4)]
+    distill.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["task.name=jsonl", f"task.distill_file={distill}", f"task.eval_files=[{distill}]",
+            "model.teacher_checkpoint=some/ckpt", f"tokenizer.cache_dir={tmp_path / 'tok'}",
+            "rollout.mini_batch_size=4"]  # fmt: skip
+    with pytest.raises(TaskError, match=r"rollout.prompts_per_iteration=8 exceeds the 4 "):
+        prepare_data(load_config(None, [*base, "rollout.prompts_per_iteration=8"]))
+    assert (
+        len(prepare_data(load_config(None, [*base, "rollout.prompts_per_iteration=4"])).distill)
+        == 4
+    )
