@@ -64,7 +64,7 @@ def run_problems(
                     f"{_divisors(world_size)}",
                 )
             )
-    if cfg.model.student.dtype != "fp32":
+    if cfg.model.student.dtype != "fp32" or cfg.parallel.backend == "nccl":
         if cuda_available is None:
             import torch
 
@@ -79,6 +79,13 @@ def run_problems(
                 f"{cfg.model.student.dtype} needs CUDA: megatron's mixed-precision optimizer "
                 "keeps fp32 main weights only for CUDA tensors. Train the student in fp32 on CPU "
                 "(model.student.dtype=fp32; the teacher may stay bf16)",
+            )
+        )
+    if cfg.parallel.backend == "nccl" and not cuda_available:
+        problems.append(
+            (
+                "parallel.backend",
+                "nccl needs CUDA devices (none here): set parallel.backend=auto (gloo on CPU)",
             )
         )
     if cfg.loss.objective == "jsd" and cfg.loss.fused_output:

@@ -159,3 +159,11 @@ def test_top_k_bounded_by_a_fixed_model_vocabulary():
     with pytest.raises(ConfigError, match=r"loss.top_k: out of range: 64 .*<= the vocabulary"):
         check_run(cfg, 2)
     check_run(load_config(TINY, ["loss.top_k=64"]), 2)  # vocabulary unknown yet: no bound
+
+
+def test_nccl_is_refused_without_cuda_and_auto_is_not():
+    cfg = load_config(TINY, ["parallel.backend=nccl"])
+    with pytest.raises(ConfigError, match="parallel.backend: nccl needs CUDA devices"):
+        check_run(cfg, 2, cuda_available=False)
+    check_run(cfg, 2, cuda_available=True)
+    check_run(load_config(TINY, ["parallel.backend=auto"]), 2, cuda_available=False)
