@@ -106,7 +106,7 @@ def _main(argv: list[str] | None) -> int:
         check_run(cfg, world_size, data.vocab_size)  # top-k bounded by the vocabulary
         from megatron_eaopd.trainer.loop import check_data_config
 
-        check_data_config(cfg, data)  # the exact form's padded vocabularies
+        check_data_config(cfg, data, world_size)  # prep batches, exact-form vocabularies
     except (ConfigError, TaskError, ValueError) as err:
         from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status
 

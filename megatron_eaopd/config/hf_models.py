@@ -45,6 +45,12 @@ def tokenizer_fingerprint(folder: str) -> str | None:
     settings), read without transformers; None when the folder has no such file."""
     from megatron_eaopd.models.vocab_check import tokenizer_fingerprint as fingerprint
 
+    table = _token_table(folder)
+    return None if table is None else fingerprint(table).digest
+
+
+def _token_table(folder: str) -> dict | None:
+    """token -> id of ``folder/tokenizer.json`` (vocabulary and added tokens); None without it."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         return None
@@ -55,7 +61,7 @@ def tokenizer_fingerprint(folder: str) -> str | None:
         vocab = {piece[0]: i for i, piece in enumerate(vocab)}
     table = dict(vocab)
     table.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
-    return fingerprint(table).digest
+    return table
 
 
 def resolve_hf_models(cfg, data: dict, problems: list) -> None:
@@ -101,14 +107,19 @@ def resolve_hf_models(cfg, data: dict, problems: list) -> None:
                     "tokens to different ids: distillation needs one shared vocabulary",
                 )
             )
-    if folders:
-        _tokenizer_problems(cfg, folders, problems)
 
 
-def _tokenizer_problems(cfg, folders: dict, problems: list) -> None:
-    """The tokenizer must be the HF models' (their embedding rows index its ids): a task-trained
-    tokenizer is refused, and an HF tokenizer folder other than the models' must map tokens to
-    the same ids (compared on tokenizer.json where both have one)."""
+def tokenizer_problems(cfg, problems: list) -> None:
+    """With HF model folders the tokenizer must be theirs (their embedding rows index its ids):
+    ``tokenizer.kind: task`` (a tokenizer trained on the task) is refused, and a Hugging Face
+    ``tokenizer.path`` other than a model folder must not map a token to another id than the
+    folder's tokenizer.json does (compared where both have one; extra tokens are allowed, the
+    embedding size is checked when the models are built). Runs on the resolved config
+    (``tokenizer.kind: auto`` is the teacher folder's, else the student folder's, tokenizer)."""
+    folders = {w: getattr(cfg.model, f"{w}_hf") for w in ("teacher", "student")}
+    folders = {w: f for w, f in folders.items() if f}
+    if not folders:
+        return
     kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
     names = " / ".join(f"model.{who}_hf" for who in folders)
     if kind == "task":
@@ -117,19 +128,26 @@ def _tokenizer_problems(cfg, folders: dict, problems: list) -> None:
                 "tokenizer.kind",
                 f"task (a tokenizer trained on the task) cannot drive the models of {names}, "
                 "whose embeddings index their own tokenizer's ids: set tokenizer.kind=auto (the "
-                "teacher folder's tokenizer) or huggingface with tokenizer.path",
+                "HF folders' tokenizer) or huggingface with tokenizer.path",
             )
         )
-    elif kind == "huggingface" and path and os.path.isdir(path):
-        mine = tokenizer_fingerprint(path)
-        for who, folder in folders.items():
-            theirs = tokenizer_fingerprint(folder)
-            if None not in (mine, theirs) and mine != theirs:
-                problems.append(
-                    (
-                        "tokenizer.path",
-                        f"{path} maps tokens to other ids than {folder} (model.{who}_hf): use "
-                        "the models' own tokenizer (tokenizer.path=null with tokenizer.kind=auto "
-                        "takes the teacher folder's)",
-                    )
+        return
+    if kind != "huggingface" or not path or path in folders.values() or not os.path.isdir(path):
+        return
+    mine = _token_table(path)
+    for who, folder in folders.items():
+        theirs = _token_table(folder)
+        if mine is None or theirs is None:
+            continue
+        clash = sorted((t for t in mine.keys() & theirs.keys() if mine[t] != theirs[t]),
+                       key=lambda t: theirs[t])  # fmt: skip
+        if clash:
+            t = clash[0]
+            problems.append(
+                (
+                    "tokenizer.path",
+                    f"{path} maps {len(clash)} token(s) to other ids than {folder} "
+                    f"(model.{who}_hf), e.g. {t!r}: {mine[t]} vs {theirs[t]}. Use the models' own "
+                    "tokenizer (tokenizer.path=null with tokenizer.kind=auto)",
                 )
+            )

@@ -19,7 +19,6 @@ import difflib
 import inspect
 import math
 import os
-import re
 import textwrap
 import types
 import typing
@@ -69,6 +68,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys merged on purpose
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str | int | float | bool | None):  # unhashable: YAML's error
                 continue
@@ -147,7 +148,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ConfigError([(key, f"override {text!r} has an empty key segment")])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506
     except yaml.YAMLError as err:
         raise ConfigError([(key, f"cannot parse override value {raw!r}: {err}")]) from err
     return parts, value
@@ -334,7 +335,7 @@ def _resolve_derived(cfg: EAOPDConfig) -> None:
     if cfg.eval.entropy_threshold is None:
         cfg.eval.entropy_threshold = cfg.loss.entropy_threshold
     if cfg.tokenizer.kind == "auto":
-        hf = cfg.model.teacher_hf
+        hf = cfg.model.teacher_hf or cfg.model.student_hf
         cfg.tokenizer.kind = "huggingface" if hf else "task"
         if hf and cfg.tokenizer.path is None:
             cfg.tokenizer.path = hf
@@ -436,21 +437,6 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         )
     if cfg.tokenizer.kind != "task" and not cfg.tokenizer.path:
         problems.append(("tokenizer.path", f"tokenizer.kind={cfg.tokenizer.kind} needs a path"))
-    elif cfg.tokenizer.kind != "task" and not os.path.exists(cfg.tokenizer.path):
-        # a Hugging Face hub id (org/name) may resolve from the local hub cache; anything else
-        # is a path, and a missing one would fail only once the data is prepared
-        hub_id = cfg.tokenizer.kind == "huggingface" and re.fullmatch(
-            r"[\w.-]+/[\w.-]+", cfg.tokenizer.path
-        )
-        if not hub_id:
-            what = "file" if cfg.tokenizer.kind == "sentencepiece" else "folder"
-            problems.append(
-                (
-                    "tokenizer.path",
-                    f"no such {what}: {cfg.tokenizer.path} (relative paths are taken from the "
-                    f"current folder)",
-                )
-            )
     if cfg.tokenizer.chat_template and cfg.tokenizer.kind != "huggingface":
         problems.append(
             ("tokenizer.chat_template", "needs tokenizer.kind=huggingface (a template to apply)")
@@ -472,6 +458,10 @@ def config_from_dict(data: dict, source: str | None = None) -> EAOPDConfig:
     if not problems:
         _resolve_derived(cfg)
         _check_consistency(cfg, problems)
+    if not problems:
+        from megatron_eaopd.config.hf_models import tokenizer_problems
+
+        tokenizer_problems(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
     return cfg

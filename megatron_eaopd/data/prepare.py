@@ -57,7 +57,8 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
             None: when the teacher will be prepared on the task (no teacher checkpoint).
 
     Raises:
-        TaskError: a missing/malformed prompt file, eval.use_math_verify=true without math-verify
+        TaskError: a tokenizer file or folder that does not load, a missing/malformed prompt
+            file, eval.use_math_verify=true without math-verify
             installed, an empty prompt set, fewer distillation prompts than
             ``rollout.prompts_per_iteration``, a prompt longer than
             ``rollout.max_prompt_tokens``, a training example longer than the teacher's context.
@@ -70,7 +71,17 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
             "`pip install math-verify`, or set eval.use_math_verify=null or false"
         )
     task.use_math_verify = use_mv
-    tokenizer = build_tokenizer(cfg.tokenizer, task)
+    tok = cfg.tokenizer
+    try:
+        tokenizer = build_tokenizer(tok, task)
+    except (OSError, ValueError, ImportError) as err:
+        if tok.kind == "task":  # training the task tokenizer: not a path problem
+            raise
+        raise TaskError(
+            f"tokenizer.path={tok.path!r}: the {tok.kind} tokenizer does not load "
+            f"({type(err).__name__}: {err}); point tokenizer.path at a "
+            f"{'.model file' if tok.kind == 'sentencepiece' else 'tokenizer folder or hub name'}"
+        ) from err
     if getattr(cfg.tokenizer, "chat_template", False):
         use_chat_template(tokenizer, cfg.tokenizer.enable_thinking)
 

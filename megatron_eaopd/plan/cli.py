@@ -115,7 +115,9 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
         notes.append(f"{who}: {folder} is not on disk; shape of the preset {name}")
     if replaced:  # the planner needs shapes only: no teacher weights, tokenizer or prompts
         model.setdefault("teacher_checkpoint", "planned")
-        data.setdefault("tokenizer", {}).update(kind="task", chat_template=False, path=None)
+        kept = model.get("teacher_hf") or model.get("student_hf")  # a folder still on disk
+        data.setdefault("tokenizer", {}).update(kind="huggingface" if kept else "task",
+                                                chat_template=False, path=kept)  # fmt: skip
         data.setdefault("teacher_prep", {})["enabled"] = False
         data.setdefault("task", {}).update(name="builtin")
         data["task"].pop("distill_file", None)

@@ -87,56 +87,86 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         problems.append(
             "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
         )
-    problems += _source_problems(cfg, world_size)
+    problems += _source_problems(cfg)
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
 
 
-def check_data_config(cfg: EAOPDConfig, data) -> None:
-    """What needs the prepared data's vocabulary (``prepare_data``), before any compute: in the
-    exact form the student's and the teacher's padded vocabularies (the logits shards' widths at
-    the shared TP size) must be equal. ValueError naming the fix."""
-    if cfg.loss.form != "exact":
-        return
-    from megatron_eaopd.trainer.build import model_configs
+def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
+    """What needs the prepared data (``prepare_data``), before any compute. ValueError listing
+    each problem with its fix:
 
+    - a teacher / student preparation that will train (enabled, no checkpoint or HF folder for
+      that model, nothing cached under its key) must split its batch over its model's
+      data-parallel ranks (a cached one is reused at any world size);
+    - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
+      widths at the shared TP size) must be equal.
+    """
+    from megatron_eaopd.models.checkpoint import LATEST
+    from megatron_eaopd.trainer.build import model_configs
+    from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
+
+    problems = []
     student, teacher = model_configs(cfg, data.vocab_size)
+    for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
+                            ("student", cfg.student_prep, student)):  # fmt: skip
+        if not prep.enabled or getattr(cfg.model, f"{who}_checkpoint"):
+            continue
+        if getattr(cfg.model, f"{who}_hf"):
+            continue  # the trainer loads the folder, no preparation
+        lay = getattr(cfg.parallel, who)
+        dp = world_size // (lay.tp * lay.pp)
+        if world_size % (lay.tp * lay.pp) or prep.batch_size % dp == 0:
+            continue
+        root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, who))
+        if os.path.isfile(os.path.join(root, LATEST)):
+            continue  # prepared before: reused
+        problems.append(
+            f"{who}_prep.batch_size={prep.batch_size} must be a multiple of the {who}'s "
+            f"data-parallel size {dp} (world {world_size} / tp {lay.tp} / pp {lay.pp}) to "
+            f"prepare the {who} (nothing cached under {root}): set {who}_prep.batch_size to a "
+            f"multiple of {dp}, or prepare it once at a world size whose data-parallel size "
+            "divides the batch (the cache is reused at any world size)"
+        )
     tp = cfg.parallel.student.tp
     ps, pt = student.padded_vocab_size(tp), teacher.padded_vocab_size(tp)
-    if ps != pt:
-        raise ValueError(
+    if cfg.loss.form == "exact" and ps != pt:
+        problems.append(
             f"loss.form=exact: the student's and the teacher's padded vocabularies differ ({ps} "
             f"vs {pt} rows at tp {tp}; model.student.vocab_size={student.vocab_size}, "
             f"model.teacher.vocab_size={teacher.vocab_size}): the logits shards must line up. "
             "Give both models the same vocabulary size (0: the tokenizer's), or use "
             "loss.form=sampled"
         )
+    if problems:
+        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
 
 
-def _source_problems(cfg: EAOPDConfig, world_size: int) -> list[str]:
-    """Where the models start: a project checkpoint must exist with a complete save, and a
-    preparation that will run must split its batch over its layout's data-parallel ranks."""
+def _source_problems(cfg: EAOPDConfig) -> list[str]:
+    """Where the models start: a project checkpoint root must exist and hold a complete save."""
     from megatron_eaopd.models.checkpoint import resolve_checkpoint
 
     problems = []
     m = cfg.model
     for who in ("teacher", "student"):
         root = getattr(m, f"{who}_checkpoint")
-        if root:
-            try:
-                resolve_checkpoint(root)
-            except (OSError, ValueError) as err:
-                problems.append(f"model.{who}_checkpoint: {err}")
-    for who, prep in (("teacher", cfg.teacher_prep), ("student", cfg.student_prep)):
-        if not prep.enabled or getattr(m, f"{who}_checkpoint") or getattr(m, f"{who}_hf"):
-            continue  # this preparation does not run
-        lay = getattr(cfg.parallel, who)
-        dp = world_size // (lay.tp * lay.pp) if world_size % (lay.tp * lay.pp) == 0 else 0
-        if dp and prep.batch_size % dp:
+        if not root:
+            continue
+        key = f"model.{who}_checkpoint={root}"
+        if not os.path.isdir(root):
             problems.append(
-                f"{who}_prep.batch_size={prep.batch_size} must be a multiple of the {who}'s "
-                f"data-parallel size {dp} (world {world_size} / tp {lay.tp} / pp {lay.pp}): set "
-                f"{who}_prep.batch_size={-(-prep.batch_size // dp) * dp}"
+                f"{key}: no such folder (relative paths are taken from the current folder); "
+                f"give a checkpoint root, or model.{who}_checkpoint=null"
+                + (" with teacher_prep.enabled=true" if who == "teacher" else "")
+            )
+            continue
+        try:
+            resolve_checkpoint(root)
+        except (OSError, ValueError) as err:
+            problems.append(
+                f"{key}: not a complete checkpoint root ({err}). Give the folder that holds "
+                f"'latest' and the iter_* folders (a run's checkpoints/ folder, or an "
+                f"`eaopd-convert import-hf` output), not an iteration folder"
             )
     return problems
 
@@ -221,7 +251,7 @@ class Trainer:
         from megatron_eaopd.config import check_run
 
         check_run(cfg, world, data.vocab_size)  # what needs the vocabulary (top-k bounds)
-        check_data_config(cfg, data)
+        check_data_config(cfg, data, world)
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
         if self.rank0:

@@ -101,6 +101,14 @@ def test_a_key_repeated_in_one_mapping_is_refused(tmp_path):
     _write(tmp_path / "child.yaml", "defaults: [parent.yaml]\nloss: {top_k: 8}\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert (cfg.loss.top_k, cfg.rollout.top_k) == (8, 4)
+    # YAML merge keys merge on purpose: the explicit key after `<<` wins, as in plain YAML
+    _write(tmp_path / "merge.yaml", "parallel:\n  student: &lay {tp: 1, pp: 1}\n"
+                                    "  teacher: {<<: *lay, tp: 2}\n")  # fmt: skip
+    cfg = load_config(tmp_path / "merge.yaml")
+    assert (cfg.parallel.teacher.tp, cfg.parallel.teacher.pp) == (2, 1)
+    # a repeated key inside one command-line override is refused too
+    with pytest.raises(ConfigError, match="'top_k' appears twice"):
+        load_config(None, ["loss={top_k: 4, top_k: 8}"])
 
 
 @pytest.mark.parametrize(

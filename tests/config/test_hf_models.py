@@ -64,21 +64,28 @@ def test_bad_folders_are_refused_with_the_key(tmp_path):
 
 
 def test_the_tokenizer_must_be_the_hf_models_own(tmp_path):
-    """A task-trained tokenizer, or an HF tokenizer folder that maps tokens to other ids than the
-    models', cannot drive HF models (their embedding rows index their own ids)."""
+    """A task-trained tokenizer, or a tokenizer folder that maps a token to another id than the
+    models' tokenizer.json, cannot drive HF models (their embedding rows index their own ids);
+    checked on the resolved config, so kind auto is covered."""
     teacher, student = _folders(tmp_path)
-    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}",
-          "eval.use_math_verify=false"]  # fmt: skip
+    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}"]
     problems = _problems([*hf, "tokenizer.kind=task", "tokenizer.chat_template=false"])
-    assert "model.student_hf / model.teacher_hf" in problems["tokenizer.kind"]
+    assert "model.teacher_hf / model.student_hf" in problems["tokenizer.kind"]
     _tokenizer(teacher, {"a": 0, "b": 1})
     _tokenizer(student, {"a": 0, "b": 1})
     other = tmp_path / "other"
     other.mkdir()
     _tokenizer(str(other), {"a": 1, "b": 0})
-    problems = _problems([*hf, "tokenizer.kind=huggingface", f"tokenizer.path={other}"])
-    assert "other ids" in problems["tokenizer.path"]
-    _tokenizer(str(other), {"a": 0, "b": 1})  # the same mapping in another folder: accepted
-    cfg = load_config(PAPER, [*hf, "tokenizer.kind=huggingface", f"tokenizer.path={other}"])
+    for kind in ("auto", "huggingface"):
+        problems = _problems([*hf, f"tokenizer.kind={kind}", f"tokenizer.path={other}"])
+        assert "maps 2 token(s) to other ids" in problems["tokenizer.path"]
+    _tokenizer(str(other), {"a": 0, "b": 1, "pad": 2})  # the same ids plus one: accepted
+    cfg = load_config(PAPER, [*hf, f"tokenizer.path={other}"])
     assert cfg.tokenizer.path == str(other)
     assert load_config(PAPER, hf).tokenizer.path == teacher  # auto: the teacher folder's
+    # a student folder alone: auto takes its tokenizer; a task tokenizer is refused
+    alone = [f"model.student_hf={student}", "model.teacher_hf=null", "teacher_prep.enabled=true",
+             "tokenizer.chat_template=false", "task.name=builtin"]  # fmt: skip
+    cfg = load_config(PAPER, alone)
+    assert (cfg.tokenizer.kind, cfg.tokenizer.path) == ("huggingface", student)
+    assert "model.student_hf" in _problems([*alone, "tokenizer.kind=task"])["tokenizer.kind"]

@@ -350,6 +350,18 @@ def test_cli_on_the_paper_config(capsys):
     assert "loss.fused_chunk_size" in capsys.readouterr().err
 
 
+def test_cli_with_one_of_the_two_folders_downloaded(capsys, tmp_path):
+    """The student folder on disk, the teacher's not yet: the teacher is planned from its preset
+    and the config keeps the student folder's tokenizer (a task tokenizer next to an HF model is
+    refused by the config checks)."""
+    from tests.paper_configs import write_config
+
+    student = write_config(str(tmp_path), "Qwen3-1.7B-Base")
+    over = [f"model.student_hf={student}", f"model.teacher_hf={tmp_path}/absent/Qwen3-8B"]
+    assert main(["--config", PAPER, *over]) == 0
+    assert "preset qwen3-8b" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("size, total", [("0.6b", 0.6e9), ("4b", 4.0e9)])
 def test_cli_on_every_qwen3_config(capsys, size, total):
     """The 0.6B and 4B configs plan from presets before the download (they used to stop at
