@@ -143,11 +143,20 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
 
 
 def _source_problems(cfg: EAOPDConfig) -> list[str]:
-    """Where the models start: a project checkpoint root must exist and hold a complete save."""
+    """Where the models start: a project checkpoint root must exist and hold a complete save, and
+    a student next to an HF teacher needs a source (a random one is a forgotten key)."""
     from megatron_eaopd.models.checkpoint import resolve_checkpoint
 
     problems = []
     m = cfg.model
+    if m.teacher_hf and not (m.student_hf or m.student_checkpoint or cfg.student_prep.enabled):
+        problems.append(
+            f"the student has no source next to the Hugging Face teacher {m.teacher_hf}: it "
+            "would start from random weights (configs/qwen3-8b-paper.yaml alone is the shared "
+            "part of the paper configs, not a run). Set model.student_hf (as "
+            "configs/qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml does), model.student_checkpoint or "
+            "student_prep.enabled=true"
+        )
     for who in ("teacher", "student"):
         root = getattr(m, f"{who}_checkpoint")
         if not root:

@@ -85,3 +85,17 @@ def test_seeds_are_bounded_and_tokenizers_that_do_not_load_name_the_key(tmp_path
     cfg = load_config(TINY, ["tokenizer.kind=huggingface", f"tokenizer.path={tmp_path}/hf"])
     with pytest.raises(TaskError, match=r"tokenizer.path='.*hf': the huggingface tokenizer "):
         prepare_data(cfg)
+
+
+def test_a_random_student_next_to_an_hf_teacher_is_refused(tmp_path):
+    """configs/qwen3-8b-paper.yaml run alone would distil Qwen3-8B into the schema's default
+    2 x 64 random student."""
+    from tests.paper_configs import hf_overrides
+
+    paper = TINY.parent / "qwen3-8b-paper.yaml"
+    cfg = load_config(paper, [*hf_overrides(paper, str(tmp_path)), "eval.use_math_verify=false"])
+    assert cfg.model.teacher_hf and not cfg.model.student_hf
+    with pytest.raises(ValueError, match="the student has no source next to the Hugging Face"):
+        check_trainer_config(cfg, 8)
+    full = TINY.parent / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
+    check_trainer_config(load_config(full, hf_overrides(full, str(tmp_path))), 8)
