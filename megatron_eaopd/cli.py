@@ -97,15 +97,18 @@ def _main(argv: list[str] | None) -> int:
         world_size = _world_size()
         cfg = load_config(args.config, args.overrides)
         check_run(cfg, world_size)  # world size, hardware, cross-field rules
-        from megatron_eaopd.trainer.loop import check_trainer_config
+        from megatron_eaopd.trainer.loop import (
+            check_data_config,
+            check_output_dir,
+            check_trainer_config,
+        )
 
         check_trainer_config(cfg, world_size)
+        check_output_dir(cfg)  # one run per folder
         from megatron_eaopd.data import prepare_data
 
         data = prepare_data(cfg)  # every data check, before any compute
         check_run(cfg, world_size, data.vocab_size)  # top-k bounded by the vocabulary
-        from megatron_eaopd.trainer.loop import check_data_config
-
         check_data_config(cfg, data, world_size)  # prep batches, exact-form vocabularies
     except (ConfigError, TaskError, ValueError) as err:
         from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status

@@ -111,6 +111,11 @@ def _check_export(args):
     _check_out(args.out)
     try:
         if os.path.isfile(os.path.join(args.checkpoint, "eaopd_meta.json")):
+            if args.iteration is not None:
+                raise ValueError(
+                    f"--iteration picks a checkpoint of a root; {args.checkpoint!r} is one "
+                    f"checkpoint folder: pass its root with --iteration, or the folder alone"
+                )
             path = args.checkpoint
         else:
             path = resolve_checkpoint(args.checkpoint, args.iteration)
@@ -184,11 +189,7 @@ def _run_export(args, path, cfg, hf_info) -> None:
 
     initialize_parallel(args.tp, args.pp, models={"model": cfg})
     chunks = build_model(cfg, perform_initialization=False)
-    root, iteration = os.path.dirname(path.rstrip(os.sep)), None
-    name = os.path.basename(path.rstrip(os.sep))
-    if name.startswith("iter_"):
-        iteration = int(name.removeprefix("iter_"))
-    load_checkpoint(root, chunks, iteration=iteration, load_rng=False)
+    load_checkpoint(path, chunks, load_rng=False)  # the folder _check_export resolved
     save_hf_weights(
         chunks,
         args.out,

@@ -323,14 +323,22 @@ class TrainingConfig:
     """Checkpoint folder; null: <output_dir>/checkpoints."""
     checkpoint_interval: int = _f(0, ge=0)
     """Save every this many iterations (and at the end); 0: only at the end."""
+    keep_checkpoints: int | None = _f(None, ge=1)
+    """Keep the newest this many iter_* folders (older ones are deleted after each complete
+    save, never the one ``latest`` names); null: keep all."""
     resume: bool = True
-    """Continue from the latest checkpoint in checkpoint_dir when there is one."""
+    """Continue from the latest checkpoint in checkpoint_dir when there is one (refused when the
+    folder's config.yaml has other settings that define the run: model, loss, optimizer, task,
+    tokenizer, preparations, seed, rollout sampling and batch sizes). false where a run is saved
+    is refused too (it would overwrite that run): use a new output_dir."""
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or gradient norm is not finite."""
     export_hf: str | None = None
     """At the end of the run, write the distilled student as a Hugging Face model folder here
     (config.json, safetensors, generation config, the tokenizer's files); null: no export.
-    ``eaopd-convert export-hf`` does the same from any checkpoint."""
+    ``eaopd-convert export-hf`` does the same from any checkpoint. The folder is replaced at the
+    end: it must not be or hold the run's or the models' folders, and an existing one must hold
+    only an earlier export (checked at the start)."""
     export_dtype: str = _f("bf16", choices=("bf16", "fp32"))
     """dtype of the exported weights."""
 

@@ -74,6 +74,30 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def prune_checkpoints(root: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` (>= 1) complete ``iter_*`` folders of ``root`` (never
+    the one ``latest`` names) and leftovers of interrupted saves (``.tmp-iter_*`` /
+    ``.old-iter_*``); returns the deleted paths. Call on one rank after a save. No communication.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if not os.path.isdir(root):
+        return []
+    latest = None
+    if os.path.isfile(os.path.join(root, LATEST)):
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            latest = f.read().strip()
+    names = sorted(
+        n for n in os.listdir(root)
+        if n.startswith("iter_") and os.path.isfile(os.path.join(root, n, META))
+    )  # fmt: skip
+    doomed = [n for n in names[:-keep] if n != latest]
+    doomed += [n for n in os.listdir(root) if n.startswith((".tmp-iter_", ".old-iter_"))]
+    for n in doomed:
+        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    return [os.path.join(root, n) for n in doomed]
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -325,6 +349,9 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a checkpoint saved by save_checkpoint into `chunks` (+ optimizer, scheduler, RNG).
 
+    `root`: a checkpoint root (the one `latest` names, or `iteration`), or one checkpoint folder
+    itself (it holds the metadata file; `iteration` must then be None).
+
     Works at any TP/PP (x VPP) layout that fits the model. RNG states are restored only when the
     layout (tp, pp, vpp, world size) equals the saved one. Raises FileNotFoundError for a missing
     checkpoint and ValueError when an optimizer is requested but was not saved, or (with
@@ -333,7 +360,10 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    path = resolve_checkpoint(root, iteration)
+    if iteration is None and os.path.isfile(os.path.join(root, META)):
+        path = root  # one checkpoint folder (iter_N or a copy), not a root
+    else:
+        path = resolve_checkpoint(root, iteration)
     meta = read_meta(path)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise ValueError(

@@ -37,6 +37,11 @@ from megatron_eaopd.trainer.build import (
     init_layouts,
     model_configs,
 )
+from megatron_eaopd.trainer.checks import (  # noqa: F401 - the trainer's checks, re-exported
+    check_data_config,
+    check_output_dir,
+    check_trainer_config,
+)
 from megatron_eaopd.trainer.evaluate import (
     check_responses,
     evaluate,
@@ -59,162 +64,6 @@ def _on_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stream
         return False
-
-
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
-    """What the trainer needs beyond the schema's checks; ValueError naming the fix."""
-    problems = []
-    if cfg.parallel.student.vpp is not None:
-        problems.append(
-            "parallel.student.vpp must be null: rollouts need one model chunk per rank "
-            "(pipeline parallelism without virtual stages works, parallel.student.pp > 1)"
-        )
-    if cfg.parallel.teacher.vpp is not None:
-        problems.append(
-            "parallel.teacher.vpp must be null: the interleaved schedule needs at least pp "
-            "micro-batches per teacher replica, which the scoring shares do not guarantee (use "
-            "parallel.teacher.pp without virtual stages)"
-        )
-    if cfg.rollout.cuda_graphs:
-        problems += _cuda_graphs_problems(cfg)
-    if cfg.loss.form == "exact":
-        problems += _exact_form_problems(cfg)
-    if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
-        problems.append(
-            "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
-        )
-    problems += _source_problems(cfg)
-    if problems:
-        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
-
-
-def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
-    """What needs the prepared data (``prepare_data``), before any compute. ValueError listing
-    each problem with its fix:
-
-    - a teacher / student preparation that will train (enabled, no checkpoint or HF folder for
-      that model, nothing cached under its key) must split its batch over its model's
-      data-parallel ranks (a cached one is reused at any world size);
-    - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
-      widths at the shared TP size) must be equal.
-    """
-    from megatron_eaopd.models.checkpoint import LATEST
-    from megatron_eaopd.trainer.build import model_configs
-    from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
-
-    problems = []
-    student, teacher = model_configs(cfg, data.vocab_size)
-    for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
-                            ("student", cfg.student_prep, student)):  # fmt: skip
-        if not prep.enabled or getattr(cfg.model, f"{who}_checkpoint"):
-            continue
-        if getattr(cfg.model, f"{who}_hf"):
-            continue  # the trainer loads the folder, no preparation
-        lay = getattr(cfg.parallel, who)
-        dp = world_size // (lay.tp * lay.pp)
-        if world_size % (lay.tp * lay.pp) or prep.batch_size % dp == 0:
-            continue
-        root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, who))
-        if os.path.isfile(os.path.join(root, LATEST)):
-            continue  # prepared before: reused
-        problems.append(
-            f"{who}_prep.batch_size={prep.batch_size} must be a multiple of the {who}'s "
-            f"data-parallel size {dp} (world {world_size} / tp {lay.tp} / pp {lay.pp}) to "
-            f"prepare the {who} (nothing cached under {root}): set {who}_prep.batch_size to a "
-            f"multiple of {dp}, or prepare it once at a world size whose data-parallel size "
-            "divides the batch (the cache is reused at any world size)"
-        )
-    tp = cfg.parallel.student.tp
-    ps, pt = student.padded_vocab_size(tp), teacher.padded_vocab_size(tp)
-    if cfg.loss.form == "exact" and ps != pt:
-        problems.append(
-            f"loss.form=exact: the student's and the teacher's padded vocabularies differ ({ps} "
-            f"vs {pt} rows at tp {tp}; model.student.vocab_size={student.vocab_size}, "
-            f"model.teacher.vocab_size={teacher.vocab_size}): the logits shards must line up. "
-            "Give both models the same vocabulary size (0: the tokenizer's), or use "
-            "loss.form=sampled"
-        )
-    if problems:
-        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
-
-
-def _source_problems(cfg: EAOPDConfig) -> list[str]:
-    """Where the models start: a project checkpoint root must exist and hold a complete save, and
-    a student next to an HF teacher needs a source (a random one is a forgotten key)."""
-    from megatron_eaopd.models.checkpoint import resolve_checkpoint
-
-    problems = []
-    m = cfg.model
-    if m.teacher_hf and not (m.student_hf or m.student_checkpoint or cfg.student_prep.enabled):
-        problems.append(
-            f"the student has no source next to the Hugging Face teacher {m.teacher_hf}: it "
-            "would start from random weights (configs/qwen3-8b-paper.yaml alone is the shared "
-            "part of the paper configs, not a run). Set model.student_hf (as "
-            "configs/qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml does), model.student_checkpoint or "
-            "student_prep.enabled=true"
-        )
-    for who in ("teacher", "student"):
-        root = getattr(m, f"{who}_checkpoint")
-        if not root:
-            continue
-        key = f"model.{who}_checkpoint={root}"
-        if not os.path.isdir(root):
-            problems.append(
-                f"{key}: no such folder (relative paths are taken from the current folder); "
-                f"give a checkpoint root, or model.{who}_checkpoint=null"
-                + (" with teacher_prep.enabled=true" if who == "teacher" else "")
-            )
-            continue
-        try:
-            resolve_checkpoint(root)
-        except (OSError, ValueError) as err:
-            problems.append(
-                f"{key}: not a complete checkpoint root ({err}). Give the folder that holds "
-                f"'latest' and the iter_* folders (a run's checkpoints/ folder, or an "
-                f"`eaopd-convert import-hf` output), not an iteration folder"
-            )
-    return problems
-
-
-def _cuda_graphs_problems(cfg: EAOPDConfig) -> list[str]:
-    """What ``rollout.cuda_graphs`` needs: a CUDA device, KV-cache decoding, one student stage."""
-    problems = []
-    if not _cuda_available():
-        problems.append("rollout.cuda_graphs needs a CUDA device (none here): set it to false")
-    if not cfg.rollout.use_kv_cache:
-        problems.append("rollout.cuda_graphs needs rollout.use_kv_cache: true (the graphed step "
-                        "is a KV-cache decode step): set one of them")  # fmt: skip
-    if cfg.parallel.student.pp > 1:
-        problems.append(
-            "rollout.cuda_graphs needs parallel.student.pp = 1 (the graphed decode step runs "
-            "one pipeline stage): set it to false or use pp = 1"
-        )
-    return problems
-
-
-def _exact_form_problems(cfg: EAOPDConfig) -> list[str]:
-    """What the exact form (full teacher logits in the loss) needs: the teacher's logits shard on
-    every rank must line up with the student's ([b, s, V_pad / tp] over the same TP group), so
-    both models share one TP size and neither is pipelined ("exact mode for small pairs")."""
-    problems = []
-    s, t = cfg.parallel.student, cfg.parallel.teacher
-    if t.tp != s.tp:
-        problems.append(
-            f"loss.form=exact needs parallel.teacher.tp == parallel.student.tp (got {t.tp} and "
-            f"{s.tp}): the teacher's logits shard must match the student's vocabulary shard; set "
-            f"parallel.teacher.tp={s.tp}, or use loss.form=sampled for other layouts"
-        )
-    if t.pp != 1 or t.vpp is not None:
-        problems.append(
-            "loss.form=exact needs parallel.teacher.pp=1 and parallel.teacher.vpp=null (the "
-            "teacher runs a plain forward beside the student); use loss.form=sampled for a "
-            "pipelined teacher"
-        )
-    return problems
 
 
 def _tp_ranks(layout: str) -> list[int]:
@@ -256,6 +105,7 @@ class Trainer:
         if dist.is_initialized():
             world = dist.get_world_size()
         check_trainer_config(cfg, world)
+        check_output_dir(cfg)
         self.data = data = self.data or prepare_data(cfg)
         from megatron_eaopd.config import check_run
 
@@ -450,6 +300,29 @@ class Trainer:
         return metrics
 
     # -- the run -----------------------------------------------------------------------------------
+    def _stop_requested(self, iteration: int) -> bool:
+        """A preemption / time-limit signal arrived (every rank agrees: ``should_stop``) before
+        the last iteration (after it the run finishes instead)."""
+        return (
+            iteration < self.total and self.preemption is not None and self.preemption.should_stop()
+        )
+
+    def _eval_logged(self, iteration: int) -> bool:
+        """Whether metrics.jsonl (rank 0's) already holds the student's evaluation at
+        ``iteration`` (it ran after the checkpoint that marked it pending); one broadcast."""
+        from megatron_eaopd.parallel.init import compute_device
+
+        done = False
+        path = self.metrics_logger.path if self.metrics_logger is not None else None
+        if self.rank0 and path and os.path.exists(path):
+            from megatron_eaopd.eval.report import read_rows
+
+            done = any(r.get("split") == "eval" and r.get("iteration") == iteration
+                       for r in read_rows(path))  # fmt: skip
+        flag = torch.tensor([int(done)], device=compute_device())
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _due(self, interval: int, iteration: int) -> bool:
         return iteration == self.total or (interval > 0 and iteration % interval == 0)
 
@@ -475,6 +348,12 @@ class Trainer:
         with use_layout(STUDENT):
             s = self.student
             save_checkpoint(self.ckpt_dir, iteration, s.chunks, s.optimizer, s.scheduler, extra)
+        keep = self.cfg.training.keep_checkpoints
+        if keep and self.rank0:  # after the save's closing barrier: the new one is complete
+            from megatron_eaopd.models.checkpoint import prune_checkpoints
+
+            for path in prune_checkpoints(self.ckpt_dir, keep):
+                logger.info("deleted the older checkpoint %s (training.keep_checkpoints)", path)
 
     def run(self) -> dict:
         """Train from ``start_iteration`` to the end (or until preempted); return a summary."""
@@ -484,8 +363,9 @@ class Trainer:
             teacher_metrics = evaluate(self, 0, who="teacher")
             self.metrics_logger.log("teacher", 0, teacher_metrics)
             last_eval = self.run_eval(0)
-        if self.start_iteration > 0 and self.eval_pending:  # preempted before this evaluation
-            last_eval = self.run_eval(self.start_iteration)
+        if self.start_iteration > 0 and self.eval_pending:  # saved before this evaluation
+            if not self._eval_logged(self.start_iteration):
+                last_eval = self.run_eval(self.start_iteration)
             self.eval_pending = False
         iteration = self.start_iteration
         while iteration < self.total:
@@ -495,19 +375,25 @@ class Trainer:
                 self.metrics_logger.log("train", iteration, last_train)
             # A stop request after the last iteration is not a stop: the run finishes (final
             # evaluation, export) and reports itself finished, so it is not requeued.
-            stopped = (
-                iteration < self.total
-                and self.preemption is not None
-                and self.preemption.should_stop()
-            )
+            eval_due = self._due(cfg.training.eval_interval, iteration)
+            save_due = self._due(cfg.training.checkpoint_interval, iteration)
+            stopped = self._stop_requested(iteration)
             if stopped:
-                self.save(iteration, self._due(cfg.training.eval_interval, iteration))
+                self.save(iteration, eval_pending=eval_due)
                 self._requeue()
                 break
-            if self._due(cfg.training.eval_interval, iteration):
+            if eval_due and save_due:  # keep the update before a long evaluation (a crash or the
+                self.save(iteration, eval_pending=True)  # time limit in it loses nothing)
+            if eval_due:
                 last_eval = self.run_eval(iteration)
-            if self._due(cfg.training.checkpoint_interval, iteration):
+            elif save_due:
                 self.save(iteration)
+            if eval_due and self._stop_requested(iteration):  # asked during the evaluation
+                if not save_due:
+                    self.save(iteration)
+                stopped = True
+                self._requeue()
+                break
         if self.rank0 and not stopped and cfg.eval.plot:
             self._plot()
         if not stopped and cfg.training.export_hf:

@@ -249,3 +249,67 @@ def test_model_only_checkpoint_from_interleaved_pipeline_to_tp(tmp_path):
     assert res[0]["vpp_logits"] == [] and len(vpp_logits) == NUM_MICROBATCHES
     for a, b in zip(vpp_logits, tp_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_keeps_the_newest_complete_saves_and_the_latest(tmp_path):
+    """training.keep_checkpoints: the newest N complete iter_* folders stay, and the one
+    ``latest`` names even when it is older (a resumed run that re-saved an earlier iteration);
+    leftovers of interrupted saves go; a folder without its metadata (incomplete) is not counted
+    as a save and is not deleted."""
+    from megatron_eaopd.models.checkpoint import LATEST, META, prune_checkpoints
+
+    root = tmp_path / "ckpt"
+    for it in (2, 4, 6, 8):
+        (root / f"iter_{it:07d}").mkdir(parents=True)
+        (root / f"iter_{it:07d}" / META).write_text("{}")
+    (root / "iter_0000010").mkdir()  # no metadata: not a complete save
+    (root / ".tmp-iter_0000012").mkdir()
+    (root / LATEST).write_text("iter_0000002\n")
+    gone = prune_checkpoints(str(root), 2)
+    left = sorted(os.listdir(root))
+    assert left == ["iter_0000002", "iter_0000006", "iter_0000008", "iter_0000010", LATEST]
+    assert sorted(os.path.basename(p) for p in gone) == [".tmp-iter_0000012", "iter_0000004"]
+    (root / LATEST).write_text("iter_0000008\n")
+    prune_checkpoints(str(root), 1)
+    assert sorted(os.listdir(root)) == ["iter_0000008", "iter_0000010", LATEST]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_checkpoints(str(root), 0)
+
+
+def _folder_worker(rank, world, tmp):
+    import shutil
+
+    from megatron_eaopd.models.builder import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
+
+    cfg = helpers.preset(CFG)
+    initialize_parallel(1, 1, seed=1)
+    chunks = build_model(cfg)
+    weights = {}
+    for it, seed in ((1, 3), (2, 4)):
+        init_weights_layout_invariant(chunks, seed)
+        weights[it] = [p.detach().clone() for p in chunks[0].parameters()]
+        save_checkpoint(f"{tmp}/ckpt", it, chunks, save_rng=False)
+    shutil.copytree(f"{tmp}/ckpt/iter_0000001", f"{tmp}/best")  # a copied folder, no root
+    got = {}
+    for name, where in (("root", f"{tmp}/ckpt"), ("folder", f"{tmp}/best"),
+                        ("iter", f"{tmp}/ckpt/iter_0000001")):  # fmt: skip
+        init_weights_layout_invariant(chunks, 9)
+        load_checkpoint(where, chunks, load_rng=False)
+        got[name] = [p.detach().clone() for p in chunks[0].parameters()]
+    destroy_parallel()
+    same = {k: all(torch.equal(a, b) for a, b in zip(v, weights[1 if k != "root" else 2]))
+            for k, v in got.items()}  # fmt: skip
+    return same
+
+
+def test_load_one_checkpoint_folder_or_a_root():
+    """A checkpoint folder given itself (an iter_* folder, or a copy of one with no root around
+    it) loads that folder; a root loads the one `latest` names (eaopd-convert export-hf used to
+    export the root's latest for a copied folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        same = run_distributed(_folder_worker, 1, tmp, timeout=300)[0]
+    assert same == {"root": True, "folder": True, "iter": True}

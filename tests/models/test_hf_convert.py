@@ -276,6 +276,11 @@ def test_export_bad_input_exits_2_without_output(sharded_llama, tmp_path, capsys
     args = ["export-hf", "--checkpoint", str(tmp_path / "ckpt2"), "--out", str(tmp_path / "taken")]
     assert convert.main(args) == 2
     assert "exists" in capsys.readouterr().err
+    # --iteration picks from a root: with one checkpoint folder it is refused, not ignored
+    one = str(tmp_path / "ckpt2" / "iter_0000000")
+    args = ["export-hf", "--checkpoint", one, "--iteration", "3", "--out", str(tmp_path / "o")]
+    assert convert.main(args) == 2
+    assert "is one checkpoint folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- config.json mapping

@@ -67,11 +67,11 @@ def _cfg(tmp, name, layout, extra=()):
 def _train_worker(rank, world, cfg):
     from megatron_eaopd.parallel.init import destroy_parallel, use_layout
     from megatron_eaopd.rollout.decode_graphs import DecodeGraphs
-    from megatron_eaopd.trainer import Trainer, loop
+    from megatron_eaopd.trainer import Trainer, checks
 
     static_steps = [0]
     if cfg.rollout.cuda_graphs:  # on the CPU: the static-shape steps run eagerly, counted
-        loop._cuda_available = lambda: True
+        checks._cuda_available = lambda: True
         step = DecodeGraphs.__call__
 
         def counted(self, *a, **kw):

@@ -99,3 +99,49 @@ def test_a_random_student_next_to_an_hf_teacher_is_refused(tmp_path):
         check_trainer_config(cfg, 8)
     full = TINY.parent / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
     check_trainer_config(load_config(full, hf_overrides(full, str(tmp_path))), 8)
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """A fresh start (resume: false) over a saved run, or a resume under other settings, is
+    refused; a resume with the same settings, or other evaluation / logging settings, is not."""
+    from megatron_eaopd.config import save_resolved
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [f"training.output_dir={out}"])
+    check_output_dir(cfg)  # nothing there yet
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("iter_0000004\n")
+    save_resolved(cfg, str(out / "config.yaml"))
+    check_output_dir(cfg)
+    check_output_dir(load_config(TINY, [f"training.output_dir={out}", "eval.k=4",
+                                        "training.checkpoint_interval=5"]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"training.resume=false, but .* holds a run "
+                                         r"\(iter_0000004\)"):  # fmt: skip
+        check_output_dir(load_config(TINY, [f"training.output_dir={out}", "training.resume=false"]))
+    other = load_config(TINY, [f"training.output_dir={out}", "loss.objective=opd",
+                               "optimizer.lr=1e-5"])  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        check_output_dir(other)
+    text = str(err.value)
+    assert "loss.objective: 'eopd' -> 'opd'" in text and "optimizer.lr: 0.001 -> 1e-05" in text
+    assert "Use a new training.output_dir" in text
+
+
+def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):
+    out = tmp_path / "run"
+    base = [f"training.output_dir={out}"]
+    for export in (out, tmp_path):  # the run folder itself, or a folder above it
+        cfg = load_config(TINY, [*base, f"training.export_hf={export}"])
+        with pytest.raises(ValueError, match=r"would replace training.output_dir="):
+            check_trainer_config(cfg, 2)
+    mine = tmp_path / "student-hf"
+    cfg = load_config(TINY, [*base, f"training.export_hf={mine}"])
+    check_trainer_config(cfg, 2)  # new
+    mine.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (mine / name).write_text("{}")
+    check_trainer_config(cfg, 2)  # an earlier export: replaced at the end
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds more than a Hugging Face export \(notes.txt\)"):
+        check_trainer_config(cfg, 2)

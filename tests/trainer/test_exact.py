@@ -144,16 +144,16 @@ def test_exact_form_with_a_pipelined_student(tmp_path):
 
 def test_cuda_graphs_are_refused_without_cuda_and_under_pp():
     from megatron_eaopd.config import load_config
-    from megatron_eaopd.trainer import loop
+    from megatron_eaopd.trainer import checks
 
     cfg = load_config(CONFIG, ["rollout.cuda_graphs=true", "parallel.student.pp=2"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="rollout.cuda_graphs needs a CUDA device"):
-            loop.check_trainer_config(cfg, 2)
-    with mock.patch.object(loop, "_cuda_available", return_value=True):
+            checks.check_trainer_config(cfg, 2)
+    with mock.patch.object(checks, "_cuda_available", return_value=True):
         with pytest.raises(ValueError, match="needs parallel.student.pp = 1"):
-            loop.check_trainer_config(cfg, 2)
+            checks.check_trainer_config(cfg, 2)
         cfg = load_config(CONFIG, ["rollout.cuda_graphs=true", "rollout.use_kv_cache=false"])
         with pytest.raises(ValueError, match="needs rollout.use_kv_cache: true"):
-            loop.check_trainer_config(cfg, 2)
-        loop.check_trainer_config(load_config(CONFIG, ["rollout.cuda_graphs=true"]), 2)
+            checks.check_trainer_config(cfg, 2)
+        checks.check_trainer_config(load_config(CONFIG, ["rollout.cuda_graphs=true"]), 2)

@@ -53,7 +53,7 @@ class StopAfter:
         return self.calls >= self.n
 
 
-def _cfg(tmp, name, objective="eopd"):
+def _cfg(tmp, name, objective="eopd", *extra):
     from megatron_eaopd.config import load_config
 
     return load_config(
@@ -65,6 +65,7 @@ def _cfg(tmp, name, objective="eopd"):
             f"student_prep.cache_dir={tmp}/students",
             f"tokenizer.cache_dir={tmp}/tokenizers",
             f"loss.objective={objective}",
+            *extra,
         ],
     )
 
@@ -73,8 +74,9 @@ def _worker(rank, world, tmp):
     from megatron_eaopd.cli import run
 
     full = run(_cfg(tmp, "full"))
-    first = run(_cfg(tmp, "resumed"), preemption=StopAfter(2))
-    second = run(_cfg(tmp, "resumed"))
+    keep = "training.keep_checkpoints=1"  # the resumed run keeps its newest save only
+    first = run(_cfg(tmp, "resumed", "eopd", keep), preemption=StopAfter(2))
+    second = run(_cfg(tmp, "resumed", "eopd", keep))
     return {"full": full, "first": first, "second": second}
 
 
@@ -145,6 +147,8 @@ def test_train_end_to_end_and_resume(tmp_path):
         assert 0 <= row["student_high_frac"] <= 1 and row["fkl_high"] >= 0
     assert [row["iteration"] for row in _records(f"{full_dir}/metrics.jsonl", "teacher")] == [0]
 
+    # training.keep_checkpoints=1: the save of iteration 4 replaced that of iteration 2
+    assert sorted(os.listdir(f"{tmp}/resumed/checkpoints")) == ["iter_0000004", "latest"]
     # the preempted run saved iteration 2 and the resumed run repeated iterations 3 and 4 exactly
     resumed = _records(f"{res_dir}/metrics.jsonl", "train")
     assert [row["iteration"] for row in resumed] == [1, 2, 3, 4]

@@ -1,0 +1,284 @@
+"""What the trainer refuses before any compute, each problem with the key and the fix (the CLI
+exits 2): layouts and features the trainer does not run (``check_trainer_config``), what needs
+the prepared data (``check_data_config``), and one run per output folder (``check_output_dir``).
+Reads the config and files only; no communication, no process group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_eaopd.config import EAOPDConfig
+
+__all__ = ["check_data_config", "check_output_dir", "check_trainer_config"]
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
+    """What the trainer needs beyond the schema's checks; ValueError naming the fix."""
+    problems = []
+    if cfg.parallel.student.vpp is not None:
+        problems.append(
+            "parallel.student.vpp must be null: rollouts need one model chunk per rank "
+            "(pipeline parallelism without virtual stages works, parallel.student.pp > 1)"
+        )
+    if cfg.parallel.teacher.vpp is not None:
+        problems.append(
+            "parallel.teacher.vpp must be null: the interleaved schedule needs at least pp "
+            "micro-batches per teacher replica, which the scoring shares do not guarantee (use "
+            "parallel.teacher.pp without virtual stages)"
+        )
+    if cfg.rollout.cuda_graphs:
+        problems += _cuda_graphs_problems(cfg)
+    if cfg.loss.form == "exact":
+        problems += _exact_form_problems(cfg)
+    if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
+        problems.append(
+            "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
+        )
+    problems += _source_problems(cfg)
+    problems += _export_problems(cfg)
+    if problems:
+        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
+    """What needs the prepared data (``prepare_data``), before any compute. ValueError listing
+    each problem with its fix:
+
+    - a teacher / student preparation that will train (enabled, no checkpoint or HF folder for
+      that model, nothing cached under its key) must split its batch over its model's
+      data-parallel ranks (a cached one is reused at any world size);
+    - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
+      widths at the shared TP size) must be equal.
+    """
+    from megatron_eaopd.models.checkpoint import LATEST
+    from megatron_eaopd.trainer.build import model_configs
+    from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
+
+    problems = []
+    student, teacher = model_configs(cfg, data.vocab_size)
+    for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
+                            ("student", cfg.student_prep, student)):  # fmt: skip
+        if not prep.enabled or getattr(cfg.model, f"{who}_checkpoint"):
+            continue
+        if getattr(cfg.model, f"{who}_hf"):
+            continue  # the trainer loads the folder, no preparation
+        lay = getattr(cfg.parallel, who)
+        dp = world_size // (lay.tp * lay.pp)
+        if world_size % (lay.tp * lay.pp) or prep.batch_size % dp == 0:
+            continue
+        root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, who))
+        if os.path.isfile(os.path.join(root, LATEST)):
+            continue  # prepared before: reused
+        problems.append(
+            f"{who}_prep.batch_size={prep.batch_size} must be a multiple of the {who}'s "
+            f"data-parallel size {dp} (world {world_size} / tp {lay.tp} / pp {lay.pp}) to "
+            f"prepare the {who} (nothing cached under {root}): set {who}_prep.batch_size to a "
+            f"multiple of {dp}, or prepare it once at a world size whose data-parallel size "
+            "divides the batch (the cache is reused at any world size)"
+        )
+    tp = cfg.parallel.student.tp
+    ps, pt = student.padded_vocab_size(tp), teacher.padded_vocab_size(tp)
+    if cfg.loss.form == "exact" and ps != pt:
+        problems.append(
+            f"loss.form=exact: the student's and the teacher's padded vocabularies differ ({ps} "
+            f"vs {pt} rows at tp {tp}; model.student.vocab_size={student.vocab_size}, "
+            f"model.teacher.vocab_size={teacher.vocab_size}): the logits shards must line up. "
+            "Give both models the same vocabulary size (0: the tokenizer's), or use "
+            "loss.form=sampled"
+        )
+    if problems:
+        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+# what defines a run's trajectory: a resume under other values would continue the saved run (its
+# weights, optimizer and schedule) while the folder's config.yaml claims the new ones
+_RUN_SECTIONS = ("model", "loss", "optimizer", "task", "tokenizer", "teacher_prep", "student_prep")
+_RUN_KEYS = ("training.seed", "rollout.prompts_per_iteration", "rollout.samples_per_prompt",
+             "rollout.mini_batch_size", "rollout.temperature", "rollout.top_p", "rollout.top_k",
+             "rollout.max_prompt_tokens", "rollout.max_response_tokens")  # fmt: skip
+
+
+def check_output_dir(cfg: EAOPDConfig) -> None:
+    """Refuse to mix two runs in one folder, before any compute (ValueError naming the fix):
+
+    - ``training.resume: false`` where the checkpoint folder holds a run (a fresh start would
+      overwrite its checkpoints and metrics; under Slurm every requeue would start again);
+    - a resume whose settings that define the run (the model, loss, optimizer, task, tokenizer
+      and preparation sections, the seed, the rollout sampling and batch sizes) differ from the
+      folder's config.yaml. Evaluation, logging, intervals, export and layout may change.
+    Reads files only (every rank the same ones); no communication.
+    """
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.config.loader import ConfigError, config_to_dict
+    from megatron_eaopd.models.checkpoint import LATEST
+
+    t = cfg.training
+    ckpt_dir = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
+    latest = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(latest):
+        return
+    with open(latest, encoding="utf-8") as f:
+        name = f.read().strip()
+    if not t.resume:
+        raise ValueError(
+            f"training.resume=false, but {ckpt_dir} holds a run ({name}): a fresh start would "
+            "overwrite its checkpoints and metrics. Use a new training.output_dir, delete the "
+            "folder, or set training.resume=true to continue that run"
+        )
+    saved_path = os.path.join(t.output_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    try:
+        saved = config_to_dict(load_config(saved_path))
+    except (ConfigError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{saved_path} (the config of the run in {ckpt_dir}) does not load with this "
+            f"version ({err}); use a new training.output_dir"
+        ) from err
+    now = config_to_dict(cfg)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    before, after = flat(saved), flat(now)
+    changed = [
+        f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
+        for k in sorted(set(before) | set(after))
+        if (k.split(".")[0] in _RUN_SECTIONS or k in _RUN_KEYS)
+        and not k.endswith("cache_dir")
+        and before.get(k) != after.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"training.output_dir={t.output_dir} holds a run ({name}) with other settings: "
+            + "; ".join(changed)
+            + ". Resuming would continue the saved run (its weights, optimizer and learning-rate "
+            "schedule) under the new settings. Use a new training.output_dir, or restore them"
+        )
+
+
+def _export_problems(cfg: EAOPDConfig) -> list[str]:
+    """``training.export_hf`` replaces its folder at the end of the run: it must not be (or
+    contain) the run's own folders or the model / tokenizer folders, and an existing folder must
+    hold nothing but an earlier Hugging Face export."""
+    from megatron_eaopd.models.hf.save import TOKENIZER_FILES
+
+    out = cfg.training.export_hf
+    if not out:
+        return []
+    t, m = cfg.training, cfg.model
+    real = os.path.realpath(out)
+    keep = {"training.output_dir": t.output_dir, "training.checkpoint_dir": t.checkpoint_dir,
+            "model.teacher_hf": m.teacher_hf, "model.student_hf": m.student_hf,
+            "model.teacher_checkpoint": m.teacher_checkpoint,
+            "model.student_checkpoint": m.student_checkpoint, "tokenizer.path": cfg.tokenizer.path,
+            "teacher_prep.cache_dir": cfg.teacher_prep.cache_dir,
+            "student_prep.cache_dir": cfg.student_prep.cache_dir}  # fmt: skip
+    problems = []
+    for key, path in keep.items():
+        if not path:
+            continue
+        other = os.path.realpath(path)
+        if other == real or other.startswith(real.rstrip(os.sep) + os.sep):
+            problems.append(
+                f"training.export_hf={out} would replace {key}={path}, which it is or holds: "
+                "export into a folder of its own (e.g. <output_dir>/student-hf)"
+            )
+    if os.path.isdir(out) and not problems:
+        allowed = {"config.json", "generation_config.json", "model.safetensors.index.json",
+                   *TOKENIZER_FILES}  # fmt: skip
+        foreign = sorted(n for n in os.listdir(out)
+                         if not (n in allowed or n.endswith(".safetensors"))
+                         or not os.path.isfile(os.path.join(out, n)))  # fmt: skip
+        if foreign:
+            problems.append(
+                f"training.export_hf={out} exists and holds more than a Hugging Face export "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), which the "
+                "export would delete: choose a new or empty folder"
+            )
+    return problems
+
+
+def _source_problems(cfg: EAOPDConfig) -> list[str]:
+    """Where the models start: a project checkpoint root must exist and hold a complete save, and
+    a student next to an HF teacher needs a source (a random one is a forgotten key)."""
+    from megatron_eaopd.models.checkpoint import resolve_checkpoint
+
+    problems = []
+    m = cfg.model
+    if m.teacher_hf and not (m.student_hf or m.student_checkpoint or cfg.student_prep.enabled):
+        problems.append(
+            f"the student has no source next to the Hugging Face teacher {m.teacher_hf}: it "
+            "would start from random weights (configs/qwen3-8b-paper.yaml alone is the shared "
+            "part of the paper configs, not a run). Set model.student_hf (as "
+            "configs/qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml does), model.student_checkpoint or "
+            "student_prep.enabled=true"
+        )
+    for who in ("teacher", "student"):
+        root = getattr(m, f"{who}_checkpoint")
+        if not root:
+            continue
+        key = f"model.{who}_checkpoint={root}"
+        if not os.path.isdir(root):
+            problems.append(
+                f"{key}: no such folder (relative paths are taken from the current folder); "
+                f"give a checkpoint root, or model.{who}_checkpoint=null"
+                + (" with teacher_prep.enabled=true" if who == "teacher" else "")
+            )
+            continue
+        try:
+            resolve_checkpoint(root)
+        except (OSError, ValueError) as err:
+            problems.append(
+                f"{key}: not a complete checkpoint root ({err}). Give the folder that holds "
+                f"'latest' and the iter_* folders (a run's checkpoints/ folder, or an "
+                f"`eaopd-convert import-hf` output), not an iteration folder"
+            )
+    return problems
+
+
+def _cuda_graphs_problems(cfg: EAOPDConfig) -> list[str]:
+    """What ``rollout.cuda_graphs`` needs: a CUDA device, KV-cache decoding, one student stage."""
+    problems = []
+    if not _cuda_available():
+        problems.append("rollout.cuda_graphs needs a CUDA device (none here): set it to false")
+    if not cfg.rollout.use_kv_cache:
+        problems.append("rollout.cuda_graphs needs rollout.use_kv_cache: true (the graphed step "
+                        "is a KV-cache decode step): set one of them")  # fmt: skip
+    if cfg.parallel.student.pp > 1:
+        problems.append(
+            "rollout.cuda_graphs needs parallel.student.pp = 1 (the graphed decode step runs "
+            "one pipeline stage): set it to false or use pp = 1"
+        )
+    return problems
+
+
+def _exact_form_problems(cfg: EAOPDConfig) -> list[str]:
+    """What the exact form (full teacher logits in the loss) needs: the teacher's logits shard on
+    every rank must line up with the student's ([b, s, V_pad / tp] over the same TP group), so
+    both models share one TP size and neither is pipelined ("exact mode for small pairs")."""
+    problems = []
+    s, t = cfg.parallel.student, cfg.parallel.teacher
+    if t.tp != s.tp:
+        problems.append(
+            f"loss.form=exact needs parallel.teacher.tp == parallel.student.tp (got {t.tp} and "
+            f"{s.tp}): the teacher's logits shard must match the student's vocabulary shard; set "
+            f"parallel.teacher.tp={s.tp}, or use loss.form=sampled for other layouts"
+        )
+    if t.pp != 1 or t.vpp is not None:
+        problems.append(
+            "loss.form=exact needs parallel.teacher.pp=1 and parallel.teacher.vpp=null (the "
+            "teacher runs a plain forward beside the student); use loss.form=sampled for a "
+            "pipelined teacher"
+        )
+    return problems
