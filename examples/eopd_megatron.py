@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             )  # fmt: skip
             micro = rollout_micro_batches(rollouts, pad_id=0, micro_batch_size=args.micro_batch)
         if objective.form == "exact":  # full-vocabulary KL: the teacher's logits shard
-            teacher.attach_logits(micro)
+            teacher.attach_logits(micro, fused=bool(objective.fused_output))
         else:  # the compact payload (entropy, sampled-token log-prob, top-k)
             teacher.attach(micro, k=objective.top_k, vocab_size=vocab,
                            temperature=objective.temperature)  # fmt: skip

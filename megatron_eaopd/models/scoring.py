@@ -97,7 +97,8 @@ def score_for_student(
     dp_t, pp_t = t_layout.dp, t_layout.pp
 
     # a bad input is reported through the shape all-gather, so every rank raises (no rank is
-    # left waiting in a collective): count -1 = shapes differ, -2 = position ids not 0..s-1
+    # left waiting in a collective): count -1 = shapes differ, -2 = position ids not 0..s-1,
+    # -3 = labels not of the tokens' shape, -4 = a token or label id outside [0, vocab_size)
     shapes = {tuple(b["tokens"].shape) for b in batches}
     b_loc, s_loc = next(iter(shapes)) if shapes else (0, 0)
     count = len(batches) if len(shapes) <= 1 else -1
@@ -105,12 +106,20 @@ def score_for_student(
         pos = mb.get("position_ids")
         if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_loc).expand(b_loc, -1)):
             count = -2
+        elif tuple(mb["labels"].shape) != tuple(mb["tokens"].shape):
+            count = -3
+        elif any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size)
+                 for t in (mb["tokens"], mb["labels"])):  # fmt: skip
+            count = -4
     mine = torch.tensor([[count, b_loc, s_loc]], dtype=torch.long, device=device)
     meta = all_gather_rows(mine, dist.group.WORLD).cpu().view(-1, 3)
     bad = {int(r): int(meta[r, 0]) for r in range(meta.shape[0]) if meta[r, 0] < 0}
     if bad:
         why = {-1: "micro-batches of different shapes on one rank (pad them to one [b, s])",
-               -2: "position_ids that are not 0 .. s-1 on every row"}  # fmt: skip
+               -2: "position_ids that are not 0 .. s-1 on every row",
+               -3: "labels of another shape than tokens (both [b, s])",
+               -4: f"token or label ids outside [0, vocab_size={vocab_size}) (masked positions "
+                   "too: give them any valid id, e.g. 0)"}  # fmt: skip
         raise ValueError(
             "score_for_student: " + "; ".join(f"rank {r}: {why[c]}" for r, c in sorted(bad.items()))
         )

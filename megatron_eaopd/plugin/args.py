@@ -89,7 +89,7 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
     Raises:
         ConfigError: a bad value, named by its config key (e.g. ``loss.entropy_threshold``).
     """
-    from megatron_eaopd.config import config_from_dict, objective_kwargs
+    from megatron_eaopd.config import ConfigError, config_from_dict, objective_kwargs
     from megatron_eaopd.losses import ObjectiveConfig
 
     loss = {}
@@ -102,6 +102,17 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
     else:
         data = {"loss": loss}
     cfg = config_from_dict(data, source="--eopd-* flags")
+    problems = []
+    for flag in ("teacher-tp", "teacher-pp"):
+        value = getattr(args, "eopd_" + flag.replace("-", "_"), None)
+        if value is not None and value < 1:
+            problems.append(
+                (f"--eopd-{flag}", f"must be >= 1 (omit it: the student's), got {value}")
+            )
+    if cfg.loss.objective == "jsd" and cfg.loss.fused_output:
+        problems.append(("--eopd-fused-output", "jsd has no loss fused with the output layer"))
+    if problems:
+        raise ConfigError(problems, "--eopd-* flags")
     objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
     return EOPDSettings(
         objective=objective,

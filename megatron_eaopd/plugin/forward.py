@@ -78,6 +78,8 @@ def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
         if use_fused and is_last_stage(model):
             with hidden_states_output(model) as weight:
                 output = model(mb["tokens"], mb["position_ids"], None)
+            if output.dtype != weight.dtype:  # Megatron-LM's Float16Module (--bf16 / --fp16)
+                output = output.to(weight.dtype)  # returns fp32: its hidden states were bf16
             return output, make_loss_func(objective, batch, vocab_size=vocab_size,
                                           output_weight=weight)  # fmt: skip
         output = model(mb["tokens"], mb["position_ids"], None)
@@ -104,8 +106,19 @@ def offline_micro_batches(
         micro-batches of ``micro_batch_size`` rows with [b, S'] "tokens", "labels",
         "position_ids", "loss_mask" and zero "old_logprobs" (S' = S rounded up to ``multiple``).
     """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    if multiple < 1 or micro_batch_size < 1:
+        raise ValueError(
+            f"multiple and micro_batch_size must be >= 1, got {multiple} and {micro_batch_size}"
+        )
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [B, S + 1] with S >= 1, got {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+    if tuple(loss_mask.shape) != tuple(tokens.shape):
+        raise ValueError(
+            f"loss_mask {tuple(loss_mask.shape)} must have the shape of tokens "
+            f"{tuple(tokens.shape)} (it marks the tokens to learn)"
+        )
     b, width = tokens.shape
     s = width - 1
     padded = -(-s // multiple) * multiple

@@ -62,6 +62,16 @@ class EOPDTeacher:
             use_layout,
         )
 
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError(
+                "EOPDTeacher.load needs megatron's model parallelism initialised first "
+                "(initialize_megatron / initialize_model_parallel), on every rank at the same "
+                "point: load the teacher before training (e.g. in model_provider), never inside "
+                "forward_step, where pipeline stages arrive at different times"
+            )
+        for name, value in (("tp", tp), ("pp", pp)):
+            if value is not None and value < 1:
+                raise ValueError(f"EOPDTeacher.load: {name} must be >= 1 or None, got {value}")
         if ps.get_context_parallel_world_size() > 1:
             raise ValueError(
                 "context parallelism (CP > 1) is not supported: the teacher payload and the loss "
@@ -69,8 +79,8 @@ class EOPDTeacher:
             )
         if _ACTIVE[0] != STUDENT_LAYOUT:
             register_current_layout(STUDENT_LAYOUT)
-        tp = tp or ps.get_tensor_model_parallel_world_size()
-        pp = pp or ps.get_pipeline_model_parallel_world_size()
+        tp = ps.get_tensor_model_parallel_world_size() if tp is None else tp
+        pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
         hf = os.path.isfile(os.path.join(source, "config.json"))
         if hf:
             from megatron_eaopd.models.hf import model_config_from_hf

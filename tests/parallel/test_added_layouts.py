@@ -57,19 +57,34 @@ def bad_input_worker(rank, world):
     initialize_layouts({"student": (1, 1, None), "teacher": (2, 1, None)})
     with use_layout("teacher"):
         teacher = FrozenTeacher(build_model(cfg))
-    batches = helpers.make_batches(2, 2, 6, cfg.vocab_size)
-    if rank == 1:  # one rank passes micro-batches of two shapes
-        batches += helpers.make_batches(1, 2, 9, cfg.vocab_size)
-    try:
-        score_for_student(teacher, batches, k=4, vocab_size=cfg.vocab_size)
-    except ValueError as err:
-        return str(err)
-    return None
+    messages = {}
+    for case in ("shapes", "token id", "masked label", "labels shape"):
+        batches = helpers.make_batches(2, 2, 6, cfg.vocab_size)
+        if rank == 1 and case == "shapes":  # one rank passes micro-batches of two shapes
+            batches += helpers.make_batches(1, 2, 9, cfg.vocab_size)
+        if rank == 0 and case == "token id":  # one token beyond the vocabulary, on rank 0 only
+            batches[1]["tokens"][0, 3] = cfg.vocab_size
+        if rank == 1 and case == "masked label":  # -100 (another framework's ignore index)
+            for mb in batches:
+                mb["labels"][:, -1] = -100
+                mb["loss_mask"] = torch.ones_like(mb["labels"], dtype=torch.bool)
+                mb["loss_mask"][:, -1] = False
+        if rank == 1 and case == "labels shape":
+            batches[0]["labels"] = batches[0]["labels"][:, :-1]
+        try:
+            score_for_student(teacher, batches, k=4, vocab_size=cfg.vocab_size)
+            messages[case] = None
+        except ValueError as err:
+            messages[case] = str(err)
+    return messages
 
 
 def test_a_bad_input_on_one_rank_is_an_error_on_every_rank():
-    for message in run_distributed(bad_input_worker, 2, timeout=240):
-        assert message is not None and "rank 1: micro-batches of different shapes" in message
+    for messages in run_distributed(bad_input_worker, 2, timeout=240):
+        assert "rank 1: micro-batches of different shapes" in messages["shapes"]
+        assert "rank 0: token or label ids outside [0, vocab_size=" in messages["token id"]
+        assert "rank 1: token or label ids outside" in messages["masked label"]
+        assert "rank 1: labels of another shape than tokens" in messages["labels shape"]
 
 
 @pytest.mark.parametrize("extra", [["parallel.teacher.pp=2", "parallel.teacher.vpp=2",

@@ -44,8 +44,16 @@ def _mean(rows, key):
 def test_offline_distillation_in_a_megatron_core_script(teacher_dir):
     """Full-vocabulary EOPD on teacher-forced data: the teacher's logits shard at the student's
     TP 2 (attach_logits), exact reverse KL plus the gated exact forward KL."""
-    rows = _run(teacher_dir, "--mode", "offline", "--steps", "12", "--eopd-objective",
-                "eopd_exact")  # fmt: skip
+    rows = _run(
+        teacher_dir,
+        "--mode",
+        "offline",
+        "--steps",
+        "12",
+        "--eopd-objective",
+        "eopd_exact",
+        "--eopd-fused-output",
+    )  # fmt: skip (fused: hidden states + weight)
     assert all("fkl" in r and "rkl" in r for r in rows)
     # the forward KL to the teacher on the fixed sequences goes down
     assert _mean(rows[-3:], "fkl") < 0.85 * _mean(rows[:3], "fkl"), [r["fkl"] for r in rows]
@@ -89,6 +97,28 @@ def test_flags_map_onto_the_schema():
         eopd_settings_from_args(parser.parse_args(["--eopd-tau", "-1"]))
     with pytest.raises(ConfigError, match="loss.objective"):
         eopd_settings_from_args(parser.parse_args(["--eopd-objective", "nope"]))
+    for flags, word in ((["--eopd-teacher-tp", "0"], "--eopd-teacher-tp: must be >= 1"),
+                        (["--eopd-teacher-pp", "-2"], "--eopd-teacher-pp: must be >= 1"),
+                        (["--eopd-objective", "jsd", "--eopd-fused-output"],
+                         "--eopd-fused-output: jsd has no loss fused")):  # fmt: skip
+        with pytest.raises(ConfigError, match=word):
+            eopd_settings_from_args(parser.parse_args(flags))
+
+
+def test_offline_micro_batches_refuse_bad_inputs():
+    import torch
+
+    from megatron_eaopd.plugin import offline_micro_batches
+
+    tokens = torch.randint(0, 50, (4, 13))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    assert len(offline_micro_batches(tokens, mask, 2)) == 2
+    for args, word in (((tokens, mask[:, :5], 2), "loss_mask"),
+                       ((tokens, mask, 0), "micro_batch_size must be >= 1"),
+                       ((tokens.float(), mask, 2), "integer ids"),
+                       ((tokens[:, :1], mask[:, :1], 2), "S >= 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=word):
+            offline_micro_batches(*args)
 
 
 def test_offline_refuses_objectives_that_need_samples():
