@@ -264,3 +264,62 @@ def test_fused_loss_and_offline_padding_match_the_plain_path():
         assert res["shapes"] == [[2, 12], [2, 10]] and res["same_prefix"]
         assert res["pad"] == {"tokens": [[7, 7]] * 2, "labels": [[7, 7]] * 2,
                               "loss_mask": [[False, False]] * 2}  # fmt: skip
+
+
+def _float16_worker(rank, world):
+    import torch
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_eaopd.losses import ObjectiveConfig
+    from megatron_eaopd.models import ModelConfig, build_model
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import (
+        add_layout,
+        destroy_parallel,
+        initialize_parallel,
+        register_current_layout,
+        use_layout,
+    )
+    from megatron_eaopd.plugin import (
+        STUDENT_LAYOUT,
+        TEACHER_LAYOUT,
+        EOPDTeacher,
+        eopd_forward_step,
+        offline_micro_batches,
+    )
+
+    initialize_parallel(1, 1, seed=1)
+    register_current_layout(STUDENT_LAYOUT)
+    vocab = 250
+    shape = dict(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                 ffn_hidden_size=64, vocab_size=vocab, max_sequence_length=16,
+                 make_vocab_size_divisible_by=8,
+                 untie_embeddings_and_output_weights=True)  # fmt: skip
+    student = build_model(ModelConfig(**shape, params_dtype="bfloat16"))[0]
+    wrapped = Float16Module(student.config, student)  # Megatron-LM's --bf16: fp32 out
+    layout = add_layout(TEACHER_LAYOUT, 1, 1, seed=7)
+    with use_layout(TEACHER_LAYOUT):
+        teacher = EOPDTeacher(FrozenTeacher(build_model(ModelConfig(**shape))), None, layout)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (2, 11), generator=gen)
+    mask = torch.rand(2, 11, generator=gen) > 0.3
+    objective = ObjectiveConfig(name="fkl", top_k=4, fused_chunk_size=5)
+    losses = []
+    for fused in (False, True):
+        micro = offline_micro_batches(tokens, mask, 2)
+        teacher.attach(micro, k=4, vocab_size=vocab)
+        output, loss_func = eopd_forward_step(objective, vocab, fused=fused)(iter(micro), wrapped)
+        losses.append(float(loss_func(output)[0]))
+    destroy_parallel()
+    return losses
+
+
+def test_fused_loss_under_megatron_float16_module():
+    """Megatron-LM's --bf16 wraps the model in Float16Module, which returns fp32 outputs: the
+    fused loss (bf16 output weight) used to refuse the dtype mix; it equals the unfused one."""
+    import math
+
+    from tests.dist import run_distributed
+
+    (unfused, fused), *_ = run_distributed(_float16_worker, 1, timeout=300)
+    assert math.isfinite(unfused) and fused == pytest.approx(unfused, rel=1e-3)
