@@ -94,7 +94,13 @@ def prune_checkpoints(root: str, keep: int) -> list[str]:
     doomed = [n for n in names[:-keep] if n != latest]
     doomed += [n for n in os.listdir(root) if n.startswith((".tmp-iter_", ".old-iter_"))]
     for n in doomed:
-        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+        path = os.path.join(root, n)
+        if n.startswith("iter_"):  # renamed first: a kill mid-delete leaves an .old- folder,
+            gone = os.path.join(root, f".old-{n}")  # which the next prune removes
+            shutil.rmtree(gone, ignore_errors=True)
+            os.rename(path, gone)
+            path = gone
+        shutil.rmtree(path, ignore_errors=True)
     return [os.path.join(root, n) for n in doomed]
 
 

@@ -6,6 +6,7 @@ Reads the config and files only; no communication, no process group.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from megatron_eaopd.config import EAOPDConfig
 
 __all__ = ["check_data_config", "check_output_dir", "check_trainer_config"]
+
+logger = logging.getLogger(__name__)
 
 
 def _cuda_available() -> bool:
@@ -103,6 +106,11 @@ _RUN_SECTIONS = ("model", "loss", "optimizer", "task", "tokenizer", "teacher_pre
 _RUN_KEYS = ("training.seed", "rollout.prompts_per_iteration", "rollout.samples_per_prompt",
              "rollout.mini_batch_size", "rollout.temperature", "rollout.top_p", "rollout.top_k",
              "rollout.max_prompt_tokens", "rollout.max_response_tokens")  # fmt: skip
+# inside those: derived from other keys (max_seq_len), memory and speed only (the loss kernels'
+# chunking), evaluation only
+_FREE_KEYS = ("model.student.max_seq_len", "model.teacher.max_seq_len", "loss.chunk_size",
+              "loss.fused_output", "loss.fused_chunk_size", "task.eval_files",
+              "task.synthetic.num_eval")  # fmt: skip
 
 
 def check_output_dir(cfg: EAOPDConfig) -> None:
@@ -112,7 +120,9 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
       overwrite its checkpoints and metrics; under Slurm every requeue would start again);
     - a resume whose settings that define the run (the model, loss, optimizer, task, tokenizer
       and preparation sections, the seed, the rollout sampling and batch sizes) differ from the
-      folder's config.yaml. Evaluation, logging, intervals, export and layout may change.
+      folder's config.yaml. Evaluation, logging, intervals, export, layout, the loss kernels'
+      chunking and derived lengths may change; a config.yaml this version cannot load is not
+      compared (a warning).
     Reads files only (every rank the same ones); no communication.
     """
     from megatron_eaopd.config import load_config
@@ -137,12 +147,16 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
         return
     try:
         saved = config_to_dict(load_config(saved_path))
-    except (ConfigError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{saved_path} (the config of the run in {ckpt_dir}) does not load with this "
-            f"version ({err}); use a new training.output_dir"
-        ) from err
+    except (ConfigError, OSError, ValueError) as err:  # an older version's keys: not compared
+        logger.warning("%s does not load with this version (%s): resuming without comparing "
+                       "its settings", saved_path, err)  # fmt: skip
+        return
     now = config_to_dict(cfg)
+    unused = [
+        f"{who}_prep."
+        for who in ("teacher", "student")
+        if getattr(cfg.model, f"{who}_hf") or getattr(cfg.model, f"{who}_checkpoint")
+    ]
 
     def flat(d, prefix=""):
         out = {}
@@ -150,13 +164,20 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
+    def same(a, b):
+        if isinstance(a, str) and isinstance(b, str) and os.sep in a + b:
+            return os.path.normpath(a) == os.path.normpath(b)
+        return a == b
+
     before, after = flat(saved), flat(now)
     changed = [
         f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
         for k in sorted(set(before) | set(after))
         if (k.split(".")[0] in _RUN_SECTIONS or k in _RUN_KEYS)
         and not k.endswith("cache_dir")
-        and before.get(k) != after.get(k)
+        and k not in _FREE_KEYS
+        and not k.startswith(tuple(unused))
+        and not same(before.get(k), after.get(k))
     ]
     if changed:
         raise ValueError(
@@ -178,7 +199,10 @@ def _export_problems(cfg: EAOPDConfig) -> list[str]:
         return []
     t, m = cfg.training, cfg.model
     real = os.path.realpath(out)
-    keep = {"training.output_dir": t.output_dir, "training.checkpoint_dir": t.checkpoint_dir,
+    ckpt = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
+    keep = {"training.output_dir": t.output_dir, "the checkpoint folder": ckpt,
+            "the run's TensorBoard folder": os.path.join(t.output_dir, "tensorboard"),
+            "the run's eval_samples folder": os.path.join(t.output_dir, "eval_samples"),
             "model.teacher_hf": m.teacher_hf, "model.student_hf": m.student_hf,
             "model.teacher_checkpoint": m.teacher_checkpoint,
             "model.student_checkpoint": m.student_checkpoint, "tokenizer.path": cfg.tokenizer.path,
@@ -189,9 +213,11 @@ def _export_problems(cfg: EAOPDConfig) -> list[str]:
         if not path:
             continue
         other = os.path.realpath(path)
-        if other == real or other.startswith(real.rstrip(os.sep) + os.sep):
+        inside = key == "the checkpoint folder" and real.startswith(other.rstrip(os.sep) + os.sep)
+        if other == real or other.startswith(real.rstrip(os.sep) + os.sep) or inside:
+            where = "holds it" if inside else "is or holds it"
             problems.append(
-                f"training.export_hf={out} would replace {key}={path}, which it is or holds: "
+                f"training.export_hf={out} would replace {key} ({path}): the export {where}; "
                 "export into a folder of its own (e.g. <output_dir>/student-hf)"
             )
     if os.path.isdir(out) and not problems:

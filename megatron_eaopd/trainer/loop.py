@@ -307,21 +307,27 @@ class Trainer:
             iteration < self.total and self.preemption is not None and self.preemption.should_stop()
         )
 
-    def _eval_logged(self, iteration: int) -> bool:
-        """Whether metrics.jsonl (rank 0's) already holds the student's evaluation at
-        ``iteration`` (it ran after the checkpoint that marked it pending); one broadcast."""
+    def _evaluated(self, iteration: int) -> bool:
+        """Whether the evaluation the checkpoint of ``iteration`` marks pending ran after it was
+        saved (rank 0 sees the marker ``_mark_evaluated`` wrote; one broadcast)."""
+        from megatron_eaopd.models.checkpoint import checkpoint_name
         from megatron_eaopd.parallel.init import compute_device
 
-        done = False
-        path = self.metrics_logger.path if self.metrics_logger is not None else None
-        if self.rank0 and path and os.path.exists(path):
-            from megatron_eaopd.eval.report import read_rows
-
-            done = any(r.get("split") == "eval" and r.get("iteration") == iteration
-                       for r in read_rows(path))  # fmt: skip
-        flag = torch.tensor([int(done)], device=compute_device())
+        marker = os.path.join(self.ckpt_dir, checkpoint_name(iteration), "evaluated")
+        flag = torch.tensor([int(self.rank0 and os.path.isfile(marker))], device=compute_device())
         dist.broadcast(flag, src=0)
         return bool(flag.item())
+
+    def _mark_evaluated(self, iteration: int) -> None:
+        """Rank 0 marks the checkpoint of ``iteration`` (saved before its evaluation) evaluated,
+        so a resumed run does not repeat it. No communication."""
+        from megatron_eaopd.models.checkpoint import checkpoint_name
+
+        if self.rank0:
+            folder = os.path.join(self.ckpt_dir, checkpoint_name(iteration))
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, "evaluated"), "w", encoding="utf-8") as f:
+                    f.write("1\n")
 
     def _due(self, interval: int, iteration: int) -> bool:
         return iteration == self.total or (interval > 0 and iteration % interval == 0)
@@ -364,8 +370,9 @@ class Trainer:
             self.metrics_logger.log("teacher", 0, teacher_metrics)
             last_eval = self.run_eval(0)
         if self.start_iteration > 0 and self.eval_pending:  # saved before this evaluation
-            if not self._eval_logged(self.start_iteration):
+            if not self._evaluated(self.start_iteration):
                 last_eval = self.run_eval(self.start_iteration)
+                self._mark_evaluated(self.start_iteration)
             self.eval_pending = False
         iteration = self.start_iteration
         while iteration < self.total:
@@ -386,6 +393,8 @@ class Trainer:
                 self.save(iteration, eval_pending=True)  # time limit in it loses nothing)
             if eval_due:
                 last_eval = self.run_eval(iteration)
+                if save_due:
+                    self._mark_evaluated(iteration)
             elif save_due:
                 self.save(iteration)
             if eval_due and self._stop_requested(iteration):  # asked during the evaluation

@@ -108,24 +108,33 @@ def test_one_run_per_output_folder(tmp_path):
     from megatron_eaopd.trainer.loop import check_output_dir
 
     out = tmp_path / "run"
-    cfg = load_config(TINY, [f"training.output_dir={out}"])
+    derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]  # from the limits
+    cfg = load_config(TINY, [*derived, f"training.output_dir={out}"])
     check_output_dir(cfg)  # nothing there yet
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("iter_0000004\n")
     save_resolved(cfg, str(out / "config.yaml"))
     check_output_dir(cfg)
-    check_output_dir(load_config(TINY, [f"training.output_dir={out}", "eval.k=4",
+    check_output_dir(load_config(TINY, [*derived, f"training.output_dir={out}", "eval.k=4",
                                         "training.checkpoint_interval=5"]))  # fmt: skip
     with pytest.raises(ValueError, match=r"training.resume=false, but .* holds a run "
                                          r"\(iter_0000004\)"):  # fmt: skip
-        check_output_dir(load_config(TINY, [f"training.output_dir={out}", "training.resume=false"]))
-    other = load_config(TINY, [f"training.output_dir={out}", "loss.objective=opd",
+        check_output_dir(
+            load_config(TINY, [*derived, f"training.output_dir={out}", "training.resume=false"])
+        )
+    # derived lengths, the loss kernels' chunking, evaluation-only task keys may change
+    free = ["loss.chunk_size=64", "eval.max_response_tokens=200", "task.synthetic.num_eval=32"]
+    check_output_dir(load_config(TINY, [*derived, f"training.output_dir={out}", *free]))
+    other = load_config(TINY, [*derived, f"training.output_dir={out}", "loss.objective=opd",
                                "optimizer.lr=1e-5"])  # fmt: skip
     with pytest.raises(ValueError) as err:
         check_output_dir(other)
     text = str(err.value)
     assert "loss.objective: 'eopd' -> 'opd'" in text and "optimizer.lr: 0.001 -> 1e-05" in text
     assert "Use a new training.output_dir" in text
+    # a config.yaml this version cannot read (an older run's keys) is not compared
+    (out / "config.yaml").write_text("loss: {old_key: 1}\n")
+    check_output_dir(other)
 
 
 def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):
@@ -133,7 +142,14 @@ def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):
     base = [f"training.output_dir={out}"]
     for export in (out, tmp_path):  # the run folder itself, or a folder above it
         cfg = load_config(TINY, [*base, f"training.export_hf={export}"])
-        with pytest.raises(ValueError, match=r"would replace training.output_dir="):
+        with pytest.raises(ValueError, match=r"would replace training.output_dir"):
+            check_trainer_config(cfg, 2)
+    # the run's own subfolders, or inside its checkpoint folder (before they exist)
+    for export, what in ((out / "checkpoints", "the checkpoint folder"),
+                         (out / "checkpoints" / "hf", "the checkpoint folder"),
+                         (out / "tensorboard", "TensorBoard")):  # fmt: skip
+        cfg = load_config(TINY, [*base, f"training.export_hf={export}"])
+        with pytest.raises(ValueError, match=f"would replace .*{what}"):
             check_trainer_config(cfg, 2)
     mine = tmp_path / "student-hf"
     cfg = load_config(TINY, [*base, f"training.export_hf={mine}"])

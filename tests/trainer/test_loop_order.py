@@ -42,21 +42,23 @@ def _trainer(total, eval_interval, checkpoint_interval, stop=(), start=0, pendin
     t.run_eval = lambda i: t.events.append(("eval", i)) or {}
     t.save = lambda i, eval_pending=False: t.events.append(("save", i, eval_pending))
     t._requeue = lambda: t.events.append(("requeue",))
-    t._eval_logged = lambda i: i in logged
+    t._evaluated = lambda i: i in logged
+    t._mark_evaluated = lambda i: t.events.append(("marked", i))
     return t
 
 
 def test_the_final_checkpoint_comes_before_the_final_evaluation():
     t = _trainer(total=3, eval_interval=0, checkpoint_interval=0)
     t.run()
-    assert t.events == [("train", 1), ("train", 2), ("train", 3), ("save", 3, True), ("eval", 3)]
+    assert t.events == [("train", 1), ("train", 2), ("train", 3), ("save", 3, True), ("eval", 3),
+                        ("marked", 3)]  # fmt: skip
 
 
 def test_coinciding_evaluations_and_checkpoints_save_first():
     t = _trainer(total=4, eval_interval=2, checkpoint_interval=4)
     t.run()
     assert t.events == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4),
-                        ("save", 4, True), ("eval", 4)]  # fmt: skip
+                        ("save", 4, True), ("eval", 4), ("marked", 4)]  # fmt: skip
     t = _trainer(total=4, eval_interval=0, checkpoint_interval=1)
     t.run()
     assert [e for e in t.events if e[0] == "save"] == [("save", i, i == 4) for i in range(1, 5)]
@@ -70,7 +72,7 @@ def test_a_stop_asked_during_an_evaluation_saves_and_stops_after_it(save_every):
     out = t.run()
     assert out["stopped_early"] and out["iteration"] == 2
     saves = [("save", 2, True)] if save_every else []  # saved before it, pending (logged after)
-    after = [] if save_every else [("save", 2, False)]  # else saved after it, nothing pending
+    after = [("marked", 2)] if save_every else [("save", 2, False)]  # (else nothing pending)
     assert t.events == [("train", 1), ("train", 2), *saves, ("eval", 2), *after, ("requeue",)]
 
 
@@ -85,14 +87,14 @@ def test_a_stop_after_the_last_iteration_is_not_a_stop():
     t.preemption.answers = [False]  # iteration 1 goes on; the last iteration never asks
     out = t.run()
     assert not out["stopped_early"]
-    assert t.events[-2:] == [("save", 2, True), ("eval", 2)]
+    assert t.events[-3:] == [("save", 2, True), ("eval", 2), ("marked", 2)]
 
 
 @pytest.mark.parametrize("logged", [(), (4,)])
 def test_a_resumed_pending_evaluation_runs_once(logged):
     """Resumed from the checkpoint written before the final evaluation: the evaluation runs
-    unless metrics.jsonl already holds it (it finished before the crash)."""
+    (and is marked) unless the checkpoint is marked evaluated (it finished before the crash)."""
     t = _trainer(total=4, eval_interval=0, checkpoint_interval=0, start=4, pending=True,
                  logged=logged)  # fmt: skip
     t.run()
-    assert t.events == ([] if logged else [("eval", 4)])
+    assert t.events == ([] if logged else [("eval", 4), ("marked", 4)])
