@@ -126,16 +126,6 @@ _IGNORED = ("training.output_dir", "teacher_prep.cache_dir", "student_prep.cache
             "tokenizer.cache_dir", "logging.")  # fmt: skip
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _changed_settings(config: str, settings: list[str], run_dir: str) -> list[str]:
     """``key: saved -> wanted`` for every setting in which the run saved in ``run_dir`` differs
     from the config this study would run there (empty when the folder holds no config yet). The
@@ -148,13 +138,14 @@ def _changed_settings(config: str, settings: list[str], run_dir: str) -> list[st
 
     sys.path.insert(0, ROOT)
     from megatron_eaopd.config import config_to_dict, load_config
+    from megatron_eaopd.config.loader import flatten
 
     try:  # through today's schema: a key added since (at its default) is not a change
-        saved = _flat(config_to_dict(load_config(saved_file)))
+        saved = flatten(config_to_dict(load_config(saved_file)))
     except ValueError:  # a key today's schema does not know: compare the saved file as it is
         with open(saved_file, encoding="utf-8") as f:
-            saved = _flat(yaml.safe_load(f))
-    wanted = _flat(config_to_dict(load_config(os.path.join(ROOT, config), settings)))
+            saved = flatten(yaml.safe_load(f))
+    wanted = flatten(config_to_dict(load_config(os.path.join(ROOT, config), settings)))
     keys = sorted(set(saved) | set(wanted))
     return [
         f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}"

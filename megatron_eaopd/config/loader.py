@@ -38,6 +38,7 @@ __all__ = [
     "config_to_dict",
     "describe_fields",
     "field_docs",
+    "flatten",
     "load_config",
     "load_yaml_with_defaults",
     "parse_override",
@@ -80,6 +81,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )  # fmt: skip
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mappings as one mapping of dotted keys (``{"loss": {"top_k": 4}}`` ->
+    ``{"loss.top_k": 4}``); lists and scalars are leaves."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

@@ -102,16 +102,19 @@ def score_for_student(
     shapes = {tuple(b["tokens"].shape) for b in batches}
     b_loc, s_loc = next(iter(shapes)) if shapes else (0, 0)
     count = len(batches) if len(shapes) <= 1 else -1
+    out_of_range = torch.zeros((), dtype=torch.bool, device=device)  # no host sync per batch
     for mb in batches if count >= 0 else ():
         pos = mb.get("position_ids")
         if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_loc).expand(b_loc, -1)):
             count = -2
         elif tuple(mb["labels"].shape) != tuple(mb["tokens"].shape):
             count = -3
-        elif any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size)
-                 for t in (mb["tokens"], mb["labels"])):  # fmt: skip
-            count = -4
+        else:
+            for t in (mb["tokens"], mb["labels"]):
+                out_of_range |= ((t < 0) | (t >= vocab_size)).any().to(device)
     mine = torch.tensor([[count, b_loc, s_loc]], dtype=torch.long, device=device)
+    if count >= 0:
+        mine[0, 0] = torch.where(out_of_range, -4, mine[0, 0])
     meta = all_gather_rows(mine, dist.group.WORLD).cpu().view(-1, 3)
     bad = {int(r): int(meta[r, 0]) for r in range(meta.shape[0]) if meta[r, 0] < 0}
     if bad:

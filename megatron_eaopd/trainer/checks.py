@@ -126,7 +126,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     Reads files only (every rank the same ones); no communication.
     """
     from megatron_eaopd.config import load_config
-    from megatron_eaopd.config.loader import ConfigError, config_to_dict
+    from megatron_eaopd.config.loader import ConfigError, config_to_dict, flatten
     from megatron_eaopd.models.checkpoint import LATEST
 
     t = cfg.training
@@ -158,18 +158,12 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
         if getattr(cfg.model, f"{who}_hf") or getattr(cfg.model, f"{who}_checkpoint")
     ]
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
     def same(a, b):
         if isinstance(a, str) and isinstance(b, str) and os.sep in a + b:
             return os.path.normpath(a) == os.path.normpath(b)
         return a == b
 
-    before, after = flat(saved), flat(now)
+    before, after = flatten(saved), flatten(now)
     changed = [
         f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
         for k in sorted(set(before) | set(after))

@@ -160,6 +160,41 @@ def test_rollout_micro_batches_pad_to_a_multiple_for_sequence_parallelism():
     assert (padded[0]["tokens"][:, s:] == 0).all()
 
 
+VOCAB = 250
+
+
+def _student_and_teacher(tp: int, student_dtype: str = "float32"):
+    """A 1-layer student (``student_dtype``) and an fp32 EOPDTeacher of the same shape at TP
+    ``tp``, plus teacher-forced tokens [2, 11] and a loss mask."""
+    import torch
+
+    from megatron_eaopd.models import ModelConfig, build_model
+    from megatron_eaopd.models.teacher import FrozenTeacher
+    from megatron_eaopd.parallel.init import (
+        add_layout,
+        initialize_parallel,
+        register_current_layout,
+        use_layout,
+    )
+    from megatron_eaopd.plugin import STUDENT_LAYOUT, TEACHER_LAYOUT, EOPDTeacher
+
+    initialize_parallel(tp, 1, seed=1)
+    register_current_layout(STUDENT_LAYOUT)
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=16,
+        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=True,
+    )  # fmt: skip
+    student = build_model(cfg.with_changes(params_dtype=student_dtype))[0]
+    layout = add_layout(TEACHER_LAYOUT, tp, 1, seed=7)
+    with use_layout(TEACHER_LAYOUT):
+        teacher = EOPDTeacher(FrozenTeacher(build_model(cfg)), cfg, layout)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=gen)
+    mask = torch.rand(2, 11, generator=gen) > 0.3
+    return student, teacher, tokens, mask
+
+
 def _fused_and_padded_worker(rank, world):
     """At TP 2: the plugin's loss with fused=True against fused=False (exact form with the
     teacher's hidden states against its logits; the sampled forward KL with the same payload),
@@ -168,38 +203,11 @@ def _fused_and_padded_worker(rank, world):
     import torch
 
     from megatron_eaopd.losses import ObjectiveConfig
-    from megatron_eaopd.models import ModelConfig, build_model
-    from megatron_eaopd.models.teacher import FrozenTeacher
-    from megatron_eaopd.parallel.init import (
-        add_layout,
-        destroy_parallel,
-        initialize_parallel,
-        register_current_layout,
-        use_layout,
-    )
-    from megatron_eaopd.plugin import (
-        STUDENT_LAYOUT,
-        TEACHER_LAYOUT,
-        EOPDTeacher,
-        eopd_forward_step,
-        offline_micro_batches,
-    )
+    from megatron_eaopd.parallel.init import destroy_parallel
+    from megatron_eaopd.plugin import eopd_forward_step, offline_micro_batches
 
-    initialize_parallel(2, 1, seed=1)
-    register_current_layout(STUDENT_LAYOUT)
-    vocab = 250
-    cfg = ModelConfig(
-        num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=64, vocab_size=vocab, max_sequence_length=16,
-        make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=True,
-    )  # fmt: skip
-    student = build_model(cfg)[0]
-    layout = add_layout(TEACHER_LAYOUT, 2, 1, seed=7)
-    with use_layout(TEACHER_LAYOUT):
-        teacher = EOPDTeacher(FrozenTeacher(build_model(cfg)), cfg, layout)
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, vocab, (2, 11), generator=gen)
-    mask = torch.rand(2, 11, generator=gen) > 0.3
+    student, teacher, tokens, mask = _student_and_teacher(2)
+    vocab = VOCAB
 
     def run(objective, micro, fused):
         for p in student.parameters():
@@ -267,42 +275,15 @@ def test_fused_loss_and_offline_padding_match_the_plain_path():
 
 
 def _float16_worker(rank, world):
-    import torch
     from megatron.core.transformer.module import Float16Module
 
     from megatron_eaopd.losses import ObjectiveConfig
-    from megatron_eaopd.models import ModelConfig, build_model
-    from megatron_eaopd.models.teacher import FrozenTeacher
-    from megatron_eaopd.parallel.init import (
-        add_layout,
-        destroy_parallel,
-        initialize_parallel,
-        register_current_layout,
-        use_layout,
-    )
-    from megatron_eaopd.plugin import (
-        STUDENT_LAYOUT,
-        TEACHER_LAYOUT,
-        EOPDTeacher,
-        eopd_forward_step,
-        offline_micro_batches,
-    )
+    from megatron_eaopd.parallel.init import destroy_parallel
+    from megatron_eaopd.plugin import eopd_forward_step, offline_micro_batches
 
-    initialize_parallel(1, 1, seed=1)
-    register_current_layout(STUDENT_LAYOUT)
-    vocab = 250
-    shape = dict(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                 ffn_hidden_size=64, vocab_size=vocab, max_sequence_length=16,
-                 make_vocab_size_divisible_by=8,
-                 untie_embeddings_and_output_weights=True)  # fmt: skip
-    student = build_model(ModelConfig(**shape, params_dtype="bfloat16"))[0]
+    student, teacher, tokens, mask = _student_and_teacher(1, "bfloat16")
     wrapped = Float16Module(student.config, student)  # Megatron-LM's --bf16: fp32 out
-    layout = add_layout(TEACHER_LAYOUT, 1, 1, seed=7)
-    with use_layout(TEACHER_LAYOUT):
-        teacher = EOPDTeacher(FrozenTeacher(build_model(ModelConfig(**shape))), None, layout)
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, vocab, (2, 11), generator=gen)
-    mask = torch.rand(2, 11, generator=gen) > 0.3
+    vocab = VOCAB
     objective = ObjectiveConfig(name="fkl", top_k=4, fused_chunk_size=5)
     losses = []
     for fused in (False, True):
