@@ -17,6 +17,15 @@ from megatron_eaopd.config.schema import EAOPDConfig
 __all__ = ["check_run", "run_problems", "sequence_parallel_problem"]
 
 
+def fused_jsd_problem(loss) -> str | None:
+    """The problem with ``loss.fused_output: true`` for ``loss.objective: jsd`` (no fused form),
+    None otherwise (shared by the run checks and the plugin's flags)."""
+    if loss.objective == "jsd" and loss.fused_output:
+        return ("true is refused for loss.objective=jsd, which has no loss fused with the output "
+                "layer; set loss.fused_output=null (or false)")  # fmt: skip
+    return None
+
+
 def sequence_parallel_problem(cfg: EAOPDConfig, cuda_available: bool = True) -> str | None:
     """Why ``parallel.sequence_parallel: true`` cannot run (None when it can, or is false).
 
@@ -88,14 +97,8 @@ def run_problems(
                 "nccl needs CUDA devices (none here): set parallel.backend=auto (gloo on CPU)",
             )
         )
-    if cfg.loss.objective == "jsd" and cfg.loss.fused_output:
-        problems.append(
-            (
-                "loss.fused_output",
-                "true is refused for loss.objective=jsd, which has no loss fused with the output "
-                "layer; set loss.fused_output=null (or false)",
-            )
-        )
+    if fused_jsd_problem(cfg.loss):
+        problems.append(("loss.fused_output", fused_jsd_problem(cfg.loss)))
     if cfg.loss.form == "sampled" and cfg.loss.temperature != cfg.rollout.temperature:
         problems.append(
             (

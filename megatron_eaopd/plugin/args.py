@@ -90,6 +90,7 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
         ConfigError: a bad value, named by its config key (e.g. ``loss.entropy_threshold``).
     """
     from megatron_eaopd.config import ConfigError, config_from_dict, objective_kwargs
+    from megatron_eaopd.config.checks import fused_jsd_problem
     from megatron_eaopd.losses import ObjectiveConfig
 
     loss = {}
@@ -109,8 +110,8 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
             problems.append(
                 (f"--eopd-{flag}", f"must be >= 1 (omit it: the student's), got {value}")
             )
-    if cfg.loss.objective == "jsd" and cfg.loss.fused_output:
-        problems.append(("--eopd-fused-output", "jsd has no loss fused with the output layer"))
+    if fused_jsd_problem(cfg.loss):
+        problems.append(("--eopd-fused-output", fused_jsd_problem(cfg.loss)))
     if problems:
         raise ConfigError(problems, "--eopd-* flags")
     objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
