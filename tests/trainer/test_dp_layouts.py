@@ -45,8 +45,18 @@ RUN = [
 ]
 
 
-def _cfg(tmp, name, layout, extra=()):
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Tokenizer and prepared-model caches shared by the module's runs (their keys do not depend
+    on the layout): the first run trains the teacher and the student warm start, the others load
+    them at their own layouts."""
+    return str(tmp_path_factory.mktemp("dp-caches"))
+
+
+def _cfg(tmp, name, layout, extra=(), caches=None):
     from megatron_eaopd.config import load_config
+
+    caches = caches or tmp
 
     (stp, spp), (ttp, tpp) = layout
     return load_config(
@@ -56,9 +66,9 @@ def _cfg(tmp, name, layout, extra=()):
             f"parallel.student.tp={stp}", f"parallel.student.pp={spp}",
             f"parallel.teacher.tp={ttp}", f"parallel.teacher.pp={tpp}",
             f"training.output_dir={tmp}/{name}",
-            f"teacher_prep.cache_dir={tmp}/teachers",
-            f"student_prep.cache_dir={tmp}/students",
-            f"tokenizer.cache_dir={tmp}/tokenizers",
+            f"teacher_prep.cache_dir={caches}/teachers",
+            f"student_prep.cache_dir={caches}/students",
+            f"tokenizer.cache_dir={caches}/tokenizers",
             *extra,
         ],
     )  # fmt: skip
@@ -154,35 +164,41 @@ def _run(world, cfg):
     ],
     ids=["dp2", "dp4-teacher-tp2pp2"],
 )
-def test_trainer_with_data_parallel_student(tmp_path, world, layout):
+def test_trainer_with_data_parallel_student(tmp_path, caches, world, layout):
     # DP 2 also decodes at static shapes (rollout.cuda_graphs; on the CPU its static-shape
     # steps run eagerly, the CUDA check pretended): rollouts and evaluations go through them
     extra = ["rollout.cuda_graphs=true"] if world == 2 else []
-    cfg = _cfg(str(tmp_path), "run", layout, extra)
+    cfg = _cfg(str(tmp_path), "run", layout, extra, caches)
     results = _run(world, cfg)
     assert all((r["static_steps"] > 0) == (world == 2) for r in results), results
     _, evals = _check_run(f"{tmp_path}/run", 2)
     _check_samples(f"{tmp_path}/run", evals, 7)  # eval.save_samples: 16 by default
 
 
-def test_trainer_tp2_pp2_dp2_on_8_ranks_then_resumed_at_tp1_dp4(tmp_path):
+def test_trainer_tp2_pp2_dp2_on_8_ranks_then_resumed_at_tp1_dp4(tmp_path, caches):
     """The shipped 8-GPU configs' layout (TP 2 x PP 2 x DP 2; ~50 s on 2 cores)."""
     tmp = str(tmp_path)
-    first = _run(8, _cfg(tmp, "run", ((2, 2), (2, 2)), ["eval.save_samples=3"]))
-    _, evals = _check_run(f"{tmp}/run", 2)
+    # one iteration at 8 ranks (evaluated before and after it), the second after the resume
+    first = _run(
+        8,
+        _cfg(
+            tmp, "run", ((2, 2), (2, 2)), ["eval.save_samples=3", "training.iterations=1"], caches
+        ),
+    )
+    _, evals = _check_run(f"{tmp}/run", 1)
     _check_samples(f"{tmp}/run", evals, 3)
     assert (tmp_path / "run" / "eval_samples" / "teacher_iter_0000000.jsonl").is_file()
     saved = helpers.assemble([r["end"] for r in first])
 
-    cfg = _cfg(tmp, "run", ((1, 1), (2, 1)), ["training.iterations=3"])
+    cfg = _cfg(tmp, "run", ((1, 1), (2, 1)), caches=caches)
     second = _run(4, cfg)
-    assert all(r["from"] == 2 for r in second)
+    assert all(r["from"] == 1 for r in second)
     loaded = helpers.assemble([r["start"] for r in second])
     assert set(loaded) == set(saved)
     for key, value in saved.items():  # the vocabulary is padded per TP size: compare real rows
         rows = min(value.shape[0], loaded[key].shape[0])
         bad = (loaded[key][:rows] != value[:rows]).reshape(rows, -1).any(-1).nonzero().flatten()
         assert bad.numel() == 0, f"{key} {tuple(value.shape)} {tuple(loaded[key].shape)} {bad}"
-    _check_run(f"{tmp}/run", 3)
+    _check_run(f"{tmp}/run", 2)
     after = helpers.assemble([r["end"] for r in second])
     assert any(not torch.equal(after[k], saved[k]) for k in saved)  # it kept training
