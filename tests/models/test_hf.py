@@ -181,6 +181,35 @@ def _gather64(logits, vocab):
     return torch.cat(parts, dim=-1)[..., :vocab]
 
 
+def _failing_export(chunks, export_root: str) -> list:
+    """Rank 0's disk fills up at the first of several shards: every rank must raise (not block
+    sending the next shard's blocks) and no folder may be left. Returns the errors each rank
+    saw, the folder's listing and the number of shard writes rank 0 tried."""
+    import torch.distributed as dist
+
+    from megatron_eaopd.models.hf import save
+
+    write, calls = save._write_safetensors, [0]
+
+    def full_disk(tensors, path):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(28, "No space left on device")
+        write(tensors, path)
+
+    if dist.get_rank() == 0:
+        save._write_safetensors = full_disk
+    errors = []
+    try:
+        save.save_hf_weights(chunks, os.path.join(export_root, "full"), dtype="fp32",
+                             max_shard_bytes=100_000)  # fmt: skip
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    finally:
+        save._write_safetensors = write
+    return [errors, sorted(os.listdir(export_root)), calls[0]]
+
+
 def layouts_worker(rank, world, models: dict, export_root: str):
     from megatron.core import parallel_state as ps
 
@@ -202,6 +231,8 @@ def layouts_worker(rank, world, models: dict, export_root: str):
                 # export from TP2 x PP2; the DP replicas take part too
                 save_hf_weights(chunks, os.path.join(export_root, kind), dtype="fp32",
                                 max_shard_bytes=300_000)  # fmt: skip
+                if kind == "qwen2":
+                    results["failed export"] = _failing_export(chunks, export_root)
         assert ps.get_tensor_model_parallel_world_size() == tp
     return results
 
@@ -211,8 +242,16 @@ def test_hf_models_match_transformers_at_every_layout(hf_models, tmp_path):
     export_root = str(tmp_path / "export")
     os.makedirs(export_root)
     results = {}
+    failed = []
     for r in run_distributed(layouts_worker, 4, paths, export_root, timeout=400):
+        failed.append(r.pop("failed export"))
         results.update(r)
+    # the export that fails on rank 0's first shard: all 4 ranks raised, nothing left behind
+    assert failed[0][2] == 1, failed  # rank 0 stopped at the first of several shards
+    for errors, listing, _ in failed:
+        assert len(errors) == 1 and "No space left on device" in errors[0], errors
+        assert "rank 0: OSError" in errors[0], errors
+        assert not any(name.startswith("full") for name in listing), listing
     diffs = {}
     for (tp, pp, kind), out in sorted(results.items()):
         ref = hf_models[kind]["ref"]

@@ -176,8 +176,10 @@ def save_hf_weights(
     Returns:
         out_dir.
     Collectives (WORLD): 1 all_gather_object of the block manifests (keys and ranges, no data);
-    one send/recv to rank 0 per block held by another rank (each in `dtype`); 1 broadcast_object
-    of rank 0's outcome and a barrier.
+    one send/recv to rank 0 per block held by another rank (each in `dtype`); 1 all_gather_object
+    of every rank's status before the first shard and after each (so a failure on any rank, such
+    as rank 0's disk filling up, stops all ranks instead of leaving them blocked in sends);
+    1 broadcast_object of rank 0's outcome and a barrier.
     """
     from megatron.core import parallel_state as ps
 
@@ -214,44 +216,59 @@ def save_hf_weights(
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
     error = None
     bar = None
-    if rank == 0:
-        os.makedirs(tmp)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(shapes), desc=f"export {out_dir}", unit="tensor")
     weight_map, total_bytes = {}, 0
+    committed = False
+
+    def start():
+        nonlocal bar
+        if rank == 0:
+            os.makedirs(tmp)
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(shapes), desc=f"export {out_dir}", unit="tensor")
+
     try:
+        # Every rank learns after each step whether any rank failed (rank 0 creating the folder
+        # or writing a shard: permissions, a full disk, a quota), and all stop together: a rank
+        # that went on sending blocks to a rank 0 that stopped receiving would wait forever.
+        error = _agree(_step(start))
         for i, keys in enumerate(shards):
-            tensors = _gather_shard(keys, shapes, plan, mine, dtype, rank, bar)
-            if rank == 0:
-                name = (
-                    "model.safetensors"
-                    if len(shards) == 1
-                    else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                )
-                _write_safetensors(tensors, os.path.join(tmp, name))
-                for key, t in tensors.items():
-                    weight_map[key] = name
-                    total_bytes += t.numel() * t.element_size()
-            del tensors
-        if rank == 0:
-            _write_folder(tmp, config, weight_map, total_bytes, len(shards), tokenizer_dir,
-                          ids, generation_config)  # fmt: skip
-            _commit(tmp, out_dir, overwrite)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        error = f"{type(exc).__name__}: {exc}"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _world() == 1:
-            raise
+            if error:
+                break
+            name = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+
+            def one_shard(keys=keys, name=name):
+                nonlocal total_bytes
+                tensors = _gather_shard(keys, shapes, plan, mine, dtype, rank, bar)
+                if rank == 0:
+                    _write_safetensors(tensors, os.path.join(tmp, name))
+                    for key, t in tensors.items():
+                        weight_map[key] = name
+                        total_bytes += t.numel() * t.element_size()
+
+            error = _agree(_step(one_shard))
+        if not error and rank == 0:
+            error = _step(lambda: (
+                _write_folder(tmp, config, weight_map, total_bytes, len(shards), tokenizer_dir,
+                              ids, generation_config),
+                _commit(tmp, out_dir, overwrite),
+            ))  # fmt: skip
+        committed = rank == 0 and not error
+        if _world() > 1:
+            status = [error]
+            dist.broadcast_object_list(status, src=0)
+            error = error or status[0]
     finally:
         if bar is not None:
             bar.close()
+        if rank == 0 and not committed:  # the temporary folder of a failed export
+            shutil.rmtree(tmp, ignore_errors=True)
     if _world() > 1:
-        status = [error]
-        dist.broadcast_object_list(status, src=0)
-        error = error or status[0]
         dist.barrier()
     if error:
         raise RuntimeError(f"exporting to {out_dir!r} failed: {error}")
@@ -287,6 +304,29 @@ def _gather_shard(keys, shapes, plan, mine, dtype, rank, bar) -> dict:
             if bar is not None:
                 bar.update(1)
     return tensors
+
+
+def _step(fn) -> str | None:
+    """Run fn; None, or the error it raised as text (reported to every rank by ``_agree``).
+    With one process the error is raised as it is."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - every rank raises it after ``_agree``
+        if _world() == 1:
+            raise
+        logger.debug("export step failed", exc_info=True)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _agree(error: str | None) -> str | None:
+    """The first failing rank's error (None when every rank succeeded), on every rank.
+    Collectives (WORLD): 1 all_gather_object of a short string (none with one process)."""
+    if _world() == 1:
+        return error
+    errors: list = [None] * _world()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
 
 
 def _write_safetensors(tensors: dict, path: str) -> None:
