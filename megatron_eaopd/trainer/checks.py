@@ -144,6 +144,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
         )
     saved_path = os.path.join(t.output_dir, "config.yaml")
     if not os.path.isfile(saved_path):
+        _check_foreign_checkpoints(cfg, ckpt_dir, name)
         return
     try:
         saved = config_to_dict(load_config(saved_path))
@@ -179,6 +180,27 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             + "; ".join(changed)
             + ". Resuming would continue the saved run (its weights, optimizer and learning-rate "
             "schedule) under the new settings. Use a new training.output_dir, or restore them"
+        )
+
+
+def _check_foreign_checkpoints(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> None:
+    """A new run folder (no config.yaml) whose ``training.checkpoint_dir`` holds checkpoints
+    another run folder wrote (recorded in their metadata): resuming would silently continue that
+    run here. A folder whose metadata records no run folder (older versions) is not checked."""
+    from megatron_eaopd.models.checkpoint import read_meta
+
+    try:
+        owner = read_meta(os.path.join(ckpt_dir, name)).get("extra", {}).get("output_dir")
+    except (OSError, ValueError):
+        return  # an incomplete or unreadable save: load_checkpoint reports it
+    here = os.path.abspath(cfg.training.output_dir)
+    if owner and os.path.realpath(owner) != os.path.realpath(here):
+        raise ValueError(
+            f"training.checkpoint_dir={ckpt_dir} holds checkpoints of the run in {owner} "
+            f"({name}), and training.output_dir={cfg.training.output_dir} is a new run folder: "
+            "resuming would continue that run here. Give this run its own "
+            "training.checkpoint_dir, set training.output_dir to that run's folder to continue "
+            "it, or start from its weights with model.student_checkpoint"
         )
 
 

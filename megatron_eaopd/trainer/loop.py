@@ -350,6 +350,8 @@ class Trainer:
             "skipped_updates": self.student.skipped_updates,
             "total_iterations": self.total,
             "eval_pending": bool(eval_pending),
+            # the run folder these checkpoints belong to (trainer.checks.check_output_dir)
+            "output_dir": os.path.abspath(self.cfg.training.output_dir),
         }
         with use_layout(STUDENT):
             s = self.student

@@ -161,3 +161,28 @@ def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):
     (mine / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"holds more than a Hugging Face export \(notes.txt\)"):
         check_trainer_config(cfg, 2)
+
+
+def test_a_new_run_does_not_take_over_another_runs_checkpoint_folder(tmp_path):
+    """Two run folders pointed at one training.checkpoint_dir: the second (no config.yaml yet)
+    would resume the first's run; refused. The owning folder itself, a run folder with its own
+    config.yaml (moved runs) and checkpoints that record no owner (older saves) are accepted."""
+    import json
+
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    ckpt = tmp_path / "shared"
+    (ckpt / "iter_0000004").mkdir(parents=True)
+    (ckpt / "latest").write_text("iter_0000004\n")
+    meta = ckpt / "iter_0000004" / "eaopd_meta.json"
+    meta.write_text(json.dumps({"iteration": 4, "extra": {"output_dir": str(tmp_path / "a")}}))
+    base = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0",
+            f"training.checkpoint_dir={ckpt}"]  # fmt: skip
+    check_output_dir(load_config(TINY, [*base, f"training.output_dir={tmp_path}/a"]))
+    check_output_dir(load_config(TINY, [*base, f"training.output_dir={tmp_path}/x/../a"]))
+    second = load_config(TINY, [*base, f"training.output_dir={tmp_path}/b"])
+    owned = r"holds checkpoints of the run in .*/a \(iter_0000004\).*Give this run its own"
+    with pytest.raises(ValueError, match=owned):
+        check_output_dir(second)
+    meta.write_text(json.dumps({"iteration": 4, "extra": {}}))  # saved by an older version
+    check_output_dir(second)

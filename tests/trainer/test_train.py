@@ -112,6 +112,11 @@ def test_train_end_to_end_and_resume(tmp_path):
         "iter_0000002",
         "iter_0000004",
     ]
+    # each save records its run folder (a second run folder cannot take its checkpoints over)
+    from megatron_eaopd.models.checkpoint import read_meta
+
+    meta = read_meta(f"{full_dir}/checkpoints/iter_0000004")
+    assert meta["extra"]["output_dir"] == os.path.abspath(full_dir)
 
     train = _records(f"{full_dir}/metrics.jsonl", "train")
     assert [row["iteration"] for row in train] == [1, 2, 3, 4]
