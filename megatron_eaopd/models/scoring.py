@@ -98,10 +98,14 @@ def score_for_student(
 
     # a bad input is reported through the shape all-gather, so every rank raises (no rank is
     # left waiting in a collective): count -1 = shapes differ, -2 = position ids not 0..s-1,
-    # -3 = labels not of the tokens' shape, -4 = a token or label id outside [0, vocab_size)
-    shapes = {tuple(b["tokens"].shape) for b in batches}
+    # -3 = labels not of the tokens' shape, -4 = a token or label id outside [0, vocab_size),
+    # -5 = tokens or labels missing (None), -6 = packed sequences (packed_seq_params)
+    missing = any(not isinstance(b.get(key), torch.Tensor) for b in batches
+                  for key in ("tokens", "labels"))  # fmt: skip
+    packed = any(b.get("packed_seq_params") is not None for b in batches)
+    shapes = set() if missing else {tuple(b["tokens"].shape) for b in batches}
     b_loc, s_loc = next(iter(shapes)) if shapes else (0, 0)
-    count = len(batches) if len(shapes) <= 1 else -1
+    count = -5 if missing else -6 if packed else len(batches) if len(shapes) <= 1 else -1
     out_of_range = torch.zeros((), dtype=torch.bool, device=device)  # no host sync per batch
     for mb in batches if count >= 0 else ():
         pos = mb.get("position_ids")
@@ -122,7 +126,11 @@ def score_for_student(
                -2: "position_ids that are not 0 .. s-1 on every row",
                -3: "labels of another shape than tokens (both [b, s])",
                -4: f"token or label ids outside [0, vocab_size={vocab_size}) (masked positions "
-                   "too: give them any valid id, e.g. 0)"}  # fmt: skip
+                   "too: give them any valid id, e.g. 0)",
+               -5: "micro-batches without tokens or labels (Megatron-LM's get_batch gives "
+                   "tokens only to the first pipeline stage and labels only to the last: build "
+                   "the whole micro-batches on every rank)",
+               -6: "packed sequences (packed_seq_params): pass [b, s] rows"}  # fmt: skip
         raise ValueError(
             "score_for_student: " + "; ".join(f"rank {r}: {why[c]}" for r, c in sorted(bad.items()))
         )

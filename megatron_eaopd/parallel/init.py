@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 import re
 import types
@@ -387,12 +388,28 @@ def register_current_layout(name: str) -> ParallelLayout:
     return layout
 
 
+def world_timeout_minutes(default: int = 30) -> int:
+    """The default process group's timeout in whole minutes (at least 1), ``default`` when it
+    cannot be read (another backend) or torch.distributed is not running. No communication."""
+    if not dist.is_initialized():
+        return default
+    try:
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        timeout = dist.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return default
+    return max(1, math.ceil(timeout.total_seconds() / 60))
+
+
 def add_layout(
-    name: str, tp: int, pp: int, vpp: int | None = None, *, seed: int = 1234
-) -> ParallelLayout:
+    name: str, tp: int, pp: int, vpp: int | None = None, *, seed: int = 1234,
+    timeout_minutes: int | None = None,
+) -> ParallelLayout:  # fmt: skip
     """Create the groups of another (tp, pp, vpp) layout on the same ranks and register it as
     ``name``, leaving the caller's current parallel state, megatron's RNG tracker and torch's RNG
     as they were (the current state must be registered first: :func:`register_current_layout`).
+    ``timeout_minutes`` of the new groups; None: the default process group's (the user's
+    ``--distributed-timeout-minutes`` under Megatron-LM), :func:`world_timeout_minutes`.
 
     Every rank must call it with the same arguments. Collectives: the new_group calls of one
     ``initialize_model_parallel``.
@@ -411,7 +428,8 @@ def add_layout(
 
     _TABLES.clear()
     try:
-        layout = initialize_parallel(tp, pp, vpp, seed=seed)
+        minutes = world_timeout_minutes() if timeout_minutes is None else timeout_minutes
+        layout = initialize_parallel(tp, pp, vpp, seed=seed, timeout_minutes=minutes)
         _LAYOUTS[name] = (layout, _capture_state())
     finally:
         _restore_state(previous)

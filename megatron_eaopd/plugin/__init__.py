@@ -17,6 +17,7 @@ megatron-core script): docs/plugin.md.
 
 from megatron_eaopd.plugin.args import EOPDSettings, add_eopd_args, eopd_settings_from_args
 from megatron_eaopd.plugin.forward import (
+    check_micro_batch,
     check_offline,
     eopd_forward_step,
     offline_micro_batches,
@@ -30,6 +31,7 @@ __all__ = [
     "EOPDSettings",
     "EOPDTeacher",
     "add_eopd_args",
+    "check_micro_batch",
     "check_offline",
     "eopd_forward_step",
     "eopd_settings_from_args",

@@ -87,7 +87,9 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
     """Map parsed ``--eopd-*`` flags onto the config schema and validate them with the loader.
 
     Raises:
-        ConfigError: a bad value, named by its config key (e.g. ``loss.entropy_threshold``).
+        ConfigError: a bad value, named by its config key (e.g. ``loss.entropy_threshold``);
+            Megatron-LM's ``--reset-attention-mask`` / ``--reset-position-ids`` (document
+            masking: the teacher would score other contexts than the student sees).
     """
     from megatron_eaopd.config import ConfigError, config_from_dict, objective_kwargs
     from megatron_eaopd.config.checks import fused_jsd_problem
@@ -112,6 +114,14 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
             )
     if fused_jsd_problem(cfg.loss):
         problems.append(("--eopd-fused-output", fused_jsd_problem(cfg.loss)))
+    for flag in ("reset_attention_mask", "reset_position_ids"):  # Megatron-LM's own flags
+        if getattr(args, flag, False):
+            problems.append((
+                "--" + flag.replace("_", "-"),
+                "document masking is not supported: the teacher scores every sequence with "
+                "plain causal attention and position ids 0..s-1, so the student must see the "
+                "same; drop the flag",
+            ))  # fmt: skip
     if problems:
         raise ConfigError(problems, "--eopd-* flags")
     objective = ObjectiveConfig(**objective_kwargs(cfg.loss))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "check_micro_batch",
     "check_offline",
     "eopd_forward_step",
     "offline_micro_batches",
@@ -38,6 +39,30 @@ def check_offline(objective) -> None:
             "(the PPO-clipped reverse KL): use it on-policy, or train offline with objective "
             "fkl, or with the exact form (loss form 'exact': full teacher logits)"
         )
+
+
+def check_micro_batch(mb: dict, objective=None) -> None:
+    """Refuse what the plugin's models and teacher would silently get wrong (ValueError):
+    packed sequences (``packed_seq_params``, THD: the loss and the teacher take [b, s] rows),
+    and a teacher payload with another top-k width than ``objective.top_k`` (``attach`` was
+    given another ``k``). An ``attention_mask`` is not passed on: the student and the teacher
+    run megatron's causal attention, which is what Megatron-LM's default mask says (its
+    document masking flags are refused by ``eopd_settings_from_args``). No communication."""
+    from megatron_eaopd.losses import TeacherPayload
+
+    if mb.get("packed_seq_params") is not None:
+        raise ValueError(
+            "packed sequences (packed_seq_params) are not supported: the teacher and the loss "
+            "take [b, s] micro-batches; turn sequence packing off in your data pipeline"
+        )
+    teacher = mb.get("teacher")
+    if objective is not None and isinstance(teacher, TeacherPayload):
+        k = teacher.topk_ids.shape[-1]
+        if k != objective.top_k:
+            raise ValueError(
+                f"the teacher payload has {k} top-k columns but the objective's top_k is "
+                f"{objective.top_k}: call teacher.attach(micro, k=settings.objective.top_k, ...)"
+            )
 
 
 def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
@@ -72,7 +97,9 @@ def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
     use_fused = bool(objective.fused_output) if fused is None else bool(fused)
 
     def forward_step(data_iterator, model):
-        mb = on_device(next(data_iterator))
+        mb = next(data_iterator)
+        check_micro_batch(mb, objective)
+        mb = on_device(mb)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb.get("teacher"),
                                   mb.get("old_logprobs"))  # fmt: skip
         if use_fused and is_last_stage(model):

@@ -39,6 +39,7 @@ class EOPDTeacher:
         model_config=None,
         dtype: str | None = None,
         seed: int = 1234,
+        timeout_minutes: int | None = None,
     ) -> EOPDTeacher:
         """Build and load the teacher at (tp, pp) (default: the caller's current TP and PP).
 
@@ -48,6 +49,8 @@ class EOPDTeacher:
                 trainer checkpoint; the shape recorded with it, or ``model_config``).
             model_config: a ``models.ModelConfig`` for checkpoints that record none.
             dtype: 'float32' / 'bfloat16' (default: the source's).
+            timeout_minutes: of the teacher layout's process groups; default: your default
+                group's (Megatron-LM's ``--distributed-timeout-minutes``).
         Collectives: the new groups of the teacher layout (every rank must call this with the same
         arguments), then the weight loading's (none for HF folders: each rank reads its slices).
         """
@@ -98,7 +101,8 @@ class EOPDTeacher:
             if dtype:
                 model_config = model_config.with_changes(params_dtype=dtype)
         model_config.check_layout(tp, pp, None, name="teacher")
-        layout = add_layout(TEACHER_LAYOUT, tp, pp, None, seed=seed)
+        layout = add_layout(TEACHER_LAYOUT, tp, pp, None, seed=seed,
+                            timeout_minutes=timeout_minutes)  # fmt: skip
         with use_layout(TEACHER_LAYOUT):
             frozen = FrozenTeacher(build_model(model_config))
             if hf:
@@ -144,11 +148,13 @@ class EOPDTeacher:
         teacher logits are kept, the fused loss recomputes them chunk by chunk. Needs the
         teacher's TP group to be the caller's and no teacher pipeline (ValueError otherwise).
         Collectives: the teacher forward's TP all-reduces."""
+        import torch
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         from megatron_eaopd.losses.output_layer import hidden_states_output
         from megatron_eaopd.parallel.init import use_layout
+        from megatron_eaopd.plugin.forward import check_micro_batch
         from megatron_eaopd.trainer.batches import on_device
 
         mine = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
@@ -160,6 +166,14 @@ class EOPDTeacher:
                 f"parallelism (teacher tp={self.layout.tp}, pp={self.layout.pp}); use the "
                 "sampled form (attach) for other layouts"
             )
+        for mb in micro_batches:  # local to the TP group: a local error leaves no one waiting
+            check_micro_batch(mb)
+            if not isinstance(mb.get("tokens"), torch.Tensor):
+                raise ValueError(
+                    "attach_logits: a micro-batch without tokens (Megatron-LM's get_batch gives "
+                    "them only to the first pipeline stage): build the micro-batches with "
+                    "tokens on the last stage, or use PP 1 for offline distillation"
+                )
         with use_layout(TEACHER_LAYOUT):
             for mb in micro_batches:
                 dev = on_device({"tokens": mb["tokens"], "position_ids": mb["position_ids"]})

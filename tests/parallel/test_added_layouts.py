@@ -11,6 +11,8 @@ from tests.models import helpers
 
 
 def added_layout_worker(rank, world):
+    import datetime
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -23,6 +25,8 @@ def added_layout_worker(rank, world):
     )
 
     initialize_parallel(tp=1, pp=1, seed=3)  # the caller's own state: DP 2
+    # the caller's default group waits 7 minutes (Megatron-LM: --distributed-timeout-minutes)
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=7), dist.group.WORLD)
     register_current_layout("mine")
     gloo = ps.get_data_parallel_group_gloo()
     cpu_state = torch.get_rng_state()
@@ -37,6 +41,9 @@ def added_layout_worker(rank, world):
     out["gloo_sum"] = float(t)
     with use_layout("other"):
         out["tp_other"] = ps.get_tensor_model_parallel_world_size()
+        # the added groups take the caller's timeout (7 minutes here, not a fixed 30)
+        group = ps.get_tensor_model_parallel_group()
+        out["timeout"] = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
     out["dp_gloo_rank"] = dist.get_rank(group=ps.get_data_parallel_group_gloo())
     return out
 
@@ -45,6 +52,7 @@ def test_add_layout_keeps_the_callers_groups_and_rng():
     for r in run_distributed(added_layout_worker, 2, timeout=240):
         assert r["tp_after"] == 1 and r["tp_other"] == 2
         assert r["rng_kept"] and r["gloo_sum"] == 2.0 and r["dp_gloo_rank"] in (0, 1)
+        assert r["timeout"] == 7 * 60
 
 
 def bad_input_worker(rank, world):
@@ -58,7 +66,8 @@ def bad_input_worker(rank, world):
     with use_layout("teacher"):
         teacher = FrozenTeacher(build_model(cfg))
     messages = {}
-    for case in ("shapes", "token id", "masked label", "labels shape"):
+    cases = ("shapes", "token id", "masked label", "labels shape", "no tokens", "packed")
+    for case in cases:
         batches = helpers.make_batches(2, 2, 6, cfg.vocab_size)
         if rank == 1 and case == "shapes":  # one rank passes micro-batches of two shapes
             batches += helpers.make_batches(1, 2, 9, cfg.vocab_size)
@@ -71,6 +80,10 @@ def bad_input_worker(rank, world):
                 mb["loss_mask"][:, -1] = False
         if rank == 1 and case == "labels shape":
             batches[0]["labels"] = batches[0]["labels"][:, :-1]
+        if rank == 0 and case == "no tokens":  # Megatron-LM's get_batch on a last PP stage
+            batches[0]["tokens"] = None
+        if rank == 1 and case == "packed":
+            batches[1]["packed_seq_params"] = object()
         try:
             score_for_student(teacher, batches, k=4, vocab_size=cfg.vocab_size)
             messages[case] = None
@@ -85,6 +98,8 @@ def test_a_bad_input_on_one_rank_is_an_error_on_every_rank():
         assert "rank 0: token or label ids outside [0, vocab_size=" in messages["token id"]
         assert "rank 1: token or label ids outside" in messages["masked label"]
         assert "rank 1: labels of another shape than tokens" in messages["labels shape"]
+        assert "rank 0: micro-batches without tokens or labels" in messages["no tokens"]
+        assert "rank 1: packed sequences" in messages["packed"]
 
 
 @pytest.mark.parametrize("extra", [["parallel.teacher.pp=2", "parallel.teacher.vpp=2",

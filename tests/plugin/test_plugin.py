@@ -97,6 +97,11 @@ def test_flags_map_onto_the_schema():
         eopd_settings_from_args(parser.parse_args(["--eopd-tau", "-1"]))
     with pytest.raises(ConfigError, match="loss.objective"):
         eopd_settings_from_args(parser.parse_args(["--eopd-objective", "nope"]))
+    # Megatron-LM's own document-masking flags, on the same namespace
+    masked = parser.parse_args([])
+    masked.reset_attention_mask = True
+    with pytest.raises(ConfigError, match="--reset-attention-mask: document masking"):
+        eopd_settings_from_args(masked)
     jsd = "--eopd-fused-output: true is refused for loss.objective=jsd"
     for flags, word in ((["--eopd-teacher-tp", "0"], "--eopd-teacher-tp: must be >= 1"),
                         (["--eopd-teacher-pp", "-2"], "--eopd-teacher-pp: must be >= 1"),
@@ -304,3 +309,26 @@ def test_fused_loss_under_megatron_float16_module():
 
     (unfused, fused), *_ = run_distributed(_float16_worker, 1, timeout=300)
     assert math.isfinite(unfused) and fused == pytest.approx(unfused, rel=1e-3)
+
+
+def test_forward_step_refuses_packed_sequences_and_another_top_k():
+    """Checked before the model runs: no process group is needed to reach the errors."""
+    import torch
+
+    from megatron_eaopd.losses import ObjectiveConfig, TeacherPayload
+    from megatron_eaopd.plugin import check_micro_batch, eopd_forward_step
+
+    objective = ObjectiveConfig(top_k=16)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    mb = {"tokens": tokens, "labels": tokens, "position_ids": tokens,
+          "loss_mask": tokens.bool(), "packed_seq_params": object()}  # fmt: skip
+    step = eopd_forward_step(objective, 64)
+    with pytest.raises(ValueError, match="packed sequences"):
+        step(iter([mb]), model=None)
+    payload = TeacherPayload(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, 5, 4),
+                             torch.zeros(2, 5, 4, dtype=torch.long))  # fmt: skip
+    mb.update(packed_seq_params=None, teacher=payload)
+    with pytest.raises(ValueError, match="4 top-k columns but the objective's top_k is 16"):
+        step(iter([mb]), model=None)
+    check_micro_batch(mb, ObjectiveConfig(top_k=4))  # the width the objective asks for
+    check_micro_batch(dict(mb, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool)))
