@@ -247,7 +247,8 @@ class RolloutConfig:
     micro_batch_size: int = _f(4, ge=1)
     """Most sequences per forward/backward micro-batch (gradient accumulation inside a
     mini-batch): each data-parallel replica uses the largest divisor of its rows per optimizer
-    step that is at most this (8 rows and 16: one micro-batch of 8; 7 rows and 4: seven of 1)."""
+    step that is at most this (8 rows and 16: one micro-batch of 8; 7 rows and 4: seven of 1,
+    which the trainer warns about at the start)."""
     max_prompt_tokens: int = _f(1024, ge=1)
     """Longest prompt; longer prompts are an error before training starts."""
     max_response_tokens: int = _f(4096, ge=1)

@@ -13,7 +13,7 @@ import torch
 
 from megatron_eaopd.config import EAOPDConfig
 
-__all__ = ["check_data_config", "check_output_dir", "check_trainer_config"]
+__all__ = ["check_data_config", "check_output_dir", "check_trainer_config", "micro_batch_warning"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,35 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
     problems += _export_problems(cfg)
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+    warning = micro_batch_warning(cfg, world_size)
+    if warning and int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("%s", warning)
+
+
+def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
+    """A warning when a data-parallel replica's rows per optimizer step (its prompts of a
+    mini-batch, dealt round-robin, times samples_per_prompt) have no divisor near
+    ``rollout.micro_batch_size``: the update then runs many small micro-batches (7 rows and
+    micro-batch size 4: seven of 1), a slowdown nothing else reports. None when it is fine."""
+    from megatron_eaopd.trainer.batches import largest_divisor
+
+    r = cfg.rollout
+    s = cfg.parallel.student
+    dp = max(1, world_size // (s.tp * s.pp))
+    m = r.mini_batch_size
+    for prompts in sorted({m // dp, -(-m // dp)}):
+        rows = prompts * r.samples_per_prompt
+        want = min(rows, r.micro_batch_size)
+        if rows and 2 * largest_divisor(rows, r.micro_batch_size) <= want:
+            used = largest_divisor(rows, r.micro_batch_size)
+            return (
+                f"rollout.micro_batch_size={r.micro_batch_size}: a data-parallel replica has "
+                f"{rows} rows per optimizer step (mini_batch_size {m} / DP {dp} x "
+                f"samples_per_prompt {r.samples_per_prompt}), whose largest divisor <= "
+                f"{r.micro_batch_size} is {used}: {rows // used} micro-batches of {used}. Make "
+                "mini_batch_size x samples_per_prompt a multiple of DP x micro_batch_size"
+            )
+    return None
 
 
 def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:

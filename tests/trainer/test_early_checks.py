@@ -186,3 +186,34 @@ def test_a_new_run_does_not_take_over_another_runs_checkpoint_folder(tmp_path):
         check_output_dir(second)
     meta.write_text(json.dumps({"iteration": 4, "extra": {}}))  # saved by an older version
     check_output_dir(second)
+
+
+def test_micro_batches_that_shrink_to_a_poor_divisor_are_warned_about(tmp_path):
+    """Rows per replica and step with no divisor near rollout.micro_batch_size: a warning that
+    names the sizes; none for the shipped configs' layouts or an even split."""
+    from megatron_eaopd.trainer.checks import micro_batch_warning
+
+    def warn(world, *over):
+        cfg = load_config(TINY, ["rollout.samples_per_prompt=1", *over])
+        return micro_batch_warning(cfg, world)
+
+    tp = load_config(TINY).parallel.student.tp * load_config(TINY).parallel.student.pp
+    even = ["rollout.mini_batch_size=8", "rollout.micro_batch_size=4",
+            "rollout.prompts_per_iteration=16"]  # fmt: skip
+    assert warn(tp, *even) is None
+    text = warn(tp, "rollout.mini_batch_size=7", "rollout.micro_batch_size=4",
+                "rollout.prompts_per_iteration=14")  # fmt: skip
+    assert text and "7 rows per optimizer step" in text and "7 micro-batches of 1" in text, text
+    # DP 2 deals 7 prompts as 4 + 3
+    text = warn(2 * tp, "rollout.mini_batch_size=7", "rollout.micro_batch_size=3",
+                "rollout.prompts_per_iteration=14")  # fmt: skip
+    assert text is None  # 3 rows: one micro-batch of 3; 4 rows: two of 2 (not below half)
+    assert warn(2 * tp, "rollout.mini_batch_size=10", "rollout.micro_batch_size=4",
+                "rollout.prompts_per_iteration=20")  # fmt: skip
+    from tests.paper_configs import hf_overrides
+
+    for path in sorted(TINY.parent.glob("*.yaml")):  # the shipped configs at their world size
+        cfg = load_config(path, hf_overrides(path, str(tmp_path)))
+        p = cfg.parallel.student
+        for world in {p.tp * p.pp, 8 if path.name.startswith("qwen3") else 2 * p.tp * p.pp}:
+            assert micro_batch_warning(cfg, world) is None, (path.name, world)
