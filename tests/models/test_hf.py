@@ -182,9 +182,10 @@ def _gather64(logits, vocab):
 
 
 def _failing_export(chunks, export_root: str) -> list:
-    """Rank 0's disk fills up at the first of several shards: every rank must raise (not block
-    sending the next shard's blocks) and no folder may be left. Returns the errors each rank
-    saw, the folder's listing and the number of shard writes rank 0 tried."""
+    """Rank 0's disk fills up at the first of several shards, then (a second export) rank 1
+    fails casting its blocks of the second shard: every rank must raise (not block in a send or
+    a receive) and no folder may be left. Returns the errors each rank saw, the folder's
+    listing and the number of shard writes rank 0 tried."""
     import torch.distributed as dist
 
     from megatron_eaopd.models.hf import save
@@ -197,6 +198,14 @@ def _failing_export(chunks, export_root: str) -> list:
             raise OSError(28, "No space left on device")
         write(tensors, path)
 
+    prepare, prepared = save._prepare_shard, [0]
+
+    def out_of_memory(*args):
+        prepared[0] += 1
+        if prepared[0] == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return prepare(*args)
+
     if dist.get_rank() == 0:
         save._write_safetensors = full_disk
     errors = []
@@ -207,6 +216,16 @@ def _failing_export(chunks, export_root: str) -> list:
         errors.append(str(exc))
     finally:
         save._write_safetensors = write
+    # rank 1 (a sender) fails casting its blocks of the second shard: nobody waits in a send
+    if dist.get_rank() == 1:
+        save._prepare_shard = out_of_memory
+    try:
+        save.save_hf_weights(chunks, os.path.join(export_root, "full"), dtype="fp32",
+                             max_shard_bytes=100_000)  # fmt: skip
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    finally:
+        save._prepare_shard = prepare
     return [errors, sorted(os.listdir(export_root)), calls[0]]
 
 
@@ -249,8 +268,9 @@ def test_hf_models_match_transformers_at_every_layout(hf_models, tmp_path):
     # the export that fails on rank 0's first shard: all 4 ranks raised, nothing left behind
     assert failed[0][2] == 1, failed  # rank 0 stopped at the first of several shards
     for errors, listing, _ in failed:
-        assert len(errors) == 1 and "No space left on device" in errors[0], errors
+        assert len(errors) == 2 and "No space left on device" in errors[0], errors
         assert "rank 0: OSError" in errors[0], errors
+        assert "rank 1: RuntimeError: out of memory (simulated)" in errors[1], errors
         assert not any(name.startswith("full") for name in listing), listing
     diffs = {}
     for (tp, pp, kind), out in sorted(results.items()):

@@ -177,8 +177,10 @@ def save_hf_weights(
         out_dir.
     Collectives (WORLD): 1 all_gather_object of the block manifests (keys and ranges, no data);
     one send/recv to rank 0 per block held by another rank (each in `dtype`); 1 all_gather_object
-    of every rank's status before the first shard and after each (so a failure on any rank, such
-    as rank 0's disk filling up, stops all ranks instead of leaving them blocked in sends);
+    of every rank's status at the start and twice per shard: after its local work (casts, rank
+    0's buffers) and after its transfer and write. A failure there on any rank (out of memory,
+    rank 0's disk filling up) stops all ranks instead of leaving them blocked in sends or
+    receives; a failure of the point-to-point transfer itself is left to the group's timeout;
     1 broadcast_object of rank 0's outcome and a barrier.
     """
     from megatron.core import parallel_state as ps
@@ -242,9 +244,17 @@ def save_hf_weights(
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
 
-            def one_shard(keys=keys, name=name):
+            # the shard's local work that can fail (casts, rank 0's buffers: out of memory)
+            # before any block moves, then the transfer and the write
+            prepared = []
+            error = _agree(_step(lambda keys=keys, prepared=prepared: prepared.append(
+                _prepare_shard(keys, shapes, plan, mine, dtype, rank))))  # fmt: skip
+            if error:
+                break
+
+            def one_shard(name=name, prepared=prepared):
                 nonlocal total_bytes
-                tensors = _gather_shard(keys, shapes, plan, mine, dtype, rank, bar)
+                tensors = _transfer_shard(prepared.pop(), rank, bar)
                 if rank == 0:
                     _write_safetensors(tensors, os.path.join(tmp, name))
                     for key, t in tensors.items():
@@ -258,6 +268,7 @@ def save_hf_weights(
                               ids, generation_config),
                 _commit(tmp, out_dir, overwrite),
             ))  # fmt: skip
+            error = f"rank 0: {error}" if error else None
         committed = rank == 0 and not error
         if _world() > 1:
             status = [error]
@@ -276,29 +287,42 @@ def save_hf_weights(
     return out_dir
 
 
-def _gather_shard(keys, shapes, plan, mine, dtype, rank, bar) -> dict:
-    """Rank 0: {key: full CPU tensor} of one shard; other ranks send their blocks and get {}.
-
-    Blocks travel on the compute device (NCCL needs CUDA tensors; gloo on CPU uses the CPU).
-    """
+def _prepare_shard(keys, shapes, plan, mine, dtype, rank) -> list:
+    """Everything of one shard that needs memory, before any block moves: this rank's own blocks
+    cast to ``dtype`` on the compute device and, on rank 0, the full CPU tensors and a receive
+    buffer per block of another rank. Returns [(key, full or None, [(owner, slices, block)])].
+    No communication (NCCL needs CUDA tensors; gloo on CPU uses the CPU)."""
     from megatron_eaopd.parallel.init import compute_device
 
     device = compute_device()
-    tensors = {}
+    out = []
     for key in keys:
         full = torch.empty(shapes[key], dtype=dtype) if rank == 0 else None
+        blocks = []
         for owner, index in plan[key]:
             slices = tuple(slice(a, b) for a, b in index)
             if owner == rank:
-                block = mine[(key, index)].to(device=device, dtype=dtype).contiguous()
-                if rank == 0:
-                    full[slices].copy_(block)
-                else:
-                    dist.send(block, dst=0)
+                blocks.append((owner, slices, mine[(key, index)].to(device=device, dtype=dtype)
+                               .contiguous()))  # fmt: skip
             elif rank == 0:
-                block = torch.empty(tuple(b - a for a, b in index), dtype=dtype, device=device)
+                shape = tuple(b - a for a, b in index)
+                blocks.append((owner, slices, torch.empty(shape, dtype=dtype, device=device)))
+        out.append((key, full, blocks))
+    return out
+
+
+def _transfer_shard(prepared: list, rank: int, bar) -> dict:
+    """Rank 0: {key: full CPU tensor} of one prepared shard; other ranks send their blocks and
+    get {}. Collectives: 1 send/recv per block held by a rank other than 0."""
+    tensors = {}
+    for key, full, blocks in prepared:
+        for owner, slices, block in blocks:
+            if owner == rank and rank != 0:
+                dist.send(block, dst=0)
+                continue
+            if owner != rank:
                 dist.recv(block, src=owner)
-                full[slices].copy_(block)
+            full[slices].copy_(block)
         if rank == 0:
             tensors[key] = full
             if bar is not None:
@@ -380,6 +404,11 @@ def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
             os.rename(out_dir, old)
         else:
             raise FileExistsError(f"output folder {out_dir!r} appeared during the export")
-    os.rename(tmp, out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if old is not None:  # put the earlier export back
+            os.rename(old, out_dir)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
