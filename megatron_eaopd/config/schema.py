@@ -322,7 +322,8 @@ class TrainingConfig:
     """Evaluate before the first update."""
     checkpoint_dir: str | None = None
     """Checkpoint folder; null: <output_dir>/checkpoints. One run's: each save records its
-    output_dir, and a new output_dir pointed at another run's checkpoints is refused."""
+    output_dir, and another output_dir pointed at it is refused while that run's folder (with
+    its config.yaml) exists."""
     checkpoint_interval: int = _f(0, ge=0)
     """Save every this many iterations (and at the end); 0: only at the end."""
     keep_checkpoints: int | None = _f(None, ge=1)

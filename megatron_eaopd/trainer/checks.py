@@ -171,9 +171,9 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             "overwrite its checkpoints and metrics. Use a new training.output_dir, delete the "
             "folder, or set training.resume=true to continue that run"
         )
+    _check_foreign_checkpoints(cfg, ckpt_dir, name)
     saved_path = os.path.join(t.output_dir, "config.yaml")
     if not os.path.isfile(saved_path):
-        _check_foreign_checkpoints(cfg, ckpt_dir, name)
         return
     try:
         saved = config_to_dict(load_config(saved_path))
@@ -213,23 +213,30 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
 
 
 def _check_foreign_checkpoints(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> None:
-    """A new run folder (no config.yaml) whose ``training.checkpoint_dir`` holds checkpoints
-    another run folder wrote (recorded in their metadata): resuming would silently continue that
-    run here. A folder whose metadata records no run folder (older versions) is not checked."""
+    """Two live runs sharing one ``training.checkpoint_dir``: refused when it is set outside
+    ``training.output_dir`` and its checkpoints record another run folder (saved by
+    ``Trainer.save``) that still holds its config.yaml; resuming would continue that run here.
+    A moved run (its old folder gone), checkpoints copied into a run folder (the default
+    checkpoint_dir) and saves that record no folder (older versions, imports) are accepted."""
     from megatron_eaopd.models.checkpoint import read_meta
 
+    t = cfg.training
+    here = os.path.realpath(t.output_dir)
+    if not t.checkpoint_dir or os.path.realpath(t.checkpoint_dir).startswith(here + os.sep):
+        return
     try:
         owner = read_meta(os.path.join(ckpt_dir, name)).get("extra", {}).get("output_dir")
     except (OSError, ValueError):
         return  # an incomplete or unreadable save: load_checkpoint reports it
-    here = os.path.abspath(cfg.training.output_dir)
-    if owner and os.path.realpath(owner) != os.path.realpath(here):
+    if not owner or os.path.realpath(owner) == here:
+        return
+    if os.path.isfile(os.path.join(owner, "config.yaml")):
         raise ValueError(
-            f"training.checkpoint_dir={ckpt_dir} holds checkpoints of the run in {owner} "
-            f"({name}), and training.output_dir={cfg.training.output_dir} is a new run folder: "
-            "resuming would continue that run here. Give this run its own "
-            "training.checkpoint_dir, set training.output_dir to that run's folder to continue "
-            "it, or start from its weights with model.student_checkpoint"
+            f"training.checkpoint_dir={t.checkpoint_dir} holds checkpoints of the run in {owner} "
+            f"({name}), not of training.output_dir={t.output_dir}: resuming would continue "
+            "that run here. Give this run its own training.checkpoint_dir, set "
+            "training.output_dir to that run's folder to continue it, or start from its weights "
+            "with model.student_checkpoint"
         )
 
 

@@ -163,29 +163,47 @@ def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):
         check_trainer_config(cfg, 2)
 
 
-def test_a_new_run_does_not_take_over_another_runs_checkpoint_folder(tmp_path):
-    """Two run folders pointed at one training.checkpoint_dir: the second (no config.yaml yet)
-    would resume the first's run; refused. The owning folder itself, a run folder with its own
-    config.yaml (moved runs) and checkpoints that record no owner (older saves) are accepted."""
+def test_a_run_does_not_take_over_another_runs_checkpoint_folder(tmp_path):
+    """Two run folders pointed at one training.checkpoint_dir while the first still exists: the
+    second would resume the first's run; refused, with or without its own config.yaml. The
+    owning folder itself, a moved run (its old folder gone), checkpoints copied into a run's
+    default checkpoint folder and saves that record no owner (older versions) are accepted."""
     import json
+    import shutil
 
+    from megatron_eaopd.config import save_resolved
     from megatron_eaopd.trainer.loop import check_output_dir
 
+    derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]
     ckpt = tmp_path / "shared"
     (ckpt / "iter_0000004").mkdir(parents=True)
     (ckpt / "latest").write_text("iter_0000004\n")
     meta = ckpt / "iter_0000004" / "eaopd_meta.json"
     meta.write_text(json.dumps({"iteration": 4, "extra": {"output_dir": str(tmp_path / "a")}}))
-    base = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0",
-            f"training.checkpoint_dir={ckpt}"]  # fmt: skip
-    check_output_dir(load_config(TINY, [*base, f"training.output_dir={tmp_path}/a"]))
-    check_output_dir(load_config(TINY, [*base, f"training.output_dir={tmp_path}/x/../a"]))
-    second = load_config(TINY, [*base, f"training.output_dir={tmp_path}/b"])
+
+    def cfg(out, shared=True):
+        extra = [f"training.checkpoint_dir={ckpt}"] if shared else []
+        return load_config(TINY, [*derived, *extra, f"training.output_dir={out}"])
+
+    owner = cfg(tmp_path / "a")
+    save_resolved(owner, str(tmp_path / "a" / "config.yaml"))
+    check_output_dir(owner)
+    check_output_dir(cfg(f"{tmp_path}/x/../a"))  # the same folder, spelled otherwise
     owned = r"holds checkpoints of the run in .*/a \(iter_0000004\).*Give this run its own"
     with pytest.raises(ValueError, match=owned):
-        check_output_dir(second)
+        check_output_dir(cfg(tmp_path / "b"))  # a new run folder
+    save_resolved(cfg(tmp_path / "c"), str(tmp_path / "c" / "config.yaml"))
+    with pytest.raises(ValueError, match=owned):
+        check_output_dir(cfg(tmp_path / "c"))  # another run's folder, same settings
+    # checkpoints copied into a new run's default folder (forking a run): accepted
+    shutil.copytree(ckpt, tmp_path / "fork" / "checkpoints")
+    check_output_dir(cfg(tmp_path / "fork", shared=False))
+    # the run moved away (its old folder no longer exists): accepted
+    (tmp_path / "a" / "config.yaml").rename(tmp_path / "a.yaml")
+    check_output_dir(cfg(tmp_path / "b"))
+    (tmp_path / "a.yaml").rename(tmp_path / "a" / "config.yaml")
     meta.write_text(json.dumps({"iteration": 4, "extra": {}}))  # saved by an older version
-    check_output_dir(second)
+    check_output_dir(cfg(tmp_path / "b"))
 
 
 def test_micro_batches_that_shrink_to_a_poor_divisor_are_warned_about(tmp_path):
