@@ -49,15 +49,20 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
     warning = micro_batch_warning(cfg, world_size)
-    if warning and int(os.environ.get("RANK", "0")) == 0:
+    if warning and warning not in _WARNED and int(os.environ.get("RANK", "0")) == 0:
+        _WARNED.add(warning)  # the CLI and Trainer.setup both check: say it once
         logger.warning("%s", warning)
+
+
+_WARNED: set = set()
 
 
 def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     """A warning when a data-parallel replica's rows per optimizer step (its prompts of a
-    mini-batch, dealt round-robin, times samples_per_prompt) have no divisor near
-    ``rollout.micro_batch_size``: the update then runs many small micro-batches (7 rows and
-    micro-batch size 4: seven of 1), a slowdown nothing else reports. None when it is fine."""
+    mini-batch, dealt round-robin, times samples_per_prompt) have no divisor above half of
+    ``rollout.micro_batch_size`` (or of the rows, when fewer): the update then runs many small
+    micro-batches (7 rows and micro-batch size 4: seven of 1), a slowdown nothing else reports.
+    None when it is fine."""
     from megatron_eaopd.trainer.batches import largest_divisor
 
     r = cfg.rollout
@@ -74,7 +79,8 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
                 f"{rows} rows per optimizer step (mini_batch_size {m} / DP {dp} x "
                 f"samples_per_prompt {r.samples_per_prompt}), whose largest divisor <= "
                 f"{r.micro_batch_size} is {used}: {rows // used} micro-batches of {used}. Make "
-                "mini_batch_size x samples_per_prompt a multiple of DP x micro_batch_size"
+                "mini_batch_size a multiple of DP and (mini_batch_size / DP) x "
+                "samples_per_prompt a multiple of micro_batch_size"
             )
     return None
 

@@ -331,4 +331,5 @@ def test_forward_step_refuses_packed_sequences_and_another_top_k():
     with pytest.raises(ValueError, match="4 top-k columns but the objective's top_k is 16"):
         step(iter([mb]), model=None)
     check_micro_batch(mb, ObjectiveConfig(top_k=4))  # the width the objective asks for
+    check_micro_batch(mb, ObjectiveConfig(name="opd"))  # no forward KL: any width serves
     check_micro_batch(dict(mb, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool)))
