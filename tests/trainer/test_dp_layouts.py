@@ -47,9 +47,9 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    """Tokenizer and prepared-model caches shared by the module's runs (their keys do not depend
-    on the layout): the first run trains the teacher and the student warm start, the others load
-    them at their own layouts."""
+    """Tokenizer and prepared-model caches shared by the DP 2 and DP 4 runs (their keys do not
+    depend on the layout): the first trains the teacher and the student warm start, the other
+    loads them at its own layout. The 8-rank run prepares its own at TP 2 x PP 2 x DP 2."""
     return str(tmp_path_factory.mktemp("dp-caches"))
 
 
@@ -175,22 +175,20 @@ def test_trainer_with_data_parallel_student(tmp_path, caches, world, layout):
     _check_samples(f"{tmp_path}/run", evals, 7)  # eval.save_samples: 16 by default
 
 
-def test_trainer_tp2_pp2_dp2_on_8_ranks_then_resumed_at_tp1_dp4(tmp_path, caches):
+def test_trainer_tp2_pp2_dp2_on_8_ranks_then_resumed_at_tp1_dp4(tmp_path):
     """The shipped 8-GPU configs' layout (TP 2 x PP 2 x DP 2; ~50 s on 2 cores)."""
     tmp = str(tmp_path)
     # one iteration at 8 ranks (evaluated before and after it), the second after the resume
     first = _run(
         8,
-        _cfg(
-            tmp, "run", ((2, 2), (2, 2)), ["eval.save_samples=3", "training.iterations=1"], caches
-        ),
+        _cfg(tmp, "run", ((2, 2), (2, 2)), ["eval.save_samples=3", "training.iterations=1"]),
     )
     _, evals = _check_run(f"{tmp}/run", 1)
     _check_samples(f"{tmp}/run", evals, 3)
     assert (tmp_path / "run" / "eval_samples" / "teacher_iter_0000000.jsonl").is_file()
     saved = helpers.assemble([r["end"] for r in first])
 
-    cfg = _cfg(tmp, "run", ((1, 1), (2, 1)), caches=caches)
+    cfg = _cfg(tmp, "run", ((1, 1), (2, 1)))
     second = _run(4, cfg)
     assert all(r["from"] == 1 for r in second)
     loaded = helpers.assemble([r["start"] for r in second])
