@@ -82,6 +82,7 @@ def normalize_answer(answer: str) -> str:
         ("\\tfrac", "\\frac"),
         ("^\\circ", ""),
         ("^{\\circ}", ""),
+        ("\\$", ""),
         ("$", ""),
     ):
         s = s.replace(old, new)
@@ -92,21 +93,33 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-_FRAC = re.compile(r"^(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?$")
+# \frac{12}{3}, or without braces one digit each (LaTeX's \frac123 is 1/2 followed by 3)
+_FRAC = re.compile(r"^(-?)\\frac(?:\{(-?\d+)\}|(\d))(?:\{(-?\d+)\}|(\d))$")
 _NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 
 
+# Longest number text and largest decimal exponent read as numbers: a model that loops on
+# digits (or writes 1e999999999) must get a wrong answer, not a conversion that raises (Python
+# refuses int() of more than 4300 digits) or takes minutes.
+MAX_NUMBER_CHARS = 200
+MAX_EXPONENT = 1000
+
+
 def parse_number(answer: str) -> Fraction | None:
-    """Read a normalised answer as an exact number, or None when it is not one."""
+    """Read a normalised answer as an exact number, or None when it is not one (also when it
+    is longer than MAX_NUMBER_CHARS or its exponent exceeds MAX_EXPONENT)."""
     s = normalize_answer(answer)
     percent = s.endswith("\\%") or s.endswith("%")
     s = s.removesuffix("\\%").removesuffix("%")
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     value: Fraction | None = None
     m = _FRAC.match(s)
     if m:
-        sign, num, den = m.groups()
+        sign, num_braced, num_digit, den_braced, den_digit = m.groups()
+        num, den = num_braced or num_digit, den_braced or den_digit
         if int(den) != 0:
             value = Fraction(int(num), int(den)) * (-1 if sign else 1)
     elif re.fullmatch(r"-?\d+/-?\d+", s):
@@ -114,6 +127,9 @@ def parse_number(answer: str) -> Fraction | None:
         if int(den) != 0:
             value = Fraction(int(num), int(den))
     elif _NUM.match(s):
+        exponent = re.search(r"[eE]([-+]?\d+)$", s)
+        if exponent and abs(int(exponent.group(1))) > MAX_EXPONENT:
+            return None
         value = Fraction(s)
     if value is not None and percent:
         value /= 100

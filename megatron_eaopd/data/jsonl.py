@@ -4,14 +4,17 @@ Each line of a ``.jsonl`` file is one JSON object (format in docs/tasks.md)::
 
     {"id": "math-17", "prompt": "What is 2+3?", "answer": "5", "solutions": ["2+3=5 \\\\boxed{5}"]}
 
-``prompt`` (non-empty string) and ``answer`` (string or number) are required; ``id`` (default:
-``<file stem>-<line>``), ``solutions`` (list of strings) or ``solution`` (string) are optional; any
-other key is kept in :attr:`Problem.meta`. Blank lines are skipped.
+``prompt`` (non-empty string) and ``answer`` (non-empty string or finite number) are required;
+``id`` (string or integer; default, also for null: ``<file stem>-<line>``), ``solutions`` (list
+of strings) or ``solution`` (string) are optional; any other key is kept in
+:attr:`Problem.meta`. Blank lines are skipped; the file is UTF-8 (a byte-order mark is skipped).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,24 +26,56 @@ __all__ = ["JsonlTask", "read_prompt_file"]
 
 
 def _records(path: Path) -> list[tuple[int, Any]]:
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise TaskError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    data = path.read_bytes()
+    try:  # utf-8-sig: a byte-order mark at the start is skipped
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise TaskError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}; a compressed or "
+            "otherwise encoded file?): save it as UTF-8 JSON Lines"
+        ) from err
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise TaskError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from err
+    # lines as a text-mode file splits them (\n, \r\n, \r), not str.splitlines (\u2028 ...)
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise TaskError(
+                f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})"
+            ) from err
+        except ValueError as err:  # e.g. an integer of more than 4300 digits
+            raise TaskError(f"{path}:{lineno}: unreadable JSON value ({err})") from err
     return out
+
+
+def _encodable(text: str) -> bool:
+    """False for text with lone surrogates (JSON escapes like \\ud83d without their pair),
+    which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _answer(value: Any) -> str | None:
+    """The answer as text, or None when it is not a non-empty string or a finite number."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
 
 
 def read_prompt_file(
@@ -58,6 +93,8 @@ def read_prompt_file(
             records; the message names the file and line.
     """
     p = Path(path)
+    if p.is_dir():
+        raise TaskError(f"{p} is a directory, not a prompt file (.jsonl or .parquet)")
     if not p.is_file():
         raise TaskError(f"prompt file not found: {p}")
     problems: list[Problem] = []
@@ -69,8 +106,15 @@ def read_prompt_file(
         prompt = rec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise TaskError(f"{where}: 'prompt' must be a non-empty string")
-        if "answer" not in rec or rec["answer"] is None or isinstance(rec["answer"], dict | list):
-            raise TaskError(f"{where}: 'answer' must be a string or a number")
+        answer = _answer(rec.get("answer"))
+        if answer is None:
+            raise TaskError(
+                f"{where}: 'answer' must be a non-empty string or a finite number, got "
+                f"{rec.get('answer')!r}"
+            )
+        for key, text in (("prompt", prompt), ("answer", answer)):
+            if not _encodable(text):
+                raise TaskError(f"{where}: {key!r} holds an invalid character (a lone surrogate)")
         sols = rec.get("solutions", rec.get("solution", []))
         if isinstance(sols, str):
             sols = [sols]
@@ -78,7 +122,12 @@ def read_prompt_file(
             raise TaskError(f"{where}: 'solutions' must be a list of strings")
         if require_solutions and not sols:
             raise TaskError(f"{where}: a training prompt needs 'solutions' (or 'solution')")
-        uid = str(rec.get("id", f"{p.stem}-{lineno}"))
+        uid = rec.get("id")
+        if uid is None:
+            uid = f"{p.stem}-{lineno}"
+        elif isinstance(uid, bool) or not isinstance(uid, str | int) or not str(uid).strip():
+            raise TaskError(f"{where}: 'id' must be a non-empty string or an integer, got {uid!r}")
+        uid = str(uid)
         if uid in seen:
             raise TaskError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
         seen[uid] = lineno
@@ -87,7 +136,7 @@ def read_prompt_file(
             for k, v in rec.items()
             if k not in ("id", "prompt", "answer", "solutions", "solution")
         }
-        problems.append(Problem(uid, prompt + prompt_suffix, str(rec["answer"]), tuple(sols), meta))
+        problems.append(Problem(uid, prompt + prompt_suffix, answer, tuple(sols), meta))
     if not problems:
         raise TaskError(f"{p}: no prompts (the file is empty)")
     return problems
@@ -123,6 +172,8 @@ class JsonlTask(Task):
             stem = Path(f).stem
             if stem in self._eval:
                 raise TaskError(f"two eval files share the name {stem!r}: rename one")
+            if stem == "mean":  # the metrics' "mean/..." keys average over the sets
+                raise TaskError(f"eval file {f}: the set name 'mean' is reserved: rename the file")
             self._eval[stem] = read_prompt_file(f, prompt_suffix)
 
     @classmethod

@@ -10,6 +10,8 @@ fix.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +76,16 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     tok = cfg.tokenizer
     try:
         tokenizer = build_tokenizer(tok, task)
-    except (OSError, ValueError, ImportError) as err:
-        if tok.kind == "task":  # training the task tokenizer: not a path problem
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        need = re.search(r"required_chars\. \d+ vs (\d+)", str(err))  # sentencepiece's words
+        if tok.kind == "task" and need:
+            raise TaskError(
+                f"tokenizer.vocab_size={tok.vocab_size} is below the {need.group(1)} pieces the "
+                "task tokenizer needs (every distinct character of the task's text, plus its "
+                f"special tokens): set tokenizer.vocab_size to at least {need.group(1)}, or use a "
+                "pretrained tokenizer (tokenizer.kind / tokenizer.path)"
+            ) from err
+        if tok.kind == "task" or isinstance(err, RuntimeError):  # not a path problem
             raise
         raise TaskError(
             f"tokenizer.path={tok.path!r}: the {tok.kind} tokenizer does not load "
@@ -92,6 +102,11 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     distill = task.distill_problems()
     longest = validate_prompt_lengths(distill, encode, limit, "distillation prompts")
     eval_sets = dict(task.eval_sets())
+    if not eval_sets:
+        logging.getLogger(__name__).warning(
+            "the task has no evaluation sets (task.eval_files is empty): evaluations will "
+            "measure nothing; add held-out prompt files to task.eval_files"
+        )
     for name, problems in eval_sets.items():
         longest = max(
             longest, validate_prompt_lengths(problems, encode, limit, f"'{name}' prompts")

@@ -141,7 +141,8 @@ def validate_prompt_lengths(
 ) -> int:
     """Raise :class:`TaskError` naming the first prompt longer than ``max_tokens`` tokens.
 
-    Also rejects an empty prompt set. Returns the longest prompt length found.
+    Also rejects an empty prompt set and a prompt that encodes to no token. Returns the longest
+    prompt length found.
     """
     if len(problems) == 0:
         raise TaskError(f"the {what} set is empty")
@@ -149,6 +150,11 @@ def validate_prompt_lengths(
     too_long = []
     for p in problems:
         n = len(encode(p.prompt))
+        if n == 0:  # a tokenizer without BOS can encode some text to nothing
+            raise TaskError(
+                f"{what}: {p.uid!r} encodes to no token with this tokenizer: drop it or give "
+                "it text the tokenizer knows"
+            )
         longest = max(longest, n)
         if n > max_tokens:
             too_long.append((p.uid, n))

@@ -46,6 +46,14 @@ def test_extract_boxed(text, expected):
         ("$12$", Fraction(12)),
         ("x+1", None),
         ("1/0", None),
+        ("\\frac{12}{3}", Fraction(4)),
+        ("\\frac123", None),  # LaTeX: (1/2)3, not 12/3
+        ("\\$18.90", Fraction(189, 10)),
+        ("9" * 4400, None),  # a model looping on digits: not a number, not a crash
+        ("\\frac{" + "3" * 4400 + "}{7}", None),
+        ("1e10000000", None),  # would take minutes as an exact Fraction
+        ("1e-1001", None),
+        ("2.5e3", Fraction(2500)),
     ],
 )
 def test_parse_number(answer, value):
@@ -66,6 +74,10 @@ def test_parse_number(answer, value):
         ("\\boxed{13}", "12", False),
         ("12", "12", False),
         ("\\boxed{0.3333}", "\\frac{1}{3}", False),
+        ("\\boxed{18.9}", "\\$18.90", True),
+        ("\\boxed{\\$5}", "5", True),
+        ("\\boxed{\\frac123}", "4", False),
+        ("\\boxed " + "9" * 4400, "5", False),
     ],
 )
 def test_check_answer_fallback(response, reference, ok):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,24 @@ def test_fewer_prompts_than_one_iteration_are_refused_before_any_compute(tmp_pat
         len(prepare_data(load_config(None, [*base, "rollout.prompts_per_iteration=4"])).distill)
         == 4
     )
+
+
+def test_a_task_tokenizer_too_small_for_the_characters_names_the_key(tmp_path, caplog):
+    """Text with more distinct characters (here 60 CJK ones) than tokenizer.vocab_size: a
+    TaskError naming tokenizer.vocab_size and the size that works (sentencepiece's own count),
+    and that size then trains. Without eval files a warning says evaluations measure nothing."""
+    distill = tmp_path / "d.jsonl"
+    chars = [chr(0x4E00 + i) for i in range(60)]
+    rows = [{"prompt": "".join(chars[i : i + 12]), "answer": str(i)} for i in range(0, 60, 6)]
+    distill.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    base = ["task.name=jsonl", f"task.distill_file={distill}", "model.teacher_checkpoint=x",
+            f"tokenizer.cache_dir={tmp_path / 'tok'}", "rollout.mini_batch_size=2",
+            "rollout.prompts_per_iteration=4"]  # fmt: skip
+    with pytest.raises(TaskError, match=r"tokenizer.vocab_size=40 is below the (\d+) pieces") as e:
+        prepare_data(load_config(None, [*base, "tokenizer.vocab_size=40"]))
+    need = re.search(r"at least (\d+)", str(e.value)).group(1)
+    assert int(need) >= 60
+    with caplog.at_level("WARNING"):
+        data = prepare_data(load_config(None, [*base, f"tokenizer.vocab_size={need}"]))
+    assert data.vocab_size >= 60
+    assert "no evaluation sets" in caplog.text

@@ -103,12 +103,48 @@ def test_jsonl_task_reads_all_fields(tmp_path):
         ),
         ([], "no prompts"),
         ([""], "no prompts"),
+        # answers that would score as right or wrong by accident
+        ([{"prompt": "a", "answer": ""}], r"'answer' must be a non-empty string or a finite"),
+        ([{"prompt": "a", "answer": "  "}], "'answer' must be"),
+        ([{"prompt": "a", "answer": True}], "'answer' must be"),
+        (['{"prompt": "a", "answer": NaN}'], "'answer' must be"),
+        (['{"prompt": "a", "answer": 1e400}'], "'answer' must be"),
+        ([{"id": "", "prompt": "a", "answer": 1}], r"bad\.jsonl:1: 'id' must be a non-empty"),
+        ([{"id": [1], "prompt": "a", "answer": 1}], "'id' must be"),
+        (['{"prompt": "a \\ud83d.", "answer": 1}'], r"bad\.jsonl:1: 'prompt' holds an invalid"),
+        (['{"prompt": "a", "answer": ' + "9" * 5000 + "}"], r"bad\.jsonl:1: unreadable JSON"),
     ],
 )
 def test_malformed_prompt_files(tmp_path, rows, message):
     path = _jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(TaskError, match=message):
         read_prompt_file(path)
+
+
+def test_encodings_directories_and_reserved_names(tmp_path):
+    """Not UTF-8 (Latin-1, gzip): an error naming the file and line; a byte-order mark and an
+    upper-case .JSONL are read; null ids take the default; a directory and an eval set named
+    'mean' (the average's key) are refused."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "a", "answer": 1}\n{"prompt": "caf\xe9", "answer": 1}\n')
+    with pytest.raises(TaskError, match=r"latin\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_prompt_file(latin)
+    gz = tmp_path / "g.jsonl"
+    gz.write_bytes(b"\x1f\x8b\x08\x00" + bytes(20))
+    with pytest.raises(TaskError, match=r"g\.jsonl:1: not UTF-8 text \(byte 0x8b"):
+        read_prompt_file(gz)
+    bom = tmp_path / "BOM.JSONL"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\r\n{"id": null, "prompt": "b", '
+                    b'"answer": "x"}\r\n')  # fmt: skip
+    problems = read_prompt_file(bom)
+    assert [(q.uid, q.prompt, q.answer) for q in problems] == [("BOM-1", "a", "1"),
+                                                                ("BOM-2", "b", "x")]  # fmt: skip
+    with pytest.raises(TaskError, match="is a directory, not a prompt file"):
+        read_prompt_file(tmp_path)
+    distill = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": 1}])
+    mean = _jsonl(tmp_path / "mean.jsonl", [{"prompt": "a", "answer": 1}])
+    with pytest.raises(TaskError, match="the set name 'mean' is reserved"):
+        load_task(TaskConfig(name="jsonl", distill_file=str(distill), eval_files=[str(mean)]))
 
 
 def test_missing_files_and_settings(tmp_path):
@@ -176,3 +212,7 @@ def test_prompt_length_limit_and_empty_set():
         validate_prompt_lengths(problems, encode, 4)
     with pytest.raises(TaskError, match="empty"):
         validate_prompt_lengths([], encode, 4)
+    # a tokenizer without BOS may encode a prompt to nothing: named before any compute
+    blank = [Problem("a", "one", "1"), Problem("zw", " ", "2")]
+    with pytest.raises(TaskError, match=r"'zw' encodes to no token"):
+        validate_prompt_lengths(blank, str.split, 4)
