@@ -101,7 +101,7 @@ _NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 # Longest number text and largest decimal exponent read as numbers: a model that loops on
 # digits (or writes 1e999999999) must get a wrong answer, not a conversion that raises (Python
 # refuses int() of more than 4300 digits) or takes minutes.
-MAX_NUMBER_CHARS = 200
+MAX_NUMBER_CHARS = 4000
 MAX_EXPONENT = 1000
 
 
@@ -111,10 +111,12 @@ def parse_number(answer: str) -> Fraction | None:
     s = normalize_answer(answer)
     percent = s.endswith("\\%") or s.endswith("%")
     s = s.removesuffix("\\%").removesuffix("%")
-    if len(s) > MAX_NUMBER_CHARS:
+    if len(s) > 2 * MAX_NUMBER_CHARS:  # a cheap bound before the regular expressions
         return None
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
     value: Fraction | None = None
     m = _FRAC.match(s)
     if m:

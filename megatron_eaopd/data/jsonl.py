@@ -5,17 +5,20 @@ Each line of a ``.jsonl`` file is one JSON object (format in docs/tasks.md)::
     {"id": "math-17", "prompt": "What is 2+3?", "answer": "5", "solutions": ["2+3=5 \\\\boxed{5}"]}
 
 ``prompt`` (non-empty string) and ``answer`` (non-empty string or finite number) are required;
-``id`` (string or integer; default, also for null: ``<file stem>-<line>``), ``solutions`` (list
+``id`` (string or whole number; default, also for null: ``<file stem>-<line>``), ``solutions`` (list
 of strings) or ``solution`` (string) are optional; any other key is kept in
 :attr:`Problem.meta`. Blank lines are skipped; the file is UTF-8 (a byte-order mark is skipped).
 """
 
 from __future__ import annotations
 
+import codecs
+import decimal
 import io
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +35,11 @@ def _records(path: Path) -> list[tuple[int, Any]]:
         except ImportError as err:
             raise TaskError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    data = path.read_bytes()
-    try:  # utf-8-sig: a byte-order mark at the start is skipped
-        text = data.decode("utf-8-sig")
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a byte-order mark is skipped
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
+        line = len(re.findall(rb"\r\n|\r|\n", data[: err.start])) + 1
         raise TaskError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}; a compressed or "
             "otherwise encoded file?): save it as UTF-8 JSON Lines"
@@ -68,12 +71,25 @@ def _encodable(text: str) -> bool:
 
 
 def _answer(value: Any) -> str | None:
-    """The answer as text, or None when it is not a non-empty string or a finite number."""
+    """The answer as text, or None when it is not a non-empty string or a finite number
+    (int, float, or Parquet's decimal)."""
     if isinstance(value, str):
         return value if value.strip() else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float | decimal.Decimal):
         return None
-    if isinstance(value, float) and not math.isfinite(value):
+    if not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _uid(value: Any, default: str) -> str | None:
+    """The id as text (None/null: ``default``); None when it is not a non-empty string or a
+    whole number (pandas writes integer ids as 1.0 when the column has a gap)."""
+    if value is None:
+        return default
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
         return None
     return str(value)
 
@@ -112,7 +128,11 @@ def read_prompt_file(
                 f"{where}: 'answer' must be a non-empty string or a finite number, got "
                 f"{rec.get('answer')!r}"
             )
-        for key, text in (("prompt", prompt), ("answer", answer)):
+        sols_in = rec.get("solutions", rec.get("solution", []))
+        texts = [("prompt", prompt), ("answer", answer)]
+        texts += [("solutions", t) for t in (sols_in if isinstance(sols_in, list) else [sols_in])
+                  if isinstance(t, str)]  # fmt: skip
+        for key, text in texts:
             if not _encodable(text):
                 raise TaskError(f"{where}: {key!r} holds an invalid character (a lone surrogate)")
         sols = rec.get("solutions", rec.get("solution", []))
@@ -122,12 +142,11 @@ def read_prompt_file(
             raise TaskError(f"{where}: 'solutions' must be a list of strings")
         if require_solutions and not sols:
             raise TaskError(f"{where}: a training prompt needs 'solutions' (or 'solution')")
-        uid = rec.get("id")
+        uid = _uid(rec.get("id"), f"{p.stem}-{lineno}")
         if uid is None:
-            uid = f"{p.stem}-{lineno}"
-        elif isinstance(uid, bool) or not isinstance(uid, str | int) or not str(uid).strip():
-            raise TaskError(f"{where}: 'id' must be a non-empty string or an integer, got {uid!r}")
-        uid = str(uid)
+            raise TaskError(
+                f"{where}: 'id' must be a non-empty string or a whole number, got {rec['id']!r}"
+            )
         if uid in seen:
             raise TaskError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
         seen[uid] = lineno

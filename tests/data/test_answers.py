@@ -78,6 +78,7 @@ def test_parse_number(answer, value):
         ("\\boxed{\\$5}", "5", True),
         ("\\boxed{\\frac123}", "4", False),
         ("\\boxed " + "9" * 4400, "5", False),
+        ("\\boxed{" + f"{2**530:,}" + "}", str(2**530), True),  # 213 characters with commas
     ],
 )
 def test_check_answer_fallback(response, reference, ok):

@@ -112,6 +112,8 @@ def test_jsonl_task_reads_all_fields(tmp_path):
         ([{"id": "", "prompt": "a", "answer": 1}], r"bad\.jsonl:1: 'id' must be a non-empty"),
         ([{"id": [1], "prompt": "a", "answer": 1}], "'id' must be"),
         (['{"prompt": "a \\ud83d.", "answer": 1}'], r"bad\.jsonl:1: 'prompt' holds an invalid"),
+        (['{"prompt": "a", "answer": 1, "solutions": ["\\ud83d"]}'], "'solutions' holds an"),
+        ([{"id": 1.5, "prompt": "a", "answer": 1}], "'id' must be a non-empty string or a whole"),
         (['{"prompt": "a", "answer": ' + "9" * 5000 + "}"], r"bad\.jsonl:1: unreadable JSON"),
     ],
 )
@@ -133,12 +135,17 @@ def test_encodings_directories_and_reserved_names(tmp_path):
     gz.write_bytes(b"\x1f\x8b\x08\x00" + bytes(20))
     with pytest.raises(TaskError, match=r"g\.jsonl:1: not UTF-8 text \(byte 0x8b"):
         read_prompt_file(gz)
+    # after a byte-order mark, and with \r line ends: still the line and byte of the bad one
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\r\r{"prompt": "\xe9", "answer": 1}')
+    with pytest.raises(TaskError, match=r"cr\.jsonl:3: not UTF-8 text \(byte 0xe9"):
+        read_prompt_file(cr)
     bom = tmp_path / "BOM.JSONL"
     bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\r\n{"id": null, "prompt": "b", '
-                    b'"answer": "x"}\r\n')  # fmt: skip
+                    b'"answer": "x"}\r\n{"id": 7.0, "prompt": "c", "answer": 2.5}')  # fmt: skip
     problems = read_prompt_file(bom)
-    assert [(q.uid, q.prompt, q.answer) for q in problems] == [("BOM-1", "a", "1"),
-                                                                ("BOM-2", "b", "x")]  # fmt: skip
+    assert [(q.uid, q.prompt, q.answer) for q in problems] == [
+        ("BOM-1", "a", "1"), ("BOM-2", "b", "x"), ("7", "c", "2.5")]  # fmt: skip
     with pytest.raises(TaskError, match="is a directory, not a prompt file"):
         read_prompt_file(tmp_path)
     distill = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": 1}])
