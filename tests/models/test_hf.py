@@ -206,26 +206,24 @@ def _failing_export(chunks, export_root: str) -> list:
             raise RuntimeError("out of memory (simulated)")
         return prepare(*args)
 
-    if dist.get_rank() == 0:
-        save._write_safetensors = full_disk
     errors = []
-    try:
-        save.save_hf_weights(chunks, os.path.join(export_root, "full"), dtype="fp32",
-                             max_shard_bytes=100_000)  # fmt: skip
-    except RuntimeError as exc:
-        errors.append(str(exc))
-    finally:
-        save._write_safetensors = write
+
+    def export_with(name, failing, on_rank):
+        """One export with ``save.<name>`` replaced by ``failing`` on rank ``on_rank``."""
+        original = getattr(save, name)
+        if dist.get_rank() == on_rank:
+            setattr(save, name, failing)
+        try:
+            save.save_hf_weights(chunks, os.path.join(export_root, "full"), dtype="fp32",
+                                 max_shard_bytes=100_000)  # fmt: skip
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        finally:
+            setattr(save, name, original)
+
+    export_with("_write_safetensors", full_disk, on_rank=0)
     # rank 1 (a sender) fails casting its blocks of the second shard: nobody waits in a send
-    if dist.get_rank() == 1:
-        save._prepare_shard = out_of_memory
-    try:
-        save.save_hf_weights(chunks, os.path.join(export_root, "full"), dtype="fp32",
-                             max_shard_bytes=100_000)  # fmt: skip
-    except RuntimeError as exc:
-        errors.append(str(exc))
-    finally:
-        save._prepare_shard = prepare
+    export_with("_prepare_shard", out_of_memory, on_rank=1)
     return [errors, sorted(os.listdir(export_root)), calls[0]]
 
 

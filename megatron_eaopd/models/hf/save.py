@@ -216,7 +216,6 @@ def save_hf_weights(
     shards = _shards(shapes, torch.empty((), dtype=dtype).element_size(), max_shard_bytes)
 
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
-    error = None
     bar = None
     weight_map, total_bytes = {}, 0
     committed = False
@@ -230,11 +229,20 @@ def save_hf_weights(
 
                 bar = tqdm(total=len(shapes), desc=f"export {out_dir}", unit="tensor")
 
+    def write(prepared, name) -> int:
+        """Transfer one prepared shard; rank 0 writes it. Returns the bytes written."""
+        tensors = _transfer_shard(prepared, rank, bar)
+        if rank == 0:
+            _write_safetensors(tensors, os.path.join(tmp, name))
+            weight_map.update(dict.fromkeys(tensors, name))
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     try:
-        # Every rank learns after each step whether any rank failed (rank 0 creating the folder
-        # or writing a shard: permissions, a full disk, a quota), and all stop together: a rank
-        # that went on sending blocks to a rank 0 that stopped receiving would wait forever.
-        error = _agree(_step(start))
+        # Every rank learns after each step whether any rank failed, and all stop together: a
+        # rank that went on sending blocks to a rank 0 that stopped receiving (or the reverse)
+        # would wait forever. Each shard: its local work that can fail (casts, rank 0's
+        # buffers: out of memory), then the transfer and rank 0's write (a full disk).
+        _, error = _together(start)
         for i, keys in enumerate(shards):
             if error:
                 break
@@ -243,31 +251,16 @@ def save_hf_weights(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-
-            # the shard's local work that can fail (casts, rank 0's buffers: out of memory)
-            # before any block moves, then the transfer and the write
-            prepared = []
-            error = _agree(_step(lambda keys=keys, prepared=prepared: prepared.append(
-                _prepare_shard(keys, shapes, plan, mine, dtype, rank))))  # fmt: skip
-            if error:
-                break
-
-            def one_shard(name=name, prepared=prepared):
-                nonlocal total_bytes
-                tensors = _transfer_shard(prepared.pop(), rank, bar)
-                if rank == 0:
-                    _write_safetensors(tensors, os.path.join(tmp, name))
-                    for key, t in tensors.items():
-                        weight_map[key] = name
-                        total_bytes += t.numel() * t.element_size()
-
-            error = _agree(_step(one_shard))
+            prepared, error = _together(_prepare_shard, keys, shapes, plan, mine, dtype, rank)
+            if not error:
+                written, error = _together(write, prepared, name)
+                total_bytes += written or 0
+            del prepared  # one shard's tensors alive at a time
         if not error and rank == 0:
-            error = _step(lambda: (
-                _write_folder(tmp, config, weight_map, total_bytes, len(shards), tokenizer_dir,
-                              ids, generation_config),
-                _commit(tmp, out_dir, overwrite),
-            ))  # fmt: skip
+            _, error = _attempt(_write_folder, tmp, config, weight_map, total_bytes, len(shards),
+                                tokenizer_dir, ids, generation_config)  # fmt: skip
+            if not error:
+                _, error = _attempt(_commit, tmp, out_dir, overwrite)
             error = f"rank 0: {error}" if error else None
         committed = rank == 0 and not error
         if _world() > 1:
@@ -330,27 +323,28 @@ def _transfer_shard(prepared: list, rank: int, bar) -> dict:
     return tensors
 
 
-def _step(fn) -> str | None:
-    """Run fn; None, or the error it raised as text (reported to every rank by ``_agree``).
-    With one process the error is raised as it is."""
+def _attempt(fn, *args):
+    """(fn(*args), None), or (None, the error it raised as text) to report to every rank. With
+    one process the error is raised as it is."""
     try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - every rank raises it after ``_agree``
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - every rank raises it after ``_together``
         if _world() == 1:
             raise
         logger.debug("export step failed", exc_info=True)
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return None, f"{type(exc).__name__}: {exc}"
 
 
-def _agree(error: str | None) -> str | None:
-    """The first failing rank's error (None when every rank succeeded), on every rank.
-    Collectives (WORLD): 1 all_gather_object of a short string (none with one process)."""
+def _together(fn, *args):
+    """``_attempt`` on every rank, then the first failing rank's error (None when every rank
+    succeeded) on every rank: (result, error). Collectives (WORLD): 1 all_gather_object of a
+    short string (none with one process)."""
+    result, error = _attempt(fn, *args)
     if _world() == 1:
-        return error
+        return result, error
     errors: list = [None] * _world()
     dist.all_gather_object(errors, error)
-    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+    return result, next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
 
 
 def _write_safetensors(tensors: dict, path: str) -> None:
