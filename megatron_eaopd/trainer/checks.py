@@ -48,13 +48,6 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
     problems += _export_problems(cfg)
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
-    warning = micro_batch_warning(cfg, world_size)
-    if warning and warning not in _WARNED and int(os.environ.get("RANK", "0")) == 0:
-        _WARNED.add(warning)  # the CLI and Trainer.setup both check: say it once
-        logger.warning("%s", warning)
-
-
-_WARNED: set = set()
 
 
 def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
@@ -62,7 +55,7 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     mini-batch, dealt round-robin, times samples_per_prompt) have no divisor above half of
     ``rollout.micro_batch_size`` (or of the rows, when fewer): the update then runs many small
     micro-batches (7 rows and micro-batch size 4: seven of 1), a slowdown nothing else reports.
-    None when it is fine."""
+    None when it is fine (``Trainer.setup`` logs it on rank 0)."""
     from megatron_eaopd.trainer.batches import largest_divisor
 
     r = cfg.rollout
@@ -71,9 +64,8 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     m = r.mini_batch_size
     for prompts in sorted({m // dp, -(-m // dp)}):
         rows = prompts * r.samples_per_prompt
-        want = min(rows, r.micro_batch_size)
-        if rows and 2 * largest_divisor(rows, r.micro_batch_size) <= want:
-            used = largest_divisor(rows, r.micro_batch_size)
+        used = largest_divisor(rows, r.micro_batch_size) if rows else 0
+        if rows and 2 * used <= min(rows, r.micro_batch_size):
             return (
                 f"rollout.micro_batch_size={r.micro_batch_size}: a data-parallel replica has "
                 f"{rows} rows per optimizer step (mini_batch_size {m} / DP {dp} x "
@@ -218,6 +210,12 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
         )
 
 
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` lies strictly inside ``folder`` (both resolved: links, ``..``)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
 def _check_foreign_checkpoints(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> None:
     """Two live runs sharing one ``training.checkpoint_dir``: refused when it is set outside
     ``training.output_dir`` and its checkpoints record another run folder (saved by
@@ -228,7 +226,7 @@ def _check_foreign_checkpoints(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> No
 
     t = cfg.training
     here = os.path.realpath(t.output_dir)
-    if not t.checkpoint_dir or os.path.realpath(t.checkpoint_dir).startswith(here + os.sep):
+    if not t.checkpoint_dir or _within(t.checkpoint_dir, here):
         return
     try:
         owner = read_meta(os.path.join(ckpt_dir, name)).get("extra", {}).get("output_dir")
@@ -270,9 +268,8 @@ def _export_problems(cfg: EAOPDConfig) -> list[str]:
     for key, path in keep.items():
         if not path:
             continue
-        other = os.path.realpath(path)
-        inside = key == "the checkpoint folder" and real.startswith(other.rstrip(os.sep) + os.sep)
-        if other == real or other.startswith(real.rstrip(os.sep) + os.sep) or inside:
+        inside = key == "the checkpoint folder" and _within(out, path)
+        if os.path.realpath(path) == real or _within(path, out) or inside:
             where = "holds it" if inside else "is or holds it"
             problems.append(
                 f"training.export_hf={out} would replace {key} ({path}): the export {where}; "
