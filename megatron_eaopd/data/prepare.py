@@ -76,16 +76,18 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     tok = cfg.tokenizer
     try:
         tokenizer = build_tokenizer(tok, task)
-    except (OSError, ValueError, ImportError, RuntimeError) as err:
-        need = re.search(r"required_chars\. \d+ vs (\d+)", str(err))  # sentencepiece's words
-        if tok.kind == "task" and need:
-            raise TaskError(
-                f"tokenizer.vocab_size={tok.vocab_size} is below the {need.group(1)} pieces the "
-                "task tokenizer needs (every distinct character of the task's text, plus its "
-                f"special tokens): set tokenizer.vocab_size to at least {need.group(1)}, or use a "
-                "pretrained tokenizer (tokenizer.kind / tokenizer.path)"
-            ) from err
-        if tok.kind == "task" or isinstance(err, RuntimeError):  # not a path problem
+    except RuntimeError as err:  # training the task tokenizer (sentencepiece's own words)
+        need = re.search(r"required_chars\. \d+ vs (\d+)", str(err))
+        if tok.kind != "task" or not need:
+            raise
+        raise TaskError(
+            f"tokenizer.vocab_size={tok.vocab_size} is below the {need.group(1)} pieces the "
+            "task tokenizer needs (every distinct character of the task's text, plus its "
+            f"special tokens): set tokenizer.vocab_size to at least {need.group(1)}, or use a "
+            "pretrained tokenizer (tokenizer.kind / tokenizer.path)"
+        ) from err
+    except (OSError, ValueError, ImportError) as err:
+        if tok.kind == "task":  # training the task tokenizer: not a path problem
             raise
         raise TaskError(
             f"tokenizer.path={tok.path!r}: the {tok.kind} tokenizer does not load "
