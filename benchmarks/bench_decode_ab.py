@@ -3,8 +3,9 @@
 Sections (``--sections``, default all), each printed as a table:
 
 - ``gemm``: ``F.linear(x, W)`` (the transposed-operand GEMM of a row-major [out, in] weight)
-  against ``x @ Wt`` with a contiguous [in, out] copy, for the linears of the rollout benchmark's
-  shape at decode batch ``--batch``; microseconds per call, best of 3 timings of 300 calls.
+  against ``x @ Wt`` with a contiguous [in, out] copy and oneDNN with a pre-packed weight, for
+  the linears of the rollout benchmark's shape at decode batch ``--batch``; microseconds per
+  call, best of 3 timings of 300 calls.
 - ``weights``: whole ``generate`` calls (``bench_rollout.py``'s model and uniform workload: batch
   32, 16-token prompts, 128 new tokens, 4 x 256, vocabulary 4096) with FastDecoder's [in, out]
   weight copies and without them (copies dropped after construction), calls alternating in one
@@ -13,6 +14,9 @@ Sections (``--sections``, default all), each printed as a table:
 - ``norms``: the same A/B with FastDecoder's fused norms (RMSNorm gains folded into the weight
   copies, the QK RMSNorms and RoPE of a group's queries and key in one pass) against the norm
   modules (the QK norms per tensor, RoPE of queries and keys separately).
+- ``onednn``: the same A/B with the output layer's product through oneDNN with a pre-packed
+  weight (an experiment, not in FastDecoder; the ``gemm`` table has its kernel alone).
+- ``profile``: one uniform ``generate`` call under torch's profiler, ops by self CPU time.
 - ``attention``: a decode step's attention (r = 2 query heads per group against cache lengths 20,
   80, 144) through SDPA's CPU kernel against two matmuls and a softmax.
 
@@ -49,17 +53,32 @@ def _per_call_us(fn, n=300, rounds=3):
     return best
 
 
+def _onednn_linear(w: torch.Tensor, batch: int):
+    """x -> x @ w^T through oneDNN with ``w`` [out, in] pre-packed for ``batch`` rows, or None
+    when this torch has no oneDNN (mkldnn) linear."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size=batch)
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def gemm(args):
     h = args.hidden
-    print(f"\n### F.linear vs x @ Wt, decode batch {args.batch}, 1 thread (us per call, best)\n")
-    print("| weight [out, in] | F.linear | x @ Wt | ratio |")
-    print("|---|---|---|---|")
+    print(f"\n### F.linear vs x @ Wt vs oneDNN (pre-packed), decode batch {args.batch}, 1 thread "
+          "(us per call, best; GFLOP/s)\n")  # fmt: skip
+    print("| weight [out, in] | F.linear | x @ Wt | oneDNN | GFLOP/s (F.linear / Wt / oneDNN) |")
+    print("|---|---|---|---|---|")
     for out_f, in_f in ((args.vocab, h), (2 * h, h), (h, h), (6 * h, h), (h, 3 * h)):
         x, w = torch.randn(args.batch, 1, in_f), torch.randn(out_f, in_f)
         wt = w.t().contiguous()
         a = _per_call_us(lambda x=x, w=w: F.linear(x, w))
         b = _per_call_us(lambda x=x, wt=wt: x @ wt)
-        print(f"| [{out_f}, {in_f}] | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+        dnn = _onednn_linear(w, args.batch)
+        c = _per_call_us(lambda x=x, dnn=dnn: dnn(x)) if dnn else float("nan")
+        flop = 2 * args.batch * in_f * out_f / 1e3  # per microsecond -> GFLOP/s
+        print(f"| [{out_f}, {in_f}] | {a:.1f} | {b:.1f} | {c:.1f} | "
+              f"{flop / a:.0f} / {flop / b:.0f} / {flop / c:.0f} |")  # fmt: skip
 
 
 def _generate_ab(args, title, names, patch):
@@ -142,6 +161,66 @@ def norms(args):
     _generate_ab(args, "generate with and without the fused norms", names, patch)
 
 
+def onednn(args):
+    """The output layer's product (the final norm's folded [in, out] copy) through oneDNN with
+    a pre-packed weight, against FastDecoder's matmul (an experiment: not in FastDecoder)."""
+
+    def patch(dec, on):
+        norm = dec.module.decoder.final_layernorm
+        entry = dec.folded.get(id(norm))
+        dnn = _onednn_linear(entry[3].t().contiguous(), args.batch) if entry else None
+        if not on or dnn is None:
+            return
+        plain = dec._norm_linear
+
+        def norm_linear(n, x, weight, bias=None):
+            if n is not norm:
+                return plain(n, x, weight, bias)
+            out = dnn(dec._rms(x, entry[1]))
+            return out if bias is None else out + bias
+
+        dec._norm_linear = norm_linear
+
+    names = ("output layer through oneDNN", "FastDecoder as shipped")
+    _generate_ab(args, "generate with the output layer through oneDNN", names, patch)
+
+
+def profile(args):
+    """The ops of one uniform ``generate`` call (bench_rollout.py's model and workload) by self
+    CPU time, under torch's profiler (which adds its own overhead)."""
+    import bench_rollout as B  # benchmarks/ is on sys.path when run as a script
+
+    from megatron_eaopd.rollout import SamplingParams, generate
+
+    ns = argparse.Namespace(batch=32, prompt=16, new=128, layers=4, hidden=args.hidden, heads=4,
+                            vocab=args.vocab)  # fmt: skip
+    if not torch.distributed.is_initialized():
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        B._init(0, 1, port)
+    model, _ = B._model(ns, 1)
+    prompts = B._prompts(ns, ns.vocab)
+
+    def run():
+        return generate(model, prompts, max_new_tokens=ns.new, eos_id=-1, pad_id=0,
+                        vocab_size=ns.vocab, params=SamplingParams(),
+                        generator=torch.Generator().manual_seed(1), compact_frac=0.25)  # fmt: skip
+
+    run()  # warm-up
+    with torch.profiler.profile() as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(f"\n### one uniform generate call under the profiler: {total:.2f} s self CPU\n")
+    print("| op | self CPU (s) | share | calls |")
+    print("|---|---|---|---|")
+    for e in events[:12]:
+        t = e.self_cpu_time_total / 1e6
+        print(f"| {e.key} | {t:.3f} | {t / total:.0%} | {e.count} |")
+
+
 def attention(args):
     n, g, r, d = args.batch, 2, 2, args.hidden // 4
     cache_k, cache_v = torch.randn(n, g, 200, d), torch.randn(n, g, 200, d)
@@ -207,7 +286,7 @@ def sampler(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    names = ["gemm", "weights", "norms", "attention", "sampler"]
+    names = ["gemm", "weights", "norms", "onednn", "attention", "sampler", "profile"]
     p.add_argument("--sections", nargs="+", default=names, choices=names)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=256)
