@@ -232,7 +232,9 @@ def summarise(runs: dict) -> dict:
 
 
 def _cell(stat, digits=3) -> str:
-    mean, ci, _ = stat
+    mean, ci, n = stat
+    if n == 0:  # e.g. fkl_high where no run had a high-entropy teacher token
+        return "-"
     return f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 

@@ -262,16 +262,28 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
             lengths = t.tolist()
     metrics["response_length"] = lengths[0] / max(lengths[1], 1.0)
     if sums:
-        n_tokens = max(sums["n"], 1e-12)
-        metrics.update(
-            student_high_frac=sums["student_high_entropy"] / n_tokens,
-            teacher_high_frac=sums["teacher_high_entropy"] / n_tokens,
-            fkl_high=sums["fkl_gated"] / max(sums["n_gated"], 1e-12),
-            fkl_all=sums["fkl"] / n_tokens,
-            student_entropy=sums["student_entropy"] / n_tokens,
-            teacher_entropy=sums["teacher_entropy"] / n_tokens,
-        )
+        metrics.update(entropy_metrics(sums))
     return metrics
+
+
+def entropy_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The entropy metrics from the token sums of :func:`_entropy_sums` (summed over sets).
+
+    Fractions and means over all response tokens, ``fkl_high`` over the tokens whose teacher
+    entropy is above the threshold: NaN when there is none (a mean of nothing, not a zero
+    divergence; ``metrics.jsonl`` writes it as null and the console as n/a), as
+    ``eval.metrics.high_entropy_fkl`` does.
+    """
+    n_tokens = max(sums["n"], 1e-12)
+    n_gated = sums["n_gated"]
+    return dict(
+        student_high_frac=sums["student_high_entropy"] / n_tokens,
+        teacher_high_frac=sums["teacher_high_entropy"] / n_tokens,
+        fkl_high=sums["fkl_gated"] / n_gated if n_gated > 0 else float("nan"),
+        fkl_all=sums["fkl"] / n_tokens,
+        student_entropy=sums["student_entropy"] / n_tokens,
+        teacher_entropy=sums["teacher_entropy"] / n_tokens,
+    )
 
 
 def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[str, float]:

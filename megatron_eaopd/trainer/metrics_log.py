@@ -120,8 +120,8 @@ class MetricsLogger:
         numeric = {
             f"{split}/{k}": float(v)
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }  # a NaN (a mean of nothing) is left out of TensorBoard / W&B, null in the JSONL
         if self.tb is not None:
             for k, v in numeric.items():
                 self.tb.add_scalar(k, v, iteration)
@@ -150,6 +150,8 @@ _CONSOLE = {
 
 
 def _fmt(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{key}=n/a"  # e.g. fkl_high with no high-entropy teacher token
     if isinstance(value, float):
         return f"{key}={value:.4g}"
     return f"{key}={value}"

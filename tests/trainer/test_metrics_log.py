@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -45,3 +46,37 @@ def test_resume_truncates_jsonl_to_the_checkpoint_iteration(tmp_path):
     MetricsLogger(str(tmp_path), _cfg(tensorboard=False), resume_iteration=2).close()
     with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
         assert [json.loads(line)["iteration"] for line in f] == [1, 2]
+
+
+def test_a_mean_of_no_tokens_is_null_in_jsonl_na_on_console_and_absent_from_tensorboard(
+    tmp_path, capsys
+):
+    """An evaluation in which no teacher token is above the entropy threshold has no fkl_high:
+    NaN from entropy_metrics (not a zero divergence), written as null / n/a / left out."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_eaopd.trainer.evaluate import entropy_metrics
+
+    sums = dict(n=40.0, n_gated=0.0, fkl_gated=0.0, fkl=6.0, student_high_entropy=3.0,
+                teacher_high_entropy=0.0, student_entropy=8.0, teacher_entropy=2.0)  # fmt: skip
+    none = entropy_metrics(sums)
+    assert math.isnan(none["fkl_high"]) and none["teacher_high_frac"] == 0
+    assert none["fkl_all"] == pytest.approx(6.0 / 40) and none["student_high_frac"] == 3.0 / 40
+    some = entropy_metrics({**sums, "n_gated": 4.0, "fkl_gated": 2.0})
+    assert some["fkl_high"] == pytest.approx(0.5)
+
+    log = MetricsLogger(str(tmp_path), _cfg(console=True))
+    log.log("eval", 3, none)
+    log.log("eval", 4, some)
+    log.close()
+    with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert records[0]["fkl_high"] is None and records[1]["fkl_high"] == pytest.approx(0.5)
+    assert records[0]["fkl_all"] == pytest.approx(0.15)
+    out = capsys.readouterr().out
+    assert "fkl_high=n/a" in out and "fkl_high=0.5" in out and "nan" not in out
+    acc = EventAccumulator(os.path.join(tmp_path, "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/fkl_high")] == [4]
+    assert [e.step for e in acc.Scalars("eval/fkl_all")] == [3, 4]
