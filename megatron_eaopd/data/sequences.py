@@ -19,11 +19,15 @@ __all__ = [
     "encode_text",
     "eos_id",
     "pad_sequences",
+    "stop_token_ids",
     "use_chat_template",
 ]
 
 #: Attribute set on a Hugging Face tokenizer by :func:`use_chat_template`.
 CHAT_ATTR = "eaopd_chat_template_kwargs"
+#: Attribute set on a Hugging Face tokenizer by ``data.tokenizer.build_tokenizer``: the
+#: ``eos_token_id`` list of its folder's generation_config.json.
+STOP_ATTR = "eaopd_generation_eos_ids"
 
 
 def use_chat_template(tokenizer: Any, enable_thinking: bool | None = None) -> None:
@@ -63,6 +67,17 @@ def eos_id(tokenizer: Any) -> int:
     if eos is None or eos < 0:
         raise ValueError("the tokenizer has no EOS token")
     return int(eos)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a response: :func:`eos_id` first, then those of the tokenizer folder's
+    ``generation_config.json`` (``eos_token_id``, an int or a list: Qwen3 instruct models stop on
+    ``<|im_end|>`` and ``<|endoftext|>``), each once."""
+    ids = [eos_id(tokenizer)]
+    for i in getattr(tokenizer, STOP_ATTR, ()):
+        if i not in ids:
+            ids.append(i)
+    return ids
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:

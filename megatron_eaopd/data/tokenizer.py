@@ -159,12 +159,32 @@ def train_tokenizer(
     return Tokenizer(path)
 
 
+def generation_eos_ids(folder: str | os.PathLike) -> list[int]:
+    """``eos_token_id`` of ``folder/generation_config.json`` as a list ([] without the file or
+    the key). ValueError naming the file for a value that is not an id or a list of ids."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a readable JSON object ({err})") from err
+    ids = [] if value is None else [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or any(
+        isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids
+    ):
+        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return ids
+
+
 def build_tokenizer(tok_cfg: Any, task: Any | None = None) -> Any:
     """The tokenizer a :class:`~megatron_eaopd.config.TokenizerConfig` asks for.
 
     ``kind: task`` trains/loads a sentencepiece model on ``task.corpus()``; ``sentencepiece``
     loads ``path``; ``huggingface`` loads ``path`` with ``transformers.AutoTokenizer`` (an optional
-    dependency) and returns that object unchanged.
+    dependency) and returns that object, with the stop ids of ``path``'s generation_config.json
+    recorded for ``data.sequences.stop_token_ids``.
     """
     if tok_cfg.kind == "task":
         if task is None:
@@ -180,5 +200,9 @@ def build_tokenizer(tok_cfg: Any, task: Any | None = None) -> Any:
             raise ImportError(
                 "tokenizer.kind=huggingface needs `pip install transformers`"
             ) from err
-        return AutoTokenizer.from_pretrained(tok_cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(tok_cfg.path)
+        from megatron_eaopd.data.sequences import STOP_ATTR
+
+        setattr(tokenizer, STOP_ATTR, generation_eos_ids(tok_cfg.path))
+        return tokenizer
     raise ValueError(f"tokenizer.kind: unknown kind {tok_cfg.kind!r}")

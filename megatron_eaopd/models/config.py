@@ -33,6 +33,7 @@ _NOT_ARCHITECTURE = frozenset(
         "hidden_dropout",
         "attention_dropout",
         "architecture",
+        "hf_max_position_embeddings",
         "make_vocab_size_divisible_by",
         "vocab_pad_for_tp",
     }
@@ -125,6 +126,11 @@ class ModelConfig:
     lcm(tp, vocab_pad_for_tp)). With 8, the padded vocabulary, and so a checkpoint's embedding
     shape, is the same at every tp dividing 8: HF imports use it so one checkpoint loads at any
     TP. 1 is megatron's rule (padding depends on tp)."""
+
+    hf_max_position_embeddings: int | None = None
+    """config.json's max_position_embeddings of the Hugging Face folder the shape comes from: the
+    context the weights were made for, written back by the export (the larger of it and
+    max_sequence_length, which is only the length a run builds for). None: max_sequence_length."""
 
     architecture: str | None = None
     """Hugging Face architecture the shape comes from and exports to ('Qwen3ForCausalLM',

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RolloutBatch", "rollout_result"]
+__all__ = ["RolloutBatch", "rollout_result", "stop_ids", "stops_at"]
 
 
 @dataclass
@@ -79,3 +79,27 @@ def rollout_result(dec, pad_id: int) -> RolloutBatch:
         entropies=torch.where(mask, dec.entropies, 0.0)[:, :width].contiguous(),
         finished=dec.finished,
     )
+
+
+def stop_ids(eos_id: int | Sequence[int], vocab_size: int) -> torch.Tensor:
+    """The ids that end a response, as a CPU int64 tensor [n] (``generate``'s ``eos_id``: one id,
+    or several, as Hugging Face's ``generation_config.json`` lists: Qwen3's ``[151645, 151643]``).
+    A negative id never matches (no stop). ValueError for an empty list, a non-integer, or an id
+    at or above ``vocab_size`` (never sampled, so the responses would never end)."""
+    ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"eos_id must be an int or a non-empty list of ints, got {eos_id!r}")
+    high = [i for i in ids if i >= vocab_size]
+    if high:
+        raise ValueError(
+            f"stop id(s) {high} are outside the vocabulary of {vocab_size}: they are never "
+            "sampled, so responses would not end before max_new_tokens"
+        )
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
+def stops_at(tokens: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Which of ``tokens`` (CPU, any shape) are stop ids (``stop_ids``): a bool tensor alike."""
+    if stops.numel() == 1:
+        return tokens == stops[0]
+    return torch.isin(tokens, stops)

@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.rollout.batch import stops_at
 from megatron_eaopd.rollout.decode_graphs import DecodeGraphs
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.sampling import pack_draw, to_device, unpack_draw
@@ -88,7 +89,8 @@ class ContinuousDecoder:
     Args:
         module: the bare GPTModel (eval mode, logits kept vocab-parallel).
         prompts: token ids per sequence; slots: cache rows (most sequences decoded at once).
-        max_new_tokens, eos_id, pad_id, vocab_size, params: as ``generate``.
+        max_new_tokens, pad_id, vocab_size, params: as ``generate``; eos_id: the stop ids
+            (``batch.stop_ids``).
         randoms: the call's ``PositionRandoms``.
         counters: ``generate``'s counters (updated in place).
         tp_group, device: the TP group and the compute device.
@@ -190,7 +192,7 @@ class ContinuousDecoder:
             self.logprobs[rows, pos] = lp
             self.entropies[rows, pos] = ent
             self.response_lens[rows] += 1
-            eos = tok == self.eos_id
+            eos = stops_at(tok, self.eos_id)
             self.finished[rows[eos]] = True
             pos = pos + 1
             done = eos | (pos >= self.limit[rows])

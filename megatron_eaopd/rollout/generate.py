@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.parallel.groups import any_rank
-from megatron_eaopd.rollout.batch import RolloutBatch, rollout_result
+from megatron_eaopd.rollout.batch import RolloutBatch, rollout_result, stop_ids, stops_at
 from megatron_eaopd.rollout.continuous import (
     ContinuousDecoder,
     FastDecodeMismatch,
@@ -136,7 +136,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     vocab_size: int,
     params: SamplingParams,
@@ -159,7 +159,8 @@ def generate(
             the current megatron layout (no virtual PP); its logits are [b, s, V_pad / tp].
         prompts: token ids per sequence (BOS included).
         max_new_tokens: most generated tokens per sequence (EOS included).
-        eos_id, pad_id: special ids; generation of a sequence stops after EOS.
+        eos_id: the id, or a list of ids, that end a response (it stops after the first one
+            it samples; a negative id: none). pad_id: fills the rows after the end.
         vocab_size: real vocabulary; padded logit columns are never sampled.
         params: temperature / top-k / top-p / log-prob temperature.
         generator: CPU generator of the draws (one 32-bit key per position for plain sampling,
@@ -247,6 +248,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos_id = stop_ids(eos_id, vocab_size)  # from here on a CPU tensor of the stop ids
     if max_batch is not None and (
         isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
     ):  # 0 used to mean "all at once" silently
@@ -515,7 +517,7 @@ class _Decoder:
         self.logprobs[rows, t] = lp[generating]
         self.entropies[rows, t] = ent[generating]
         self.response_lens[rows] += 1
-        hit_eos = generating & (new == self.eos_id)
+        hit_eos = generating & stops_at(new, self.eos_id)
         self.finished[self.active[hit_eos]] = True
         self.done |= hit_eos | (t + 1 >= self.cur_limit)
         col = torch.where(generating, new, self.tokens[self.active, t])

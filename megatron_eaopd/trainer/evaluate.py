@@ -98,14 +98,14 @@ def sample_problems(
 
     Runs under the current megatron layout (the model's). Collectives: those of ``generate``.
     """
-    from megatron_eaopd.data.sequences import encode_prompt, eos_id
+    from megatron_eaopd.data.sequences import encode_prompt, stop_token_ids
 
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems for _ in range(n)]
     return generate(
         model,
         prompts,
         max_new_tokens=max_new_tokens,
-        eos_id=eos_id(tokenizer),
+        eos_id=stop_token_ids(tokenizer),
         pad_id=pad_id_of(tokenizer),
         vocab_size=vocab_size,
         params=params,

@@ -366,6 +366,8 @@ def _bad_arguments_worker(rank, world):
         "compact_frac must be in (0, 1]": (_prompts(), dict(compact_frac=0.0)),
         "generator must be a CPU torch.Generator": (_prompts(), dict(generator=5)),
         "leaves no room to generate": ([[1] * 40], {}),
+        "outside the vocabulary of 16": (_prompts(), dict(eos_id=[2, VOCAB])),
+        "non-empty list of ints": (_prompts(), dict(eos_id=[])),
     }
     messages = {}
     for expected, (prompts, over) in cases.items():
@@ -381,6 +383,49 @@ def test_generate_rejects_bad_arguments_with_clear_errors():
     (messages,) = run_distributed(_bad_arguments_worker, 1)
     for expected, got in messages.items():
         assert got is not None and expected in got, (expected, got)
+
+
+def _stop_ids_worker(rank, world):
+    from megatron_eaopd.rollout import generate
+
+    model = _model(world)
+    prompts = _prompts() * 2
+    kw = dict(max_new_tokens=12, pad_id=PAD, vocab_size=VOCAB, params=SamplingParams())
+    free = generate(model, prompts, generator=torch.Generator().manual_seed(5), eos_id=-1, **kw)
+    counts = torch.bincount(free.tokens[free.response_mask()], minlength=VOCAB)
+    counts[PAD] = 0
+    stops = counts.argsort(descending=True)[:2].tolist()  # two ids this model emits often
+    variants = {
+        "fast": dict(compact_frac=0.01, continuous=False),
+        "continuous": dict(max_batch=5),
+        "megatron": dict(fast_decode=False, compact_frac=None),
+        "recompute": dict(use_kv_cache=False),
+    }
+    out = {
+        name: generate(
+            model, prompts, generator=torch.Generator().manual_seed(5), eos_id=stops, **v, **kw
+        )  # fmt: skip
+        for name, v in variants.items()
+    }
+    return free, stops, out
+
+
+def test_generation_stops_at_any_of_several_stop_ids():
+    """eos_id as a list (generation_config.json's eos_token_id, e.g. Qwen3's two): each response
+    is the unstopped response cut after its first stop id, whichever it is, in every decoder
+    (TP 2). The draws do not depend on where rows stop, so the unstopped run is the reference."""
+    free, stops, out = run_distributed(_stop_ids_worker, 2)[0]
+    cut_by = set()
+    for name, got in out.items():
+        for i in range(len(free.prompt_lens)):
+            whole = free.response_ids(i)
+            ends = [t for t, tok in enumerate(whole) if tok in stops]
+            want = whole[: ends[0] + 1] if ends else whole
+            assert got.response_ids(i) == want, (name, i, stops)
+            assert bool(got.finished[i]) == bool(ends), (name, i)
+            if ends:
+                cut_by.add(whole[ends[0]])
+    assert cut_by == set(stops), cut_by  # both ids ended some response
 
 
 def test_split_rows_into_interleaved_groups():

@@ -111,7 +111,7 @@ def overrides(tmp: str, paths: dict) -> list[str]:
 
 
 def _worker(rank, world, cfg, probe):
-    from megatron_eaopd.data.sequences import encode_prompt
+    from megatron_eaopd.data.sequences import encode_prompt, stop_token_ids
     from megatron_eaopd.parallel.init import destroy_parallel, use_layout
     from megatron_eaopd.trainer import Trainer
 
@@ -133,7 +133,8 @@ def _worker(rank, world, cfg, probe):
     finally:
         trainer.close()
         destroy_parallel()
-    return {"summary": summary, "start": start, "logits": end, "prompt_ids": prompt_ids}
+    return {"summary": summary, "start": start, "logits": end, "prompt_ids": prompt_ids,
+            "stops": stop_token_ids(trainer.data.tokenizer)}  # fmt: skip
 
 
 def test_paper_config_from_hf_folders_to_an_exported_student(tmp_path):
@@ -150,6 +151,9 @@ def test_paper_config_from_hf_folders_to_an_exported_student(tmp_path):
     write_model(f"{tmp}/student", vocab, layers=2, hidden=32, tied=True, seed=2)
     for who in ("teacher", "student"):
         AutoTokenizer.from_pretrained(f"{tmp}/tokenizer").save_pretrained(f"{tmp}/{who}")
+    # as Qwen3-8B's: the instruct model stops on <|im_end|> (2) and <|endoftext|> (0)
+    with open(f"{tmp}/teacher/generation_config.json", "w") as f:
+        json.dump({"bos_token_id": 0, "eos_token_id": [2, 0], "do_sample": True}, f)
 
     cfg = load_config(PAPER, overrides(tmp, paths))
     # the shapes come from config.json; the tokenizer is the teacher's, with its chat template
@@ -169,6 +173,7 @@ def test_paper_config_from_hf_folders_to_an_exported_student(tmp_path):
     if not isinstance(expected, list):
         expected = expected["input_ids"]
     assert r["prompt_ids"] == list(expected)
+    assert r["stops"] == [2, 0]  # the tokenizer's EOS, then generation_config.json's others
     assert tok.decode(r["prompt_ids"]).endswith("<think>\n\n</think>\n\n")
 
     with open(f"{tmp}/run/metrics.jsonl") as f:
@@ -192,3 +197,9 @@ def test_paper_config_from_hf_folders_to_an_exported_student(tmp_path):
     assert (got - ours).abs().max().item() < 1e-4
     assert (got - initial).abs().max().item() > (got - ours).abs().max().item()
     assert os.path.isfile(f"{tmp}/export/tokenizer_config.json")
+    with open(f"{tmp}/export/config.json") as f:
+        exported = json.load(f)
+    # the source's context, not the run's (prompt + response) length the student was built for
+    assert exported["max_position_embeddings"] == 512 and cfg.model.student.max_seq_len < 512
+    with open(f"{tmp}/export/generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] == [2, 0]

@@ -209,6 +209,9 @@ def model_config_from_hf(
         ffn_hidden_size=int(hf["intermediate_size"]),
         vocab_size=int(hf["vocab_size"]),
         max_sequence_length=max_pos,
+        hf_max_position_embeddings=(
+            int(hf["max_position_embeddings"]) if hf.get("max_position_embeddings") else None
+        ),
         rotary_base=theta,
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
@@ -287,7 +290,9 @@ def hf_config_dict(
         "num_key_value_heads": cfg.query_groups,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_sequence_length,
+        "max_position_embeddings": max(
+            cfg.max_sequence_length, cfg.hf_max_position_embeddings or 0
+        ),  # the source's context, not the run's length
         "rms_norm_eps": cfg.layernorm_epsilon,
         "rope_theta": cfg.rotary_base,
         "rope_scaling": None,
