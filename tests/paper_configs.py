@@ -5,8 +5,10 @@ no weights are needed to load and check a config. Values are the published archi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 
 _COMMON = dict(
     model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_act="silu", vocab_size=151936,
@@ -50,3 +52,22 @@ def hf_overrides(config_path, root: str) -> list[str]:
         student = {"0.6b": "Qwen3-0.6B-Base", "1.7b": "Qwen3-1.7B-Base", "4b": "Qwen3-4B-Base"}
         out.append(f"model.student_hf={write_config(root, student[m.group(1)])}")
     return out
+
+
+def write_weight_headers(folder: str) -> None:
+    """A sparse ``folder/model.safetensors`` whose header lists every tensor config.json implies
+    at its shape (bf16): the trainer's weight checks read headers only, so the published shapes
+    are checked without their bytes (the file takes almost no disk)."""
+    from megatron_eaopd.models.hf import expected_hf_shapes, model_config_from_hf
+
+    header, offset = {}, 0
+    for key, shape in expected_hf_shapes(model_config_from_hf(folder)).items():
+        size = 2 * math.prod(shape)
+        span = [offset, offset + size]
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": span}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)

@@ -305,6 +305,7 @@ def _source_problems(cfg: EAOPDConfig) -> list[str]:
             "configs/qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml does), model.student_checkpoint or "
             "student_prep.enabled=true"
         )
+    problems += _hf_weight_problems(cfg)
     for who in ("teacher", "student"):
         root = getattr(m, f"{who}_checkpoint")
         if not root:
@@ -325,6 +326,33 @@ def _source_problems(cfg: EAOPDConfig) -> list[str]:
                 f"'latest' and the iter_* folders (a run's checkpoints/ folder, or an "
                 f"`eaopd-convert import-hf` output), not an iteration folder"
             )
+    return problems
+
+
+def _hf_weight_problems(cfg: EAOPDConfig) -> list[str]:
+    """The weight files of ``model.<who>_hf`` (headers, and a tied folder's stored head), checked
+    before the layouts start and the teacher loads: a missing or truncated shard, a missing
+    tensor, pickled weights (the trainer reads safetensors only)."""
+    from megatron_eaopd.models.hf import check_hf_folder
+    from megatron_eaopd.models.hf.reader import PickledWeights
+
+    problems = []
+    for who in ("teacher", "student"):
+        folder = getattr(cfg.model, f"{who}_hf")
+        if not folder:
+            continue
+        try:
+            check_hf_folder(folder)
+        except PickledWeights:
+            problems.append(
+                f"model.{who}_hf={folder}: the folder holds pickled weights (pytorch_model.bin) "
+                "and no safetensors; the trainer reads safetensors only (loading a pickle runs "
+                "code from the file). Convert it once where you trust the file: "
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, "
+                "safe_serialization=True), and copy the tokenizer files"
+            )
+        except (OSError, ValueError) as err:
+            problems.append(f"model.{who}_hf={folder}: {err}")
     return problems
 
 

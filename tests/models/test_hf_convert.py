@@ -386,3 +386,37 @@ def test_model_config_differences():
     assert a.differences(a.with_changes(make_vocab_size_divisible_by=4)) != []
     assert a.with_changes(vocab_pad_for_tp=8).padded_vocab_size(1) == 1024
     assert a.with_changes(vocab_pad_for_tp=8).padded_vocab_size(2) == 1024
+
+
+def test_folders_that_would_load_another_model_are_refused(tmp_path):
+    """check_hf_folder (every load, and the trainer before any compute): a tied config whose
+    weights also store a different lm_head (transformers keeps that head untied), and a folder
+    with both one model.safetensors and a sharded index (transformers reads the former)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_eaopd.models.hf import check_hf_folder
+
+    tied = str(tmp_path / "tied")
+    model = make_hf_model(tied, "qwen3_tied")
+    check_hf_folder(tied)  # as saved: no stored head, or the embedding's
+    path = os.path.join(tied, "model.safetensors")
+    tensors = load_file(path)
+    embed = tensors["model.embed_tokens.weight"]
+    save_file({**tensors, "lm_head.weight": embed.clone()}, path, metadata={"format": "pt"})
+    check_hf_folder(tied)  # a stored copy of the embedding: the same model
+    # a head trained apart from the embedding (e.g. a fine-tune that untied them)
+    head = embed + 1e-3 * torch.randn(embed.shape, generator=torch.Generator().manual_seed(0))
+    save_file({**tensors, "lm_head.weight": head}, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"differs from model.embed_tokens.weight \(row 0\)"):
+        check_hf_folder(tied)
+    # what transformers does with that folder: the stored head, untied
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+    assert torch.equal(loaded.lm_head.weight, head) and not torch.equal(head, embed)
+    del model, loaded
+
+    both = str(tmp_path / "both")
+    make_hf_model(both, "qwen3_untied", max_shard_size="200KB")
+    assert os.path.isfile(os.path.join(both, "model.safetensors.index.json"))
+    shutil.copy(path, os.path.join(both, "model.safetensors"))  # a stale single file
+    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.ind"):
+        check_hf_folder(both)

@@ -90,7 +90,7 @@ def test_seeds_are_bounded_and_tokenizers_that_do_not_load_name_the_key(tmp_path
 def test_a_random_student_next_to_an_hf_teacher_is_refused(tmp_path):
     """configs/qwen3-8b-paper.yaml run alone would distil Qwen3-8B into the schema's default
     2 x 64 random student."""
-    from tests.paper_configs import hf_overrides
+    from tests.paper_configs import hf_overrides, write_weight_headers
 
     paper = TINY.parent / "qwen3-8b-paper.yaml"
     cfg = load_config(paper, [*hf_overrides(paper, str(tmp_path)), "eval.use_math_verify=false"])
@@ -98,7 +98,42 @@ def test_a_random_student_next_to_an_hf_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the student has no source next to the Hugging Face"):
         check_trainer_config(cfg, 8)
     full = TINY.parent / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
-    check_trainer_config(load_config(full, hf_overrides(full, str(tmp_path))), 8)
+    cfg = load_config(full, hf_overrides(full, str(tmp_path)))
+    with pytest.raises(ValueError, match="has no weights"):  # config.json alone
+        check_trainer_config(cfg, 8)
+    for folder in (cfg.model.teacher_hf, cfg.model.student_hf):
+        write_weight_headers(folder)  # the published shapes, as headers of a sparse file
+    check_trainer_config(cfg, 8)
+
+
+def test_hf_weight_files_are_checked_before_any_compute(tmp_path):
+    """A broken or pickled weights folder used to surface in Trainer.setup, after the layouts,
+    the data preparation and the whole teacher load (minutes at 8B), and the pickle hint named
+    an option the trainer does not have."""
+    import torch
+
+    from tests.paper_configs import hf_overrides, write_weight_headers
+
+    full = TINY.parent / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
+    cfg = load_config(full, hf_overrides(full, str(tmp_path)))
+    teacher, student = cfg.model.teacher_hf, cfg.model.student_hf
+    write_weight_headers(teacher)
+    weights = os.path.join(student, "model.safetensors")
+    write_weight_headers(student)
+    with open(weights, "r+b") as f:  # an interrupted download
+        f.truncate(os.path.getsize(weights) - 4096)
+    with pytest.raises(ValueError) as err:
+        check_trainer_config(cfg, 8)
+    assert f"model.student_hf={student}: safetensors shard" in str(err.value)
+    assert "is truncated" in str(err.value) and "teacher_hf" not in str(err.value)
+    os.remove(weights)
+    torch.save({"x": torch.zeros(1)}, os.path.join(student, "pytorch_model.bin"))
+    with pytest.raises(ValueError) as err:
+        check_trainer_config(cfg, 8)
+    text = str(err.value)
+    assert f"model.student_hf={student}: the folder holds pickled weights" in text
+    assert "save_pretrained(new_folder, safe_serialization=True)" in text
+    assert "--trust-pickle" not in text and "trust_pickle" not in text
 
 
 def test_one_run_per_output_folder(tmp_path):

@@ -18,7 +18,7 @@ from megatron_eaopd.models.hf.config import (
     read_hf_config,
 )
 from megatron_eaopd.models.hf.layout import expected_hf_shapes
-from megatron_eaopd.models.hf.load import load_hf_weights
+from megatron_eaopd.models.hf.load import check_hf_folder, load_hf_weights
 from megatron_eaopd.models.hf.reader import HFWeights
 from megatron_eaopd.models.hf.save import save_hf_weights
 
@@ -26,6 +26,7 @@ __all__ = [
     "ARCHITECTURES",
     "HFWeights",
     "MissingHFFile",
+    "check_hf_folder",
     "expected_hf_shapes",
     "hf_config_dict",
     "load_hf_weights",

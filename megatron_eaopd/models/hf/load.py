@@ -13,7 +13,7 @@ from megatron_eaopd.models.hf.reader import HFWeights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bare_chunks", "load_hf_weights"]
+__all__ = ["bare_chunks", "check_hf_folder", "load_hf_weights"]
 
 
 def bare_chunks(model_chunks) -> list:
@@ -60,6 +60,42 @@ def _check_model_matches(chunks, cfg: ModelConfig, tp: int, hf_dir: str) -> None
             )
 
 
+_TIED_ROWS = 64  # rows of lm_head.weight compared with the embedding in a tied folder
+
+
+def check_hf_folder(hf_dir: str, *, trust_pickle: bool = False) -> HFWeights:
+    """Check what a load of ``hf_dir`` needs, reading config.json and the weight files' headers
+    (and, in a tied folder that also stores ``lm_head.weight``, 64 rows of it): every tensor
+    config.json implies at its shape (``HFWeights.check``), and a stored head equal to the
+    embedding when config.json ties them. transformers keeps a stored head that differs
+    untied; loading it tied would silently be another model, so it is refused. Returns the
+    folder's ``HFWeights``. Raises ValueError (``MissingHFFile``, ``reader.PickledWeights``)
+    naming the problem. No communication."""
+    cfg = model_config_from_hf(hf_dir)
+    weights = HFWeights(hf_dir, trust_pickle=trust_pickle)
+    weights.check(expected_hf_shapes(cfg))
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if cfg.tied_embeddings and head in weights.keys():
+        rows = weights.shape(embed)[0]
+        if weights.shape(head) != weights.shape(embed):
+            raise ValueError(
+                f"{hf_dir!r}: config.json ties the embeddings, but {head} has shape "
+                f"{weights.shape(head)} and {embed} {weights.shape(embed)}"
+            )
+        picks = sorted({round(i * (rows - 1) / (_TIED_ROWS - 1)) for i in range(_TIED_ROWS)})
+        for r in picks:
+            if not torch.equal(weights.read(head, (slice(r, r + 1),)),
+                               weights.read(embed, (slice(r, r + 1),))):  # fmt: skip
+                raise ValueError(
+                    f"{hf_dir!r}: config.json has tie_word_embeddings true, but the stored {head} "
+                    f"differs from {embed} (row {r}): transformers would load this head untied, "
+                    f"and tying it here would be another model. Set tie_word_embeddings to false "
+                    f"in config.json to keep the stored head, or delete {head} from the weights "
+                    f"to tie it to the embedding"
+                )
+    return weights
+
+
 @torch.no_grad()
 def load_hf_weights(
     model_chunks,
@@ -96,8 +132,7 @@ def load_hf_weights(
     tp_rank = ps.get_tensor_model_parallel_rank()
     chunks = bare_chunks(model_chunks)
     _check_model_matches(chunks, cfg, tp, hf_dir)
-    weights = HFWeights(hf_dir, trust_pickle=trust_pickle)
-    weights.check(expected_hf_shapes(cfg))
+    weights = check_hf_folder(hf_dir, trust_pickle=trust_pickle)
 
     work = []
     for chunk in chunks:

@@ -24,10 +24,14 @@ import torch
 
 from megatron_eaopd.models.hf.config import MissingHFFile
 
-__all__ = ["HFWeights"]
+__all__ = ["HFWeights", "PickledWeights"]
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 PICKLE_INDEX, PICKLE_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+
+
+class PickledWeights(ValueError):
+    """A folder with pickled weights only, read without ``trust_pickle``."""
 
 
 def _safetensors_header(path: str) -> dict:
@@ -68,7 +72,8 @@ class HFWeights:
         MissingHFFile (a FileNotFoundError and a ValueError): no weights, or a shard named by the
             index is missing.
         ValueError: a truncated or corrupt shard, a tensor the index puts in a shard that does not
-            hold it, or pickled weights without trust_pickle.
+            hold it, both one model.safetensors and an index (ambiguous), or pickled weights
+            without trust_pickle (``PickledWeights``).
     """
 
     def __init__(self, hf_dir: str, *, trust_pickle: bool = False):
@@ -79,6 +84,12 @@ class HFWeights:
         self._pickle_cache: dict[str, dict] = {}
         index = os.path.join(hf_dir, SAFE_INDEX)
         single = os.path.join(hf_dir, SAFE_SINGLE)
+        if os.path.isfile(index) and os.path.isfile(single):
+            raise ValueError(
+                f"{hf_dir!r} holds both {SAFE_SINGLE} and {SAFE_INDEX} (e.g. a stale file from "
+                f"another revision downloaded into the same folder): which weights are meant is "
+                f"ambiguous (transformers reads {SAFE_SINGLE}); remove the stale one"
+            )
         if os.path.isfile(index):
             self._index_safetensors(index)
         elif os.path.isfile(single):
@@ -87,7 +98,7 @@ class HFWeights:
             os.path.join(hf_dir, PICKLE_SINGLE)
         ):
             if not trust_pickle:
-                raise ValueError(
+                raise PickledWeights(
                     f"{hf_dir!r} holds pickled weights (pytorch_model.bin) and no safetensors. "
                     f"Loading a pickle runs code from the file: convert it to safetensors, or pass "
                     f"trust_pickle=True (--trust-pickle) if you trust its source."
