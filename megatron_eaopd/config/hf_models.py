@@ -1,8 +1,10 @@
 """Models given as Hugging Face folders (``model.student_hf`` / ``model.teacher_hf``).
 
-When a model comes from an HF folder its shape is that folder's config.json: the config's shape
-keys are filled from it (so the resolved config.yaml shows the real model), and a shape key the
-user wrote that disagrees is an error naming both values. Unsupported architectures, a missing
+When a model comes from an HF folder its shape is that folder's config.json, and when it comes
+from a project checkpoint that records its model config (``eaopd-convert import-hf`` outputs,
+trainer saves), that config: the config's shape keys are filled from it (so the resolved
+config.yaml shows the real model), and a shape key the user wrote that disagrees is an error
+naming both values. Unsupported architectures, a missing
 config.json, a folder set together with a project checkpoint, and teacher and student tokenizers
 that differ are refused here, when the config is loaded: before any process group exists.
 """
@@ -12,7 +14,13 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["SHAPE_KEYS", "resolve_hf_models", "schema_shape", "tokenizer_fingerprint"]
+__all__ = [
+    "SHAPE_KEYS",
+    "recorded_model_config",
+    "resolve_hf_models",
+    "schema_shape",
+    "tokenizer_fingerprint",
+]
 
 #: Shape keys of a config model section that an HF config.json determines.
 SHAPE_KEYS = (
@@ -64,15 +72,51 @@ def _token_table(folder: str) -> dict | None:
     return table
 
 
+def recorded_model_config(root: str | None):
+    """The ``models.ModelConfig`` recorded with the project checkpoint ``root`` (an
+    ``eaopd-convert import-hf`` output or a trainer save), or None: no root, no complete save (the
+    trainer's checks name that), or a save of a version that recorded none."""
+    if not root or not os.path.isdir(root):
+        return None
+    from megatron_eaopd.models.checkpoint import read_model_config
+
+    try:
+        return read_model_config(root)[0]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _fill_shape(cfg, who: str, mc, source: str, given: dict, problems: list) -> None:
+    """Set ``cfg.model.<who>``'s shape keys from ``mc``; a key the user gave that disagrees is a
+    problem naming both values and ``source``."""
+    section = getattr(cfg.model, who)
+    for name, value in schema_shape(mc).items():
+        if name in given and getattr(section, name) != value:
+            problems.append(
+                (
+                    f"model.{who}.{name}",
+                    f"{getattr(section, name)!r} disagrees with {source} ({value!r}); remove "
+                    "the key: the shape comes from there",
+                )
+            )
+        setattr(section, name, value)
+
+
 def resolve_hf_models(cfg, data: dict, problems: list) -> None:
-    """Fill ``cfg.model.<who>`` from ``cfg.model.<who>_hf``; append (key, problem) pairs."""
+    """Fill ``cfg.model.<who>`` from ``cfg.model.<who>_hf``, or from the model config recorded
+    with ``cfg.model.<who>_checkpoint``; append (key, problem) pairs."""
     from megatron_eaopd.models.hf import model_config_from_hf
 
     given_sections = (data.get("model") or {}) if isinstance(data, dict) else {}
     folders = {}
     for who in ("student", "teacher"):
         folder = getattr(cfg.model, f"{who}_hf")
+        given = given_sections.get(who) or {}
         if not folder:
+            root = getattr(cfg.model, f"{who}_checkpoint")
+            mc = recorded_model_config(root)
+            if mc is not None:
+                _fill_shape(cfg, who, mc, f"the model config recorded in {root}", given, problems)
             continue
         key = f"model.{who}_hf"
         if getattr(cfg.model, f"{who}_checkpoint"):
@@ -84,19 +128,7 @@ def resolve_hf_models(cfg, data: dict, problems: list) -> None:
             problems.append((key, str(err)))
             continue
         folders[who] = folder
-        shape = schema_shape(mc)
-        section = getattr(cfg.model, who)
-        given = given_sections.get(who) or {}
-        for name, value in shape.items():
-            if name in given and getattr(section, name) != value:
-                problems.append(
-                    (
-                        f"model.{who}.{name}",
-                        f"{getattr(section, name)!r} disagrees with {folder}/config.json "
-                        f"({value!r}); remove the key: the shape comes from the HF folder",
-                    )
-                )
-            setattr(section, name, value)
+        _fill_shape(cfg, who, mc, f"{folder}/config.json", given, problems)
     if len(folders) == 2:
         prints = {who: tokenizer_fingerprint(f) for who, f in folders.items()}
         if None not in prints.values() and prints["student"] != prints["teacher"]:

@@ -33,14 +33,28 @@ def model_configs(cfg: EAOPDConfig, vocab_size: int) -> tuple[ModelConfig, Model
     A model given as an HF folder (``model.<who>_hf``) takes its architecture from config.json
     (``models.hf.model_config_from_hf``: RoPE scaling, q/k/v biases and the source
     architecture included), with the config's dtype, ``max_seq_len`` and
-    ``parallel.make_vocab_size_divisible_by``.
+    ``parallel.make_vocab_size_divisible_by``. A model given as a project checkpoint that
+    records its config (``model.<who>_checkpoint``: an ``eaopd-convert import-hf`` output, a
+    trainer save) takes that config whole (q/k/v biases, RoPE scaling and the vocabulary
+    padding it was saved with included), with the config's dtype and ``max_seq_len``.
     """
+    from megatron_eaopd.config.hf_models import recorded_model_config
+
     div = cfg.parallel.make_vocab_size_divisible_by
     out = []
     for who in ("student", "teacher"):
         section, folder = getattr(cfg.model, who), getattr(cfg.model, f"{who}_hf")
         kwargs = model_kwargs(section, vocab_size, div)
-        if folder:
+        root = getattr(cfg.model, f"{who}_checkpoint")
+        recorded = None if folder else recorded_model_config(root)
+        if recorded is not None:  # the checkpoint's own architecture (biases, RoPE, padding)
+            out.append(
+                recorded.with_changes(
+                    params_dtype=kwargs["params_dtype"],
+                    max_sequence_length=kwargs["max_sequence_length"],
+                )
+            )
+        elif folder:
             from megatron_eaopd.models.hf import model_config_from_hf
 
             out.append(

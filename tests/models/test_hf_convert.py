@@ -420,3 +420,50 @@ def test_folders_that_would_load_another_model_are_refused(tmp_path):
     shutil.copy(path, os.path.join(both, "model.safetensors"))  # a stale single file
     with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.ind"):
         check_hf_folder(both)
+
+
+def _imported_teacher_worker(rank, world, hf_dir, root, config):
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.parallel.init import destroy_parallel, use_layout
+    from megatron_eaopd.trainer.build import build_teacher, init_layouts, model_configs
+
+    ckpt = os.path.join(root, "ckpt")
+    assert convert.main(["import-hf", "--hf", hf_dir, "--out", ckpt, "--dtype", "fp32"]) == 0
+    overrides = [f"model.teacher_checkpoint={ckpt}", "parallel.teacher.tp=2",
+                 "parallel.backend=gloo"]  # fmt: skip
+    cfg = load_config(config, overrides)
+    shape = (cfg.model.teacher.layers, cfg.model.teacher.hidden, cfg.model.teacher.vocab_size)
+    try:  # a shape key the user gives must agree with the checkpoint's
+        load_config(config, [*overrides, "model.teacher.hidden=128"])
+        disagreement = None
+    except ValueError as err:
+        disagreement = str(err)
+    init_layouts(cfg)
+    try:
+        _, teacher_cfg = model_configs(cfg, vocab_size=64)
+        teacher = build_teacher(teacher_cfg, ckpt)
+        with use_layout("teacher"):
+            logits = _logits(teacher.chunks, teacher_cfg.vocab_size)
+    finally:
+        destroy_parallel()
+    return {"shape": shape, "disagreement": disagreement, "cfg": teacher_cfg.to_dict(),
+            "logits": logits}  # fmt: skip
+
+
+def test_an_imported_checkpoint_is_a_trainer_model_source(tmp_path):
+    """model.teacher_checkpoint=<an eaopd-convert import-hf output> with no shape keys: the
+    shape, the q/k/v biases (Qwen2) and the import's vocabulary padding come from the config it
+    records, and the teacher loads at TP 2 with transformers' logits. It used to be refused (the
+    YAML-derived model had another padded vocabulary and no biases)."""
+    hf = str(tmp_path / "qwen2")
+    model = make_hf_model(hf, "qwen2")
+    tokens, _ = tokens_and_prompts(model.config.vocab_size)
+    with torch.no_grad():
+        want = model(tokens).logits
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "base.yaml")
+    results = run_distributed(_imported_teacher_worker, 2, hf, str(tmp_path), config)
+    r = results[0]
+    assert r["shape"] == (2, 64, 333)
+    assert "model.teacher.hidden" in r["disagreement"] and "recorded in" in r["disagreement"]
+    assert r["cfg"]["add_qkv_bias"] and r["cfg"]["vocab_pad_for_tp"] == 8
+    torch.testing.assert_close(r["logits"], want, atol=1e-4, rtol=1e-4)
