@@ -31,7 +31,7 @@ eaopd_parse_args() {
   fi
   [[ -n ${EAOPD_CONFIG:-} ]] || eaopd_die "no config: pass CONFIG.yaml as the first argument or set EAOPD_CONFIG"
   [[ -f $EAOPD_CONFIG ]] || eaopd_die "config file not found: $EAOPD_CONFIG (relative paths are taken from $PWD)"
-  EAOPD_CONFIG=$(cd "$(dirname "$EAOPD_CONFIG")" && pwd)/$(basename "$EAOPD_CONFIG")
+  EAOPD_CONFIG=$(cd "$(dirname "$EAOPD_CONFIG")" >/dev/null && pwd)/$(basename "$EAOPD_CONFIG")
   # shellcheck disable=SC2034  # read by the sourcing script
   EAOPD_OVERRIDES=("$@")
   export EAOPD_CONFIG

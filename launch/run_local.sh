@@ -12,6 +12,7 @@
 # torchrun):   pkill -TERM -P <torchrun pid>
 # torchrun itself ignores those signals; Ctrl-C stops everything without a checkpoint.
 set -euo pipefail
+unset CDPATH # `cd DIR` would print DIR into $(cd DIR && pwd)
 
 EAOPD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export EAOPD_ROOT

@@ -9,6 +9,8 @@
 #   EAOPD_PREEMPT_SIGNALS  signals that lead to a checkpoint and a requeue (default: USR1,TERM)
 #   EAOPD_REQUEUE=0      never requeue a run that stopped early (default: 1)
 #   EAOPD_MAX_REQUEUES   stop requeueing after this many restarts (default: 20)
+#   EAOPD_FORWARD_AFTER  seconds after the step starts before a signal is forwarded to srun (the
+#                        stop file covers the start; default: 2)
 #   EAOPD_CONTAINER_IMAGE / EAOPD_CONTAINER_MOUNTS / EAOPD_CONTAINER_WORKDIR / EAOPD_CONTAINER_NAME
 #                        pyxis: --container-image / -mounts / -workdir / -name for the srun step;
 #                        the repository and the submit folder are always mounted at the same
@@ -91,8 +93,10 @@ eaopd_slurm_setup() {
   eaopd_python_defaults
   eaopd_nccl_defaults
 
-  export MASTER_ADDR="${EAOPD_MASTER_ADDR:-$(eaopd_first_host)}"
-  export MASTER_PORT="${EAOPD_MASTER_PORT:-$(eaopd_master_port "${SLURM_JOB_ID:?}" "$attempt")}"
+  # Assigned, then exported: `export X=$(f)` would hide f's failure from set -e.
+  MASTER_ADDR="${EAOPD_MASTER_ADDR:-$(eaopd_first_host)}"
+  MASTER_PORT="${EAOPD_MASTER_PORT:-$(eaopd_master_port "${SLURM_JOB_ID:?}" "$attempt")}"
+  export MASTER_ADDR MASTER_PORT
 
   export EAOPD_JOB_KEY="$job_key"
   export EAOPD_ATTEMPT="$attempt"
@@ -194,11 +198,25 @@ eaopd_requeue() {
     eaopd_log "already restarted $EAOPD_ATTEMPT times (EAOPD_MAX_REQUEUES=$max): not requeueing"
     return 1
   fi
+  # A cancelled job (scancel sends this shell SIGTERM, which stops the run like a preemption)
+  # is COMPLETING or CANCELLED by now: requeueing it would bring it back.
+  local state
+  state=$(eaopd_job_state "$EAOPD_JOB_KEY")
+  if [[ -n $state && $state != RUNNING ]]; then
+    eaopd_log "job $EAOPD_JOB_KEY is $state (cancelled?): not requeueing"
+    return 1
+  fi
   eaopd_log "requeueing job $EAOPD_JOB_KEY (attempt $((EAOPD_ATTEMPT + 1)) will resume from the checkpoint)"
   if ! scontrol requeue "$EAOPD_JOB_KEY"; then
     eaopd_log "scontrol requeue $EAOPD_JOB_KEY failed (is the job requeueable: --requeue, JobRequeue?)"
     return 1
   fi
+}
+
+# eaopd_job_state JOB: Slurm's JobState of JOB (RUNNING, COMPLETING, CANCELLED, ...), or "" when
+# scontrol cannot tell.
+eaopd_job_state() {
+  { scontrol -o show job "$1" 2>/dev/null || true; } | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -n 1
 }
 
 # The run stopped early (checkpoint saved, iterations left): requeue, else exit 75.
@@ -256,12 +274,14 @@ eaopd_run_step() {
     local sent=""
     EAOPD_SIGNALLED=$1
     : >>"$EAOPD_STOP_FILE"
-    if [[ -n $EAOPD_STEP_PID ]]; then
+    # In the step's first seconds srun and the tasks may not have their handlers yet (a
+    # signal would kill them): the stop file alone stops the trainer at iteration one.
+    if [[ -n $EAOPD_STEP_PID ]] && ((SECONDS - EAOPD_STEP_START >= ${EAOPD_FORWARD_AFTER:-2})); then
       sent=$(eaopd_forward_signal "$1" "$EAOPD_STEP_PID" || true)
     fi
     eaopd_log "caught SIG$1: wrote the stop file; forwarded ${sent:-no signal} to the training step (srun pid ${EAOPD_STEP_PID:-none yet})"
   }
-  EAOPD_STEP_PID=""
+  EAOPD_STEP_PID="" EAOPD_STEP_START=$SECONDS
   for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
     # shellcheck disable=SC2064  # expand now: one trap per signal
     trap "eaopd_on_signal $sig" "$sig"
@@ -273,6 +293,7 @@ eaopd_run_step() {
   eaopd_log "job $EAOPD_JOB_KEY attempt $EAOPD_ATTEMPT: $(eaopd_print_cmd "$@")"
   eaopd_log "logs: $EAOPD_LOG_DIR"
 
+  EAOPD_STEP_START=$SECONDS
   "$@" &
   EAOPD_STEP_PID=$!
 

@@ -7,6 +7,10 @@
 #       LOCAL_WORLD_SIZE=tasks on this node, GROUP_RANK/NODE_RANK=SLURM_NODEID
 # needs: EAOPD_ROOT, MASTER_ADDR, MASTER_PORT (exported by the batch script)
 set -euo pipefail
+# Ignore the preemption signals the batch script exported from the first line: one that arrives
+# while this script starts must not end the task (the names are checked again below).
+sigs=${EAOPD_PREEMPT_SIGNALS:-}
+for sig in ${sigs//,/ }; do trap '' "$sig" 2>/dev/null || true; done
 
 : "${EAOPD_ROOT:?EAOPD_ROOT must be set by the batch script}"
 # shellcheck source=launch/common.sh

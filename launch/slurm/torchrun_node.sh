@@ -22,6 +22,10 @@
 # Exit status: torchrun's, except that a worker's own status recorded in EAOPD_STATUS_DIR wins
 # (torchrun reports every failed worker as 1; a configuration error must stay 2).
 set -euo pipefail
+# Ignore the preemption signals the batch script exported from the first line: one that arrives
+# while this script starts must not end the task (the names are checked again below).
+sigs=${EAOPD_PREEMPT_SIGNALS:-}
+for sig in ${sigs//,/ }; do trap '' "$sig" 2>/dev/null || true; done
 
 : "${EAOPD_ROOT:?EAOPD_ROOT must be set by the batch script}"
 # shellcheck source=launch/common.sh

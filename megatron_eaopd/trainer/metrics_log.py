@@ -73,7 +73,10 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                # a resume drops the event files' steps after the checkpoint (a run that died
+                # after its last save logged them once already), as _truncate does for the JSONL
+                purge = None if resume_iteration is None else resume_iteration + 1
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
             except ImportError:
                 logger.info("tensorboard is not installed: no event files")
         if logging_cfg.wandb:

@@ -231,6 +231,20 @@ def requeue_owned_by_batch_script(env: dict[str, str] | None = None) -> bool:
     return env.get("EAOPD_REQUEUE_BY", "") == "batch"
 
 
+def job_state(job_id: str, scontrol: str = "scontrol") -> str | None:
+    """Slurm's JobState of ``job_id`` (RUNNING, COMPLETING, CANCELLED, ...), or None when
+    ``scontrol -o show job`` cannot tell."""
+    try:
+        result = subprocess.run([scontrol, "-o", "show", "job", str(job_id)],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for word in result.stdout.split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1] or None
+    return None
+
+
 def requeue_job(
     job_id: str | None = None, *, dry_run: bool = False, timeout: float = 60.0, force: bool = False
 ) -> bool:
@@ -238,7 +252,9 @@ def requeue_job(
 
     Call it on one rank (rank 0) after the checkpoint is saved and all ranks passed a barrier:
     requeueing a running job ends it at once. Does nothing (returns False) outside Slurm, when
-    scontrol is missing, or when the project's batch script owns the requeue
+    scontrol is missing, when the job is no longer RUNNING (``scancel`` sends SIGTERM, which
+    stops the run like a preemption, and the job is then COMPLETING or CANCELLED: a requeue
+    would bring it back), or when the project's batch script owns the requeue
     (``EAOPD_REQUEUE_BY=batch``) unless `force`. `dry_run` logs the command instead of running it.
     """
     job_id = job_id or slurm_job_id()
@@ -251,6 +267,10 @@ def requeue_job(
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         logger.warning("scontrol not found: cannot requeue job %s", job_id)
+        return False
+    state = job_state(job_id, scontrol)
+    if state not in (None, "RUNNING"):  # scancel: COMPLETING / CANCELLED; a requeue revives it
+        logger.warning("job %s is %s (cancelled?): not requeueing it", job_id, state)
         return False
     cmd = [scontrol, "requeue", str(job_id)]
     if dry_run:

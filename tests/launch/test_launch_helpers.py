@@ -274,7 +274,7 @@ def test_batch_script_takes_the_step_status_when_the_step_ends_during_the_trap(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EAOPD_"))}
     env.update(
         EAOPD_ROOT=str(ROOT), EAOPD_REQUEUE="0", T=str(tmp_path), READY=str(tmp_path / "ready"),
-        PATH=_slow_date_path(tmp_path),
+        PATH=_slow_date_path(tmp_path), EAOPD_FORWARD_AFTER="0",
     )  # fmt: skip
     proc = subprocess.Popen(
         [BASH, "-c", f'set -euo pipefail; source "$EAOPD_ROOT/launch/slurm/lib.sh"; {snippet}'],
@@ -340,6 +340,43 @@ def test_batch_script_keeps_a_signal_that_comes_just_before_the_step_starts(tmp_
     result = bash(snippet, {"EAOPD_REQUEUE": "0", "T": str(tmp_path)})
     assert "trainer status: stopped" in result.stderr, result.stderr
     assert result.returncode == 75, result.stderr
+
+
+@pytest.mark.parametrize(("state", "requeued"), [("RUNNING", True), ("COMPLETING", False),
+                                                ("CANCELLED", False), ("", True)])  # fmt: skip
+def test_batch_script_requeues_only_a_running_job(tmp_path, state, requeued):
+    """A stopped run is requeued while the job is RUNNING (a time limit, a preemption); after
+    `scancel` (COMPLETING / CANCELLED) it is not: the requeue would revive the cancelled job.
+    When scontrol cannot tell (""), the requeue is tried as before."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answer = f'echo "JobId=7 JobState={state} Reason=None"' if state else "exit 1"
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        f'if [[ "$1 $2" == "-o show" ]]; then {answer}; exit 0; fi\n'
+        f'echo "$@" >> {tmp_path}/calls\n'
+    )
+    (bin_dir / "scontrol").chmod(0o755)
+    snippet = "EAOPD_JOB_KEY=7; EAOPD_ATTEMPT=0; eaopd_requeue && echo REQUEUED || echo NOT"
+    result = bash(snippet, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.stdout.strip() == ("REQUEUED" if requeued else "NOT"), result.stderr
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert calls == ("requeue 7\n" if requeued else ""), calls
+    if not requeued:
+        assert f"job 7 is {state} (cancelled?): not requeueing" in result.stderr
+
+
+def test_a_failing_port_or_host_lookup_stops_the_batch_script(tmp_path):
+    """`export X=$(f)` hid f's failure from set -e: the script went on to srun with an empty
+    MASTER_PORT (e.g. no room for a port outside a widened ephemeral range)."""
+    snippet = (
+        "eaopd_master_port() { eaopd_die 'no room for a rendezvous port'; }; "
+        "eaopd_first_host() { echo node1; }; eaopd_slurm_setup; echo SETUP-DONE"
+    )
+    env = {"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "node1", "EAOPD_LOG_ROOT": str(tmp_path)}
+    result = bash(snippet, env)
+    assert result.returncode == 2 and "SETUP-DONE" not in result.stdout, result
+    assert "no room for a rendezvous port" in result.stderr
 
 
 def test_hf_import_bar_only_on_a_terminal(monkeypatch):

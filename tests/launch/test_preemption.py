@@ -152,12 +152,18 @@ def test_signal_on_one_rank_stops_all_ranks_at_the_same_iteration(world_size):
         assert all(r["done"] == expected_done for r in per_rank)
 
 
-def _fake_scontrol(tmp_path, monkeypatch, rc=0):
-    """Put a fake `scontrol` first on PATH that records its arguments."""
+def _fake_scontrol(tmp_path, monkeypatch, rc=0, state="RUNNING"):
+    """Put a fake `scontrol` first on PATH that answers `-o show job` with JobState=`state` and
+    records the arguments of every other call."""
     record = tmp_path / "scontrol.args"
     script = tmp_path / "bin" / "scontrol"
     script.parent.mkdir()
-    script.write_text(f'#!/bin/sh\necho "$@" >> {record}\nexit {rc}\n')
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "-o show" ]; then echo "JobId=$4 JobName=x JobState={state} Reason=None"; '
+        "exit 0; fi\n"
+        f'echo "$@" >> {record}\nexit {rc}\n'
+    )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
     return record
@@ -186,6 +192,17 @@ def test_requeue_job_skips_outside_slurm_and_under_the_batch_script(tmp_path, mo
     assert not record.exists()
     assert requeue_job(force=True) is True
     assert record.read_text().strip() == "requeue 5"
+
+
+@pytest.mark.parametrize("state", ["COMPLETING", "CANCELLED"])
+def test_a_cancelled_job_is_not_requeued(tmp_path, monkeypatch, state):
+    """scancel sends SIGTERM, which stops the run like a preemption; `scontrol requeue` of the
+    cancelled job would bring it back (reproduced on a real Slurm)."""
+    record = _fake_scontrol(tmp_path, monkeypatch, state=state)
+    monkeypatch.delenv("EAOPD_REQUEUE_BY", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "31")
+    assert requeue_job() is False
+    assert not record.exists()
 
 
 def test_requeue_job_reports_scontrol_failure(tmp_path, monkeypatch):

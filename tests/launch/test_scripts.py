@@ -183,6 +183,33 @@ def test_torchrun_dry_run_uses_one_task_per_node(tmp_path):
     assert cmd[-3:] == ["bash", f"{ROOT}/launch/slurm/torchrun_node.sh", str(CONFIG)]
 
 
+@pytest.mark.parametrize("name", ["eaopd_per_gpu.sbatch", "eaopd_torchrun.sbatch"])
+def test_the_repository_is_found_when_its_path_holds_spaces(tmp_path, name):
+    """scontrol's Command= is the submitted path and its arguments, space-separated: the path
+    was cut at its first space and the job failed with "cannot find the repository"."""
+    repo = tmp_path / "my repo"
+    (repo / "launch" / "slurm").mkdir(parents=True)
+    for f in (ROOT / "launch" / "slurm").iterdir():
+        (repo / "launch" / "slurm" / f.name).symlink_to(f)
+    (repo / "launch" / "common.sh").symlink_to(ROOT / "launch" / "common.sh")
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    env = _slurm_env(submit, CDPATH=str(tmp_path))  # CDPATH must not leak into $(cd ... && pwd)
+    if "torchrun" in name:
+        env.pop("SLURM_CPUS_PER_TASK")
+        env.update(SLURM_CPUS_ON_NODE="8", SLURM_GPUS_PER_NODE="8")
+    (Path(env["PATH"].split(":")[0]) / "scontrol").write_text(
+        "#!/bin/bash\n"
+        'case "$1 $2" in\n'
+        f'  "show job") echo "   Command={repo}/launch/slurm/{name} {CONFIG} a.b=1" ;;\n'
+        '  "show hostnames") printf "gpu-node-017\\ngpu-node-018\\n" ;;\n'
+        "esac\n"
+    )
+    cmd = _dry_run(SBATCH[0].parent / name, env, str(CONFIG), "a.b=1")
+    script = "task.sh" if "per_gpu" in name else "torchrun_node.sh"
+    assert f"{repo}/launch/slurm/{script}" in cmd, cmd
+
+
 def test_config_is_required_and_must_exist(tmp_path):
     script = SBATCH[0].parent / "eaopd_per_gpu.sbatch"
     env = _slurm_env(tmp_path)

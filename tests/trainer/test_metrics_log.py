@@ -80,3 +80,23 @@ def test_a_mean_of_no_tokens_is_null_in_jsonl_na_on_console_and_absent_from_tens
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval/fkl_high")] == [4]
     assert [e.step for e in acc.Scalars("eval/fkl_all")] == [3, 4]
+
+
+def test_a_resume_drops_the_tensorboard_steps_after_the_checkpoint(tmp_path):
+    """A run that died after its last checkpoint (node failure, TIMEOUT) logged steps the resume
+    logs again: the JSONL is cut back, and TensorBoard must not show those steps twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLogger(str(tmp_path), _cfg())
+    for it in (1, 2, 3, 4):
+        log.log("train", it, {"loss": float(it)})
+    log.close()
+    log = MetricsLogger(str(tmp_path), _cfg(), resume_iteration=2)  # the checkpoint: iteration 2
+    for it in (3, 4):
+        log.log("train", it, {"loss": 100.0 + it})
+    log.close()
+    acc = EventAccumulator(os.path.join(tmp_path, "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0)], got
