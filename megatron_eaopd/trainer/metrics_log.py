@@ -37,6 +37,23 @@ def _clean(value):
     return value
 
 
+def _wandb_run_id(output_dir: str) -> str:
+    """The W&B run id of this run folder, kept in ``<output_dir>/wandb_run_id``: every attempt of
+    a requeued or resumed run logs to the same W&B run (without an id, each made a new one)."""
+    import uuid
+
+    path = os.path.join(output_dir, "wandb_run_id")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    run_id = uuid.uuid4().hex[:16]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Log metric dicts to JSONL / console / TensorBoard / W&B.
 
@@ -89,6 +106,7 @@ class MetricsLogger:
                     name=logging_cfg.wandb_run_name or os.path.basename(output_dir.rstrip("/")),
                     config=dict(config_dict or {}),
                     dir=output_dir,
+                    id=_wandb_run_id(output_dir),
                     resume="allow",
                 )
             except ImportError:

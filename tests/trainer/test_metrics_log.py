@@ -100,3 +100,22 @@ def test_a_resume_drops_the_tensorboard_steps_after_the_checkpoint(tmp_path):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0)], got
+
+
+def test_every_attempt_of_a_run_logs_to_one_wandb_run(tmp_path, monkeypatch):
+    """wandb.init(resume="allow") without an id started a new W&B run at every requeue."""
+    import sys
+    from types import ModuleType
+
+    calls = []
+    fake = ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(kw) or SimpleNamespace(log=lambda *a, **k: None,
+                                                                finish=lambda: None)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for resume in (None, 3):
+        MetricsLogger(str(tmp_path / "run"), _cfg(tensorboard=False, wandb=True),
+                      resume_iteration=resume).close()  # fmt: skip
+    MetricsLogger(str(tmp_path / "other"), _cfg(tensorboard=False, wandb=True)).close()
+    ids = [kw["id"] for kw in calls]
+    assert ids[0] and ids[0] == ids[1] != ids[2]
+    assert all(kw["resume"] == "allow" for kw in calls)
