@@ -198,12 +198,10 @@ eaopd_requeue() {
     eaopd_log "already restarted $EAOPD_ATTEMPT times (EAOPD_MAX_REQUEUES=$max): not requeueing"
     return 1
   fi
-  # A cancelled job (scancel sends this shell SIGTERM, which stops the run like a preemption)
-  # is COMPLETING or CANCELLED by now: requeueing it would bring it back.
-  local state
-  state=$(eaopd_job_state "$EAOPD_JOB_KEY")
-  if [[ -n $state && $state != RUNNING ]]; then
-    eaopd_log "job $EAOPD_JOB_KEY is $state (cancelled?): not requeueing"
+  # scancel sends this shell SIGTERM, which stops the run like a preemption: requeueing the
+  # cancelled job would bring it back.
+  if eaopd_job_cancelled "$EAOPD_JOB_KEY"; then
+    eaopd_log "job $EAOPD_JOB_KEY was cancelled (scancel: no preemption, no time limit): not requeueing"
     return 1
   fi
   eaopd_log "requeueing job $EAOPD_JOB_KEY (attempt $((EAOPD_ATTEMPT + 1)) will resume from the checkpoint)"
@@ -213,10 +211,18 @@ eaopd_requeue() {
   fi
 }
 
-# eaopd_job_state JOB: Slurm's JobState of JOB (RUNNING, COMPLETING, CANCELLED, ...), or "" when
-# scontrol cannot tell.
-eaopd_job_state() {
-  { scontrol -o show job "$1" 2>/dev/null || true; } | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -n 1
+# eaopd_job_cancelled JOB: whether `scontrol -o show job JOB` says the job was cancelled. While a
+# job ends, scontrol shows JobState=COMPLETING whatever the cause; a preemption sets PreemptTime
+# and a time limit Reason=TimeLimit (measured on Slurm 22.05), a scancel neither. False when
+# scontrol cannot tell (the requeue is then tried).
+eaopd_job_cancelled() {
+  local line state reason preempt
+  line=$(scontrol -o show job "$1" 2>/dev/null || true)
+  state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$line" | head -n 1)
+  reason=$(sed -n 's/.* Reason=\([^ ]*\).*/\1/p' <<<"$line" | head -n 1)
+  preempt=$(sed -n 's/.* PreemptTime=\([^ ]*\).*/\1/p' <<<"$line" | head -n 1)
+  [[ $state == CANCELLED ]] && return 0
+  [[ $state == COMPLETING && $reason == None && ${preempt:-None} == None ]]
 }
 
 # The run stopped early (checkpoint saved, iterations left): requeue, else exit 75.

@@ -231,18 +231,22 @@ def requeue_owned_by_batch_script(env: dict[str, str] | None = None) -> bool:
     return env.get("EAOPD_REQUEUE_BY", "") == "batch"
 
 
-def job_state(job_id: str, scontrol: str = "scontrol") -> str | None:
-    """Slurm's JobState of ``job_id`` (RUNNING, COMPLETING, CANCELLED, ...), or None when
-    ``scontrol -o show job`` cannot tell."""
+def job_cancelled(job_id: str, scontrol: str = "scontrol") -> bool:
+    """Whether ``scontrol -o show job`` says ``job_id`` was cancelled. While a job ends scontrol
+    shows JobState=COMPLETING whatever the cause; a preemption sets PreemptTime and a time limit
+    Reason=TimeLimit (measured on Slurm 22.05), a ``scancel`` neither. False when scontrol
+    cannot tell."""
     try:
         result = subprocess.run([scontrol, "-o", "show", "job", str(job_id)],
                                 capture_output=True, text=True, timeout=30)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return None
-    for word in result.stdout.split():
-        if word.startswith("JobState="):
-            return word.split("=", 1)[1] or None
-    return None
+        return False
+    fields = dict(w.split("=", 1) for w in result.stdout.split() if "=" in w)
+    state = fields.get("JobState")
+    if state == "CANCELLED":
+        return True
+    return (state == "COMPLETING" and fields.get("Reason") == "None"
+            and fields.get("PreemptTime", "None") == "None")  # fmt: skip
 
 
 def requeue_job(
@@ -252,10 +256,10 @@ def requeue_job(
 
     Call it on one rank (rank 0) after the checkpoint is saved and all ranks passed a barrier:
     requeueing a running job ends it at once. Does nothing (returns False) outside Slurm, when
-    scontrol is missing, when the job is no longer RUNNING (``scancel`` sends SIGTERM, which
-    stops the run like a preemption, and the job is then COMPLETING or CANCELLED: a requeue
-    would bring it back), or when the project's batch script owns the requeue
-    (``EAOPD_REQUEUE_BY=batch``) unless `force`. `dry_run` logs the command instead of running it.
+    scontrol is missing, when the job was cancelled (``scancel`` sends SIGTERM, which stops the
+    run like a preemption; a requeue would bring it back: ``job_cancelled``), or when the
+    project's batch script owns the requeue (``EAOPD_REQUEUE_BY=batch``) unless `force`.
+    `dry_run` logs the command instead of running it.
     """
     job_id = job_id or slurm_job_id()
     if job_id is None:
@@ -268,9 +272,9 @@ def requeue_job(
     if scontrol is None:
         logger.warning("scontrol not found: cannot requeue job %s", job_id)
         return False
-    state = job_state(job_id, scontrol)
-    if state not in (None, "RUNNING"):  # scancel: COMPLETING / CANCELLED; a requeue revives it
-        logger.warning("job %s is %s (cancelled?): not requeueing it", job_id, state)
+    if job_cancelled(job_id, scontrol):  # scancel's SIGTERM stopped the run: do not revive it
+        logger.warning("job %s was cancelled (no preemption, no time limit): not requeueing it",
+                       job_id)  # fmt: skip
         return False
     cmd = [scontrol, "requeue", str(job_id)]
     if dry_run:

@@ -106,3 +106,15 @@ def wait_for_output(
         if time.monotonic() > deadline:
             raise AssertionError(f"no progress in {timeout:.0f}s\n{explain(out, job_id, slurm)}")
         time.sleep(0.1)
+
+
+# `scontrol -o show job` (fields of interest) in the batch shell's SIGTERM handler, as a local
+# Slurm 22.05 printed them: while a job ends it is COMPLETING whatever the cause.
+SHOW_JOB = {
+    "running": "JobState=RUNNING Reason=None PreemptTime=None",
+    "scancel": "JobState=COMPLETING Reason=None PreemptTime=None",
+    "preempted": "JobState=COMPLETING Reason=None PreemptTime=2026-12-02T00:11:39",
+    "time limit": "JobState=COMPLETING Reason=TimeLimit PreemptTime=None",
+    "cancelled": "JobState=CANCELLED Reason=None PreemptTime=None",
+    "unknown": "",
+}

@@ -22,6 +22,7 @@ from megatron_eaopd.trainer.preemption import (
     PreemptionHandler,
     write_exit_status,
 )
+from tests.launch.jobs import SHOW_JOB
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -342,15 +343,17 @@ def test_batch_script_keeps_a_signal_that_comes_just_before_the_step_starts(tmp_
     assert result.returncode == 75, result.stderr
 
 
-@pytest.mark.parametrize(("state", "requeued"), [("RUNNING", True), ("COMPLETING", False),
-                                                ("CANCELLED", False), ("", True)])  # fmt: skip
-def test_batch_script_requeues_only_a_running_job(tmp_path, state, requeued):
-    """A stopped run is requeued while the job is RUNNING (a time limit, a preemption); after
-    `scancel` (COMPLETING / CANCELLED) it is not: the requeue would revive the cancelled job.
-    When scontrol cannot tell (""), the requeue is tried as before."""
+@pytest.mark.parametrize("case", list(SHOW_JOB))
+def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path, case):
+    """A stopped run is requeued after a signal ahead of the time limit (RUNNING), a preemption
+    or the time limit itself (COMPLETING, with PreemptTime / Reason=TimeLimit); after `scancel`
+    (COMPLETING without either, or CANCELLED) it is not: the requeue would revive the cancelled
+    job. When scontrol cannot tell, the requeue is tried as before."""
+    requeued = case not in ("scancel", "cancelled")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    answer = f'echo "JobId=7 JobState={state} Reason=None"' if state else "exit 1"
+    fields = SHOW_JOB[case]
+    answer = f'echo "JobId=7 JobName=x {fields} Requeue=1"' if fields else "exit 1"
     (bin_dir / "scontrol").write_text(
         "#!/bin/bash\n"
         f'if [[ "$1 $2" == "-o show" ]]; then {answer}; exit 0; fi\n'
@@ -363,7 +366,7 @@ def test_batch_script_requeues_only_a_running_job(tmp_path, state, requeued):
     calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
     assert calls == ("requeue 7\n" if requeued else ""), calls
     if not requeued:
-        assert f"job 7 is {state} (cancelled?): not requeueing" in result.stderr
+        assert "job 7 was cancelled (scancel: no preemption, no time limit)" in result.stderr
 
 
 def test_a_failing_port_or_host_lookup_stops_the_batch_script(tmp_path):

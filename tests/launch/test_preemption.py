@@ -20,6 +20,7 @@ from megatron_eaopd.trainer.preemption import (
     slurm_job_id,
 )
 from tests.dist import run_distributed
+from tests.launch.jobs import SHOW_JOB
 
 
 def test_parse_signals_accepts_names_numbers_and_lists():
@@ -152,16 +153,16 @@ def test_signal_on_one_rank_stops_all_ranks_at_the_same_iteration(world_size):
         assert all(r["done"] == expected_done for r in per_rank)
 
 
-def _fake_scontrol(tmp_path, monkeypatch, rc=0, state="RUNNING"):
-    """Put a fake `scontrol` first on PATH that answers `-o show job` with JobState=`state` and
+def _fake_scontrol(tmp_path, monkeypatch, rc=0, case="running"):
+    """Put a fake `scontrol` first on PATH that answers `-o show job` as in SHOW_JOB[case] and
     records the arguments of every other call."""
     record = tmp_path / "scontrol.args"
     script = tmp_path / "bin" / "scontrol"
     script.parent.mkdir()
+    line = f"JobId=$4 JobName=x UserId=u(0) {SHOW_JOB[case]} Requeue=1 Restarts=0"
     script.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1 $2" = "-o show" ]; then echo "JobId=$4 JobName=x JobState={state} Reason=None"; '
-        "exit 0; fi\n"
+        f'if [ "$1 $2" = "-o show" ]; then echo "{line}"; exit 0; fi\n'
         f'echo "$@" >> {record}\nexit {rc}\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -194,15 +195,17 @@ def test_requeue_job_skips_outside_slurm_and_under_the_batch_script(tmp_path, mo
     assert record.read_text().strip() == "requeue 5"
 
 
-@pytest.mark.parametrize("state", ["COMPLETING", "CANCELLED"])
-def test_a_cancelled_job_is_not_requeued(tmp_path, monkeypatch, state):
+@pytest.mark.parametrize("case", list(SHOW_JOB))
+def test_a_cancelled_job_is_not_requeued(tmp_path, monkeypatch, case):
     """scancel sends SIGTERM, which stops the run like a preemption; `scontrol requeue` of the
-    cancelled job would bring it back (reproduced on a real Slurm)."""
-    record = _fake_scontrol(tmp_path, monkeypatch, state=state)
+    cancelled job would bring it back (reproduced on a real Slurm). A preemption or a time limit
+    (also COMPLETING by then) is requeued."""
+    record = _fake_scontrol(tmp_path, monkeypatch, case=case)
     monkeypatch.delenv("EAOPD_REQUEUE_BY", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "31")
-    assert requeue_job() is False
-    assert not record.exists()
+    cancelled = case in ("scancel", "cancelled")
+    assert requeue_job() is not cancelled
+    assert (record.read_text() if record.exists() else "") == ("" if cancelled else "requeue 31\n")
 
 
 def test_requeue_job_reports_scontrol_failure(tmp_path, monkeypatch):
