@@ -16,6 +16,7 @@ import os
 
 __all__ = [
     "SHAPE_KEYS",
+    "imported_from",
     "recorded_model_config",
     "resolve_hf_models",
     "schema_shape",
@@ -72,18 +73,32 @@ def _token_table(folder: str) -> dict | None:
     return table
 
 
+def _recorded(root: str | None) -> tuple:
+    """(ModelConfig or None, source or None) recorded with the checkpoint root ``root``."""
+    if not root or not os.path.isdir(root):
+        return None, None
+    from megatron_eaopd.models.checkpoint import read_model_config
+
+    try:
+        return read_model_config(root)
+    except (OSError, ValueError, TypeError):
+        return None, None
+
+
 def recorded_model_config(root: str | None):
     """The ``models.ModelConfig`` recorded with the project checkpoint ``root`` (an
     ``eaopd-convert import-hf`` output or a trainer save), or None: no root, no complete save (the
     trainer's checks name that), or a save of a version that recorded none."""
-    if not root or not os.path.isdir(root):
-        return None
-    from megatron_eaopd.models.checkpoint import read_model_config
+    return _recorded(root)[0]
 
-    try:
-        return read_model_config(root)[0]
-    except (OSError, ValueError, TypeError):
-        return None
+
+def imported_from(root: str | None) -> str | None:
+    """The Hugging Face folder a project checkpoint was imported from (``eaopd-convert
+    import-hf`` records it as source ``hf:<folder>``), else None."""
+    source = _recorded(root)[1]
+    if isinstance(source, str) and source.startswith("hf:"):
+        return source[3:]
+    return None
 
 
 def _fill_shape(cfg, who: str, mc, source: str, given: dict, problems: list) -> None:
@@ -91,7 +106,9 @@ def _fill_shape(cfg, who: str, mc, source: str, given: dict, problems: list) -> 
     problem naming both values and ``source``."""
     section = getattr(cfg.model, who)
     for name, value in schema_shape(mc).items():
-        if name in given and getattr(section, name) != value:
+        # vocab_size 0 means "the tokenizer's size" (resolved configs of earlier versions hold it)
+        unset = name == "vocab_size" and getattr(section, name) == 0
+        if name in given and not unset and getattr(section, name) != value:
             problems.append(
                 (
                     f"model.{who}.{name}",
@@ -150,9 +167,23 @@ def tokenizer_problems(cfg, problems: list) -> None:
     (``tokenizer.kind: auto`` is the teacher folder's, else the student folder's, tokenizer)."""
     folders = {w: getattr(cfg.model, f"{w}_hf") for w in ("teacher", "student")}
     folders = {w: f for w, f in folders.items() if f}
+    kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
+    if kind == "task":  # an imported checkpoint's embeddings index its HF tokenizer's ids too
+        for who in ("teacher", "student"):
+            source = imported_from(getattr(cfg.model, f"{who}_checkpoint"))
+            if source is not None:
+                problems.append(
+                    (
+                        "tokenizer.kind",
+                        f"task (a tokenizer trained on the task) cannot drive the model of "
+                        f"model.{who}_checkpoint, imported from {source}, whose embeddings "
+                        f"index that folder's tokenizer ids: set tokenizer.kind=huggingface "
+                        f"tokenizer.path={source} (or a copy of its tokenizer files)",
+                    )
+                )
+                return
     if not folders:
         return
-    kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
     names = " / ".join(f"model.{who}_hf" for who in folders)
     if kind == "task":
         problems.append(

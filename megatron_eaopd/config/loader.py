@@ -346,6 +346,14 @@ def _resolve_derived(cfg: EAOPDConfig) -> None:
         cfg.eval.entropy_threshold = cfg.loss.entropy_threshold
     if cfg.tokenizer.kind == "auto":
         hf = cfg.model.teacher_hf or cfg.model.student_hf
+        if not hf:  # an imported checkpoint's folder, where it still has its tokenizer
+            from megatron_eaopd.config.hf_models import imported_from
+
+            for root in (cfg.model.teacher_checkpoint, cfg.model.student_checkpoint):
+                source = imported_from(root)
+                if source and os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+                    hf = source
+                    break
         cfg.tokenizer.kind = "huggingface" if hf else "task"
         if hf and cfg.tokenizer.path is None:
             cfg.tokenizer.path = hf

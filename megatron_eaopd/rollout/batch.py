@@ -86,9 +86,20 @@ def stop_ids(eos_id: int | Sequence[int], vocab_size: int) -> torch.Tensor:
     or several, as Hugging Face's ``generation_config.json`` lists: Qwen3's ``[151645, 151643]``).
     A negative id never matches (no stop). ValueError for an empty list, a non-integer, or an id
     at or above ``vocab_size`` (never sampled, so the responses would never end)."""
-    ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-        raise ValueError(f"eos_id must be an int or a non-empty list of ints, got {eos_id!r}")
+    import operator
+
+    values = eos_id.tolist() if isinstance(eos_id, torch.Tensor) else eos_id  # 0-d: an int
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        values = [values]
+    values = list(values)
+    try:  # ints, numpy integers, 0-d tensors; not bools, floats or strings
+        if not values or any(isinstance(i, bool) for i in values):
+            raise TypeError
+        ids = [operator.index(i) for i in values]
+    except TypeError:
+        raise ValueError(
+            f"eos_id must be an id or a non-empty list of ids, got {eos_id!r}"
+        ) from None
     high = [i for i in ids if i >= vocab_size]
     if high:
         raise ValueError(

@@ -141,8 +141,8 @@ class MetricsLogger:
         numeric = {
             f"{split}/{k}": float(v)
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }  # a NaN (a mean of nothing) is left out of TensorBoard / W&B, null in the JSONL
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _empty(k, v)
+        }  # a mean of nothing is left out of TensorBoard / W&B (null in the JSONL)
         if self.tb is not None:
             for k, v in numeric.items():
                 self.tb.add_scalar(k, v, iteration)
@@ -170,9 +170,18 @@ _CONSOLE = {
 }  # fmt: skip
 
 
+#: Metrics that are means over a subset that can be empty (NaN then, not a failure): shown as
+#: n/a and left out of TensorBoard / W&B. Any other NaN (a loss) stays visible everywhere.
+_MAY_BE_EMPTY = frozenset({"fkl_high"})
+
+
+def _empty(key: str, value) -> bool:
+    return key in _MAY_BE_EMPTY and isinstance(value, float) and math.isnan(value)
+
+
 def _fmt(key: str, value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return f"{key}=n/a"  # e.g. fkl_high with no high-entropy teacher token
+    if value is None or _empty(key, value):
+        return f"{key}=n/a"  # fkl_high with no high-entropy teacher token
     if isinstance(value, float):
         return f"{key}={value:.4g}"
     return f"{key}={value}"

@@ -48,12 +48,16 @@ def supervised_cache_key(data, mcfg: ModelConfig, prep_cfg, role: str = "teacher
     prep = dataclasses.asdict(prep_cfg)
     prep.pop("cache_dir")
     prep.pop("enabled")
+    model = mcfg.to_dict()
+    # export metadata, not training: its absence keeps the keys of earlier versions' caches
+    if model.get("hf_max_position_embeddings") is None:
+        model.pop("hf_max_position_embeddings", None)
     blob = json.dumps(
         {
             "role": role,
             "task": data.task.fingerprint(),
             "tokenizer": _fingerprint(data.tokenizer),
-            "model": mcfg.to_dict(),
+            "model": model,
             "prep": prep,
             "version": 1,
         },

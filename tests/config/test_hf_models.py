@@ -89,3 +89,60 @@ def test_the_tokenizer_must_be_the_hf_models_own(tmp_path):
     cfg = load_config(PAPER, alone)
     assert (cfg.tokenizer.kind, cfg.tokenizer.path) == ("huggingface", student)
     assert "model.student_hf" in _problems([*alone, "tokenizer.kind=task"])["tokenizer.kind"]
+
+
+def _recorded_checkpoint(root: str, source: str | None, vocab: int = 300) -> str:
+    """A checkpoint root whose metadata records a model config (as import-hf and trainer saves
+    do) and ``source``; config loading reads nothing else."""
+    from megatron_eaopd.models import ModelConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=vocab, vocab_pad_for_tp=8)  # fmt: skip
+    os.makedirs(os.path.join(root, "iter_0000000"))
+    meta = {"iteration": 0, "layout": {}, "model_config": cfg.to_dict(), "source": source}
+    with open(os.path.join(root, "iter_0000000", "eaopd_meta.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("iter_0000000\n")
+    return root
+
+
+BASE = PAPER.parent / "base.yaml"
+
+
+def test_a_checkpoints_recorded_config_gives_the_shape_and_vocab_size_0_means_unset(tmp_path):
+    root = _recorded_checkpoint(str(tmp_path / "ckpt"), None)
+    cfg = load_config(BASE, [f"model.student_checkpoint={root}"])
+    assert (cfg.model.student.layers, cfg.model.student.vocab_size) == (2, 300)
+    # the resolved config.yaml of earlier versions writes vocab_size: 0 ("the tokenizer's size")
+    cfg = load_config(BASE, [f"model.student_checkpoint={root}", "model.student.vocab_size=0"])
+    assert cfg.model.student.vocab_size == 300
+    problems = _problems_of(BASE, [f"model.student_checkpoint={root}", "model.student.heads=8"])
+    assert "disagrees with the model config recorded in" in problems["model.student.heads"]
+
+
+def _problems_of(path, overrides):
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    return dict(err.value.problems)
+
+
+def test_an_imported_checkpoint_brings_its_tokenizer_and_refuses_a_task_one(tmp_path):
+    """tokenizer.kind auto resolved to a task-trained tokenizer next to imported checkpoints,
+    whose embeddings index the HF folder's ids: every check passed and the run trained on
+    mismatched ids."""
+    hf = str(tmp_path / "hf")
+    os.makedirs(hf)
+    root = _recorded_checkpoint(str(tmp_path / "ckpt"), f"hf:{hf}")
+    with open(os.path.join(hf, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    cfg = load_config(BASE, [f"model.teacher_checkpoint={root}"])
+    assert (cfg.tokenizer.kind, cfg.tokenizer.path) == ("huggingface", hf)
+    problems = _problems_of(BASE, [f"model.teacher_checkpoint={root}", "tokenizer.kind=task"])
+    assert f"imported from {hf}" in problems["tokenizer.kind"]
+    assert f"tokenizer.path={hf}" in problems["tokenizer.kind"]
+    os.remove(os.path.join(hf, "tokenizer_config.json"))  # the folder lost its tokenizer: auto
+    problems = _problems_of(BASE, [f"model.teacher_checkpoint={root}"])  # cannot pick it
+    assert "cannot drive the model of model.teacher_checkpoint" in problems["tokenizer.kind"]
+    plain = _recorded_checkpoint(str(tmp_path / "trainer-save"), None)  # not an import: fine
+    assert load_config(BASE, [f"model.teacher_checkpoint={plain}"]).tokenizer.kind == "task"

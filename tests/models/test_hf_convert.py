@@ -432,6 +432,8 @@ def _imported_teacher_worker(rank, world, hf_dir, root, config):
     overrides = [f"model.teacher_checkpoint={ckpt}", "parallel.teacher.tp=2",
                  "parallel.backend=gloo"]  # fmt: skip
     cfg = load_config(config, overrides)
+    # tokenizer.kind auto: the folder the checkpoint was imported from (its embeddings' ids)
+    assert (cfg.tokenizer.kind, cfg.tokenizer.path) == ("huggingface", os.path.abspath(hf_dir))
     shape = (cfg.model.teacher.layers, cfg.model.teacher.hidden, cfg.model.teacher.vocab_size)
     try:  # a shape key the user gives must agree with the checkpoint's
         load_config(config, [*overrides, "model.teacher.hidden=128"])
@@ -457,6 +459,7 @@ def test_an_imported_checkpoint_is_a_trainer_model_source(tmp_path):
     YAML-derived model had another padded vocabulary and no biases)."""
     hf = str(tmp_path / "qwen2")
     model = make_hf_model(hf, "qwen2")
+    _tokenizer(hf, model.config.vocab_size)
     tokens, _ = tokens_and_prompts(model.config.vocab_size)
     with torch.no_grad():
         want = model(tokens).logits

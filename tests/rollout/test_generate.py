@@ -367,7 +367,7 @@ def _bad_arguments_worker(rank, world):
         "generator must be a CPU torch.Generator": (_prompts(), dict(generator=5)),
         "leaves no room to generate": ([[1] * 40], {}),
         "outside the vocabulary of 16": (_prompts(), dict(eos_id=[2, VOCAB])),
-        "non-empty list of ints": (_prompts(), dict(eos_id=[])),
+        "non-empty list of ids": (_prompts(), dict(eos_id=[])),
     }
     messages = {}
     for expected, (prompts, over) in cases.items():
@@ -426,6 +426,25 @@ def test_generation_stops_at_any_of_several_stop_ids():
             if ends:
                 cut_by.add(whole[ends[0]])
     assert cut_by == set(stops), cut_by  # both ids ended some response
+
+
+def test_stop_ids_take_what_an_eos_id_comparison_took():
+    """generate's eos_id compared `new == eos_id` before lists: numpy and 0-d tensor ids worked
+    and must keep working; bools, floats, strings and empty lists are refused."""
+    import numpy as np
+
+    from megatron_eaopd.rollout.batch import stop_ids, stops_at
+
+    for value, want in [(5, [5]), (np.int64(5), [5]), (torch.tensor(5), [5]), (-1, [-1]),
+                        (torch.tensor([5, 3]), [3, 5]), (np.array([5, 2]), [2, 5]),
+                        ([np.int64(5), 5], [5])]:  # fmt: skip
+        assert stop_ids(value, VOCAB).tolist() == want, value
+    for value in ([], True, [True], 2.0, "5", None):
+        with pytest.raises(ValueError, match="an id or a non-empty list of ids"):
+            stop_ids(value, VOCAB)
+    tokens = torch.tensor([[1, 5], [3, 7]])
+    assert stops_at(tokens, stop_ids([3, 5], VOCAB)).tolist() == [[False, True], [True, False]]
+    assert stops_at(tokens, stop_ids(7, VOCAB)).tolist() == [[False, False], [False, True]]
 
 
 def test_split_rows_into_interleaved_groups():

@@ -270,3 +270,30 @@ def test_micro_batches_that_shrink_to_a_poor_divisor_are_warned_about(tmp_path):
         p = cfg.parallel.student
         for world in {p.tp * p.pp, 8 if path.name.startswith("qwen3") else 2 * p.tp * p.pp}:
             assert micro_batch_warning(cfg, world) is None, (path.name, world)
+
+
+def test_prep_cache_keys_do_not_change_with_the_export_only_model_field():
+    """ModelConfig.hf_max_position_embeddings (export metadata) joined to_dict(); unset, it must
+    leave the preparation cache keys as earlier versions computed them (or every cached teacher
+    and student is trained again after an upgrade)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from megatron_eaopd.config.schema import TeacherPrepConfig
+    from megatron_eaopd.models.config import TINY_TEACHER
+    from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
+
+    data = SimpleNamespace(task=SimpleNamespace(fingerprint=lambda: "task-x"),
+                           tokenizer=SimpleNamespace(fingerprint="tok-y"))  # fmt: skip
+    prep = TeacherPrepConfig()
+    key = supervised_cache_key(data, TINY_TEACHER, prep)
+
+    class Earlier:  # to_dict() as before the field existed
+        def to_dict(self):
+            d = dataclasses.asdict(TINY_TEACHER)
+            d.pop("hf_max_position_embeddings")
+            return d
+
+    assert key == supervised_cache_key(data, Earlier(), prep)
+    other = TINY_TEACHER.with_changes(num_layers=TINY_TEACHER.num_layers + 1)
+    assert supervised_cache_key(data, other, prep) != key

@@ -69,17 +69,19 @@ def test_a_mean_of_no_tokens_is_null_in_jsonl_na_on_console_and_absent_from_tens
     log = MetricsLogger(str(tmp_path), _cfg(console=True))
     log.log("eval", 3, none)
     log.log("eval", 4, some)
+    log.log("train", 5, {"loss": float("nan")})  # a NaN loss stays visible
     log.close()
     with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert records[0]["fkl_high"] is None and records[1]["fkl_high"] == pytest.approx(0.5)
     assert records[0]["fkl_all"] == pytest.approx(0.15)
     out = capsys.readouterr().out
-    assert "fkl_high=n/a" in out and "fkl_high=0.5" in out and "nan" not in out
+    assert "fkl_high=n/a" in out and "fkl_high=0.5" in out and "loss=nan" in out
     acc = EventAccumulator(os.path.join(tmp_path, "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval/fkl_high")] == [4]
     assert [e.step for e in acc.Scalars("eval/fkl_all")] == [3, 4]
+    assert math.isnan(acc.Scalars("train/loss")[0].value)
 
 
 def test_a_resume_drops_the_tensorboard_steps_after_the_checkpoint(tmp_path):
