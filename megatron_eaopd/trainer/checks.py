@@ -13,7 +13,13 @@ import torch
 
 from megatron_eaopd.config import EAOPDConfig
 
-__all__ = ["check_data_config", "check_output_dir", "check_trainer_config", "micro_batch_warning"]
+__all__ = [
+    "check_data_config",
+    "check_output_dir",
+    "check_trainer_config",
+    "micro_batch_warning",
+    "tokenizer_warning",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,28 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
                 "samples_per_prompt a multiple of micro_batch_size"
             )
     return None
+
+
+def tokenizer_warning(cfg: EAOPDConfig) -> str | None:
+    """A warning when the teacher and student are HF folders and one has no tokenizer.json (a
+    model saved without its tokenizer): that they share token ids cannot be checked (with both
+    files it is, when the config loads). None otherwise (``Trainer.setup`` logs it on rank 0)."""
+    from megatron_eaopd.config.hf_models import tokenizer_fingerprint
+
+    m = cfg.model
+    if not (m.teacher_hf and m.student_hf):
+        return None
+    missing = [f"model.{who}_hf={folder}" for who, folder in
+               (("teacher", m.teacher_hf), ("student", m.student_hf))
+               if tokenizer_fingerprint(folder) is None]  # fmt: skip
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} has no tokenizer.json: whether teacher and student map tokens "
+        f"to the same ids cannot be checked (vocab_size {m.teacher.vocab_size} and "
+        f"{m.student.vocab_size}); distillation compares their distributions id by id. Copy the "
+        "tokenizer files of the model it was trained from into the folder"
+    )
 
 
 def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:

@@ -42,6 +42,7 @@ from megatron_eaopd.trainer.checks import (  # noqa: F401 - the trainer's checks
     check_output_dir,
     check_trainer_config,
     micro_batch_warning,
+    tokenizer_warning,
 )
 from megatron_eaopd.trainer.evaluate import (
     check_responses,
@@ -114,9 +115,9 @@ class Trainer:
         check_data_config(cfg, data, world)
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
-        warning = micro_batch_warning(cfg, world)
-        if warning and self.rank0:
-            logger.warning("%s", warning)
+        for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg)):
+            if warning and self.rank0:
+                logger.warning("%s", warning)
         if self.rank0:
             save_resolved(cfg, os.path.join(cfg.training.output_dir, "config.yaml"))
         student_cfg, teacher_cfg = model_configs(cfg, data.vocab_size)

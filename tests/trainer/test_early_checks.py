@@ -297,3 +297,26 @@ def test_prep_cache_keys_do_not_change_with_the_export_only_model_field():
     assert key == supervised_cache_key(data, Earlier(), prep)
     other = TINY_TEACHER.with_changes(num_layers=TINY_TEACHER.num_layers + 1)
     assert supervised_cache_key(data, other, prep) != key
+
+
+def test_a_model_folder_without_tokenizer_json_is_warned_about(tmp_path):
+    """A student saved without its tokenizer: the shared-vocabulary check needs both
+    tokenizer.json files, so it was skipped silently."""
+    import json
+
+    from megatron_eaopd.trainer.checks import tokenizer_warning
+    from tests.paper_configs import hf_overrides
+
+    full = TINY.parent / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
+    cfg = load_config(full, hf_overrides(full, str(tmp_path)))
+    text = tokenizer_warning(cfg)  # config-only folders: neither has one
+    assert f"model.teacher_hf={cfg.model.teacher_hf} and model.student_hf=" in text
+    assert "cannot be checked" in text
+    for folder in (cfg.model.teacher_hf, cfg.model.student_hf):
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            json.dump({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}, f)
+    assert tokenizer_warning(load_config(full, hf_overrides(full, str(tmp_path)))) is None
+    os.remove(os.path.join(cfg.model.student_hf, "tokenizer.json"))
+    text = tokenizer_warning(load_config(full, hf_overrides(full, str(tmp_path))))
+    assert text.startswith(f"model.student_hf={cfg.model.student_hf} has no tokenizer.json")
+    assert tokenizer_warning(load_config(TINY)) is None  # no HF folders
