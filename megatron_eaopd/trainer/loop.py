@@ -52,7 +52,11 @@ from megatron_eaopd.trainer.evaluate import (
     seeded_generator,
 )
 from megatron_eaopd.trainer.metrics_log import MetricsLogger
-from megatron_eaopd.trainer.teacher_prep import prepare_student, prepare_teacher
+from megatron_eaopd.trainer.teacher_prep import (
+    PreparationStopped,
+    prepare_student,
+    prepare_teacher,
+)
 from megatron_eaopd.trainer.update import distill_on_rollouts, reduce_outputs, replica_prompts
 
 logger = logging.getLogger(__name__)
@@ -97,6 +101,7 @@ class Trainer:
         self.start_iteration = 0
         self.eval_pending = False
         self.times: dict[str, float] = {}
+        self.prep_stopped: str | None = None  # a preparation stopped by a preemption signal
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -129,25 +134,31 @@ class Trainer:
         shared = tokenizer_fingerprint(data.tokenizer)  # one tokenizer serves both models
         check_vocab_compatibility(shared, shared, teacher_cfg.vocab_size, student_cfg.vocab_size)
         t0 = time.perf_counter()
-        root = None
-        if not cfg.model.teacher_hf:
-            root = cfg.model.teacher_checkpoint or prepare_teacher(
-                cfg, data, teacher_cfg, show_progress=self._bars_on()
-            )
-        self.teacher = build_teacher(teacher_cfg, root, cfg.model.teacher_hf)
-        self.times["teacher_prep"] = time.perf_counter() - t0
         r = cfg.rollout
         self.total = cfg.training.iterations or total_iterations(
             len(data.distill), r.prompts_per_iteration, cfg.training.epochs
         )
         self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
-        init = None
-        if (
-            cfg.model.student_checkpoint is None
-            and not cfg.model.student_hf
-            and (cfg.student_prep.enabled)
-        ):
-            init = prepare_student(cfg, data, student_cfg, show_progress=self._bars_on())
+        # a preemption signal stops a preparation too (its progress is saved): see run()
+        stop = self.preemption.should_stop if self.preemption is not None else None
+        root, init = None, None
+        try:
+            if not cfg.model.teacher_hf:
+                root = cfg.model.teacher_checkpoint or prepare_teacher(
+                    cfg, data, teacher_cfg, show_progress=self._bars_on(), should_stop=stop
+                )
+            self.teacher = build_teacher(teacher_cfg, root, cfg.model.teacher_hf)
+            self.times["teacher_prep"] = time.perf_counter() - t0
+            if (
+                cfg.model.student_checkpoint is None
+                and not cfg.model.student_hf
+                and (cfg.student_prep.enabled)
+            ):
+                init = prepare_student(cfg, data, student_cfg, show_progress=self._bars_on(),
+                                       should_stop=stop)  # fmt: skip
+        except PreparationStopped as err:
+            self.prep_stopped = str(err)
+            return self
         self.student = build_student(
             cfg, student_cfg, self.total * self.steps_per_iteration, init_checkpoint=init
         )
@@ -372,6 +383,12 @@ class Trainer:
         """Train from ``start_iteration`` to the end (or until preempted); return a summary."""
         cfg = self.cfg
         last_train, last_eval, stopped = {}, {}, False
+        if self.prep_stopped is not None:  # setup stopped in a preparation, its progress saved
+            if self.rank0:
+                print(f"preempted: {self.prep_stopped}", flush=True)
+            self._requeue()
+            return {"iteration": 0, "total_iterations": self.total, "stopped_early": True,
+                    "train": {}, "eval": {}, "output_dir": cfg.training.output_dir}  # fmt: skip
         if self.start_iteration == 0 and cfg.training.eval_at_start:
             teacher_metrics = evaluate(self, 0, who="teacher")
             self.metrics_logger.log("teacher", 0, teacher_metrics)

@@ -3,7 +3,10 @@ reference solutions.
 
 Runs once per (role, task, tokenizer, model shape, ``teacher_prep`` / ``student_prep`` settings):
 the result is saved as a model-only checkpoint under ``<prep>.cache_dir/<key>/`` and every later
-run with the same key loads it. The key hashes everything that changes the trained weights, so
+run with the same key loads it. A preemption signal during it (``should_stop``) saves the model,
+optimizer and schedule under ``<key>.partial/`` and stops (``PreparationStopped``); the next run
+continues from there with the same example draws, so the result is that of an uninterrupted
+preparation. The key hashes everything that changes the trained weights, so
 changing the task or the teacher's shape prepares a new teacher, and changing the loss does not.
 
 The training: AdamW with linear warm-up and cosine decay, ``batch_size`` examples per step drawn
@@ -34,7 +37,18 @@ from megatron_eaopd.trainer.update import optimizer_step, sft_forward_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prepare_student", "prepare_supervised", "prepare_teacher", "supervised_cache_key"]
+__all__ = [
+    "PreparationStopped",
+    "prepare_student",
+    "prepare_supervised",
+    "prepare_teacher",
+    "supervised_cache_key",
+]
+
+
+class PreparationStopped(Exception):
+    """A preparation stopped by a preemption signal after saving its progress (``<key>.partial``
+    next to the cache entry); the next run with the same key continues it."""
 
 
 def _fingerprint(obj) -> str:
@@ -87,28 +101,36 @@ def _exists_everywhere(path: str) -> bool:
     return bool(flag.item())
 
 
-def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True) -> str:
+def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True,
+                    should_stop=None) -> str:  # fmt: skip
     """Checkpoint root of the teacher prepared by ``cfg.teacher_prep`` (trained if not cached)."""
-    return prepare_supervised(data, mcfg, cfg.teacher_prep, TEACHER, "teacher", show_progress)
+    return prepare_supervised(data, mcfg, cfg.teacher_prep, TEACHER, "teacher", show_progress,
+                              should_stop)  # fmt: skip
 
 
-def prepare_student(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True) -> str:
+def prepare_student(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True,
+                    should_stop=None) -> str:  # fmt: skip
     """Checkpoint root of the student warm-started by ``cfg.student_prep`` (trained if not
     cached); the trainer loads its weights into the student before distillation."""
-    return prepare_supervised(data, mcfg, cfg.student_prep, STUDENT, "student", show_progress)
+    return prepare_supervised(data, mcfg, cfg.student_prep, STUDENT, "student", show_progress,
+                              should_stop)  # fmt: skip
 
 
 def prepare_supervised(
-    data, mcfg: ModelConfig, prep, layout: str, role: str, show_progress: bool = True
-) -> str:
+    data, mcfg: ModelConfig, prep, layout: str, role: str, show_progress: bool = True,
+    should_stop=None,
+) -> str:  # fmt: skip
     """Return the checkpoint root of a model trained by ``prep``, training it if not cached.
 
     Call on every rank. Training runs under ``layout``; the data-parallel ranks of that layout
-    split each step's batch. Collectives: those of the training steps and of the checkpoint save.
+    split each step's batch. ``should_stop``: called after every step on every rank (a
+    ``PreemptionHandler.should_stop``, which all ranks answer alike); True saves the progress
+    under ``<root>.partial`` and raises ``PreparationStopped``; a later call continues from it.
+    Collectives: those of the training steps, of ``should_stop`` and of the checkpoint saves.
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_eaopd.models.checkpoint import LATEST, save_checkpoint
+    from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint, save_checkpoint
     from megatron_eaopd.models.student import OptimConfig
     from megatron_eaopd.parallel.init import use_layout
 
@@ -133,10 +155,21 @@ def prepare_supervised(
         if prep.batch_size % dp != 0:
             raise ValueError(f"{role}_prep.batch_size={prep.batch_size} must divide by DP={dp}")
         model = build_trainable(mcfg, optim, prep.seed)
+        partial, first = root + ".partial", 0
+        if _exists_everywhere(os.path.join(partial, LATEST)):  # a stopped preparation
+            loaded = load_checkpoint(partial, model.chunks, model.optimizer, model.scheduler,
+                                     load_rng=False)  # fmt: skip
+            first, log = loaded.iteration, list(loaded.extra.get("log", []))
+            model.skipped_updates = int(loaded.extra.get("skipped_updates", 0))
+            logger.info("continuing the %s preparation at step %d: %s", role, first, partial)
         forward_step = sft_forward_step(data.vocab_size)
         bar = _progress(prep.iterations, f"{role} prep", show_progress and rank0)
+        if bar is not None:
+            bar.update(first)
         for step in range(prep.iterations):
             batch = [examples[order.randrange(len(examples))] for _ in range(prep.batch_size)]
+            if step < first:  # done before the stop: the same draws, in order
+                continue
             mine = batch[dp_rank::dp]
             micro, seq = sft_micro_batches(mine, pad_id, len(mine))
             metrics, _ = optimizer_step(model, forward_step, micro, seq, len(mine),
@@ -145,6 +178,16 @@ def prepare_supervised(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if step + 1 < prep.iterations and should_stop is not None and should_stop():
+                if bar is not None:
+                    bar.close()
+                extra = {"log": log, "skipped_updates": model.skipped_updates}
+                save_checkpoint(partial, step + 1, model.chunks, model.optimizer,
+                                model.scheduler, extra=extra, save_rng=False)  # fmt: skip
+                raise PreparationStopped(
+                    f"the {role} preparation stopped at step {step + 1} of {prep.iterations} "
+                    f"(saved under {partial}; the next run continues it)"
+                )
         if bar is not None:
             bar.close()
         extra = {
@@ -154,6 +197,10 @@ def prepare_supervised(
             "skipped_updates": model.skipped_updates,
         }
         save_checkpoint(root, prep.iterations, model.chunks, extra=extra, save_rng=False)
+    if rank0 and os.path.isdir(partial):  # after the save's closing barrier
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
     if rank0:
         with open(os.path.join(root, f"{role}_prep.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in log)

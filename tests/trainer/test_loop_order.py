@@ -34,6 +34,7 @@ def _trainer(total, eval_interval, checkpoint_interval, stop=(), start=0, pendin
         eval=types.SimpleNamespace(plot=False),
     )  # fmt: skip
     t.total, t.start_iteration, t.eval_pending = total, start, pending
+    t.prep_stopped = None
     t.preemption = _Stop(stop)
     t.rank0 = True
     t.events = []

@@ -1,0 +1,104 @@
+"""A teacher preparation stopped by a preemption signal saves its progress and the next run
+continues it: the prepared weights equal those of an uninterrupted preparation bit for bit (the
+same example draws, the optimizer and schedule restored). Before, a signal during a preparation
+was acted on only after it and the first iteration, and a preparation longer than an allocation
+never finished (2 gloo ranks, DP 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from tests.dist import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+
+
+class StopAt:
+    """should_stop() is True from its `n`-th call on (the same on every rank)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def should_stop(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def _weights(mcfg, root):
+    from megatron_eaopd.models import build_model
+    from megatron_eaopd.models.checkpoint import load_checkpoint
+
+    chunks = build_model(mcfg)
+    load_checkpoint(root, chunks, load_rng=False)
+    return {k: v.detach().clone() for k, v in chunks[0].state_dict().items() if v is not None
+            and isinstance(v, torch.Tensor)}  # fmt: skip
+
+
+def _worker(rank, world, tmp):
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.data import prepare_data
+    from megatron_eaopd.parallel.init import destroy_parallel, use_layout
+    from megatron_eaopd.trainer import Trainer
+    from megatron_eaopd.trainer.build import TEACHER, init_layouts, model_configs
+    from megatron_eaopd.trainer.teacher_prep import PreparationStopped, prepare_supervised
+
+    overrides = [
+        f"tokenizer.cache_dir={tmp}/tok", "teacher_prep.iterations=6",
+        "teacher_prep.batch_size=8", "student_prep.enabled=false", "training.iterations=2",
+        "task.synthetic.num_train=100", f"training.output_dir={tmp}/run",
+        "logging.progress_bars=false", "logging.console=false",
+    ]  # fmt: skip
+    cfg = load_config(CONFIG, overrides)
+    data = prepare_data(cfg)
+    init_layouts(cfg)
+    out = {}
+    try:
+        _, teacher_cfg = model_configs(cfg, data.vocab_size)
+        whole = dataclasses.replace(cfg.teacher_prep, cache_dir=f"{tmp}/whole")
+        split = dataclasses.replace(cfg.teacher_prep, cache_dir=f"{tmp}/split")
+        a = prepare_supervised(data, teacher_cfg, whole, TEACHER, "teacher", False)
+        try:
+            prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False,
+                               StopAt(3).should_stop)  # fmt: skip
+            out["stopped"] = None
+        except PreparationStopped as err:
+            out["stopped"] = str(err)
+        out["partial"] = sorted(os.listdir(f"{tmp}/split"))
+        b = prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False)
+        out["after"] = sorted(os.listdir(f"{tmp}/split"))
+        with use_layout(TEACHER):
+            wa, wb = _weights(teacher_cfg, a), _weights(teacher_cfg, b)
+        out["same"] = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        out["logs"] = [open(os.path.join(r, "teacher_prep.jsonl")).read() for r in (a, b)]
+    finally:
+        destroy_parallel()
+    # the trainer: a stop during its teacher preparation ends the run as stopped (iteration 0)
+    cfg = load_config(CONFIG, [*overrides, f"teacher_prep.cache_dir={tmp}/trainer"])
+    trainer = Trainer(cfg, StopAt(2))
+    try:
+        trainer.setup()
+        out["summary"] = trainer.run()
+    finally:
+        trainer.close()
+        destroy_parallel()
+    out["trainer_cache"] = sorted(os.listdir(f"{tmp}/trainer"))
+    return out
+
+
+def test_a_stopped_preparation_continues_to_the_uninterrupted_result(tmp_path):
+    r = run_distributed(_worker, 2, str(tmp_path), timeout=600)[0]
+    assert r["stopped"] and "stopped at step 3 of 6" in r["stopped"], r["stopped"]
+    key = [n for n in r["after"]]
+    assert len(key) == 1 and r["partial"] == [key[0] + ".partial"], (r["partial"], r["after"])
+    assert r["same"], "the continued preparation differs from the uninterrupted one"
+    log_a, log_b = ([json.loads(x) for x in log.splitlines()] for log in r["logs"])
+    assert [x["step"] for x in log_b] == list(range(1, 7))
+    assert [x["loss"] for x in log_a] == [x["loss"] for x in log_b]
+    s = r["summary"]
+    assert s["stopped_early"] and s["iteration"] == 0 and s["total_iterations"] == 2
+    assert len(r["trainer_cache"]) == 1 and r["trainer_cache"][0].endswith(".partial")
