@@ -58,10 +58,11 @@ def _world_size() -> int:
 def _print_before_after(cfg) -> None:
     """The teacher, the student at its first and its last evaluation (from metrics.jsonl)."""
     from megatron_eaopd.eval.report import format_before_after, read_rows
+    from megatron_eaopd.trainer.metrics_log import console
 
     path = os.path.join(cfg.training.output_dir, "metrics.jsonl")
     if os.path.exists(path):
-        print(format_before_after(read_rows(path), cfg.eval.k), flush=True)
+        console(format_before_after(read_rows(path), cfg.eval.k))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +121,7 @@ def _main(argv: list[str] | None) -> int:
     import torch.distributed as dist
 
     from megatron_eaopd.parallel.init import destroy_parallel
+    from megatron_eaopd.trainer.metrics_log import console
     from megatron_eaopd.trainer.preemption import (
         EXIT_FINISHED,
         PreemptionHandler,
@@ -133,9 +135,10 @@ def _main(argv: list[str] | None) -> int:
         if rank == 0:
             final = summary.get("eval") or {}
             shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
-            print(f"done: iteration {summary['iteration']}/{summary['total_iterations']}"
-                  f"{' (stopped early)' if summary['stopped_early'] else ''}; eval {shown}",
-                  flush=True)  # fmt: skip
+            console(
+                f"done: iteration {summary['iteration']}/{summary['total_iterations']}"
+                f"{' (stopped early)' if summary['stopped_early'] else ''}; eval {shown}"
+            )
             _print_before_after(cfg)
     finally:
         handler.uninstall(ignore=True)  # a late copy of the signal must not kill the exit

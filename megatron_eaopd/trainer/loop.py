@@ -51,7 +51,7 @@ from megatron_eaopd.trainer.evaluate import (
     sample_problems,
     seeded_generator,
 )
-from megatron_eaopd.trainer.metrics_log import MetricsLogger
+from megatron_eaopd.trainer.metrics_log import MetricsLogger, console
 from megatron_eaopd.trainer.teacher_prep import (
     PreparationStopped,
     prepare_student,
@@ -208,7 +208,7 @@ class Trainer:
                 self.total, loaded.extra["total_iterations"],
             )  # fmt: skip
         if self.rank0:
-            print(f"resumed from {loaded.path} (iteration {loaded.iteration})", flush=True)
+            console(f"resumed from {loaded.path} (iteration {loaded.iteration})")
 
     # -- helpers -----------------------------------------------------------------------------------
     def _bars_on(self) -> bool:
@@ -385,7 +385,7 @@ class Trainer:
         last_train, last_eval, stopped = {}, {}, False
         if self.prep_stopped is not None:  # setup stopped in a preparation, its progress saved
             if self.rank0:
-                print(f"preempted: {self.prep_stopped}", flush=True)
+                console(f"preempted: {self.prep_stopped}")
             self._requeue()
             return {"iteration": 0, "total_iterations": self.total, "stopped_early": True,
                     "train": {}, "eval": {}, "output_dir": cfg.training.output_dir}  # fmt: skip
@@ -457,7 +457,7 @@ class Trainer:
                 overwrite=True, progress=self._bars_on(),
             )  # fmt: skip
         if self.rank0:
-            print(f"exported the student to {out_dir}", flush=True)
+            console(f"exported the student to {out_dir}")
         return out_dir
 
     def _requeue(self) -> None:
@@ -465,7 +465,7 @@ class Trainer:
 
         dist.barrier()
         if self.rank0:
-            print("preempted: checkpoint saved, stopping", flush=True)
+            console("preempted: checkpoint saved, stopping")
             requeue_job()
 
     def _plot(self) -> None:

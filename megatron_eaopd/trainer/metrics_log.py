@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,15 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
                 if split is None or row.get("split") == split:
                     rows.append(row)
     return rows
+
+
+def console(text: str) -> None:
+    """Print ``text`` and its newline in one write, flushed. print() writes the two separately,
+    and under PYTHONUNBUFFERED (the launchers set it) another process's output, or torchrun's
+    line prefix, could land between them in a shared log (a parsed line then ran into the next
+    rank's prefix)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _clean(value):
@@ -137,7 +147,7 @@ class MetricsLogger:
             shown = ", ".join(
                 _fmt(k, v) for k, v in metrics.items() if k in keys or k.startswith("mean/")
             )
-            print(f"[{split} {iteration}] {shown}", flush=True)
+            console(f"[{split} {iteration}] {shown}")
         numeric = {
             f"{split}/{k}": float(v)
             for k, v in metrics.items()

@@ -121,3 +121,17 @@ def test_every_attempt_of_a_run_logs_to_one_wandb_run(tmp_path, monkeypatch):
     ids = [kw["id"] for kw in calls]
     assert ids[0] and ids[0] == ids[1] != ids[2]
     assert all(kw["resume"] == "allow" for kw in calls)
+
+
+def test_a_console_line_is_one_write(tmp_path, monkeypatch):
+    """print() writes a line and its newline separately; under PYTHONUNBUFFERED (the launchers
+    set it) torchrun's line prefix landed between them in a job log (seen in CI: a train line
+    ending in '0.39580: ')."""
+    import sys
+
+    writes = []
+    fake = SimpleNamespace(write=writes.append, flush=lambda: None)
+    monkeypatch.setattr(sys, "stdout", fake)
+    log = MetricsLogger(str(tmp_path), _cfg(console=True, jsonl=False, tensorboard=False))
+    log.log("train", 1, {"loss": 0.5, "grad_norm": 2.0})
+    assert writes == ["[train 1] loss=0.5, grad_norm=2\n"], writes
