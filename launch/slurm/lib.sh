@@ -217,10 +217,12 @@ eaopd_requeue() {
 # scontrol cannot tell (the requeue is then tried).
 eaopd_job_cancelled() {
   local line state reason preempt
-  line=$(scontrol -o show job "$1" 2>/dev/null || true)
-  state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$line" | head -n 1)
-  reason=$(sed -n 's/.* Reason=\([^ ]*\).*/\1/p' <<<"$line" | head -n 1)
-  preempt=$(sed -n 's/.* PreemptTime=\([^ ]*\).*/\1/p' <<<"$line" | head -n 1)
+  # the first occurrence of each key: free text printed later (Comment=, WorkDir=) may hold
+  # words such as Reason=TimeLimit
+  line=$(scontrol -o show job "$1" 2>/dev/null | head -n 1 || true)
+  state=$(grep -o ' JobState=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
+  reason=$(grep -o ' Reason=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
+  preempt=$(grep -o ' PreemptTime=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
   [[ $state == CANCELLED ]] && return 0
   [[ $state == COMPLETING && $reason == None && ${preempt:-None} == None ]]
 }

@@ -97,7 +97,7 @@ def imported_from(root: str | None) -> str | None:
     import-hf`` records it as source ``hf:<folder>``), else None."""
     source = _recorded(root)[1]
     if isinstance(source, str) and source.startswith("hf:"):
-        return source[3:]
+        return os.path.abspath(source[3:])  # trainer saves may record the path as given
     return None
 
 
@@ -163,8 +163,11 @@ def tokenizer_problems(cfg, problems: list) -> None:
     ``tokenizer.kind: task`` (a tokenizer trained on the task) is refused, and a Hugging Face
     ``tokenizer.path`` other than a model folder must not map a token to another id than the
     folder's tokenizer.json does (compared where both have one; extra tokens are allowed, the
-    embedding size is checked when the models are built). Runs on the resolved config
-    (``tokenizer.kind: auto`` is the teacher folder's, else the student folder's, tokenizer)."""
+    embedding size is checked when the models are built). A checkpoint imported with
+    ``eaopd-convert import-hf`` counts as its source folder here (its embeddings index that
+    folder's ids): a teacher and a student whose folders' tokenizer.json files differ are refused.
+    Runs on the resolved config (``tokenizer.kind: auto`` is the teacher folder's, else the
+    student folder's, else an import's folder's tokenizer)."""
     folders = {w: getattr(cfg.model, f"{w}_hf") for w in ("teacher", "student")}
     folders = {w: f for w, f in folders.items() if f}
     kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
@@ -182,9 +185,27 @@ def tokenizer_problems(cfg, problems: list) -> None:
                     )
                 )
                 return
+    # an imported checkpoint's embeddings index its source folder's ids, as an HF folder's do
+    keys = {w: f"model.{w}_hf" for w in folders}
+    for who in ("teacher", "student"):
+        source = None if who in folders else imported_from(getattr(cfg.model, f"{who}_checkpoint"))
+        if source is not None and os.path.isdir(source):
+            folders[who], keys[who] = source, f"model.{who}_checkpoint, imported from {source}"
+    imports = [w for w in folders if not keys[w].endswith("_hf")]
+    if len(folders) == 2 and imports:  # two HF folders: compared by resolve_hf_models
+        prints = {who: tokenizer_fingerprint(f) for who, f in folders.items()}
+        if None not in prints.values() and prints["student"] != prints["teacher"]:
+            problems.append(
+                (
+                    f"model.{imports[-1]}_checkpoint",
+                    f"the tokenizers of the student ({keys['student']}) and the teacher "
+                    f"({keys['teacher']}) map tokens to different ids: distillation needs one "
+                    "shared vocabulary",
+                )
+            )
     if not folders:
         return
-    names = " / ".join(f"model.{who}_hf" for who in folders)
+    names = " / ".join(keys[who] for who in folders)
     if kind == "task":
         problems.append(
             (
@@ -195,10 +216,12 @@ def tokenizer_problems(cfg, problems: list) -> None:
             )
         )
         return
-    if kind != "huggingface" or not path or path in folders.values() or not os.path.isdir(path):
+    if kind != "huggingface" or not path or not os.path.isdir(path):
         return
     mine = _token_table(path)
     for who, folder in folders.items():
+        if os.path.abspath(folder) == os.path.abspath(path):
+            continue  # the tokenizer is this model's own
         theirs = _token_table(folder)
         if mine is None or theirs is None:
             continue
@@ -210,7 +233,7 @@ def tokenizer_problems(cfg, problems: list) -> None:
                 (
                     "tokenizer.path",
                     f"{path} maps {len(clash)} token(s) to other ids than {folder} "
-                    f"(model.{who}_hf), e.g. {t!r}: {mine[t]} vs {theirs[t]}. Use the models' own "
+                    f"({keys[who]}), e.g. {t!r}: {mine[t]} vs {theirs[t]}. Use the models' own "
                     "tokenizer (tokenizer.path=null with tokenizer.kind=auto)",
                 )
             )

@@ -241,7 +241,11 @@ def job_cancelled(job_id: str, scontrol: str = "scontrol") -> bool:
                                 capture_output=True, text=True, timeout=30)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return False
-    fields = dict(w.split("=", 1) for w in result.stdout.split() if "=" in w)
+    fields: dict[str, str] = {}
+    for word in result.stdout.split():  # the first of each key: free text (Comment=, WorkDir=)
+        if "=" in word:  # comes later on the line and may hold 'Reason=...' words
+            key, value = word.split("=", 1)
+            fields.setdefault(key, value)
     state = fields.get("JobState")
     if state == "CANCELLED":
         return True

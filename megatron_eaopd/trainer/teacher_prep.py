@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -130,15 +131,22 @@ def prepare_supervised(
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint, save_checkpoint
+    from megatron_eaopd.models.checkpoint import (
+        LATEST,
+        load_checkpoint,
+        prune_checkpoints,
+        save_checkpoint,
+    )
     from megatron_eaopd.models.student import OptimConfig
     from megatron_eaopd.parallel.init import use_layout
 
     root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, role))
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if _exists_everywhere(os.path.join(root, LATEST)):
         logger.info("using the cached %s %s", role, root)
+        if rank0 and os.path.isdir(root + ".partial"):  # killed between the save and its removal
+            shutil.rmtree(root + ".partial", ignore_errors=True)
         return root
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     examples = _examples(data, mcfg.max_sequence_length, getattr(prep, "num_problems", None))
     optim = OptimConfig(
         lr=prep.lr,
@@ -184,6 +192,8 @@ def prepare_supervised(
                 extra = {"log": log, "skipped_updates": model.skipped_updates}
                 save_checkpoint(partial, step + 1, model.chunks, model.optimizer,
                                 model.scheduler, extra=extra, save_rng=False)  # fmt: skip
+                if rank0:  # after the save's closing barrier: one copy, however many stops
+                    prune_checkpoints(partial, 1)
                 raise PreparationStopped(
                     f"the {role} preparation stopped at step {step + 1} of {prep.iterations} "
                     f"(saved under {partial}; the next run continues it)"
@@ -198,8 +208,6 @@ def prepare_supervised(
         }
         save_checkpoint(root, prep.iterations, model.chunks, extra=extra, save_rng=False)
     if rank0 and os.path.isdir(partial):  # after the save's closing barrier
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
     if rank0:
         with open(os.path.join(root, f"{role}_prep.jsonl"), "w", encoding="utf-8") as f:

@@ -146,3 +146,30 @@ def test_an_imported_checkpoint_brings_its_tokenizer_and_refuses_a_task_one(tmp_
     assert "cannot drive the model of model.teacher_checkpoint" in problems["tokenizer.kind"]
     plain = _recorded_checkpoint(str(tmp_path / "trainer-save"), None)  # not an import: fine
     assert load_config(BASE, [f"model.teacher_checkpoint={plain}"]).tokenizer.kind == "task"
+
+
+def test_imports_of_folders_with_different_tokenizers_are_refused(tmp_path):
+    """Teacher and student imported from folders whose tokenizers map tokens to other ids (or
+    one imported, the other an HF folder): the same refusal as two HF folders get."""
+    folders = {}
+    for name, vocab in (("a", {"x": 0, "y": 1}), ("b", {"x": 1, "y": 0}), ("c", {"x": 0, "y": 1})):
+        folders[name] = str(tmp_path / name)
+        os.makedirs(folders[name])
+        _tokenizer(folders[name], vocab)
+        with open(os.path.join(folders[name], "tokenizer_config.json"), "w") as f:
+            json.dump({}, f)
+    roots = {n: _recorded_checkpoint(str(tmp_path / f"ckpt-{n}"), f"hf:{f}")
+             for n, f in folders.items()}  # fmt: skip
+    same = [f"model.teacher_checkpoint={roots['a']}", f"model.student_checkpoint={roots['c']}"]
+    assert load_config(BASE, same).tokenizer.path == folders["a"]
+    other = [f"model.teacher_checkpoint={roots['a']}", f"model.student_checkpoint={roots['b']}"]
+    problems = _problems_of(BASE, other)
+    text = problems["model.student_checkpoint"]
+    assert "map tokens to different ids" in text and f"imported from {folders['b']}" in text
+    # the tokenizer auto picked (the teacher's) is compared with the student's import too
+    assert "maps 2 token(s) to other ids" in problems["tokenizer.path"]
+    write_config(str(tmp_path), "Qwen3-8B")
+    mixed = [f"model.teacher_hf={tmp_path / 'Qwen3-8B'}", f"model.student_checkpoint={roots['b']}"]
+    _tokenizer(str(tmp_path / "Qwen3-8B"), {"x": 0, "y": 1})
+    problems = _problems_of(BASE, mixed)
+    assert "map tokens to different ids" in problems["model.student_checkpoint"], problems

@@ -116,5 +116,10 @@ SHOW_JOB = {
     "preempted": "JobState=COMPLETING Reason=None PreemptTime=2026-12-02T00:11:39",
     "time limit": "JobState=COMPLETING Reason=TimeLimit PreemptTime=None",
     "cancelled": "JobState=CANCELLED Reason=None PreemptTime=None",
+    # free text printed later on the line (Comment=, WorkDir=) must not count
+    "scancel, comment": "JobState=COMPLETING Reason=None PreemptTime=None "
+    "Comment=resubmit Reason=TimeLimit PreemptTime=never",
     "unknown": "",
 }
+#: The SHOW_JOB cases of a cancelled job (not to be requeued).
+CANCELLED = ("scancel", "cancelled", "scancel, comment")

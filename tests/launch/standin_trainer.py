@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_eaopd.trainer.metrics_log import console
 from megatron_eaopd.trainer.preemption import PreemptionHandler, requeue_job, write_exit_status
 
 CHECKPOINT_FILE = "latest.json"
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     start = read_checkpoint(ckpt_dir) + 1
     attempt = os.environ.get("EAOPD_ATTEMPT", os.environ.get("SLURM_RESTART_COUNT", "0"))
     if rank == 0:
-        print(f"standin: world_size {world} attempt {attempt} resume_from {start - 1}", flush=True)
+        console(f"standin: world_size {world} attempt {attempt} resume_from {start - 1}")
 
     stopped_at = None
     for iteration in range(start, total + 1):
@@ -116,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_reduce(value)  # the collective a training step would make
         time.sleep(step_seconds)
         if rank == 0:
-            print(
-                f"iteration {iteration}/{total} | loss {value.item():.4f} | world {world}",
-                flush=True,
-            )
+            console(f"iteration {iteration}/{total} | loss {value.item():.4f} | world {world}")
         if iteration < total and handler.should_stop():  # after the last one: finished
             stopped_at = iteration
             break
@@ -135,19 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         if stopped_at is not None:
             why = handler.reason or "signal on another rank"
-            print(
-                f"standin: preempted ({why}) after iteration {stopped_at}, checkpoint saved",
-                flush=True,
-            )
+            console(f"standin: preempted ({why}) after iteration {stopped_at}, checkpoint saved")
             requeue_job()  # no-op under the project's sbatch scripts (they requeue)
         else:
-            print(f"standin: training done at iteration {total}", flush=True)
+            console(f"standin: training done at iteration {total}")
     if stopped_at is None and linger_seconds > 0:
         deadline = time.monotonic() + linger_seconds
         while handler.received_signal is None and time.monotonic() < deadline:
             time.sleep(0.1)
         if rank == 0:
-            print(f"standin: exiting (signal while lingering: {handler.reason})", flush=True)
+            console(f"standin: exiting (signal while lingering: {handler.reason})")
     handler.uninstall(ignore=True)  # as the trainer: a late signal copy must not kill the exit
     dist.destroy_process_group()
     write_exit_status("stopped" if stopped_at is not None else "finished", 0, last)

@@ -22,7 +22,7 @@ from megatron_eaopd.trainer.preemption import (
     PreemptionHandler,
     write_exit_status,
 )
-from tests.launch.jobs import SHOW_JOB
+from tests.launch.jobs import CANCELLED, SHOW_JOB
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -349,7 +349,7 @@ def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path, case):
     or the time limit itself (COMPLETING, with PreemptTime / Reason=TimeLimit); after `scancel`
     (COMPLETING without either, or CANCELLED) it is not: the requeue would revive the cancelled
     job. When scontrol cannot tell, the requeue is tried as before."""
-    requeued = case not in ("scancel", "cancelled")
+    requeued = case not in CANCELLED
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fields = SHOW_JOB[case]

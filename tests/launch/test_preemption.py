@@ -20,7 +20,7 @@ from megatron_eaopd.trainer.preemption import (
     slurm_job_id,
 )
 from tests.dist import run_distributed
-from tests.launch.jobs import SHOW_JOB
+from tests.launch.jobs import CANCELLED, SHOW_JOB
 
 
 def test_parse_signals_accepts_names_numbers_and_lists():
@@ -203,7 +203,7 @@ def test_a_cancelled_job_is_not_requeued(tmp_path, monkeypatch, case):
     record = _fake_scontrol(tmp_path, monkeypatch, case=case)
     monkeypatch.delenv("EAOPD_REQUEUE_BY", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "31")
-    cancelled = case in ("scancel", "cancelled")
+    cancelled = case in CANCELLED
     assert requeue_job() is not cancelled
     assert (record.read_text() if record.exists() else "") == ("" if cancelled else "requeue 31\n")
 

@@ -62,13 +62,15 @@ def _worker(rank, world, tmp):
         whole = dataclasses.replace(cfg.teacher_prep, cache_dir=f"{tmp}/whole")
         split = dataclasses.replace(cfg.teacher_prep, cache_dir=f"{tmp}/split")
         a = prepare_supervised(data, teacher_cfg, whole, TEACHER, "teacher", False)
-        try:
-            prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False,
-                               StopAt(3).should_stop)  # fmt: skip
-            out["stopped"] = None
-        except PreparationStopped as err:
-            out["stopped"] = str(err)
-        out["partial"] = sorted(os.listdir(f"{tmp}/split"))
+        out["stopped"] = []
+        for _ in range(2):  # two stops (at steps 2 and 4): one saved copy is kept
+            try:
+                prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False,
+                                   StopAt(2).should_stop)  # fmt: skip
+            except PreparationStopped as err:
+                out["stopped"].append(str(err))
+        (partial,) = os.listdir(f"{tmp}/split")
+        out["partial"] = [partial, sorted(os.listdir(f"{tmp}/split/{partial}"))]
         b = prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False)
         out["after"] = sorted(os.listdir(f"{tmp}/split"))
         with use_layout(TEACHER):
@@ -92,9 +94,11 @@ def _worker(rank, world, tmp):
 
 def test_a_stopped_preparation_continues_to_the_uninterrupted_result(tmp_path):
     r = run_distributed(_worker, 2, str(tmp_path), timeout=600)[0]
-    assert r["stopped"] and "stopped at step 3 of 6" in r["stopped"], r["stopped"]
-    key = [n for n in r["after"]]
-    assert len(key) == 1 and r["partial"] == [key[0] + ".partial"], (r["partial"], r["after"])
+    assert len(r["stopped"]) == 2, r["stopped"]
+    assert "stopped at step 2 of 6" in r["stopped"][0] and "step 4 of 6" in r["stopped"][1]
+    key = [n for n in r["after"]]  # the partial preparation is gone once it completed
+    assert len(key) == 1 and r["partial"][0] == key[0] + ".partial", (r["partial"], r["after"])
+    assert r["partial"][1] == ["iter_0000004", "latest"], r["partial"]  # the newest save only
     assert r["same"], "the continued preparation differs from the uninterrupted one"
     log_a, log_b = ([json.loads(x) for x in log.splitlines()] for log in r["logs"])
     assert [x["step"] for x in log_b] == list(range(1, 7))
