@@ -228,6 +228,9 @@ def cpu_recipe() -> str:
     return match.group(1)
 
 
+# slow (20 s; CI time): the scripts the recipe submits run in the default set through
+# test_slurm.py (the real trainer, both variants) and the stand-in tests here
+@pytest.mark.slow
 def test_cpu_only_recipe_of_the_docs_runs_as_written(slurm, tmp_path):
     """The recipe's text runs unchanged in bash from a folder laid out like the repository (its
     relative paths: launch/, configs/); the environment supplies what a user's shell would
