@@ -195,6 +195,10 @@ def test_job_trains_logs_metrics_and_writes_checkpoints(slurm, plain_job, traine
     print(f"\nplain job {job}: {TOTAL} iterations in {seconds:.1f} s from submission")
 
 
+# slow (~60 s; CI time): in the default set the stand-in trainer goes through the same
+# preemption of the torchrun variant on this Slurm (test_slurm_standin.py: SIGTERM to the step,
+# save, requeue, resume), and test_train.py stops and resumes the real trainer exactly
+@pytest.mark.slow
 def test_preempted_job_saves_requeues_and_resumes_exactly(
     slurm, plain_job, trainer_cache, tmp_path
 ):
