@@ -125,7 +125,6 @@ def resolve_hf_models(cfg, data: dict, problems: list) -> None:
     from megatron_eaopd.models.hf import model_config_from_hf
 
     given_sections = (data.get("model") or {}) if isinstance(data, dict) else {}
-    folders = {}
     for who in ("student", "teacher"):
         folder = getattr(cfg.model, f"{who}_hf")
         given = given_sections.get(who) or {}
@@ -144,75 +143,50 @@ def resolve_hf_models(cfg, data: dict, problems: list) -> None:
         except (OSError, ValueError) as err:
             problems.append((key, str(err)))
             continue
-        folders[who] = folder
         _fill_shape(cfg, who, mc, f"{folder}/config.json", given, problems)
+
+
+def tokenizer_problems(cfg, problems: list) -> None:
+    """With HF model folders the tokenizer must be theirs (their embedding rows index its ids).
+    A checkpoint imported with ``eaopd-convert import-hf`` counts as the folder it came from.
+    Refused: a teacher and a student whose folders' tokenizer.json files map tokens to other ids,
+    ``tokenizer.kind: task`` (a tokenizer trained on the task), and a Hugging Face
+    ``tokenizer.path`` that maps a token to another id than a model's folder does (compared
+    where both have a tokenizer.json; extra tokens are allowed, the embedding size is checked
+    when the models are built). Runs on the resolved config (``tokenizer.kind: auto`` is the
+    teacher folder's, else the student folder's, else an import's folder's tokenizer)."""
+    folders, keys = {}, {}
+    for who in ("teacher", "student"):
+        folder = getattr(cfg.model, f"{who}_hf")
+        if folder:
+            folders[who], keys[who] = folder, f"model.{who}_hf"
+            continue
+        source = imported_from(getattr(cfg.model, f"{who}_checkpoint"))
+        if source is not None:
+            folders[who], keys[who] = source, f"model.{who}_checkpoint, imported from {source}"
+    if not folders:
+        return
     if len(folders) == 2:
         prints = {who: tokenizer_fingerprint(f) for who, f in folders.items()}
         if None not in prints.values() and prints["student"] != prints["teacher"]:
             problems.append(
                 (
-                    "model.student_hf",
-                    f"the tokenizers of {folders['student']} and {folders['teacher']} map "
-                    "tokens to different ids: distillation needs one shared vocabulary",
-                )
-            )
-
-
-def tokenizer_problems(cfg, problems: list) -> None:
-    """With HF model folders the tokenizer must be theirs (their embedding rows index its ids):
-    ``tokenizer.kind: task`` (a tokenizer trained on the task) is refused, and a Hugging Face
-    ``tokenizer.path`` other than a model folder must not map a token to another id than the
-    folder's tokenizer.json does (compared where both have one; extra tokens are allowed, the
-    embedding size is checked when the models are built). A checkpoint imported with
-    ``eaopd-convert import-hf`` counts as its source folder here (its embeddings index that
-    folder's ids): a teacher and a student whose folders' tokenizer.json files differ are refused.
-    Runs on the resolved config (``tokenizer.kind: auto`` is the teacher folder's, else the
-    student folder's, else an import's folder's tokenizer)."""
-    folders = {w: getattr(cfg.model, f"{w}_hf") for w in ("teacher", "student")}
-    folders = {w: f for w, f in folders.items() if f}
-    kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
-    if kind == "task":  # an imported checkpoint's embeddings index its HF tokenizer's ids too
-        for who in ("teacher", "student"):
-            source = imported_from(getattr(cfg.model, f"{who}_checkpoint"))
-            if source is not None:
-                problems.append(
-                    (
-                        "tokenizer.kind",
-                        f"task (a tokenizer trained on the task) cannot drive the model of "
-                        f"model.{who}_checkpoint, imported from {source}, whose embeddings "
-                        f"index that folder's tokenizer ids: set tokenizer.kind=huggingface "
-                        f"tokenizer.path={source} (or a copy of its tokenizer files)",
-                    )
-                )
-                return
-    # an imported checkpoint's embeddings index its source folder's ids, as an HF folder's do
-    keys = {w: f"model.{w}_hf" for w in folders}
-    for who in ("teacher", "student"):
-        source = None if who in folders else imported_from(getattr(cfg.model, f"{who}_checkpoint"))
-        if source is not None and os.path.isdir(source):
-            folders[who], keys[who] = source, f"model.{who}_checkpoint, imported from {source}"
-    imports = [w for w in folders if not keys[w].endswith("_hf")]
-    if len(folders) == 2 and imports:  # two HF folders: compared by resolve_hf_models
-        prints = {who: tokenizer_fingerprint(f) for who, f in folders.items()}
-        if None not in prints.values() and prints["student"] != prints["teacher"]:
-            problems.append(
-                (
-                    f"model.{imports[-1]}_checkpoint",
+                    keys["student"].split(",")[0],
                     f"the tokenizers of the student ({keys['student']}) and the teacher "
                     f"({keys['teacher']}) map tokens to different ids: distillation needs one "
                     "shared vocabulary",
                 )
             )
-    if not folders:
-        return
-    names = " / ".join(keys[who] for who in folders)
+    kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
     if kind == "task":
+        names = " / ".join(keys.values())
         problems.append(
             (
                 "tokenizer.kind",
-                f"task (a tokenizer trained on the task) cannot drive the models of {names}, "
-                "whose embeddings index their own tokenizer's ids: set tokenizer.kind=auto (the "
-                "HF folders' tokenizer) or huggingface with tokenizer.path",
+                f"task (a tokenizer trained on the task) cannot drive the model of {names}, "
+                "whose embeddings index that folder's tokenizer ids: set tokenizer.kind=auto (a "
+                f"model folder's own tokenizer) or huggingface with "
+                f"tokenizer.path={next(iter(folders.values()))}",
             )
         )
         return
