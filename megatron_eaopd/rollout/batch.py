@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RolloutBatch", "rollout_result", "stop_ids", "stops_at"]
+__all__ = ["RolloutBatch", "rollout_result", "stop_ids"]
 
 
 @dataclass
@@ -92,14 +92,10 @@ def stop_ids(eos_id: int | Sequence[int], vocab_size: int) -> torch.Tensor:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         values = [values]
     values = list(values)
-    try:  # ints, numpy integers, 0-d tensors; not bools, floats or strings
-        if not values or any(isinstance(i, bool) for i in values):
-            raise TypeError
-        ids = [operator.index(i) for i in values]
-    except TypeError:
-        raise ValueError(
-            f"eos_id must be an id or a non-empty list of ids, got {eos_id!r}"
-        ) from None
+    # ints, numpy integers, 0-d tensors (anything with __index__); not bools, floats, strings
+    if not values or any(isinstance(i, bool) or not hasattr(i, "__index__") for i in values):
+        raise ValueError(f"eos_id must be an id or a non-empty list of ids, got {eos_id!r}")
+    ids = [operator.index(i) for i in values]
     high = [i for i in ids if i >= vocab_size]
     if high:
         raise ValueError(
@@ -107,10 +103,3 @@ def stop_ids(eos_id: int | Sequence[int], vocab_size: int) -> torch.Tensor:
             "sampled, so responses would not end before max_new_tokens"
         )
     return torch.tensor(sorted(set(ids)), dtype=torch.long)
-
-
-def stops_at(tokens: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
-    """Which of ``tokens`` (CPU, any shape) are stop ids (``stop_ids``): a bool tensor alike."""
-    if stops.numel() == 1:
-        return tokens == stops[0]
-    return torch.isin(tokens, stops)

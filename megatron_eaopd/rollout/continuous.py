@@ -22,7 +22,6 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from megatron_eaopd.rollout.batch import stops_at
 from megatron_eaopd.rollout.decode_graphs import DecodeGraphs
 from megatron_eaopd.rollout.fast_decode import FastDecoder
 from megatron_eaopd.rollout.sampling import pack_draw, to_device, unpack_draw
@@ -89,7 +88,7 @@ class ContinuousDecoder:
     Args:
         module: the bare GPTModel (eval mode, logits kept vocab-parallel).
         prompts: token ids per sequence; slots: cache rows (most sequences decoded at once).
-        max_new_tokens, pad_id, vocab_size, params: as ``generate``; eos_id: the stop ids
+        max_new_tokens, pad_id, vocab_size, params: as ``generate``; stops: the stop ids
             (``batch.stop_ids``).
         randoms: the call's ``PositionRandoms``.
         counters: ``generate``'s counters (updated in place).
@@ -105,10 +104,10 @@ class ContinuousDecoder:
     entropies [B, total], finished [B], as ``generate``'s ``_Decoder``.
     """
 
-    def __init__(self, module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size,
+    def __init__(self, module, prompts, slots, max_new_tokens, stops, pad_id, vocab_size,
                  params, randoms, counters, tp_group, device, progress=None,
                  reference=None, refill_frac=None, decode_graphs=False):  # fmt: skip
-        self.eos_id, self.vocab_size, self.params = eos_id, vocab_size, params
+        self.stops, self.vocab_size, self.params = stops, vocab_size, params
         self.randoms, self.counters, self.tp_group = randoms, counters, tp_group
         self.device, self.progress, self.reference = device, progress, reference
         self.refill_at = 1 if refill_frac is None else max(1, round(refill_frac * slots))
@@ -192,7 +191,7 @@ class ContinuousDecoder:
             self.logprobs[rows, pos] = lp
             self.entropies[rows, pos] = ent
             self.response_lens[rows] += 1
-            eos = stops_at(tok, self.eos_id)
+            eos = torch.isin(tok, self.stops)
             self.finished[rows[eos]] = True
             pos = pos + 1
             done = eos | (pos >= self.limit[rows])

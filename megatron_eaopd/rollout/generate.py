@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.parallel.groups import any_rank
-from megatron_eaopd.rollout.batch import RolloutBatch, rollout_result, stop_ids, stops_at
+from megatron_eaopd.rollout.batch import RolloutBatch, rollout_result, stop_ids
 from megatron_eaopd.rollout.continuous import (
     ContinuousDecoder,
     FastDecodeMismatch,
@@ -248,7 +248,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos_id = stop_ids(eos_id, vocab_size)  # from here on a CPU tensor of the stop ids
+    stops = stop_ids(eos_id, vocab_size)  # a CPU tensor of the stop ids
     if max_batch is not None and (
         isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
     ):  # 0 used to mean "all at once" silently
@@ -273,7 +273,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
         with _vocab_parallel_output(module), _without_cpu_device_mode() as cpu_mode:
             if refill:
                 try:
-                    return _continuous(module, prompts, step, max_new_tokens, eos_id, pad_id,
+                    return _continuous(module, prompts, step, max_new_tokens, stops, pad_id,
                                        vocab_size, params, randoms, counters, progress, cpu_mode,
                                        stats, refill_frac, decode_graphs)  # fmt: skip
                 except FastDecodeMismatch:
@@ -281,7 +281,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
                     fast_decode = False
             groups = pp if (pp > 1 and pp_interleave and use_kv_cache and fast_decode
                             and FastDecoder.unsupported(module) is None) else 1  # fmt: skip
-            rest = (max_new_tokens, eos_id, pad_id, vocab_size, params, use_kv_cache,
+            rest = (max_new_tokens, stops, pad_id, vocab_size, params, use_kv_cache,
                     compact_frac, counters, fast_decode, cpu_mode, randoms,
                     decode_graphs)  # fmt: skip
             for start in range(0, len(prompts), step):
@@ -306,7 +306,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     return out[0] if len(out) == 1 else RolloutBatch.concat(out, pad_id)
 
 
-def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params,
+def _continuous(module, prompts, slots, max_new_tokens, stops, pad_id, vocab_size, params,
                 randoms, counters, progress, cpu_mode, stats, refill_frac,
                 decode_graphs) -> RolloutBatch:  # fmt: skip
     """Continuous batching (``continuous.ContinuousDecoder``) at PP 1 with ``FastDecoder``."""
@@ -318,7 +318,7 @@ def _continuous(module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_si
             return module(tokens, pos, None, runtime_gather_output=True)
 
     decoder = ContinuousDecoder(
-        module, prompts, slots, max_new_tokens, eos_id, pad_id, vocab_size, params, randoms,
+        module, prompts, slots, max_new_tokens, stops, pad_id, vocab_size, params, randoms,
         counters, ps.get_tensor_model_parallel_group(), _device(module), progress, reference,
         refill_frac, decode_graphs,
     )  # fmt: skip
@@ -338,13 +338,13 @@ class _Decoder:
     """One chunk's decode loop. Rows of the decode batch are ``active`` (original row ids);
     the full-batch records (tokens, log-probs, entropies) live on the CPU."""
 
-    def __init__(self, module, prompts, max_new_tokens, eos_id, pad_id, vocab_size, params,
+    def __init__(self, module, prompts, max_new_tokens, stops, pad_id, vocab_size, params,
                  use_kv_cache, compact_frac, counters, fast_decode, cpu_mode, randoms,
                  decode_graphs, offset, share=None):  # fmt: skip
         from megatron.core import parallel_state as ps
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        self.module, self.eos_id, self.pad_id = module, eos_id, pad_id
+        self.module, self.stops, self.pad_id = module, stops, pad_id
         self.vocab_size, self.params, self.compact_frac = vocab_size, params, compact_frac
         self.counters, self.cpu_mode = counters, cpu_mode
         self.randoms, self.offset = randoms, offset  # offset: call id of this chunk's row 0
@@ -517,7 +517,7 @@ class _Decoder:
         self.logprobs[rows, t] = lp[generating]
         self.entropies[rows, t] = ent[generating]
         self.response_lens[rows] += 1
-        hit_eos = generating & stops_at(new, self.eos_id)
+        hit_eos = generating & torch.isin(new, self.stops)
         self.finished[self.active[hit_eos]] = True
         self.done |= hit_eos | (t + 1 >= self.cur_limit)
         col = torch.where(generating, new, self.tokens[self.active, t])

@@ -190,7 +190,7 @@ def _empty(key: str, value) -> bool:
 
 
 def _fmt(key: str, value) -> str:
-    if value is None or _empty(key, value):
+    if _empty(key, value):
         return f"{key}=n/a"  # fkl_high with no high-entropy teacher token
     if isinstance(value, float):
         return f"{key}={value:.4g}"

@@ -26,6 +26,18 @@ TINY_RUN = [
 ]
 
 
+class StopAfter:
+    """A preemption handler stand-in: asks to stop from its `n`-th poll on (the same on every
+    rank)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def should_stop(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
 def random_rollouts(prompt_lens, response_lens, vocab: int, gen):
     """A RolloutBatch with the given [rows] prompt and response lengths, random token ids in
     [1, vocab) and old log-probs in [-4, -0.05] at response positions, drawn from `gen` row by

@@ -13,20 +13,10 @@ import os
 import torch
 
 from tests.dist import run_distributed
+from tests.trainer.common import StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
-
-
-class StopAt:
-    """should_stop() is True from its `n`-th call on (the same on every rank)."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def should_stop(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.n
 
 
 def _weights(mcfg, root):
@@ -66,7 +56,7 @@ def _worker(rank, world, tmp):
         for _ in range(2):  # two stops (at steps 2 and 4): one saved copy is kept
             try:
                 prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False,
-                                   StopAt(2).should_stop)  # fmt: skip
+                                   StopAfter(2).should_stop)  # fmt: skip
             except PreparationStopped as err:
                 out["stopped"].append(str(err))
         (partial,) = os.listdir(f"{tmp}/split")
@@ -81,7 +71,7 @@ def _worker(rank, world, tmp):
         destroy_parallel()
     # the trainer: a stop during its teacher preparation ends the run as stopped (iteration 0)
     cfg = load_config(CONFIG, [*overrides, f"teacher_prep.cache_dir={tmp}/trainer"])
-    trainer = Trainer(cfg, StopAt(2))
+    trainer = Trainer(cfg, StopAfter(2))
     try:
         trainer.setup()
         out["summary"] = trainer.run()

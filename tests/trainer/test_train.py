@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.dist import run_distributed
+from tests.trainer.common import StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "tiny-cpu-tp2.yaml")
@@ -40,17 +41,6 @@ SMALL = [
     "logging.progress_bars=false",
     "logging.console=false",
 ]
-
-
-class StopAfter:
-    """A preemption handler stand-in: asks to stop after `n` polls (same on every rank)."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def should_stop(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.n
 
 
 def _cfg(tmp, name, objective="eopd", *extra):
