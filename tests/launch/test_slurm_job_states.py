@@ -1,0 +1,96 @@
+"""Which ending job counts as cancelled, on a real Slurm (slow, ~3 min): the batch shell gets
+SIGTERM from a plain `scancel`, from a preemption (PreemptMode=CANCEL, GraceTime=0) and from the
+time limit (`--time=1`), and scontrol shows every one of them COMPLETING. `eaopd_job_cancelled`
+(launch/slurm/lib.sh) and `preemption.job_cancelled` must say "cancelled" for the scancel only,
+so that the other two are requeued (docs/slurm.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch.slurm_cluster import LocalSlurm, SlurmUnavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# At SIGTERM the job asks both implementations, writes their answers and ends.
+VICTIM = f"""#!/bin/bash
+out=$1
+on_term() {{
+  set +e
+  source "{ROOT}/launch/slurm/lib.sh" >/dev/null 2>&1
+  if eaopd_job_cancelled "$SLURM_JOB_ID"; then bash_says=cancelled; else bash_says=requeue; fi
+  py_says=$(PYTHONPATH="{ROOT}" "{sys.executable}" -c "import sys
+from megatron_eaopd.trainer.preemption import job_cancelled
+print('cancelled' if job_cancelled(sys.argv[1]) else 'requeue')" "$SLURM_JOB_ID")
+  echo "$bash_says $py_says" >"$out"
+  exit 0
+}}
+trap on_term TERM
+while true; do sleep 1; done
+"""
+
+
+class PreemptSlurm(LocalSlurm):
+    """The test cluster with a low partition that a high one preempts (cancel, no grace)."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        text = self.conf.read_text().replace("KillWait=5", "KillWait=15")
+        text += (
+            "PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n"
+            f"PartitionName=low Nodes={self.node} PriorityTier=1 PreemptMode=CANCEL "
+            "GraceTime=0 MaxTime=INFINITE State=UP\n"
+            f"PartitionName=high Nodes={self.node} PriorityTier=10 PreemptMode=OFF "
+            "MaxTime=INFINITE State=UP\n"
+        )
+        self.conf.write_text(text)
+
+    def run(self, *cmd, **kw):
+        if cmd and cmd[0] == "sinfo":  # the readiness check reads the default partition only
+            cmd = (*cmd, "-p", self.partition)
+        return super().run(*cmd, **kw)
+
+
+@pytest.mark.slow
+def test_only_a_scancel_counts_as_cancelled():
+    root = tempfile.mkdtemp(prefix="eslst-", dir="/tmp")  # short: munge socket < 108 bytes
+    cluster = PreemptSlurm(root)
+    try:
+        try:
+            cluster.start()
+        except (SlurmUnavailable, OSError, TimeoutError) as exc:
+            pytest.fail(f"cannot start a local Slurm: {exc}", pytrace=False)
+        script = Path(root) / "victim.sh"
+        script.write_text(VICTIM)
+        script.chmod(0o755)
+        said = {}
+        for case, args in (("scancel", ["-p", "debug"]), ("preemption", ["-p", "low"]),
+                           ("time limit", ["-p", "debug", "--time=1"])):  # fmt: skip
+            out = Path(root) / f"{case.replace(' ', '-')}.txt"
+            job = cluster.sbatch("--exclusive", "--requeue", "-o", os.devnull, *args,
+                                 str(script), str(out))  # fmt: skip
+            cluster.wait_job(job, 60, until=lambda i: i.get("JobState") == "RUNNING")
+            time.sleep(2)
+            if case == "scancel":
+                cluster.run("scancel", str(job), check=False)
+            elif case == "preemption":
+                high = cluster.sbatch("--exclusive", "-p", "high", "--wrap", "sleep 2", "-o",
+                                      os.devnull)  # fmt: skip
+            cluster.wait_job(job, 200, until=lambda i: i.get("JobState") not in
+                             ("RUNNING", "COMPLETING"))  # fmt: skip
+            said[case] = out.read_text().split() if out.exists() else None
+            cluster.run("scancel", str(job), check=False)
+            if case == "preemption":
+                cluster.run("scancel", str(high), check=False)
+            time.sleep(6)  # the node is free again
+    finally:
+        cluster.stop()
+    assert said == {"scancel": ["cancelled", "cancelled"],
+                    "preemption": ["requeue", "requeue"],
+                    "time limit": ["requeue", "requeue"]}, said  # fmt: skip
