@@ -45,9 +45,10 @@ def check_micro_batch(mb: dict, objective=None) -> None:
     """Refuse what the plugin's models and teacher would silently get wrong (ValueError):
     packed sequences (``packed_seq_params``, THD: the loss and the teacher take [b, s] rows),
     and a teacher payload with another top-k width than ``objective.top_k`` (``attach`` was
-    given another ``k``; objectives with a forward KL term, not ``opd``). Raised where the
-    micro-batch is checked: for the payload, the last pipeline stage only (the other stages
-    are then stopped by the launcher). An ``attention_mask`` is not passed on: the student
+    given another ``k``; objectives with a forward KL term, not ``opd``). The width is the
+    payload's on the last pipeline stage and the ``"teacher_k"`` that ``EOPDTeacher.attach``
+    records on every rank, so every stage refuses it at its first micro-batch (no stage is left
+    waiting for a peer that stopped). An ``attention_mask`` is not passed on: the student
     and the teacher run megatron's causal attention, which is what Megatron-LM's default mask
     says (its document masking flags are refused by ``eopd_settings_from_args``).
     No communication."""
@@ -59,9 +60,9 @@ def check_micro_batch(mb: dict, objective=None) -> None:
             "take [b, s] micro-batches; turn sequence packing off in your data pipeline"
         )
     teacher = mb.get("teacher")
+    k = teacher.topk_ids.shape[-1] if isinstance(teacher, TeacherPayload) else mb.get("teacher_k")
     # opd uses the payload's sampled-token log-prob only: any top-k width serves it
-    if objective is not None and objective.name != "opd" and isinstance(teacher, TeacherPayload):
-        k = teacher.topk_ids.shape[-1]
+    if objective is not None and objective.name != "opd" and k is not None:
         if k != objective.top_k:
             raise ValueError(
                 f"the teacher payload has {k} top-k columns but the objective's top_k is "

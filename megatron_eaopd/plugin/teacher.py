@@ -133,13 +133,17 @@ class EOPDTeacher:
 
     def attach(self, micro_batches, *, k: int = 16, vocab_size: int, temperature: float = 1.0):
         """:meth:`score`, then store each payload under ``mb["teacher"]`` in the [b, s] layout
-        the plugin's ``loss_func`` reads."""
+        the plugin's ``loss_func`` reads (None on stages other than the last) and the width
+        ``k`` under ``mb["teacher_k"]`` on every rank (``check_micro_batch`` compares it with
+        the objective's top_k on every pipeline stage)."""
         from megatron_eaopd.trainer.batches import attach_teacher
 
         attach_teacher(
             micro_batches,
             self.score(micro_batches, k=k, vocab_size=vocab_size, temperature=temperature),
         )
+        for mb in micro_batches:
+            mb["teacher_k"] = k
 
     def attach_logits(self, micro_batches, *, fused: bool = False) -> None:
         """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under

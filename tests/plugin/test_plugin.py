@@ -237,6 +237,7 @@ def _fused_and_padded_worker(rank, world):
                 assert isinstance(kept, tuple) == fused  # hidden states and weight, or logits
             else:
                 teacher.attach(micro, k=4, vocab_size=vocab)
+                assert all(mb["teacher_k"] == 4 for mb in micro)  # every rank, every stage
             runs.append(run(objective, micro, fused))
         out[name] = runs
     padded = offline_micro_batches(tokens, mask, 2, multiple=4, pad_id=7)
@@ -331,5 +332,10 @@ def test_forward_step_refuses_packed_sequences_and_another_top_k():
     with pytest.raises(ValueError, match="4 top-k columns but the objective's top_k is 16"):
         step(iter([mb]), model=None)
     check_micro_batch(mb, ObjectiveConfig(top_k=4))  # the width the objective asks for
+    # a stage before the last: no payload, the width attach recorded on every rank
+    earlier = dict(mb, teacher=None, teacher_k=4)
+    with pytest.raises(ValueError, match="4 top-k columns but the objective's top_k is 16"):
+        step(iter([earlier]), model=None)
+    check_micro_batch(earlier, ObjectiveConfig(top_k=4))
     check_micro_batch(mb, ObjectiveConfig(name="opd"))  # no forward KL: any width serves
     check_micro_batch(dict(mb, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool)))
