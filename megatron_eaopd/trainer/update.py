@@ -161,7 +161,8 @@ def optimizer_step(
         forward_step: a megatron forward_step_func whose loss_func reports "loss".
         micro_batches: the step's micro-batches (this data-parallel rank's share).
     Returns:
-        (metrics on every rank: the reported means plus "grad_norm", "lr", "skipped";
+        (metrics on every rank: the reported means plus "grad_norm", "lr" (the learning rate
+         this step applied, or would have applied when skipped), "skipped";
          the raw reported outputs of this rank, for merging over steps).
     Raises:
         NonFiniteUpdateError: non-finite loss or gradient norm and ``skip_nonfinite`` is False.
@@ -183,6 +184,7 @@ def optimizer_step(
     metrics = reduce_outputs(outputs, metric_names)
     loss = metrics.get("loss", float("nan"))
     grad_norm, stepped = float("nan"), False
+    lr = float(student.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves on)
     if math.isfinite(loss):
         stepped, grad_norm = guarded_optimizer_step(student.optimizer)
     if stepped:
@@ -199,7 +201,7 @@ def optimizer_step(
         )
     metrics.update(
         grad_norm=grad_norm,
-        lr=float(student.optimizer.param_groups[0]["lr"]),
+        lr=lr,
         skipped=float(not stepped),
     )
     return metrics, outputs

@@ -50,9 +50,10 @@ def _worker(rank, world):
 
     losses = []
     for _ in range(3):
+        applied = model.scheduler.get_lr(model.optimizer.param_groups[0])  # this step's lr
         m, _ = optimizer_step(model, good, micro, seq, 2, metric_names=["loss"])
         losses.append(m["loss"])
-        assert m["skipped"] == 0.0
+        assert m["skipped"] == 0.0 and abs(m["lr"] - applied) < 1e-12  # not the next step's
     before, lr_before = snapshot(), m["lr"]
     state_before = {k: v.clone() for k, v in _adam_state(model).items()}
     m, _ = optimizer_step(model, poisoned, micro, seq, 2, metric_names=["loss"])
