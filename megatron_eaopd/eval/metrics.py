@@ -73,7 +73,8 @@ def _masked(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def high_entropy_fraction(
     entropy: torch.Tensor, mask: torch.Tensor | None = None, threshold: float = 0.8
 ) -> float:
-    """Fraction of valid tokens whose entropy exceeds ``threshold`` (strictly, as the loss gate).
+    """Fraction of valid tokens whose entropy is at least ``threshold`` (>=, the loss gate's
+    default, ``loss.gate_strict: false``).
 
     Args:
         entropy: per-token entropies in nats, any shape (e.g. ``[s, b]``).

@@ -276,7 +276,9 @@ class VocabParallelSampler:
         cols = 6 + 2 * (c + 1)
         packet = torch.empty(n, cols, dtype=torch.float64, device=logits.device)
         packet[:, :3] = K.single_stats(logits, valid, self.inv_lp)
-        packet[:, 3:6] = K.single_stats(logits, valid, self.inv_t)
+        # the kept set's masses come from these: float64, so that a top_p near a token's mass
+        # keeps the reference's set at every TP size (fp32 sums are off by ~1e-7 in mass)
+        packet[:, 3:6] = K.single_stats(logits.double(), valid, self.inv_t)
         vals = packet[:, 6 : 6 + c + 1]
         ids = packet[:, 6 + c + 1 :]
         vals.fill_(_NEG_INF)
