@@ -71,6 +71,24 @@ eaopd_master_port() {
   echo $((start + (job + 7919 * attempt) % size))
 }
 
+# eaopd_min_cpus_per_node SPEC: the smallest CPU count of SLURM_JOB_CPUS_PER_NODE ("72(x2),64"
+# -> 64); nothing for an empty or unreadable SPEC. Logs when the nodes differ.
+eaopd_min_cpus_per_node() {
+  local spec=$1 item count min="" max=""
+  local -a items
+  IFS=, read -r -a items <<<"$spec"
+  for item in "${items[@]}"; do
+    count=${item%%(*}
+    [[ $count =~ ^[0-9]+$ ]] || return 0
+    if [[ -z $min ]] || ((count < min)); then min=$count; fi
+    if [[ -z $max ]] || ((count > max)); then max=$count; fi
+  done
+  if [[ -n $min && $min != "$max" ]]; then
+    eaopd_log "the nodes have $min to $max CPUs ($spec): every node's task gets $min"
+  fi
+  echo "$min"
+}
+
 # Export the rendezvous, log folder, stop file and container settings.
 eaopd_slurm_setup() {
   local job_key attempt sig signals
@@ -199,11 +217,18 @@ eaopd_requeue() {
     return 1
   fi
   # scancel sends this shell SIGTERM, which stops the run like a preemption: requeueing the
-  # cancelled job would bring it back.
-  if eaopd_job_cancelled "$EAOPD_JOB_KEY"; then
-    eaopd_log "job $EAOPD_JOB_KEY was cancelled (scancel: no preemption, no time limit): not requeueing"
-    return 1
-  fi
+  # cancelled job would bring it back. A preemption with PreemptMode=REQUEUE has requeued the job
+  # before its processes got the signal: nothing to do.
+  case $(eaopd_job_end "$EAOPD_JOB_KEY" "$EAOPD_ATTEMPT") in
+    cancelled)
+      eaopd_log "job $EAOPD_JOB_KEY was cancelled (scancel: no preemption, no time limit): not requeueing"
+      return 1
+      ;;
+    requeued)
+      eaopd_log "Slurm has already requeued job $EAOPD_JOB_KEY (preemption with PreemptMode=REQUEUE, or scontrol requeue): attempt $((EAOPD_ATTEMPT + 1)) will resume from the checkpoint"
+      return 0
+      ;;
+  esac
   eaopd_log "requeueing job $EAOPD_JOB_KEY (attempt $((EAOPD_ATTEMPT + 1)) will resume from the checkpoint)"
   if ! scontrol requeue "$EAOPD_JOB_KEY"; then
     eaopd_log "scontrol requeue $EAOPD_JOB_KEY failed (is the job requeueable: --requeue, JobRequeue?)"
@@ -211,20 +236,54 @@ eaopd_requeue() {
   fi
 }
 
-# eaopd_job_cancelled JOB: whether `scontrol -o show job JOB` says the job was cancelled. While a
-# job ends, scontrol shows JobState=COMPLETING whatever the cause; a preemption sets PreemptTime
-# and a time limit Reason=TimeLimit (measured on Slurm 22.05), a scancel neither. False when
-# scontrol cannot tell (the requeue is then tried).
-eaopd_job_cancelled() {
-  local line state reason preempt
-  # the first occurrence of each key: free text printed later (Comment=, WorkDir=) may hold
-  # words such as Reason=TimeLimit
+# eaopd_job_end JOB ATTEMPT: why the job is ending, from the first occurrence of each field of
+# `scontrol -o show job JOB` (free text printed later, Comment= or WorkDir=, may hold words such
+# as Reason=TimeLimit). While a job ends, scontrol shows JobState=COMPLETING whatever the cause.
+# Measured on Slurm 22.05 (docs/slurm.md):
+#   requeued   Slurm has requeued the job itself: Restarts > ATTEMPT (this run's
+#              SLURM_RESTART_COUNT). PreemptMode=REQUEUE does so before the job's processes get
+#              SIGTERM; the job then shows COMPLETING, Reason=None and no PreemptTime at all.
+#   cancelled  CANCELLED, or COMPLETING with Reason=None and no PreemptTime of this run (a
+#              PreemptTime before this run's StartTime would be an earlier run's), or one that
+#              ended (EndTime) more than a second after PreemptTime: a scancel during a
+#              preemption's GraceTime (a preemption that kills the job sets PreemptTime to the
+#              kill time, = EndTime, also when its GraceTime runs out)
+#   other      running (a --signal lead time, a preemption's GraceTime), preempted (PreemptTime),
+#              time limit (Reason=TimeLimit), or scontrol could not tell (the requeue is tried)
+eaopd_job_end() {
+  local line attempt=${2:-0} state reason preempt start end restarts
   line=$(scontrol -o show job "$1" 2>/dev/null | head -n 1 || true)
   state=$(grep -o ' JobState=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
   reason=$(grep -o ' Reason=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
   preempt=$(grep -o ' PreemptTime=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
-  [[ $state == CANCELLED ]] && return 0
-  [[ $state == COMPLETING && $reason == None && ${preempt:-None} == None ]]
+  start=$(grep -o ' StartTime=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
+  restarts=$(grep -o ' Restarts=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
+  end=$(grep -o ' EndTime=[^ ]*' <<<" $line" | head -n 1 | cut -d= -f2 || true)
+  if [[ $restarts =~ ^[0-9]+$ && $attempt =~ ^[0-9]+$ ]] && ((restarts > attempt)); then
+    echo requeued
+  elif [[ $state == CANCELLED ]]; then
+    echo cancelled
+  elif [[ $state == COMPLETING && $reason == None ]] &&
+    { [[ ${preempt:-None} == None ]] || [[ $preempt =~ ^[0-9T:-]+$ && $start =~ ^[0-9T:-]+$ && $preempt < $start ]] ||
+      eaopd_seconds_after "$preempt" "$end" 1; }; then
+    echo cancelled
+  else
+    echo other
+  fi
+}
+
+# eaopd_seconds_after T0 T1 N: whether the time T1 is more than N seconds after T0 (scontrol's
+# local times, 2026-12-02T03:05:09); false when either is not a time.
+eaopd_seconds_after() {
+  local t0 t1
+  [[ $1 =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}$ && $2 =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}$ ]] || return 1
+  t0=$(date -d "$1" +%s 2>/dev/null) && t1=$(date -d "$2" +%s 2>/dev/null) || return 1
+  ((t1 - t0 > $3))
+}
+
+# eaopd_job_cancelled JOB [ATTEMPT]: whether the job was cancelled (eaopd_job_end says so).
+eaopd_job_cancelled() {
+  [[ $(eaopd_job_end "$1" "${2:-${EAOPD_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}}") == cancelled ]]
 }
 
 # The run stopped early (checkpoint saved, iterations left): requeue, else exit 75.

@@ -40,6 +40,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime
 
 import torch
 import torch.distributed as dist
@@ -231,26 +232,60 @@ def requeue_owned_by_batch_script(env: dict[str, str] | None = None) -> bool:
     return env.get("EAOPD_REQUEUE_BY", "") == "batch"
 
 
-def job_cancelled(job_id: str, scontrol: str = "scontrol") -> bool:
-    """Whether ``scontrol -o show job`` says ``job_id`` was cancelled. While a job ends scontrol
-    shows JobState=COMPLETING whatever the cause; a preemption sets PreemptTime and a time limit
-    Reason=TimeLimit (measured on Slurm 22.05), a ``scancel`` neither. False when scontrol
-    cannot tell."""
+def _attempt() -> int:
+    """This run's restart count (the batch scripts' EAOPD_ATTEMPT, else SLURM_RESTART_COUNT)."""
+    value = os.environ.get("EAOPD_ATTEMPT") or os.environ.get("SLURM_RESTART_COUNT") or "0"
+    return int(value) if value.isdigit() else 0
+
+
+def job_end(job_id: str, scontrol: str = "scontrol", attempt: int | None = None) -> str:
+    """Why ``job_id`` is ending, from ``scontrol -o show job`` (measured on Slurm 22.05; while a
+    job ends scontrol shows JobState=COMPLETING whatever the cause):
+
+    - ``"requeued"``: Slurm has requeued the job itself, Restarts > `attempt` (this run's
+      restart count, default from the environment). PreemptMode=REQUEUE does so before the
+      job's processes get SIGTERM; the job then shows COMPLETING, Reason=None, no PreemptTime.
+    - ``"cancelled"``: CANCELLED, or COMPLETING with Reason=None and no PreemptTime of this run
+      (a PreemptTime before this run's StartTime would be an earlier run's), or one that ended
+      (EndTime) more than a second after PreemptTime: a scancel during a preemption's GraceTime
+      (a preemption that kills the job sets PreemptTime to the kill time, = EndTime).
+    - ``"other"``: running (a ``--signal`` lead time, a preemption's GraceTime), preempted
+      (PreemptTime), the time limit (Reason=TimeLimit), or scontrol could not tell.
+    """
+    attempt = _attempt() if attempt is None else attempt
     try:
         result = subprocess.run([scontrol, "-o", "show", "job", str(job_id)],
                                 capture_output=True, text=True, timeout=30)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return False
+        return "other"
     fields: dict[str, str] = {}
     for word in result.stdout.split():  # the first of each key: free text (Comment=, WorkDir=)
         if "=" in word:  # comes later on the line and may hold 'Reason=...' words
             key, value = word.split("=", 1)
             fields.setdefault(key, value)
+    restarts = fields.get("Restarts", "")
+    if restarts.isdigit() and int(restarts) > attempt:
+        return "requeued"
     state = fields.get("JobState")
     if state == "CANCELLED":
-        return True
-    return (state == "COMPLETING" and fields.get("Reason") == "None"
-            and fields.get("PreemptTime", "None") == "None")  # fmt: skip
+        return "cancelled"
+    if state == "COMPLETING" and fields.get("Reason") == "None":
+        preempt, start = fields.get("PreemptTime", "None"), fields.get("StartTime", "")
+        if preempt == "None" or (preempt[:1].isdigit() and start[:1].isdigit() and preempt < start):
+            return "cancelled"
+        try:
+            late = (datetime.fromisoformat(fields.get("EndTime", ""))
+                    - datetime.fromisoformat(preempt)).total_seconds()  # fmt: skip
+        except ValueError:
+            late = 0.0
+        if late > 1:
+            return "cancelled"
+    return "other"
+
+
+def job_cancelled(job_id: str, scontrol: str = "scontrol", attempt: int | None = None) -> bool:
+    """Whether ``scontrol -o show job`` says ``job_id`` was cancelled (:func:`job_end`)."""
+    return job_end(job_id, scontrol, attempt) == "cancelled"
 
 
 def requeue_job(
@@ -276,10 +311,14 @@ def requeue_job(
     if scontrol is None:
         logger.warning("scontrol not found: cannot requeue job %s", job_id)
         return False
-    if job_cancelled(job_id, scontrol):  # scancel's SIGTERM stopped the run: do not revive it
+    end = job_end(job_id, scontrol)
+    if end == "cancelled":  # scancel's SIGTERM stopped the run: do not revive it
         logger.warning("job %s was cancelled (no preemption, no time limit): not requeueing it",
                        job_id)  # fmt: skip
         return False
+    if end == "requeued":  # PreemptMode=REQUEUE: Slurm requeued it before the signal
+        logger.info("Slurm has already requeued job %s", job_id)
+        return True
     cmd = [scontrol, "requeue", str(job_id)]
     if dry_run:
         logger.info("would run: %s", " ".join(cmd))

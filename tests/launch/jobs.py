@@ -120,6 +120,23 @@ SHOW_JOB = {
     "scancel, comment": "JobState=COMPLETING Reason=None PreemptTime=None "
     "Comment=resubmit Reason=TimeLimit PreemptTime=never",
     "unknown": "",
+    # a PreemptTime before this run's StartTime is an earlier run's (Slurm 22.05 resets it on a
+    # requeue, measured; other versions might not): a scancel all the same
+    "scancel, earlier preemption": "JobState=COMPLETING Reason=None "
+    "StartTime=2026-12-02T02:57:01 PreemptTime=2026-12-02T02:56:44",
+    "preempted, same second as the start": "JobState=COMPLETING Reason=None "
+    "StartTime=2026-12-02T02:57:01 PreemptTime=2026-12-02T02:57:01",
+    # PreemptMode=CANCEL, GraceTime=20, as Slurm 22.05 printed them at the batch shell's SIGTERM:
+    # the grace time ran out (PreemptTime moves to the kill time) / a scancel 3 s into it
+    "preempted, grace time over": "JobState=COMPLETING Reason=None StartTime=2026-12-02T03:06:25 "
+    "EndTime=2026-12-02T03:07:08 PreemptTime=2026-12-02T03:07:08",
+    "scancel during a grace time": "JobState=COMPLETING Reason=None StartTime=2026-12-02T03:05:06 "
+    "EndTime=2026-12-02T03:05:12 PreemptTime=2026-12-02T03:05:09",
 }
 #: The SHOW_JOB cases of a cancelled job (not to be requeued).
-CANCELLED = ("scancel", "cancelled", "scancel, comment")
+CANCELLED = ("scancel", "cancelled", "scancel, comment", "scancel, earlier preemption",
+             "scancel during a grace time")  # fmt: skip
+#: PreemptMode=REQUEUE, as Slurm 22.05 printed it at the SIGTERM of run 0 (SLURM_RESTART_COUNT=0):
+#: Slurm has requeued the job already (Restarts=1), no PreemptTime is printed, and the job looks
+#: like a scancel to a rule that reads only JobState, Reason and PreemptTime.
+REQUEUED_BY_SLURM = "JobState=COMPLETING Reason=None Restarts=1 StartTime=2026-12-02T02:57:40"

@@ -22,7 +22,7 @@ from megatron_eaopd.trainer.preemption import (
     PreemptionHandler,
     write_exit_status,
 )
-from tests.launch.jobs import CANCELLED, SHOW_JOB
+from tests.launch.jobs import CANCELLED, REQUEUED_BY_SLURM, SHOW_JOB
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -367,6 +367,30 @@ def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path, case):
     assert calls == ("requeue 7\n" if requeued else ""), calls
     if not requeued:
         assert "job 7 was cancelled (scancel: no preemption, no time limit)" in result.stderr
+
+
+def test_batch_script_leaves_a_job_slurm_requeued_alone(tmp_path):
+    """PreemptMode=REQUEUE: Slurm has requeued the job before the batch shell gets SIGTERM
+    (Restarts > this run's attempt). Not a scancel: no "cancelled" message, no exit 75, and no
+    `scontrol requeue` of its own."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        f'if [[ "$1 $2" == "-o show" ]]; then echo "JobId=7 {REQUEUED_BY_SLURM}"; exit 0; fi\n'
+        f'echo "$@" >> {tmp_path}/calls\n'
+    )
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run = "EAOPD_JOB_KEY=7; EAOPD_ATTEMPT={}; eaopd_requeue && echo REQUEUED || echo NOT"
+    result = bash(run.format(0), env)
+    assert result.stdout.strip() == "REQUEUED", result.stderr
+    assert not (tmp_path / "calls").exists()
+    assert "Slurm has already requeued job 7" in result.stderr
+    # The same line seen by the run it belongs to (Restarts == attempt) is a plain scancel.
+    result = bash(run.format(1), env)
+    assert result.stdout.strip() == "NOT", result.stderr
+    assert not (tmp_path / "calls").exists()
 
 
 def test_a_failing_port_or_host_lookup_stops_the_batch_script(tmp_path):

@@ -208,6 +208,26 @@ def test_a_cancelled_job_is_not_requeued(tmp_path, monkeypatch, case):
     assert (record.read_text() if record.exists() else "") == ("" if cancelled else "requeue 31\n")
 
 
+def test_a_job_slurm_requeued_is_left_alone(tmp_path, monkeypatch):
+    """PreemptMode=REQUEUE: Slurm requeued the job before its SIGTERM (Restarts > this run's
+    restart count). Not cancelled; requeue_job reports it requeued without a second request."""
+    from megatron_eaopd.trainer.preemption import job_end
+    from tests.launch.jobs import REQUEUED_BY_SLURM
+
+    monkeypatch.setitem(SHOW_JOB, "requeued by slurm", REQUEUED_BY_SLURM)
+    record = _fake_scontrol(tmp_path, monkeypatch, case="requeued by slurm")
+    monkeypatch.delenv("EAOPD_REQUEUE_BY", raising=False)
+    monkeypatch.delenv("EAOPD_ATTEMPT", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "31")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert job_end("31") == "requeued"
+    assert requeue_job() is True
+    assert not record.exists()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the run the line belongs to: a scancel
+    assert job_end("31") == "cancelled"
+    assert requeue_job() is False
+
+
 def test_requeue_job_reports_scontrol_failure(tmp_path, monkeypatch):
     _fake_scontrol(tmp_path, monkeypatch, rc=1)
     monkeypatch.delenv("EAOPD_REQUEUE_BY", raising=False)

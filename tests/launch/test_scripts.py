@@ -183,6 +183,16 @@ def test_torchrun_dry_run_uses_one_task_per_node(tmp_path):
     assert cmd[-3:] == ["bash", f"{ROOT}/launch/slurm/torchrun_node.sh", str(CONFIG)]
 
 
+def test_torchrun_gives_every_node_the_smallest_nodes_cpus(tmp_path):
+    """--cpus-per-task is one value for every node of the step; SLURM_CPUS_ON_NODE is the batch
+    node's only. On nodes of 112 and 96 CPUs a step asking 112 per task cannot be created."""
+    env = _slurm_env(tmp_path, SLURM_GPUS_PER_NODE="8")
+    env.pop("SLURM_CPUS_PER_TASK")
+    env.update(SLURM_CPUS_ON_NODE="112", SLURM_JOB_CPUS_PER_NODE="112,96")
+    cmd = _dry_run(SBATCH[0].parent / "eaopd_torchrun.sbatch", env, str(CONFIG))
+    assert "--cpus-per-task=96" in cmd, cmd
+
+
 @pytest.mark.parametrize("name", ["eaopd_per_gpu.sbatch", "eaopd_torchrun.sbatch"])
 def test_the_repository_is_found_when_its_path_holds_spaces(tmp_path, name):
     """scontrol's Command= is the submitted path and its arguments, space-separated: the path

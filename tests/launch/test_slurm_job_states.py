@@ -46,6 +46,8 @@ class PreemptSlurm(LocalSlurm):
             "PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n"
             f"PartitionName=low Nodes={self.node} PriorityTier=1 PreemptMode=CANCEL "
             "GraceTime=0 MaxTime=INFINITE State=UP\n"
+            f"PartitionName=lowr Nodes={self.node} PriorityTier=1 PreemptMode=REQUEUE "
+            "GraceTime=0 MaxTime=INFINITE State=UP\n"
             f"PartitionName=high Nodes={self.node} PriorityTier=10 PreemptMode=OFF "
             "MaxTime=INFINITE State=UP\n"
         )
@@ -71,6 +73,7 @@ def test_only_a_scancel_counts_as_cancelled():
         script.chmod(0o755)
         said = {}
         for case, args in (("scancel", ["-p", "debug"]), ("preemption", ["-p", "low"]),
+                           ("preemption, PreemptMode=REQUEUE", ["-p", "lowr"]),
                            ("time limit", ["-p", "debug", "--time=1"])):  # fmt: skip
             out = Path(root) / f"{case.replace(' ', '-')}.txt"
             job = cluster.sbatch("--exclusive", "--requeue", "-o", os.devnull, *args,
@@ -79,18 +82,20 @@ def test_only_a_scancel_counts_as_cancelled():
             time.sleep(2)
             if case == "scancel":
                 cluster.run("scancel", str(job), check=False)
-            elif case == "preemption":
+            elif case.startswith("preemption"):
                 high = cluster.sbatch("--exclusive", "-p", "high", "--wrap", "sleep 2", "-o",
                                       os.devnull)  # fmt: skip
             cluster.wait_job(job, 200, until=lambda i: i.get("JobState") not in
                              ("RUNNING", "COMPLETING"))  # fmt: skip
             said[case] = out.read_text().split() if out.exists() else None
             cluster.run("scancel", str(job), check=False)
-            if case == "preemption":
+            if case.startswith("preemption"):
                 cluster.run("scancel", str(high), check=False)
             time.sleep(6)  # the node is free again
     finally:
         cluster.stop()
     assert said == {"scancel": ["cancelled", "cancelled"],
                     "preemption": ["requeue", "requeue"],
+                    # Slurm requeued it before the SIGTERM (Restarts=1, no PreemptTime printed)
+                    "preemption, PreemptMode=REQUEUE": ["requeue", "requeue"],
                     "time limit": ["requeue", "requeue"]}, said  # fmt: skip
