@@ -105,13 +105,29 @@ def tokenizer_warning(cfg: EAOPDConfig) -> str | None:
     )
 
 
+def _unwritable(folder: str) -> str | None:
+    """Why no file can be created in ``folder`` (made if missing), or None. Each caller makes
+    and removes its own temporary file (ranks may check at once). No communication."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.remove(path)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
+
+
 def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
     """What needs the prepared data (``prepare_data``), before any compute. ValueError listing
     each problem with its fix:
 
     - a teacher / student preparation that will train (enabled, no checkpoint or HF folder for
       that model, nothing cached under its key) must split its batch over its model's
-      data-parallel ranks (a cached one is reused at any world size);
+      data-parallel ranks (a cached one is reused at any world size), and must be able to
+      write its cache folder (a read-only one serves cached entries only);
     - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
       widths at the shared TP size) must be equal.
     """
@@ -129,11 +145,18 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
             continue  # the trainer loads the folder, no preparation
         lay = getattr(cfg.parallel, who)
         dp = world_size // (lay.tp * lay.pp)
-        if world_size % (lay.tp * lay.pp) or prep.batch_size % dp == 0:
-            continue
         root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, who))
         if os.path.isfile(os.path.join(root, LATEST)):
             continue  # prepared before: reused
+        unwritable = _unwritable(prep.cache_dir)
+        if unwritable:
+            problems.append(
+                f"{who}_prep.cache_dir={prep.cache_dir} cannot be written ({unwritable}): the "
+                f"{who} would be prepared and then fail to save. Point {who}_prep.cache_dir at "
+                "a writable folder (a cache filled elsewhere may be read-only)"
+            )
+        if world_size % (lay.tp * lay.pp) or prep.batch_size % dp == 0:
+            continue
         problems.append(
             f"{who}_prep.batch_size={prep.batch_size} must be a multiple of the {who}'s "
             f"data-parallel size {dp} (world {world_size} / tp {lay.tp} / pp {lay.pp}) to "
@@ -160,12 +183,22 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
 _RUN_SECTIONS = ("model", "loss", "optimizer", "task", "tokenizer", "teacher_prep", "student_prep")
 _RUN_KEYS = ("training.seed", "rollout.prompts_per_iteration", "rollout.samples_per_prompt",
              "rollout.mini_batch_size", "rollout.temperature", "rollout.top_p", "rollout.top_k",
-             "rollout.max_prompt_tokens", "rollout.max_response_tokens")  # fmt: skip
+             "rollout.max_prompt_tokens", "rollout.max_response_tokens",
+             "parallel.make_vocab_size_divisible_by")  # fmt: skip
 # inside those: derived from other keys (max_seq_len), memory and speed only (the loss kernels'
-# chunking), evaluation only
+# chunking). Not the evaluation sets: the built-in tasks draw their splits after the eval set
+# (num_eval moves the training and distillation problems), and eval files are part of a task
+# tokenizer's corpus and of a prepared teacher's task fingerprint (see _eval_files_free)
 _FREE_KEYS = ("model.student.max_seq_len", "model.teacher.max_seq_len", "loss.chunk_size",
-              "loss.fused_output", "loss.fused_chunk_size", "task.eval_files",
-              "task.synthetic.num_eval")  # fmt: skip
+              "loss.fused_output", "loss.fused_chunk_size")  # fmt: skip
+
+
+def _eval_files_free(cfg: EAOPDConfig) -> bool:
+    """Whether ``task.eval_files`` may change on resume: only when they cannot reach what is
+    trained, i.e. the tokenizer is not trained on the task's text and the teacher is not
+    prepared on the task (its cache key holds the task's fingerprint, eval prompts included)."""
+    teacher_given = bool(cfg.model.teacher_hf or cfg.model.teacher_checkpoint)
+    return cfg.tokenizer.kind != "task" and (teacher_given or not cfg.teacher_prep.enabled)
 
 
 def check_output_dir(cfg: EAOPDConfig) -> None:
@@ -188,6 +221,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     ckpt_dir = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
     latest = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(latest):
+        _check_moved_checkpoints(t, ckpt_dir)
         return
     with open(latest, encoding="utf-8") as f:
         name = f.read().strip()
@@ -216,8 +250,10 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
 
     def same(a, b):
         if isinstance(a, str) and isinstance(b, str) and os.sep in a + b:
-            return os.path.normpath(a) == os.path.normpath(b)
+            return os.path.realpath(a) == os.path.realpath(b)  # one file, however spelled
         return a == b
+
+    free = _FREE_KEYS + (("task.eval_files",) if _eval_files_free(cfg) else ())
 
     before, after = flatten(saved), flatten(now)
     changed = [
@@ -225,7 +261,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
         for k in sorted(set(before) | set(after))
         if (k.split(".")[0] in _RUN_SECTIONS or k in _RUN_KEYS)
         and not k.endswith("cache_dir")
-        and k not in _FREE_KEYS
+        and k not in free
         and not k.startswith(tuple(unused))
         and not same(before.get(k), after.get(k))
     ]
@@ -236,6 +272,34 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             + ". Resuming would continue the saved run (its weights, optimizer and learning-rate "
             "schedule) under the new settings. Use a new training.output_dir, or restore them"
         )
+
+
+def _check_moved_checkpoints(t, ckpt_dir: str) -> None:
+    """``training.checkpoint_dir`` changed away from the checkpoints of the run in
+    ``training.output_dir`` (its config.yaml's checkpoint folder, or the default one, holds a
+    ``latest``): starting afresh would rewrite that run's metrics. ValueError naming both."""
+    import yaml
+
+    from megatron_eaopd.models.checkpoint import LATEST
+
+    saved_dir = None
+    try:
+        with open(os.path.join(t.output_dir, "config.yaml"), encoding="utf-8") as f:
+            saved_dir = (yaml.safe_load(f) or {}).get("training", {}).get("checkpoint_dir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    for folder in (saved_dir, os.path.join(t.output_dir, "checkpoints")):
+        if (
+            isinstance(folder, str)
+            and os.path.realpath(folder) != os.path.realpath(ckpt_dir)
+            and os.path.isfile(os.path.join(folder, LATEST))
+        ):
+            raise ValueError(
+                f"training.output_dir={t.output_dir} holds a run whose checkpoints are in "
+                f"{folder}, but training.checkpoint_dir={t.checkpoint_dir!r} points elsewhere: "
+                f"the run would start again and rewrite its metrics. Set "
+                f"training.checkpoint_dir={folder} to resume it, or use a new training.output_dir"
+            )
 
 
 def _within(path: str, folder: str) -> bool:

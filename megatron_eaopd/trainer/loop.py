@@ -142,6 +142,10 @@ class Trainer:
         # a preemption signal stops a preparation too (its progress is saved): see run()
         stop = self.preemption.should_stop if self.preemption is not None else None
         root, init = None, None
+        self.ckpt_dir = cfg.training.checkpoint_dir or os.path.join(
+            cfg.training.output_dir, "checkpoints"
+        )
+        resuming = self._resuming()  # the run's checkpoint replaces a student warm start
         try:
             if not cfg.model.teacher_hf:
                 root = cfg.model.teacher_checkpoint or prepare_teacher(
@@ -152,7 +156,8 @@ class Trainer:
             if (
                 cfg.model.student_checkpoint is None
                 and not cfg.model.student_hf
-                and (cfg.student_prep.enabled)
+                and cfg.student_prep.enabled
+                and not resuming
             ):
                 init = prepare_student(cfg, data, student_cfg, show_progress=self._bars_on(),
                                        should_stop=stop)  # fmt: skip
@@ -168,10 +173,8 @@ class Trainer:
             if _tp_ranks(STUDENT) != _tp_ranks(TEACHER):
                 raise ValueError("loss.form=exact: the student and teacher TP groups differ")
         self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)
-        self.ckpt_dir = cfg.training.checkpoint_dir or os.path.join(
-            cfg.training.output_dir, "checkpoints"
-        )
-        self._maybe_resume()
+        if resuming:
+            self._resume()
         self.metrics_logger = MetricsLogger(
             cfg.training.output_dir,
             cfg.logging,
@@ -182,16 +185,22 @@ class Trainer:
         )
         return self
 
-    def _maybe_resume(self) -> None:
-        from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint
-        from megatron_eaopd.parallel.init import compute_device, use_layout
+    def _resuming(self) -> bool:
+        """Whether this run continues a saved one (``training.resume`` and rank 0 sees a
+        ``latest`` in the checkpoint folder). Collectives: 1 broadcast of one int."""
+        from megatron_eaopd.models.checkpoint import LATEST
+        from megatron_eaopd.parallel.init import compute_device
 
         flag = torch.tensor(
             [int(os.path.isfile(os.path.join(self.ckpt_dir, LATEST)))], device=compute_device()
         )
         dist.broadcast(flag, src=0)
-        if not (self.cfg.training.resume and bool(flag.item())):
-            return
+        return bool(self.cfg.training.resume and flag.item())
+
+    def _resume(self) -> None:
+        from megatron_eaopd.models.checkpoint import load_checkpoint
+        from megatron_eaopd.parallel.init import use_layout
+
         with use_layout(STUDENT):
             loaded = load_checkpoint(
                 self.ckpt_dir, self.student.chunks, self.student.optimizer, self.student.scheduler

@@ -157,9 +157,16 @@ def test_one_run_per_output_folder(tmp_path):
         check_output_dir(
             load_config(TINY, [*derived, f"training.output_dir={out}", "training.resume=false"])
         )
-    # derived lengths, the loss kernels' chunking, evaluation-only task keys may change
-    free = ["loss.chunk_size=64", "eval.max_response_tokens=200", "task.synthetic.num_eval=32"]
+    # derived lengths and the loss kernels' chunking may change
+    free = ["loss.chunk_size=64", "eval.max_response_tokens=200"]
     check_output_dir(load_config(TINY, [*derived, f"training.output_dir={out}", *free]))
+    # the built-in task draws its other splits after the eval set; the padded vocabulary is
+    # the model's shape
+    for key, change in (("task.synthetic.num_eval", "32"),
+                        ("parallel.make_vocab_size_divisible_by", "64")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"holds a run .* other settings: {key}: "):
+            check_output_dir(load_config(TINY, [*derived, f"training.output_dir={out}",
+                                                f"{key}={change}"]))  # fmt: skip
     other = load_config(TINY, [*derived, f"training.output_dir={out}", "loss.objective=opd",
                                "optimizer.lr=1e-5"])  # fmt: skip
     with pytest.raises(ValueError) as err:
@@ -170,6 +177,60 @@ def test_one_run_per_output_folder(tmp_path):
     # a config.yaml this version cannot read (an older run's keys) is not compared
     (out / "config.yaml").write_text("loss: {old_key: 1}\n")
     check_output_dir(other)
+
+
+def test_eval_files_may_change_on_resume_only_where_nothing_trained_reads_them(tmp_path):
+    """A task-trained tokenizer learns from the eval prompts and a teacher prepared on the task
+    is keyed by them: a resume with other eval files would train on other ids or teacher."""
+    from megatron_eaopd.trainer.checks import _eval_files_free
+
+    cfg = load_config(TINY)
+    assert cfg.tokenizer.kind == "task" and not _eval_files_free(cfg)
+    cfg.tokenizer.kind = "huggingface"
+    assert not _eval_files_free(cfg)  # the teacher is still prepared on the task
+    cfg.teacher_prep.enabled = False
+    assert _eval_files_free(cfg)
+    cfg.teacher_prep.enabled, cfg.model.teacher_hf = True, str(tmp_path)
+    assert _eval_files_free(cfg)
+
+
+def test_a_moved_checkpoint_folder_does_not_restart_the_run(tmp_path):
+    """training.checkpoint_dir changed away from the run's checkpoints (the default folder, or
+    the one its config.yaml names): a fresh start would rewrite the run's metrics; refused,
+    naming the folder to set."""
+    from megatron_eaopd.config import save_resolved
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    out = tmp_path / "run"
+    derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]
+    cfg = load_config(TINY, [*derived, f"training.output_dir={out}"])
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("iter_0000001\n")
+    save_resolved(cfg, str(out / "config.yaml"))
+    moved = load_config(TINY, [*derived, f"training.output_dir={out}",
+                               f"training.checkpoint_dir={tmp_path / 'elsewhere'}"])  # fmt: skip
+    with pytest.raises(ValueError, match=rf"checkpoints are in {out / 'checkpoints'}, but "):
+        check_output_dir(moved)
+    # the run's config.yaml names its own checkpoint folder: the default one is elsewhere
+    (out / "checkpoints").rename(tmp_path / "ckpt")
+    save_resolved(load_config(TINY, [*derived, f"training.output_dir={out}",
+                                     f"training.checkpoint_dir={tmp_path / 'ckpt'}"]),
+                  str(out / "config.yaml"))  # fmt: skip
+    with pytest.raises(ValueError, match=rf"Set training.checkpoint_dir={tmp_path / 'ckpt'} "):
+        check_output_dir(cfg)
+    (tmp_path / "ckpt" / "latest").unlink()  # nothing saved there any more: a fresh start
+    check_output_dir(cfg)
+
+
+def test_a_preparation_that_cannot_write_its_cache_is_refused_before_it_trains(tmp_path):
+    (tmp_path / "file").write_text("")  # a folder below a file: not creatable, even as root
+    cfg = _tiny(tmp_path, f"teacher_prep.cache_dir={tmp_path / 'file' / 'teachers'}")
+    data = prepare_data(cfg)
+    want = r"teacher_prep.cache_dir=.*/file/teachers cannot be written \(.*\): the teacher would"
+    with pytest.raises(ValueError, match=want):
+        check_data_config(cfg, data, 2)
+    check_data_config(_tiny(tmp_path), data, 2)  # a writable one
+    assert not [p for p in (tmp_path / "t").iterdir() if p.name.startswith(".write-check")]
 
 
 def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):

@@ -66,7 +66,8 @@ def _worker(rank, world, tmp):
     full = run(_cfg(tmp, "full"))
     keep = "training.keep_checkpoints=1"  # the resumed run keeps its newest save only
     first = run(_cfg(tmp, "resumed", "eopd", keep), preemption=StopAfter(2))
-    second = run(_cfg(tmp, "resumed", "eopd", keep))
+    # an empty student cache: the resumed run loads its checkpoint, no warm start is prepared
+    second = run(_cfg(tmp, "resumed", "eopd", keep, f"student_prep.cache_dir={tmp}/no-students"))
     return {"full": full, "first": first, "second": second}
 
 
@@ -147,6 +148,7 @@ def test_train_end_to_end_and_resume(tmp_path):
 
     # training.keep_checkpoints=1: the save of iteration 4 replaced that of iteration 2
     assert sorted(os.listdir(f"{tmp}/resumed/checkpoints")) == ["iter_0000004", "latest"]
+    assert not os.listdir(f"{tmp}/no-students") if os.path.isdir(f"{tmp}/no-students") else True
     # the preempted run saved iteration 2 and the resumed run repeated iterations 3 and 4 exactly
     resumed = _records(f"{res_dir}/metrics.jsonl", "train")
     assert [row["iteration"] for row in resumed] == [1, 2, 3, 4]
