@@ -17,6 +17,7 @@ teacher learns a distribution with genuine uncertainty at the branch points of a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -102,6 +103,54 @@ def _exists_everywhere(path: str) -> bool:
     return bool(flag.item())
 
 
+@contextlib.contextmanager
+def _entry_lock(root: str, role: str, poll: float = 5.0):
+    """Hold ``<root>.lock`` (rank 0: an exclusive ``fcntl.flock``, released by the kernel when
+    the process dies) while this job prepares the cache entry ``root``: a second job with the
+    same key (a sweep started at once) waits here, then finds the entry cached, instead of
+    writing the same folders. On a filesystem without locks, a warning and no lock.
+    Collectives: 1 broadcast of one int per try (every ``poll`` seconds while another job
+    holds the lock), so no rank sits in a long collective."""
+    import fcntl
+
+    from megatron_eaopd.parallel.init import compute_device
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    handle, told = None, False
+    if rank0:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+            handle = open(root + ".lock", "a+", encoding="utf-8")  # noqa: SIM115
+        except OSError as err:
+            logger.warning("cannot open %s.lock (%s): preparing without a lock", root, err)
+    while True:
+        got = 1
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                got = 0
+            except OSError as err:  # no locks here (some network filesystems)
+                logger.warning("no file lock on %s.lock (%s): preparing without one", root, err)
+                handle.close()
+                handle = None
+        flag = torch.tensor([got], device=compute_device())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(flag, src=0)
+        if flag.item():
+            break
+        if rank0 and not told:
+            logger.warning("another job is preparing the %s %s: waiting for it", role, root)
+            told = True
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
 def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True,
                     should_stop=None) -> str:  # fmt: skip
     """Checkpoint root of the teacher prepared by ``cfg.teacher_prep`` (trained if not cached)."""
@@ -127,8 +176,22 @@ def prepare_supervised(
     split each step's batch. ``should_stop``: called after every step on every rank (a
     ``PreemptionHandler.should_stop``, which all ranks answer alike); True saves the progress
     under ``<root>.partial`` and raises ``PreparationStopped``; a later call continues from it.
+    Another job preparing the same entry holds ``<root>.lock``: this one waits for it, then
+    uses the entry it saved (``_entry_lock``).
     Collectives: those of the training steps, of ``should_stop`` and of the checkpoint saves.
     """
+    from megatron_eaopd.models.checkpoint import LATEST
+
+    root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, role))
+    if not _exists_everywhere(os.path.join(root, LATEST)):
+        with _entry_lock(root, role):
+            return _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop,
+                                  root)  # fmt: skip
+    return _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root)
+
+
+def _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root) -> str:
+    """``prepare_supervised`` for the entry ``root``: the cached one, else trained and saved."""
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.models.checkpoint import (
@@ -140,9 +203,8 @@ def prepare_supervised(
     from megatron_eaopd.models.student import OptimConfig
     from megatron_eaopd.parallel.init import use_layout
 
-    root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, role))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if _exists_everywhere(os.path.join(root, LATEST)):
+    if _exists_everywhere(os.path.join(root, LATEST)):  # also: another job saved it meanwhile
         logger.info("using the cached %s %s", role, root)
         if rank0 and os.path.isdir(root + ".partial"):  # killed between the save and its removal
             shutil.rmtree(root + ".partial", ignore_errors=True)

@@ -59,10 +59,10 @@ def _worker(rank, world, tmp):
                                    StopAfter(2).should_stop)  # fmt: skip
             except PreparationStopped as err:
                 out["stopped"].append(str(err))
-        (partial,) = os.listdir(f"{tmp}/split")
+        (partial,) = _entries(f"{tmp}/split")
         out["partial"] = [partial, sorted(os.listdir(f"{tmp}/split/{partial}"))]
         b = prepare_supervised(data, teacher_cfg, split, TEACHER, "teacher", False)
-        out["after"] = sorted(os.listdir(f"{tmp}/split"))
+        out["after"] = _entries(f"{tmp}/split")
         with use_layout(TEACHER):
             wa, wb = _weights(teacher_cfg, a), _weights(teacher_cfg, b)
         out["same"] = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -78,8 +78,13 @@ def _worker(rank, world, tmp):
     finally:
         trainer.close()
         destroy_parallel()
-    out["trainer_cache"] = sorted(os.listdir(f"{tmp}/trainer"))
+    out["trainer_cache"] = _entries(f"{tmp}/trainer")
     return out
+
+
+def _entries(folder: str) -> list[str]:
+    """A cache folder's entries, without the preparations' lock files (kept: an empty file)."""
+    return sorted(n for n in os.listdir(folder) if not n.endswith(".lock"))
 
 
 def test_a_stopped_preparation_continues_to_the_uninterrupted_result(tmp_path):
@@ -96,3 +101,34 @@ def test_a_stopped_preparation_continues_to_the_uninterrupted_result(tmp_path):
     s = r["summary"]
     assert s["stopped_early"] and s["iteration"] == 0 and s["total_iterations"] == 2
     assert len(r["trainer_cache"]) == 1 and r["trainer_cache"][0].endswith(".partial")
+
+
+def test_a_second_job_waits_for_the_preparation_of_the_same_entry(tmp_path):
+    """Two jobs with one cache entry (a sweep started at once) used to write the same folders
+    and crash: the second now waits on the entry's lock until the first releases it (here: a
+    thread holding it for a while) and the kernel frees the lock of a process that died."""
+    import fcntl
+    import threading
+    import time
+
+    from megatron_eaopd.trainer.teacher_prep import _entry_lock
+
+    root = str(tmp_path / "teachers" / "key")
+    os.makedirs(os.path.dirname(root))
+    held = open(root + ".lock", "a+")  # noqa: SIM115 - the other job's lock
+    fcntl.flock(held, fcntl.LOCK_EX)
+
+    def release():
+        time.sleep(0.5)
+        fcntl.flock(held, fcntl.LOCK_UN)
+        held.close()
+
+    thread = threading.Thread(target=release)
+    start = time.monotonic()
+    thread.start()
+    with _entry_lock(root, "teacher", poll=0.05):
+        waited = time.monotonic() - start
+    thread.join()
+    assert waited >= 0.4, waited
+    with _entry_lock(root, "teacher", poll=0.05):  # free again: no wait
+        pass
