@@ -54,9 +54,24 @@ class PreparationStopped(Exception):
 
 
 def _fingerprint(obj) -> str:
+    """What identifies a tokenizer in a preparation's key: its own fingerprint (the project's
+    tokenizers); for a Hugging Face tokenizer its id -> piece table and special ids, and the
+    chat template with its arguments when prompts are wrapped in it (not its folder's path:
+    one folder refilled, or spelled two ways, is another or the same tokenizer)."""
     value = getattr(obj, "fingerprint", None)
     value = value() if callable(value) else value
-    return str(value) if value is not None else getattr(obj, "name_or_path", type(obj).__name__)
+    if value is not None:
+        return str(value)
+    if hasattr(obj, "get_vocab"):
+        from megatron_eaopd.data.sequences import CHAT_ATTR
+        from megatron_eaopd.models.vocab_check import tokenizer_fingerprint
+
+        chat = getattr(obj, CHAT_ATTR, None)
+        template = getattr(obj, "chat_template", None) if chat is not None else None
+        ids = [getattr(obj, f"{t}_token_id", None) for t in ("bos", "eos", "pad")]
+        return json.dumps([tokenizer_fingerprint(obj).digest, ids, chat, template],
+                          sort_keys=True, default=str)  # fmt: skip
+    return getattr(obj, "name_or_path", type(obj).__name__)
 
 
 def supervised_cache_key(data, mcfg: ModelConfig, prep_cfg, role: str = "teacher") -> str:

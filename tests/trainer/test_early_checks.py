@@ -381,3 +381,33 @@ def test_a_model_folder_without_tokenizer_json_is_warned_about(tmp_path):
     text = tokenizer_warning(load_config(full, hf_overrides(full, str(tmp_path))))
     assert text.startswith(f"model.student_hf={cfg.model.student_hf} has no tokenizer.json")
     assert tokenizer_warning(load_config(TINY)) is None  # no HF folders
+
+
+def test_prep_cache_keys_follow_a_hugging_face_tokenizers_content_not_its_path(tmp_path):
+    """The key held an HF tokenizer's path only: a folder refilled with another vocabulary, or
+    prompts wrapped in its chat template, reused a teacher prepared on other ids."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from megatron_eaopd.config.schema import TeacherPrepConfig
+    from megatron_eaopd.data.sequences import use_chat_template
+    from megatron_eaopd.models.config import TINY_TEACHER
+    from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
+    from tests.models.test_hf_convert import _tokenizer
+
+    def key(folder, chat=None):
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        if chat is not None:
+            use_chat_template(tok, chat)
+        data = SimpleNamespace(task=SimpleNamespace(fingerprint=lambda: "task-x"), tokenizer=tok)
+        return supervised_cache_key(data, TINY_TEACHER, TeacherPrepConfig())
+
+    _tokenizer(str(tmp_path / "a"), 40)
+    _tokenizer(str(tmp_path / "b"), 40)  # the same tokenizer in another folder
+    _tokenizer(str(tmp_path / "c"), 41)  # another vocabulary
+    base = key(tmp_path / "a")
+    assert key(tmp_path / "b") == base
+    assert key(tmp_path / "c") != base
+    wrapped = key(tmp_path / "a", chat=False)  # prompts in the chat template (non-thinking)
+    assert wrapped != base and key(tmp_path / "a", chat=True) != wrapped
