@@ -81,6 +81,29 @@ def _tp_ranks(layout: str) -> list[int]:
         return dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
 
 
+def _inputs_digest(cfg: EAOPDConfig, data, teacher_cfg) -> dict:
+    """Short hashes of what a run trains on beyond its settings' text: the distillation prompts
+    (ids, text, answers, in order), the tokenizer, and the prepared teacher's cache key (None
+    for a teacher given as a folder or checkpoint: its path is a setting)."""
+    import hashlib
+    import json
+
+    from megatron_eaopd.trainer.teacher_prep import _fingerprint, supervised_cache_key
+
+    def digest(value) -> str:
+        text = json.dumps(value, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    prepared = not (cfg.model.teacher_hf or cfg.model.teacher_checkpoint)
+    return {
+        "distillation prompts": digest([[p.uid, p.prompt, p.answer] for p in data.distill]),
+        "tokenizer": digest(_fingerprint(data.tokenizer)),
+        "prepared teacher": supervised_cache_key(data, teacher_cfg, cfg.teacher_prep, "teacher")
+        if prepared and cfg.teacher_prep.enabled
+        else None,
+    }
+
+
 class Trainer:
     """EOPD / OPD on-policy distillation of one config.
 
@@ -146,6 +169,9 @@ class Trainer:
             cfg.training.output_dir, "checkpoints"
         )
         resuming = self._resuming()  # the run's checkpoint replaces a student warm start
+        self.inputs = _inputs_digest(cfg, data, teacher_cfg)
+        if resuming:
+            self._check_inputs()
         try:
             if not cfg.model.teacher_hf:
                 root = cfg.model.teacher_checkpoint or prepare_teacher(
@@ -184,6 +210,27 @@ class Trainer:
             resume_iteration=self.start_iteration,
         )
         return self
+
+    def _check_inputs(self) -> None:
+        """A resume whose distillation prompts, tokenizer or prepared teacher differ from the
+        saved run's (a prompt file edited in place, a retrained tokenizer: the config text is
+        the same) is refused before any preparation. Checkpoints without the record (older
+        versions) are not compared. Reads the latest checkpoint's metadata; no communication."""
+        from megatron_eaopd.models.checkpoint import LATEST, read_meta
+
+        with open(os.path.join(self.ckpt_dir, LATEST), encoding="utf-8") as f:
+            name = f.read().strip()
+        saved = read_meta(os.path.join(self.ckpt_dir, name)).get("extra", {}).get("inputs")
+        if saved is None or saved == self.inputs:
+            return
+        changed = [k for k in saved if saved[k] != self.inputs.get(k)]
+        raise ValueError(
+            f"training.output_dir={self.cfg.training.output_dir} holds a run ({name}) trained "
+            f"on other inputs: {', '.join(changed)} differ, with the same settings (a prompt "
+            "file edited in place, a retrained or replaced tokenizer, another prepared "
+            "teacher). Resuming would continue that run on them. Use a new "
+            "training.output_dir, or restore the inputs"
+        )
 
     def _resuming(self) -> bool:
         """Whether this run continues a saved one (``training.resume`` and rank 0 sees a
@@ -377,6 +424,7 @@ class Trainer:
             "eval_pending": bool(eval_pending),
             # the run folder these checkpoints belong to (trainer.checks.check_output_dir)
             "output_dir": os.path.abspath(self.cfg.training.output_dir),
+            "inputs": self.inputs,  # what the config text does not show (_check_inputs)
         }
         with use_layout(STUDENT):
             s = self.student

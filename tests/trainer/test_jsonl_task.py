@@ -9,6 +9,8 @@ import math
 import os
 import random
 
+import pytest
+
 from tests.dist import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,4 +113,10 @@ def test_jsonl_task_through_the_trainer(tmp_path):
     teacher = [row for row in rows if row["split"] == "teacher"]
     assert len(teacher) == 1 and "heldout/pass@2" in teacher[0]
     # the teacher was prepared on the train file and cached
+    assert len([n for n in os.listdir(f"{tmp}/teachers") if not n.endswith(".lock")]) == 1
+    # the distillation file rewritten in place (same path, same settings): resuming the saved
+    # run on other prompts is refused before any preparation (no second teacher)
+    _write(f"{tmp}/distill.jsonl", 8, 5, solutions=False)
+    with pytest.raises(AssertionError, match="trained on other inputs: distillation prompts"):
+        run_distributed(_worker, 2, tmp, timeout=400)
     assert len([n for n in os.listdir(f"{tmp}/teachers") if not n.endswith(".lock")]) == 1
