@@ -12,9 +12,26 @@ layout only inside :meth:`EOPDTeacher.score` / :meth:`attach` / :meth:`attach_lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 __all__ = ["STUDENT_LAYOUT", "TEACHER_LAYOUT", "EOPDTeacher"]
+
+
+@contextlib.contextmanager
+def _torch_rng_kept():
+    """Restore torch's CPU generator and every CUDA device's generator on exit."""
+    import torch
+
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
 
 STUDENT_LAYOUT, TEACHER_LAYOUT = "eopd_student", "eopd_teacher"
 
@@ -56,13 +73,9 @@ class EOPDTeacher:
         """
         from megatron.core import parallel_state as ps
 
-        from megatron_eaopd.models import build_model
-        from megatron_eaopd.models.teacher import FrozenTeacher
         from megatron_eaopd.parallel.init import (
             _ACTIVE,
-            add_layout,
             register_current_layout,
-            use_layout,
         )
 
         if not ps.model_parallel_is_initialized():
@@ -101,6 +114,15 @@ class EOPDTeacher:
             if dtype:
                 model_config = model_config.with_changes(params_dtype=dtype)
         model_config.check_layout(tp, pp, None, name="teacher")
+        with _torch_rng_kept():  # the caller's next draws do not depend on the teacher
+            return cls._build(model_config, tp, pp, seed, timeout_minutes, hf, source)
+
+    @classmethod
+    def _build(cls, model_config, tp, pp, seed, timeout_minutes, hf, source):
+        from megatron_eaopd.models import build_model
+        from megatron_eaopd.models.teacher import FrozenTeacher
+        from megatron_eaopd.parallel.init import add_layout, use_layout
+
         layout = add_layout(TEACHER_LAYOUT, tp, pp, None, seed=seed,
                             timeout_minutes=timeout_minutes)  # fmt: skip
         with use_layout(TEACHER_LAYOUT):

@@ -339,3 +339,26 @@ def test_forward_step_refuses_packed_sequences_and_another_top_k():
     check_micro_batch(earlier, ObjectiveConfig(top_k=4))
     check_micro_batch(mb, ObjectiveConfig(name="opd"))  # no forward KL: any width serves
     check_micro_batch(dict(mb, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool)))
+
+
+def _rng_worker(rank, world, folder):
+    import torch
+
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
+    from megatron_eaopd.plugin import EOPDTeacher
+
+    initialize_parallel(1, 1, seed=1)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    EOPDTeacher.load(folder)
+    kept = torch.equal(before, torch.get_rng_state())
+    destroy_parallel()
+    return kept
+
+
+def test_loading_the_teacher_leaves_torchs_generator_as_it_was(teacher_dir):
+    """EOPDTeacher.load built the teacher with torch's generator: the caller's next draws (its
+    own student's initialisation) depended on which teacher it loaded."""
+    from tests.dist import run_distributed
+
+    assert run_distributed(_rng_worker, 1, teacher_dir, timeout=300) == [True]
