@@ -196,7 +196,8 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     out = {"world": world, "spec": spec, "fused": fused_on, "form": loss.form,
            "sequence_parallel": sp, "distributed_optimizer": bool(distributed_optimizer),
            "batch": batch.__dict__,
-           "layouts": {k: v.__dict__ for k, v in lay.items()}, "variants": {}}  # fmt: skip
+           "layouts": {k: v.__dict__ for k, v in lay.items()}, "variants": {},
+           "vocab": {"student": student.vocab_size, "teacher": teacher.vocab_size}}  # fmt: skip
     for fused in (True, False):
         rs, rt = plan_memory(student, teacher, lay["student"], lay["teacher"], batch,
                              fused=fused, spec=spec, divisible_by=div, form=loss.form,
@@ -227,7 +228,8 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
         m, ly = getattr(cfg.model, who), lay[who]
         lines.append(
             f"{who}: {m.layers} layers, hidden {m.hidden}, heads {m.heads}/{m.query_groups}, "
-            f"ffn {m.ffn_hidden}, vocab {m.vocab_size}, {m.dtype}; TP {ly['tp']} x PP {ly['pp']}"
+            f"ffn {m.ffn_hidden}, vocab {plan['vocab'][who]}, {m.dtype}; TP {ly['tp']} x PP "
+            f"{ly['pp']}"
             f" x DP {ly['dp']}"
         )
     lines.append(
@@ -247,7 +249,10 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
         f"{u_['peak_recompute'] / GIB:9.2f}"
     )
     lines.append("")
-    for label, key in (("no recompute", "peak"), ("full recompute", "peak_recompute")):
+    # eaopd-train has no recompute setting: that line is for your own Megatron loop (the plugin)
+    for label, key in (("no recompute", "peak"),
+                       ("full recompute, your own loop only: eaopd-train has none",
+                        "peak_recompute")):  # fmt: skip
         ok = fits(plan["variants"][chosen][key])
         lines.append(
             f"fits ({chosen}, {label}): "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from tests.dist import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = os.path.join(ROOT, "configs", "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml")
+TINY = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
 
 SHAPE = dict(layers=2, hidden=256, heads=4, query_groups=2, ffn_hidden=512, vocab_size=8192)
 SEQ, MB, MICRO, K, CHUNK = 256, 4, 2, 4, 128
@@ -343,6 +345,13 @@ def test_cli_on_the_paper_config(capsys):
     out = capsys.readouterr().out
     assert "TP 2 x PP 2 x DP 2" in out and "preset qwen3-8b" in out
     assert "fits (fused, no recompute): A100-40GB" in out and "H200-141GB yes" in out
+    # docs/memory.md shows this output: its block must be the tool's (it went stale)
+    doc = (Path(PAPER).parents[1] / "docs" / "memory.md").read_text(encoding="utf-8")
+    shown = doc.split(f"$ eaopd-plan --config configs/{Path(PAPER).name}\n", 1)[1]
+    shown = shown.split("```", 1)[0].rstrip("\n").split("\n")
+    assert out.split("\n")[: len(shown)] == shown
+    assert main(["--config", TINY, "--vocab-size", "1000", "--world-size", "2"]) == 0
+    assert "vocab 1000, fp32" in capsys.readouterr().out  # the size planned, not the key's 0
     assert main(["--config", PAPER, "--json"]) == 0
     assert main(["--config", PAPER, "--world-size", "6"]) == 2
     assert "not a multiple" in capsys.readouterr().err
