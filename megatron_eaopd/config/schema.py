@@ -338,7 +338,9 @@ class TrainingConfig:
     """Skip (and count) an update whose loss or gradient norm is not finite."""
     export_hf: str | None = None
     """At the end of the run, write the distilled student as a Hugging Face model folder here
-    (config.json, safetensors, generation config, the tokenizer's files); null: no export.
+    (config.json, safetensors, generation config, and a Hugging Face tokenizer's files; a
+    task or sentencepiece tokenizer is not an HF tokenizer: only its BOS / EOS / pad ids are
+    written, and the log names its .model file); null: no export.
     ``eaopd-convert export-hf`` does the same from any checkpoint. The folder is replaced at the
     end: it must not be or hold the run's or the models' folders, and an existing one must hold
     only an earlier export (checked at the start)."""

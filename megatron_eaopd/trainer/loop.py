@@ -508,13 +508,26 @@ class Trainer:
         cfg = self.cfg
         tok = cfg.tokenizer.path if cfg.tokenizer.kind == "huggingface" else None
         tok = tok if tok and os.path.isdir(tok) else None
+        ids, spm = None, None
+        if tok is None:  # a sentencepiece model: its special ids in the configs, so that
+            t = self.data.tokenizer  # transformers' generate stops at its EOS
+            ids = {"bos_token_id": int(t.bos_id), "eos_token_id": int(t.eos_id),
+                   "pad_token_id": int(t.pad_id)}  # fmt: skip
+            spm = getattr(t, "path", None)
         with use_layout(STUDENT):
             save_hf_weights(
                 self.student.chunks, out_dir, dtype=cfg.training.export_dtype, tokenizer_dir=tok,
-                overwrite=True, progress=self._bars_on(),
+                token_ids=ids, overwrite=True, progress=self._bars_on(),
             )  # fmt: skip
         if self.rank0:
             console(f"exported the student to {out_dir}")
+            if ids is not None:
+                logger.warning(
+                    "%s holds no Hugging Face tokenizer: the run's tokenizer is the sentencepiece "
+                    "model %s (its BOS / EOS / pad ids %d / %d / %d are in config.json and "
+                    "generation_config.json); encode with it, prompts as [BOS] + ids",
+                    out_dir, spm, ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"],
+                )  # fmt: skip
         return out_dir
 
     def _requeue(self) -> None:

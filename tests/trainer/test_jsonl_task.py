@@ -54,6 +54,7 @@ def _overrides(tmp):
         "logging.progress_bars=false",
         "logging.console=false",
         f"training.output_dir={tmp}/run",
+        f"training.export_hf={tmp}/export",
         f"teacher_prep.cache_dir={tmp}/teachers",
         f"tokenizer.cache_dir={tmp}/tokenizers",
     ]
@@ -114,6 +115,13 @@ def test_jsonl_task_through_the_trainer(tmp_path):
     assert len(teacher) == 1 and "heldout/pass@2" in teacher[0]
     # the teacher was prepared on the train file and cached
     assert len([n for n in os.listdir(f"{tmp}/teachers") if not n.endswith(".lock")]) == 1
+    # the export of a run with a task (sentencepiece) tokenizer carries its special ids, so
+    # that transformers' generate stops at its EOS (they were null)
+    tok = data.tokenizer
+    for name in ("config.json", "generation_config.json"):
+        with open(f"{tmp}/export/{name}", encoding="utf-8") as f:
+            written = json.load(f)
+        assert (written["bos_token_id"], written["eos_token_id"]) == (tok.bos_id, tok.eos_id)
     # the distillation file rewritten in place (same path, same settings): resuming the saved
     # run on other prompts is refused before any preparation (no second teacher)
     _write(f"{tmp}/distill.jsonl", 8, 5, solutions=False)
