@@ -138,8 +138,10 @@ def _check_export(args):
                 f"checkpoint {path!r} records no model config (saved before configs were "
                 f"recorded): pass --hf-config with an HF folder describing the model"
             )
-        if args.tokenizer and not os.path.isdir(args.tokenizer):
-            raise FileNotFoundError(f"tokenizer folder {args.tokenizer!r} does not exist")
+        if args.tokenizer:  # exit 2 before any process group, with what to pass instead
+            from megatron_eaopd.models.hf.save import _tokenizer_files
+
+            _tokenizer_files(args.tokenizer)
         hf_config_dict(cfg, architecture=args.architecture, dtype=_DTYPES[args.dtype])
         cfg.check_layout(args.tp, args.pp)
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -281,6 +281,16 @@ def test_export_bad_input_exits_2_without_output(sharded_llama, tmp_path, capsys
     args = ["export-hf", "--checkpoint", one, "--iteration", "3", "--out", str(tmp_path / "o")]
     assert convert.main(args) == 2
     assert "is one checkpoint folder" in capsys.readouterr().err
+    # --tokenizer: a sentencepiece .model file, or a folder without HF tokenizer files (the
+    # task tokenizer's cache), exit 2 before anything loads, saying what to pass
+    spm = tmp_path / "spm-0.model"
+    spm.write_bytes(b"x")
+    for tok, word in ((spm, "is a file, not a folder"), (tmp_path, "holds none of")):
+        args = ["export-hf", "--checkpoint", str(tmp_path / "ckpt2"), "--out",
+                str(tmp_path / "o"), "--tokenizer", str(tok)]  # fmt: skip
+        assert convert.main(args) == 2
+        err = capsys.readouterr().err
+        assert word in err and "pass a Hugging Face tokenizer folder" in err, err
 
 
 # ---------------------------------------------------------------- config.json mapping

@@ -378,12 +378,20 @@ def _write_folder(tmp, config, weight_map, total_bytes, num_shards, tokenizer_di
 
 
 def _tokenizer_files(tokenizer_dir: str) -> list[str]:
-    """The tokenizer files present in `tokenizer_dir`; FileNotFoundError when there are none."""
+    """The tokenizer files present in `tokenizer_dir`; FileNotFoundError naming the fix when it
+    is not a folder holding any (a sentencepiece .model is not a Hugging Face tokenizer)."""
+    hint = ("pass a Hugging Face tokenizer folder (tokenizer.json / tokenizer_config.json, as "
+            "save_pretrained writes it); a sentencepiece .model file or the task tokenizer's "
+            "cache is not one")  # fmt: skip
+    if os.path.isfile(tokenizer_dir):
+        raise FileNotFoundError(f"tokenizer {tokenizer_dir!r} is a file, not a folder: {hint}")
     if not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"tokenizer folder {tokenizer_dir!r} does not exist")
     names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
     if not names:
-        raise FileNotFoundError(f"{tokenizer_dir!r} holds none of {list(TOKENIZER_FILES)}")
+        raise FileNotFoundError(
+            f"tokenizer folder {tokenizer_dir!r} holds none of {list(TOKENIZER_FILES)}: {hint}"
+        )
     return names
 
 
