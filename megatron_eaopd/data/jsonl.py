@@ -119,6 +119,10 @@ def read_prompt_file(
         where = f"{p}:{lineno}"
         if not isinstance(rec, dict):
             raise TaskError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for key in ("prompt", "answer"):
+            if key not in rec:
+                keys = ", ".join(map(repr, rec)) or "none"
+                raise TaskError(f"{where}: no {key!r} key (this line has: {keys})")
         prompt = rec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise TaskError(f"{where}: 'prompt' must be a non-empty string")

@@ -91,9 +91,15 @@ def test_jsonl_task_reads_all_fields(tmp_path):
             ['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": '],
             r"bad\.jsonl:2: malformed JSON",
         ),
-        ([{"answer": 1}], r"bad\.jsonl:1: 'prompt' must be a non-empty string"),
+        ([{"answer": 1}], r"bad\.jsonl:1: no 'prompt' key \(this line has: 'answer'\)"),
+        ([{"prompt": None, "answer": 1}], r"bad\.jsonl:1: 'prompt' must be a non-empty string"),
         ([{"prompt": "  ", "answer": 1}], "non-empty"),
-        ([{"prompt": "a"}], r"bad\.jsonl:1: 'answer' must be"),
+        (
+            [{"prompt": "a", "Answer": 1}],
+            r"bad\.jsonl:1: no 'answer' key \(this line has: "
+            r"'prompt', 'Answer'\)",
+        ),
+        ([{"prompt": "a", "answer": None}], r"bad\.jsonl:1: 'answer' must be"),
         ([{"prompt": "a", "answer": [1]}], "'answer' must be"),
         ([{"prompt": "a", "answer": 1, "solutions": [1]}], "'solutions' must be a list of strings"),
         (["[1, 2]"], "expected a JSON object"),
