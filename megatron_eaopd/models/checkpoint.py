@@ -424,3 +424,58 @@ def load_teacher(root: str, teacher, iteration: int | None = None) -> LoadedChec
     checkpoint are ignored. Collectives: those of load_checkpoint.
     """
     return load_checkpoint(root, teacher, iteration=iteration, load_rng=False)
+
+
+CHECKSUMS = "checksums.json"
+
+
+def _file_digests(folder: str) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``folder``."""
+    import hashlib
+
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            out[os.path.relpath(path, folder)] = digest.hexdigest()
+    return out
+
+
+def write_checksums(root: str) -> None:
+    """Record the sha256 of every file of the checkpoint ``latest`` names under ``root`` in
+    ``root/checksums.json`` (cache entries that other runs load: ``verify_checksums``).
+    Call on one rank, after the save. No communication."""
+    name = _read_latest(root)
+    digests = {name: _file_digests(os.path.join(root, name))}
+    _write_atomic(os.path.join(root, CHECKSUMS), json.dumps(digests, indent=1, sort_keys=True))
+
+
+def verify_checksums(root: str) -> str | None:
+    """What differs between the checkpoint ``latest`` names under ``root`` and the checksums
+    recorded for it (a truncated, changed or missing file), or None (same, or nothing recorded:
+    entries of earlier versions). No communication."""
+    path = os.path.join(root, CHECKSUMS)
+    if not os.path.isfile(path):
+        return None
+    name = _read_latest(root)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)[name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CHECKSUMS} does not describe {name}"
+    found = _file_digests(os.path.join(root, name))
+    for rel, digest in sorted(recorded.items()):
+        if rel not in found:
+            return f"{name}/{rel} is missing"
+        if found[rel] != digest:
+            return f"{name}/{rel} differs from the file that was saved"
+    return None
+
+
+def _read_latest(root: str) -> str:
+    with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+        return f.read().strip()

@@ -214,12 +214,22 @@ def _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, r
         load_checkpoint,
         prune_checkpoints,
         save_checkpoint,
+        verify_checksums,
+        write_checksums,
     )
     from megatron_eaopd.models.student import OptimConfig
     from megatron_eaopd.parallel.init import use_layout
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if _exists_everywhere(os.path.join(root, LATEST)):  # also: another job saved it meanwhile
+        damaged = [verify_checksums(root) if rank0 else None]  # rank 0 reads, all agree
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(damaged, src=0)
+        if damaged[0]:
+            raise ValueError(
+                f"the cached {role} {root} is damaged ({damaged[0]}): delete that folder to "
+                "prepare it again"
+            )
         logger.info("using the cached %s %s", role, root)
         if rank0 and os.path.isdir(root + ".partial"):  # killed between the save and its removal
             shutil.rmtree(root + ".partial", ignore_errors=True)
@@ -284,6 +294,8 @@ def _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, r
             "skipped_updates": model.skipped_updates,
         }
         save_checkpoint(root, prep.iterations, model.chunks, extra=extra, save_rng=False)
+    if rank0:  # after the save's closing barrier: what later runs verify before loading it
+        write_checksums(root)
     if rank0 and os.path.isdir(partial):  # after the save's closing barrier
         shutil.rmtree(partial, ignore_errors=True)
     if rank0:

@@ -67,6 +67,24 @@ def _worker(rank, world, tmp):
             wa, wb = _weights(teacher_cfg, a), _weights(teacher_cfg, b)
         out["same"] = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
         out["logs"] = [open(os.path.join(r, "teacher_prep.jsonl")).read() for r in (a, b)]
+        # used again after its checksums are verified; 64 changed bytes are refused by name
+        out["cached"] = prepare_supervised(data, teacher_cfg, whole, TEACHER, "teacher", False)
+        out["whole"] = a
+        if rank == 0:
+            with open(os.path.join(a, "latest"), encoding="utf-8") as f:
+                folder = os.path.join(a, f.read().strip())
+            files = [os.path.join(folder, n) for n in os.listdir(folder)]
+            big = max((x for x in files if os.path.isfile(x)), key=os.path.getsize)
+            with open(big, "r+b") as f:
+                f.seek(100)
+                flipped = bytes(255 - x for x in f.read(64))
+                f.seek(100)
+                f.write(flipped)
+        try:
+            prepare_supervised(data, teacher_cfg, whole, TEACHER, "teacher", False)
+            out["damaged"] = None
+        except ValueError as err:
+            out["damaged"] = str(err)
     finally:
         destroy_parallel()
     # the trainer: a stop during its teacher preparation ends the run as stopped (iteration 0)
@@ -95,6 +113,8 @@ def test_a_stopped_preparation_continues_to_the_uninterrupted_result(tmp_path):
     assert len(key) == 1 and r["partial"][0] == key[0] + ".partial", (r["partial"], r["after"])
     assert r["partial"][1] == ["iter_0000004", "latest"], r["partial"]  # the newest save only
     assert r["same"], "the continued preparation differs from the uninterrupted one"
+    assert r["cached"] == r["whole"] and r["damaged"] is not None
+    assert "is damaged" in r["damaged"] and "differs from the file that was saved" in r["damaged"]
     log_a, log_b = ([json.loads(x) for x in log.splitlines()] for log in r["logs"])
     assert [x["step"] for x in log_b] == list(range(1, 7))
     assert [x["loss"] for x in log_a] == [x["loss"] for x in log_b]
