@@ -127,7 +127,8 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
     - a teacher / student preparation that will train (enabled, no checkpoint or HF folder for
       that model, nothing cached under its key) must split its batch over its model's
       data-parallel ranks (a cached one is reused at any world size), and must be able to
-      write its cache folder (a read-only one serves cached entries only);
+      write its cache folder (a read-only one serves cached entries only); a resumed run
+      prepares no student warm start, so that one is not checked then;
     - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
       widths at the shared TP size) must be equal.
     """
@@ -137,10 +138,15 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
 
     problems = []
     student, teacher = model_configs(cfg, data.vocab_size)
+    t = cfg.training
+    ckpt_dir = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
+    resuming = t.resume and os.path.isfile(os.path.join(ckpt_dir, LATEST))
     for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
                             ("student", cfg.student_prep, student)):  # fmt: skip
         if not prep.enabled or getattr(cfg.model, f"{who}_checkpoint"):
             continue
+        if who == "student" and resuming:
+            continue  # the run's checkpoint replaces the warm start: none is prepared
         if getattr(cfg.model, f"{who}_hf"):
             continue  # the trainer loads the folder, no preparation
         lay = getattr(cfg.parallel, who)

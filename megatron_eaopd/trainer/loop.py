@@ -509,11 +509,15 @@ class Trainer:
         tok = cfg.tokenizer.path if cfg.tokenizer.kind == "huggingface" else None
         tok = tok if tok and os.path.isdir(tok) else None
         ids, spm = None, None
-        if tok is None:  # a sentencepiece model: its special ids in the configs, so that
-            t = self.data.tokenizer  # transformers' generate stops at its EOS
-            ids = {"bos_token_id": int(t.bos_id), "eos_token_id": int(t.eos_id),
-                   "pad_token_id": int(t.pad_id)}  # fmt: skip
-            spm = getattr(t, "path", None)
+        if tok is None:  # no folder to copy: the special ids into the configs, so that
+            from megatron_eaopd.data.sequences import _bos_id, eos_id  # transformers' generate
+            from megatron_eaopd.trainer.evaluate import pad_id_of  # stops at the run's EOS
+
+            t = self.data.tokenizer
+            ids = {"bos_token_id": _bos_id(t), "eos_token_id": eos_id(t),
+                   "pad_token_id": pad_id_of(t)}  # fmt: skip
+            ids = {k: (int(v) if v is not None and v >= 0 else None) for k, v in ids.items()}
+            spm = getattr(t, "path", None) if cfg.tokenizer.kind != "huggingface" else None
         with use_layout(STUDENT):
             save_hf_weights(
                 self.student.chunks, out_dir, dtype=cfg.training.export_dtype, tokenizer_dir=tok,
@@ -521,10 +525,10 @@ class Trainer:
             )  # fmt: skip
         if self.rank0:
             console(f"exported the student to {out_dir}")
-            if ids is not None:
+            if spm is not None:
                 logger.warning(
                     "%s holds no Hugging Face tokenizer: the run's tokenizer is the sentencepiece "
-                    "model %s (its BOS / EOS / pad ids %d / %d / %d are in config.json and "
+                    "model %s (its BOS / EOS / pad ids %s / %s / %s are in config.json and "
                     "generation_config.json); encode with it, prompts as [BOS] + ids",
                     out_dir, spm, ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"],
                 )  # fmt: skip

@@ -119,11 +119,13 @@ def _exists_everywhere(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _entry_lock(root: str, role: str, poll: float = 5.0):
+def _entry_lock(root: str, role: str, poll: float = 5.0, should_stop=None):
     """Hold ``<root>.lock`` (rank 0: an exclusive ``fcntl.flock``, released by the kernel when
     the process dies) while this job prepares the cache entry ``root``: a second job with the
     same key (a sweep started at once) waits here, then finds the entry cached, instead of
-    writing the same folders. On a filesystem without locks, a warning and no lock.
+    writing the same folders. On a filesystem without locks, a warning and no lock. While it
+    waits, ``should_stop`` (asked on every rank after each try) True raises
+    ``PreparationStopped``: a preempted job ends as stopped and is requeued.
     Collectives: 1 broadcast of one int per try (every ``poll`` seconds while another job
     holds the lock), so no rank sits in a long collective."""
     import fcntl
@@ -157,6 +159,12 @@ def _entry_lock(root: str, role: str, poll: float = 5.0):
         if rank0 and not told:
             logger.warning("another job is preparing the %s %s: waiting for it", role, root)
             told = True
+        if should_stop is not None and should_stop():
+            if handle is not None:
+                handle.close()
+            raise PreparationStopped(
+                f"stopped while another job prepares the {role} {root} (the next run uses it)"
+            )
         time.sleep(poll)
     try:
         yield
@@ -199,7 +207,7 @@ def prepare_supervised(
 
     root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, role))
     if not _exists_everywhere(os.path.join(root, LATEST)):
-        with _entry_lock(root, role):
+        with _entry_lock(root, role, should_stop=should_stop):
             return _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop,
                                   root)  # fmt: skip
     return _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root)

@@ -20,7 +20,8 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 
 def _tiny(tmp_path, *overrides):
     caches = [f"tokenizer.cache_dir={tmp_path / 'tok'}", f"teacher_prep.cache_dir={tmp_path / 't'}",
-              f"student_prep.cache_dir={tmp_path / 's'}"]  # fmt: skip
+              f"student_prep.cache_dir={tmp_path / 's'}",
+              f"training.output_dir={tmp_path / 'out'}"]  # fmt: skip
     return load_config(TINY, [*caches, *overrides])
 
 
@@ -231,6 +232,16 @@ def test_a_preparation_that_cannot_write_its_cache_is_refused_before_it_trains(t
         check_data_config(cfg, data, 2)
     check_data_config(_tiny(tmp_path), data, 2)  # a writable one
     assert not [p for p in (tmp_path / "t").iterdir() if p.name.startswith(".write-check")]
+    # a resumed run prepares no student warm start: its cache folder (and batch) are not checked
+    students = [f"student_prep.cache_dir={tmp_path / 'file' / 's'}", "student_prep.batch_size=15",
+                f"training.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"student_prep.cache_dir=.* cannot be written"):
+        check_data_config(_tiny(tmp_path, *students), data, 2)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_0000001\n")
+    check_data_config(_tiny(tmp_path, *students), data, 2)
+    with pytest.raises(ValueError, match=r"student_prep.cache_dir=.* cannot be written"):
+        check_data_config(_tiny(tmp_path, *students, "training.resume=false"), data, 2)
 
 
 def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 
+import pytest
 import torch
 
 from tests.dist import run_distributed
@@ -131,7 +132,7 @@ def test_a_second_job_waits_for_the_preparation_of_the_same_entry(tmp_path):
     import threading
     import time
 
-    from megatron_eaopd.trainer.teacher_prep import _entry_lock
+    from megatron_eaopd.trainer.teacher_prep import PreparationStopped, _entry_lock
 
     root = str(tmp_path / "teachers" / "key")
     os.makedirs(os.path.dirname(root))
@@ -152,3 +153,12 @@ def test_a_second_job_waits_for_the_preparation_of_the_same_entry(tmp_path):
     assert waited >= 0.4, waited
     with _entry_lock(root, "teacher", poll=0.05):  # free again: no wait
         pass
+    # a preemption signal while waiting: the run stops (and is requeued) instead of waiting on
+    held = open(root + ".lock", "a+")  # noqa: SIM115
+    fcntl.flock(held, fcntl.LOCK_EX)
+    asked = []
+    with pytest.raises(PreparationStopped, match="while another job prepares the teacher"):
+        with _entry_lock(root, "teacher", poll=0.05, should_stop=lambda: asked.append(1) or True):
+            pass
+    assert asked == [1]
+    held.close()
