@@ -149,13 +149,26 @@ def train_tokenizer(
     path = cache / f"spm-{key}.model"
     if path.is_file():
         return Tokenizer(path)
-    cache.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, **settings)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".spm-", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)  # atomic: concurrent trainers write identical bytes
+    try:  # before training: a folder that cannot be written fails here, naming the key
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".spm-", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise ValueError(
+            f"tokenizer.cache_dir={cache_dir} cannot be written ({type(err).__name__}: "
+            f"{err.strerror or err}): point it at a writable folder (a read-only one serves "
+            "the tokenizers it already holds)"
+        ) from err
+    try:
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf,
+                                       **settings)  # fmt: skip
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)  # atomic: concurrent trainers write identical bytes
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return Tokenizer(path)
 
 

@@ -93,3 +93,7 @@ def test_errors(tmp_path):
         Tokenizer(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="needs the task"):
         build_tokenizer(TokenizerConfig(kind="task"))
+    # a cache folder that cannot be written: named before training (it was a bare OSError)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"tokenizer.cache_dir=.*file/tok cannot be written"):
+        train_tokenizer(["a b c"], tmp_path / "file" / "tok")
