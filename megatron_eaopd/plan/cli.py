@@ -125,6 +125,15 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
         data["task"].pop("train_file", None)
         data.setdefault("rollout", {})
     cfg = config_from_dict(data, path)
+    for who in ("student", "teacher"):
+        shape_keys = ("layers", "hidden", "heads", "ffn_hidden")
+        given = getattr(cfg.model, f"{who}_hf") or getattr(cfg.model, f"{who}_checkpoint")
+        section = model.get(who) or {}
+        if not given and not any(k in section for k in shape_keys):
+            notes.append(
+                f"{who}: no model.{who}_hf, model.{who}_checkpoint or shape keys in this config:"
+                " the schema's default shape is planned (a base config, not a run by itself?)"
+            )
     from megatron_eaopd.config.checks import sequence_parallel_problem
 
     problem = sequence_parallel_problem(cfg)

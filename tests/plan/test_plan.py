@@ -352,6 +352,11 @@ def test_cli_on_the_paper_config(capsys):
     assert out.split("\n")[: len(shown)] == shown
     assert main(["--config", TINY, "--vocab-size", "1000", "--world-size", "2"]) == 0
     assert "vocab 1000, fp32" in capsys.readouterr().out  # the size planned, not the key's 0
+    # the shared base config has no student: the planned default shape is said to be one
+    base = os.path.join(ROOT, "configs", "qwen3-8b-paper.yaml")
+    assert main(["--config", base, "--vocab-size", "151936"]) == 0
+    out = capsys.readouterr().out
+    assert "note: student: no model.student_hf" in out and "note: teacher: no" not in out
     assert main(["--config", PAPER, "--json"]) == 0
     assert main(["--config", PAPER, "--world-size", "6"]) == 2
     assert "not a multiple" in capsys.readouterr().err
