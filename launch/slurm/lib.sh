@@ -281,11 +281,6 @@ eaopd_seconds_after() {
   ((t1 - t0 > $3))
 }
 
-# eaopd_job_cancelled JOB [ATTEMPT]: whether the job was cancelled (eaopd_job_end says so).
-eaopd_job_cancelled() {
-  [[ $(eaopd_job_end "$1" "${2:-${EAOPD_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}}") == cancelled ]]
-}
-
 # The run stopped early (checkpoint saved, iterations left): requeue, else exit 75.
 eaopd_stopped_early() {
   if eaopd_requeue; then exit 0; fi

@@ -283,11 +283,6 @@ def job_end(job_id: str, scontrol: str = "scontrol", attempt: int | None = None)
     return "other"
 
 
-def job_cancelled(job_id: str, scontrol: str = "scontrol", attempt: int | None = None) -> bool:
-    """Whether ``scontrol -o show job`` says ``job_id`` was cancelled (:func:`job_end`)."""
-    return job_end(job_id, scontrol, attempt) == "cancelled"
-
-
 def requeue_job(
     job_id: str | None = None, *, dry_run: bool = False, timeout: float = 60.0, force: bool = False
 ) -> bool:
@@ -296,7 +291,7 @@ def requeue_job(
     Call it on one rank (rank 0) after the checkpoint is saved and all ranks passed a barrier:
     requeueing a running job ends it at once. Does nothing (returns False) outside Slurm, when
     scontrol is missing, when the job was cancelled (``scancel`` sends SIGTERM, which stops the
-    run like a preemption; a requeue would bring it back: ``job_cancelled``), or when the
+    run like a preemption; a requeue would bring it back: ``job_end``), or when the
     project's batch script owns the requeue (``EAOPD_REQUEUE_BY=batch``) unless `force`.
     `dry_run` logs the command instead of running it.
     """

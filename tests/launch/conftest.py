@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import pytest
 
-from tests.launch.slurm_cluster import LocalSlurm, SlurmUnavailable
+from tests.launch.slurm_cluster import running_cluster
 
 
 @pytest.fixture(scope="session")
@@ -15,17 +12,8 @@ def slurm():
     """A running one-node Slurm cluster; everything it started is stopped by PID afterwards,
     also when a test fails. If Slurm cannot be installed or started, the tests FAIL with the
     reason: CI must run them."""
-    root = tempfile.mkdtemp(prefix="eslurm-", dir="/tmp")  # short: munge socket < 108 bytes
-    cluster = LocalSlurm(root)
-    try:
-        try:
-            cluster.start()
-        except (SlurmUnavailable, OSError, TimeoutError) as exc:
-            pytest.fail(f"cannot start a local Slurm for the launch tests: {exc}", pytrace=False)
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,14 @@ that goes wrong raises `SlurmUnavailable` with the reason, which the tests turn 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -373,3 +375,23 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(cls: type[LocalSlurm] = LocalSlurm, what: str = "the launch tests"):
+    """A started ``cls`` cluster in a short temporary folder (the munge socket path must stay
+    under 108 bytes); stopped by PID and its folder removed afterwards, also when a test fails.
+    If Slurm cannot be installed or started, the test FAILS with the reason: CI must run it."""
+    import pytest
+
+    root = tempfile.mkdtemp(prefix="eslurm-", dir="/tmp")
+    cluster = cls(root)
+    try:
+        try:
+            cluster.start()
+        except (SlurmUnavailable, OSError, TimeoutError) as exc:
+            pytest.fail(f"cannot start a local Slurm for {what}: {exc}", pytrace=False)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

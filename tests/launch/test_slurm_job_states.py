@@ -1,20 +1,21 @@
-"""Which ending job counts as cancelled, on a real Slurm (slow, ~3 min): the batch shell gets
-SIGTERM from a plain `scancel`, from a preemption (PreemptMode=CANCEL, GraceTime=0) and from the
-time limit (`--time=1`), and scontrol shows every one of them COMPLETING. `eaopd_job_cancelled`
-(launch/slurm/lib.sh) and `preemption.job_cancelled` must say "cancelled" for the scancel only,
-so that the other two are requeued (docs/slurm.md)."""
+"""Why an ending job ends, on a real Slurm (slow, ~3 min): the batch shell gets SIGTERM from a
+plain `scancel`, from a preemption (PreemptMode=CANCEL, GraceTime=0), from a preemption that
+Slurm requeues itself (PreemptMode=REQUEUE) and from the time limit (`--time=1`), and scontrol
+shows every one of them COMPLETING. `eaopd_job_end` (launch/slurm/lib.sh) and
+`preemption.job_end` must say "cancelled" for the scancel (not requeued), "requeued" for
+Slurm's own requeue (no second one) and "other" for the rest (requeued by the job)
+(docs/slurm.md)."""
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.launch.slurm_cluster import LocalSlurm, SlurmUnavailable
+from tests.launch.slurm_cluster import LocalSlurm, running_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,10 +25,10 @@ out=$1
 on_term() {{
   set +e
   source "{ROOT}/launch/slurm/lib.sh" >/dev/null 2>&1
-  if eaopd_job_cancelled "$SLURM_JOB_ID"; then bash_says=cancelled; else bash_says=requeue; fi
+  bash_says=$(eaopd_job_end "$SLURM_JOB_ID" "${{SLURM_RESTART_COUNT:-0}}")
   py_says=$(PYTHONPATH="{ROOT}" "{sys.executable}" -c "import sys
-from megatron_eaopd.trainer.preemption import job_cancelled
-print('cancelled' if job_cancelled(sys.argv[1]) else 'requeue')" "$SLURM_JOB_ID")
+from megatron_eaopd.trainer.preemption import job_end
+print(job_end(sys.argv[1]))" "$SLURM_JOB_ID")
   echo "$bash_says $py_says" >"$out"
   exit 0
 }}
@@ -60,14 +61,9 @@ class PreemptSlurm(LocalSlurm):
 
 
 @pytest.mark.slow
-def test_only_a_scancel_counts_as_cancelled():
-    root = tempfile.mkdtemp(prefix="eslst-", dir="/tmp")  # short: munge socket < 108 bytes
-    cluster = PreemptSlurm(root)
-    try:
-        try:
-            cluster.start()
-        except (SlurmUnavailable, OSError, TimeoutError) as exc:
-            pytest.fail(f"cannot start a local Slurm: {exc}", pytrace=False)
+def test_why_a_job_ends_scancel_preemption_requeue_time_limit():
+    with running_cluster(PreemptSlurm, "the job-state test") as cluster:
+        root = cluster.root
         script = Path(root) / "victim.sh"
         script.write_text(VICTIM)
         script.chmod(0o755)
@@ -92,10 +88,8 @@ def test_only_a_scancel_counts_as_cancelled():
             if case.startswith("preemption"):
                 cluster.run("scancel", str(high), check=False)
             time.sleep(6)  # the node is free again
-    finally:
-        cluster.stop()
     assert said == {"scancel": ["cancelled", "cancelled"],
-                    "preemption": ["requeue", "requeue"],
+                    "preemption": ["other", "other"],
                     # Slurm requeued it before the SIGTERM (Restarts=1, no PreemptTime printed)
-                    "preemption, PreemptMode=REQUEUE": ["requeue", "requeue"],
-                    "time limit": ["requeue", "requeue"]}, said  # fmt: skip
+                    "preemption, PreemptMode=REQUEUE": ["requeued", "requeued"],
+                    "time limit": ["other", "other"]}, said  # fmt: skip
