@@ -275,10 +275,14 @@ class VocabParallelSampler:
         n, valid, c = logits.shape[0], self.shard.valid, self.c
         cols = 6 + 2 * (c + 1)
         packet = torch.empty(n, cols, dtype=torch.float64, device=logits.device)
-        packet[:, :3] = K.single_stats(logits, valid, self.inv_lp)
-        # the kept set's masses come from these: float64, so that a top_p near a token's mass
-        # keeps the reference's set at every TP size (fp32 sums are off by ~1e-7 in mass)
+        # the kept set's masses come from the statistics at T: float64, so that a top_p near a
+        # token's mass keeps the reference's set at every TP size (fp32 sums are off by ~1e-7
+        # in mass); at T_lp == T the log-probs and entropy take the same ones (one pass)
         packet[:, 3:6] = K.single_stats(logits.double(), valid, self.inv_t)
+        if self.inv_lp == self.inv_t:
+            packet[:, :3] = packet[:, 3:6]
+        else:
+            packet[:, :3] = K.single_stats(logits, valid, self.inv_lp)
         vals = packet[:, 6 : 6 + c + 1]
         ids = packet[:, 6 + c + 1 :]
         vals.fill_(_NEG_INF)
