@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "bos_id",
     "build_sft_example",
     "encode_prompt",
     "encode_text",
@@ -52,7 +53,8 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _bos_id(tokenizer: Any) -> int | None:
+def bos_id(tokenizer: Any) -> int | None:
+    """The beginning-of-sequence id (``bos_id`` or ``bos_token_id``), or None without one."""
     bos = getattr(tokenizer, "bos_id", None)
     if bos is None:
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -93,7 +95,7 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers: BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     return ([bos] if bos is not None else []) + encode_text(tokenizer, prompt)
 
 

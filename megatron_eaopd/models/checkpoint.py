@@ -449,8 +449,8 @@ def write_checksums(root: str) -> None:
     """Record the sha256 of every file of the checkpoint ``latest`` names under ``root`` in
     ``root/checksums.json`` (cache entries that other runs load: ``verify_checksums``).
     Call on one rank, after the save. No communication."""
-    name = _read_latest(root)
-    digests = {name: _file_digests(os.path.join(root, name))}
+    path = resolve_checkpoint(root)
+    digests = {os.path.basename(path): _file_digests(path)}
     _write_atomic(os.path.join(root, CHECKSUMS), json.dumps(digests, indent=1, sort_keys=True))
 
 
@@ -458,24 +458,23 @@ def verify_checksums(root: str) -> str | None:
     """What differs between the checkpoint ``latest`` names under ``root`` and the checksums
     recorded for it (a truncated, changed or missing file), or None (same, or nothing recorded:
     entries of earlier versions). No communication."""
-    path = os.path.join(root, CHECKSUMS)
-    if not os.path.isfile(path):
+    record = os.path.join(root, CHECKSUMS)
+    if not os.path.isfile(record):
         return None
-    name = _read_latest(root)
     try:
-        with open(path, encoding="utf-8") as f:
+        path = resolve_checkpoint(root)
+    except FileNotFoundError as err:
+        return str(err)
+    name = os.path.basename(path)
+    try:
+        with open(record, encoding="utf-8") as f:
             recorded = json.load(f)[name]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{CHECKSUMS} does not describe {name}"
-    found = _file_digests(os.path.join(root, name))
+    found = _file_digests(path)
     for rel, digest in sorted(recorded.items()):
         if rel not in found:
             return f"{name}/{rel} is missing"
         if found[rel] != digest:
             return f"{name}/{rel} differs from the file that was saved"
     return None
-
-
-def _read_latest(root: str) -> str:
-    with open(os.path.join(root, LATEST), encoding="utf-8") as f:
-        return f.read().strip()

@@ -109,6 +109,15 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
+def rank0_says(value: bool) -> bool:
+    """Rank 0's ``value`` on every rank, e.g. whether rank 0 sees a file (one broadcast of one
+    int over WORLD; none with one process)."""
+    flag = torch.tensor([int(bool(value))], device=compute_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def default_backend() -> str:
     """'nccl' when CUDA is available, else 'gloo'."""
     return "nccl" if torch.cuda.is_available() else "gloo"

@@ -105,6 +105,21 @@ def tokenizer_warning(cfg: EAOPDConfig) -> str | None:
     )
 
 
+def checkpoint_dir(cfg: EAOPDConfig) -> str:
+    """The run's checkpoint folder: ``training.checkpoint_dir``, else
+    ``<training.output_dir>/checkpoints``."""
+    t = cfg.training
+    return t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
+
+
+def will_resume(cfg: EAOPDConfig) -> bool:
+    """Whether the run continues a saved one: ``training.resume`` and a ``latest`` marker in
+    its checkpoint folder. Files only (the trainer shares rank 0's answer)."""
+    from megatron_eaopd.models.checkpoint import LATEST
+
+    return cfg.training.resume and os.path.isfile(os.path.join(checkpoint_dir(cfg), LATEST))
+
+
 def _unwritable(folder: str) -> str | None:
     """Why no file can be created in ``folder`` (made if missing), or None. Each caller makes
     and removes its own temporary file (ranks may check at once). No communication."""
@@ -138,9 +153,7 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
 
     problems = []
     student, teacher = model_configs(cfg, data.vocab_size)
-    t = cfg.training
-    ckpt_dir = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
-    resuming = t.resume and os.path.isfile(os.path.join(ckpt_dir, LATEST))
+    resuming = will_resume(cfg)
     for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
                             ("student", cfg.student_prep, student)):  # fmt: skip
         if not prep.enabled or getattr(cfg.model, f"{who}_checkpoint"):
@@ -224,7 +237,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     from megatron_eaopd.models.checkpoint import LATEST
 
     t = cfg.training
-    ckpt_dir = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
+    ckpt_dir = checkpoint_dir(cfg)
     latest = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(latest):
         _check_moved_checkpoints(t, ckpt_dir)
@@ -353,7 +366,7 @@ def _export_problems(cfg: EAOPDConfig) -> list[str]:
         return []
     t, m = cfg.training, cfg.model
     real = os.path.realpath(out)
-    ckpt = t.checkpoint_dir or os.path.join(t.output_dir, "checkpoints")
+    ckpt = checkpoint_dir(cfg)
     keep = {"training.output_dir": t.output_dir, "the checkpoint folder": ckpt,
             "the run's TensorBoard folder": os.path.join(t.output_dir, "tensorboard"),
             "the run's eval_samples folder": os.path.join(t.output_dir, "eval_samples"),

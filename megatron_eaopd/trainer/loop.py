@@ -28,6 +28,7 @@ from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs,
 from megatron_eaopd.data import prepare_data
 from megatron_eaopd.data.sampling import PromptSampler, total_iterations
 from megatron_eaopd.losses import ObjectiveConfig
+from megatron_eaopd.parallel.init import rank0_says
 from megatron_eaopd.rollout import SamplingParams
 from megatron_eaopd.trainer.build import (
     STUDENT,
@@ -41,8 +42,10 @@ from megatron_eaopd.trainer.checks import (  # noqa: F401 - the trainer's checks
     check_data_config,
     check_output_dir,
     check_trainer_config,
+    checkpoint_dir,
     micro_batch_warning,
     tokenizer_warning,
+    will_resume,
 )
 from megatron_eaopd.trainer.evaluate import (
     check_responses,
@@ -94,13 +97,13 @@ def _inputs_digest(cfg: EAOPDConfig, data, teacher_cfg) -> dict:
         text = json.dumps(value, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    prepared = not (cfg.model.teacher_hf or cfg.model.teacher_checkpoint)
+    given = cfg.model.teacher_hf or cfg.model.teacher_checkpoint
+    prepared = cfg.teacher_prep.enabled and not given
+    key = supervised_cache_key(data, teacher_cfg, cfg.teacher_prep, "teacher") if prepared else None
     return {
         "distillation prompts": digest([[p.uid, p.prompt, p.answer] for p in data.distill]),
         "tokenizer": digest(_fingerprint(data.tokenizer)),
-        "prepared teacher": supervised_cache_key(data, teacher_cfg, cfg.teacher_prep, "teacher")
-        if prepared and cfg.teacher_prep.enabled
-        else None,
+        "prepared teacher": key,
     }
 
 
@@ -165,10 +168,8 @@ class Trainer:
         # a preemption signal stops a preparation too (its progress is saved): see run()
         stop = self.preemption.should_stop if self.preemption is not None else None
         root, init = None, None
-        self.ckpt_dir = cfg.training.checkpoint_dir or os.path.join(
-            cfg.training.output_dir, "checkpoints"
-        )
-        resuming = self._resuming()  # the run's checkpoint replaces a student warm start
+        self.ckpt_dir = checkpoint_dir(cfg)
+        resuming = rank0_says(will_resume(cfg))  # its checkpoint replaces a student warm start
         self.inputs = _inputs_digest(cfg, data, teacher_cfg)
         if resuming:
             self._check_inputs()
@@ -216,11 +217,11 @@ class Trainer:
         saved run's (a prompt file edited in place, a retrained tokenizer: the config text is
         the same) is refused before any preparation. Checkpoints without the record (older
         versions) are not compared. Reads the latest checkpoint's metadata; no communication."""
-        from megatron_eaopd.models.checkpoint import LATEST, read_meta
+        from megatron_eaopd.models.checkpoint import read_meta, resolve_checkpoint
 
-        with open(os.path.join(self.ckpt_dir, LATEST), encoding="utf-8") as f:
-            name = f.read().strip()
-        saved = read_meta(os.path.join(self.ckpt_dir, name)).get("extra", {}).get("inputs")
+        path = resolve_checkpoint(self.ckpt_dir)
+        name = os.path.basename(path)
+        saved = read_meta(path).get("extra", {}).get("inputs")
         if saved is None or saved == self.inputs:
             return
         changed = [k for k in saved if saved[k] != self.inputs.get(k)]
@@ -231,18 +232,6 @@ class Trainer:
             "teacher). Resuming would continue that run on them. Use a new "
             "training.output_dir, or restore the inputs"
         )
-
-    def _resuming(self) -> bool:
-        """Whether this run continues a saved one (``training.resume`` and rank 0 sees a
-        ``latest`` in the checkpoint folder). Collectives: 1 broadcast of one int."""
-        from megatron_eaopd.models.checkpoint import LATEST
-        from megatron_eaopd.parallel.init import compute_device
-
-        flag = torch.tensor(
-            [int(os.path.isfile(os.path.join(self.ckpt_dir, LATEST)))], device=compute_device()
-        )
-        dist.broadcast(flag, src=0)
-        return bool(self.cfg.training.resume and flag.item())
 
     def _resume(self) -> None:
         from megatron_eaopd.models.checkpoint import load_checkpoint
@@ -383,12 +372,9 @@ class Trainer:
         """Whether the evaluation the checkpoint of ``iteration`` marks pending ran after it was
         saved (rank 0 sees the marker ``_mark_evaluated`` wrote; one broadcast)."""
         from megatron_eaopd.models.checkpoint import checkpoint_name
-        from megatron_eaopd.parallel.init import compute_device
 
         marker = os.path.join(self.ckpt_dir, checkpoint_name(iteration), "evaluated")
-        flag = torch.tensor([int(self.rank0 and os.path.isfile(marker))], device=compute_device())
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        return rank0_says(self.rank0 and os.path.isfile(marker))
 
     def _mark_evaluated(self, iteration: int) -> None:
         """Rank 0 marks the checkpoint of ``iteration`` (saved before its evaluation) evaluated,
@@ -510,13 +496,12 @@ class Trainer:
         tok = tok if tok and os.path.isdir(tok) else None
         ids, spm = None, None
         if tok is None:  # no folder to copy: the special ids into the configs, so that
-            from megatron_eaopd.data.sequences import _bos_id, eos_id  # transformers' generate
+            from megatron_eaopd.data.sequences import bos_id, eos_id  # transformers' generate
             from megatron_eaopd.trainer.evaluate import pad_id_of  # stops at the run's EOS
 
-            t = self.data.tokenizer
-            ids = {"bos_token_id": _bos_id(t), "eos_token_id": eos_id(t),
+            t = self.data.tokenizer  # each None or a valid id (-1: none)
+            ids = {"bos_token_id": bos_id(t), "eos_token_id": eos_id(t),
                    "pad_token_id": pad_id_of(t)}  # fmt: skip
-            ids = {k: (int(v) if v is not None and v >= 0 else None) for k, v in ids.items()}
             spm = getattr(t, "path", None) if cfg.tokenizer.kind != "huggingface" else None
         with use_layout(STUDENT):
             save_hf_weights(

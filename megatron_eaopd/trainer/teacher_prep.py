@@ -27,7 +27,6 @@ import random
 import shutil
 import time
 
-import torch
 import torch.distributed as dist
 
 from megatron_eaopd.config import EAOPDConfig
@@ -110,12 +109,9 @@ def _examples(data, max_len: int, num_problems=None) -> list[tuple[list[int], li
 
 def _exists_everywhere(path: str) -> bool:
     """Rank 0's view of whether ``path`` exists, shared with every rank (one broadcast)."""
-    from megatron_eaopd.parallel.init import compute_device
+    from megatron_eaopd.parallel.init import rank0_says
 
-    flag = torch.tensor([1 if os.path.isfile(path) else 0], device=compute_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    return rank0_says(os.path.isfile(path))
 
 
 @contextlib.contextmanager
@@ -130,7 +126,7 @@ def _entry_lock(root: str, role: str, poll: float = 5.0, should_stop=None):
     holds the lock), so no rank sits in a long collective."""
     import fcntl
 
-    from megatron_eaopd.parallel.init import compute_device
+    from megatron_eaopd.parallel.init import rank0_says
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     handle, told = None, False
@@ -151,10 +147,7 @@ def _entry_lock(root: str, role: str, poll: float = 5.0, should_stop=None):
                 logger.warning("no file lock on %s.lock (%s): preparing without one", root, err)
                 handle.close()
                 handle = None
-        flag = torch.tensor([got], device=compute_device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(flag, src=0)
-        if flag.item():
+        if rank0_says(got):
             break
         if rank0 and not told:
             logger.warning("another job is preparing the %s %s: waiting for it", role, root)
@@ -206,15 +199,36 @@ def prepare_supervised(
     from megatron_eaopd.models.checkpoint import LATEST
 
     root = os.path.join(prep.cache_dir, supervised_cache_key(data, mcfg, prep, role))
-    if not _exists_everywhere(os.path.join(root, LATEST)):
-        with _entry_lock(root, role, should_stop=should_stop):
-            return _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop,
-                                  root)  # fmt: skip
-    return _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root)
+    if _exists_everywhere(os.path.join(root, LATEST)):
+        return _use_cached(root, role)
+    with _entry_lock(root, role, should_stop=should_stop):
+        if _exists_everywhere(os.path.join(root, LATEST)):  # another job saved it meanwhile
+            return _use_cached(root, role)
+        return _train_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root)
 
 
-def _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root) -> str:
-    """``prepare_supervised`` for the entry ``root``: the cached one, else trained and saved."""
+def _use_cached(root: str, role: str) -> str:
+    """The saved entry ``root``, its files verified against their checksums by rank 0
+    (ValueError on every rank naming a damaged file). Collectives: 1 broadcast_object_list."""
+    from megatron_eaopd.models.checkpoint import verify_checksums
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    damaged = [verify_checksums(root) if rank0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(damaged, src=0)
+    if damaged[0]:
+        raise ValueError(
+            f"the cached {role} {root} is damaged ({damaged[0]}): delete that folder to "
+            "prepare it again"
+        )
+    logger.info("using the cached %s %s", role, root)
+    if rank0 and os.path.isdir(root + ".partial"):  # killed between the save and its removal
+        shutil.rmtree(root + ".partial", ignore_errors=True)
+    return root
+
+
+def _train_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root) -> str:
+    """Train the entry ``root`` (continuing a ``.partial`` one), save it with its checksums."""
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.models.checkpoint import (
@@ -222,26 +236,12 @@ def _prepare_entry(data, mcfg, prep, layout, role, show_progress, should_stop, r
         load_checkpoint,
         prune_checkpoints,
         save_checkpoint,
-        verify_checksums,
         write_checksums,
     )
     from megatron_eaopd.models.student import OptimConfig
     from megatron_eaopd.parallel.init import use_layout
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if _exists_everywhere(os.path.join(root, LATEST)):  # also: another job saved it meanwhile
-        damaged = [verify_checksums(root) if rank0 else None]  # rank 0 reads, all agree
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(damaged, src=0)
-        if damaged[0]:
-            raise ValueError(
-                f"the cached {role} {root} is damaged ({damaged[0]}): delete that folder to "
-                "prepare it again"
-            )
-        logger.info("using the cached %s %s", role, root)
-        if rank0 and os.path.isdir(root + ".partial"):  # killed between the save and its removal
-            shutil.rmtree(root + ".partial", ignore_errors=True)
-        return root
     examples = _examples(data, mcfg.max_sequence_length, getattr(prep, "num_problems", None))
     optim = OptimConfig(
         lr=prep.lr,
