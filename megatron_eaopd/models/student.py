@@ -12,6 +12,7 @@ optimizer unless the loss or the gradient norm is not finite (the update is skip
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -124,6 +125,32 @@ def setup_student(chunks, optim: OptimConfig, ddp_config=None) -> Student:
     return Student(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
 
 
+def widths_differ(batches) -> bool:
+    """True when the micro-batches (dicts with "tokens" [b, s]) are not all of one width s."""
+    return len({int(b["tokens"].shape[-1]) for b in batches}) > 1
+
+
+@contextlib.contextmanager
+def variable_widths(chunks, vary: bool = True):
+    """While in the block, megatron's pipeline schedule sends each micro-batch's activation shape
+    before the activations (``config.variable_seq_lengths``) when ``vary`` (the micro-batches
+    differ in width: :func:`widths_differ`) and the model is pipelined; otherwise nothing changes
+    (a receiving stage allocates [seq_length, b, h] from the call's ``seq_length``). The setting
+    is restored on exit. Collectives: none here; in the schedule, one extra p2p of 3 int64
+    before each activation and gradient transfer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(chunks[0])
+    before = config.variable_seq_lengths
+    if vary and ps.get_pipeline_model_parallel_world_size() > 1:
+        config.variable_seq_lengths = True
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = before
+
+
 def run_forward_backward(
     chunks,
     forward_step_func,
@@ -132,23 +159,28 @@ def run_forward_backward(
     seq_length,
     micro_batch_size,
     forward_only=False,
+    widths_vary=False,
 ):
     """megatron's forward_backward_func for the current PP/VPP; returns the last stage's outputs.
 
-    `data_iterator` is one iterator, or a list with one per model chunk under VPP.
+    `data_iterator` is one iterator, or a list with one per model chunk under VPP. With
+    `widths_vary` the micro-batches may differ in width ("tokens" [b, s_m]; `seq_length` is then
+    their largest): under pipeline parallelism the schedule exchanges each one's shape
+    (:func:`variable_widths`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    return forward_backward(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
-        model=chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    with variable_widths(chunks, widths_vary):
+        return forward_backward(
+            forward_step_func=forward_step_func,
+            data_iterator=data_iterator,
+            model=chunks,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
 
 
 def reduce_loss_metric(outputs, key: str = "loss") -> torch.Tensor:

@@ -78,7 +78,9 @@ class FrozenTeacher:
         """Forward-only teacher pass over `batches` (one dict per micro-batch).
 
         Each batch holds "tokens" [b, s] and "position_ids" [b, s] (and "labels" [b, s], the token
-        sampled at each position, when `payload_k` is set); optional "attention_mask". Returns on
+        sampled at each position, when `payload_k` is set); optional "attention_mask". Batches
+        may differ in width s (`seq_length` is then the largest; under pipeline parallelism the
+        schedule sends each activation's shape first: `models.student.variable_widths`). Returns on
         the last pipeline stage one entry per micro-batch: logits [s, b, V_pad / tp] (fp32), or
         with `payload_k` a TeacherPayload over the first `vocab_size` columns (the shared real
         vocabulary); an empty list on other stages.
@@ -95,6 +97,7 @@ class FrozenTeacher:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
+        from megatron_eaopd.models.student import variable_widths, widths_differ
 
         batches = list(batches)
         fuse = fused and payload_k is not None
@@ -133,7 +136,7 @@ class FrozenTeacher:
             return output, collect
 
         iterators = iter(batches) if len(self.chunks) == 1 else [iter(batches) for _ in self.chunks]
-        with torch.no_grad():
+        with torch.no_grad(), variable_widths(self.chunks, widths_differ(batches)):
             out = get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators,

@@ -16,7 +16,14 @@ import torch
 from megatron_eaopd.losses import TeacherPayload
 from megatron_eaopd.rollout import RolloutBatch
 
-__all__ = ["attach_teacher", "collate", "on_device", "split_micro_batches", "sft_micro_batches"]
+__all__ = [
+    "attach_teacher",
+    "collate",
+    "length_micro_batches",
+    "on_device",
+    "split_micro_batches",
+    "sft_micro_batches",
+]
 
 
 def on_device(mb: dict) -> dict:
@@ -90,6 +97,53 @@ def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
         {k: v[i : i + micro_batch_size] for k, v in batch.items()}
         for i in range(0, b, micro_batch_size)
     ]
+
+
+def length_micro_batches(
+    rollouts: RolloutBatch,
+    pad_id: int,
+    micro_batch_size: int,
+    *,
+    groups: int = 1,
+    multiple: int = 1,
+) -> tuple[list[dict], int]:
+    """Micro-batches of ``micro_batch_size`` rows, each padded only to its own longest sequence.
+
+    The rows split into ``groups`` consecutive equal groups (one per optimizer step); within a
+    group they are ordered by length, longest first (ties keep their order), and cut into
+    micro-batches, so rows of similar length share one. Each micro-batch is :func:`collate`'s
+    tensors for its rows, cut to width s_m = its longest sequence (prompt + response), rounded up
+    to ``multiple``: responses from tens to thousands of tokens no longer all cost the longest
+    one's compute in the teacher pass and the update. Every per-token field is label-aligned and
+    the cut keeps every response position (a sequence of n tokens has its last loss position at
+    n - 2), so the per-token losses and their token sum are those of the padded batch; only the
+    grouping of rows into micro-batches changes, which megatron's token-sum loss does not see.
+
+    Returns (micro-batches in group order, each a dict of [micro_batch_size, s_m] tensors as in
+    :func:`collate`; the largest s_m). No communication: every rank of a replica, given the same
+    rollouts, builds the same micro-batches.
+    """
+    rows = len(rollouts)
+    if groups < 1 or rows % groups:
+        raise ValueError(f"{rows} rows do not split into {groups} equal groups")
+    per_group = rows // groups
+    if micro_batch_size < 1 or per_group % micro_batch_size:
+        raise ValueError(f"{per_group} rows per group do not split into micro-batches of "
+                         f"{micro_batch_size}")  # fmt: skip
+    batch = collate(rollouts, pad_id, multiple=multiple)
+    full = batch["tokens"].shape[1]
+    lengths = rollouts.prompt_lens + rollouts.response_lens
+    micro, widest = [], 0
+    for g in range(groups):
+        lo = g * per_group
+        order = lo + torch.sort(lengths[lo : lo + per_group], descending=True, stable=True)[1]
+        for i in range(0, per_group, micro_batch_size):
+            idx = order[i : i + micro_batch_size]
+            width = max(1, int(lengths[idx].max()))
+            width = min(full, -(-width // multiple) * multiple)
+            micro.append({k: v[idx, :width].contiguous() for k, v in batch.items()})
+            widest = max(widest, width)
+    return micro, widest
 
 
 def attach_teacher(micro_batches: Sequence[dict], payloads: Sequence[TeacherPayload]) -> None:

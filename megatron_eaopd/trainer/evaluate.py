@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron_eaopd.data.task import Problem
 from megatron_eaopd.eval import summarize_samples
 from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
-from megatron_eaopd.trainer.batches import collate, largest_divisor, split_micro_batches
+from megatron_eaopd.trainer.batches import largest_divisor, length_micro_batches
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
 from megatron_eaopd.trainer.scoring import score_with_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
@@ -291,7 +291,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.models.sequence_parallel import sequence_multiple
-    from megatron_eaopd.models.student import run_forward_backward
+    from megatron_eaopd.models.student import run_forward_backward, widths_differ
     from megatron_eaopd.parallel.init import compute_device, use_layout
 
     cfg, data = trainer.cfg, trainer.data
@@ -302,10 +302,12 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     micro, seq = [], 0
     if rollouts is not None and len(rollouts) > 0:  # None: this replica had no prompts
         mbs = largest_divisor(len(rollouts), mbs)
-        batch = collate(rollouts, pad_id_of(data.tokenizer),
-                        multiple=sequence_multiple(trainer.student.chunks))  # fmt: skip
-        micro = split_micro_batches(batch, mbs)
-        seq = batch["tokens"].shape[1]
+        micro, seq = length_micro_batches(
+            rollouts,
+            pad_id_of(data.tokenizer),
+            mbs,
+            multiple=sequence_multiple(trainer.student.chunks),
+        )
     score_with_teacher(
         trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
         temp=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size, fused=objective.use_fused,
@@ -318,6 +320,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
                 outputs = run_forward_backward(
                     trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
                     iter(micro), len(micro), seq, mbs, forward_only=True,
+                    widths_vary=widths_differ(micro),
                 )  # fmt: skip
         names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
                  "teacher_high_entropy", "gate"]  # fmt: skip

@@ -19,7 +19,11 @@ import torch.distributed as dist
 
 from megatron_eaopd.losses import DistillMicroBatch, ObjectiveConfig, make_loss_func
 from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
-from megatron_eaopd.models.student import guarded_optimizer_step, run_forward_backward
+from megatron_eaopd.models.student import (
+    guarded_optimizer_step,
+    run_forward_backward,
+    widths_differ,
+)
 from megatron_eaopd.trainer.batches import on_device
 
 logger = logging.getLogger(__name__)
@@ -159,7 +163,8 @@ def optimizer_step(
     Args:
         student: a ``models.student.Student`` (DDP chunks, optimizer, scheduler, skip counter).
         forward_step: a megatron forward_step_func whose loss_func reports "loss".
-        micro_batches: the step's micro-batches (this data-parallel rank's share).
+        micro_batches: the step's micro-batches (this data-parallel rank's share); they may differ
+            in width (``seq_length`` is then the largest: :func:`run_forward_backward`).
     Returns:
         (metrics on every rank: the reported means plus "grad_norm", "lr" (the learning rate
          this step applied, or would have applied when skipped), "skipped";
@@ -179,6 +184,7 @@ def optimizer_step(
         len(micro_batches),
         seq_length,
         micro_batch_size,
+        widths_vary=widths_differ(micro_batches),
     )
     outputs = list(outputs or [])
     metrics = reduce_outputs(outputs, metric_names)
@@ -222,6 +228,7 @@ def distill_on_rollouts(
     chunk_size: int | None = None,
     skip_nonfinite: bool = True,
     progress=None,
+    trim: bool = True,
 ) -> dict:
     """Teacher pass and ``steps`` optimizer steps on this data-parallel replica's rollouts.
 
@@ -236,7 +243,10 @@ def distill_on_rollouts(
     per mini-batch than replicas) takes part with one fully masked row per step
     (:func:`idle_rollouts`), so every rank makes the same collectives and adds nothing.
     Micro-batches hold the largest divisor of the rows per step that is at most
-    ``micro_batch_size`` rows, padded to the replica's longest sequence.
+    ``micro_batch_size`` rows; with ``trim`` (the default) a step's rows are ordered by length
+    and each micro-batch is padded only to its own longest sequence
+    (:func:`trainer.batches.length_micro_batches`), else every one to the replica's longest.
+    Either way the update is the same up to float rounding (megatron sums per-token losses).
 
     The sampled form scores with :func:`trainer.scoring.score_with_teacher` (teacher at its own
     layout); ``objective.form == "exact"`` attaches the teacher's logits shard instead, or with
@@ -252,7 +262,12 @@ def distill_on_rollouts(
 
     from megatron_eaopd.models.sequence_parallel import sequence_multiple
     from megatron_eaopd.parallel.init import use_layout
-    from megatron_eaopd.trainer.batches import collate, largest_divisor, split_micro_batches
+    from megatron_eaopd.trainer.batches import (
+        collate,
+        largest_divisor,
+        length_micro_batches,
+        split_micro_batches,
+    )
     from megatron_eaopd.trainer.build import STUDENT
     from megatron_eaopd.trainer.scoring import attach_teacher_logits, score_with_teacher
 
@@ -264,9 +279,13 @@ def distill_on_rollouts(
         raise ValueError(f"{rows} rollout rows do not split into {steps} optimizer steps")
     rows_per_step = rows // steps
     mbs = largest_divisor(rows_per_step, micro_batch_size)
-    batch = collate(rollouts, pad_id, multiple=sequence_multiple(student.chunks))
-    seq = batch["tokens"].shape[1]
-    micro = split_micro_batches(batch, mbs)
+    multiple = sequence_multiple(student.chunks)
+    if trim:
+        micro, seq = length_micro_batches(rollouts, pad_id, mbs, groups=steps, multiple=multiple)
+    else:
+        batch = collate(rollouts, pad_id, multiple=multiple)
+        seq = batch["tokens"].shape[1]
+        micro = split_micro_batches(batch, mbs)
     fused = objective.use_fused
     if objective.form == "exact":
         attach_teacher_logits(teacher, micro, fused=fused)

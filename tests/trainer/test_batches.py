@@ -10,6 +10,7 @@ from megatron_eaopd.rollout import RolloutBatch
 from megatron_eaopd.trainer.batches import (
     attach_teacher,
     collate,
+    length_micro_batches,
     sft_micro_batches,
     split_micro_batches,
 )
@@ -77,3 +78,40 @@ def test_sft_micro_batches_mask_solution_and_eos_only():
     assert mb["labels"][0].tolist() == [5, 6, 7, 3, PAD]
     assert mb["loss_mask"][0].tolist() == [False, False, True, True, False]
     assert mb["loss_mask"][1].tolist() == [False, True, False, False, False]
+
+
+def test_length_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
+    from tests.trainer.common import random_rollouts
+
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.tensor([2, 3, 2, 4, 2, 2, 5, 3, 2, 2, 3, 2])
+    response = torch.tensor([9, 1, 4, 12, 1, 1, 2, 7, 1, 3, 1, 1])
+    r = random_rollouts(prompt, response, 50, gen)
+    full = collate(r, PAD, multiple=4)
+    micro, widest = length_micro_batches(r, PAD, 2, groups=2, multiple=4)
+    assert len(micro) == 6 and widest == full["tokens"].shape[1] == 16
+    lengths = (prompt + response).tolist()
+    seen = []
+    for m, mb in enumerate(micro):
+        group = range(0, 6) if m < 3 else range(6, 12)
+        # the rows of this micro-batch, found by their tokens in the padded batch
+        rows = [next(i for i in group if torch.equal(full["tokens"][i, : mb["tokens"].shape[1]],
+                                                     mb["tokens"][j]) and i not in seen)
+                for j in range(2)]  # fmt: skip
+        seen += rows
+        width = mb["tokens"].shape[1]
+        assert width % 4 == 0 and width - 4 < max(lengths[i] for i in rows) <= width
+        for key, value in mb.items():
+            assert torch.equal(value, full[key][rows, :width]), key
+            # nothing the loss reads is cut off
+        assert int(mb["loss_mask"].sum()) == int(full["loss_mask"][rows].sum())
+    assert sorted(seen) == list(range(12))
+    # longest first within each group (ties keep their order)
+    assert [lengths[i] for i in seen[:6]] == sorted((lengths[i] for i in range(6)), reverse=True)
+    assert [lengths[i] for i in seen[6:]] == sorted((lengths[i] for i in range(6, 12)),
+                                                    reverse=True)  # fmt: skip
+    assert seen[4:6] == [4, 5] and seen[10:12] == [8, 11]  # equal lengths 3: stable
+    with pytest.raises(ValueError, match="equal groups"):
+        length_micro_batches(r, PAD, 2, groups=5)
+    with pytest.raises(ValueError, match="micro-batches of 4"):
+        length_micro_batches(r, PAD, 4, groups=2)

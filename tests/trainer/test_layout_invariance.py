@@ -6,7 +6,10 @@ point-to-point payload routing, megatron's schedule, DDP, AdamW), two optimizer 
 prompts each, so replicas hold unequal shares and at DP 4 one replica is idle. The updated student
 weights, assembled from every rank's shards, must equal those of a single process (TP 1) within
 1e-5 in fp32, at student layouts TP1, TP2, PP2, TP1 x DP2, TP2 x DP2, TP1 x DP4 and
-TP2 x PP2 x DP2, each with a teacher layout that differs from the student's.
+TP2 x PP2 x DP2, each with a teacher layout that differs from the student's (TP 2, PP 2).
+Micro-batches are cut to their own longest row (widths differ: under PP megatron's schedule sends
+each activation's shape), which must be the update of micro-batches all padded to the longest
+row (``trim=False``).
 
 Gradient clipping is off and Adam's epsilon is 1e-3, so the update is close to linear in the
 gradient: a wrong token normalisation over data-parallel replicas (a factor of dp), a payload
@@ -29,7 +32,7 @@ MINI_BATCH = 3  # two optimizer steps of 3 prompts: at DP 4 one replica is idle 
 # (student (tp, pp), teacher (tp, pp)) per world size
 LAYOUTS = {
     1: [((1, 1), (1, 1))],
-    2: [((2, 1), (1, 1)), ((1, 2), (2, 1)), ((1, 1), (2, 1))],
+    2: [((2, 1), (1, 1)), ((1, 2), (2, 1)), ((1, 1), (2, 1)), ((1, 1), (1, 2))],
     4: [((2, 1), (2, 2)), ((1, 1), (1, 2))],
     8: [((2, 2), (2, 1)), ((2, 2), (1, 2))],
 }
@@ -66,7 +69,7 @@ def replica_rows(batch, dp: int, dp_rank: int):
     return RolloutBatch(**picked)
 
 
-def step_worker(rank, world, path, layouts):
+def step_worker(rank, world, path, layouts, trim=True):
     from megatron_eaopd.losses import ObjectiveConfig
     from megatron_eaopd.models import build_model, init_weights_layout_invariant
     from megatron_eaopd.models.student import OptimConfig
@@ -96,23 +99,26 @@ def step_worker(rank, world, path, layouts):
         done = distill_on_rollouts(
             student, teacher, objective, rollouts, steps=PROMPTS // MINI_BATCH,
             micro_batch_size=2, pad_id=0,
-            vocab_size=student_cfg.vocab_size, top_k=K, temperature=1.0,
+            vocab_size=student_cfg.vocab_size, top_k=K, temperature=1.0, trim=trim,
         )  # fmt: skip
+        widths = [mb["tokens"].shape[1] for mb in done["micro"]]
         with use_layout("student"):
             metrics = reduce_outputs(done["outputs"], ["loss", "fkl", "pg_loss"])
             after = helpers.global_pieces(student.chunks)
-        out.append({"before": before, "after": after, "metrics": metrics, "dp": lay.dp})
+        out.append({"before": before, "after": after, "metrics": metrics, "dp": lay.dp,
+                    "widths": widths})  # fmt: skip
     return out
 
 
-def _run(world: int, path: str) -> list[dict]:
-    results = run_distributed(step_worker, world, path, LAYOUTS[world], timeout=600)
+def _run(world: int, path: str, trim: bool = True) -> list[dict]:
+    results = run_distributed(step_worker, world, path, LAYOUTS[world], trim, timeout=600)
     return [
         {
             "before": helpers.assemble([r[i]["before"] for r in results]),
             "after": helpers.assemble([r[i]["after"] for r in results]),
             "metrics": results[0][i]["metrics"],
             "dp": results[0][i]["dp"],
+            "widths": results[0][i]["widths"],
             "layout": LAYOUTS[world][i],
         }
         for i in range(len(LAYOUTS[world]))
@@ -126,6 +132,13 @@ def reference(tmp_path_factory):
     (ref,) = _run(1, path)
     moved = max((ref["after"][k] - ref["before"][k]).abs().max().item() for k in ref["after"])
     assert moved > 1e-3, "the reference step did not move the weights"
+    # each micro-batch is cut to its own longest row, so their widths differ (under PP the
+    # schedule sends shapes) ...
+    assert len(set(ref["widths"])) > 1, ref["widths"]
+    # ... and that is the same update as padding every micro-batch to the longest row
+    (padded,) = _run(1, path, trim=False)
+    assert len(set(padded["widths"])) == 1
+    _check(padded, ref)
     return path, ref
 
 
