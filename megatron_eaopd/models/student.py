@@ -125,9 +125,12 @@ def setup_student(chunks, optim: OptimConfig, ddp_config=None) -> Student:
     return Student(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
 
 
-def widths_differ(batches) -> bool:
-    """True when the micro-batches (dicts with "tokens" [b, s]) are not all of one width s."""
-    return len({int(b["tokens"].shape[-1]) for b in batches}) > 1
+def widths_differ(batches, seq_length: int | None = None) -> bool:
+    """True when the micro-batches (dicts with "tokens" [b, s]) are not all of one width s, or
+    (``seq_length`` given) not all of width ``seq_length``: under pipeline parallelism a stage
+    that receives allocates [seq_length, b, h] unless megatron's schedule sends the shape."""
+    widths = {int(b["tokens"].shape[-1]) for b in batches}
+    return len(widths) > 1 or (seq_length is not None and bool(widths) and widths != {seq_length})
 
 
 @contextlib.contextmanager
@@ -163,10 +166,9 @@ def run_forward_backward(
 ):
     """megatron's forward_backward_func for the current PP/VPP; returns the last stage's outputs.
 
-    `data_iterator` is one iterator, or a list with one per model chunk under VPP. With
-    `widths_vary` the micro-batches may differ in width ("tokens" [b, s_m]; `seq_length` is then
-    their largest): under pipeline parallelism the schedule exchanges each one's shape
-    (:func:`variable_widths`).
+    `data_iterator` is one iterator, or a list with one per model chunk under VPP. Pass
+    `widths_vary` = ``widths_differ(micro_batches, seq_length)``: when any micro-batch is not
+    [b, seq_length], the pipeline schedule exchanges each one's shape (:func:`variable_widths`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

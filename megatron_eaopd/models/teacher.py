@@ -136,7 +136,7 @@ class FrozenTeacher:
             return output, collect
 
         iterators = iter(batches) if len(self.chunks) == 1 else [iter(batches) for _ in self.chunks]
-        with torch.no_grad(), variable_widths(self.chunks, widths_differ(batches)):
+        with torch.no_grad(), variable_widths(self.chunks, widths_differ(batches, seq_length)):
             out = get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators,

@@ -320,7 +320,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
                 outputs = run_forward_backward(
                     trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
                     iter(micro), len(micro), seq, mbs, forward_only=True,
-                    widths_vary=widths_differ(micro),
+                    widths_vary=widths_differ(micro, seq),
                 )  # fmt: skip
         names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
                  "teacher_high_entropy", "gate"]  # fmt: skip

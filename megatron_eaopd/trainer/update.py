@@ -164,7 +164,8 @@ def optimizer_step(
         student: a ``models.student.Student`` (DDP chunks, optimizer, scheduler, skip counter).
         forward_step: a megatron forward_step_func whose loss_func reports "loss".
         micro_batches: the step's micro-batches (this data-parallel rank's share); they may differ
-            in width (``seq_length`` is then the largest: :func:`run_forward_backward`).
+            in width, and from ``seq_length`` (then the schedule sends shapes:
+            :func:`run_forward_backward`).
     Returns:
         (metrics on every rank: the reported means plus "grad_norm", "lr" (the learning rate
          this step applied, or would have applied when skipped), "skipped";
@@ -184,7 +185,7 @@ def optimizer_step(
         len(micro_batches),
         seq_length,
         micro_batch_size,
-        widths_vary=widths_differ(micro_batches),
+        widths_vary=widths_differ(micro_batches, seq_length),
     )
     outputs = list(outputs or [])
     metrics = reduce_outputs(outputs, metric_names)
@@ -281,11 +282,9 @@ def distill_on_rollouts(
     mbs = largest_divisor(rows_per_step, micro_batch_size)
     multiple = sequence_multiple(student.chunks)
     if trim:
-        micro, seq = length_micro_batches(rollouts, pad_id, mbs, groups=steps, multiple=multiple)
+        micro, _ = length_micro_batches(rollouts, pad_id, mbs, groups=steps, multiple=multiple)
     else:
-        batch = collate(rollouts, pad_id, multiple=multiple)
-        seq = batch["tokens"].shape[1]
-        micro = split_micro_batches(batch, mbs)
+        micro = split_micro_batches(collate(rollouts, pad_id, multiple=multiple), mbs)
     fused = objective.use_fused
     if objective.form == "exact":
         attach_teacher_logits(teacher, micro, fused=fused)
@@ -300,9 +299,10 @@ def distill_on_rollouts(
     outputs, grad_norms, last = [], [], {}
     with use_layout(STUDENT):
         for step in range(steps):
+            mine = micro[step * per_step : (step + 1) * per_step]
+            widest = max(mb["tokens"].shape[1] for mb in mine)  # this step's own
             last, outs = optimizer_step(
-                student, forward_step, micro[step * per_step : (step + 1) * per_step], seq, mbs,
-                skip_nonfinite=skip_nonfinite,
+                student, forward_step, mine, widest, mbs, skip_nonfinite=skip_nonfinite,
             )  # fmt: skip
             outputs += outs
             grad_norms.append(last["grad_norm"])

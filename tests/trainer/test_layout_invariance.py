@@ -32,7 +32,15 @@ MINI_BATCH = 3  # two optimizer steps of 3 prompts: at DP 4 one replica is idle 
 # (student (tp, pp), teacher (tp, pp)) per world size
 LAYOUTS = {
     1: [((1, 1), (1, 1))],
-    2: [((2, 1), (1, 1)), ((1, 2), (2, 1)), ((1, 1), (2, 1)), ((1, 1), (1, 2))],
+    # PP 2 with one micro-batch per step (micro-batch size 6): each step's micro-batch has its
+    # own width, below the longest of the other step's
+    2: [
+        ((2, 1), (1, 1)),
+        ((1, 2), (2, 1)),
+        ((1, 1), (2, 1)),
+        ((1, 1), (1, 2)),
+        ((1, 2), (1, 1), 6),
+    ],
     4: [((2, 1), (2, 2)), ((1, 1), (1, 2))],
     8: [((2, 2), (2, 1)), ((2, 2), (1, 2))],
 }
@@ -83,7 +91,7 @@ def step_worker(rank, world, path, layouts, trim=True):
     optim = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=0.0, weight_decay=0.01, total_steps=10)
     objective = ObjectiveConfig(name="eopd", top_k=K, entropy_threshold=0.8)
     out = []
-    for student_layout, teacher_layout in layouts:
+    for student_layout, teacher_layout, *mbs in layouts:
         destroy_parallel()
         initialize_layouts(
             {"student": (*student_layout, None), "teacher": (*teacher_layout, None)}, seed=SEED
@@ -98,7 +106,7 @@ def step_worker(rank, world, path, layouts, trim=True):
         rollouts = replica_rows(batch, lay.dp, lay.dp_rank)
         done = distill_on_rollouts(
             student, teacher, objective, rollouts, steps=PROMPTS // MINI_BATCH,
-            micro_batch_size=2, pad_id=0,
+            micro_batch_size=mbs[0] if mbs else 2, pad_id=0,
             vocab_size=student_cfg.vocab_size, top_k=K, temperature=1.0, trim=trim,
         )  # fmt: skip
         widths = [mb["tokens"].shape[1] for mb in done["micro"]]
@@ -160,6 +168,8 @@ def test_one_step_is_layout_invariant(reference, world):
     path, ref = reference
     results = _run(world, path)
     assert any(r["dp"] > 1 for r in results)
+    if world == 2:  # one micro-batch per step, of widths that differ between the steps
+        assert len(results[-1]["widths"]) == 2 and len(set(results[-1]["widths"])) == 2
     for result in results:
         _check(result, ref)
 
