@@ -55,6 +55,7 @@ from megatron_eaopd.trainer.evaluate import (
     seeded_generator,
 )
 from megatron_eaopd.trainer.metrics_log import MetricsLogger, console
+from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_peak
 from megatron_eaopd.trainer.teacher_prep import (
     PreparationStopped,
     prepare_student,
@@ -288,6 +289,7 @@ class Trainer:
 
         cfg, data, r = self.cfg, self.data, self.cfg.rollout
         t_start = time.perf_counter()
+        reset_peak()
         params = SamplingParams(
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
             logprob_temperature=cfg.loss.temperature,
@@ -314,6 +316,8 @@ class Trainer:
                 if bar is not None:
                     bar.close()
         t_rollout = time.perf_counter()
+        memory_rollout = peak_gib()
+        reset_peak()
         if rollouts is not None:
             correct = check_responses(data.task, data.tokenizer, mine, rollouts, n)
         n_correct = sum(sum(row) for row in correct)
@@ -343,6 +347,7 @@ class Trainer:
             metrics = reduce_outputs(done["outputs"])
             totals = self._dp_sum(local)
         t_end = time.perf_counter()
+        memory = max_over_ranks([memory_rollout, peak_gib()])
         finite = [g for g in grad_norms if g == g]
         metrics.update(
             reward=totals[0] / totals[1],
@@ -356,6 +361,8 @@ class Trainer:
             time_teacher=done["time_teacher"],
             time_update=done["time_update"],
             time_iteration=t_end - t_start,
+            memory_rollout_gib=memory[0],
+            memory_update_gib=memory[1],
             epoch=float(self.sampler.epoch),
         )
         return metrics

@@ -170,7 +170,8 @@ class MetricsLogger:
 _CONSOLE = {
     "train": (
         "loss", "pg_loss", "fkl", "gate", "teacher_entropy", "student_entropy", "reward",
-        "response_length", "grad_norm", "tokens_per_s", "time_iteration",
+        "response_length", "grad_norm", "tokens_per_s", "time_iteration", "memory_rollout_gib",
+        "memory_update_gib",
     ),
     "eval": (
         "student_high_frac", "teacher_high_frac", "fkl_high",

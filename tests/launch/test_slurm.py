@@ -73,7 +73,7 @@ TRAIN_LINE = re.compile(r"^(?:\d+: )?\[train (\d+)\] (.*)$")
 RANK_LABEL = re.compile(r"^(?:\d+: |slurmstepd)")
 NODE_OR_RANK_LABEL = re.compile(r"^(?:\d+: |node\d+: |slurmstepd)")
 # Non-deterministic metrics, left out when a resumed run is compared with an uninterrupted one.
-TIMING = ("time_", "tokens_per_s")
+TIMING = ("time_", "tokens_per_s", "memory_")
 
 
 def overrides(out: Path, cache: Path) -> list[str]:

@@ -261,7 +261,7 @@ def test_trainer_with_sequence_parallel_matches_without(tmp_path):
     assert {"train", "eval"} <= {r["split"] for r in rows[True]}
     for on, off in zip(rows[True], rows[False]):
         for key, value in off.items():
-            if key.startswith("time_") or key == "tokens_per_s" or not isinstance(value, float):
+            if key.startswith(("time_", "memory_", "tokens_per_s")) or not isinstance(value, float):
                 continue
             assert math.isfinite(on[key]) == math.isfinite(value), key
             if math.isfinite(value):

@@ -78,7 +78,8 @@ def _records(path, split):
 
 
 def _strip_times(row):
-    return {k: v for k, v in row.items() if not k.startswith("time_") and k != "tokens_per_s"}
+    return {k: v for k, v in row.items()
+            if not k.startswith(("time_", "memory_")) and k != "tokens_per_s"}  # fmt: skip
 
 
 def test_train_end_to_end_and_resume(tmp_path):
@@ -128,6 +129,8 @@ def test_train_end_to_end_and_resume(tmp_path):
             "time_teacher",
             "time_update",
             "grad_norm",
+            "memory_rollout_gib",
+            "memory_update_gib",
         ):
             assert key in row and row[key] is not None and math.isfinite(row[key]), key
         assert 0 <= row["gate"] <= 1 and 0 <= row["reward"] <= 1
