@@ -170,14 +170,22 @@ def offline_micro_batches(
     return split_micro_batches(batch, micro_batch_size)
 
 
-def rollout_micro_batches(rollouts, pad_id: int, micro_batch_size: int, multiple: int = 1):
+def rollout_micro_batches(
+    rollouts, pad_id: int, micro_batch_size: int, multiple: int = 1, by_length: bool = False
+):
     """On-policy micro-batches from a ``rollout.RolloutBatch`` (``rollout.generate``'s output or
     the caller's own sampler filled in the same fields): the response tokens are trained, the
     rollout's log-probs are the PPO ratio's denominator.
 
     ``multiple``: pad the sequence length to a multiple of this with masked pad tokens; a student
     built with sequence parallelism needs ``models.sequence_parallel.sequence_multiple(model)``
-    (its TP size)."""
-    from megatron_eaopd.trainer.batches import collate, split_micro_batches
+    (its TP size). ``by_length``: order the rows by length (longest first) and pad each
+    micro-batch only to its own longest row (``trainer.batches.length_micro_batches``; the same
+    loss, less compute on length-skewed rollouts); the widths then differ, so under pipeline
+    parallelism run your schedule inside ``models.student.variable_widths(model_chunks)`` (it sets
+    ``variable_seq_lengths`` for the block) and pass the widest as ``seq_length``."""
+    from megatron_eaopd.trainer.batches import collate, length_micro_batches, split_micro_batches
 
+    if by_length:
+        return length_micro_batches(rollouts, pad_id, micro_batch_size, multiple=multiple)[0]
     return split_micro_batches(collate(rollouts, pad_id, multiple=multiple), micro_batch_size)

@@ -163,6 +163,13 @@ def test_rollout_micro_batches_pad_to_a_multiple_for_sequence_parallelism():
         assert torch.equal(padded[0][key][:, :s], plain[0][key])
     assert not padded[0]["loss_mask"][:, s:].any()
     assert (padded[0]["tokens"][:, s:] == 0).all()
+    # by_length: longest row first, each micro-batch cut to its own longest row
+    cut = rollout_micro_batches(r, 0, 1, by_length=True)
+    assert [mb["tokens"].shape[1] for mb in cut] == [6, 3]
+    for mb, row in zip(cut, (0, 1)):
+        for key in ("tokens", "labels", "loss_mask", "old_logprobs"):
+            assert torch.equal(mb[key][0], plain[0][key][row, : mb[key].shape[1]]), key
+        assert int(mb["loss_mask"].sum()) == int(plain[0]["loss_mask"][row].sum())
 
 
 VOCAB = 250
