@@ -5,18 +5,22 @@ On CUDA the peak is ``torch.cuda.max_memory_allocated`` (tensors; the caching al
 comes on top), reset by ``torch.cuda.reset_peak_memory_stats``. On the CPU it is the process's
 peak resident set size (``VmHWM`` in ``/proc/self/status``: weights, activations and the Python
 process itself), reset by writing 5 to ``/proc/self/clear_refs`` (Linux); where that file is
-missing or not writable the peak counts from the process's start, and where ``/proc`` is missing
-the value is NaN.
+missing or not writable the peak counts from the process's start (one warning says so), and where
+``/proc`` is missing the value is NaN.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["max_over_ranks", "peak_gib", "reset_peak"]
+
+logger = logging.getLogger(__name__)
+_WARNED = []
 
 
 def _on_cuda() -> bool:
@@ -33,8 +37,12 @@ def reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
-        pass
+    except OSError as exc:
+        if not _WARNED:
+            _WARNED.append(True)
+            logger.warning("cannot reset the peak resident memory (/proc/self/clear_refs: %s): "
+                           "memory_rollout_gib and memory_update_gib are the peak since the "
+                           "process started", exc)  # fmt: skip
 
 
 def peak_gib() -> float:
