@@ -12,25 +12,9 @@ layout only inside :meth:`EOPDTeacher.score` / :meth:`attach` / :meth:`attach_lo
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 __all__ = ["STUDENT_LAYOUT", "TEACHER_LAYOUT", "EOPDTeacher"]
-
-
-@contextlib.contextmanager
-def _torch_rng_kept():
-    """Restore torch's CPU generator and every CUDA device's generator on exit."""
-    import torch
-
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 STUDENT_LAYOUT, TEACHER_LAYOUT = "eopd_student", "eopd_teacher"
@@ -114,7 +98,12 @@ class EOPDTeacher:
             if dtype:
                 model_config = model_config.with_changes(params_dtype=dtype)
         model_config.check_layout(tp, pp, None, name="teacher")
-        with _torch_rng_kept():  # the caller's next draws do not depend on the teacher
+        import torch
+
+        # torch's CPU generator and the current CUDA device's are restored: the caller's next
+        # draws do not depend on the teacher
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             return cls._build(model_config, tp, pp, seed, timeout_minutes, hf, source)
 
     @classmethod
