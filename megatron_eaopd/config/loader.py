@@ -402,6 +402,22 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
                     )
                 )
     r = cfg.rollout
+    if r.micro_batch_tokens is not None:
+        longest = r.max_prompt_tokens + r.max_response_tokens
+        tp = cfg.parallel.student.tp
+        if cfg.parallel.sequence_parallel and tp > 1:
+            longest = -(-longest // tp) * tp
+        if r.micro_batch_tokens < longest:
+            problems.append(
+                (
+                    "rollout.micro_batch_tokens",
+                    f"{r.micro_batch_tokens} is below the longest rollout row "
+                    f"(rollout.max_prompt_tokens + max_response_tokens = {longest}"
+                    + (", rounded up to tp for sequence_parallel" if longest != r.max_prompt_tokens
+                       + r.max_response_tokens else "")
+                    + f"): set it to at least {longest}, or null for micro_batch_size rows",
+                )
+            )  # fmt: skip
     if r.mini_batch_size > r.prompts_per_iteration or r.prompts_per_iteration % r.mini_batch_size:
         problems.append(
             (

@@ -248,7 +248,17 @@ class RolloutConfig:
     """Most sequences per forward/backward micro-batch (gradient accumulation inside a
     mini-batch): each data-parallel replica uses the largest divisor of its rows per optimizer
     step that is at most this (8 rows and 16: one micro-batch of 8; 7 rows and 4: seven of 1,
-    which the trainer warns about at the start)."""
+    which the trainer warns about at the start). With micro_batch_tokens: the most rows of a
+    micro-batch, no divisor needed."""
+    micro_batch_tokens: int | None = _f(None, ge=1)
+    """A token budget per micro-batch (dynamic micro-batch size; NeMo-RL's dynamic batching,
+    verl's use_dynamic_bsz): the rows of each optimizer step, longest first, fill micro-batches
+    of at most this many padded positions (rows x the micro-batch's longest row) and at most
+    micro_batch_size rows, so short responses share large micro-batches and every micro-batch
+    costs about the same memory. Same update up to float rounding. Must be at least
+    max_prompt_tokens + max_response_tokens (rounded up to the student's tp with
+    sequence_parallel), so that every row fits; an evaluation row longer than that gets a
+    micro-batch of its own. null: micro_batch_size rows per micro-batch."""
     max_prompt_tokens: int = _f(1024, ge=1)
     """Longest prompt; longer prompts are an error before training starts."""
     max_response_tokens: int = _f(4096, ge=1)

@@ -3,11 +3,11 @@
 `score_for_student` is called on every rank with the micro-batches of this rank's student
 data-parallel replica. The replicas may hold different numbers of micro-batches and rows
 (evaluation splits prompt sets unevenly), and micro-batches differ in width (the trainer pads each
-only to its own longest sequence); the teacher runs under its own TP x PP layout, whose
-data-parallel replicas are other groups of the same ranks. Everything between the two travels
-point to point (:mod:`megatron_eaopd.parallel.exchange`): each teacher replica receives only the
-token ids it scores, and each student rank that computes the loss receives only its own
-replica's payload.
+only to its own longest sequence) and in rows (``rollout.micro_batch_tokens``); the teacher runs
+under its own TP x PP layout, whose data-parallel replicas are other groups of the same ranks.
+Everything between the two travels point to point (:mod:`megatron_eaopd.parallel.exchange`): each
+teacher replica receives only the token ids it scores, and each student rank that computes the
+loss receives only its own replica's payload.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def payload_bytes_per_position(k: int) -> int:
 
 
 def _check_replica_agreement(meta: torch.Tensor, table, student: int) -> None:
-    """Ranks of one student replica must hold the same micro-batches (same M, b, widths): ``meta``
-    rows [M, b, widest, varied, widths...] per world rank."""
+    """Ranks of one student replica must hold the same micro-batches (same M, shapes): ``meta``
+    rows [M, most rows, widest, varied, widths..., rows...] per world rank."""
     dp = table.sizes[student][0]
     for i in range(dp):
         ranks = table.ranks(student, dp=i)
@@ -34,7 +34,8 @@ def _check_replica_agreement(meta: torch.Tensor, table, student: int) -> None:
         if not bool((rows == rows[0]).all()):
             raise ValueError(
                 f"score_for_student: the ranks {ranks} of student data-parallel replica {i} hold "
-                f"different micro-batches (count, rows, widest, widths differ, widths per rank: "
+                f"different micro-batches (count, most rows, widest, shapes differ, widths, rows "
+                f"per rank: "
                 f"{rows.tolist()}); every "
                 f"rank of a replica must pass the same micro-batches"
             )
@@ -58,8 +59,8 @@ def score_for_student(
     Call on every rank of the world. ``batches``: this rank's micro-batches, dicts of "tokens"
     and "labels" [b, s] int64 and optionally "position_ids" (must be 0 .. s-1: right-padded,
     position-aligned sequences); identical on every rank of one student data-parallel replica.
-    Replicas may pass different counts M_i (0 included) and rows b_i; the micro-batches of one
-    rank share b_i and may differ in width s_im.
+    Replicas may pass different counts M_i (0 included); micro-batch m of replica i is
+    [b_im, s_im] (rows and widths may differ between micro-batches).
     ``chunk_size``: tokens per chunk of the payload kernels (``loss.chunk_size``; memory only).
     ``fused`` (``loss.fused_output``): the payload from the teacher's hidden states and output
     weight, ``fused_chunk_size`` tokens at a time, never the [s, b, V_pad / tp] logits
@@ -67,19 +68,18 @@ def score_for_student(
 
     Steps (G = sum of M_i micro-batches, global index g = (replica i, local m)):
 
-    1. One all-gather over the world of [4] int64 per rank (M, b, widest s, whether the widths
-       differ), a second one of the M_max widths per rank only when some rank's widths differ,
-       and on the first call for these layouts one of the rank table
-       (:func:`parallel.exchange.layout_table`).
+    1. One all-gather over the world of [4] int64 per rank (M, most rows, widest s, whether the
+       micro-batches differ in shape), a second one of the M_max widths and rows per rank only
+       when some rank's shapes differ, and on the first call for these layouts one of the rank
+       table (:func:`parallel.exchange.layout_table`).
     2. Teacher replica r scores the contiguous share g in [r G / dp_t, (r + 1) G / dp_t) (shares
-       differ by at most one), each micro-batch padded to [B, s_g]: the global max rows, its own
-       width (pad rows are scored and discarded); under the teacher's pipeline parallelism with
-       widths that differ, megatron's schedule sends each activation's shape first.
-       Tokens and labels reach every rank of replica r point to point as int32 [2, b_i, s_im]:
-       8 bytes per position per receiving rank.
+       differ by at most one), each micro-batch at its own [b_g, s_g]; under the teacher's
+       pipeline parallelism with shapes that differ, megatron's schedule sends each activation's
+       shape first. Tokens and labels reach every rank of replica r point to point as int32
+       [2, b_im, s_im]: 8 bytes per position per receiving rank.
     3. The payload of micro-batch g goes point to point from the teacher replica's last-stage TP
-       ranks (round-robin) to the student replica's last-stage ranks only, cropped to
-       [s_im, b_i]: one fp32 [s_im, b_i, 2 + 2k] tensor, :func:`payload_bytes_per_position` bytes
+       ranks (round-robin) to the student replica's last-stage ranks only: one fp32
+       [s_im, b_im, 2 + 2k] tensor, :func:`payload_bytes_per_position` bytes
        (136 at k = 16) per position per receiving rank. Besides these, the teacher forward's own
        collectives (pipeline p2p, TP all-reduces, one TP all-gather per micro-batch).
 
@@ -104,38 +104,37 @@ def score_for_student(
     dp_t, pp_t = t_layout.dp, t_layout.pp
 
     # a bad input is reported through the shape all-gather, so every rank raises (no rank is
-    # left waiting in a collective): count -1 = row counts differ or not [b, s], -2 = position ids
+    # left waiting in a collective): count -1 = tokens not [b, s], -2 = position ids
     # not 0..s-1, -3 = labels not of the tokens' shape, -4 = a token or label id outside
     # [0, vocab_size), -5 = tokens or labels missing (None), -6 = packed sequences
     missing = any(not isinstance(b.get(key), torch.Tensor) for b in batches
                   for key in ("tokens", "labels"))  # fmt: skip
     packed = any(b.get("packed_seq_params") is not None for b in batches)
     flat = not missing and all(b["tokens"].dim() == 2 for b in batches)
-    row_counts = {int(b["tokens"].shape[0]) for b in batches} if flat else set()
+    row_counts = [int(b["tokens"].shape[0]) for b in batches] if flat else []
     widths = [int(b["tokens"].shape[1]) for b in batches] if flat else []
-    b_loc, s_loc = (next(iter(row_counts)) if row_counts else 0), max(widths, default=0)
-    count = (-5 if missing else -6 if packed else len(batches)
-             if flat and len(row_counts) <= 1 else -1)  # fmt: skip
+    b_loc, s_loc = max(row_counts, default=0), max(widths, default=0)
+    count = -5 if missing else -6 if packed else len(batches) if flat else -1
     out_of_range = torch.zeros((), dtype=torch.bool, device=device)  # no host sync per batch
     for mb in batches if count >= 0 else ():
         pos = mb.get("position_ids")
         s_mb = mb["tokens"].shape[1]
-        if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_mb).expand(b_loc, -1)):
+        b_mb = mb["tokens"].shape[0]
+        if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_mb).expand(b_mb, -1)):
             count = -2
         elif tuple(mb["labels"].shape) != tuple(mb["tokens"].shape):
             count = -3
         else:
             for t in (mb["tokens"], mb["labels"]):
                 out_of_range |= ((t < 0) | (t >= vocab_size)).any().to(device)
-    varied = int(len(set(widths)) > 1)
+    varied = int(len(set(zip(widths, row_counts))) > 1)
     mine = torch.tensor([[count, b_loc, s_loc, varied]], dtype=torch.long, device=device)
     if count >= 0:
         mine[0, 0] = torch.where(out_of_range, -4, mine[0, 0])
     meta = all_gather_rows(mine, dist.group.WORLD).cpu().view(-1, 4)
     bad = {int(r): int(meta[r, 0]) for r in range(meta.shape[0]) if meta[r, 0] < 0}
     if bad:
-        why = {-1: "micro-batches of different row counts on one rank, or tokens not [b, s] "
-                   "(give every micro-batch of a rank the same b; widths s may differ)",
+        why = {-1: "tokens that are not [b, s]",
                -2: "position_ids that are not 0 .. s-1 on every row",
                -3: "labels of another shape than tokens (both [b, s])",
                -4: f"token or label ids outside [0, vocab_size={vocab_size}) (masked positions "
@@ -147,28 +146,31 @@ def score_for_student(
         raise ValueError(
             "score_for_student: " + "; ".join(f"rank {r}: {why[c]}" for r, c in sorted(bad.items()))
         )
-    # per-micro-batch widths: a second all-gather only when some rank's widths differ
+    # per-micro-batch widths and rows: a second all-gather only when some rank's shapes differ
+    cap = max(1, int(meta[:, 0].max()))
     if bool(meta[:, 3].any()):
-        cap = int(meta[:, 0].max())
-        row = torch.zeros(1, cap, dtype=torch.long, device=device)
+        row = torch.zeros(1, 2 * cap, dtype=torch.long, device=device)
         row[0, : len(widths)] = torch.tensor(widths, dtype=torch.long)
-        all_widths = all_gather_rows(row, dist.group.WORLD).cpu().view(-1, cap)
+        row[0, cap : cap + len(row_counts)] = torch.tensor(row_counts, dtype=torch.long)
+        shapes = all_gather_rows(row, dist.group.WORLD).cpu().view(-1, 2 * cap)
+        all_widths, all_rows = shapes[:, :cap], shapes[:, cap:]
     else:
-        all_widths = meta[:, 2:3].expand(-1, max(1, int(meta[:, 0].max())))
-    _check_replica_agreement(torch.cat([meta, all_widths], dim=1), table, S_)
+        all_widths = meta[:, 2:3].expand(-1, cap)
+        all_rows = meta[:, 1:2].expand(-1, cap)
+    _check_replica_agreement(torch.cat([meta, all_widths, all_rows], dim=1), table, S_)
 
     # the global list of micro-batches: (replica, local index, rows, width)
     index = []
     per_replica = []
     for i in range(dp_s):
         first_rank = table.ranks(S_, dp=i)[0]
-        count, b = int(meta[first_rank, 0]), int(meta[first_rank, 1])
+        count = int(meta[first_rank, 0])
         per_replica.append(count)
-        index += [(i, m, b, int(all_widths[first_rank, m])) for m in range(count)]
+        index += [(i, m, int(all_rows[first_rank, m]), int(all_widths[first_rank, m]))
+                  for m in range(count)]  # fmt: skip
     total = len(index)
     if total == 0:
         return []
-    rows = max(b for _, _, b, _ in index)
     bounds = [r * total // dp_t for r in range(dp_t + 1)]
     owner_t = [next(r for r in range(dp_t) if bounds[r] <= g < bounds[r + 1]) for g in range(total)]
     my_s = tuple(table.coords[me, S_].tolist())  # (dp, pp, tp) of this rank
@@ -197,23 +199,22 @@ def score_for_student(
     share = list(range(bounds[my_t[0]], bounds[my_t[0] + 1]))
     scored = {}
     if share:
-        padded = []
+        to_score = []
         for g in share:
             _, _, b, s = index[g]
-            grid = torch.zeros(2, rows, s, dtype=torch.long, device=device)
-            grid[:, :b] = inbox[g].long()
-            padded.append(
+            grid = inbox[g].long()
+            to_score.append(
                 {
                     "tokens": grid[0],
                     "labels": grid[1],
-                    "position_ids": torch.arange(s, device=device).expand(rows, -1),
+                    "position_ids": torch.arange(s, device=device).expand(b, -1),
                 }
             )
         with use_layout(teacher_layout):
             payloads = teacher.score(
-                padded,
+                to_score,
                 max(index[g][3] for g in share),
-                rows,
+                max(index[g][2] for g in share),
                 payload_k=k,
                 vocab_size=vocab_size,
                 temperature=temperature,
@@ -225,10 +226,10 @@ def score_for_student(
             _, _, b, s = index[g]
             pack = torch.cat(
                 [
-                    p.entropy[:s, :b, None],
-                    p.token_logprobs[:s, :b, None],
-                    p.topk_logprobs[:s, :b],
-                    p.topk_ids[:s, :b].float(),
+                    p.entropy[:, :, None],
+                    p.token_logprobs[:, :, None],
+                    p.topk_logprobs,
+                    p.topk_ids.float(),
                 ],
                 dim=-1,
             )

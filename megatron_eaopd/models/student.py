@@ -125,20 +125,29 @@ def setup_student(chunks, optim: OptimConfig, ddp_config=None) -> Student:
     return Student(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
 
 
-def widths_differ(batches, seq_length: int | None = None) -> bool:
-    """True when the micro-batches (dicts with "tokens" [b, s]) are not all of one width s, or
-    (``seq_length`` given) not all of width ``seq_length``: under pipeline parallelism a stage
-    that receives allocates [seq_length, b, h] unless megatron's schedule sends the shape."""
-    widths = {int(b["tokens"].shape[-1]) for b in batches}
-    return len(widths) > 1 or (seq_length is not None and bool(widths) and widths != {seq_length})
+def widths_differ(batches, seq_length: int | None = None, micro_batch_size: int | None = None
+                  ) -> bool:  # fmt: skip
+    """True when the micro-batches (dicts with "tokens" [b, s]) are not all of one shape, or
+    (``seq_length`` / ``micro_batch_size`` given) not all of width ``seq_length`` / of
+    ``micro_batch_size`` rows: under pipeline parallelism a stage that receives allocates
+    [seq_length, micro_batch_size, h] unless megatron's schedule sends the shape."""
+    shapes = {tuple(int(d) for d in b["tokens"].shape[-2:]) for b in batches}
+    if len(shapes) > 1:
+        return True
+    if not shapes:
+        return False
+    rows, width = next(iter(shapes))
+    return (seq_length is not None and width != seq_length) or (
+        micro_batch_size is not None and rows != micro_batch_size
+    )
 
 
 @contextlib.contextmanager
 def variable_widths(chunks, vary: bool = True):
     """While in the block, megatron's pipeline schedule sends each micro-batch's activation shape
     before the activations (``config.variable_seq_lengths``) when ``vary`` (the micro-batches
-    differ in width: :func:`widths_differ`) and the model is pipelined; otherwise nothing changes
-    (a receiving stage allocates [seq_length, b, h] from the call's ``seq_length``). The setting
+    differ in width or rows: :func:`widths_differ`) and the model is pipelined; otherwise
+    nothing changes (a receiving stage allocates [seq_length, micro_batch_size, h]). The setting
     is restored on exit. Collectives: none here; in the schedule, one extra p2p of 3 int64
     before each activation and gradient transfer."""
     from megatron.core import parallel_state as ps
@@ -167,8 +176,9 @@ def run_forward_backward(
     """megatron's forward_backward_func for the current PP/VPP; returns the last stage's outputs.
 
     `data_iterator` is one iterator, or a list with one per model chunk under VPP. Pass
-    `widths_vary` = ``widths_differ(micro_batches, seq_length)``: when any micro-batch is not
-    [b, seq_length], the pipeline schedule exchanges each one's shape (:func:`variable_widths`).
+    `widths_vary` = ``widths_differ(micro_batches, seq_length, micro_batch_size)``: when any
+    micro-batch is not [micro_batch_size, seq_length], the pipeline schedule exchanges each one's
+    shape (:func:`variable_widths`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

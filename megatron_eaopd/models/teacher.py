@@ -79,8 +79,9 @@ class FrozenTeacher:
 
         Each batch holds "tokens" [b, s] and "position_ids" [b, s] (and "labels" [b, s], the token
         sampled at each position, when `payload_k` is set); optional "attention_mask". Batches
-        may differ in width s (`seq_length` is then the largest; under pipeline parallelism the
-        schedule sends each activation's shape first: `models.student.variable_widths`). Returns on
+        may differ in width s and rows b (`seq_length` and `micro_batch_size` are then the
+        largest; under pipeline parallelism the schedule sends each activation's shape first:
+        `models.student.variable_widths`). Returns on
         the last pipeline stage one entry per micro-batch: logits [s, b, V_pad / tp] (fp32), or
         with `payload_k` a TeacherPayload over the first `vocab_size` columns (the shared real
         vocabulary); an empty list on other stages.
@@ -136,7 +137,10 @@ class FrozenTeacher:
             return output, collect
 
         iterators = iter(batches) if len(self.chunks) == 1 else [iter(batches) for _ in self.chunks]
-        with torch.no_grad(), variable_widths(self.chunks, widths_differ(batches, seq_length)):
+        with (
+            torch.no_grad(),
+            variable_widths(self.chunks, widths_differ(batches, seq_length, micro_batch_size)),
+        ):
             out = get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators,

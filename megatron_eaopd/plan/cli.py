@@ -188,8 +188,11 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     rows = math.ceil(r.prompts_per_iteration * r.samples_per_prompt / dp)
     steps = r.prompts_per_iteration // r.mini_batch_size
     per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / dp)
-    mb = max(d for d in range(1, min(r.micro_batch_size, per_step) + 1) if per_step % d == 0)
     seq = r.max_prompt_tokens + r.max_response_tokens
+    if r.micro_batch_tokens is None:
+        mb = max(d for d in range(1, min(r.micro_batch_size, per_step) + 1) if per_step % d == 0)
+    else:  # a token budget: the worst case, every row at the limit
+        mb = max(1, min(r.micro_batch_size, per_step, r.micro_batch_tokens // seq))
     loss = cfg.loss
     fused_on = ObjectiveConfig(
         name="eopd" if loss.objective == "eopd_exact" else loss.objective, form=loss.form,
@@ -198,7 +201,7 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     div = cfg.parallel.make_vocab_size_divisible_by
     chunk = (loss.fused_chunk_size or 0) * padded_vocab(student.vocab_size, lay["student"].tp, div)
     batch = Batch(
-        micro_batch=mb, seq=seq, micro_batches=per_step // mb, steps=steps, rows=rows,
+        micro_batch=mb, seq=seq, micro_batches=-(-per_step // mb), steps=steps, rows=rows,
         top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
@@ -245,6 +248,12 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
         f"batch per student replica: {b['rows']} rows of {b['seq']} tokens per iteration, "
         f"{b['steps']} steps of {b['micro_batches']} micro-batches of {b['micro_batch']} rows"
     )
+    if cfg.rollout.micro_batch_tokens is not None:
+        lines.append(
+            f"rollout.micro_batch_tokens={cfg.rollout.micro_batch_tokens}: micro-batches as "
+            "above when every row is at the limit (the worst case counted); shorter rows share "
+            "micro-batches of up to that many positions"
+        )
     chosen = "fused" if plan["fused"] else "logits"
     lines.append(f"loss.fused_output resolves to {plan['fused']}: the '{chosen}' column applies")
     f_, u_ = plan["variants"]["fused"], plan["variants"]["logits"]

@@ -171,7 +171,12 @@ def offline_micro_batches(
 
 
 def rollout_micro_batches(
-    rollouts, pad_id: int, micro_batch_size: int, multiple: int = 1, by_length: bool = False
+    rollouts,
+    pad_id: int,
+    micro_batch_size: int,
+    multiple: int = 1,
+    by_length: bool = False,
+    max_tokens: int | None = None,
 ):
     """On-policy micro-batches from a ``rollout.RolloutBatch`` (``rollout.generate``'s output or
     the caller's own sampler filled in the same fields): the response tokens are trained, the
@@ -183,9 +188,17 @@ def rollout_micro_batches(
     micro-batch only to its own longest row (``trainer.batches.length_micro_batches``; the same
     loss, less compute on length-skewed rollouts); the widths then differ, so under pipeline
     parallelism run your schedule inside ``models.student.variable_widths(model_chunks)`` (it sets
-    ``variable_seq_lengths`` for the block) and pass the widest as ``seq_length``."""
+    ``variable_seq_lengths`` for the block) and pass the widest as ``seq_length``.
+    ``max_tokens`` (needs ``by_length``): a token budget, as ``rollout.micro_batch_tokens``; each
+    micro-batch holds at most that many padded positions (rows x width) and at most
+    ``micro_batch_size`` rows, so the row counts differ too: pass the most rows as
+    ``micro_batch_size`` to the schedule, inside ``variable_widths`` under pipeline parallelism.
+    """
     from megatron_eaopd.trainer.batches import collate, length_micro_batches, split_micro_batches
 
+    if max_tokens is not None and not by_length:
+        raise ValueError("max_tokens needs by_length=True (micro-batches cut by length)")
     if by_length:
-        return length_micro_batches(rollouts, pad_id, micro_batch_size, multiple=multiple)[0]
+        return length_micro_batches(rollouts, pad_id, micro_batch_size, multiple=multiple,
+                                    max_tokens=max_tokens)[0]  # fmt: skip
     return split_micro_batches(collate(rollouts, pad_id, multiple=multiple), micro_batch_size)

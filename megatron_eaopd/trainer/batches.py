@@ -22,6 +22,7 @@ __all__ = [
     "length_micro_batches",
     "on_device",
     "split_micro_batches",
+    "step_micro_batches",
     "sft_micro_batches",
 ]
 
@@ -106,44 +107,81 @@ def length_micro_batches(
     *,
     groups: int = 1,
     multiple: int = 1,
+    max_tokens: int | None = None,
 ) -> tuple[list[dict], int]:
     """Micro-batches of ``micro_batch_size`` rows, each padded only to its own longest sequence.
+
+    :func:`step_micro_batches`' micro-batches of all groups, concatenated in group order; returns
+    (the micro-batches, each a dict of [b_m, s_m] tensors as in :func:`collate`; the largest s_m).
+    """
+    grouped = step_micro_batches(rollouts, pad_id, micro_batch_size, groups=groups,
+                                 multiple=multiple, max_tokens=max_tokens)  # fmt: skip
+    micro = [mb for group in grouped for mb in group]
+    return micro, max(mb["tokens"].shape[1] for mb in micro)
+
+
+def step_micro_batches(
+    rollouts: RolloutBatch,
+    pad_id: int,
+    micro_batch_size: int,
+    *,
+    groups: int = 1,
+    multiple: int = 1,
+    max_tokens: int | None = None,
+) -> list[list[dict]]:
+    """Each optimizer step's micro-batches, each padded only to its own longest sequence.
 
     The rows split into ``groups`` consecutive equal groups (one per optimizer step); within a
     group they are ordered by length, longest first (ties keep their order), and cut into
     micro-batches, so rows of similar length share one. Each micro-batch is :func:`collate`'s
     tensors for its rows, cut to width s_m = its longest sequence (prompt + response), rounded up
     to ``multiple``: responses from tens to thousands of tokens no longer all cost the longest
-    one's compute in the teacher pass and the update. Every per-token field is label-aligned and
-    the cut keeps every response position (a sequence of n tokens has its last loss position at
-    n - 2), so the per-token losses and their token sum are those of the padded batch; only the
-    grouping of rows into micro-batches changes, which megatron's token-sum loss does not see.
+    one's compute in the teacher pass and the update.
 
-    Returns (micro-batches in group order, each a dict of [micro_batch_size, s_m] tensors as in
-    :func:`collate`; the largest s_m). No communication: every rank of a replica, given the same
-    rollouts, builds the same micro-batches.
+    Row counts: without ``max_tokens``, ``micro_batch_size`` rows each (it must divide the rows
+    of a group). With ``max_tokens`` (a token budget, ``rollout.micro_batch_tokens``), each
+    micro-batch takes, longest first, as many rows as keep b_m x s_m <= ``max_tokens`` and
+    b_m <= ``micro_batch_size``: short rows share large micro-batches, long ones small ones, so
+    every micro-batch costs about the same memory (a row longer than the budget gets one of its
+    own). The count per group then varies with the lengths.
+
+    Every per-token field is label-aligned and the cut keeps every response position (a sequence
+    of n tokens has its last loss position at n - 2), so the per-token losses and their token sum
+    are those of the padded batch; only the grouping of rows into micro-batches changes, which
+    megatron's token-sum loss does not see.
+
+    Returns one list per group of dicts of [b_m, s_m] tensors as in :func:`collate`. No
+    communication: every rank of a replica, given the same rollouts, builds the same micro-batches.
     """
     rows = len(rollouts)
     if groups < 1 or rows % groups:
         raise ValueError(f"{rows} rows do not split into {groups} equal groups")
     per_group = rows // groups
-    if micro_batch_size < 1 or per_group % micro_batch_size:
+    if micro_batch_size < 1 or (max_tokens is None and per_group % micro_batch_size):
         raise ValueError(f"{per_group} rows per group do not split into micro-batches of "
                          f"{micro_batch_size}")  # fmt: skip
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     batch = collate(rollouts, pad_id, multiple=multiple)
     full = batch["tokens"].shape[1]
     lengths = rollouts.prompt_lens + rollouts.response_lens
-    micro, widest = [], 0
+    widths = torch.clamp(-(-lengths.clamp(min=1) // multiple) * multiple, max=full).tolist()
+    grouped = []
     for g in range(groups):
         lo = g * per_group
         order = lo + torch.sort(lengths[lo : lo + per_group], descending=True, stable=True)[1]
-        for i in range(0, per_group, micro_batch_size):
-            idx = order[i : i + micro_batch_size]
-            width = max(1, int(lengths[idx].max()))
-            width = min(full, -(-width // multiple) * multiple)
+        order = order.tolist()
+        micro, i = [], 0
+        while i < per_group:
+            width = widths[order[i]]  # the longest row left in the group
+            n = micro_batch_size
+            if max_tokens is not None:
+                n = max(1, min(n, max_tokens // width))
+            idx = torch.tensor(order[i : i + n], dtype=torch.long)
             micro.append({k: v[idx, :width].contiguous() for k, v in batch.items()})
-            widest = max(widest, width)
-    return micro, widest
+            i += n
+        grouped.append(micro)
+    return grouped
 
 
 def attach_teacher(micro_batches: Sequence[dict], payloads: Sequence[TeacherPayload]) -> None:

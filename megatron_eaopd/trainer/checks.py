@@ -61,10 +61,13 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     mini-batch, dealt round-robin, times samples_per_prompt) have no divisor above half of
     ``rollout.micro_batch_size`` (or of the rows, when fewer): the update then runs many small
     micro-batches (7 rows and micro-batch size 4: seven of 1), a slowdown nothing else reports.
-    None when it is fine (``Trainer.setup`` logs it on rank 0)."""
+    None when it is fine, and with ``rollout.micro_batch_tokens`` (no divisor is needed then;
+    ``Trainer.setup`` logs it on rank 0)."""
     from megatron_eaopd.trainer.batches import largest_divisor
 
     r = cfg.rollout
+    if r.micro_batch_tokens is not None:
+        return None
     s = cfg.parallel.student
     dp = max(1, world_size // (s.tp * s.pp))
     m = r.mini_batch_size

@@ -298,16 +298,19 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     objective = dataclasses.replace(
         trainer.objective, name="eopd", form="sampled", entropy_threshold=tau, tail_bucket=True
     )
-    mbs = cfg.rollout.micro_batch_size
+    mbs, budget = cfg.rollout.micro_batch_size, cfg.rollout.micro_batch_tokens
     micro, seq = [], 0
     if rollouts is not None and len(rollouts) > 0:  # None: this replica had no prompts
-        mbs = largest_divisor(len(rollouts), mbs)
+        if budget is None:
+            mbs = largest_divisor(len(rollouts), mbs)
         micro, seq = length_micro_batches(
             rollouts,
             pad_id_of(data.tokenizer),
             mbs,
             multiple=sequence_multiple(trainer.student.chunks),
+            max_tokens=budget,
         )
+        mbs = max(mb["tokens"].shape[0] for mb in micro)
     score_with_teacher(
         trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
         temp=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size, fused=objective.use_fused,
@@ -320,7 +323,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
                 outputs = run_forward_backward(
                     trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
                     iter(micro), len(micro), seq, mbs, forward_only=True,
-                    widths_vary=widths_differ(micro, seq),
+                    widths_vary=widths_differ(micro, seq, mbs),
                 )  # fmt: skip
         names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
                  "teacher_high_entropy", "gate"]  # fmt: skip

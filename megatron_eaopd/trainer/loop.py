@@ -335,6 +335,7 @@ class Trainer:
             temperature=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
             skip_nonfinite=cfg.training.skip_nonfinite,
             progress=bar.update if bar is not None else None,
+            micro_batch_tokens=r.micro_batch_tokens,
         )  # fmt: skip
         if bar is not None:
             bar.close()

@@ -164,8 +164,8 @@ def optimizer_step(
         student: a ``models.student.Student`` (DDP chunks, optimizer, scheduler, skip counter).
         forward_step: a megatron forward_step_func whose loss_func reports "loss".
         micro_batches: the step's micro-batches (this data-parallel rank's share); they may differ
-            in width, and from ``seq_length`` (then the schedule sends shapes:
-            :func:`run_forward_backward`).
+            in width and rows, and from ``seq_length`` and ``micro_batch_size`` (then the
+            schedule sends shapes: :func:`run_forward_backward`).
     Returns:
         (metrics on every rank: the reported means plus "grad_norm", "lr" (the learning rate
          this step applied, or would have applied when skipped), "skipped";
@@ -185,7 +185,7 @@ def optimizer_step(
         len(micro_batches),
         seq_length,
         micro_batch_size,
-        widths_vary=widths_differ(micro_batches, seq_length),
+        widths_vary=widths_differ(micro_batches, seq_length, micro_batch_size),
     )
     outputs = list(outputs or [])
     metrics = reduce_outputs(outputs, metric_names)
@@ -230,6 +230,7 @@ def distill_on_rollouts(
     skip_nonfinite: bool = True,
     progress=None,
     trim: bool = True,
+    micro_batch_tokens: int | None = None,
 ) -> dict:
     """Teacher pass and ``steps`` optimizer steps on this data-parallel replica's rollouts.
 
@@ -246,8 +247,11 @@ def distill_on_rollouts(
     Micro-batches hold the largest divisor of the rows per step that is at most
     ``micro_batch_size`` rows; with ``trim`` (the default) a step's rows are ordered by length
     and each micro-batch is padded only to its own longest sequence
-    (:func:`trainer.batches.length_micro_batches`), else every one to the replica's longest.
-    Either way the update is the same up to float rounding (megatron sums per-token losses).
+    (:func:`trainer.batches.step_micro_batches`), else every one to the replica's longest.
+    With ``micro_batch_tokens`` (rollout.micro_batch_tokens; needs ``trim``) a micro-batch holds
+    at most that many padded positions (rows x its width) and at most ``micro_batch_size`` rows,
+    no divisor needed: the count per step then differs between steps and replicas. Every way
+    gives the same update up to float rounding (megatron sums per-token losses).
 
     The sampled form scores with :func:`trainer.scoring.score_with_teacher` (teacher at its own
     layout); ``objective.form == "exact"`` attaches the teacher's logits shard instead, or with
@@ -266,8 +270,8 @@ def distill_on_rollouts(
     from megatron_eaopd.trainer.batches import (
         collate,
         largest_divisor,
-        length_micro_batches,
         split_micro_batches,
+        step_micro_batches,
     )
     from megatron_eaopd.trainer.build import STUDENT
     from megatron_eaopd.trainer.scoring import attach_teacher_logits, score_with_teacher
@@ -279,12 +283,21 @@ def distill_on_rollouts(
     if steps < 1 or rows % steps:
         raise ValueError(f"{rows} rollout rows do not split into {steps} optimizer steps")
     rows_per_step = rows // steps
-    mbs = largest_divisor(rows_per_step, micro_batch_size)
     multiple = sequence_multiple(student.chunks)
-    if trim:
-        micro, _ = length_micro_batches(rollouts, pad_id, mbs, groups=steps, multiple=multiple)
+    if micro_batch_tokens is not None:
+        if not trim:
+            raise ValueError("micro_batch_tokens needs trim=True (micro-batches cut by length)")
+        grouped = step_micro_batches(rollouts, pad_id, micro_batch_size, groups=steps,
+                                     multiple=multiple, max_tokens=micro_batch_tokens)  # fmt: skip
     else:
-        micro = split_micro_batches(collate(rollouts, pad_id, multiple=multiple), mbs)
+        mbs = largest_divisor(rows_per_step, micro_batch_size)
+        if trim:
+            grouped = step_micro_batches(rollouts, pad_id, mbs, groups=steps, multiple=multiple)
+        else:
+            flat = split_micro_batches(collate(rollouts, pad_id, multiple=multiple), mbs)
+            per_step = rows_per_step // mbs
+            grouped = [flat[j * per_step : (j + 1) * per_step] for j in range(steps)]
+    micro = [mb for group in grouped for mb in group]
     fused = objective.use_fused
     if objective.form == "exact":
         attach_teacher_logits(teacher, micro, fused=fused)
@@ -295,14 +308,13 @@ def distill_on_rollouts(
         )  # fmt: skip
     t1 = time.perf_counter()
     forward_step = distill_forward_step(objective, vocab_size)
-    per_step = rows_per_step // mbs
     outputs, grad_norms, last = [], [], {}
     with use_layout(STUDENT):
-        for step in range(steps):
-            mine = micro[step * per_step : (step + 1) * per_step]
+        for mine in grouped:
             widest = max(mb["tokens"].shape[1] for mb in mine)  # this step's own
+            most = max(mb["tokens"].shape[0] for mb in mine)
             last, outs = optimizer_step(
-                student, forward_step, mine, widest, mbs, skip_nonfinite=skip_nonfinite,
+                student, forward_step, mine, widest, most, skip_nonfinite=skip_nonfinite,
             )  # fmt: skip
             outputs += outs
             grad_norms.append(last["grad_norm"])

@@ -228,6 +228,25 @@ def test_cross_field_rules():
     assert "module:Class" in probs["task.name"]
 
 
+def test_token_budget_must_hold_the_longest_rollout_row():
+    base = ["rollout.max_prompt_tokens=10", "rollout.max_response_tokens=21"]
+    cfg = load_config(None, [*base, "rollout.micro_batch_tokens=31"])
+    assert cfg.rollout.micro_batch_tokens == 31
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, "rollout.micro_batch_tokens=30"])
+    problem = _problems(err.value)["rollout.micro_batch_tokens"]
+    assert "below the longest rollout row" in problem and "at least 31" in problem
+    # sequence parallelism pads every row to a multiple of tp
+    sp = [*base, "parallel.student.tp=2", "parallel.sequence_parallel=true"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*sp, "rollout.micro_batch_tokens=31"])
+    assert "at least 32" in _problems(err.value)["rollout.micro_batch_tokens"]
+    assert load_config(None, [*sp, "rollout.micro_batch_tokens=32"]).rollout.micro_batch_tokens
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["rollout.micro_batch_tokens=0"])
+    assert ">= 1" in _problems(err.value)["rollout.micro_batch_tokens"]
+
+
 def test_derived_fields():
     cfg = load_config(
         None,

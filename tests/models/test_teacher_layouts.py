@@ -103,11 +103,12 @@ def test_teacher_tp2pp2_scores_for_student_tp2pp1():
     assert not torch.equal(by_dp[0], by_dp[1])
 
 
-# (student (tp, pp), teacher (tp, pp)) on 4 ranks; replica i holds micro-batches of ROWS[i] rows
-# and the widths WIDTHS[i] (a replica with none included; widths differing on one rank, as the
-# trainer's length-sorted micro-batches do: under the teacher's PP 2 the schedule sends shapes)
+# (student (tp, pp), teacher (tp, pp)) on 4 ranks; replica i holds micro-batches of the rows
+# ROWS[i] and widths WIDTHS[i] (a replica with none included; shapes differing on one rank, as the
+# trainer's length-sorted micro-batches under a token budget do: under the teacher's PP 2 the
+# schedule sends shapes)
 UNEVEN = [((1, 2), (2, 1)), ((1, 1), (1, 2)), ((2, 1), (2, 1))]
-ROWS, WIDTHS = [2, 1, 3, 1], [[7, 3, 5], [], [5], [9, 2]]
+ROWS, WIDTHS = [[2, 3, 1], [], [3], [1, 2]], [[7, 3, 5], [], [5], [9, 2]]
 COUNTS = [len(w) for w in WIDTHS]
 
 
@@ -133,8 +134,8 @@ def uneven_worker(rank, world_size, seed):
             init_weights_layout_invariant(teacher.chunks, seed)
         lay = layouts[f"s{i}"]
         replica = lay.dp_rank
-        batches = [mb for m, width in enumerate(WIDTHS[replica])
-                   for mb in helpers.make_batches(1, ROWS[replica], width, cfg.vocab_size,
+        batches = [mb for m, (rows, width) in enumerate(zip(ROWS[replica], WIDTHS[replica]))
+                   for mb in helpers.make_batches(1, rows, width, cfg.vocab_size,
                                                   seed=10 * replica + m)]  # fmt: skip
         exchange.TRAFFIC.update(sent={}, received={})
         got = score_for_student(

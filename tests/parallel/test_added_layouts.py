@@ -69,8 +69,8 @@ def bad_input_worker(rank, world):
     cases = ("shapes", "token id", "masked label", "labels shape", "no tokens", "packed")
     for case in cases:
         batches = helpers.make_batches(2, 2, 6, cfg.vocab_size)
-        if rank == 1 and case == "shapes":  # one rank passes micro-batches of two row counts
-            batches += helpers.make_batches(1, 3, 6, cfg.vocab_size)
+        if rank == 1 and case == "shapes":  # one rank passes [b, s, 1] tokens
+            batches[1]["tokens"] = batches[1]["tokens"][..., None]
         if rank == 0 and case == "token id":  # one token beyond the vocabulary, on rank 0 only
             batches[1]["tokens"][0, 3] = cfg.vocab_size
         if rank == 1 and case == "masked label":  # -100 (another framework's ignore index)
@@ -94,7 +94,7 @@ def bad_input_worker(rank, world):
 
 def test_a_bad_input_on_one_rank_is_an_error_on_every_rank():
     for messages in run_distributed(bad_input_worker, 2, timeout=240):
-        assert "rank 1: micro-batches of different row counts" in messages["shapes"]
+        assert "rank 1: tokens that are not [b, s]" in messages["shapes"]
         assert "rank 0: token or label ids outside [0, vocab_size=" in messages["token id"]
         assert "rank 1: token or label ids outside" in messages["masked label"]
         assert "rank 1: labels of another shape than tokens" in messages["labels shape"]

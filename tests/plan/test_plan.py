@@ -364,6 +364,30 @@ def test_cli_on_the_paper_config(capsys):
     assert "loss.fused_chunk_size" in capsys.readouterr().err
 
 
+def test_cli_plans_a_token_budget_at_its_worst_case(capsys):
+    """rollout.micro_batch_tokens: micro-batches of budget // seq rows, every row at the limit;
+    the update's activations shrink with the rows, the rest of the plan does not change."""
+    assert main(["--config", PAPER, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # 10240 positions hold 2 rows of 5120 (prompt 1024 + response 4096); 11000 still 2
+    for budget, per_mb in ((10240, 2), (11000, 2), (5120, 1), (1 << 20, 4)):
+        argv = ["--config", PAPER, f"rollout.micro_batch_tokens={budget}"]
+        assert main([*argv, "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        batch = plan["batch"]
+        assert batch["micro_batch"] == per_mb and batch["seq"] == 5120
+        assert batch["micro_batches"] == 16 // per_mb  # 16 rows per step and replica
+        got, ref = plan["variants"]["fused"]["parts"], rows["variants"]["fused"]["parts"]
+        assert got["update"] * 4 == pytest.approx(ref["update"] * per_mb, rel=0.02)
+        assert got["persistent: student weights"] == ref["persistent: student weights"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"of {16 // per_mb} micro-batches of {per_mb} rows" in out
+        assert f"rollout.micro_batch_tokens={budget}: micro-batches as above" in out
+    assert main(["--config", PAPER, "rollout.micro_batch_tokens=5000"]) == 2
+    assert "rollout.micro_batch_tokens" in capsys.readouterr().err
+
+
 def test_cli_with_one_of_the_two_folders_downloaded(capsys, tmp_path):
     """The student folder on disk, the teacher's not yet: the teacher is planned from its preset
     and the config keeps the student folder's tokenizer (a task tokenizer next to an HF model is

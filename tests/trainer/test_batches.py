@@ -13,6 +13,7 @@ from megatron_eaopd.trainer.batches import (
     length_micro_batches,
     sft_micro_batches,
     split_micro_batches,
+    step_micro_batches,
 )
 
 PAD = 0
@@ -115,3 +116,42 @@ def test_length_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
         length_micro_batches(r, PAD, 2, groups=5)
     with pytest.raises(ValueError, match="micro-batches of 4"):
         length_micro_batches(r, PAD, 4, groups=2)
+
+
+@pytest.mark.parametrize("budget,cap,multiple", [(40, 8, 1), (40, 3, 1), (64, 16, 4), (17, 4, 1)])
+def test_token_budget_micro_batches_fill_each_to_the_budget_longest_first(budget, cap, multiple):
+    from tests.trainer.common import random_rollouts
+
+    gen = torch.Generator().manual_seed(budget + cap)
+    groups, per_group = 3, 10
+    prompt = torch.randint(2, 6, (groups * per_group,), generator=gen)
+    response = torch.randint(0, 12, (groups * per_group,), generator=gen)
+    r = random_rollouts(prompt, response, 50, gen)
+    r.tokens[:, 0] = torch.arange(1, groups * per_group + 1)  # a row's id: its first token
+    full = collate(r, PAD, multiple=multiple)
+    lengths = (prompt + response).tolist()
+    grouped = step_micro_batches(r, PAD, cap, groups=groups, multiple=multiple, max_tokens=budget)
+    assert len(grouped) == groups
+    for g, micro in enumerate(grouped):
+        left = sorted(range(g * per_group, (g + 1) * per_group), key=lambda i: -lengths[i])
+        for mb in micro:
+            rows = (mb["tokens"][:, 0] - 1).tolist()
+            b, width = mb["tokens"].shape
+            longest = max(lengths[i] for i in rows)
+            assert width == -(-longest // multiple) * multiple  # its own longest row
+            # within the budget and the row cap, and as full as both allow
+            assert b <= cap and (b * width <= budget or b == 1)
+            assert b == min(cap, len(left), max(1, budget // width))
+            # longest first: the rows are the next b of the group in length order
+            assert sorted(lengths[i] for i in rows) == sorted(lengths[i] for i in left[:b])
+            left = [i for i in left if i not in rows] if set(rows) <= set(left) else None
+            assert left is not None, "a row twice"
+            for key, value in mb.items():
+                assert torch.equal(value, full[key][rows, :width]), key
+        assert left == []
+    # the flat form and its widest
+    micro, widest = length_micro_batches(r, PAD, cap, groups=groups, multiple=multiple,
+                                         max_tokens=budget)  # fmt: skip
+    assert len(micro) == sum(map(len, grouped)) and widest == full["tokens"].shape[1]
+    with pytest.raises(ValueError, match="max_tokens"):
+        step_micro_batches(r, PAD, cap, max_tokens=0)

@@ -100,8 +100,9 @@ def _train_worker(rank, world, cfg):
     finally:
         trainer.close()
         destroy_parallel()
+    shapes = [tuple(mb["tokens"].shape) for mb in trainer.last_micro_batches]
     return {"summary": summary, "start": start, "end": end, "from": trainer.start_iteration,
-            "static_steps": static_steps[0]}  # fmt: skip
+            "static_steps": static_steps[0], "shapes": shapes}  # fmt: skip
 
 
 def _records(path, split):
@@ -169,11 +170,19 @@ def _run(world, cfg):
 )
 def test_trainer_with_data_parallel_student(tmp_path, caches, world, layout):
     # DP 2 also decodes at static shapes (rollout.cuda_graphs; on the CPU its static-shape
-    # steps run eagerly, the CUDA check pretended): rollouts and evaluations go through them
-    extra = ["rollout.cuda_graphs=true"] if world == 2 else []
+    # steps run eagerly, the CUDA check pretended): rollouts and evaluations go through them;
+    # and its micro-batches hold at most 32 positions (the longest row: 16 prompt + 16
+    # response tokens), so the replica with 2 rows per step (of 17 or more tokens) splits them
+    budget = 32
+    extra = (
+        ["rollout.cuda_graphs=true", f"rollout.micro_batch_tokens={budget}"] if world == 2 else []
+    )
     cfg = _cfg(str(tmp_path), "run", layout, extra, caches)
     results = _run(world, cfg)
     assert all((r["static_steps"] > 0) == (world == 2) for r in results), results
+    if world == 2:
+        for r in results:
+            assert r["shapes"] and all(b * s <= budget for b, s in r["shapes"]), r["shapes"]
     _, evals = _check_run(f"{tmp_path}/run", 2)
     _check_samples(f"{tmp_path}/run", evals, 7)  # eval.save_samples: 16 by default
 

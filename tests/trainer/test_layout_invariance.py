@@ -9,7 +9,8 @@ weights, assembled from every rank's shards, must equal those of a single proces
 TP2 x PP2 x DP2, each with a teacher layout that differs from the student's (TP 2, PP 2).
 Micro-batches are cut to their own longest row (widths differ: under PP megatron's schedule sends
 each activation's shape), which must be the update of micro-batches all padded to the longest
-row (``trim=False``).
+row (``trim=False``); with a token budget (``micro_batch_tokens``) their row counts differ too,
+between micro-batches, steps and replicas, with the same update.
 
 Gradient clipping is off and Adam's epsilon is 1e-3, so the update is close to linear in the
 gradient: a wrong token normalisation over data-parallel replicas (a factor of dp), a payload
@@ -29,17 +30,22 @@ from tests.models import helpers
 PROMPTS, SAMPLES, K, SEED = 6, 2, 4, 5
 MINI_BATCH = 3  # two optimizer steps of 3 prompts: at DP 4 one replica is idle in each step
 
-# (student (tp, pp), teacher (tp, pp)) per world size
+BUDGET = 30  # tokens per micro-batch: rows of 5-14 tokens, 1 to 3 per micro-batch
+
+# (student (tp, pp), teacher (tp, pp)[, micro-batch size[, token budget]]) per world size
 LAYOUTS = {
-    1: [((1, 1), (1, 1))],
+    1: [((1, 1), (1, 1)), ((1, 1), (1, 1), 6, BUDGET)],
     # PP 2 with one micro-batch per step (micro-batch size 6): each step's micro-batch has its
-    # own width, below the longest of the other step's
+    # own width, below the longest of the other step's; with the budget, micro-batches of
+    # different rows under the student's PP 2 and the teacher's PP 2 (with DP 2 students)
     2: [
         ((2, 1), (1, 1)),
         ((1, 2), (2, 1)),
         ((1, 1), (2, 1)),
         ((1, 1), (1, 2)),
         ((1, 2), (1, 1), 6),
+        ((1, 2), (2, 1), 6, BUDGET),
+        ((1, 1), (1, 2), 6, BUDGET),
     ],
     4: [((2, 1), (2, 2)), ((1, 1), (1, 2))],
     8: [((2, 2), (2, 1)), ((2, 2), (1, 2))],
@@ -91,7 +97,7 @@ def step_worker(rank, world, path, layouts, trim=True):
     optim = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=0.0, weight_decay=0.01, total_steps=10)
     objective = ObjectiveConfig(name="eopd", top_k=K, entropy_threshold=0.8)
     out = []
-    for student_layout, teacher_layout, *mbs in layouts:
+    for student_layout, teacher_layout, *sizes in layouts:
         destroy_parallel()
         initialize_layouts(
             {"student": (*student_layout, None), "teacher": (*teacher_layout, None)}, seed=SEED
@@ -106,30 +112,33 @@ def step_worker(rank, world, path, layouts, trim=True):
         rollouts = replica_rows(batch, lay.dp, lay.dp_rank)
         done = distill_on_rollouts(
             student, teacher, objective, rollouts, steps=PROMPTS // MINI_BATCH,
-            micro_batch_size=mbs[0] if mbs else 2, pad_id=0,
+            micro_batch_size=sizes[0] if sizes else 2, pad_id=0,
             vocab_size=student_cfg.vocab_size, top_k=K, temperature=1.0, trim=trim,
+            micro_batch_tokens=sizes[1] if len(sizes) > 1 else None,
         )  # fmt: skip
-        widths = [mb["tokens"].shape[1] for mb in done["micro"]]
+        widths = [tuple(mb["tokens"].shape) for mb in done["micro"]]
         with use_layout("student"):
             metrics = reduce_outputs(done["outputs"], ["loss", "fkl", "pg_loss"])
             after = helpers.global_pieces(student.chunks)
         out.append({"before": before, "after": after, "metrics": metrics, "dp": lay.dp,
-                    "widths": widths})  # fmt: skip
+                    "shapes": widths})  # fmt: skip
     return out
 
 
-def _run(world: int, path: str, trim: bool = True) -> list[dict]:
-    results = run_distributed(step_worker, world, path, LAYOUTS[world], trim, timeout=600)
+def _run(world: int, path: str, trim: bool = True, layouts=None) -> list[dict]:
+    layouts = LAYOUTS[world] if layouts is None else layouts
+    results = run_distributed(step_worker, world, path, layouts, trim, timeout=600)
     return [
         {
             "before": helpers.assemble([r[i]["before"] for r in results]),
             "after": helpers.assemble([r[i]["after"] for r in results]),
             "metrics": results[0][i]["metrics"],
             "dp": results[0][i]["dp"],
-            "widths": results[0][i]["widths"],
-            "layout": LAYOUTS[world][i],
+            "widths": [s for _, s in results[0][i]["shapes"]],
+            "rows": [[b for b, _ in r[i]["shapes"]] for r in results],  # per rank
+            "layout": layouts[i],
         }
-        for i in range(len(LAYOUTS[world]))
+        for i in range(len(layouts))
     ]
 
 
@@ -137,16 +146,21 @@ def _run(world: int, path: str, trim: bool = True) -> list[dict]:
 def reference(tmp_path_factory):
     path = os.path.join(tmp_path_factory.mktemp("rollouts"), "rollouts.pt")
     write_rollouts(path)
-    (ref,) = _run(1, path)
+    ref, budget = _run(1, path)
     moved = max((ref["after"][k] - ref["before"][k]).abs().max().item() for k in ref["after"])
     assert moved > 1e-3, "the reference step did not move the weights"
     # each micro-batch is cut to its own longest row, so their widths differ (under PP the
     # schedule sends shapes) ...
     assert len(set(ref["widths"])) > 1, ref["widths"]
     # ... and that is the same update as padding every micro-batch to the longest row
-    (padded,) = _run(1, path, trim=False)
+    (padded,) = _run(1, path, trim=False, layouts=LAYOUTS[1][:1])
     assert len(set(padded["widths"])) == 1
     _check(padded, ref)
+    # a token budget: micro-batches of different row counts, each within the budget
+    rows = budget["rows"][0]
+    assert len(set(rows)) > 1 and max(rows) > 2, rows
+    assert all(b * s <= BUDGET or b == 1 for b, s in zip(rows, budget["widths"]))
+    _check(budget, ref)
     return path, ref
 
 
@@ -169,7 +183,11 @@ def test_one_step_is_layout_invariant(reference, world):
     results = _run(world, path)
     assert any(r["dp"] > 1 for r in results)
     if world == 2:  # one micro-batch per step, of widths that differ between the steps
-        assert len(results[-1]["widths"]) == 2 and len(set(results[-1]["widths"])) == 2
+        assert len(results[4]["widths"]) == 2 and len(set(results[4]["widths"])) == 2
+        # budgets: replicas with different numbers of micro-batches of different row counts
+        assert len(set(results[5]["rows"][0])) > 1
+        counts = {len(r) for r in results[6]["rows"]}
+        assert results[6]["dp"] == 2 and len(counts) == 2, results[6]["rows"]
     for result in results:
         _check(result, ref)
 
