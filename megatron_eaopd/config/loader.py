@@ -412,9 +412,10 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
                 (
                     "rollout.micro_batch_tokens",
                     f"{r.micro_batch_tokens} is below the longest rollout row "
-                    f"(rollout.max_prompt_tokens + max_response_tokens = {longest}"
-                    + (", rounded up to tp for sequence_parallel" if longest != r.max_prompt_tokens
-                       + r.max_response_tokens else "")
+                    f"(rollout.max_prompt_tokens + max_response_tokens = "
+                    f"{r.max_prompt_tokens + r.max_response_tokens}"
+                    + (f", rounded up to {longest} for sequence_parallel (tp={tp})"
+                       if longest != r.max_prompt_tokens + r.max_response_tokens else "")
                     + f"): set it to at least {longest}, or null for micro_batch_size rows",
                 )
             )  # fmt: skip

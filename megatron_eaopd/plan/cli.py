@@ -32,6 +32,7 @@ from megatron_eaopd.plan.memory import (
     Batch,
     Layout,
     Shape,
+    budget_worst_case,
     combined,
     fits,
     padded_vocab,
@@ -189,10 +190,15 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     steps = r.prompts_per_iteration // r.mini_batch_size
     per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / dp)
     seq = r.max_prompt_tokens + r.max_response_tokens
+    worst = None
     if r.micro_batch_tokens is None:
         mb = max(d for d in range(1, min(r.micro_batch_size, per_step) + 1) if per_step % d == 0)
-    else:  # a token budget: the worst case, every row at the limit
-        mb = max(1, min(r.micro_batch_size, per_step, r.micro_batch_tokens // seq))
+        count = per_step // mb
+    else:
+        mb, worst, count = budget_worst_case(
+            r.micro_batch_tokens, r.micro_batch_size, per_step, seq,
+            lay["student"].tp if cfg.parallel.sequence_parallel else 1,
+        )  # fmt: skip
     loss = cfg.loss
     fused_on = ObjectiveConfig(
         name="eopd" if loss.objective == "eopd_exact" else loss.objective, form=loss.form,
@@ -201,7 +207,8 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     div = cfg.parallel.make_vocab_size_divisible_by
     chunk = (loss.fused_chunk_size or 0) * padded_vocab(student.vocab_size, lay["student"].tp, div)
     batch = Batch(
-        micro_batch=mb, seq=seq, micro_batches=-(-per_step // mb), steps=steps, rows=rows,
+        micro_batch=mb, seq=seq, micro_batches=count, steps=steps, rows=rows,
+        micro_tokens=worst[0] * worst[1] if worst else None,
         top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
@@ -244,15 +251,19 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
             f"{ly['pp']}"
             f" x DP {ly['dp']}"
         )
-    lines.append(
-        f"batch per student replica: {b['rows']} rows of {b['seq']} tokens per iteration, "
-        f"{b['steps']} steps of {b['micro_batches']} micro-batches of {b['micro_batch']} rows"
-    )
-    if cfg.rollout.micro_batch_tokens is not None:
+    if b.get("micro_tokens"):
+        rows, positions = b["micro_batch"], b["micro_tokens"]
         lines.append(
-            f"rollout.micro_batch_tokens={cfg.rollout.micro_batch_tokens}: micro-batches as "
-            "above when every row is at the limit (the worst case counted); shorter rows share "
-            "micro-batches of up to that many positions"
+            f"batch per student replica: {b['rows']} rows of up to {b['seq']} tokens per "
+            f"iteration, {b['steps']} steps of at most {b['micro_batches']} micro-batches of at "
+            f"most rollout.micro_batch_tokens={cfg.rollout.micro_batch_tokens} positions; "
+            f"planned at the largest the budget lets through: {rows} rows of "
+            f"{positions // rows} = {positions} positions"
+        )
+    else:
+        lines.append(
+            f"batch per student replica: {b['rows']} rows of {b['seq']} tokens per iteration, "
+            f"{b['steps']} steps of {b['micro_batches']} micro-batches of {b['micro_batch']} rows"
         )
     chosen = "fused" if plan["fused"] else "logits"
     lines.append(f"loss.fused_output resolves to {plan['fused']}: the '{chosen}' column applies")

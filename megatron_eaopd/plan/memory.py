@@ -139,7 +139,7 @@ def layer_activation_terms(
     residual parts) as [s / tp, b, h]: the norm terms are divided by tp."""
     n, h, e, t = tokens, s.hidden, s.bytes, tp
     a, g, d, f = s.heads, s.query_groups, s.head_dim, s.ffn_hidden
-    b = tokens // seq
+    b = -(-tokens // seq)  # rows of length seq (an upper bound when tokens is no multiple)
     sp = t if sequence_parallel else 1  # divisor of the terms outside the TP regions
     if spec == "korthikanti":  # eq. (2) / with SP eq. (4), in bytes: 16-bit, 4h GELU, dropout
         return {
@@ -193,6 +193,33 @@ class Batch:
     kernel_chunk_elems: int = 1 << 24  # unfused kernels' fp32 temporaries (eager kernels)
     compiled_kernels: bool = True  # EAOPD_COMPILE (default on): the unfused kernels keep none
     decode_rows: int | None = None  # rows decoded at once (None: all rows)
+    # positions per micro-batch when not micro_batch * seq: a token budget's worst case, rows
+    # shorter than seq that fill it (the attention terms still count rows of length seq)
+    micro_tokens: int | None = None
+
+    def positions(self) -> int:
+        """Positions (rows x width) of the largest micro-batch."""
+        return self.micro_tokens or self.micro_batch * self.seq
+
+
+def budget_worst_case(
+    budget: int, max_rows: int, rows_per_step: int, longest: int, multiple: int = 1
+) -> tuple[int, tuple[int, int], int]:
+    """The token budget's worst cases (``rollout.micro_batch_tokens``, packed as
+    ``trainer.batches.step_micro_batches`` does: a micro-batch of width w holds at most
+    min(max_rows, budget // w) rows, and at least one): the largest micro-batch it lets through,
+    over every width w up to ``longest`` rounded to ``multiple`` (rows of one length that fill
+    the budget: 3 rows of 3413 under 10239, more than 1 row of 5120), and the most micro-batches
+    per step (every row at the limit). Returns (rows of the largest, (rows, width) of the
+    largest, most micro-batches per step)."""
+    top = -(-longest // multiple) * multiple
+    best = (0, 0)
+    for w in range(multiple, top + 1, multiple):
+        b = max(1, min(max_rows, rows_per_step, budget // w))
+        if b * w >= best[0] * best[1]:
+            best = (b, w)
+    fewest = max(1, min(max_rows, rows_per_step, budget // top))
+    return best[0], best, -(-rows_per_step // fewest)
 
 
 @dataclass
@@ -228,7 +255,7 @@ def student_update_terms(
     the final norm's input and output are [s / tp, b, h]; the output layer's input is gathered
     over the sequence ([s, b, h], saved by the fused loss; the unfused output layer saves its
     [s / tp, b, h] input and gathers again in backward)."""
-    n = batch.micro_batch * batch.seq
+    n = batch.positions()
     sp = lay.tp if sequence_parallel else 1
     per_layer = sum(
         layer_activation_terms(s, n, batch.seq, lay.tp, spec, sequence_parallel).values()
@@ -314,7 +341,7 @@ def plan_memory(
     rs.parts[KEPT] = kept
     rs.parts["student loss (logits or fused chunks)"] = upd["loss"]
     # teacher scoring: no saved activations; one layer's transients and the logits or a chunk
-    n = batch.micro_batch * batch.seq
+    n = batch.positions()
     vt = padded_vocab(teacher.vocab_size, t_lay.tp, divisible_by) // t_lay.tp
     one_layer = sum(layer_activation_terms(teacher, n, batch.seq, t_lay.tp, spec).values())
     if form == "exact":  # the output is kept; unfused, a 16-bit forward's logits before .float()
@@ -338,7 +365,7 @@ def plan_memory(
 def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form) -> None:
     """Bytes sent per rank and iteration (module docstring). Sequence parallelism replaces each
     TP all-reduce by a reduce-scatter and an all-gather of the same ring volume."""
-    n = batch.micro_batch * batch.seq
+    n = batch.positions()
     mbs = batch.micro_batches * batch.steps
     h, e = student.hidden, student.bytes
     layers = student.layers // s_lay.pp

@@ -240,7 +240,9 @@ def test_token_budget_must_hold_the_longest_rollout_row():
     sp = [*base, "parallel.student.tp=2", "parallel.sequence_parallel=true"]
     with pytest.raises(ConfigError) as err:
         load_config(None, [*sp, "rollout.micro_batch_tokens=31"])
-    assert "at least 32" in _problems(err.value)["rollout.micro_batch_tokens"]
+    problem = _problems(err.value)["rollout.micro_batch_tokens"]
+    assert "= 31, rounded up to 32 for sequence_parallel (tp=2)" in problem
+    assert "at least 32" in problem
     assert load_config(None, [*sp, "rollout.micro_batch_tokens=32"]).rollout.micro_batch_tokens
     with pytest.raises(ConfigError) as err:
         load_config(None, ["rollout.micro_batch_tokens=0"])

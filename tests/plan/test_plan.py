@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_eaopd import plan as P
 from megatron_eaopd.plan.cli import main
@@ -365,25 +366,45 @@ def test_cli_on_the_paper_config(capsys):
 
 
 def test_cli_plans_a_token_budget_at_its_worst_case(capsys):
-    """rollout.micro_batch_tokens: micro-batches of budget // seq rows, every row at the limit;
-    the update's activations shrink with the rows, the rest of the plan does not change."""
-    assert main(["--config", PAPER, "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    # 10240 positions hold 2 rows of 5120 (prompt 1024 + response 4096); 11000 still 2
-    for budget, per_mb in ((10240, 2), (11000, 2), (5120, 1), (1 << 20, 4)):
-        argv = ["--config", PAPER, f"rollout.micro_batch_tokens={budget}"]
+    """rollout.micro_batch_tokens: the plan counts the largest micro-batch the trainer's packer
+    (trainer.batches.step_micro_batches) can make under the budget, and the most micro-batches
+    per step, found here by packing a step of rows of every possible length."""
+    from megatron_eaopd.rollout import RolloutBatch
+    from megatron_eaopd.trainer.batches import step_micro_batches
+
+    short = ["rollout.max_prompt_tokens=8", "rollout.max_response_tokens=40",
+             "eval.max_response_tokens=40"]  # fmt: skip
+    assert main(["--config", PAPER, *short, "--json"]) == 0
+    fixed = json.loads(capsys.readouterr().out)
+    seq, cap, per_step = 48, 4, 16  # 32 prompts per step over DP 2, micro_batch_size 4
+    assert fixed["batch"]["micro_batch"] == cap and fixed["batch"]["seq"] == seq
+
+    def packed(width, budget):
+        rows = torch.ones(per_step, dtype=torch.long)
+        batch = RolloutBatch(
+            tokens=torch.ones(per_step, width, dtype=torch.long), prompt_lens=rows,
+            response_lens=rows * (width - 1), logprobs=torch.zeros(per_step, width),
+            entropies=torch.zeros(per_step, width), finished=rows.bool(),
+        )  # fmt: skip
+        (micro,) = step_micro_batches(batch, 0, cap, max_tokens=budget)
+        return max(mb["tokens"].numel() for mb in micro), len(micro)
+
+    for budget in (48, 100, 130, 1 << 20):
+        argv = ["--config", PAPER, *short, f"rollout.micro_batch_tokens={budget}"]
         assert main([*argv, "--json"]) == 0
-        plan = json.loads(capsys.readouterr().out)
-        batch = plan["batch"]
-        assert batch["micro_batch"] == per_mb and batch["seq"] == 5120
-        assert batch["micro_batches"] == 16 // per_mb  # 16 rows per step and replica
-        got, ref = plan["variants"]["fused"]["parts"], rows["variants"]["fused"]["parts"]
-        assert got["update"] * 4 == pytest.approx(ref["update"] * per_mb, rel=0.02)
-        assert got["persistent: student weights"] == ref["persistent: student weights"]
+        batch = json.loads(capsys.readouterr().out)["batch"]
+        packs = [packed(w, budget) for w in range(1, seq + 1)]
+        assert batch["micro_tokens"] == max(p for p, _ in packs)
+        assert batch["micro_batches"] == max(c for _, c in packs)
         assert main(argv) == 0
         out = capsys.readouterr().out
-        assert f"of {16 // per_mb} micro-batches of {per_mb} rows" in out
-        assert f"rollout.micro_batch_tokens={budget}: micro-batches as above" in out
+        assert f"at most rollout.micro_batch_tokens={budget} positions" in out
+        assert f"= {batch['micro_tokens']} positions" in out
+    # a budget that never binds plans what the fixed micro-batches do
+    assert batch["micro_tokens"] == cap * seq
+    assert main(["--config", PAPER, *short, "rollout.micro_batch_tokens=1048576", "--json"]) == 0
+    unbound = json.loads(capsys.readouterr().out)
+    assert unbound["variants"] == fixed["variants"]
     assert main(["--config", PAPER, "rollout.micro_batch_tokens=5000"]) == 2
     assert "rollout.micro_batch_tokens" in capsys.readouterr().err
 

@@ -155,3 +155,18 @@ def test_token_budget_micro_batches_fill_each_to_the_budget_longest_first(budget
     assert len(micro) == sum(map(len, grouped)) and widest == full["tokens"].shape[1]
     with pytest.raises(ValueError, match="max_tokens"):
         step_micro_batches(r, PAD, cap, max_tokens=0)
+
+
+def test_widths_differ_sees_rows_and_widths():
+    from megatron_eaopd.models.student import widths_differ
+
+    def mbs(*shapes):
+        return [{"tokens": torch.zeros(b, s, dtype=torch.long)} for b, s in shapes]
+
+    assert not widths_differ(mbs((4, 10), (4, 10)), 10, 4)
+    assert widths_differ(mbs((4, 10), (2, 10)), 10, 4)  # rows differ, one width
+    assert widths_differ(mbs((4, 10), (4, 8)), 10, 4)
+    assert widths_differ(mbs((2, 10), (2, 10)), 10, 4)  # not the schedule's micro_batch_size
+    assert widths_differ(mbs((4, 8)), 10, 4)  # not its seq_length
+    assert not widths_differ(mbs((2, 8), (2, 8)))
+    assert not widths_differ([], 10, 4)

@@ -198,3 +198,28 @@ def test_one_step_is_layout_invariant_8_ranks(reference):
     for result in _run(8, path):
         assert result["dp"] == 2
         _check(result, ref)
+
+
+def write_equal_rollouts(path: str) -> None:
+    """PROMPTS x SAMPLES rows all of 10 tokens (4 prompt + 6 response)."""
+    from tests.trainer.common import random_rollouts
+
+    gen = torch.Generator().manual_seed(3)
+    rows = PROMPTS * SAMPLES
+    prompt, response = torch.full((rows,), 4), torch.full((rows,), 6)
+    torch.save(random_rollouts(prompt, response, helpers.preset("tiny-student").vocab_size,
+                               gen).__dict__, path)  # fmt: skip
+
+
+def test_equal_widths_with_different_rows_under_pp(tmp_path):
+    """A budget of 4 rows of 10 tokens: each step's 6 rows make micro-batches [4, 10] and
+    [2, 10], of one width but not one row count (the student's PP 2 must send shapes), and at
+    student DP 2 the replicas' [4, 10] and [2, 10] reach a PP 2 teacher (its schedule too)."""
+    path = str(tmp_path / "equal.pt")
+    write_equal_rollouts(path)
+    (ref,) = _run(1, path, layouts=[((1, 1), (1, 1), 6)])
+    results = _run(2, path, layouts=[((1, 2), (1, 1), 6, 40), ((1, 1), (1, 2), 6, 40)])
+    assert results[0]["rows"][0] == [4, 2, 4, 2] and set(results[0]["widths"]) == {10}
+    assert sorted(r for rank in results[1]["rows"] for r in rank) == [2, 2, 4, 4]
+    for result in results:
+        _check(result, ref)
