@@ -170,6 +170,15 @@ def test_rollout_micro_batches_pad_to_a_multiple_for_sequence_parallelism():
         for key in ("tokens", "labels", "loss_mask", "old_logprobs"):
             assert torch.equal(mb[key][0], plain[0][key][row, : mb[key].shape[1]]), key
         assert int(mb["loss_mask"].sum()) == int(plain[0]["loss_mask"][row].sum())
+    # a token budget: 6 positions hold the 6-token row alone, 12 both rows (padded to 6)
+    assert [
+        tuple(mb["tokens"].shape)
+        for mb in rollout_micro_batches(r, 0, 2, by_length=True, max_tokens=6)
+    ] == [(1, 6), (1, 3)]
+    (both,) = rollout_micro_batches(r, 0, 2, by_length=True, max_tokens=12)
+    assert torch.equal(both["tokens"], plain[0]["tokens"])
+    with pytest.raises(ValueError, match="by_length"):
+        rollout_micro_batches(r, 0, 2, max_tokens=12)  # fmt: skip
 
 
 VOCAB = 250
