@@ -258,7 +258,8 @@ class RolloutConfig:
     costs about the same memory. Same update up to float rounding. Must be at least
     max_prompt_tokens + max_response_tokens (rounded up to the student's tp with
     sequence_parallel), so that every row fits; an evaluation row longer than that gets a
-    micro-batch of its own. null: micro_batch_size rows per micro-batch."""
+    micro-batch of its own. eaopd-plan prints the largest budget each GPU fits. null:
+    micro_batch_size rows per micro-batch."""
     max_prompt_tokens: int = _f(1024, ge=1)
     """Longest prompt; longer prompts are an error before training starts."""
     max_response_tokens: int = _f(4096, ge=1)

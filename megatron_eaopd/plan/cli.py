@@ -8,8 +8,9 @@ buffer, Adam state, the teacher's weights) and each phase's transients (rollout 
 scoring, the student update with and without full activation recomputation, the loss as logits
 or fused chunks, the teacher payload or, in the exact form, the teacher's logits shard or hidden
 states kept for the iteration) under the student's sequence parallelism when it is on, the peak,
-the GPUs it fits (90% of 40 / 80 / 141 GB), and the bytes each rank sends per iteration. The
-model is `plan.memory` (docs/memory.md).
+the GPUs it fits (90% of 40 / 80 / 141 GB), the most rows at the length limit per micro-batch
+that each GPU fits (what to set `rollout.micro_batch_tokens` to: `rows_that_fit`), and the bytes
+each rank sends per iteration. The model is `plan.memory` (docs/memory.md).
 
 A model given as a Hugging Face folder takes its shape from the folder's config.json; when the
 folder is not there (planning before the download), `--student-preset` / `--teacher-preset`
@@ -230,6 +231,41 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     return out
 
 
+def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
+                  distributed_optimizer: bool = False) -> dict:  # fmt: skip
+    """What to set for each GPU: the most rows at the length limit per micro-batch with which the
+    plan's peak (loss.fused_output's variant, no recompute) fits it, every smaller count fitting
+    too. Each count k is planned as the token budget k x the limit (rounded up to tp under
+    sequence parallelism) with micro_batch_size the rows of a step: the largest micro-batch any
+    lengths can make under it. Returns {"limit": positions of one row at the limit, "rows_per_step",
+    "rows": {GPU: k (0: not even one row fits)}}: set rollout.micro_batch_tokens to k x limit
+    with a larger micro_batch_size, or micro_batch_size to k (the trainer then uses the largest
+    divisor of the rows per step that is at most k)."""
+    import copy
+
+    r, tp = cfg.rollout, cfg.parallel.student.tp
+    limit = r.max_prompt_tokens + r.max_response_tokens
+    if cfg.parallel.sequence_parallel and tp > 1:
+        limit = -(-limit // tp) * tp
+    dp = world // (tp * cfg.parallel.student.pp)
+    per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / max(dp, 1))
+    found = dict.fromkeys(GPUS, 0)
+    trial = copy.deepcopy(cfg)
+    trial.rollout.micro_batch_size = per_step
+    for k in range(1, per_step + 1):
+        trial.rollout.micro_batch_tokens = k * limit
+        plan = plan_config(trial, world, vocab, spec, distributed_optimizer)
+        chosen = "fused" if plan["fused"] else "logits"
+        ok = fits(plan["variants"][chosen]["peak"])
+        grew = False
+        for gpu, fit in ok.items():
+            if fit and found[gpu] == k - 1:
+                found[gpu], grew = k, True
+        if not grew:
+            break
+    return {"limit": limit, "rows_per_step": per_step, "rows": found}
+
+
 def format_plan(plan: dict, cfg, notes=()) -> str:
     """The plain-text table eaopd-plan prints."""
     b, lay = plan["batch"], plan["layouts"]
@@ -287,6 +323,19 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
             f"fits ({chosen}, {label}): "
             + ", ".join(f"{gpu} {'yes' if y else 'no'}" for gpu, y in ok.items())
         )
+    fit = plan.get("rows_that_fit")
+    if fit:
+
+        def told(k: int) -> str:
+            if k == 0:
+                return "none"
+            every = " (all of a step's)" if k == fit["rows_per_step"] else ""
+            return f"{k}{every}: micro_batch_tokens={k * fit['limit']}"
+
+        lines.append(
+            f"most rows at the limit ({fit['limit']} tokens) per micro-batch that fit ({chosen}, "
+            "no recompute): " + ", ".join(f"{g} {told(k)}" for g, k in fit["rows"].items())
+        )
     lines.append("")
     lines.append(f"{'GiB sent per rank per iteration':<48} {'fused':>9} {'logits':>9}")
     for key in f_["comm"]:
@@ -307,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_config(
             cfg, args.world_size, args.vocab_size, args.spec, args.distributed_optimizer
         )
+        plan["rows_that_fit"] = rows_that_fit(
+            cfg, args.world_size, args.vocab_size, args.spec, args.distributed_optimizer
+        )
     except (ConfigError, ValueError, OSError) as exc:
         print(f"eaopd-plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -317,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["GPUS", "format_plan", "load_plan_config", "main", "plan_config"]
+__all__ = ["GPUS", "format_plan", "load_plan_config", "main", "plan_config", "rows_that_fit"]
 
 
 if __name__ == "__main__":

@@ -409,6 +409,36 @@ def test_cli_plans_a_token_budget_at_its_worst_case(capsys):
     assert "rollout.micro_batch_tokens" in capsys.readouterr().err
 
 
+def test_rows_that_fit_are_the_most_the_plan_fits(capsys):
+    """The suggestion line: for each GPU the most rows at the limit per micro-batch (as a token
+    budget) whose plan fits, the next count not; and at the config's own 4-row micro-batches
+    (fixed rows, the other code path) the fits line agrees with it."""
+    from megatron_eaopd.plan.cli import load_plan_config, plan_config, rows_that_fit
+    from megatron_eaopd.plan.memory import fits
+
+    cfg, _ = load_plan_config(PAPER, [])
+    fit = rows_that_fit(cfg, 8)
+    assert fit["limit"] == 5120 and fit["rows_per_step"] == 16
+    rows = fit["rows"]
+    assert rows["A100-40GB"] < rows["A100/H100-80GB"] <= rows["H200-141GB"]
+
+    def fitting(budget):
+        trial, _ = load_plan_config(PAPER, [f"rollout.micro_batch_tokens={budget}",
+                                            "rollout.micro_batch_size=16"])  # fmt: skip
+        return fits(plan_config(trial, 8)["variants"]["fused"]["peak"])
+
+    for gpu, k in rows.items():
+        assert k == 0 or fitting(k * 5120)[gpu], gpu
+        assert k == 16 or not fitting((k + 1) * 5120)[gpu], gpu
+    at_four = fits(plan_config(cfg, 8)["variants"]["fused"]["peak"])
+    assert cfg.rollout.micro_batch_size == 4 and cfg.rollout.micro_batch_tokens is None
+    assert at_four == {gpu: k >= 4 for gpu, k in rows.items()}
+    assert main(["--config", PAPER]) == 0
+    line = next(x for x in capsys.readouterr().out.split("\n") if x.startswith("most rows"))
+    for gpu, k in rows.items():
+        assert f"{gpu} {k}" in line and (k == 0 or f"micro_batch_tokens={k * 5120}" in line)
+
+
 def test_cli_with_one_of_the_two_folders_downloaded(capsys, tmp_path):
     """The student folder on disk, the teacher's not yet: the teacher is planned from its preset
     and the config keeps the student folder's tokenizer (a task tokenizer next to an HF model is

@@ -118,7 +118,9 @@ def test_length_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
         length_micro_batches(r, PAD, 4, groups=2)
 
 
-@pytest.mark.parametrize("budget,cap,multiple", [(40, 8, 1), (40, 3, 1), (64, 16, 4), (17, 4, 1)])
+@pytest.mark.parametrize(
+    "budget,cap,multiple", [(40, 8, 1), (40, 3, 1), (64, 16, 4), (17, 4, 1), (10, 4, 1)]
+)
 def test_token_budget_micro_batches_fill_each_to_the_budget_longest_first(budget, cap, multiple):
     from tests.trainer.common import random_rollouts
 
@@ -153,6 +155,8 @@ def test_token_budget_micro_batches_fill_each_to_the_budget_longest_first(budget
     micro, widest = length_micro_batches(r, PAD, cap, groups=groups, multiple=multiple,
                                          max_tokens=budget)  # fmt: skip
     assert len(micro) == sum(map(len, grouped)) and widest == full["tokens"].shape[1]
+    if budget < max(lengths):  # rows longer than the budget: one micro-batch each
+        assert any(mb["tokens"].shape[1] > budget for mb in micro)
     with pytest.raises(ValueError, match="max_tokens"):
         step_micro_batches(r, PAD, cap, max_tokens=0)
 

@@ -33,6 +33,9 @@ def _worker(rank, world, tmp, tp):
         + [
             f"parallel.student.tp={tp}",
             f"rollout.pp_interleave={'true' if tp == 2 else 'false'}",  # both paths
+            # TP 2 x PP 2 also fills micro-batches to a token budget (2 rows at the 40-token
+            # limit, up to 4 shorter ones): the schedule sends shapes whose rows differ
+            *(["rollout.micro_batch_tokens=80", "rollout.micro_batch_size=4"] if tp == 2 else []),
             f"training.output_dir={tmp}/run",
             f"teacher_prep.cache_dir={tmp}/teachers",
             f"student_prep.cache_dir={tmp}/students",
@@ -59,14 +62,25 @@ def _worker(rank, world, tmp, tp):
         return interleave(*args, **kwargs)
 
     FastDecoder.forward, G.run_interleaved = counted, counted_chunks
+    loop = importlib.import_module("megatron_eaopd.trainer.loop")
+    distill, shapes = loop.distill_on_rollouts, []
+
+    def recorded(*args, **kwargs):  # the micro-batches' shapes of every iteration
+        done = distill(*args, **kwargs)
+        shapes.append([tuple(mb["tokens"].shape) for mb in done["micro"]])
+        return done
+
+    loop.distill_on_rollouts = recorded
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             summary = run(cfg)
     finally:
         FastDecoder.forward, G.run_interleaved = original, interleave
+        loop.distill_on_rollouts = distill
     fallbacks = [str(w.message) for w in caught if "megatron's forward" in str(w.message)]
-    return dict(summary, fast_forwards=calls[0], fallbacks=fallbacks, interleaved=chunks[0])
+    return dict(summary, fast_forwards=calls[0], fallbacks=fallbacks, interleaved=chunks[0],
+                shapes=shapes)  # fmt: skip
 
 
 # TP 1 x PP 2 with -m slow (13 s on 2 cores): TP 2 x PP 2 runs the same pipeline paths, and
@@ -82,6 +96,10 @@ def test_trainer_with_pipeline_parallel_student(tmp_path, tp):
     ]
     # rollout.pp_interleave reaches the rollouts and the evaluation (on at TP 2 x PP 2 here)
     assert all((s["interleaved"] > 0) == (tp == 2) for s in summaries), summaries
+    if tp == 2:  # rollout.micro_batch_tokens: every micro-batch within 80 positions
+        shapes = [shape for it in summaries[0]["shapes"] for shape in it]
+        assert len(summaries[0]["shapes"]) == 2 and shapes, summaries[0]["shapes"]
+        assert all(b * s <= 80 and b <= 4 for b, s in shapes), shapes
     # both stages hold the same (reduced) metrics
     same = [
         {k: v for k, v in s["train"].items() if not k.startswith("time_") and k != "tokens_per_s"}
