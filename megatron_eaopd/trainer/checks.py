@@ -61,12 +61,23 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     mini-batch, dealt round-robin, times samples_per_prompt) have no divisor above half of
     ``rollout.micro_batch_size`` (or of the rows, when fewer): the update then runs many small
     micro-batches (7 rows and micro-batch size 4: seven of 1), a slowdown nothing else reports.
-    None when it is fine, and with ``rollout.micro_batch_tokens`` (no divisor is needed then;
-    ``Trainer.setup`` logs it on rank 0)."""
+    With ``rollout.micro_batch_tokens`` no divisor is needed; the warning is then that the budget
+    never binds (micro_batch_size rows at the length limit fit in it: the budget changes nothing
+    then, and shorter rows cannot share larger micro-batches). None when it is fine
+    (``Trainer.setup`` logs it on rank 0)."""
     from megatron_eaopd.trainer.batches import largest_divisor
 
     r = cfg.rollout
     if r.micro_batch_tokens is not None:
+        limit = r.max_prompt_tokens + r.max_response_tokens
+        if r.micro_batch_size * limit <= r.micro_batch_tokens:
+            return (
+                f"rollout.micro_batch_tokens={r.micro_batch_tokens} never binds: "
+                f"rollout.micro_batch_size={r.micro_batch_size} rows of at most {limit} tokens "
+                f"hold at most {r.micro_batch_size * limit} positions. Raise micro_batch_size so "
+                "that short rows share larger micro-batches (the budget still bounds long ones), "
+                "or lower the budget"
+            )
         return None
     s = cfg.parallel.student
     dp = max(1, world_size // (s.tp * s.pp))

@@ -335,6 +335,11 @@ def test_micro_batches_that_shrink_to_a_poor_divisor_are_warned_about(tmp_path):
     assert text is None  # 3 rows: one micro-batch of 3; 4 rows: two of 2 (not below half)
     assert warn(2 * tp, "rollout.mini_batch_size=10", "rollout.micro_batch_size=4",
                 "rollout.prompts_per_iteration=20")  # fmt: skip
+    # a token budget needs no divisor; it is warned about when micro_batch_size rows at the limit
+    # (16 + 80 tokens in this config) fit it: then it changes nothing
+    assert warn(tp, *even, "rollout.micro_batch_tokens=192", "rollout.micro_batch_size=3") is None
+    text = warn(tp, *even, "rollout.micro_batch_tokens=384")
+    assert text and "micro_batch_tokens=384 never binds" in text and "384 positions" in text, text
     from tests.paper_configs import hf_overrides
 
     for path in sorted(TINY.parent.glob("*.yaml")):  # the shipped configs at their world size
