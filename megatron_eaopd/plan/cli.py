@@ -196,10 +196,11 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
         mb = max(d for d in range(1, min(r.micro_batch_size, per_step) + 1) if per_step % d == 0)
         count = per_step // mb
     else:
+        multiple = lay["student"].tp if cfg.parallel.sequence_parallel else 1
         mb, worst, count = budget_worst_case(
-            r.micro_batch_tokens, r.micro_batch_size, per_step, seq,
-            lay["student"].tp if cfg.parallel.sequence_parallel else 1,
-        )  # fmt: skip
+            r.micro_batch_tokens, r.micro_batch_size, per_step, seq, multiple
+        )
+        top = -(-seq // multiple) * multiple  # the longest row the packer makes
     loss = cfg.loss
     fused_on = ObjectiveConfig(
         name="eopd" if loss.objective == "eopd_exact" else loss.objective, form=loss.form,
@@ -210,6 +211,7 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     batch = Batch(
         micro_batch=mb, seq=seq, micro_batches=count, steps=steps, rows=rows,
         micro_tokens=worst[0] * worst[1] if worst else None,
+        step_positions=per_step * top if worst else None,
         top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
@@ -234,13 +236,14 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
 def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
                   distributed_optimizer: bool = False) -> dict:  # fmt: skip
     """What to set for each GPU: the most rows at the length limit per micro-batch with which the
-    plan's peak (loss.fused_output's variant, no recompute) fits it, every smaller count fitting
-    too. Each count k is planned as the token budget k x the limit (rounded up to tp under
-    sequence parallelism) with micro_batch_size the rows of a step: the largest micro-batch any
-    lengths can make under it. Returns {"limit": positions of one row at the limit, "rows_per_step",
-    "rows": {GPU: k (0: not even one row fits)}}: set rollout.micro_batch_tokens to k x limit
-    with a larger micro_batch_size, or micro_batch_size to k (the trainer then uses the largest
-    divisor of the rows per step that is at most k)."""
+    plan's peak (loss.fused_output's variant, no recompute) fits it (a smaller count need not:
+    under pipeline parallelism more micro-batches can be in flight). Each count k is planned as
+    the token budget k x the limit (rounded up to tp under sequence parallelism) with
+    micro_batch_size the rows of a step: the largest micro-batch any lengths can make under it.
+    Returns {"limit": positions of one row at the limit, "rows_per_step", "rows": {GPU: k (0:
+    not even one row fits)}}: set rollout.micro_batch_tokens to k x limit with micro_batch_size
+    at least k (the trainer's fixed micro-batches use the largest divisor of the rows per step
+    that is at most micro_batch_size)."""
     import copy
 
     r, tp = cfg.rollout, cfg.parallel.student.tp
@@ -252,17 +255,13 @@ def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
     found = dict.fromkeys(GPUS, 0)
     trial = copy.deepcopy(cfg)
     trial.rollout.micro_batch_size = per_step
-    for k in range(1, per_step + 1):
+    for k in range(1, per_step + 1):  # every k: the peak need not grow with k (fewer in flight)
         trial.rollout.micro_batch_tokens = k * limit
         plan = plan_config(trial, world, vocab, spec, distributed_optimizer)
         chosen = "fused" if plan["fused"] else "logits"
-        ok = fits(plan["variants"][chosen]["peak"])
-        grew = False
-        for gpu, fit in ok.items():
-            if fit and found[gpu] == k - 1:
-                found[gpu], grew = k, True
-        if not grew:
-            break
+        for gpu, fit in fits(plan["variants"][chosen]["peak"]).items():
+            if fit:
+                found[gpu] = k
     return {"limit": limit, "rows_per_step": per_step, "rows": found}
 
 
@@ -334,7 +333,8 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
 
         lines.append(
             f"most rows at the limit ({fit['limit']} tokens) per micro-batch that fit ({chosen}, "
-            "no recompute): " + ", ".join(f"{g} {told(k)}" for g, k in fit["rows"].items())
+            "no recompute; with rollout.micro_batch_size at least that): "
+            + ", ".join(f"{g} {told(k)}" for g, k in fit["rows"].items())
         )
     lines.append("")
     lines.append(f"{'GiB sent per rank per iteration':<48} {'fused':>9} {'logits':>9}")

@@ -31,7 +31,9 @@ their rstd; the column-parallel linears save their input before the all-gather),
 replicated 10 s b h (their eq. (4)), the final norm and each layer's checkpointed input.
 Full activation recomputation keeps each layer's input n h e and, during backward, one layer's
 activations. Megatron's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in
-flight on a stage; the first stage has the most.
+flight on a stage; the first stage has the most. Under a token budget (rollout.micro_batch_tokens)
+each is planned at the largest micro-batch the budget lets through (`budget_worst_case`) and
+together at most one step's rows at the limit; the communication likewise (an upper bound).
 
 The loss: unfused, the [n, V_pad / t] logits in the compute dtype, their gradient and, with
 eager kernels (EAOPD_COMPILE=0; compiled is the default and keeps none), three fp32 chunks;
@@ -196,6 +198,8 @@ class Batch:
     # positions per micro-batch when not micro_batch * seq: a token budget's worst case, rows
     # shorter than seq that fill it (the attention terms still count rows of length seq)
     micro_tokens: int | None = None
+    # a token budget's cap on what is in flight: one step's rows at the limit (None: no cap)
+    step_positions: int | None = None
 
     def positions(self) -> int:
         """Positions (rows x width) of the largest micro-batch."""
@@ -265,6 +269,12 @@ def student_update_terms(
     acts = per_layer * layers * in_flight
     layer_input = n * s.hidden * s.bytes // sp  # what full recompute keeps per layer
     recompute = layer_input * layers * in_flight + per_layer
+    cap = batch.step_positions
+    if cap and in_flight * n > cap:  # a budget: the micro-batches in flight hold one step at most
+        acts = layers * sum(
+            layer_activation_terms(s, cap, batch.seq, lay.tp, spec, sequence_parallel).values()
+        )
+        recompute = cap * s.hidden * s.bytes // sp * layers + per_layer
     v = padded_vocab(s.vocab_size, lay.tp, divisible_by) // lay.tp
     nhe = n * s.hidden * s.bytes
     # final norm (input, output) and the output layer's input
@@ -367,6 +377,8 @@ def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, for
     TP all-reduce by a reduce-scatter and an all-gather of the same ring volume."""
     n = batch.positions()
     mbs = batch.micro_batches * batch.steps
+    if batch.step_positions and batch.micro_batches * n > batch.step_positions:
+        mbs = batch.steps * batch.step_positions / n  # a budget: one step's rows at most
     h, e = student.hidden, student.bytes
     layers = student.layers // s_lay.pp
     rs.comm["student TP all-reduces"] = mbs * 4 * layers * _ring(n * h * e, s_lay.tp)

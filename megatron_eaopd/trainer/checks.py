@@ -62,26 +62,34 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     ``rollout.micro_batch_size`` (or of the rows, when fewer): the update then runs many small
     micro-batches (7 rows and micro-batch size 4: seven of 1), a slowdown nothing else reports.
     With ``rollout.micro_batch_tokens`` no divisor is needed; the warning is then that the budget
-    never binds (micro_batch_size rows at the length limit fit in it: the budget changes nothing
-    then, and shorter rows cannot share larger micro-batches). None when it is fine
+    never binds (micro_batch_size rows, or a replica's rows per step when fewer, at the length
+    limit fit in it: the budget changes nothing then). None when it is fine
     (``Trainer.setup`` logs it on rank 0)."""
     from megatron_eaopd.trainer.batches import largest_divisor
 
     r = cfg.rollout
-    if r.micro_batch_tokens is not None:
-        limit = r.max_prompt_tokens + r.max_response_tokens
-        if r.micro_batch_size * limit <= r.micro_batch_tokens:
-            return (
-                f"rollout.micro_batch_tokens={r.micro_batch_tokens} never binds: "
-                f"rollout.micro_batch_size={r.micro_batch_size} rows of at most {limit} tokens "
-                f"hold at most {r.micro_batch_size * limit} positions. Raise micro_batch_size so "
-                "that short rows share larger micro-batches (the budget still bounds long ones), "
-                "or lower the budget"
-            )
-        return None
     s = cfg.parallel.student
     dp = max(1, world_size // (s.tp * s.pp))
     m = r.mini_batch_size
+    if r.micro_batch_tokens is not None:
+        limit = r.max_prompt_tokens + r.max_response_tokens
+        if cfg.parallel.sequence_parallel and s.tp > 1:  # rows round up to tp, as they are cut
+            limit = -(-limit // s.tp) * s.tp
+        rows = -(-m // dp) * r.samples_per_prompt  # the most rows of a replica per step
+        most = min(r.micro_batch_size, rows)
+        if most * limit <= r.micro_batch_tokens:
+            if r.micro_batch_size < rows:
+                fix = ("raise micro_batch_size so that short rows share larger micro-batches "
+                       "(the budget still bounds long ones), or lower the budget")  # fmt: skip
+            else:
+                fix = f"a whole step's {rows} rows fit in it: lower the budget, or leave it null"
+            return (
+                f"rollout.micro_batch_tokens={r.micro_batch_tokens} never binds: "
+                f"micro-batches of at most {most} rows (micro_batch_size "
+                f"{r.micro_batch_size}, {rows} rows per replica and step) of at most {limit} "
+                f"tokens hold at most {most * limit} positions; {fix}"
+            )
+        return None
     for prompts in sorted({m // dp, -(-m // dp)}):
         rows = prompts * r.samples_per_prompt
         used = largest_divisor(rows, r.micro_batch_size) if rows else 0

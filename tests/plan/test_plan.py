@@ -379,14 +379,14 @@ def test_cli_plans_a_token_budget_at_its_worst_case(capsys):
     seq, cap, per_step = 48, 4, 16  # 32 prompts per step over DP 2, micro_batch_size 4
     assert fixed["batch"]["micro_batch"] == cap and fixed["batch"]["seq"] == seq
 
-    def packed(width, budget):
+    def packed(width, budget, multiple=1):
         rows = torch.ones(per_step, dtype=torch.long)
         batch = RolloutBatch(
             tokens=torch.ones(per_step, width, dtype=torch.long), prompt_lens=rows,
             response_lens=rows * (width - 1), logprobs=torch.zeros(per_step, width),
             entropies=torch.zeros(per_step, width), finished=rows.bool(),
         )  # fmt: skip
-        (micro,) = step_micro_batches(batch, 0, cap, max_tokens=budget)
+        (micro,) = step_micro_batches(batch, 0, cap, max_tokens=budget, multiple=multiple)
         return max(mb["tokens"].numel() for mb in micro), len(micro)
 
     for budget in (48, 100, 130, 1 << 20):
@@ -407,12 +407,21 @@ def test_cli_plans_a_token_budget_at_its_worst_case(capsys):
     assert unbound["variants"] == fixed["variants"]
     assert main(["--config", PAPER, "rollout.micro_batch_tokens=5000"]) == 2
     assert "rollout.micro_batch_tokens" in capsys.readouterr().err
+    # sequence parallelism (the config's student tp 2): rows of 1-47 tokens are cut at even widths
+    sp = ["rollout.max_prompt_tokens=8", "rollout.max_response_tokens=39",
+          "eval.max_response_tokens=39", "parallel.sequence_parallel=true"]  # fmt: skip
+    for budget in (48, 100, 141):
+        assert main(["--config", PAPER, *sp, f"rollout.micro_batch_tokens={budget}", "--json"]) == 0
+        batch = json.loads(capsys.readouterr().out)["batch"]
+        packs = [packed(w, budget, multiple=2) for w in range(1, 48)]
+        assert batch["micro_tokens"] == max(p for p, _ in packs), budget
+        assert batch["micro_batches"] == max(c for _, c in packs), budget
 
 
 def test_rows_that_fit_are_the_most_the_plan_fits(capsys):
     """The suggestion line: for each GPU the most rows at the limit per micro-batch (as a token
-    budget) whose plan fits, the next count not; and at the config's own 4-row micro-batches
-    (fixed rows, the other code path) the fits line agrees with it."""
+    budget) whose plan fits, no larger count fitting; and 4 rows at the limit as a budget plans
+    exactly what the config's fixed 4-row micro-batches (the other code path) do."""
     from megatron_eaopd.plan.cli import load_plan_config, plan_config, rows_that_fit
     from megatron_eaopd.plan.memory import fits
 
@@ -427,12 +436,15 @@ def test_rows_that_fit_are_the_most_the_plan_fits(capsys):
                                             "rollout.micro_batch_size=16"])  # fmt: skip
         return fits(plan_config(trial, 8)["variants"]["fused"]["peak"])
 
+    larger = [fitting(j * 5120) for j in range(1, 17)]
     for gpu, k in rows.items():
-        assert k == 0 or fitting(k * 5120)[gpu], gpu
-        assert k == 16 or not fitting((k + 1) * 5120)[gpu], gpu
-    at_four = fits(plan_config(cfg, 8)["variants"]["fused"]["peak"])
+        assert k == 0 or larger[k - 1][gpu], gpu
+        assert not any(f[gpu] for f in larger[k:]), gpu  # no larger count fits
+    # 4 rows at the limit as a budget is planned as the config's fixed 4-row micro-batches
     assert cfg.rollout.micro_batch_size == 4 and cfg.rollout.micro_batch_tokens is None
-    assert at_four == {gpu: k >= 4 for gpu, k in rows.items()}
+    as_budget, _ = load_plan_config(PAPER, ["rollout.micro_batch_tokens=20480",
+                                            "rollout.micro_batch_size=16"])  # fmt: skip
+    assert plan_config(as_budget, 8)["variants"] == plan_config(cfg, 8)["variants"]
     assert main(["--config", PAPER]) == 0
     line = next(x for x in capsys.readouterr().out.split("\n") if x.startswith("most rows"))
     for gpu, k in rows.items():

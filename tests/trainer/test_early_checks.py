@@ -340,6 +340,16 @@ def test_micro_batches_that_shrink_to_a_poor_divisor_are_warned_about(tmp_path):
     assert warn(tp, *even, "rollout.micro_batch_tokens=192", "rollout.micro_batch_size=3") is None
     text = warn(tp, *even, "rollout.micro_batch_tokens=384")
     assert text and "micro_batch_tokens=384 never binds" in text and "384 positions" in text, text
+    assert "raise micro_batch_size" in text
+    # 8 rows per step (mini-batch 8, one sample) in one budget of 8 x 96: a whole step fits
+    text = warn(tp, *even, "rollout.micro_batch_tokens=768", "rollout.micro_batch_size=32")
+    assert text and "a whole step's 8 rows fit in it" in text, text
+    assert warn(tp, *even, "rollout.micro_batch_tokens=767", "rollout.micro_batch_size=32") is None
+    # under sequence parallelism rows round up to tp: 16 + 79 tokens are cut at 96
+    sp = ["parallel.student.tp=2", "parallel.teacher.tp=2", "parallel.sequence_parallel=true",
+          "rollout.max_response_tokens=79", "eval.max_response_tokens=79"]  # fmt: skip
+    assert warn(2, *even, *sp, "rollout.micro_batch_tokens=383") is None  # 4 x 96 > 383
+    assert "never binds" in warn(2, *even, *sp, "rollout.micro_batch_tokens=384")
     from tests.paper_configs import hf_overrides
 
     for path in sorted(TINY.parent.glob("*.yaml")):  # the shipped configs at their world size
