@@ -41,6 +41,7 @@ __all__ = [
     "flatten",
     "load_config",
     "load_yaml_with_defaults",
+    "longest_rollout_row",
     "parse_override",
     "save_resolved",
 ]
@@ -359,6 +360,17 @@ def _resolve_derived(cfg: EAOPDConfig) -> None:
             cfg.tokenizer.path = hf
 
 
+def longest_rollout_row(cfg: EAOPDConfig) -> int:
+    """Positions of the longest row the update's micro-batches can hold: rollout.max_prompt_tokens
+    + max_response_tokens, rounded up to the student's tp under sequence parallelism (rows are
+    cut at multiples of tp then)."""
+    longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    tp = cfg.parallel.student.tp
+    if cfg.parallel.sequence_parallel and tp > 1:
+        longest = -(-longest // tp) * tp
+    return longest
+
+
 def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
     """Cross-field rules that a single field's type and range cannot express."""
     for who in ("student", "teacher"):
@@ -403,19 +415,15 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
                 )
     r = cfg.rollout
     if r.micro_batch_tokens is not None:
-        longest = r.max_prompt_tokens + r.max_response_tokens
-        tp = cfg.parallel.student.tp
-        if cfg.parallel.sequence_parallel and tp > 1:
-            longest = -(-longest // tp) * tp
+        longest, total = longest_rollout_row(cfg), r.max_prompt_tokens + r.max_response_tokens
         if r.micro_batch_tokens < longest:
             problems.append(
                 (
                     "rollout.micro_batch_tokens",
                     f"{r.micro_batch_tokens} is below the longest rollout row "
-                    f"(rollout.max_prompt_tokens + max_response_tokens = "
-                    f"{r.max_prompt_tokens + r.max_response_tokens}"
-                    + (f", rounded up to {longest} for sequence_parallel (tp={tp})"
-                       if longest != r.max_prompt_tokens + r.max_response_tokens else "")
+                    f"(rollout.max_prompt_tokens + max_response_tokens = {total}"
+                    + (f", rounded up to {longest} for sequence_parallel "
+                       f"(tp={cfg.parallel.student.tp})" if longest != total else "")
                     + f"): set it to at least {longest}, or null for micro_batch_size rows",
                 )
             )  # fmt: skip

@@ -35,9 +35,8 @@ def _check_replica_agreement(meta: torch.Tensor, table, student: int) -> None:
             raise ValueError(
                 f"score_for_student: the ranks {ranks} of student data-parallel replica {i} hold "
                 f"different micro-batches (count, most rows, widest, shapes differ, widths, rows "
-                f"per rank: "
-                f"{rows.tolist()}); every "
-                f"rank of a replica must pass the same micro-batches"
+                f"per rank: {rows.tolist()}); every rank of a replica must pass the same "
+                "micro-batches"
             )
 
 
@@ -118,8 +117,7 @@ def score_for_student(
     out_of_range = torch.zeros((), dtype=torch.bool, device=device)  # no host sync per batch
     for mb in batches if count >= 0 else ():
         pos = mb.get("position_ids")
-        s_mb = mb["tokens"].shape[1]
-        b_mb = mb["tokens"].shape[0]
+        b_mb, s_mb = mb["tokens"].shape
         if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_mb).expand(b_mb, -1)):
             count = -2
         elif tuple(mb["labels"].shape) != tuple(mb["tokens"].shape):

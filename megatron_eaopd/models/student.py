@@ -125,7 +125,7 @@ def setup_student(chunks, optim: OptimConfig, ddp_config=None) -> Student:
     return Student(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
 
 
-def widths_differ(batches, seq_length: int | None = None, micro_batch_size: int | None = None
+def shapes_differ(batches, seq_length: int | None = None, micro_batch_size: int | None = None
                   ) -> bool:  # fmt: skip
     """True when the micro-batches (dicts with "tokens" [b, s]) are not all of one shape, or
     (``seq_length`` / ``micro_batch_size`` given) not all of width ``seq_length`` / of
@@ -143,18 +143,20 @@ def widths_differ(batches, seq_length: int | None = None, micro_batch_size: int 
 
 
 @contextlib.contextmanager
-def variable_widths(chunks, vary: bool = True):
+def variable_shapes(chunks, batches=None, seq_length=None, micro_batch_size=None):
     """While in the block, megatron's pipeline schedule sends each micro-batch's activation shape
-    before the activations (``config.variable_seq_lengths``) when ``vary`` (the micro-batches
-    differ in width or rows: :func:`widths_differ`) and the model is pipelined; otherwise
-    nothing changes (a receiving stage allocates [seq_length, micro_batch_size, h]). The setting
-    is restored on exit. Collectives: none here; in the schedule, one extra p2p of 3 int64
-    before each activation and gradient transfer."""
+    before the activations (``config.variable_seq_lengths``) when the model is pipelined and
+    ``batches`` is None (always) or its shapes are not all [micro_batch_size, seq_length]
+    (:func:`shapes_differ`); otherwise nothing changes (a receiving stage allocates
+    [seq_length, micro_batch_size, h]). The setting is restored on exit. Collectives: none
+    here; in the schedule, one extra p2p of 3 int64 before each activation and gradient
+    transfer."""
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_model_config
 
     config = get_model_config(chunks[0])
     before = config.variable_seq_lengths
+    vary = batches is None or shapes_differ(batches, seq_length, micro_batch_size)
     if vary and ps.get_pipeline_model_parallel_world_size() > 1:
         config.variable_seq_lengths = True
     try:
@@ -171,19 +173,20 @@ def run_forward_backward(
     seq_length,
     micro_batch_size,
     forward_only=False,
-    widths_vary=False,
+    micro_batches=None,
 ):
     """megatron's forward_backward_func for the current PP/VPP; returns the last stage's outputs.
 
-    `data_iterator` is one iterator, or a list with one per model chunk under VPP. Pass
-    `widths_vary` = ``widths_differ(micro_batches, seq_length, micro_batch_size)``: when any
-    micro-batch is not [micro_batch_size, seq_length], the pipeline schedule exchanges each one's
-    shape (:func:`variable_widths`).
+    `data_iterator` is one iterator, or a list with one per model chunk under VPP. Pass the
+    `micro_batches` behind it when their shapes may differ: when any is not [micro_batch_size,
+    seq_length], the pipeline schedule exchanges each one's shape (:func:`variable_shapes`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    with variable_widths(chunks, widths_vary):
+    shapes = (contextlib.nullcontext() if micro_batches is None else
+              variable_shapes(chunks, micro_batches, seq_length, micro_batch_size))  # fmt: skip
+    with shapes:
         return forward_backward(
             forward_step_func=forward_step_func,
             data_iterator=data_iterator,

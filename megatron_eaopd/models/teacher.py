@@ -81,7 +81,7 @@ class FrozenTeacher:
         sampled at each position, when `payload_k` is set); optional "attention_mask". Batches
         may differ in width s and rows b (`seq_length` and `micro_batch_size` are then the
         largest; under pipeline parallelism the schedule sends each activation's shape first:
-        `models.student.variable_widths`). Returns on
+        `models.student.variable_shapes`). Returns on
         the last pipeline stage one entry per micro-batch: logits [s, b, V_pad / tp] (fp32), or
         with `payload_k` a TeacherPayload over the first `vocab_size` columns (the shared real
         vocabulary); an empty list on other stages.
@@ -98,7 +98,7 @@ class FrozenTeacher:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
-        from megatron_eaopd.models.student import variable_widths, widths_differ
+        from megatron_eaopd.models.student import variable_shapes
 
         batches = list(batches)
         fuse = fused and payload_k is not None
@@ -139,7 +139,7 @@ class FrozenTeacher:
         iterators = iter(batches) if len(self.chunks) == 1 else [iter(batches) for _ in self.chunks]
         with (
             torch.no_grad(),
-            variable_widths(self.chunks, widths_differ(batches, seq_length, micro_batch_size)),
+            variable_shapes(self.chunks, batches, seq_length, micro_batch_size),
         ):
             out = get_forward_backward_func()(
                 forward_step_func=forward_step,

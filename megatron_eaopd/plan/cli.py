@@ -27,6 +27,7 @@ import math
 import os
 import sys
 
+from megatron_eaopd.config.loader import longest_rollout_row
 from megatron_eaopd.plan.memory import (
     GIB,
     GPUS,
@@ -200,7 +201,6 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
         mb, worst, count = budget_worst_case(
             r.micro_batch_tokens, r.micro_batch_size, per_step, seq, multiple
         )
-        top = -(-seq // multiple) * multiple  # the longest row the packer makes
     loss = cfg.loss
     fused_on = ObjectiveConfig(
         name="eopd" if loss.objective == "eopd_exact" else loss.objective, form=loss.form,
@@ -211,7 +211,7 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     batch = Batch(
         micro_batch=mb, seq=seq, micro_batches=count, steps=steps, rows=rows,
         micro_tokens=worst[0] * worst[1] if worst else None,
-        step_positions=per_step * top if worst else None,
+        step_positions=per_step * longest_rollout_row(cfg) if worst else None,
         top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
@@ -246,12 +246,9 @@ def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
     that is at most micro_batch_size)."""
     import copy
 
-    r, tp = cfg.rollout, cfg.parallel.student.tp
-    limit = r.max_prompt_tokens + r.max_response_tokens
-    if cfg.parallel.sequence_parallel and tp > 1:
-        limit = -(-limit // tp) * tp
-    dp = world // (tp * cfg.parallel.student.pp)
-    per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / max(dp, 1))
+    r, s = cfg.rollout, cfg.parallel.student
+    limit = longest_rollout_row(cfg)
+    per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / max(world // (s.tp * s.pp), 1))
     found = dict.fromkeys(GPUS, 0)
     trial = copy.deepcopy(cfg)
     trial.rollout.micro_batch_size = per_step

@@ -185,20 +185,20 @@ def rollout_micro_batches(
     ``multiple``: pad the sequence length to a multiple of this with masked pad tokens; a student
     built with sequence parallelism needs ``models.sequence_parallel.sequence_multiple(model)``
     (its TP size). ``by_length``: order the rows by length (longest first) and pad each
-    micro-batch only to its own longest row (``trainer.batches.length_micro_batches``; the same
+    micro-batch only to its own longest row (``trainer.batches.step_micro_batches``; the same
     loss, less compute on length-skewed rollouts); the widths then differ, so under pipeline
-    parallelism run your schedule inside ``models.student.variable_widths(model_chunks)`` (it sets
+    parallelism run your schedule inside ``models.student.variable_shapes(model_chunks)`` (it sets
     ``variable_seq_lengths`` for the block) and pass the widest as ``seq_length``.
     ``max_tokens`` (needs ``by_length``): a token budget, as ``rollout.micro_batch_tokens``; each
     micro-batch holds at most that many padded positions (rows x width) and at most
     ``micro_batch_size`` rows, so the row counts differ too: pass the most rows as
-    ``micro_batch_size`` to the schedule, inside ``variable_widths`` under pipeline parallelism.
+    ``micro_batch_size`` to the schedule, inside ``variable_shapes`` under pipeline parallelism.
     """
-    from megatron_eaopd.trainer.batches import collate, length_micro_batches, split_micro_batches
+    from megatron_eaopd.trainer.batches import collate, split_micro_batches, step_micro_batches
 
     if max_tokens is not None and not by_length:
         raise ValueError("max_tokens needs by_length=True (micro-batches cut by length)")
     if by_length:
-        return length_micro_batches(rollouts, pad_id, micro_batch_size, multiple=multiple,
-                                    max_tokens=max_tokens)[0]  # fmt: skip
+        return step_micro_batches(rollouts, pad_id, micro_batch_size, multiple=multiple,
+                                  max_tokens=max_tokens)[0]  # fmt: skip
     return split_micro_batches(collate(rollouts, pad_id, multiple=multiple), micro_batch_size)

@@ -19,7 +19,6 @@ from megatron_eaopd.rollout import RolloutBatch
 __all__ = [
     "attach_teacher",
     "collate",
-    "length_micro_batches",
     "on_device",
     "split_micro_batches",
     "step_micro_batches",
@@ -98,26 +97,6 @@ def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
         {k: v[i : i + micro_batch_size] for k, v in batch.items()}
         for i in range(0, b, micro_batch_size)
     ]
-
-
-def length_micro_batches(
-    rollouts: RolloutBatch,
-    pad_id: int,
-    micro_batch_size: int,
-    *,
-    groups: int = 1,
-    multiple: int = 1,
-    max_tokens: int | None = None,
-) -> tuple[list[dict], int]:
-    """Micro-batches of ``micro_batch_size`` rows, each padded only to its own longest sequence.
-
-    :func:`step_micro_batches`' micro-batches of all groups, concatenated in group order; returns
-    (the micro-batches, each a dict of [b_m, s_m] tensors as in :func:`collate`; the largest s_m).
-    """
-    grouped = step_micro_batches(rollouts, pad_id, micro_batch_size, groups=groups,
-                                 multiple=multiple, max_tokens=max_tokens)  # fmt: skip
-    micro = [mb for group in grouped for mb in group]
-    return micro, max(mb["tokens"].shape[1] for mb in micro)
 
 
 def step_micro_batches(

@@ -72,9 +72,9 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
     dp = max(1, world_size // (s.tp * s.pp))
     m = r.mini_batch_size
     if r.micro_batch_tokens is not None:
-        limit = r.max_prompt_tokens + r.max_response_tokens
-        if cfg.parallel.sequence_parallel and s.tp > 1:  # rows round up to tp, as they are cut
-            limit = -(-limit // s.tp) * s.tp
+        from megatron_eaopd.config.loader import longest_rollout_row
+
+        limit = longest_rollout_row(cfg)
         rows = -(-m // dp) * r.samples_per_prompt  # the most rows of a replica per step
         most = min(r.micro_batch_size, rows)
         if most * limit <= r.micro_batch_tokens:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron_eaopd.data.task import Problem
 from megatron_eaopd.eval import summarize_samples
 from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
-from megatron_eaopd.trainer.batches import largest_divisor, length_micro_batches
+from megatron_eaopd.trainer.batches import largest_divisor, step_micro_batches
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
 from megatron_eaopd.trainer.scoring import score_with_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
@@ -291,7 +291,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     from megatron.core import parallel_state as ps
 
     from megatron_eaopd.models.sequence_parallel import sequence_multiple
-    from megatron_eaopd.models.student import run_forward_backward, widths_differ
+    from megatron_eaopd.models.student import run_forward_backward
     from megatron_eaopd.parallel.init import compute_device, use_layout
 
     cfg, data = trainer.cfg, trainer.data
@@ -303,7 +303,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
     if rollouts is not None and len(rollouts) > 0:  # None: this replica had no prompts
         if budget is None:
             mbs = largest_divisor(len(rollouts), mbs)
-        micro, seq = length_micro_batches(
+        (micro,) = step_micro_batches(
             rollouts,
             pad_id_of(data.tokenizer),
             mbs,
@@ -311,6 +311,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
             max_tokens=budget,
         )
         mbs = max(mb["tokens"].shape[0] for mb in micro)
+        seq = max(mb["tokens"].shape[1] for mb in micro)
     score_with_teacher(
         trainer.teacher, micro, k=cfg.loss.top_k, vocab_size=data.vocab_size,
         temp=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size, fused=objective.use_fused,
@@ -323,7 +324,7 @@ def _entropy_sums(trainer, rollouts: RolloutBatch | None, tau: float) -> dict[st
                 outputs = run_forward_backward(
                     trainer.student.chunks, distill_forward_step(objective, data.vocab_size),
                     iter(micro), len(micro), seq, mbs, forward_only=True,
-                    widths_vary=widths_differ(micro, seq, mbs),
+                    micro_batches=micro,
                 )  # fmt: skip
         names = ["fkl", "fkl_gated", "student_entropy", "student_high_entropy", "teacher_entropy",
                  "teacher_high_entropy", "gate"]  # fmt: skip

@@ -22,7 +22,6 @@ from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_sta
 from megatron_eaopd.models.student import (
     guarded_optimizer_step,
     run_forward_backward,
-    widths_differ,
 )
 from megatron_eaopd.trainer.batches import on_device
 
@@ -185,7 +184,7 @@ def optimizer_step(
         len(micro_batches),
         seq_length,
         micro_batch_size,
-        widths_vary=widths_differ(micro_batches, seq_length, micro_batch_size),
+        micro_batches=micro_batches,
     )
     outputs = list(outputs or [])
     metrics = reduce_outputs(outputs, metric_names)

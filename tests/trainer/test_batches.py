@@ -10,7 +10,6 @@ from megatron_eaopd.rollout import RolloutBatch
 from megatron_eaopd.trainer.batches import (
     attach_teacher,
     collate,
-    length_micro_batches,
     sft_micro_batches,
     split_micro_batches,
     step_micro_batches,
@@ -81,7 +80,7 @@ def test_sft_micro_batches_mask_solution_and_eos_only():
     assert mb["loss_mask"][1].tolist() == [False, True, False, False, False]
 
 
-def test_length_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
+def test_step_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
     from tests.trainer.common import random_rollouts
 
     gen = torch.Generator().manual_seed(3)
@@ -89,7 +88,10 @@ def test_length_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
     response = torch.tensor([9, 1, 4, 12, 1, 1, 2, 7, 1, 3, 1, 1])
     r = random_rollouts(prompt, response, 50, gen)
     full = collate(r, PAD, multiple=4)
-    micro, widest = length_micro_batches(r, PAD, 2, groups=2, multiple=4)
+    grouped = step_micro_batches(r, PAD, 2, groups=2, multiple=4)
+    assert [len(group) for group in grouped] == [3, 3]
+    micro = [mb for group in grouped for mb in group]
+    widest = max(mb["tokens"].shape[1] for mb in micro)
     assert len(micro) == 6 and widest == full["tokens"].shape[1] == 16
     lengths = (prompt + response).tolist()
     seen = []
@@ -113,9 +115,9 @@ def test_length_micro_batches_sort_each_group_and_cut_each_to_its_longest_row():
                                                     reverse=True)  # fmt: skip
     assert seen[4:6] == [4, 5] and seen[10:12] == [8, 11]  # equal lengths 3: stable
     with pytest.raises(ValueError, match="equal groups"):
-        length_micro_batches(r, PAD, 2, groups=5)
+        step_micro_batches(r, PAD, 2, groups=5)
     with pytest.raises(ValueError, match="micro-batches of 4"):
-        length_micro_batches(r, PAD, 4, groups=2)
+        step_micro_batches(r, PAD, 4, groups=2)
 
 
 @pytest.mark.parametrize(
@@ -151,26 +153,24 @@ def test_token_budget_micro_batches_fill_each_to_the_budget_longest_first(budget
             for key, value in mb.items():
                 assert torch.equal(value, full[key][rows, :width]), key
         assert left == []
-    # the flat form and its widest
-    micro, widest = length_micro_batches(r, PAD, cap, groups=groups, multiple=multiple,
-                                         max_tokens=budget)  # fmt: skip
-    assert len(micro) == sum(map(len, grouped)) and widest == full["tokens"].shape[1]
+    micro = [mb for group in grouped for mb in group]
+    assert max(mb["tokens"].shape[1] for mb in micro) == full["tokens"].shape[1]
     if budget < max(lengths):  # rows longer than the budget: one micro-batch each
         assert any(mb["tokens"].shape[1] > budget for mb in micro)
     with pytest.raises(ValueError, match="max_tokens"):
         step_micro_batches(r, PAD, cap, max_tokens=0)
 
 
-def test_widths_differ_sees_rows_and_widths():
-    from megatron_eaopd.models.student import widths_differ
+def test_shapes_differ_sees_rows_and_widths():
+    from megatron_eaopd.models.student import shapes_differ
 
     def mbs(*shapes):
         return [{"tokens": torch.zeros(b, s, dtype=torch.long)} for b, s in shapes]
 
-    assert not widths_differ(mbs((4, 10), (4, 10)), 10, 4)
-    assert widths_differ(mbs((4, 10), (2, 10)), 10, 4)  # rows differ, one width
-    assert widths_differ(mbs((4, 10), (4, 8)), 10, 4)
-    assert widths_differ(mbs((2, 10), (2, 10)), 10, 4)  # not the schedule's micro_batch_size
-    assert widths_differ(mbs((4, 8)), 10, 4)  # not its seq_length
-    assert not widths_differ(mbs((2, 8), (2, 8)))
-    assert not widths_differ([], 10, 4)
+    assert not shapes_differ(mbs((4, 10), (4, 10)), 10, 4)
+    assert shapes_differ(mbs((4, 10), (2, 10)), 10, 4)  # rows differ, one width
+    assert shapes_differ(mbs((4, 10), (4, 8)), 10, 4)
+    assert shapes_differ(mbs((2, 10), (2, 10)), 10, 4)  # not the schedule's micro_batch_size
+    assert shapes_differ(mbs((4, 8)), 10, 4)  # not its seq_length
+    assert not shapes_differ(mbs((2, 8), (2, 8)))
+    assert not shapes_differ([], 10, 4)
