@@ -57,7 +57,8 @@ def check_token_ids(ids: torch.Tensor, lead: tuple, vocab_size: int, name: str) 
             f"{name} has shape {list(ids.shape)}; expected {list(lead)} or {list(lead)} + [j] to "
             "match the logits' leading dims"
         )
-    ids2d = ids.reshape(math.prod(lead), -1).long()
+    j = ids.shape[-1] if ids.dim() == len(lead) + 1 else 1  # explicit: lead may hold a 0
+    ids2d = ids.reshape(math.prod(lead), j).long()
     if ids2d.numel() and bool(((ids2d < 0) | (ids2d >= vocab_size)).any()):
         bad = ids2d[(ids2d < 0) | (ids2d >= vocab_size)][0].item()
         raise ValueError(

@@ -175,13 +175,13 @@ def linear_row_loss(
         n, j = ids2d.shape
         loss = _checked(row_fn(slice(0, n), logprobs.reshape(n, j), entropy.reshape(n)),
                         entropy.reshape(n))  # fmt: skip
-        return loss.reshape(lead), logprobs.reshape(lead + (-1,)), entropy.reshape(lead)
+        return loss.reshape(lead), logprobs.reshape(lead + (ids2d.shape[1],)), entropy.reshape(lead)
     step = fused_row_chunk(weight.shape[0], chunk_size)
     loss, logprobs, entropy = _LinearRowLoss.apply(
         h2d, weight, ids2d, grad_weights.detach().reshape(-1), shard, inv_temp, group, step,
         bool(reduce_hidden_grad), row_fn,
     )  # fmt: skip
-    return loss.reshape(lead), logprobs.reshape(lead + (-1,)), entropy.reshape(lead)
+    return loss.reshape(lead), logprobs.reshape(lead + (ids2d.shape[1],)), entropy.reshape(lead)
 
 
 __all__ = ["linear_row_loss"]

@@ -185,7 +185,8 @@ def vocab_parallel_eopd_loss(
          metrics: dict of detached [s, b] tensors `teacher_entropy`, `student_entropy`, `rkl`,
          `fkl`, `gate`).
     Gradient: (1/T) [ps (log ps - log pt - RKL) + fkl_coef * gate * (ps - pt)].
-    Collectives: forward 1 all-gather of [s*b, 9] fp32; backward none.
+    Collectives: forward 1 all-gather of [s*b, 9] fp32; backward none. A column -inf in the
+    teacher only makes RKL +inf (in the student only, FKL): the loss is inf, the gradient NaN.
     """
     terms = vocab_parallel_kl_terms(
         student_logits, teacher_logits, temperature=temperature, tp_group=tp_group,

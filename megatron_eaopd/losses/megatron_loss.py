@@ -14,7 +14,7 @@ exact, not a mean of means.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -70,10 +70,13 @@ def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, 
     logits chunks, one all-gather per chunk).
     """
     if cfg.form == "sampled":
-        if not isinstance(mb.teacher, TeacherPayload) or mb.old_logprobs is None:
+        if not isinstance(mb.teacher, TeacherPayload) or (
+            mb.old_logprobs is None and cfg.name != "fkl"
+        ):
             raise ValueError(
-                "the sampled objective needs a TeacherPayload and old_logprobs; use "
-                "objective form 'exact' to pass teacher logits"
+                "the sampled objective needs a TeacherPayload and old_logprobs (only 'fkl' "
+                "trains on teacher-forced data without them); use objective form 'exact' to "
+                "pass teacher logits"
             )
         if output_weight is not None:
             return linear_sampled_objective(
@@ -117,10 +120,11 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
     """
 
     def loss_func(output_tensor):
-        per_token, metrics = compute_per_token_loss(
-            cfg, output_tensor, mb, tp_group, vocab_size, output_weight
-        )
         mask = mb.loss_mask.to(torch.bool)
+        batch = _finite_old_logprobs(cfg, mb, mask)
+        per_token, metrics = compute_per_token_loss(
+            cfg, output_tensor, batch, tp_group, vocab_size, output_weight
+        )
         if mask.shape != per_token.shape:
             raise ValueError(
                 f"loss_mask {list(mask.shape)} must match the logits' leading dims "
@@ -142,6 +146,29 @@ def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None
         return loss_sum, mask.sum().to(torch.int), reported
 
     return loss_func
+
+
+def _finite_old_logprobs(cfg: ObjectiveConfig, mb: DistillMicroBatch, mask: torch.Tensor):
+    """``mb`` with its old log-probs [b, s] set to 0 where the loss mask is False (a NaN or inf
+    there would reach the gradient through the masked-out PPO term: 0 * inf = NaN); ValueError
+    if a trained position's is not finite (a rollout can only sample tokens of finite
+    log-probability; a caller's own sampler may have written -inf or NaN). One host sync."""
+    old = mb.old_logprobs
+    if cfg.form != "sampled" or old is None:
+        return mb
+    if tuple(old.shape) != tuple(mask.shape):
+        raise ValueError(
+            f"old_logprobs {list(old.shape)} must have the loss mask's shape {list(mask.shape)}"
+        )
+    bad = mask & ~torch.isfinite(old)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"old_logprobs hold {float(old[row, col])} at a trained position ([{row}, {col}], "
+            "loss_mask True): the rollout's log p_old of a sampled token must be finite; check "
+            "the sampler that filled them (masked positions may hold anything)"
+        )
+    return replace(mb, old_logprobs=torch.where(mask, old, torch.zeros_like(old)))
 
 
 def reduce_metrics(reported: list[dict], group=None) -> dict[str, float]:

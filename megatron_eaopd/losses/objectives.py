@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_eaopd.losses._common import check_temperature
 from megatron_eaopd.losses.fused import (
     linear_pair_loss,
     vocab_parallel_linear_logprobs_and_entropy,
@@ -88,6 +89,7 @@ class ObjectiveConfig:
             raise ValueError("objective 'jsd' needs form='exact' (full teacher logits)")
         if self.clip_eps <= 0 or self.top_k < 1 or self.gate_width <= 0:
             raise ValueError("clip_eps and gate_width must be > 0 and top_k >= 1")
+        check_temperature(self.temperature)
         if not 0.0 <= self.mix_weight <= 1.0:
             raise ValueError(f"mix_weight={self.mix_weight} must be in [0, 1]")
         if self.chunk_size is not None and (
@@ -181,7 +183,9 @@ def sampled_objective(
 
     Args:
         student_logits: [s, b, V_pad / tp]; token_ids: [s, b] the sampled tokens y_t;
-        old_logprobs: [s, b] log p_old(y_t) kept from the rollout; teacher: TeacherPayload.
+        old_logprobs: [s, b] log p_old(y_t) kept from the rollout, finite at every position
+            (give masked ones any finite value); None for teacher-forced data with objective
+            ``fkl`` (no PPO term; the PPO metrics are then left out). teacher: TeacherPayload.
     Returns:
         (per_token_loss [s, b], metrics dict of detached [s, b] tensors).
     Collectives: forward 1 all-gather of [s*b, 5 + k] fp32 (the student's log-probs at y_t and
@@ -199,24 +203,28 @@ def _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher: Teache
     """The paper's per-token loss from the student's log-probs [s, b, 1 + k] at (y, top-k ids)
     and its entropy [s, b]: (per_token_loss, metrics)."""
     lp_y, lp_top = logprobs[..., 0], logprobs[..., 1:]
-    advantages = (teacher.token_logprobs - old_logprobs).detach().to(lp_y.dtype)
     w_rkl, w_fkl, gate = cfg.weights(teacher.entropy)
-    pg, ratio, clipped = ppo_clip_loss(lp_y, old_logprobs.to(lp_y.dtype), advantages, cfg.clip_eps)
     fkl = topk_forward_kl(lp_top, teacher.topk_logprobs, cfg.tail_bucket)
-    loss = w_rkl * pg + w_fkl * fkl
     metrics = {
-        "pg_loss": pg,
         "fkl": fkl,
         "teacher_entropy": teacher.entropy,
         "student_entropy": student_entropy,
         "gate": gate,
-        "advantage": advantages,
-        "ratio": ratio,
-        "clip_frac": clipped,
         "student_topk_mass": lp_top.exp().sum(-1),
         "teacher_topk_mass": teacher.topk_logprobs.exp().sum(-1),
-        "rkl_sampled": old_logprobs - teacher.token_logprobs,
     }
+    if old_logprobs is None:  # teacher-forced data: objective fkl only (no PPO term, no metrics)
+        if cfg.name != "fkl":
+            raise ValueError(
+                f"objective {cfg.name!r} needs old_logprobs (the rollout's log p_old(y_t)): only "
+                "'fkl' trains without the student's own samples"
+            )
+        return w_fkl * fkl, {k: v.detach().float() for k, v in metrics.items()}
+    advantages = (teacher.token_logprobs - old_logprobs).detach().to(lp_y.dtype)
+    pg, ratio, clipped = ppo_clip_loss(lp_y, old_logprobs.to(lp_y.dtype), advantages, cfg.clip_eps)
+    metrics.update(pg_loss=pg, advantage=advantages, ratio=ratio, clip_frac=clipped,
+                   rkl_sampled=old_logprobs - teacher.token_logprobs)  # fmt: skip
+    loss = w_rkl * pg + w_fkl * fkl
     return loss, {k: v.detach().float() for k, v in metrics.items()}
 
 
@@ -286,14 +294,15 @@ def linear_sampled_objective(
             student_hidden, student_weight, ids, **kw
         )
         return _sampled_terms(cfg, logprobs, student_entropy, old_logprobs, teacher)
-    flat_old = old_logprobs.reshape(-1)
+    flat_old = None if old_logprobs is None else old_logprobs.reshape(-1)
     flat_teacher = TeacherPayload(
-        *(t.reshape(flat_old.shape[0], *t.shape[len(token_ids.shape) :]) for t in teacher)
+        *(t.reshape(token_ids.numel(), *t.shape[len(token_ids.shape) :]) for t in teacher)
     )
 
     def row_fn(rows, logprobs, entropy):
         rows_teacher = TeacherPayload(*(t[rows] for t in flat_teacher))
-        return _sampled_terms(cfg, logprobs, entropy, flat_old[rows], rows_teacher)[0]
+        old = None if flat_old is None else flat_old[rows]
+        return _sampled_terms(cfg, logprobs, entropy, old, rows_teacher)[0]
 
     loss, logprobs, student_entropy = linear_row_loss(
         student_hidden, student_weight, ids, row_fn, grad_weights, **kw

@@ -221,7 +221,7 @@ def vocab_parallel_gather_logprobs(
     (_, logprobs, *_), lead = _run(
         logits, ids, None, temperature, tp_group, vocab_size, chunk_size=chunk_size
     )
-    return logprobs.reshape(lead + (-1,))
+    return logprobs.reshape(lead + (logprobs.shape[-1],))
 
 
 def vocab_parallel_logprobs_and_entropy(
@@ -236,7 +236,7 @@ def vocab_parallel_logprobs_and_entropy(
     (entropy, logprobs, *_), lead = _run(
         logits, ids, None, temperature, tp_group, vocab_size, chunk_size=chunk_size
     )
-    return logprobs.reshape(lead + (-1,)), entropy.reshape(lead)
+    return logprobs.reshape(lead + (logprobs.shape[-1],)), entropy.reshape(lead)
 
 
 def vocab_parallel_token_logprobs(

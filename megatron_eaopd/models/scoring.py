@@ -40,6 +40,29 @@ def _check_replica_agreement(meta: torch.Tensor, table, student: int) -> None:
             )
 
 
+def _check_arguments(teacher, k, vocab_size, temperature) -> None:
+    """The arguments every rank passes alike, checked before any collective so that every rank
+    raises (the payload kernels would raise on the scoring ranks only, leaving the others
+    waiting in the exchange). ``teacher``'s recorded model config, where there is one, bounds
+    ``vocab_size``: columns past the teacher's vocabulary are padding."""
+    from megatron_eaopd.losses._common import check_temperature
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size!r} must be an int >= 1")
+    if vocab_size >= 2**24:
+        raise ValueError(f"vocab_size={vocab_size} too large for the fp32 id transport (< 2**24)")
+    chunks = getattr(teacher, "chunks", None) or [None]
+    cfg = getattr(chunks[0], "eaopd_model_config", None)
+    if cfg is not None and vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} is larger than the teacher's vocabulary "
+            f"({cfg.vocab_size}): pass the real vocabulary size the student and teacher share"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"k={k!r} must be an int in [1, vocab_size={vocab_size}]")
+    check_temperature(temperature)
+
+
 def score_for_student(
     teacher,
     batches,
@@ -91,8 +114,7 @@ def score_for_student(
     from megatron_eaopd.parallel.groups import all_gather_rows
     from megatron_eaopd.parallel.init import compute_device, registered_layout, use_layout
 
-    if vocab_size >= 2**24:
-        raise ValueError(f"vocab_size={vocab_size} too large for the fp32 id transport (< 2**24)")
+    _check_arguments(teacher, k, vocab_size, temperature)
     batches = list(batches)
     device = compute_device()
     me = dist.get_rank()
@@ -105,7 +127,8 @@ def score_for_student(
     # a bad input is reported through the shape all-gather, so every rank raises (no rank is
     # left waiting in a collective): count -1 = tokens not [b, s], -2 = position ids
     # not 0..s-1, -3 = labels not of the tokens' shape, -4 = a token or label id outside
-    # [0, vocab_size), -5 = tokens or labels missing (None), -6 = packed sequences
+    # [0, vocab_size), -5 = tokens or labels missing (None), -6 = packed sequences, -7 = a
+    # micro-batch without rows or positions
     missing = any(not isinstance(b.get(key), torch.Tensor) for b in batches
                   for key in ("tokens", "labels"))  # fmt: skip
     packed = any(b.get("packed_seq_params") is not None for b in batches)
@@ -118,7 +141,9 @@ def score_for_student(
     for mb in batches if count >= 0 else ():
         pos = mb.get("position_ids")
         b_mb, s_mb = mb["tokens"].shape
-        if pos is not None and not torch.equal(pos.cpu(), torch.arange(s_mb).expand(b_mb, -1)):
+        if b_mb == 0 or s_mb == 0:
+            count = -7
+        elif pos is not None and not torch.equal(pos.cpu(), torch.arange(s_mb).expand(b_mb, -1)):
             count = -2
         elif tuple(mb["labels"].shape) != tuple(mb["tokens"].shape):
             count = -3
@@ -140,7 +165,9 @@ def score_for_student(
                -5: "micro-batches without tokens or labels (Megatron-LM's get_batch gives "
                    "tokens only to the first pipeline stage and labels only to the last: build "
                    "the whole micro-batches on every rank)",
-               -6: "packed sequences (packed_seq_params): pass [b, s] rows"}  # fmt: skip
+               -6: "packed sequences (packed_seq_params): pass [b, s] rows",
+               -7: "a micro-batch with 0 rows or 0 positions: leave empty ones out of the "
+                   "list"}  # fmt: skip
         raise ValueError(
             "score_for_student: " + "; ".join(f"rank {r}: {why[c]}" for r, c in sorted(bad.items()))
         )

@@ -11,8 +11,8 @@ gradients by the valid tokens of the global batch (the paper's token mean), and 
 
 Micro-batches are dicts of [b, s] tensors, label-aligned like GPT training data: "tokens",
 "position_ids", "labels" (the next token), "loss_mask" (True where the label is trained),
-"old_logprobs" (on-policy: log p_old(label) from the rollout; offline: zeros, unused by the
-objectives that allow offline data) and "teacher" (set by ``EOPDTeacher.attach`` /
+"old_logprobs" (on-policy: log p_old(label) from the rollout; offline: absent, as the
+objectives that allow offline data do not read it) and "teacher" (set by ``EOPDTeacher.attach`` /
 ``attach_logits``).
 """
 
@@ -48,7 +48,9 @@ def check_micro_batch(mb: dict, objective=None) -> None:
     given another ``k``; objectives with a forward KL term, not ``opd``). The width is the
     payload's on the last pipeline stage and the ``"teacher_k"`` that ``EOPDTeacher.attach``
     records on every rank, so every stage refuses it at its first micro-batch (no stage is left
-    waiting for a peer that stopped). An ``attention_mask`` is not passed on: the student
+    waiting for a peer that stopped); likewise a payload scored at another temperature than
+    ``objective.temperature`` (the ``"teacher_temperature"`` that ``attach`` records). An
+    ``attention_mask`` is not passed on: the student
     and the teacher run megatron's causal attention, which is what Megatron-LM's default mask
     says (its document masking flags are refused by ``eopd_settings_from_args``).
     No communication."""
@@ -60,6 +62,13 @@ def check_micro_batch(mb: dict, objective=None) -> None:
             "take [b, s] micro-batches; turn sequence packing off in your data pipeline"
         )
     teacher = mb.get("teacher")
+    temperature = mb.get("teacher_temperature")
+    if objective is not None and temperature is not None and temperature != objective.temperature:
+        raise ValueError(
+            f"the teacher payload was scored at temperature {temperature} but the objective's "
+            f"temperature is {objective.temperature}: call teacher.attach(micro, "
+            "temperature=settings.objective.temperature, ...)"
+        )
     k = teacher.topk_ids.shape[-1] if isinstance(teacher, TeacherPayload) else mb.get("teacher_k")
     # opd uses the payload's sampled-token log-prob only: any top-k width serves it
     if objective is not None and objective.name != "opd" and k is not None:
@@ -100,10 +109,18 @@ def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
     from megatron_eaopd.trainer.batches import on_device
 
     use_fused = bool(objective.fused_output) if fused is None else bool(fused)
+    checked = []  # the model's config, once
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         check_micro_batch(mb, objective)
+        if not checked:
+            from megatron.core.utils import get_model_config
+
+            from megatron_eaopd.losses.megatron_loss import check_megatron_config
+
+            check_megatron_config(get_model_config(model))  # every stage: none left waiting
+            checked.append(True)
         mb = on_device(mb)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb.get("teacher"),
                                   mb.get("old_logprobs"))  # fmt: skip
@@ -136,7 +153,9 @@ def offline_micro_batches(
             attention the padding changes no earlier position.
     Returns:
         micro-batches of ``micro_batch_size`` rows with [b, S'] "tokens", "labels",
-        "position_ids", "loss_mask" and zero "old_logprobs" (S' = S rounded up to ``multiple``).
+        "position_ids" and "loss_mask" (S' = S rounded up to ``multiple``); no "old_logprobs":
+        teacher-forced data has no rollout, and the objectives it allows (``check_offline``)
+        read none, so the PPO metrics (``pg_loss``, ``ratio`` ...) are left out, not made up.
     """
     if multiple < 1 or micro_batch_size < 1:
         raise ValueError(
@@ -163,7 +182,6 @@ def offline_micro_batches(
         "labels": pad(tokens[:, 1:], pad_id),
         "position_ids": torch.arange(padded).unsqueeze(0).expand(b, padded).contiguous(),
         "loss_mask": pad(loss_mask[:, 1:].bool(), False),
-        "old_logprobs": torch.zeros(b, padded),
     }
     from megatron_eaopd.trainer.batches import split_micro_batches
 

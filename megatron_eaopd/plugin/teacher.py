@@ -69,6 +69,15 @@ class EOPDTeacher:
                 "point: load the teacher before training (e.g. in model_provider), never inside "
                 "forward_step, where pipeline stages arrive at different times"
             )
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        if "model-parallel-rng" not in get_cuda_rng_tracker().get_states():
+            raise RuntimeError(
+                "EOPDTeacher.load needs megatron's RNG tracker seeded (its teacher forward runs in "
+                "the tracker's model-parallel region): call megatron.core.tensor_parallel."
+                "model_parallel_cuda_manual_seed(seed) after initialize_model_parallel "
+                "(Megatron-LM's initialize_megatron does)"
+            )
         for name, value in (("tp", tp), ("pp", pp)):
             if value is not None and value < 1:
                 raise ValueError(f"EOPDTeacher.load: {name} must be >= 1 or None, got {value}")
@@ -144,9 +153,11 @@ class EOPDTeacher:
 
     def attach(self, micro_batches, *, k: int = 16, vocab_size: int, temperature: float = 1.0):
         """:meth:`score`, then store each payload under ``mb["teacher"]`` in the [b, s] layout
-        the plugin's ``loss_func`` reads (None on stages other than the last) and the width
-        ``k`` under ``mb["teacher_k"]`` on every rank (``check_micro_batch`` compares it with
-        the objective's top_k on every pipeline stage)."""
+        the plugin's ``loss_func`` reads (None on stages other than the last), and on every rank
+        the width ``k`` under ``mb["teacher_k"]`` and ``temperature`` under
+        ``mb["teacher_temperature"]`` (``check_micro_batch`` compares them with the objective's
+        top_k and temperature on every pipeline stage: a payload scored at another temperature
+        than the loss's would be silently wrong)."""
         from megatron_eaopd.trainer.batches import attach_teacher
 
         attach_teacher(
@@ -154,7 +165,7 @@ class EOPDTeacher:
             self.score(micro_batches, k=k, vocab_size=vocab_size, temperature=temperature),
         )
         for mb in micro_batches:
-            mb["teacher_k"] = k
+            mb["teacher_k"], mb["teacher_temperature"] = k, temperature
 
     def attach_logits(self, micro_batches, *, fused: bool = False) -> None:
         """Exact form: store the teacher's logits shard [b, s, V_pad / tp] (fp32) under

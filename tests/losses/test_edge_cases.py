@@ -122,6 +122,7 @@ def test_extremes_and_collective_budget_tp2():
         (lambda s, t: L.vocab_parallel_entropy(s, temperature=0.0), "temperature"),
         (lambda s, t: L.vocab_parallel_entropy(s.long()), "float32"),
         (lambda s, t: L.vocab_parallel_entropy(torch.full_like(s, -math.inf)), "-inf"),
+        (lambda s, t: L.ObjectiveConfig(temperature=0), "temperature"),
     ],
 )
 def test_bad_input_raises_value_error(call, match):
@@ -188,3 +189,32 @@ def test_saved_for_backward_is_inputs_plus_per_token_values():
     assert sum(ptr in inputs for ptr, _ in saved) >= 2  # the shards themselves, not copies
     (loss.sum() + loss2.sum() + jsd.sum()).backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_a_column_masked_in_both_models_is_no_error():
+    """-inf on the same column in both: no mass in either, finite terms equal to the float64
+    reference over the other columns."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 2, 10, generator=g), torch.randn(3, 2, 10, generator=g)
+    s[1, 0, 3] = t[1, 0, 3] = -math.inf
+    terms = L.vocab_parallel_kl_terms(s, t)
+    rkl, fkl = terms["rkl"], terms["fkl"]
+    keep = torch.arange(10) != 3
+    ps = torch.log_softmax(s[1, 0, keep].double(), -1)
+    pt = torch.log_softmax(t[1, 0, keep].double(), -1)
+    assert float(rkl[1, 0]) == pytest.approx(float((ps.exp() * (ps - pt)).sum()), rel=1e-5)
+    assert float(fkl[1, 0]) == pytest.approx(float((pt.exp() * (pt - ps)).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("s_len", [0])
+def test_empty_inputs_give_empty_outputs(s_len):
+    """Zero tokens: every statistic returns its shape with 0 rows (no reshape error), as the
+    exact loss already did."""
+    x = torch.randn(s_len, 2, 16, requires_grad=True)
+    ids = torch.zeros(s_len, 2, dtype=torch.long)
+    payload = L.vocab_parallel_teacher_payload(x, ids, k=4, vocab_size=12)
+    assert [tuple(p.shape) for p in payload] == [(0, 2), (0, 2), (0, 2, 4), (0, 2, 4)]
+    many = torch.zeros(s_len, 2, 3, dtype=torch.long)
+    assert tuple(L.vocab_parallel_gather_logprobs(x, many, vocab_size=12).shape) == (0, 2, 3)
+    lp, ent = L.vocab_parallel_logprobs_and_entropy(x, many, vocab_size=12)
+    assert (tuple(lp.shape), tuple(ent.shape)) == ((0, 2, 3), (0, 2))

@@ -172,6 +172,83 @@ def test_loss_func_normalises_by_global_valid_tokens():
     assert metrics["teacher_high_entropy"] == pytest.approx(float(gate.sum() / mask.sum()))
 
 
+def _sampled_case(vocab=50, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 6, vocab, generator=g, requires_grad=True)  # [b, s, V]
+    y = torch.randint(0, vocab, (3, 6), generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    mask[0, 0] = False
+    old = L.vocab_parallel_token_logprobs(logits.detach(), y) + 0.1
+    payload = L.vocab_parallel_teacher_payload(torch.randn(3, 6, vocab, generator=g), y, k)
+    return logits, y, mask, old, payload
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_func_ignores_non_finite_old_logprobs_at_masked_positions(fused):
+    """A NaN or -inf old log-prob where the loss mask is False gives the loss and gradient of a
+    finite one (it reached the gradient through the masked-out PPO term: 0 * inf = NaN); at a
+    trained position it is refused with its position."""
+    cfg = L.ObjectiveConfig(name="eopd", top_k=4, entropy_threshold=3.0)
+    logits, y, mask, old, payload = _sampled_case()
+    weight = torch.randn(50, 8, requires_grad=True)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+
+    def run(old_values):
+        mb = L.DistillMicroBatch(y, mask, payload, old_values)
+        if fused:
+            loss, _, rep = L.make_loss_func(cfg, mb, output_weight=weight)(hidden)
+            return (loss, *torch.autograd.grad(loss, (hidden, weight))), rep
+        loss, _, rep = L.make_loss_func(cfg, mb)(logits)
+        return (loss, *torch.autograd.grad(loss, logits)), rep
+
+    (ref, *ref_grads), ref_rep = run(old)
+    for bad in (math.nan, -math.inf, math.inf):
+        poisoned = old.clone()
+        poisoned[0, 0] = bad
+        (loss, *grads), rep = run(poisoned)
+        assert float(loss) == float(ref)
+        for a, b in zip(grads, ref_grads):
+            assert bool(torch.isfinite(a).all()) and torch.equal(a, b)
+        assert {k: v.tolist() for k, v in rep.items()} == {
+            k: v.tolist() for k, v in ref_rep.items()
+        }
+        trained = old.clone()
+        trained[1, 2] = bad
+        assert bool(mask[1, 2])
+        with pytest.raises(ValueError, match=r"at a trained position \(\[1, 2\]"):
+            run(trained)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fkl_on_teacher_forced_data_needs_no_old_logprobs(fused):
+    """Objective fkl without old log-probs (offline data): the loss and gradient of the same
+    objective with any old log-probs (its PPO term has weight 0), and no PPO metrics; every
+    other sampled objective refuses to run without them."""
+    cfg = L.ObjectiveConfig(name="fkl", top_k=4)
+    logits, y, mask, old, payload = _sampled_case(seed=2)
+    weight = torch.randn(50, 8, requires_grad=True)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+
+    def run(objective, old_values):
+        mb = L.DistillMicroBatch(y, mask, payload, old_values)
+        inputs = (hidden, weight) if fused else (logits,)
+        kw = {"output_weight": weight} if fused else {}
+        loss, _, rep = L.make_loss_func(objective, mb, **kw)(inputs[0])
+        return float(loss), torch.autograd.grad(loss, inputs), rep
+
+    loss, grads, rep = run(cfg, None)
+    ref_loss, ref_grads, ref_rep = run(cfg, old)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert set(ref_rep) - set(rep) == {"pg_loss", "ratio", "advantage", "clip_frac",
+                                       "rkl_sampled"}  # fmt: skip
+    for key in rep:
+        assert rep[key].tolist() == pytest.approx(ref_rep[key].tolist(), rel=1e-6), key
+    with pytest.raises(ValueError, match="needs a TeacherPayload and old_logprobs"):
+        run(L.ObjectiveConfig(name="eopd", top_k=4), None)
+
+
 def test_loss_func_exact_forms_including_jsd():
     """loss_func with the teacher's logits (exact form): token sum and reported metrics, for an
     objective with a gate and for jsd (which has none)."""

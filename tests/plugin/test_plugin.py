@@ -206,7 +206,8 @@ def _student_and_teacher(tp: int, student_dtype: str = "float32"):
         ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=16,
         make_vocab_size_divisible_by=8, untie_embeddings_and_output_weights=True,
     )  # fmt: skip
-    student = build_model(cfg.with_changes(params_dtype=student_dtype))[0]
+    student = build_model(cfg.with_changes(params_dtype=student_dtype),
+                          calculate_per_token_loss=True)[0]  # fmt: skip
     layout = add_layout(TEACHER_LAYOUT, tp, 1, seed=7)
     with use_layout(TEACHER_LAYOUT):
         teacher = EOPDTeacher(FrozenTeacher(build_model(cfg)), cfg, layout)
@@ -263,10 +264,14 @@ def _fused_and_padded_worker(rank, world):
     out["padded"] = [run(exact, plain, False), run(exact, padded, False)]
     out["shapes"] = [list(padded[0]["tokens"].shape), list(plain[0]["tokens"].shape)]
     out["pad"] = {k: padded[0][k][:, 10:].tolist() for k in ("tokens", "labels", "loss_mask")}
-    out["same_prefix"] = all(
-        torch.equal(padded[0][k][:, :10], plain[0][k])
-        for k in ("tokens", "labels", "position_ids", "loss_mask", "old_logprobs")
+    out["same_prefix"] = (
+        all(
+            torch.equal(padded[0][k][:, :10], plain[0][k])
+            for k in ("tokens", "labels", "position_ids", "loss_mask")
+        )
+        and "old_logprobs" not in padded[0]
     )
+    out["fkl_metrics"] = sorted(out["fkl"][0][2])
     destroy_parallel()
     return out
 
@@ -292,6 +297,9 @@ def test_fused_loss_and_offline_padding_match_the_plain_path():
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
             assert any(float(g.abs().sum()) > 0 for g in g_a), name
         assert res["shapes"] == [[2, 12], [2, 10]] and res["same_prefix"]
+        # teacher-forced data has no rollout: no PPO metrics made up from placeholder log-probs
+        assert "fkl" in res["fkl_metrics"]
+        assert not {"pg_loss", "ratio", "advantage", "clip_frac"} & set(res["fkl_metrics"])
         assert res["pad"] == {"tokens": [[7, 7]] * 2, "labels": [[7, 7]] * 2,
                               "loss_mask": [[False, False]] * 2}  # fmt: skip
 
@@ -355,6 +363,30 @@ def test_forward_step_refuses_packed_sequences_and_another_top_k():
     check_micro_batch(earlier, ObjectiveConfig(top_k=4))
     check_micro_batch(mb, ObjectiveConfig(name="opd"))  # no forward KL: any width serves
     check_micro_batch(dict(mb, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool)))
+    # a payload scored at another temperature than the loss's (attach records it on every rank)
+    hot = dict(earlier, teacher_k=16, teacher_temperature=0.5)
+    with pytest.raises(ValueError, match="scored at temperature 0.5 but the objective's"):
+        step(iter([hot]), model=None)
+    check_micro_batch(hot, ObjectiveConfig(top_k=16, temperature=0.5))
+
+
+def test_forward_step_refuses_a_model_without_per_token_loss():
+    """Without calculate_per_token_loss megatron averages each micro-batch's token SUM as if it
+    were a mean: a silently different gradient. Refused at the first call, on every stage,
+    through megatron's own get_model_config (DDP-style .module wrappers included)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_eaopd.losses import ObjectiveConfig
+    from megatron_eaopd.plugin import eopd_forward_step
+
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    mb = {"tokens": tokens, "labels": tokens, "position_ids": tokens, "loss_mask": tokens.bool()}
+    wrapped = SimpleNamespace(module=SimpleNamespace(
+        config=SimpleNamespace(calculate_per_token_loss=False)))  # fmt: skip
+    with pytest.raises(ValueError, match="calculate_per_token_loss=True"):
+        eopd_forward_step(ObjectiveConfig(), 64)(iter([mb]), wrapped)
 
 
 def _rng_worker(rank, world, folder):
@@ -378,3 +410,49 @@ def test_loading_the_teacher_leaves_torchs_generator_as_it_was(teacher_dir):
     from tests.dist import run_distributed
 
     assert run_distributed(_rng_worker, 1, teacher_dir, timeout=300) == [True]
+
+
+def _refusals_worker(rank, world, folder):
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
+    from megatron_eaopd.plugin import EOPDTeacher
+
+    initialize_parallel(1, 1, seed=1)
+    teacher = EOPDTeacher.load(folder)
+    tokens = torch.zeros(0, 6, dtype=torch.long)
+    errors = []
+    for micro, kw in (([{"tokens": tokens, "labels": tokens}], {}),  # no rows
+                      ([], {"k": 500}), ([], {"temperature": 0.0}),
+                      ([], {"vocab_size": 1000})):  # fmt: skip
+        args = dict(k=4, vocab_size=teacher.model_config.vocab_size) | kw
+        try:
+            teacher.attach(micro, **args)
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    get_cuda_rng_tracker().reset()  # a caller that never seeded megatron's tracker
+    try:
+        EOPDTeacher.load(folder)
+        errors.append(None)
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    destroy_parallel()
+    return errors
+
+
+def test_attach_and_load_refuse_bad_arguments_before_any_collective(teacher_dir):
+    """attach's arguments and empty micro-batches are checked on every rank before the
+    exchange (the payload kernels raised them on the scoring ranks only, leaving the others
+    waiting for the group's timeout); load refuses an unseeded RNG tracker (the teacher forward
+    failed in attach, on the scoring ranks only)."""
+    from tests.dist import run_distributed
+
+    [errors] = run_distributed(_refusals_worker, 1, teacher_dir, timeout=300)
+    rows, k, temperature, vocab, seed = errors
+    assert "a micro-batch with 0 rows or 0 positions" in rows
+    assert "k=500 must be an int in [1, vocab_size=200]" in k
+    assert "temperature must be a finite number > 0" in temperature
+    assert "vocab_size=1000 is larger than the teacher's vocabulary (200)" in vocab
+    assert "model_parallel_cuda_manual_seed" in seed
