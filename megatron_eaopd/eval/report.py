@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["before_after", "format_before_after", "plot_run", "read_rows"]
+__all__ = ["before_after", "common_k", "format_before_after", "plot_run", "read_rows"]
 
 #: (column title, metric key pattern; {k} is eval.k)
 COLUMNS = (
@@ -43,12 +43,22 @@ def before_after(rows: Sequence[dict], k: int = 8) -> list[tuple[str, dict]]:
     return out
 
 
+def common_k(metrics: Sequence[dict], k: int) -> int:
+    """``k`` when every row holds Avg@k, else the largest k that every row holds (a run resumed
+    with another ``eval.k`` has both in its records), else ``k``."""
+    have = [{int(key.rsplit("@", 1)[1]) for key in m if key.startswith("mean/avg@")}
+            for m in metrics]  # fmt: skip
+    shared = set.intersection(*have) if have else set()
+    return k if k in shared or not shared else max(shared)
+
+
 def format_before_after(rows: Sequence[dict], k: int = 8) -> str:
     """A short Markdown table of :func:`before_after` (Avg@k, Pass@k, Pass@1, response length)
     with the student's change from its first to its last evaluation."""
     table = before_after(rows, k)
     if not table:
         return "(no evaluation rows)"
+    k = common_k([m for _, m in table], k)
     cols = [(title.format(k=k), key.format(k=k)) for title, key in COLUMNS]
     cols = [(t, key) for t, key in cols if any(key in m for _, m in table)]
 
@@ -96,6 +106,7 @@ def plot_run(rows: Sequence[dict], path: str | os.PathLike, k: int = 8, title: s
         return [(r["iteration"], r[key], 0.0) for r in source if r.get(key) is not None]
 
     curves: dict[str, dict] = {}
+    k = common_k(evals, k)
     for key in (f"mean/avg@{k}", f"mean/pass@{k}"):
         curves[key] = {"student": series(evals, key)}
         if teacher and teacher[-1].get(key) is not None:

@@ -42,6 +42,17 @@ def test_before_after_rows_and_table():
     assert format_before_after([]) == "(no evaluation rows)"
 
 
+def test_table_after_a_resume_with_another_eval_k():
+    """A finished run of eval.k=8 shown again with eval.k=4 (a resume with another k): the
+    table uses the k that every row holds instead of dropping the Avg@k and Pass@k columns."""
+    text = format_before_after(ROWS, k=4)
+    assert text.splitlines()[0].split("|")[2].strip() == "Avg@8"
+    assert "+0.300" in text.splitlines()[-1]
+    mixed = [dict(r, **{"mean/avg@4": 0.1}) if r["split"] != "train" else r for r in ROWS]
+    assert format_before_after(mixed, k=4).splitlines()[0].split("|")[2].strip() == "Avg@4"
+    assert format_before_after(mixed, k=8).splitlines()[0].split("|")[2].strip() == "Avg@8"
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     length, kind = struct.unpack(">I4s", data[8:16])
