@@ -9,8 +9,10 @@ Launch under torchrun (one process per GPU, or per CPU rank with gloo)::
 Configuration and data problems (unknown keys, bad or non-finite values, a world size that a model's
 tp * pp does not divide, settings that cannot run here (``config.checks.check_run``), a top-k beyond
 the tokenizer's vocabulary, missing or malformed prompt files, prompts longer than the limit) are
-reported before any process group or model is created, with exit status 2. Everything else is
-:class:`megatron_eaopd.trainer.Trainer`.
+reported before any process group or model is created, with exit status 2, and so is a
+``training.output_dir`` that another live run holds (rank 0 locks the folder for the whole run:
+``trainer.run_dir``) or that holds an earlier run this one cannot continue
+(``trainer.checks.check_output_dir``). Everything else is :class:`megatron_eaopd.trainer.Trainer`.
 
 Exit statuses: 0 when the run finished and when it stopped early after saving a checkpoint (on
 a preemption signal or the launcher's stop file: ``trainer.preemption``), 2 for a configuration
@@ -83,10 +85,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from megatron_eaopd.config import ConfigError, build_arg_parser, check_run, load_config
-    from megatron_eaopd.data import TaskError
+    from megatron_eaopd.config import build_arg_parser
 
     args = build_arg_parser("eaopd-train").parse_args(argv)
+    held = []  # rank 0's hold on training.output_dir, for the whole run (trainer.run_dir)
+    try:
+        return _checked_run(args, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _checked_run(args, held: list) -> int:
+    """Check, then train ``args``' config; the lock on the run folder (rank 0) goes in ``held``
+    as soon as it is taken, for the caller to release after the run."""
+    from megatron_eaopd.config import ConfigError, check_run, load_config
+    from megatron_eaopd.data import TaskError
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -105,6 +120,10 @@ def _main(argv: list[str] | None) -> int:
         )
 
         check_trainer_config(cfg, world_size)
+        if rank == 0:  # the writer of the folder: one live run in it (before anything is written)
+            from megatron_eaopd.trainer.run_dir import lock_output_dir
+
+            held.append(lock_output_dir(cfg.training.output_dir))
         check_output_dir(cfg)  # one run per folder
         from megatron_eaopd.data import prepare_data
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 
@@ -167,13 +168,14 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
       write its cache folder (a read-only one serves cached entries only); a resumed run
       prepares no student warm start, so that one is not checked then;
     - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
-      widths at the shared TP size) must be equal.
+      widths at the shared TP size) must be equal;
+    - a resume must not be shorter than the iterations its checkpoint has done.
     """
     from megatron_eaopd.models.checkpoint import LATEST
     from megatron_eaopd.trainer.build import model_configs
     from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
 
-    problems = []
+    problems = [p for p in (_length_problem(cfg, data),) if p]
     student, teacher = model_configs(cfg, data.vocab_size)
     resuming = will_resume(cfg)
     for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
@@ -251,11 +253,14 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
       and preparation sections, the seed, the rollout sampling and batch sizes) differ from the
       folder's config.yaml. Evaluation, logging, intervals, export, layout, the loss kernels'
       chunking and derived lengths may change; a config.yaml this version cannot load is not
-      compared (a warning).
+      compared (a warning);
+    - a fresh start (no checkpoint) in a folder whose config.yaml, left by an earlier launch that
+      saved no checkpoint, has other such settings: its records would pass for this run's. With
+      the same settings (a restart of a run that died before its first checkpoint) rank 0 moves
+      those records aside instead (``trainer.run_dir.set_aside_earlier_attempt``).
+    Two live launches into one folder are the folder lock's to refuse (``trainer.run_dir``).
     Reads files only (every rank the same ones); no communication.
     """
-    from megatron_eaopd.config import load_config
-    from megatron_eaopd.config.loader import ConfigError, config_to_dict, flatten
     from megatron_eaopd.models.checkpoint import LATEST
 
     t = cfg.training
@@ -263,6 +268,15 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     latest = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(latest):
         _check_moved_checkpoints(t, ckpt_dir)
+        changed = _changed_settings(cfg)
+        if changed:
+            raise ValueError(
+                f"training.output_dir={t.output_dir} holds an earlier launch (its config.yaml, "
+                f"no checkpoint) with other settings: {'; '.join(changed)}. Starting here would "
+                "replace its config.yaml and leave its metrics and evaluation samples beside "
+                "this run's. Use a new training.output_dir, restore the settings (the earlier "
+                "attempt's records are then moved aside), or move that folder away"
+            )
         return
     with open(latest, encoding="utf-8") as f:
         name = f.read().strip()
@@ -273,15 +287,32 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             "folder, or set training.resume=true to continue that run"
         )
     _check_foreign_checkpoints(cfg, ckpt_dir, name)
-    saved_path = os.path.join(t.output_dir, "config.yaml")
+    changed = _changed_settings(cfg)
+    if changed:
+        raise ValueError(
+            f"training.output_dir={t.output_dir} holds a run ({name}) with other settings: "
+            + "; ".join(changed)
+            + ". Resuming would continue the saved run (its weights, optimizer and learning-rate "
+            "schedule) under the new settings. Use a new training.output_dir, or restore them"
+        )
+
+
+def _changed_settings(cfg: EAOPDConfig) -> list[str]:
+    """The settings that define the run which differ between ``cfg`` and the config.yaml in
+    ``training.output_dir``, as ``key: old -> new``; none when there is no config.yaml or this
+    version cannot load it (a warning)."""
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.config.loader import ConfigError, config_to_dict, flatten
+
+    saved_path = os.path.join(cfg.training.output_dir, "config.yaml")
     if not os.path.isfile(saved_path):
-        return
+        return []
     try:
         saved = config_to_dict(load_config(saved_path))
     except (ConfigError, OSError, ValueError) as err:  # an older version's keys: not compared
-        logger.warning("%s does not load with this version (%s): resuming without comparing "
+        logger.warning("%s does not load with this version (%s): going on without comparing "
                        "its settings", saved_path, err)  # fmt: skip
-        return
+        return []
     now = config_to_dict(cfg)
     unused = [
         f"{who}_prep."
@@ -297,7 +328,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     free = _FREE_KEYS + (("task.eval_files",) if _eval_files_free(cfg) else ())
 
     before, after = flatten(saved), flatten(now)
-    changed = [
+    return [
         f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
         for k in sorted(set(before) | set(after))
         if (k.split(".")[0] in _RUN_SECTIONS or k in _RUN_KEYS)
@@ -306,13 +337,35 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
         and not k.startswith(tuple(unused))
         and not same(before.get(k), after.get(k))
     ]
-    if changed:
-        raise ValueError(
-            f"training.output_dir={t.output_dir} holds a run ({name}) with other settings: "
-            + "; ".join(changed)
-            + ". Resuming would continue the saved run (its weights, optimizer and learning-rate "
-            "schedule) under the new settings. Use a new training.output_dir, or restore them"
-        )
+
+
+def _length_problem(cfg: EAOPDConfig, data) -> str | None:
+    """A resume whose training length (``training.iterations``, else the epochs over ``data``'s
+    distillation prompts) is below the iteration its checkpoint saved (nothing would train, and
+    config.yaml would claim the shorter run), else None."""
+    from megatron_eaopd.data.sampling import total_iterations
+    from megatron_eaopd.models.checkpoint import LATEST
+
+    if not will_resume(cfg):
+        return None
+    r = cfg.rollout
+    total = cfg.training.iterations or total_iterations(
+        len(data.distill), r.prompts_per_iteration, cfg.training.epochs
+    )
+    with open(os.path.join(checkpoint_dir(cfg), LATEST), encoding="utf-8") as f:
+        name = f.read().strip()
+    match = re.fullmatch(r"iter_(\d+)", name)
+    if match is None or int(match.group(1)) <= total:
+        return None
+    done, t = int(match.group(1)), cfg.training
+    how = f"training.iterations={t.iterations}" if t.iterations else (
+        f"training.epochs={t.epochs} of the distillation prompts")  # fmt: skip
+    return (
+        f"training.output_dir={t.output_dir} holds a run saved at iteration {done} ({name}), "
+        f"beyond this run's length of {total} iteration{'s' * (total != 1)} ({how}): resuming "
+        "would train nothing and record the shorter run. Set training.iterations to "
+        f"{done} or more to continue it, or use a new training.output_dir"
+    )
 
 
 def _check_moved_checkpoints(t, ckpt_dir: str) -> None:

@@ -56,6 +56,12 @@ from megatron_eaopd.trainer.evaluate import (
 )
 from megatron_eaopd.trainer.metrics_log import MetricsLogger, console
 from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_peak
+from megatron_eaopd.trainer.run_dir import (
+    RunFolderBusy,
+    lock_output_dir,
+    set_aside_after,
+    set_aside_earlier_attempt,
+)
 from megatron_eaopd.trainer.teacher_prep import (
     PreparationStopped,
     prepare_student,
@@ -129,6 +135,7 @@ class Trainer:
         self.eval_pending = False
         self.times: dict[str, float] = {}
         self.prep_stopped: str | None = None  # a preparation stopped by a preemption signal
+        self.folder_lock = None  # rank 0's hold on training.output_dir (trainer.run_dir)
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -147,6 +154,7 @@ class Trainer:
         check_data_config(cfg, data, world)
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
+        self._lock_output_dir()
         for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg)):
             if warning and self.rank0:
                 logger.warning("%s", warning)
@@ -203,6 +211,8 @@ class Trainer:
         self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)
         if resuming:
             self._resume()
+            if self.rank0:  # what the interrupted attempt wrote after its checkpoint
+                set_aside_after(cfg.training.output_dir, self.start_iteration)
         self.metrics_logger = MetricsLogger(
             cfg.training.output_dir,
             cfg.logging,
@@ -212,6 +222,24 @@ class Trainer:
             resume_iteration=self.start_iteration,
         )
         return self
+
+    def _lock_output_dir(self) -> None:
+        """Rank 0, the writer of the run folder, holds its lock until :meth:`close`, and moves
+        aside the records of an earlier attempt that saved no checkpoint before a fresh start
+        (``trainer.run_dir``). Every rank raises when another live run holds the folder.
+        Collectives: 1 broadcast."""
+        busy = None
+        if self.rank0:
+            try:
+                self.folder_lock = lock_output_dir(self.cfg.training.output_dir)
+            except RunFolderBusy as err:
+                busy = err
+        if rank0_says(busy is not None):
+            raise busy or RunFolderBusy(
+                f"training.output_dir={self.cfg.training.output_dir} is in use by another run"
+            )
+        if self.rank0 and not will_resume(self.cfg):  # a run that died before its 1st save
+            set_aside_earlier_attempt(self.cfg.training.output_dir)
 
     def _check_inputs(self) -> None:
         """A resume whose distillation prompts, tokenizer or prepared teacher differ from the
@@ -545,3 +573,6 @@ class Trainer:
     def close(self) -> None:
         if self.metrics_logger is not None:
             self.metrics_logger.close()
+        if self.folder_lock is not None:
+            self.folder_lock.release()
+            self.folder_lock = None

@@ -2,8 +2,10 @@
 
 Only rank 0 writes. Every record is one JSON object per line of ``<output_dir>/metrics.jsonl``:
 ``{"split": "train" | "eval" | "teacher", "iteration": N, ...metrics}``. On resume, records past the
-checkpoint's iteration (written after the checkpoint by the interrupted run) are dropped first, so
-the log reads as if the run had never stopped.
+checkpoint's iteration (written after the checkpoint by the interrupted run) are taken out first,
+so the log reads as if the run had never stopped: the trainer moves them to the run folder's
+``earlier_attempts/`` before it makes the logger (``trainer.run_dir``); ``resume_iteration``
+drops any left.
 """
 
 from __future__ import annotations

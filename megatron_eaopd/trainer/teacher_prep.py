@@ -124,9 +124,8 @@ def _entry_lock(root: str, role: str, poll: float = 5.0, should_stop=None):
     ``PreparationStopped``: a preempted job ends as stopped and is requeued.
     Collectives: 1 broadcast of one int per try (every ``poll`` seconds while another job
     holds the lock), so no rank sits in a long collective."""
-    import fcntl
-
     from megatron_eaopd.parallel.init import rank0_says
+    from megatron_eaopd.trainer.run_dir import try_flock
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     handle, told = None, False
@@ -140,9 +139,7 @@ def _entry_lock(root: str, role: str, poll: float = 5.0, should_stop=None):
         got = 1
         if handle is not None:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                got = 0
+                got = int(try_flock(handle))
             except OSError as err:  # no locks here (some network filesystems)
                 logger.warning("no file lock on %s.lock (%s): preparing without one", root, err)
                 handle.close()
@@ -163,8 +160,7 @@ def _entry_lock(root: str, role: str, poll: float = 5.0, should_stop=None):
         yield
     finally:
         if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+            handle.close()  # the last descriptor of the file: the flock goes with it
 
 
 def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True,

@@ -180,6 +180,60 @@ def test_one_run_per_output_folder(tmp_path):
     check_output_dir(other)
 
 
+def test_a_fresh_start_over_an_attempt_without_checkpoint_needs_its_settings(tmp_path):
+    """A folder whose earlier launch died before its first checkpoint (config.yaml, records, no
+    checkpoint): a new start under other run settings is refused, as a changed resume is; with
+    the same settings, or other evaluation / logging settings, it is accepted (the trainer moves
+    the records aside)."""
+    from megatron_eaopd.config import save_resolved
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    out = tmp_path / "run"
+    derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]
+
+    def cfg(*extra):
+        return load_config(TINY, [*derived, f"training.output_dir={out}", *extra])
+
+    save_resolved(cfg(), str(out / "config.yaml"))
+    (out / "metrics.jsonl").write_text('{"split": "train", "iteration": 1}\n')
+    for same in ((), ("eval.k=4", "logging.tensorboard=false"), ("training.resume=false",)):
+        check_output_dir(cfg(*same))
+    with pytest.raises(ValueError) as err:
+        check_output_dir(cfg("training.seed=7", "loss.objective=opd"))
+    text = str(err.value)
+    assert f"training.output_dir={out} holds an earlier launch" in text
+    assert "training.seed: 42 -> 7" in text and "loss.objective: 'eopd' -> 'opd'" in text
+    assert "Use a new training.output_dir" in text
+
+
+def test_a_resume_shorter_than_the_saved_run_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_eaopd.trainer.checks import _length_problem
+
+    out = tmp_path / "run"
+    data = SimpleNamespace(distill=list(range(64)))
+
+    def cfg(*extra):
+        return load_config(TINY, [f"training.output_dir={out}", *extra])
+
+    assert _length_problem(cfg("training.iterations=1"), data) is None  # nothing saved
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("iter_0000002\n")
+    text = _length_problem(cfg("training.iterations=1"), data)
+    assert "saved at iteration 2 (iter_0000002), beyond this run's length of 1" in text
+    assert "Set training.iterations to 2 or more" in text and "1 iteration (" in text
+    assert _length_problem(cfg("training.iterations=2"), data) is None  # finished: fine
+    assert _length_problem(cfg("training.iterations=1", "training.resume=false"), data) is None
+    # by epochs: 64 prompts / 32 per iteration x 1 epoch = 2 iterations; 16 per iteration: 4
+    epochs = ["training.iterations=null", "training.epochs=1", "rollout.mini_batch_size=16"]
+    assert _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=32"), data) is None
+    (out / "checkpoints" / "latest").write_text("iter_0000003\n")
+    text = _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=32"), data)
+    assert "length of 2 iterations (training.epochs=1" in text
+    assert _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=16"), data) is None
+
+
 def test_eval_files_may_change_on_resume_only_where_nothing_trained_reads_them(tmp_path):
     """A task-trained tokenizer learns from the eval prompts and a teacher prepared on the task
     is keyed by them: a resume with other eval files would train on other ids or teacher."""

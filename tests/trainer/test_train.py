@@ -60,12 +60,29 @@ def _cfg(tmp, name, objective="eopd", *extra):
     )
 
 
+def _dead_attempt(folder, iteration, config=None):
+    """Records of an attempt killed after ``iteration`` (metrics and samples; its config.yaml)."""
+    os.makedirs(f"{folder}/eval_samples", exist_ok=True)
+    with open(f"{folder}/metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"split": "eval", "iteration": iteration, "dead": True}) + "\n")
+    with open(f"{folder}/eval_samples/student_iter_{iteration:07d}.jsonl", "w") as f:
+        f.write("dead\n")
+    if config is not None:
+        from megatron_eaopd.config import save_resolved
+
+        save_resolved(config, f"{folder}/config.yaml")
+
+
 def _worker(rank, world, tmp):
     from megatron_eaopd.cli import run
 
+    if rank == 0:  # an attempt with the same settings that died before its first checkpoint
+        _dead_attempt(f"{tmp}/full", 1, _cfg(tmp, "full"))
     full = run(_cfg(tmp, "full"))
     keep = "training.keep_checkpoints=1"  # the resumed run keeps its newest save only
     first = run(_cfg(tmp, "resumed", "eopd", keep), preemption=StopAfter(2))
+    if rank == 0:  # as if the stopped run had gone on past its checkpoint (2) and died
+        _dead_attempt(f"{tmp}/resumed", 3)
     # an empty student cache: the resumed run loads its checkpoint, no warm start is prepared
     second = run(_cfg(tmp, "resumed", "eopd", keep, f"student_prep.cache_dir={tmp}/no-students"))
     return {"full": full, "first": first, "second": second}
@@ -149,6 +166,18 @@ def test_train_end_to_end_and_resume(tmp_path):
         assert row["fkl_high"] is None or row["fkl_high"] >= 0
     assert [row["iteration"] for row in _records(f"{full_dir}/metrics.jsonl", "teacher")] == [0]
 
+    # the dead attempts' records were moved aside, not mixed into the runs' (not deleted)
+    for folder, iteration, why in ((full_dir, 1, "no-checkpoint"), (res_dir, 3, "after-iter")):
+        name = f"student_iter_{iteration:07d}.jsonl"
+        assert name not in os.listdir(f"{folder}/eval_samples")
+        (aside,) = os.listdir(f"{folder}/earlier_attempts")
+        assert why in aside
+        with open(f"{folder}/earlier_attempts/{aside}/eval_samples/{name}") as f:
+            assert f.read() == "dead\n"
+        assert _records(f"{folder}/earlier_attempts/{aside}/metrics.jsonl", "eval") == [
+            {"split": "eval", "iteration": iteration, "dead": True}
+        ]
+    assert not any(r.get("dead") for r in _records(f"{full_dir}/metrics.jsonl", "eval"))
     # training.keep_checkpoints=1: the save of iteration 4 replaced that of iteration 2
     assert sorted(os.listdir(f"{tmp}/resumed/checkpoints")) == ["iter_0000004", "latest"]
     assert not os.listdir(f"{tmp}/no-students") if os.path.isdir(f"{tmp}/no-students") else True

@@ -1,0 +1,228 @@
+"""The run folder ``training.output_dir``: one live run at a time, and no attempt's records lost.
+
+- :func:`lock_output_dir`: the process that writes the folder (rank 0: config.yaml, metrics.jsonl,
+  eval_samples/) holds an exclusive ``fcntl.flock`` on ``<output_dir>/run.lock`` from before it
+  writes anything there to the end of the run. A second launch into the folder is refused
+  (:class:`RunFolderBusy`, a ValueError: ``eaopd-train`` exits 2) naming the holder. The kernel
+  releases the lock when its process ends, however it ends (SIGKILL, a job killed or requeued by
+  Slurm): a killed run is resumed without cleanup. The file's text (host, pid, start time) is the
+  last holder's note, never what decides; deleting the file of a live run defeats the lock.
+- :func:`set_aside_earlier_attempt`: a fresh start in a folder whose earlier attempt left records
+  and no checkpoint (``trainer.checks.check_output_dir`` refuses it when its run settings differ)
+  moves that attempt's metrics.jsonl, eval_samples/ and tensorboard/ (and a copy of its
+  config.yaml) into ``<output_dir>/earlier_attempts/<UTC time>-no-checkpoint/``.
+- :func:`set_aside_after`: a resume from the checkpoint of iteration N moves the records the
+  interrupted attempt wrote after it (metrics.jsonl lines and eval_samples files of iterations
+  above N, which the resumed run writes again) into ``earlier_attempts/<UTC time>-after-iter_N/``.
+
+Files only, on one process (rank 0); no communication.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ASIDE",
+    "LOCK_NAME",
+    "RunFolderBusy",
+    "lock_output_dir",
+    "set_aside_after",
+    "set_aside_earlier_attempt",
+    "try_flock",
+]
+
+LOCK_NAME = "run.lock"
+ASIDE = "earlier_attempts"
+_SAMPLES = re.compile(r"^\w+_iter_(\d+)\.jsonl$")  # trainer.evaluate.write_samples
+
+
+class RunFolderBusy(ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+def try_flock(handle) -> bool:
+    """Take an exclusive ``fcntl.flock`` on the open file ``handle`` without waiting: True when
+    taken, False when another open file (another process) holds it. OSError where the filesystem
+    has no locks (some network filesystems; Lustre without ``-o flock``)."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class _Held:
+    """One process's hold on a run folder's lock (re-entrant: counted)."""
+
+    def __init__(self, path: str, handle):
+        self.path, self.handle, self.count = path, handle, 0
+
+
+_HELD: dict[str, _Held] = {}
+
+
+class RunFolderLock:
+    """A hold on ``<output_dir>/run.lock`` (from :func:`lock_output_dir`); :meth:`release` once
+    per :func:`lock_output_dir` call (the last one unlocks; exiting the process does too)."""
+
+    def __init__(self, key: str):
+        self.key, self.released = key, False
+
+    def release(self) -> None:
+        held = _HELD.get(self.key)
+        if self.released or held is None:
+            return
+        self.released = True
+        held.count -= 1
+        if held.count == 0:
+            del _HELD[self.key]
+            if held.handle is not None:
+                held.handle.close()  # closing the last descriptor drops the flock
+
+    def __enter__(self) -> RunFolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            note = f.read().strip()
+    except OSError:
+        note = ""
+    return note or "a process that recorded no host or pid"
+
+
+def lock_output_dir(output_dir: str) -> RunFolderLock:
+    """Hold the lock of the run folder ``output_dir`` (made if missing) for this process, or raise
+    :class:`RunFolderBusy` naming the folder, the holder and the fix. Re-entrant in one process
+    (the CLI takes it before the data is prepared, ``Trainer.setup`` again). Where the filesystem
+    has no locks: a warning, and the run goes on unlocked. No communication."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    key = os.path.realpath(output_dir)
+    held = _HELD.get(key)
+    if held is None:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
+        except OSError as err:
+            raise ValueError(
+                f"training.output_dir={output_dir}: cannot create {path} "
+                f"({type(err).__name__}: {err.strerror or err}); give a writable folder"
+            ) from None
+        try:
+            got = try_flock(handle)
+        except OSError as err:
+            logger.warning("no file lock on %s (%s): nothing stops a second launch into %s",
+                           path, err, output_dir)  # fmt: skip
+            handle.close()
+            handle, got = None, True
+        if not got:
+            handle.close()
+            raise RunFolderBusy(
+                f"training.output_dir={output_dir} is in use by another live run "
+                f"({_holder(path)}; it holds {path}). Two launches into one folder would mix "
+                "their metrics, config.yaml and checkpoints. Wait for that run to end (or stop "
+                "it), or give this one a new training.output_dir"
+            )
+        if handle is not None:
+            handle.seek(0)
+            handle.truncate()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+            handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n")
+            handle.flush()
+        held = _HELD[key] = _Held(path, handle)
+    held.count += 1
+    return RunFolderLock(key)
+
+
+def _aside_folder(output_dir: str, why: str) -> str:
+    """A new ``<output_dir>/earlier_attempts/<UTC time>-<why>`` folder (numbered if taken)."""
+    base = os.path.join(output_dir, ASIDE, time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + why)
+    folder, n = base, 1
+    while os.path.exists(folder):
+        n += 1
+        folder = f"{base}-{n}"
+    os.makedirs(folder)
+    return folder
+
+
+def set_aside_earlier_attempt(output_dir: str) -> str | None:
+    """Before a fresh start: move an earlier attempt's records (metrics.jsonl, eval_samples/,
+    tensorboard/; a copy of its config.yaml beside them) out of ``output_dir`` into a new
+    ``earlier_attempts/<time>-no-checkpoint`` folder, which is returned (None: nothing there).
+    Call under the folder's lock, before this run writes its config.yaml."""
+    names = [n for n in ("metrics.jsonl", "eval_samples", "tensorboard")
+             if os.path.exists(os.path.join(output_dir, n))]  # fmt: skip
+    if not names:
+        return None
+    folder = _aside_folder(output_dir, "-no-checkpoint")
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(folder, name))
+    config = os.path.join(output_dir, "config.yaml")
+    if os.path.isfile(config):
+        shutil.copy2(config, os.path.join(folder, "config.yaml"))
+    logger.warning(
+        "%s holds records of an earlier attempt that saved no checkpoint (%s): starting afresh, "
+        "they were moved to %s", output_dir, ", ".join(names), folder,
+    )  # fmt: skip
+    return folder
+
+
+def set_aside_after(output_dir: str, iteration: int) -> str | None:
+    """Before a resume from the checkpoint of ``iteration``: move the metrics.jsonl records and
+    eval_samples files of later iterations (the interrupted attempt's, redone by this run) into
+    a new ``earlier_attempts/<time>-after-iter_<iteration>`` folder, returned (None: none).
+    metrics.jsonl keeps its other lines in order. Call under the folder's lock."""
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    keep, later = [], []
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    past = int(json.loads(line).get("iteration", 0)) > iteration
+                except (ValueError, TypeError, AttributeError):
+                    past = False  # not a record of ours: left where it is
+                (later if past else keep).append(line if line.endswith("\n") else line + "\n")
+    samples = os.path.join(output_dir, "eval_samples")
+    files = []
+    if os.path.isdir(samples):
+        for name in sorted(os.listdir(samples)):
+            match = _SAMPLES.match(name)
+            if match and int(match.group(1)) > iteration:
+                files.append(name)
+    if not later and not files:
+        return None
+    folder = _aside_folder(output_dir, f"-after-iter_{iteration:07d}")
+    if later:
+        with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(later)
+        tmp = metrics + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, metrics)
+    if files:
+        os.makedirs(os.path.join(folder, "eval_samples"))
+        for name in files:
+            os.replace(os.path.join(samples, name), os.path.join(folder, "eval_samples", name))
+    logger.warning(
+        "resuming from iteration %d: the interrupted attempt's records of later iterations "
+        "(%d metrics.jsonl lines, %d eval_samples files) were moved to %s", iteration,
+        len(later), len(files), folder,
+    )  # fmt: skip
+    return folder
