@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 
@@ -173,9 +172,10 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
     """
     from megatron_eaopd.models.checkpoint import LATEST
     from megatron_eaopd.trainer.build import model_configs
+    from megatron_eaopd.trainer.run_dir import length_problem
     from megatron_eaopd.trainer.teacher_prep import supervised_cache_key
 
-    problems = [p for p in (_length_problem(cfg, data),) if p]
+    problems = [p for p in (length_problem(cfg, data),) if p]
     student, teacher = model_configs(cfg, data.vocab_size)
     resuming = will_resume(cfg)
     for who, prep, mcfg in (("teacher", cfg.teacher_prep, teacher),
@@ -337,35 +337,6 @@ def _changed_settings(cfg: EAOPDConfig) -> list[str]:
         and not k.startswith(tuple(unused))
         and not same(before.get(k), after.get(k))
     ]
-
-
-def _length_problem(cfg: EAOPDConfig, data) -> str | None:
-    """A resume whose training length (``training.iterations``, else the epochs over ``data``'s
-    distillation prompts) is below the iteration its checkpoint saved (nothing would train, and
-    config.yaml would claim the shorter run), else None."""
-    from megatron_eaopd.data.sampling import total_iterations
-    from megatron_eaopd.models.checkpoint import LATEST
-
-    if not will_resume(cfg):
-        return None
-    r = cfg.rollout
-    total = cfg.training.iterations or total_iterations(
-        len(data.distill), r.prompts_per_iteration, cfg.training.epochs
-    )
-    with open(os.path.join(checkpoint_dir(cfg), LATEST), encoding="utf-8") as f:
-        name = f.read().strip()
-    match = re.fullmatch(r"iter_(\d+)", name)
-    if match is None or int(match.group(1)) <= total:
-        return None
-    done, t = int(match.group(1)), cfg.training
-    how = f"training.iterations={t.iterations}" if t.iterations else (
-        f"training.epochs={t.epochs} of the distillation prompts")  # fmt: skip
-    return (
-        f"training.output_dir={t.output_dir} holds a run saved at iteration {done} ({name}), "
-        f"beyond this run's length of {total} iteration{'s' * (total != 1)} ({how}): resuming "
-        "would train nothing and record the shorter run. Set training.iterations to "
-        f"{done} or more to continue it, or use a new training.output_dir"
-    )
 
 
 def _check_moved_checkpoints(t, ckpt_dir: str) -> None:

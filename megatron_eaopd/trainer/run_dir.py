@@ -14,6 +14,8 @@
 - :func:`set_aside_after`: a resume from the checkpoint of iteration N moves the records the
   interrupted attempt wrote after it (metrics.jsonl lines and eval_samples files of iterations
   above N, which the resumed run writes again) into ``earlier_attempts/<UTC time>-after-iter_N/``.
+- :func:`length_problem`: a resume shorter than the iterations its checkpoint has done, or longer
+  than its decaying learning-rate schedule planned, is refused (the message gives the fix).
 
 Files only, on one process (rank 0); no communication.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "ASIDE",
     "LOCK_NAME",
     "RunFolderBusy",
+    "length_problem",
     "lock_output_dir",
     "set_aside_after",
     "set_aside_earlier_attempt",
@@ -226,3 +229,62 @@ def set_aside_after(output_dir: str, iteration: int) -> str | None:
         len(later), len(files), folder,
     )  # fmt: skip
     return folder
+
+
+def length_problem(cfg, data) -> str | None:
+    """A resume whose training length (``training.iterations``, else the epochs over ``data``'s
+    distillation prompts) is below the iteration its checkpoint saved (nothing would train, and
+    config.yaml would claim the shorter run), else None."""
+    from megatron_eaopd.data.sampling import total_iterations
+    from megatron_eaopd.models.checkpoint import LATEST
+    from megatron_eaopd.trainer.checks import checkpoint_dir, will_resume
+
+    if not will_resume(cfg):
+        return None
+    r = cfg.rollout
+    total = cfg.training.iterations or total_iterations(
+        len(data.distill), r.prompts_per_iteration, cfg.training.epochs
+    )
+    with open(os.path.join(checkpoint_dir(cfg), LATEST), encoding="utf-8") as f:
+        name = f.read().strip()
+    match = re.fullmatch(r"iter_(\d+)", name)
+    if match is None:
+        return None
+    longer = _longer_than_planned(cfg, name, total)
+    if longer or int(match.group(1)) <= total:
+        return longer
+    done, t = int(match.group(1)), cfg.training
+    how = f"training.iterations={t.iterations}" if t.iterations else (
+        f"training.epochs={t.epochs} of the distillation prompts")  # fmt: skip
+    return (
+        f"training.output_dir={t.output_dir} holds a run saved at iteration {done} ({name}), "
+        f"beyond this run's length of {total} iteration{'s' * (total != 1)} ({how}): resuming "
+        "would train nothing and record the shorter run. Set training.iterations to "
+        f"{done} or more to continue it, or use a new training.output_dir"
+    )
+
+
+def _longer_than_planned(cfg, name: str, total: int) -> str | None:
+    """A resume longer than the saved run planned (``total_iterations`` in its checkpoint's
+    meta) under a decaying learning-rate schedule: megatron's scheduler continues as saved, so
+    every iteration past the planned ones would run at ``optimizer.min_lr`` (0 by default:
+    compute spent, weights unchanged). Shorter is allowed (the schedule stops early)."""
+    from megatron_eaopd.models.checkpoint import read_meta
+    from megatron_eaopd.trainer.checks import checkpoint_dir
+
+    try:
+        meta = read_meta(os.path.join(checkpoint_dir(cfg), name))
+    except (OSError, ValueError):
+        return None  # the resume itself reports a missing or broken checkpoint
+    planned = meta.get("extra", {}).get("total_iterations")
+    o = cfg.optimizer
+    if not isinstance(planned, int) or total <= planned or o.lr_schedule == "constant":
+        return None
+    return (
+        f"training.output_dir={cfg.training.output_dir} holds a run planned for {planned} "
+        f"iterations; this config asks for {total}. Its learning-rate schedule "
+        f"(optimizer.lr_schedule={o.lr_schedule}) continues as saved in the checkpoint, so "
+        f"iterations {planned + 1}..{total} would run at optimizer.min_lr={o.min_lr}. Set "
+        f"training.iterations to {planned} or less, or start a longer run in a new "
+        "training.output_dir"
+    )

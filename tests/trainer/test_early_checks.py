@@ -209,7 +209,7 @@ def test_a_fresh_start_over_an_attempt_without_checkpoint_needs_its_settings(tmp
 def test_a_resume_shorter_than_the_saved_run_is_refused(tmp_path):
     from types import SimpleNamespace
 
-    from megatron_eaopd.trainer.checks import _length_problem
+    from megatron_eaopd.trainer.run_dir import length_problem as _length_problem
 
     out = tmp_path / "run"
     data = SimpleNamespace(distill=list(range(64)))
@@ -232,6 +232,36 @@ def test_a_resume_shorter_than_the_saved_run_is_refused(tmp_path):
     text = _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=32"), data)
     assert "length of 2 iterations (training.epochs=1" in text
     assert _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=16"), data) is None
+
+
+def test_a_resume_longer_than_a_decaying_schedule_planned_is_refused(tmp_path):
+    """Extending a finished cosine run: megatron's scheduler continues as saved, so the new
+    iterations ran at min_lr (0: nothing trained); refused. Shorter, or a constant schedule,
+    or a checkpoint that records no plan, is allowed."""
+    import json
+    from types import SimpleNamespace
+
+    from megatron_eaopd.models.checkpoint import META
+    from megatron_eaopd.trainer.run_dir import length_problem as _length_problem
+
+    out = tmp_path / "run"
+    data = SimpleNamespace(distill=list(range(64)))
+    saved = out / "checkpoints" / "iter_0000002"
+    saved.mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("iter_0000002\n")
+    (saved / META).write_text(json.dumps({"extra": {"total_iterations": 2}}))
+
+    def problem(*extra):
+        cfg = load_config(TINY, [f"training.output_dir={out}", *extra])
+        return _length_problem(cfg, data)
+
+    text = problem("training.iterations=4")
+    assert "a run planned for 2 iterations; this config asks for 4" in text
+    assert "iterations 3..4 would run at optimizer.min_lr=0.0" in text
+    assert problem("training.iterations=2") is None
+    assert problem("training.iterations=4", "optimizer.lr_schedule=constant") is None
+    (saved / META).write_text(json.dumps({"extra": {}}))
+    assert problem("training.iterations=4") is None
 
 
 def test_eval_files_may_change_on_resume_only_where_nothing_trained_reads_them(tmp_path):
