@@ -403,9 +403,11 @@ def _check_foreign_checkpoints(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> No
 
 def _export_problems(cfg: EAOPDConfig) -> list[str]:
     """``training.export_hf`` replaces its folder at the end of the run: it must not be (or
-    contain) the run's own folders or the model / tokenizer folders, and an existing folder must
-    hold nothing but an earlier Hugging Face export."""
-    from megatron_eaopd.models.hf.save import TOKENIZER_FILES
+    contain) the run's own folders or the model / tokenizer folders, and an existing non-empty
+    folder must be an earlier export of this project (``models.hf.save.is_project_export``:
+    its marker file, or an earlier version's config.json) holding nothing else: a Hugging Face
+    model saved by another tool in that folder would be lost."""
+    from megatron_eaopd.models.hf.save import EXPORT_MARKER, TOKENIZER_FILES, is_project_export
 
     out = cfg.training.export_hf
     if not out:
@@ -432,9 +434,15 @@ def _export_problems(cfg: EAOPDConfig) -> list[str]:
                 f"training.export_hf={out} would replace {key} ({path}): the export {where}; "
                 "export into a folder of its own (e.g. <output_dir>/student-hf)"
             )
-    if os.path.isdir(out) and not problems:
+    if os.path.exists(out) and not problems and (not os.path.isdir(out) or os.listdir(out)):
+        if not os.path.isdir(out) or not is_project_export(out):
+            return [
+                f"training.export_hf={out} exists and is not an export of this project (no "
+                f"{EXPORT_MARKER}; e.g. a model saved by transformers), which the export would "
+                "replace: choose a new or empty folder, or move this one away first"
+            ]
         allowed = {"config.json", "generation_config.json", "model.safetensors.index.json",
-                   *TOKENIZER_FILES}  # fmt: skip
+                   EXPORT_MARKER, *TOKENIZER_FILES}  # fmt: skip
         foreign = sorted(n for n in os.listdir(out)
                          if not (n in allowed or n.endswith(".safetensors"))
                          or not os.path.isfile(os.path.join(out, n)))  # fmt: skip

@@ -522,8 +522,9 @@ class Trainer:
     def export_hf(self, out_dir: str) -> str:
         """Write the student as a Hugging Face folder (``models.hf.save_hf_weights``; every rank
         calls it). The tokenizer's files are copied when the tokenizer is an HF folder. The
-        folder is written under a temporary name and renamed when complete; an existing one is
-        replaced only then."""
+        folder is written under a temporary name and renamed when complete; an existing one (an
+        earlier export: ``trainer.checks`` refuses any other folder at startup) is replaced only
+        then."""
         from megatron_eaopd.models.hf import save_hf_weights
         from megatron_eaopd.parallel.init import use_layout
 
@@ -543,6 +544,8 @@ class Trainer:
             save_hf_weights(
                 self.student.chunks, out_dir, dtype=cfg.training.export_dtype, tokenizer_dir=tok,
                 token_ids=ids, overwrite=True, progress=self._bars_on(),
+                export_info={"run": cfg.name,
+                             "output_dir": os.path.abspath(cfg.training.output_dir)},
             )  # fmt: skip
         if self.rank0:
             console(f"exported the student to {out_dir}")

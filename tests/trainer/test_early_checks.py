@@ -348,6 +348,10 @@ def test_the_export_folder_never_replaces_the_run_or_foreign_files(tmp_path):
     mine.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (mine / name).write_text("{}")
+    # a model saved by another tool (no marker, a config.json not of our export): kept
+    with pytest.raises(ValueError, match=r"is not an export of this project"):
+        check_trainer_config(cfg, 2)
+    (mine / "eaopd_export.json").write_text('{"written_by": "megatron-eaopd save_hf_weights"}')
     check_trainer_config(cfg, 2)  # an earlier export: replaced at the end
     (mine / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"holds more than a Hugging Face export \(notes.txt\)"):

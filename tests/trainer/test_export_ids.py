@@ -31,8 +31,8 @@ def test_export_writes_the_runs_special_ids(monkeypatch, kind, tokenizer, want):
     monkeypatch.setattr(init, "use_layout", lambda name: contextlib.nullcontext())
     path = "acme/tok" if kind == "huggingface" else "/m/t.model"  # a hub id: not a folder
     trainer = SimpleNamespace(
-        cfg=SimpleNamespace(tokenizer=SimpleNamespace(kind=kind, path=path),
-                            training=SimpleNamespace(export_dtype="bf16")),
+        cfg=SimpleNamespace(tokenizer=SimpleNamespace(kind=kind, path=path), name="run",
+                            training=SimpleNamespace(export_dtype="bf16", output_dir="/o")),
         data=SimpleNamespace(tokenizer=tokenizer), student=SimpleNamespace(chunks=[]),
         rank0=False, _bars_on=lambda: False,
     )  # fmt: skip

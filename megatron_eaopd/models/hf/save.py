@@ -22,7 +22,7 @@ from megatron_eaopd.models.hf.load import bare_chunks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOKENIZER_FILES", "save_hf_weights"]
+__all__ = ["EXPORT_MARKER", "TOKENIZER_FILES", "is_project_export", "save_hf_weights"]
 
 OUT_DTYPES = {
     "bf16": torch.bfloat16,
@@ -44,6 +44,10 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+#: Written into every export: what wrote it and from what. An existing folder is replaced only
+#: when it is an export (``is_project_export``), never another model's folder.
+EXPORT_MARKER = "eaopd_export.json"
+_WRITER = "megatron-eaopd save_hf_weights"
 
 
 def _rank() -> int:
@@ -130,12 +134,38 @@ def _shards(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[list[str]
     return shards
 
 
+def is_project_export(folder: str) -> bool:
+    """Whether ``folder`` was written by ``save_hf_weights``: it holds ``EXPORT_MARKER``, or
+    (exports of earlier versions, which wrote no marker) a config.json with exactly the keys
+    ``hf_config_dict`` writes. Any other folder is not one: ``save_pretrained`` adds
+    ``transformers_version`` (and other keys) to every config.json. Reads files only."""
+    marker = os.path.join(folder, EXPORT_MARKER)
+    try:
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                return json.load(f).get("written_by") == _WRITER
+        from megatron_eaopd.models.hf.config import model_config_from_hf, read_hf_config
+
+        data = read_hf_config(folder)
+        cfg = model_config_from_hf(folder, params_dtype="float32")
+        arch = (data.get("architectures") or [None])[0]
+        return set(data) == set(hf_config_dict(cfg, architecture=arch))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def _prepare_out(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         if not overwrite:
             raise FileExistsError(
                 f"output folder {out_dir!r} exists and is not empty: choose a new folder or pass "
                 f"overwrite=True"
+            )
+        if not os.path.isdir(out_dir) or not is_project_export(out_dir):
+            raise FileExistsError(
+                f"output folder {out_dir!r} exists and is not an export of this project (no "
+                f"{EXPORT_MARKER}): overwrite=True replaces earlier exports only. Choose a new "
+                f"folder, or move this one away if you mean to replace it"
             )
 
 
@@ -153,14 +183,17 @@ def save_hf_weights(
     max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
     progress: bool = False,
+    export_info: dict | None = None,
 ) -> str:
     """Write the model as an HF folder loadable by `AutoModelForCausalLM.from_pretrained`.
 
     Writes config.json (`architecture`: Qwen3ForCausalLM / Qwen2ForCausalLM / LlamaForCausalLM,
     default model_config.architecture or the family the shape fits), model.safetensors or
     model-0000i-of-0000n.safetensors + model.safetensors.index.json (shards of at most
-    `max_shard_bytes`), generation_config.json and, with `tokenizer_dir`, its tokenizer files.
-    Padded vocabulary rows are dropped; a tied model stores no lm_head.weight.
+    `max_shard_bytes`), generation_config.json, with `tokenizer_dir` its tokenizer files, and
+    ``eaopd_export.json`` (``EXPORT_MARKER``: what wrote the folder, `export_info`), which marks
+    the folder as one a later export may replace. Padded vocabulary rows are dropped; a tied
+    model stores no lm_head.weight.
 
     Args:
         model_chunks: every rank's chunks (list, FrozenTeacher, Student or DDP-wrapped), called
@@ -172,7 +205,11 @@ def save_hf_weights(
             tokenizer_dir's generation_config.json / config.json.
         generation_config: generation_config.json contents; default: tokenizer_dir's file, else
             the token ids.
-        overwrite: replace a non-empty out_dir (renamed away only once the new one is complete).
+        overwrite: replace a non-empty out_dir that is an earlier export
+            (``is_project_export``; renamed away only once the new one is complete); any other
+            non-empty folder is refused (FileExistsError) either way.
+        export_info: JSON-serialisable facts recorded in the marker file (the checkpoint, the
+            run), from rank 0.
     Returns:
         out_dir.
     Collectives (WORLD): 1 all_gather_object of the block manifests (keys and ranges, no data);
@@ -196,6 +233,9 @@ def save_hf_weights(
     architecture = architecture or default_architecture(cfg)
     ids = dict(token_ids) if token_ids is not None else _token_ids_from(tokenizer_dir)
     config = hf_config_dict(cfg, architecture=architecture, dtype=_dtype_name(dtype), token_ids=ids)
+    marker = {"written_by": _WRITER, "architecture": architecture, "dtype": _dtype_name(dtype),
+              **(export_info or {})}  # fmt: skip
+    json.dumps(marker)  # fail on every rank before any collective if it is not serialisable
     _prepare_out(out_dir, overwrite)
     if tokenizer_dir:
         _tokenizer_files(tokenizer_dir)  # fail on every rank before any collective
@@ -258,7 +298,7 @@ def save_hf_weights(
             del prepared  # one shard's tensors alive at a time
         if not error and rank == 0:
             _, error = _attempt(_write_folder, tmp, config, weight_map, total_bytes, len(shards),
-                                tokenizer_dir, ids, generation_config)  # fmt: skip
+                                tokenizer_dir, ids, generation_config, marker)  # fmt: skip
             if not error:
                 _, error = _attempt(_commit, tmp, out_dir, overwrite)
             error = f"rank 0: {error}" if error else None
@@ -359,8 +399,10 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def _write_folder(tmp, config, weight_map, total_bytes, num_shards, tokenizer_dir, ids, gen):
+def _write_folder(tmp, config, weight_map, total_bytes, num_shards, tokenizer_dir, ids, gen,
+                  marker):  # fmt: skip
     _write_json(os.path.join(tmp, "config.json"), config)
+    _write_json(os.path.join(tmp, EXPORT_MARKER), marker)
     if num_shards > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
@@ -401,11 +443,14 @@ def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir):
         if os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)
-        elif overwrite:
+        elif overwrite and is_project_export(out_dir):
             old = f"{out_dir.rstrip(os.sep)}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out_dir, old)
         else:
-            raise FileExistsError(f"output folder {out_dir!r} appeared during the export")
+            raise FileExistsError(
+                f"output folder {out_dir!r} appeared during the export (or changed into another "
+                f"model's folder): it is left as it is"
+            )
     try:
         os.rename(tmp, out_dir)
     except OSError:
