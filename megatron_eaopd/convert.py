@@ -10,10 +10,11 @@ config recorded in the checkpoint and writes an HF folder (config.json, safetens
 config, tokenizer files with --tokenizer). One process (TP 1, PP 1) is enough; under torchrun
 --tp/--pp split the work (each rank reads or writes only its own part).
 
-Bad input (unsupported architecture or RoPE type, missing or truncated shard, no config.json, a
-checkpoint of another shape, an existing output) exits with status 2 and a named error before any
-process group starts; outputs are written to a temporary folder and renamed at the end, so a
-failure leaves nothing behind.
+Bad input (unsupported architecture or RoPE type, missing or truncated shard, no config.json,
+weights config.json does not describe, a layout the model cannot be split at, a checkpoint of
+another shape, a tokenizer with more ids than the model, an existing output) exits with status 2
+and a named error before any process group starts; outputs are written to a temporary folder of a
+unique name and renamed at the end, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import uuid
 
 logger = logging.getLogger("eaopd-convert")
 
@@ -78,13 +80,16 @@ def _check_import(args):
     """(ModelConfig, token/generation info) of --hf; raises BadInput before anything starts."""
     import json
 
-    from megatron_eaopd.models.hf import HFWeights, expected_hf_shapes, model_config_from_hf
+    from megatron_eaopd.models.hf import check_hf_folder, model_config_from_hf
 
     _check_out(args.out)
     try:
         dtype = None if args.dtype == "auto" else _DTYPES[args.dtype]
         cfg = model_config_from_hf(args.hf, params_dtype=dtype)
-        HFWeights(args.hf, trust_pickle=args.trust_pickle).check(expected_hf_shapes(cfg))
+        cfg.check_layout(args.tp, args.pp)
+        # what every load checks (tensors, shapes, a tied head equal to the embedding, no extra
+        # tensors), here before any process group
+        check_hf_folder(args.hf, trust_pickle=args.trust_pickle, model_config=cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise BadInput(str(exc)) from None
     hf_info: dict = {}
@@ -124,8 +129,8 @@ def _check_export(args):
         cfg = ModelConfig.from_dict(recorded) if recorded else None
         if args.hf_config:
             given = model_config_from_hf(args.hf_config)
-            if cfg is None:
-                cfg = given
+            if cfg is None:  # built in the dtype the weights were saved in, not config.json's
+                cfg = given.with_changes(params_dtype=_stored_dtype(path))
             else:
                 diffs = cfg.differences(given, args.tp)
                 if diffs:
@@ -142,12 +147,52 @@ def _check_export(args):
             from megatron_eaopd.models.hf.save import _tokenizer_files
 
             _tokenizer_files(args.tokenizer)
+            _check_tokenizer_fits(args.tokenizer, cfg.vocab_size)
         hf_config_dict(cfg, architecture=args.architecture, dtype=_DTYPES[args.dtype])
         cfg.check_layout(args.tp, args.pp)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise BadInput(str(exc)) from None
     # the weights stay in the dtype they were saved in; the export casts
     return path, cfg, dict(meta.get("extra", {}).get("hf", {}))
+
+
+def _stored_dtype(path: str) -> str:
+    """The dtype of the word embedding stored in the checkpoint folder ``path`` (its
+    dist_checkpointing metadata; no tensor is read), e.g. 'float32'; 'float32' (lossless for
+    bf16 / fp16 / fp32 weights) when the metadata does not say."""
+    import torch
+
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+             torch.float64: "float64"}  # fmt: skip
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        entries = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - another format: keep every value exactly
+        return "float32"
+    dtypes = [getattr(getattr(v, "properties", None), "dtype", None) for k, v in
+              sorted(entries.items(), key=lambda kv: "word_embeddings" not in kv[0])]  # fmt: skip
+    return next((names[d] for d in dtypes if d in names), "float32")
+
+
+def _check_tokenizer_fits(tokenizer_dir: str, vocab_size: int) -> None:
+    """ValueError naming both sizes when the tokenizer of ``tokenizer_dir`` has more ids than the
+    model has embedding rows (the trainer's check, ``vocab_check.check_tokenizer_fits``). Its
+    ids come from tokenizer.json, else from transformers' tokenizer when installed."""
+    from megatron_eaopd.config.hf_models import _token_table
+    from megatron_eaopd.models.vocab_check import check_tokenizer_fits
+
+    table = _token_table(tokenizer_dir)
+    if not table:
+        try:
+            import transformers
+        except ImportError:
+            logger.warning("%s has no tokenizer.json: its size is not checked", tokenizer_dir)
+            return
+        table = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    fix = (f"{tokenizer_dir!r} is not the tokenizer of this model (vocab_size {vocab_size}): "
+           f"pass the tokenizer it was trained with")  # fmt: skip
+    check_tokenizer_fits(table, vocab_size, role="model", fix=fix)
 
 
 def _run_import(args, cfg, hf_info) -> None:
@@ -160,10 +205,9 @@ def _run_import(args, cfg, hf_info) -> None:
 
     initialize_parallel(args.tp, args.pp, models={"model": cfg})
     rank = dist.get_rank()
-    tmp = f"{args.out.rstrip(os.sep)}.tmp-import"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+    name = [f"{args.out.rstrip(os.sep)}.tmp-import-{uuid.uuid4().hex[:8]}"]  # never a user's
+    dist.broadcast_object_list(name, src=0)  # one name for every rank
+    tmp = name[0]
     ok = False
     try:
         chunks = build_model(cfg, perform_initialization=False)
@@ -192,6 +236,7 @@ def _run_export(args, path, cfg, hf_info) -> None:
     initialize_parallel(args.tp, args.pp, models={"model": cfg})
     chunks = build_model(cfg, perform_initialization=False)
     load_checkpoint(path, chunks, load_rng=False)  # the folder _check_export resolved
+    ids, gen = _export_token_info(args.tokenizer, hf_info)
     save_hf_weights(
         chunks,
         args.out,
@@ -199,11 +244,28 @@ def _run_export(args, path, cfg, hf_info) -> None:
         dtype=args.dtype,
         tokenizer_dir=args.tokenizer,
         architecture=args.architecture,
-        token_ids=hf_info.get("token_ids"),  # None: the tokenizer folder's
-        generation_config=hf_info.get("generation_config"),
+        token_ids=ids,
+        generation_config=gen,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
         progress=True,
+        export_info={"checkpoint": os.path.abspath(path)},
     )
+
+
+def _export_token_info(tokenizer_dir: str | None, hf_info: dict) -> tuple[dict | None, dict | None]:
+    """(token ids, generation config) for ``save_hf_weights``, as docs/hf.md §3 says: the
+    ``--tokenizer`` folder's generation_config.json (None here: save_hf_weights copies it), else
+    the one recorded at import, else the token ids; the ids are the tokenizer folder's
+    (generation_config.json, config.json) over those recorded at import."""
+    from megatron_eaopd.models.hf.save import _token_ids_from
+
+    ids = dict(hf_info.get("token_ids") or {})
+    gen = hf_info.get("generation_config")
+    if tokenizer_dir:
+        ids.update(_token_ids_from(tokenizer_dir))
+        if os.path.isfile(os.path.join(tokenizer_dir, "generation_config.json")):
+            gen = None
+    return (ids or None), gen
 
 
 def main(argv: list[str] | None = None) -> int:

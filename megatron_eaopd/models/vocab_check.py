@@ -96,11 +96,7 @@ def check_vocab_compatibility(
         )
     real = teacher.vocab_size
     for role, size in (("teacher", teacher_vocab_size), ("student", student_vocab_size)):
-        if size < real:
-            raise ValueError(
-                f"the {role} model has {size} embedding rows but the tokenizer has {real} ids: "
-                f"set the {role}'s vocab_size to at least {real} (the checkpoint's embedding size)."
-            )
+        check_tokenizer_fits(teacher, size, role=f"{role} model")
     if teacher_vocab_size != student_vocab_size:
         logger.info(
             "teacher and student vocabulary sizes differ only by padding (teacher %d, student %d): "
@@ -108,5 +104,23 @@ def check_vocab_compatibility(
             teacher_vocab_size,
             student_vocab_size,
             real,
+        )
+    return real
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, *, role: str = "model", fix: str = "") -> int:
+    """The tokenizer's real vocabulary size; ValueError naming both sizes when a model of
+    ``vocab_size`` embedding rows is smaller (an id past the rows would index out of range).
+
+    `tokenizer`: anything ``tokenizer_fingerprint`` accepts; `role`: the model in the message;
+    `fix`: what to do (default: give the model at least that many rows). No communication.
+    """
+    real = tokenizer_fingerprint(tokenizer).vocab_size
+    if vocab_size < real:
+        name = role.removesuffix(" model")
+        fix = fix or (f"set the {name}'s vocab_size to at least {real} (the checkpoint's "
+                      f"embedding size).")  # fmt: skip
+        raise ValueError(
+            f"the {role} has {vocab_size} embedding rows but the tokenizer has {real} ids: {fix}"
         )
     return real

@@ -68,6 +68,10 @@ def convert_worker(rank, world, hf_dir, root):
     from megatron_eaopd.parallel.init import initialize_parallel
 
     ckpt, ckpt16 = os.path.join(root, "ckpt"), os.path.join(root, "ckpt16")
+    if rank == 0:  # a folder of the user's with the name import-hf's temporary folder once had
+        os.makedirs(f"{ckpt}.tmp-import")
+        with open(os.path.join(f"{ckpt}.tmp-import", "notes.txt"), "w") as f:
+            f.write("mine")
     # TP 1 x DP 2 (every rank reads the whole model)
     assert convert.main(["import-hf", "--hf", hf_dir, "--out", ckpt, "--dtype", "fp32"]) == 0
     assert convert.main(["import-hf", "--hf", hf_dir, "--out", ckpt16, "--dtype", "bf16"]) == 0
@@ -141,7 +145,14 @@ def test_import_load_export_round_trip(qwen3, tmp_path):
     assert (out["logits_tp2"] - qwen3["logits"]).abs().max() < 1e-4
     assert (out["logits_bf16"] - qwen3["logits"]).abs().max() < 0.1  # bf16 weights
     assert "rotary_base" in out["refused"] and "layernorm_epsilon" in out["refused"]
-    assert not [n for n in os.listdir(root) if ".tmp-" in n]
+    assert [n for n in os.listdir(root) if ".tmp-" in n] == ["ckpt.tmp-import"]  # the user's
+    assert os.listdir(os.path.join(root, "ckpt.tmp-import")) == ["notes.txt"]
+    # every export is marked as one (a later export may replace it, nothing else)
+    with open(os.path.join(root, "out16", "eaopd_export.json")) as f:
+        marker = json.load(f)
+    assert marker["checkpoint"] == os.path.join(root, "ckpt", "iter_0000000")
+    assert marker["dtype"] == "bfloat16" and marker["architecture"] == "Qwen3ForCausalLM"
+    assert os.path.isfile(os.path.join(root, "outvpp", "eaopd_export.json"))
 
     original = qwen3["model"].state_dict()
     for name, dtype in (

@@ -63,17 +63,40 @@ def _check_model_matches(chunks, cfg: ModelConfig, tp: int, hf_dir: str) -> None
 _TIED_ROWS = 64  # rows of lm_head.weight compared with the embedding in a tied folder
 
 
-def check_hf_folder(hf_dir: str, *, trust_pickle: bool = False) -> HFWeights:
+def _check_no_extra_tensors(hf_dir: str, weights: HFWeights, expected: dict, tied: bool) -> None:
+    """ValueError naming a few tensors config.json does not account for (e.g. layer 2 of a
+    folder whose config.json says 2 layers: most likely the config.json of another model, and a
+    load would silently drop them). Allowed: RoPE ``inv_freq`` buffers (older checkpoints store
+    them; they are recomputed) and, in a tied folder, ``lm_head.weight`` (compared with the
+    embedding by the caller)."""
+    extra = [k for k in weights.keys() if k not in expected and not k.endswith(".inv_freq")
+             and not (tied and k == "lm_head.weight")]  # fmt: skip
+    if extra:
+        raise ValueError(
+            f"{hf_dir!r} stores {len(extra)} tensor(s) its config.json does not account for, "
+            f"e.g. {extra[:3]}: the config.json is probably of another model (layers, "
+            f"biases, ...). Use the config.json the weights were saved with, or remove the "
+            f"tensors from the weights if they are not part of the model"
+        )
+
+
+def check_hf_folder(
+    hf_dir: str, *, trust_pickle: bool = False, model_config: ModelConfig | None = None
+) -> HFWeights:
     """Check what a load of ``hf_dir`` needs, reading config.json and the weight files' headers
     (and, in a tied folder that also stores ``lm_head.weight``, 64 rows of it): every tensor
-    config.json implies at its shape (``HFWeights.check``), and a stored head equal to the
-    embedding when config.json ties them. transformers keeps a stored head that differs
-    untied; loading it tied would silently be another model, so it is refused. Returns the
-    folder's ``HFWeights``. Raises ValueError (``MissingHFFile``, ``reader.PickledWeights``)
-    naming the problem. No communication."""
-    cfg = model_config_from_hf(hf_dir)
+    config.json implies at its shape (``HFWeights.check``), no tensor it does not imply (RoPE
+    ``inv_freq`` buffers aside), and a stored head equal to the embedding when config.json ties
+    them. transformers keeps a stored head that differs untied; loading it tied would silently
+    be another model, so it is refused. `model_config`: the folder's ``model_config_from_hf``
+    when the caller has it (default: read again). Returns the folder's ``HFWeights``. Raises
+    ValueError (``MissingHFFile``, ``reader.PickledWeights``) naming the problem. No
+    communication."""
+    cfg = model_config or model_config_from_hf(hf_dir)
     weights = HFWeights(hf_dir, trust_pickle=trust_pickle)
-    weights.check(expected_hf_shapes(cfg))
+    expected = expected_hf_shapes(cfg)
+    weights.check(expected)
+    _check_no_extra_tensors(hf_dir, weights, expected, cfg.tied_embeddings)
     head, embed = "lm_head.weight", "model.embed_tokens.weight"
     if cfg.tied_embeddings and head in weights.keys():
         rows = weights.shape(embed)[0]

@@ -7,7 +7,8 @@ anything is built or any process group started:
   `model.safetensors`; every shard must exist and hold the tensors the index assigns to it, and
   its size must equal what its header promises (a truncated download is named);
 - pickled `pytorch_model.bin` (or its index) is refused unless `trust_pickle=True` (unpickling a
-  file runs code; even torch's weights_only loader should only see files you trust).
+  file runs code; even torch's weights_only loader should only see files you trust), and so is
+  torch's legacy non-zip format, which cannot be memory-mapped.
 
 `read(key, slices)` opens the shard with safetensors' `safe_open` and reads only that block via
 `get_slice`, then closes the file, so the pages mapped for one read are released before the next:
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 
 import torch
 
@@ -72,8 +74,8 @@ class HFWeights:
         MissingHFFile (a FileNotFoundError and a ValueError): no weights, or a shard named by the
             index is missing.
         ValueError: a truncated or corrupt shard, a tensor the index puts in a shard that does not
-            hold it, both one model.safetensors and an index (ambiguous), or pickled weights
-            without trust_pickle (``PickledWeights``).
+            hold it, both one model.safetensors and an index (ambiguous), pickled weights
+            without trust_pickle (``PickledWeights``), or in torch's legacy non-zip format.
     """
 
     def __init__(self, hf_dir: str, *, trust_pickle: bool = False):
@@ -158,6 +160,13 @@ class HFWeights:
 
     def _pickle(self, path: str) -> dict:
         if path not in self._pickle_cache:
+            if not zipfile.is_zipfile(path):  # torch.load cannot memory-map it: it would raise
+                raise ValueError(
+                    f"{path!r} is in torch's legacy (non-zip) pickle format, which cannot be "
+                    f"memory-mapped (every process would hold the whole file): convert it to "
+                    f"safetensors, or re-save it with torch.save's default (zip) format, e.g. "
+                    f"torch.save(torch.load(path, weights_only=True), path)"
+                )
             self._pickle_cache[path] = torch.load(
                 path, map_location="cpu", mmap=True, weights_only=True
             )
