@@ -27,7 +27,8 @@ SHAPES = {
 
 
 def write_config(root: str, name: str) -> str:
-    """Write ``root/name/config.json``; return the folder."""
+    """Write ``root/name/config.json`` and a ``tokenizer_config.json`` (a model folder without
+    tokenizer files is refused as ``tokenizer.kind: auto``'s tokenizer); return the folder."""
     layers, hidden, heads, ffn, tied, positions = SHAPES[name]
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
@@ -37,6 +38,8 @@ def write_config(root: str, name: str) -> str:
     )  # fmt: skip
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(data, f, indent=2)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "Qwen2Tokenizer"}, f)
     return folder
 
 

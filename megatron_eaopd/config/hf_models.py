@@ -16,6 +16,8 @@ import os
 
 __all__ = [
     "SHAPE_KEYS",
+    "TOKENIZER_FOLDER_FILES",
+    "has_tokenizer_files",
     "imported_from",
     "recorded_model_config",
     "resolve_hf_models",
@@ -28,6 +30,46 @@ SHAPE_KEYS = (
     "layers", "hidden", "heads", "query_groups", "ffn_hidden", "vocab_size", "kv_channels",
     "rope_base", "norm", "tied_embeddings", "qk_layernorm", "norm_eps",
 )  # fmt: skip
+
+
+#: Files of which a Hugging Face tokenizer folder holds at least one (what AutoTokenizer builds
+#: a tokenizer from); a model folder saved without its tokenizer holds none.
+TOKENIZER_FOLDER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+)  # fmt: skip
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether ``folder`` holds any of ``TOKENIZER_FOLDER_FILES``."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FOLDER_FILES)
+
+
+def _tokenizer_folder_problem(cfg, problems: list) -> bool:
+    """A Hugging Face ``tokenizer.path`` folder without tokenizer files (a model saved without
+    its tokenizer, which ``tokenizer.kind: auto`` takes from ``model.teacher_hf``):
+    transformers then loads an empty tokenizer and the run fails later with a misleading
+    message. Appends the problem naming the folder and the fix; True when it did."""
+    path = cfg.tokenizer.path
+    if cfg.tokenizer.kind != "huggingface" or not path or not os.path.isdir(path):
+        return False
+    if has_tokenizer_files(path):
+        return False
+    hf = {w: getattr(cfg.model, f"{w}_hf") for w in ("teacher", "student")}
+    same = os.path.abspath(path)
+    who = next((w for w, f in hf.items() if f and os.path.abspath(f) == same), None)
+    why = f" (the model folder model.{who}_hf, which tokenizer.kind auto takes)" if who else ""
+    other = next(((w, f) for w, f in hf.items() if f and has_tokenizer_files(f)), None)
+    alt = f", e.g. tokenizer.path={other[1]} (model.{other[0]}_hf's)" if other else ""
+    problems.append(
+        (
+            "tokenizer.path",
+            f"{path}{why} holds no tokenizer files (none of {', '.join(TOKENIZER_FOLDER_FILES)}):"
+            " transformers would load an empty tokenizer. Copy the tokenizer files of the model "
+            "it was trained from into the folder, or set tokenizer.path to a folder that has "
+            f"them{alt}",
+        )
+    )
+    return True
 
 
 def schema_shape(mc) -> dict:
@@ -153,8 +195,12 @@ def tokenizer_problems(cfg, problems: list) -> None:
     ``tokenizer.kind: task`` (a tokenizer trained on the task), and a Hugging Face
     ``tokenizer.path`` that maps a token to another id than a model's folder does (compared
     where both have a tokenizer.json; extra tokens are allowed, the embedding size is checked
-    when the models are built). Runs on the resolved config (``tokenizer.kind: auto`` is the
-    teacher folder's, else the student folder's, else an import's folder's tokenizer)."""
+    when the models are built), and a Hugging Face ``tokenizer.path`` folder holding no
+    tokenizer files (a model folder saved without them). Runs on the resolved config
+    (``tokenizer.kind: auto`` is the teacher folder's, else the student folder's, else an
+    import's folder's tokenizer)."""
+    if _tokenizer_folder_problem(cfg, problems):
+        return
     folders, keys = {}, {}
     for who in ("teacher", "student"):
         folder = getattr(cfg.model, f"{who}_hf")

@@ -173,3 +173,19 @@ def test_imports_of_folders_with_different_tokenizers_are_refused(tmp_path):
     _tokenizer(str(tmp_path / "Qwen3-8B"), {"x": 0, "y": 1})
     problems = _problems_of(BASE, mixed)
     assert "map tokens to different ids" in problems["model.student_checkpoint"], problems
+
+
+def test_a_model_folder_without_tokenizer_files_is_not_a_tokenizer(tmp_path):
+    """tokenizer.kind auto took a teacher folder saved without its tokenizer: transformers
+    loaded an empty tokenizer (one id) and the run failed later, saying the prompts encode to
+    no token. Refused when the config loads, naming the folder and the one that has them."""
+    teacher, student = _folders(tmp_path)
+    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}"]
+    os.remove(os.path.join(teacher, "tokenizer_config.json"))
+    text = _problems(hf)["tokenizer.path"]
+    assert text.startswith(f"{teacher} (the model folder model.teacher_hf")
+    assert "holds no tokenizer files" in text
+    assert f"tokenizer.path={student}" in text
+    assert load_config(PAPER, [*hf, f"tokenizer.path={student}"]).tokenizer.path == student
+    os.remove(os.path.join(student, "tokenizer_config.json"))
+    assert "tokenizer.path=" not in _problems(hf)["tokenizer.path"]  # neither folder has them
