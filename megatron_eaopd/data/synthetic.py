@@ -111,13 +111,33 @@ def _count_orders(state: State) -> int:
     return sum(_count_orders(nxt) for _, nxt in next_steps(state))
 
 
-def count_solutions(state: State, connectives: Sequence[str] = ()) -> int:
-    """Number of distinct valid solutions of ``state``.
+def _count_orders_upto(state: State, limit: int) -> int:
+    """``min(_count_orders(state), limit)``, stopping as soon as ``limit`` orders are found: at
+    most ``limit`` complete orders are walked (the full count grows super-exponentially with the
+    number of terms: seconds at 9 terms, hours at 12)."""
+    if _is_final(state):
+        return 1
+    found = 0
+    for _, nxt in next_steps(state):
+        found += _count_orders_upto(nxt, limit - found)
+        if found >= limit:
+            return limit
+    return found
+
+
+def count_solutions(state: State, connectives: Sequence[str] = (), limit: int | None = None) -> int:
+    """Number of distinct valid solutions of ``state``; with ``limit``, ``min(count, limit)``.
 
     Each step may start with any of the ``connectives``, so they multiply the number of operation
-    orders by ``len(connectives) ** num_steps(state)``.
+    orders by ``len(connectives) ** num_steps(state)``. The exact count is feasible only for
+    short expressions (9 terms take seconds); ``limit`` makes it cheap at any length.
     """
-    return _count_orders(state) * max(1, len(connectives)) ** num_steps(state)
+    per_order = max(1, len(connectives)) ** num_steps(state)
+    if limit is None:
+        return _count_orders(state) * per_order
+    if limit < 1 or per_order >= limit:  # every expression has at least one order
+        return min(limit, per_order)
+    return min(limit, _count_orders_upto(state, -(-limit // per_order)) * per_order)
 
 
 def enumerate_solutions(
@@ -278,7 +298,7 @@ class SyntheticArithmeticTask(Task):
             seen.add(key)
             sols: tuple[str, ...] = ()
             if with_solutions:
-                want = min(self.solutions_per_problem, count_solutions(state, self.connectives))
+                want = count_solutions(state, self.connectives, limit=self.solutions_per_problem)
                 found: dict[str, None] = {}
                 for _ in range(8 * want):
                     found[sample_solution(state, rng, self.connectives)] = None

@@ -166,6 +166,53 @@ def test_products_multiply_the_orders():
     assert count_solutions(state) == 2 * 2
 
 
+@pytest.mark.parametrize("expr", ["2*3+4*5", "1+10+100+1000", "2+3*4+5+6*7", "7+7+7"])
+@pytest.mark.parametrize("connectives", [(), ("a",), ("a", "b")])
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 8, 50, 1000, 10**9])
+def test_a_limited_count_is_the_count_cut_at_the_limit(expr, connectives, limit):
+    state = parse_expression(expr)
+    assert count_solutions(state, connectives, limit) == min(
+        count_solutions(state, connectives), limit
+    )
+
+
+def test_a_limited_count_of_a_long_expression_is_immediate():
+    """The task keeps at most solutions_per_problem paths, so it counts only that far: the full
+    count of a 22-term expression would take hours (tiny-cpu.yaml's 10..22 terms with kind
+    arith hung in prepare_data)."""
+    import time
+
+    state = tuple(("n", 10**k) for k in range(22))
+    start = time.perf_counter()
+    assert count_solutions(state, (), 8) == 8
+    assert count_solutions(state, CONNECTIVES, 8) == 8
+    task = SyntheticArithmeticTask(
+        num_train=8,
+        num_distill=4,
+        num_eval=4,
+        min_terms=16,
+        max_terms=22,
+        solutions_per_problem=8,
+        connectives=(),
+    )
+    assert all(len(p.solutions) == 8 for p in task.train_problems())
+    assert time.perf_counter() - start < 30
+
+
+def test_the_splits_of_fixed_settings_do_not_change():
+    """Run caches (tokenizers, prepared models) key on the settings, not the problems: the
+    problems of given settings must stay the same across versions."""
+    import hashlib
+
+    task = SyntheticArithmeticTask(num_train=300, num_distill=60, num_eval=30, max_terms=6,
+                                   solutions_per_problem=64, connectives=())  # fmt: skip
+    digest = hashlib.sha256()
+    for split in (task.eval_problems(), task.distill_problems(), task.train_problems()):
+        for p in split:
+            digest.update(repr((p.uid, p.prompt, p.answer, p.solutions, p.meta)).encode())
+    assert digest.hexdigest()[:16] == "9cd58dff0c521059"  # computed before the counting limit
+
+
 def test_verify_rejects_wrong_paths():
     state = parse_expression("2*3+4+5")
     good = sample_solution(state, random.Random(0))
