@@ -224,6 +224,7 @@ def _train_worker(rank, world, tmp, sp):
             "student_prep.iterations=2",
             "student_prep.batch_size=8",
             "training.iterations=1",
+            "optimizer.warmup_iterations=1",  # at most the run's one optimizer step
             "training.eval_interval=1",
             "training.checkpoint_interval=1",
             f"training.output_dir={tmp}/run-{sp}",

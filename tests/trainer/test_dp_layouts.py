@@ -28,6 +28,7 @@ RUN = [
     "rollout.mini_batch_size=3",
     "rollout.micro_batch_size=2",
     "rollout.samples_per_prompt=1",
+    "optimizer.warmup_iterations=2",  # at most the 8-rank run's 1 x 2 optimizer steps
     "rollout.max_response_tokens=16",
     "eval.max_prompts=7",
     "eval.k=2",

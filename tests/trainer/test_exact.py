@@ -23,6 +23,7 @@ TINY = [
     "rollout.mini_batch_size=4",
     "rollout.micro_batch_size=4",
     "student_prep.enabled=false",
+    "optimizer.warmup_iterations=2",  # at most the run's 2 optimizer steps
 ] + TINY_RUN
 
 

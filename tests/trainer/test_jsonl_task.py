@@ -44,6 +44,7 @@ def _overrides(tmp):
         "rollout.prompts_per_iteration=4",
         "rollout.mini_batch_size=4",
         "rollout.micro_batch_size=4",
+        "optimizer.warmup_iterations=2",  # at most the run's 2 optimizer steps
         "rollout.max_response_tokens=16",
         "eval.k=2",
         "eval.max_response_tokens=16",

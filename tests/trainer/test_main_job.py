@@ -22,6 +22,7 @@ def test_main_job_at_reduced_size(tmp_path):
         "student_prep.iterations=3", "student_prep.batch_size=8",
         "rollout.prompts_per_iteration=4", "rollout.mini_batch_size=2",
         "rollout.micro_batch_size=4",
+        "optimizer.warmup_iterations=4",  # at most the run's 2 x 2 optimizer steps
         "eval.save_samples=0",
         f"training.output_dir={out}",
         f"teacher_prep.cache_dir={tmp_path}/teachers",
