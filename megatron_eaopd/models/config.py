@@ -252,35 +252,18 @@ class ModelConfig:
         return diffs
 
     def check_layout(self, tp: int, pp: int, vpp: int | None = None, name: str = "model") -> None:
-        """Raise ValueError, naming the fix, when the shape cannot be split over tp x pp (x vpp)."""
-        problems = []
-        if self.num_attention_heads % tp != 0:
-            problems.append(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by tp={tp}: "
-                f"choose tp among {_divisors(self.num_attention_heads)}"
-            )
-        if self.query_groups % tp != 0:
-            problems.append(
-                f"num_query_groups={self.query_groups} is not divisible by tp={tp}: choose tp "
-                f"among {_divisors(self.query_groups)} (or more query groups)"
-            )
-        if self.ffn_hidden_size % tp != 0:
-            problems.append(
-                f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by tp={tp}: choose tp "
-                f"among {_divisors(self.ffn_hidden_size, 64)}"
-            )
-        stages = pp * (vpp or 1)
-        if self.num_layers % stages != 0:
-            what = f"pp={pp}" if vpp is None else f"pp x vpp = {pp} x {vpp}"
-            problems.append(
-                f"num_layers={self.num_layers} is not divisible by {what}: choose a pipeline size "
-                f"(x vpp) among {_divisors(self.num_layers)}"
-            )
+        """Raise ValueError, naming the fix, when the shape cannot be split over tp x pp (x vpp)
+        (the rules of :func:`layout_problems`)."""
+        problems = layout_problems(
+            self.num_layers, self.num_attention_heads, self.query_groups, self.ffn_hidden_size,
+            tp, pp, vpp,
+        )  # fmt: skip
         if problems:
             raise ValueError(
                 f"{name} ({self.num_layers} layers, {self.num_attention_heads} heads) cannot be "
-                f"split at tp={tp}, pp={pp}, vpp={vpp}: " + "; ".join(problems) + "."
-            )
+                f"split at tp={tp}, pp={pp}, vpp={vpp}: "
+                + "; ".join(text for _, text in problems) + "."
+            )  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,6 +281,53 @@ class ModelConfig:
 
 def _divisors(n: int, limit: int = 16) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def layout_problems(
+    layers: int,
+    heads: int,
+    query_groups: int,
+    ffn_hidden: int,
+    tp: int,
+    pp: int,
+    vpp: int | None = None,
+    names: dict[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """Why a shape cannot be split over tp x pp (x vpp), as ``(axis, problem)`` pairs (axis
+    ``"tp"`` or ``"pp"``); empty when it can. Megatron splits the attention heads, the key/value
+    heads and the MLP's inner width over tp, and the layers over pp x vpp. The suggested tp
+    values satisfy every tp rule at once (the divisors of gcd(heads, query_groups, ffn_hidden)).
+
+    ``names`` renames the quantities in the messages (keys ``layers``, ``heads``,
+    ``query_groups``, ``ffn_hidden``; default: the ModelConfig field names), so that the config
+    loader can name its own keys. Arithmetic only: no communication.
+    """
+    n = {"layers": "num_layers", "heads": "num_attention_heads",
+         "query_groups": "num_query_groups", "ffn_hidden": "ffn_hidden_size"}  # fmt: skip
+    n.update(names or {})
+    common = math.gcd(heads, query_groups, ffn_hidden)
+    choose = f"choose tp among {[d for d in range(1, common + 1) if common % d == 0]}"
+    problems = []
+    for key, value, extra in (
+        ("heads", heads, ""),
+        ("query_groups", query_groups, " (or more query groups)"),
+        ("ffn_hidden", ffn_hidden, ""),
+    ):
+        if value % tp:
+            problems.append(
+                ("tp", f"{n[key]}={value} is not divisible by tp={tp}: {choose}{extra}")
+            )
+    stages = pp * (vpp or 1)
+    if layers % stages:
+        what = f"pp={pp}" if vpp is None else f"pp x vpp = {pp} x {vpp}"
+        problems.append(
+            (
+                "pp",
+                f"{n['layers']}={layers} is not divisible by {what}: choose a pipeline size "
+                f"(x vpp) among {_divisors(layers)}",
+            )
+        )
+    return problems
 
 
 # Tiny pair for CPU tests and demos: same vocabulary, teacher twice as deep and wide.

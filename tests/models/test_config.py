@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -41,11 +42,26 @@ def test_presets_fit_their_intended_layouts():
         ({"num_query_groups": 1}, 2, 1, None, "num_query_groups=1 is not divisible by tp=2"),
         ({}, 1, 3, None, "num_layers=4 is not divisible by pp=3: choose a pipeline size"),
         ({}, 1, 2, 4, "num_layers=4 is not divisible by pp x vpp = 2 x 4"),
+        # only values that satisfy every tp rule: 5 divides 385 but not the 4 heads
+        (
+            {"ffn_hidden_size": 385},
+            2,
+            1,
+            None,
+            "ffn_hidden_size=385 is not divisible by tp=2: choose tp among [1].",
+        ),
+        (
+            {"num_query_groups": 4, "ffn_hidden_size": 96},
+            8,
+            1,
+            None,
+            "num_attention_heads=4 is not divisible by tp=8: choose tp among [1, 2, 4];",
+        ),
     ],
 )
 def test_bad_model_layouts_name_the_fix(kwargs, tp, pp, vpp, fix):
     cfg = mcfg.TINY_TEACHER.with_changes(**kwargs)
-    with pytest.raises(ValueError, match=fix.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(fix)):
         cfg.check_layout(tp, pp, vpp)
     with pytest.raises(ValueError, match="cannot be split"):
         transformer_config(cfg, tp, pp, vpp)
