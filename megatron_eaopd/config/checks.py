@@ -5,8 +5,9 @@
 of each model's ``tp * pp``; ``parallel.sequence_parallel`` needs ``parallel.student.tp > 1``; the
 sampled form needs ``loss.temperature == rollout.temperature``; math-verify must be installed when
 ``eval.use_math_verify`` asks for it; and, once the tokenizer is known, every top-k is bounded by
-the vocabulary. It makes no collective and creates no process group, so the CLI calls it before
-anything starts (exit status 2 on a problem), and the trainer calls it again in ``setup``.
+the vocabulary, and no model may have fewer embedding rows than the tokenizer has ids. It makes
+no collective and creates no process group, so the CLI calls it before anything starts (exit
+status 2 on a problem), and the trainer calls it again in ``setup``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from megatron_eaopd.config.loader import ConfigError
 from megatron_eaopd.config.schema import EAOPDConfig
 
-__all__ = ["check_run", "run_problems", "sequence_parallel_problem"]
+__all__ = ["check_run", "run_problems", "sequence_parallel_problem", "vocab_problems"]
 
 
 def fused_jsd_problem(loss) -> str | None:
@@ -124,6 +125,7 @@ def run_problems(
                     "eval.use_math_verify=null (use it when installed) or false",
                 )
             )
+    problems += vocab_problems(cfg, vocab_size)
     bound = vocab_size
     for m in (cfg.model.student, cfg.model.teacher):
         if m.vocab_size:  # embedding rows the checkpoint defines: no id beyond them exists
@@ -139,6 +141,38 @@ def run_problems(
                 problems.append(
                     (key, f"out of range: {value} (must be >= {least} and <= {where}, {bound})")
                 )
+    return problems
+
+
+def vocab_problems(cfg: EAOPDConfig, vocab_size: int | None) -> list[tuple[str, str]]:
+    """A model whose embedding has fewer rows (``model.<who>.vocab_size``; for a model given as
+    an HF folder or a recorded checkpoint, its config.json's or record's) than the tokenizer has
+    ids: those ids would have no row (``models.vocab_check``, which the trainer runs only after
+    the process group exists). Empty while the tokenizer is unknown; 0 is the tokenizer's size."""
+    if vocab_size is None:
+        return []
+    problems = []
+    for who in ("student", "teacher"):
+        rows = getattr(cfg.model, who).vocab_size
+        if not rows or rows >= vocab_size:
+            continue
+        folder = getattr(cfg.model, f"{who}_hf")
+        root = None
+        if not folder:
+            from megatron_eaopd.config.hf_models import recorded_model_config
+
+            root = getattr(cfg.model, f"{who}_checkpoint")
+            root = root if recorded_model_config(root) is not None else None
+        text = f"{rows} embedding rows are fewer than the tokenizer's {vocab_size} ids"
+        if folder or root:  # the rows are the model's: the tokenizer is the wrong one
+            where = f"{folder}/config.json" if folder else f"the checkpoint {root}"
+            fix = (f" (the rows come from {where}): the tokenizer (tokenizer.kind="
+                   f"{cfg.tokenizer.kind}, tokenizer.path={cfg.tokenizer.path}) is not this "
+                   "model's; use its own (tokenizer.kind=auto, tokenizer.path=null)")  # fmt: skip
+        else:
+            fix = (f": set model.{who}.vocab_size=0 (the tokenizer's size) or at least "
+                   f"{vocab_size}")  # fmt: skip
+        problems.append((f"model.{who}.vocab_size", text + fix))
     return problems
 
 

@@ -83,6 +83,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node):
+        """YAML 1.1 integers, refusing the forms that silently change a value: a leading zero
+        (``0120`` is octal 80) and base 60 (``1:20`` is 80). Hex (``0x``) and binary (``0b``)
+        say what they are."""
+        value = super().construct_yaml_int(node)
+        digits = str(node.value).replace("_", "").lstrip("+-")
+        if ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1] not in "xb"):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} would be read as {value} (YAML 1.1: a leading zero "
+                "is octal, ':' base 60); write the number without leading zeros, or quote it "
+                "for a string", node.start_mark,
+            )  # fmt: skip
+        return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
 
 def flatten(d: dict, prefix: str = "") -> dict:
     """Nested mappings as one mapping of dotted keys (``{"loss": {"top_k": 4}}`` ->
@@ -372,7 +389,8 @@ def longest_rollout_row(cfg: EAOPDConfig) -> int:
 
 
 def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
-    """Cross-field rules that a single field's type and range cannot express."""
+    """Cross-field rules that a single field's type and range cannot express (with those of
+    :mod:`megatron_eaopd.config.rules`)."""
     for who in ("student", "teacher"):
         m = getattr(cfg.model, who)
         lay = getattr(cfg.parallel, who)
@@ -384,22 +402,6 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         if m.kv_channels is None and m.hidden % m.heads:
             problems.append(
                 (f"{p}.heads", f"hidden={m.hidden} is not divisible by heads={m.heads}")
-            )
-        if m.heads % lay.tp or m.query_groups % lay.tp:
-            problems.append(
-                (
-                    f"parallel.{who}.tp",
-                    f"tp={lay.tp} must divide heads={m.heads} and "
-                    f"query_groups={m.query_groups} of model.{who}",
-                )
-            )
-        stages = lay.pp * (lay.vpp or 1)
-        if m.layers % stages:
-            problems.append(
-                (
-                    f"parallel.{who}.pp",
-                    f"model.{who}.layers={m.layers} is not divisible by pp*vpp={stages}",
-                )
             )
         if lay.vpp is not None and lay.pp < 2:
             problems.append((f"parallel.{who}.vpp", "virtual pipeline stages need pp >= 2"))
@@ -484,6 +486,9 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         problems.append(
             ("tokenizer.chat_template", "needs tokenizer.kind=huggingface (a template to apply)")
         )
+    from megatron_eaopd.config.rules import rule_problems
+
+    problems += rule_problems(cfg)  # layouts, warm-up, preparations, task keys, plots
 
 
 def config_from_dict(data: dict, source: str | None = None) -> EAOPDConfig:

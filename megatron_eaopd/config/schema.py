@@ -93,7 +93,8 @@ class TeacherPrepConfig:
     """Train the teacher on the task's training solutions when model.teacher_checkpoint is null
     (once: the result is cached under cache_dir and reused)."""
     iterations: int = _f(300, ge=0)
-    """Optimizer steps of the supervised teacher training."""
+    """Optimizer steps of the supervised teacher training; at least 1 when the teacher is
+    prepared (0 would leave it random)."""
     batch_size: int = _f(32, ge=1)
     """Sequences per optimizer step."""
     lr: float = _f(1e-3, gt=0)
@@ -120,7 +121,8 @@ class StudentPrepConfig:
     enabled: bool = False
     """Warm-start the student when model.student_checkpoint is null (cached like the teacher)."""
     iterations: int = _f(100, ge=0)
-    """Optimizer steps of the supervised student training."""
+    """Optimizer steps of the supervised student training; at least 1 when enabled (for a random
+    student, set enabled to false)."""
     batch_size: int = _f(32, ge=1)
     """Sequences per optimizer step."""
     lr: float = _f(1e-3, gt=0)
@@ -310,7 +312,8 @@ class OptimizerConfig:
     lr_schedule: str = _f("cosine", choices=("cosine", "linear", "constant"))
     """Decay after warm-up (paper: cosine)."""
     warmup_iterations: int = _f(0, ge=0)
-    """Linear warm-up, in optimizer steps."""
+    """Linear warm-up, in optimizer steps; at most the run's optimizer steps (iterations x
+    rollout.prompts_per_iteration / rollout.mini_batch_size), or lr would never reach its peak."""
     clip_grad: float = _f(1.0, ge=0)
     """Clip the global gradient norm to this; 0 disables clipping."""
 
@@ -332,7 +335,8 @@ class TrainingConfig:
     eval_at_start: bool = True
     """Evaluate before the first update."""
     checkpoint_dir: str | None = None
-    """Checkpoint folder; null: <output_dir>/checkpoints. One run's: each save records its
+    """Checkpoint folder; null: <output_dir>/checkpoints. Like output_dir, it must be writable
+    (tried before the run starts, not at the first save). One run's: each save records its
     output_dir, and another output_dir pointed at it is refused while that run's folder (with
     its config.yaml) exists."""
     checkpoint_interval: int = _f(0, ge=0)
@@ -384,7 +388,7 @@ class EvalConfig:
     its integer answers exactly and ignores it."""
     plot: bool = True
     """Write a PNG of the evaluation curves (eval_curves.png; matplotlib when installed, else a
-    built-in renderer)."""
+    built-in renderer), drawn from metrics.jsonl: needs logging.jsonl (refused without)."""
     save_samples: int | None = _f(16, ge=0)
     """Save the responses to the first this many prompts of each eval set (all k per prompt,
     with whether each is right and, if not, the task's reason: Task.explain) to
@@ -404,7 +408,9 @@ class LoggingConfig:
     log_interval: int = _f(1, ge=1)
     """Log every this many iterations."""
     jsonl: bool = True
-    """Append one JSON object per logged iteration to <output_dir>/metrics.jsonl."""
+    """Append one JSON object per logged iteration to <output_dir>/metrics.jsonl. eval_curves.png
+    (eval.plot) and the before/after table printed at the end are drawn from it: false needs
+    eval.plot=false and prints no table."""
     tensorboard: bool = True
     """Write TensorBoard event files to <output_dir>/tensorboard (when tensorboard is installed)."""
     wandb: bool = False
@@ -456,7 +462,8 @@ class TaskConfig:
 
     name: str = "builtin"
     """``builtin`` (a built-in synthetic task, ``task.synthetic.kind``), ``jsonl`` (the files
-    below), or ``module:Class``."""
+    below), or ``module:Class``. A key below that the chosen task does not read (a file or
+    prompt_suffix for builtin, options for builtin or jsonl) is refused unless at its default."""
     train_file: str | None = None
     """jsonl: prompts with solutions for teacher preparation (optional)."""
     distill_file: str | None = None
@@ -464,11 +471,11 @@ class TaskConfig:
     eval_files: list[str] = _f(factory=list)
     """jsonl: held-out evaluation sets, one per file (named by the file's stem)."""
     prompt_suffix: str = ""
-    """Appended to every prompt, e.g. the paper's boxed-answer instruction."""
+    """jsonl: appended to every prompt, e.g. the paper's boxed-answer instruction."""
     options: dict[str, Any] = _f(factory=dict)
     """Keyword arguments for a ``module:Class`` task's constructor."""
     synthetic: SyntheticTaskConfig = _f(factory=SyntheticTaskConfig)
-    """Settings of the built-in task."""
+    """Settings of the built-in task (ignored by the others: configs inherit it)."""
 
 
 @dataclass

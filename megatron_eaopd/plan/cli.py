@@ -123,9 +123,8 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
                                                 chat_template=False, path=kept)  # fmt: skip
         data.setdefault("teacher_prep", {})["enabled"] = False
         data.setdefault("task", {}).update(name="builtin")
-        data["task"].pop("distill_file", None)
-        data["task"].pop("eval_files", None)
-        data["task"].pop("train_file", None)
+        for key in ("distill_file", "eval_files", "train_file", "prompt_suffix", "options"):
+            data["task"].pop(key, None)  # read by other tasks only: refused with builtin
         data.setdefault("rollout", {})
     cfg = config_from_dict(data, path)
     for who in ("student", "teacher"):

@@ -52,6 +52,7 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
         )
     problems += _source_problems(cfg)
     problems += _export_problems(cfg)
+    problems += _write_problems(cfg)
     if problems:
         raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
 
@@ -157,6 +158,48 @@ def _unwritable(folder: str) -> str | None:
     return None
 
 
+def _unwritable_target(folder: str) -> str | None:
+    """Why ``folder`` could not be made (if missing) and hold files, or None. Makes nothing: the
+    folder itself is tried when it exists, else its nearest existing ancestor (where makedirs
+    would start), which must be a folder. Each caller makes and removes its own temporary file."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"NotADirectoryError: {path} is not a folder"
+    return _unwritable(path)
+
+
+def _write_problems(cfg: EAOPDConfig) -> list[str]:
+    """The run's folders must be writable before anything is computed: otherwise the trainer
+    fails when it first writes there, after the process group exists, and a checkpoint folder
+    with ``training.checkpoint_interval: 0`` only at the end of the run. ``training.export_hf``
+    is written next to its folder and renamed, so its parent is tried."""
+    t = cfg.training
+    when = {
+        "training.output_dir": "the run writes its config.yaml and metrics there at the start",
+        "training.checkpoint_dir": "the first save would fail"
+        + (" (checkpoint_interval 0: at the end of the run)" if not t.checkpoint_interval else ""),
+        "training.export_hf": "the export would fail at the end of the run",
+    }
+    targets = [("training.output_dir", t.output_dir, t.output_dir)]
+    if t.checkpoint_dir:  # else inside output_dir
+        targets.append(("training.checkpoint_dir", t.checkpoint_dir, t.checkpoint_dir))
+    if t.export_hf:
+        targets.append(
+            ("training.export_hf", os.path.dirname(os.path.abspath(t.export_hf)), t.export_hf)
+        )
+    problems = []
+    for key, folder, given in targets:
+        why = _unwritable_target(folder)
+        if why is not None:
+            problems.append(
+                f"{key}={given} cannot be written ({why}): {when[key]}. Point {key} at a "
+                "writable folder"
+            )
+    return problems
+
+
 def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
     """What needs the prepared data (``prepare_data``), before any compute. ValueError listing
     each problem with its fix:
@@ -168,7 +211,11 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
       prepares no student warm start, so that one is not checked then;
     - in the exact form the student's and the teacher's padded vocabularies (the logits shards'
       widths at the shared TP size) must be equal;
-    - a resume must not be shorter than the iterations its checkpoint has done.
+    - a resume must not be shorter than the iterations its checkpoint has done, nor longer
+      than its decaying learning-rate schedule planned (`run_dir.length_problem`);
+    - ``optimizer.warmup_iterations`` must not exceed the run's optimizer steps, counted here
+      from the prompts when ``training.iterations`` is null (the built-in task's are known,
+      and checked, at load).
     """
     from megatron_eaopd.models.checkpoint import LATEST
     from megatron_eaopd.trainer.build import model_configs
@@ -207,6 +254,9 @@ def check_data_config(cfg: EAOPDConfig, data, world_size: int) -> None:
             f"multiple of {dp}, or prepare it once at a world size whose data-parallel size "
             "divides the batch (the cache is reused at any world size)"
         )
+    from megatron_eaopd.config.rules import warmup_problems
+
+    problems += [f"{key}: {text}" for key, text in warmup_problems(cfg, len(data.distill))]
     tp = cfg.parallel.student.tp
     ps, pt = student.padded_vocab_size(tp), teacher.padded_vocab_size(tp)
     if cfg.loss.form == "exact" and ps != pt:

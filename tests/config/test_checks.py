@@ -66,8 +66,28 @@ def run_cli(tmp_path, monkeypatch, capsys):
             "parallel.sequence_parallel",
             ["parallel.student.tp=1", "> 1"],
         ),
+        # the run's 30 iterations x 32 / 8 prompts = 120 optimizer steps
+        (["optimizer.warmup_iterations=121"], "optimizer.warmup_iterations",
+         ["121 exceeds the run's 120 optimizer steps", "training.iterations=30"]),
+        (["model.student.ffn_hidden=385"], "parallel.student.tp",
+         ["model.student.ffn_hidden=385 is not divisible by tp=2", "choose tp among [1]"]),
+        (["model.teacher.ffn_hidden=385", "model.teacher.heads=8", "model.teacher.query_groups=8",
+          "parallel.teacher.tp=4"], "parallel.teacher.tp", ["tp=4", "choose tp among [1]"]),
+        (["model.student.vocab_size=20", "model.teacher.vocab_size=20"],
+         "model.student.vocab_size", ["20 embedding rows are fewer than the tokenizer's"]),
+        (["model.teacher.vocab_size=20"], "model.teacher.vocab_size",
+         ["model.teacher.vocab_size=0 (the tokenizer's size) or at least"]),
+        (["teacher_prep.iterations=0"], "teacher_prep.iterations", ["random", ">= 1"]),
+        (["student_prep.iterations=0"], "student_prep.iterations",
+         ["student_prep.enabled=false"]),
+        (["task.eval_files=[/no/such/file.jsonl]"], "task.eval_files",
+         ["not read by task.name=builtin", "task.name=jsonl"]),
+        (["task.prompt_suffix=' Think.'"], "task.prompt_suffix", ["task.name=builtin"]),
+        (["task.options={a: 1}"], "task.options", ["module:Class"]),
+        (["training.iterations=0120"], "training.iterations", ["read as 80", "leading zero"]),
+        (["logging.jsonl=false"], "logging.jsonl", ["eval.plot=false"]),
     ],
-)
+)  # fmt: skip
 def test_cli_refuses_with_exit_2_and_the_key(run_cli, overrides, key, words):
     rc, err = run_cli(*overrides)
     assert rc == 2, err
@@ -89,6 +109,18 @@ def test_cli_refuses_a_world_size_tp_pp_does_not_divide(run_cli, world_size, ove
     assert rc == 2, err
     line = next(x for x in err.splitlines() if f"{key}:" in x)
     assert f"world size {world_size}" in line and "must divide" in line, line
+
+
+@pytest.mark.parametrize("key", ["output_dir", "checkpoint_dir", "export_hf"])
+def test_cli_refuses_a_run_folder_that_cannot_be_written(run_cli, tmp_path, key):
+    """Found at the start, not at the first save (with checkpoint_interval 0: after the run)."""
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / "file" / "sub"
+    rc, err = run_cli(f"training.{key}={folder}", "training.checkpoint_interval=0")
+    assert rc == 2, err
+    line = next(x for x in err.splitlines() if f"training.{key}={folder}" in x)
+    assert "cannot be written" in line and "is not a folder" in line, line
+    assert not folder.exists()
 
 
 def test_cli_refuses_math_verify_when_missing(run_cli, monkeypatch):

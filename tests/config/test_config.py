@@ -139,16 +139,32 @@ def test_overrides_apply_last_and_in_order(tmp_path):
             "loss.jsd_beta=0.1",
             "parallel.student.vpp=null",
             "loss.top_k=32",
-            "task.eval_files=[a.jsonl, b.jsonl]",
+            "task.synthetic.connectives=[so, then]",
             "optimizer.lr=3e-6",
         ],
     )
     assert cfg.loss.objective == "jsd" and cfg.loss.jsd_beta == 0.1 and cfg.loss.top_k == 32
-    assert cfg.task.eval_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.task.synthetic.connectives == ["so", "then"]
     # YAML 1.1 reads "3e-6" as a string; float fields accept numeric strings
     assert cfg.optimizer.lr == pytest.approx(3e-6) and isinstance(cfg.optimizer.lr, float)
     data = apply_overrides({"x": {"y": 1}}, ["x.y=2", "x.y=5", "new.deep.key=1"])
     assert data == {"x": {"y": 5}, "new": {"deep": {"key": 1}}}
+
+
+def test_integers_with_a_leading_zero_are_refused_not_read_as_octal(tmp_path):
+    """YAML 1.1 reads 0120 as 80 and 1:20 as 80: refused in files and overrides alike, naming
+    the value it would have been; quoted, it is a string."""
+    with pytest.raises(ConfigError, match=r"training.iterations: .*'0120' would be read as 80"):
+        load_config(None, ["training.iterations=0120"])
+    with pytest.raises(ConfigError, match=r"'1:20' would be read as 80"):
+        load_config(None, ["training.iterations=1:20"])
+    path = _write(tmp_path / "c.yaml", "training:\n  seed: 007\n")
+    with pytest.raises(ConfigError, match=r"'007' would be read as 7 .*leading zero"):
+        load_config(path)
+    path = _write(tmp_path / "d.yaml", "name: '007'\ntraining: {seed: 0, iterations: 0x10}\n")
+    cfg = load_config(path, ["training.eval_interval=0", "rollout.max_decode_batch=1_000"])
+    assert (cfg.name, cfg.training.seed, cfg.training.iterations) == ("007", 0, 16)
+    assert cfg.rollout.max_decode_batch == 1000
 
 
 @pytest.mark.parametrize("bad", ["loss.top_k", "=3", "loss..top_k=3"])
@@ -223,7 +239,7 @@ def test_cross_field_rules():
     probs = _problems(err.value)
     assert "must divide" in probs["rollout.mini_batch_size"]
     assert "tp=8" in probs["parallel.student.tp"]
-    assert "pp*vpp=3" in probs["parallel.teacher.pp"]
+    assert "is not divisible by pp=3" in probs["parallel.teacher.pp"]
     assert "shorter than" in probs["model.teacher.max_seq_len"]
     assert "module:Class" in probs["task.name"]
 

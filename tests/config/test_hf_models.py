@@ -85,7 +85,8 @@ def test_the_tokenizer_must_be_the_hf_models_own(tmp_path):
     assert load_config(PAPER, hf).tokenizer.path == teacher  # auto: the teacher folder's
     # a student folder alone: auto takes its tokenizer; a task tokenizer is refused
     alone = [f"model.student_hf={student}", "model.teacher_hf=null", "teacher_prep.enabled=true",
-             "tokenizer.chat_template=false", "task.name=builtin"]  # fmt: skip
+             "tokenizer.chat_template=false", "task.name=builtin", "task.distill_file=null",
+             "task.eval_files=[]", "task.prompt_suffix=''"]  # fmt: skip
     cfg = load_config(PAPER, alone)
     assert (cfg.tokenizer.kind, cfg.tokenizer.path) == ("huggingface", student)
     assert "model.student_hf" in _problems([*alone, "tokenizer.kind=task"])["tokenizer.kind"]

@@ -1,0 +1,177 @@
+"""Cross-field rules of a loaded config that span sections (checked by :func:`load_config`).
+
+Each rule returns ``(key, message)`` problems naming the fix; :func:`rule_problems` runs them all
+on a config whose derived fields are resolved. What needs the job (the world size, the hardware,
+the tokenizer) is :mod:`megatron_eaopd.config.checks`; what needs files or the prepared data is
+:mod:`megatron_eaopd.trainer.checks`. Reads the config only: no files, no communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_eaopd.config.schema import EAOPDConfig, TaskConfig
+
+__all__ = [
+    "TASK_KEYS_READ",
+    "layout_rule_problems",
+    "optimizer_steps",
+    "plot_problems",
+    "prep_problems",
+    "rule_problems",
+    "task_key_problems",
+    "warmup_problems",
+]
+
+#: The ``task.*`` keys each task reads besides ``task.name``. A ``module:Class`` task may read
+#: any of them (``Class.from_config(task_cfg)``), so it is not checked. ``task.synthetic`` is not
+#: refused for ``jsonl`` either: it is the built-in task's section, which configs inherit from
+#: their ``defaults:`` (``configs/tiny-cpu.yaml`` sets it) and which nothing else reads.
+TASK_KEYS_READ = {
+    "builtin": ("synthetic",),
+    "jsonl": ("train_file", "distill_file", "eval_files", "prompt_suffix", "synthetic"),
+}
+_WHO_READS = {
+    "train_file": "task.name=jsonl",
+    "distill_file": "task.name=jsonl",
+    "eval_files": "task.name=jsonl",
+    "prompt_suffix": "task.name=jsonl",
+    "options": "a module:Class task",
+    "synthetic": "task.name=builtin",
+}
+
+
+def layout_rule_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """Each model's shape must split over its layout: ``ModelConfig.check_layout``'s rules (heads,
+    query groups and the MLP's inner width divisible by tp, layers by pp x vpp), here at load
+    instead of after the teacher's preparation in ``build_model``."""
+    from megatron_eaopd.models.config import layout_problems
+
+    problems = []
+    for who in ("student", "teacher"):
+        m, lay = getattr(cfg.model, who), getattr(cfg.parallel, who)
+        names = {k: f"model.{who}.{k}" for k in ("layers", "heads", "query_groups", "ffn_hidden")}
+        for axis, text in layout_problems(
+            m.layers, m.heads, m.query_groups, m.ffn_hidden, lay.tp, lay.pp, lay.vpp, names
+        ):
+            problems.append((f"parallel.{who}.{axis}", text))
+    return problems
+
+
+def optimizer_steps(cfg: EAOPDConfig, num_prompts: int | None) -> tuple[int, str] | None:
+    """The run's student optimizer steps and how they are counted, or None when unknown:
+    ``training.iterations`` (else ``training.epochs`` over ``num_prompts`` distillation prompts,
+    None when not known yet) times ``rollout.prompts_per_iteration / rollout.mini_batch_size``."""
+    t, r = cfg.training, cfg.rollout
+    per_iteration = r.prompts_per_iteration // r.mini_batch_size
+    if per_iteration == 0:  # refused on its own (rollout.mini_batch_size)
+        return None
+    if t.iterations is not None:
+        iterations, how = t.iterations, f"training.iterations={t.iterations}"
+    elif num_prompts is not None and num_prompts >= r.prompts_per_iteration:
+        from megatron_eaopd.data.sampling import total_iterations
+
+        iterations = total_iterations(num_prompts, r.prompts_per_iteration, t.epochs)
+        how = f"{iterations} iterations (training.epochs={t.epochs} over {num_prompts} prompts)"
+    else:
+        return None
+    how += (
+        f" x rollout.prompts_per_iteration={r.prompts_per_iteration} / "
+        f"rollout.mini_batch_size={r.mini_batch_size}"
+    )
+    return iterations * per_iteration, how
+
+
+def warmup_problems(cfg: EAOPDConfig, num_prompts: int | None) -> list[tuple[str, str]]:
+    """``optimizer.warmup_iterations`` beyond the run's optimizer steps: the learning rate would
+    never reach ``optimizer.lr``. ``num_prompts``: the distillation prompts when known (the
+    built-in task's ``num_distill`` at load, the prepared data's count later)."""
+    steps = optimizer_steps(cfg, num_prompts)
+    warmup = cfg.optimizer.warmup_iterations
+    if steps is None or warmup <= steps[0]:
+        return []
+    return [
+        (
+            "optimizer.warmup_iterations",
+            f"{warmup} exceeds the run's {steps[0]} optimizer steps ({steps[1]}): the learning "
+            f"rate would never reach optimizer.lr={cfg.optimizer.lr}. Set "
+            f"optimizer.warmup_iterations <= {steps[0]} (0: no warm-up), or train longer",
+        )
+    ]
+
+
+def prep_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """A preparation that will run (enabled, its model given neither as a checkpoint nor as an HF
+    folder) must train at least one step: with 0 the teacher would stay random (the reason a
+    teacher without a checkpoint needs teacher_prep), and the student's warm start would be none."""
+    problems = []
+    for who in ("teacher", "student"):
+        prep = getattr(cfg, f"{who}_prep")
+        given = getattr(cfg.model, f"{who}_checkpoint") or getattr(cfg.model, f"{who}_hf")
+        if not prep.enabled or given or prep.iterations >= 1:
+            continue
+        fix = (
+            "give model.teacher_checkpoint or model.teacher_hf"
+            if who == "teacher"
+            else "set student_prep.enabled=false for a randomly initialised student"
+        )
+        problems.append(
+            (
+                f"{who}_prep.iterations",
+                f"{prep.iterations} with {who}_prep.enabled=true: the {who} would keep its "
+                f"random initialisation. Set {who}_prep.iterations >= 1, or {fix}",
+            )
+        )
+    return problems
+
+
+def task_key_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """A ``task.*`` key set to other than its default that the chosen task does not read (a
+    prompt file given to the built-in task, options to the jsonl task): it would be ignored."""
+    name = cfg.task.name
+    if name not in TASK_KEYS_READ:
+        return []
+    defaults = TaskConfig()
+    problems = []
+    for f in dataclasses.fields(TaskConfig):
+        if f.name == "name" or f.name in TASK_KEYS_READ[name]:
+            continue
+        value = getattr(cfg.task, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        shown = "set" if dataclasses.is_dataclass(value) else repr(value)
+        problems.append(
+            (
+                f"task.{f.name}",
+                f"{shown} is not read by task.name={name} (it applies to "
+                f"{_WHO_READS[f.name]}) and would be ignored: remove it, or choose that task",
+            )
+        )
+    return problems
+
+
+def plot_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """``eval.plot`` draws eval_curves.png from <output_dir>/metrics.jsonl, which
+    ``logging.jsonl: false`` does not write."""
+    if cfg.eval.plot and not cfg.logging.jsonl:
+        return [
+            (
+                "logging.jsonl",
+                "false with eval.plot=true: eval_curves.png (and the before/after table printed "
+                "at the end) are drawn from <output_dir>/metrics.jsonl, which would not be "
+                "written. Set logging.jsonl=true, or eval.plot=false",
+            )
+        ]
+    return []
+
+
+def rule_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """Every rule of this module on ``cfg`` (derived fields resolved)."""
+    num_prompts = cfg.task.synthetic.num_distill if cfg.task.name == "builtin" else None
+    return [
+        *layout_rule_problems(cfg),
+        *warmup_problems(cfg, num_prompts),
+        *prep_problems(cfg),
+        *task_key_problems(cfg),
+        *plot_problems(cfg),
+    ]
