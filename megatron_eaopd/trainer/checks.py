@@ -12,6 +12,11 @@ import os
 import torch
 
 from megatron_eaopd.config import EAOPDConfig
+from megatron_eaopd.trainer.run_dir import (
+    check_foreign_checkpoints,
+    check_moved_checkpoints,
+    within,
+)
 
 __all__ = [
     "check_data_config",
@@ -317,7 +322,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     ckpt_dir = checkpoint_dir(cfg)
     latest = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(latest):
-        _check_moved_checkpoints(t, ckpt_dir)
+        check_moved_checkpoints(t, ckpt_dir)
         changed = _changed_settings(cfg)
         if changed:
             raise ValueError(
@@ -336,7 +341,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             "overwrite its checkpoints and metrics. Use a new training.output_dir, delete the "
             "folder, or set training.resume=true to continue that run"
         )
-    _check_foreign_checkpoints(cfg, ckpt_dir, name)
+    check_foreign_checkpoints(cfg, ckpt_dir, name)
     changed = _changed_settings(cfg)
     if changed:
         raise ValueError(
@@ -389,68 +394,6 @@ def _changed_settings(cfg: EAOPDConfig) -> list[str]:
     ]
 
 
-def _check_moved_checkpoints(t, ckpt_dir: str) -> None:
-    """``training.checkpoint_dir`` changed away from the checkpoints of the run in
-    ``training.output_dir`` (its config.yaml's checkpoint folder, or the default one, holds a
-    ``latest``): starting afresh would rewrite that run's metrics. ValueError naming both."""
-    import yaml
-
-    from megatron_eaopd.models.checkpoint import LATEST
-
-    saved_dir = None
-    try:
-        with open(os.path.join(t.output_dir, "config.yaml"), encoding="utf-8") as f:
-            saved_dir = (yaml.safe_load(f) or {}).get("training", {}).get("checkpoint_dir")
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    for folder in (saved_dir, os.path.join(t.output_dir, "checkpoints")):
-        if (
-            isinstance(folder, str)
-            and os.path.realpath(folder) != os.path.realpath(ckpt_dir)
-            and os.path.isfile(os.path.join(folder, LATEST))
-        ):
-            raise ValueError(
-                f"training.output_dir={t.output_dir} holds a run whose checkpoints are in "
-                f"{folder}, but training.checkpoint_dir={t.checkpoint_dir!r} points elsewhere: "
-                f"the run would start again and rewrite its metrics. Set "
-                f"training.checkpoint_dir={folder} to resume it, or use a new training.output_dir"
-            )
-
-
-def _within(path: str, folder: str) -> bool:
-    """Whether ``path`` lies strictly inside ``folder`` (both resolved: links, ``..``)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path != folder and os.path.commonpath([path, folder]) == folder
-
-
-def _check_foreign_checkpoints(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> None:
-    """Two live runs sharing one ``training.checkpoint_dir``: refused when it is set outside
-    ``training.output_dir`` and its checkpoints record another run folder (saved by
-    ``Trainer.save``) that still holds its config.yaml; resuming would continue that run here.
-    A moved run (its old folder gone), checkpoints copied into a run folder (the default
-    checkpoint_dir) and saves that record no folder (older versions, imports) are accepted."""
-    from megatron_eaopd.models.checkpoint import read_meta
-
-    t = cfg.training
-    here = os.path.realpath(t.output_dir)
-    if not t.checkpoint_dir or _within(t.checkpoint_dir, here):
-        return
-    try:
-        owner = read_meta(os.path.join(ckpt_dir, name)).get("extra", {}).get("output_dir")
-    except (OSError, ValueError):
-        return  # an incomplete or unreadable save: load_checkpoint reports it
-    if not owner or os.path.realpath(owner) == here:
-        return
-    if os.path.isfile(os.path.join(owner, "config.yaml")):
-        raise ValueError(
-            f"training.checkpoint_dir={t.checkpoint_dir} holds checkpoints of the run in {owner} "
-            f"({name}), not of training.output_dir={t.output_dir}: resuming would continue "
-            "that run here. Give this run its own training.checkpoint_dir, set "
-            "training.output_dir to that run's folder to continue it, or start from its weights "
-            "with model.student_checkpoint"
-        )
-
-
 def _export_problems(cfg: EAOPDConfig) -> list[str]:
     """``training.export_hf`` replaces its folder at the end of the run: it must not be (or
     contain) the run's own folders or the model / tokenizer folders, and an existing non-empty
@@ -477,8 +420,8 @@ def _export_problems(cfg: EAOPDConfig) -> list[str]:
     for key, path in keep.items():
         if not path:
             continue
-        inside = key == "the checkpoint folder" and _within(out, path)
-        if os.path.realpath(path) == real or _within(path, out) or inside:
+        inside = key == "the checkpoint folder" and within(out, path)
+        if os.path.realpath(path) == real or within(path, out) or inside:
             where = "holds it" if inside else "is or holds it"
             problems.append(
                 f"training.export_hf={out} would replace {key} ({path}): the export {where}; "

@@ -14,6 +14,9 @@
 - :func:`set_aside_after`: a resume from the checkpoint of iteration N moves the records the
   interrupted attempt wrote after it (metrics.jsonl lines and eval_samples files of iterations
   above N, which the resumed run writes again) into ``earlier_attempts/<UTC time>-after-iter_N/``.
+- :func:`check_moved_checkpoints`, :func:`check_foreign_checkpoints`: a run folder whose
+  checkpoints are elsewhere than ``training.checkpoint_dir`` says, or a checkpoint folder of
+  another live run, is refused (ValueError).
 - :func:`length_problem`: a resume shorter than the iterations its checkpoint has done, or longer
   than its decaying learning-rate schedule planned, is refused (the message gives the fix).
 
@@ -36,9 +39,12 @@ __all__ = [
     "ASIDE",
     "LOCK_NAME",
     "RunFolderBusy",
+    "check_foreign_checkpoints",
+    "check_moved_checkpoints",
     "length_problem",
     "lock_output_dir",
     "set_aside_after",
+    "within",
     "set_aside_earlier_attempt",
     "try_flock",
 ]
@@ -288,3 +294,65 @@ def _longer_than_planned(cfg, name: str, total: int) -> str | None:
         f"training.iterations to {planned} or less, or start a longer run in a new "
         "training.output_dir"
     )
+
+
+def check_moved_checkpoints(t, ckpt_dir: str) -> None:
+    """``training.checkpoint_dir`` changed away from the checkpoints of the run in
+    ``training.output_dir`` (its config.yaml's checkpoint folder, or the default one, holds a
+    ``latest``): starting afresh would rewrite that run's metrics. ValueError naming both."""
+    import yaml
+
+    from megatron_eaopd.models.checkpoint import LATEST
+
+    saved_dir = None
+    try:
+        with open(os.path.join(t.output_dir, "config.yaml"), encoding="utf-8") as f:
+            saved_dir = (yaml.safe_load(f) or {}).get("training", {}).get("checkpoint_dir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    for folder in (saved_dir, os.path.join(t.output_dir, "checkpoints")):
+        if (
+            isinstance(folder, str)
+            and os.path.realpath(folder) != os.path.realpath(ckpt_dir)
+            and os.path.isfile(os.path.join(folder, LATEST))
+        ):
+            raise ValueError(
+                f"training.output_dir={t.output_dir} holds a run whose checkpoints are in "
+                f"{folder}, but training.checkpoint_dir={t.checkpoint_dir!r} points elsewhere: "
+                f"the run would start again and rewrite its metrics. Set "
+                f"training.checkpoint_dir={folder} to resume it, or use a new training.output_dir"
+            )
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` lies strictly inside ``folder`` (both resolved: links, ``..``)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_foreign_checkpoints(cfg, ckpt_dir: str, name: str) -> None:
+    """Two live runs sharing one ``training.checkpoint_dir``: refused when it is set outside
+    ``training.output_dir`` and its checkpoints record another run folder (saved by
+    ``Trainer.save``) that still holds its config.yaml; resuming would continue that run here.
+    A moved run (its old folder gone), checkpoints copied into a run folder (the default
+    checkpoint_dir) and saves that record no folder (older versions, imports) are accepted."""
+    from megatron_eaopd.models.checkpoint import read_meta
+
+    t = cfg.training
+    here = os.path.realpath(t.output_dir)
+    if not t.checkpoint_dir or within(t.checkpoint_dir, here):
+        return
+    try:
+        owner = read_meta(os.path.join(ckpt_dir, name)).get("extra", {}).get("output_dir")
+    except (OSError, ValueError):
+        return  # an incomplete or unreadable save: load_checkpoint reports it
+    if not owner or os.path.realpath(owner) == here:
+        return
+    if os.path.isfile(os.path.join(owner, "config.yaml")):
+        raise ValueError(
+            f"training.checkpoint_dir={t.checkpoint_dir} holds checkpoints of the run in {owner} "
+            f"({name}), not of training.output_dir={t.output_dir}: resuming would continue "
+            "that run here. Give this run its own training.checkpoint_dir, set "
+            "training.output_dir to that run's folder to continue it, or start from its weights "
+            "with model.student_checkpoint"
+        )
