@@ -388,7 +388,7 @@ def longest_rollout_row(cfg: EAOPDConfig) -> int:
     return longest
 
 
-def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
+def _check_consistency(cfg: EAOPDConfig, problems: list, rules: bool = True) -> None:
     """Cross-field rules that a single field's type and range cannot express (with those of
     :mod:`megatron_eaopd.config.rules`)."""
     for who in ("student", "teacher"):
@@ -486,13 +486,16 @@ def _check_consistency(cfg: EAOPDConfig, problems: list) -> None:
         problems.append(
             ("tokenizer.chat_template", "needs tokenizer.kind=huggingface (a template to apply)")
         )
-    from megatron_eaopd.config.rules import rule_problems
+    if rules:  # layouts, warm-up, preparations, task keys, plots
+        from megatron_eaopd.config.rules import rule_problems
 
-    problems += rule_problems(cfg)  # layouts, warm-up, preparations, task keys, plots
+        problems += rule_problems(cfg)
 
 
-def config_from_dict(data: dict, source: str | None = None) -> EAOPDConfig:
-    """Validate a plain mapping into :class:`EAOPDConfig`.
+def config_from_dict(data: dict, source: str | None = None, *, rules: bool = True) -> EAOPDConfig:
+    """Validate a plain mapping into :class:`EAOPDConfig`; ``rules=False`` skips the cross-field
+    rules of :mod:`config.rules` (to read back a run's saved config.yaml, which an older
+    version may have accepted).
 
     Raises:
         ConfigError: listing every problem with its dotted field path.
@@ -505,7 +508,7 @@ def config_from_dict(data: dict, source: str | None = None) -> EAOPDConfig:
         resolve_hf_models(cfg, data, problems)
     if not problems:
         _resolve_derived(cfg)
-        _check_consistency(cfg, problems)
+        _check_consistency(cfg, problems, rules)
     if not problems:
         from megatron_eaopd.config.hf_models import tokenizer_problems
 
@@ -521,13 +524,14 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *, rules: bool = True
 ) -> EAOPDConfig:
     """Load a config file (with its ``defaults:`` chain), apply dotted overrides and validate.
 
     Args:
         path: the YAML file; None starts from the schema's defaults.
         overrides: ``key.path=value`` strings, applied in order after the files.
+        rules: apply the cross-field rules (:func:`config_from_dict`).
 
     Returns:
         The validated :class:`EAOPDConfig`.
@@ -537,7 +541,7 @@ def load_config(
     """
     data = load_yaml_with_defaults(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return config_from_dict(data, str(path) if path is not None else None)
+    return config_from_dict(data, str(path) if path is not None else None, rules=rules)
 
 
 def save_resolved(cfg: EAOPDConfig, path: str | os.PathLike) -> Path:

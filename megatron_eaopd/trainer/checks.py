@@ -363,7 +363,7 @@ def _changed_settings(cfg: EAOPDConfig) -> list[str]:
     if not os.path.isfile(saved_path):
         return []
     try:
-        saved = config_to_dict(load_config(saved_path))
+        saved = config_to_dict(load_config(saved_path, rules=False))  # an older version's
     except (ConfigError, OSError, ValueError) as err:  # an older version's keys: not compared
         logger.warning("%s does not load with this version (%s): going on without comparing "
                        "its settings", saved_path, err)  # fmt: skip

@@ -59,6 +59,7 @@ from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_p
 from megatron_eaopd.trainer.run_dir import (
     RunFolderBusy,
     lock_output_dir,
+    planned_iterations,
     set_aside_after,
     set_aside_earlier_attempt,
 )
@@ -173,6 +174,7 @@ class Trainer:
         self.total = cfg.training.iterations or total_iterations(
             len(data.distill), r.prompts_per_iteration, cfg.training.epochs
         )
+        self.planned = self.total  # a resume takes its checkpoint's (_resume)
         self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
         # a preemption signal stops a preparation too (its progress is saved): see run()
         stop = self.preemption.should_stop if self.preemption is not None else None
@@ -274,12 +276,13 @@ class Trainer:
         self.eval_pending = bool(loaded.extra.get("eval_pending", False))
         self.sampler.load_state_dict(loaded.extra["sampler"])
         self.student.skipped_updates = int(loaded.extra.get("skipped_updates", 0))
-        if loaded.extra.get("total_iterations", self.total) != self.total:
+        self.planned = planned_iterations(loaded.extra, self.total)
+        if self.planned != self.total:
             logger.warning(
-                "resuming with %d total iterations, the checkpoint planned %d: the learning-rate "
-                "schedule (warm-up, decay horizon, peak and final lr) continues as saved in the "
-                "checkpoint (megatron's scheduler state), not from the new config",
-                self.total, loaded.extra["total_iterations"],
+                "resuming with %d total iterations, the schedule was planned for %d: the "
+                "learning-rate schedule (warm-up, decay horizon, peak and final lr) continues as "
+                "saved in the checkpoint (megatron's scheduler state), not from the new config",
+                self.total, self.planned,
             )  # fmt: skip
         if self.rank0:
             console(f"resumed from {loaded.path} (iteration {loaded.iteration})")
@@ -443,6 +446,9 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "skipped_updates": self.student.skipped_updates,
             "total_iterations": self.total,
+            # the length the learning-rate schedule was built for: the first attempt's
+            # (megatron's scheduler state, restored on resume, keeps its decay horizon)
+            "planned_iterations": self.planned,
             "eval_pending": bool(eval_pending),
             # the run folder these checkpoints belong to (trainer.checks.check_output_dir)
             "output_dir": os.path.abspath(self.cfg.training.output_dir),

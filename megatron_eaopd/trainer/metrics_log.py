@@ -23,14 +23,21 @@ __all__ = ["MetricsLogger", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict]:
-    """The records of a metrics.jsonl file (optionally of one split)."""
+    """The records of a metrics.jsonl file (optionally of one split). A line that is not a JSON
+    record (the last one of a killed run, cut short mid-write) is skipped with a warning."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                if split is None or row.get("split") == split:
-                    rows.append(row)
+            except ValueError:
+                logger.warning("%s line %d is not a JSON record (cut short?): skipped", path,
+                               number)  # fmt: skip
+                continue
+            if isinstance(row, dict) and (split is None or row.get("split") == split):
+                rows.append(row)
     return rows
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "check_foreign_checkpoints",
     "check_moved_checkpoints",
     "length_problem",
+    "planned_iterations",
     "lock_output_dir",
     "set_aside_after",
     "within",
@@ -194,7 +195,8 @@ def set_aside_earlier_attempt(output_dir: str) -> str | None:
 def set_aside_after(output_dir: str, iteration: int) -> str | None:
     """Before a resume from the checkpoint of ``iteration``: move the metrics.jsonl records and
     eval_samples files of later iterations (the interrupted attempt's, redone by this run) into
-    a new ``earlier_attempts/<time>-after-iter_<iteration>`` folder, returned (None: none).
+    a new ``earlier_attempts/<time>-after-iter_<iteration>`` folder, returned (None: none),
+    with any line that is not a JSON record (the last one of a killed run, cut short).
     metrics.jsonl keeps its other lines in order. Call under the folder's lock."""
     metrics = os.path.join(output_dir, "metrics.jsonl")
     keep, later = [], []
@@ -206,7 +208,7 @@ def set_aside_after(output_dir: str, iteration: int) -> str | None:
                 try:
                     past = int(json.loads(line).get("iteration", 0)) > iteration
                 except (ValueError, TypeError, AttributeError):
-                    past = False  # not a record of ours: left where it is
+                    past = True  # a line a crash cut short: the interrupted attempt's too
                 (later if past else keep).append(line if line.endswith("\n") else line + "\n")
     samples = os.path.join(output_dir, "eval_samples")
     files = []
@@ -270,11 +272,22 @@ def length_problem(cfg, data) -> str | None:
     )
 
 
+def planned_iterations(extra: dict, default: int | None = None) -> int | None:
+    """The run length a checkpoint's learning-rate schedule was built for, from its ``extra``:
+    ``planned_iterations`` (the first attempt's length, carried by every later save; megatron's
+    restored scheduler keeps that decay horizon), else ``total_iterations`` (checkpoints from
+    before it was recorded: the saving attempt's length), else ``default``."""
+    for key in ("planned_iterations", "total_iterations"):
+        if isinstance(extra.get(key), int):
+            return extra[key]
+    return default
+
+
 def _longer_than_planned(cfg, name: str, total: int) -> str | None:
-    """A resume longer than the saved run planned (``total_iterations`` in its checkpoint's
-    meta) under a decaying learning-rate schedule: megatron's scheduler continues as saved, so
-    every iteration past the planned ones would run at ``optimizer.min_lr`` (0 by default:
-    compute spent, weights unchanged). Shorter is allowed (the schedule stops early)."""
+    """A resume longer than the saved run planned (:func:`planned_iterations` of its
+    checkpoint's meta) under a decaying learning-rate schedule: megatron's scheduler continues
+    as saved, so every iteration past the planned ones would run at ``optimizer.min_lr`` (0 by
+    default: compute spent, weights unchanged). Shorter is allowed (the schedule stops early)."""
     from megatron_eaopd.models.checkpoint import read_meta
     from megatron_eaopd.trainer.checks import checkpoint_dir
 
@@ -282,7 +295,7 @@ def _longer_than_planned(cfg, name: str, total: int) -> str | None:
         meta = read_meta(os.path.join(checkpoint_dir(cfg), name))
     except (OSError, ValueError):
         return None  # the resume itself reports a missing or broken checkpoint
-    planned = meta.get("extra", {}).get("total_iterations")
+    planned = planned_iterations(meta.get("extra", {}))
     o = cfg.optimizer
     if not isinstance(planned, int) or total <= planned or o.lr_schedule == "constant":
         return None

@@ -263,6 +263,29 @@ def test_a_resume_longer_than_a_decaying_schedule_planned_is_refused(tmp_path):
     assert problem("training.iterations=4", "optimizer.lr_schedule=constant") is None
     (saved / META).write_text(json.dumps({"extra": {}}))
     assert problem("training.iterations=4") is None
+    # a shorter resume (2 of a 4-iteration schedule) saved: the schedule still runs to 4
+    (saved / META).write_text(json.dumps({"extra": {"total_iterations": 2,
+                                                    "planned_iterations": 4}}))  # fmt: skip
+    assert problem("training.iterations=4") is None
+    assert "planned for 4 iterations; this config asks for 6" in problem("training.iterations=6")
+
+
+def test_a_saved_config_is_compared_even_where_todays_rules_refuse_it(tmp_path):
+    """The folder's config.yaml is read back without the cross-field rules: one an older
+    version accepted (logging.jsonl off with eval.plot on) still guards the resume."""
+    from megatron_eaopd.config.loader import save_resolved
+    from megatron_eaopd.trainer.checks import check_output_dir
+
+    out = tmp_path / "run"
+    old = load_config(TINY, [f"training.output_dir={out}", "eval.plot=false"])
+    old.eval.plot, old.logging.jsonl = True, False  # as an older version saved it
+    save_resolved(old, out / "config.yaml")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "latest").write_text("iter_0000002\n")
+    now = load_config(TINY, [f"training.output_dir={out}", "eval.plot=false",
+                             "logging.jsonl=false", "loss.objective=opd"])  # fmt: skip
+    with pytest.raises(ValueError, match="loss.objective: 'eopd' -> 'opd'"):
+        check_output_dir(now)
 
 
 def test_eval_files_may_change_on_resume_only_where_nothing_trained_reads_them(tmp_path):

@@ -160,3 +160,24 @@ def test_a_resume_moves_what_was_written_after_the_checkpoint_aside(tmp_path):
     for name in ("student_iter_0000005.jsonl", "student_iter_0000010.jsonl"):
         assert (folder / "eval_samples" / name).read_text() == name
     assert set_aside_after(str(out), 4) is None  # done once
+
+
+def test_a_line_a_kill_cut_short_goes_aside_and_the_resume_reads_on(tmp_path):
+    """A SIGKILL mid-write leaves a partial last line in metrics.jsonl: it goes aside with the
+    interrupted attempt's records, and the resumed run's logger (which rewrites the file up to
+    the checkpoint) and the report read the rest (the partial line crashed every resume)."""
+    from types import SimpleNamespace
+
+    from megatron_eaopd.trainer.metrics_log import MetricsLogger, read_metrics
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [{"split": "train", "iteration": i} for i in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"split": "tr'
+    (out / "metrics.jsonl").write_text(text)
+    assert read_metrics(out / "metrics.jsonl") == rows  # skipped, with a warning
+    folder = Path(set_aside_after(str(out), 2))
+    assert (folder / "metrics.jsonl").read_text() == json.dumps(rows[2]) + '\n{"split": "tr\n'
+    cfg = SimpleNamespace(jsonl=True, tensorboard=False, wandb=False, console=False)
+    MetricsLogger(str(out), cfg, resume_iteration=2)
+    assert read_metrics(out / "metrics.jsonl") == rows[:2]
