@@ -23,6 +23,7 @@ __all__ = [
     "check_output_dir",
     "check_trainer_config",
     "micro_batch_warning",
+    "sampling_warning",
     "tokenizer_warning",
 ]
 
@@ -109,6 +110,25 @@ def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:
                 "samples_per_prompt a multiple of micro_batch_size"
             )
     return None
+
+
+def sampling_warning(cfg: EAOPDConfig) -> str | None:
+    """A warning when the training rollouts are truncated (``rollout.top_p`` < 1 or
+    ``rollout.top_k`` > 0) in the sampled form: the tokens then come from the truncated
+    distribution, while the rollout's log-probs (the PPO ratio's denominator) and the sampled
+    reverse KL are those of the full softmax at ``rollout.temperature``, so the objective's
+    estimate is biased. Allowed (some peers sample so), but not the paper's setting. None
+    otherwise (``Trainer.setup`` logs it on rank 0)."""
+    r = cfg.rollout
+    if cfg.loss.form != "sampled" or (r.top_p >= 1.0 and r.top_k == 0):
+        return None
+    return (
+        f"rollout.top_p={r.top_p}, rollout.top_k={r.top_k}: the training rollouts sample from a "
+        "truncated distribution, but their log-probs (the PPO ratio's denominator) and the "
+        "sampled reverse KL are those of the full softmax at rollout.temperature, so the "
+        "on-policy estimate is biased; the paper samples with top_p 1 and no top-k "
+        "(eval.top_p / eval.top_k are for evaluation)"
+    )
 
 
 def tokenizer_warning(cfg: EAOPDConfig) -> str | None:

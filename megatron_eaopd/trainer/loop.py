@@ -44,6 +44,7 @@ from megatron_eaopd.trainer.checks import (  # noqa: F401 - the trainer's checks
     check_trainer_config,
     checkpoint_dir,
     micro_batch_warning,
+    sampling_warning,
     tokenizer_warning,
     will_resume,
 )
@@ -156,7 +157,8 @@ class Trainer:
         init_layouts(cfg)
         self.rank0 = dist.get_rank() == 0
         self._lock_output_dir()
-        for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg)):
+        for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg),
+                        sampling_warning(cfg)):  # fmt: skip
             if warning and self.rank0:
                 logger.warning("%s", warning)
         if self.rank0:

@@ -549,3 +549,19 @@ def test_prep_cache_keys_follow_a_hugging_face_tokenizers_content_not_its_path(t
     assert key(tmp_path / "c") != base
     wrapped = key(tmp_path / "a", chat=False)  # prompts in the chat template (non-thinking)
     assert wrapped != base and key(tmp_path / "a", chat=True) != wrapped
+
+
+def test_truncated_training_rollouts_are_warned_about():
+    """top_p < 1 or top_k > 0 in the training rollouts of the sampled form: the samples are not
+    those of the distribution their log-probs describe; the CPU configs sample untruncated."""
+    from megatron_eaopd.trainer.checks import sampling_warning
+
+    sampled = ["loss.form=sampled"]
+    assert sampling_warning(load_config(TINY, sampled)) is None
+    text = sampling_warning(load_config(TINY, [*sampled, "rollout.top_p=0.9"]))
+    assert "rollout.top_p=0.9, rollout.top_k=0" in text and "biased" in text
+    assert "rollout.top_k=5" in sampling_warning(load_config(TINY, [*sampled, "rollout.top_k=5"]))
+    exact = load_config(TINY, ["rollout.top_p=0.9", "loss.form=exact"])
+    assert sampling_warning(exact) is None  # no PPO ratio, no sampled reverse KL
+    for name in ("base.yaml", "tiny-cpu-tp2.yaml"):
+        assert sampling_warning(load_config(TINY.with_name(name), sampled)) is None
