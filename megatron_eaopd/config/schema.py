@@ -269,9 +269,11 @@ class RolloutConfig:
     temperature: float = _f(1.0, gt=0)
     """Sampling temperature."""
     top_p: float = _f(1.0, gt=0, le=1)
-    """Nucleus sampling threshold; 1.0 disables it."""
+    """Nucleus sampling threshold; 1.0 disables it (the paper's setting). Below 1 in the sampled
+    form the trainer warns: the rollout log-probs are those of the full softmax."""
     top_k: int = _f(0, ge=0)
-    """Sample among the k most likely tokens; 0 disables it; at most the vocabulary size."""
+    """Sample among the k most likely tokens; 0 disables it; at most the vocabulary size (a
+    warning in the sampled form, as for top_p)."""
     use_kv_cache: bool = True
     """Decode with a KV cache (off: re-run the whole prefix each token; for benchmarks)."""
     max_decode_batch: int | None = _f(None, ge=1)
