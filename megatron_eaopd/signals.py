@@ -83,7 +83,15 @@ def preemption_signals_blocked(
         return
     if signals is None:
         signals = os.environ.get("EAOPD_PREEMPT_SIGNALS") or DEFAULT_SIGNALS
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, parse_signals(signals))
+    wanted = parse_signals(signals)
+    # multiprocessing's resource tracker, started by the first spawn of a process (the
+    # checkpoint writer's manager), unblocks SIGINT and SIGTERM in this thread after starting
+    # (pthread_sigmask(SIG_UNBLOCK), not a restore): inside the block that would leave later
+    # helpers open to SIGTERM. Started first, it is never started inside the block.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
     try:
         yield
     finally:

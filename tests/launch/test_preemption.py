@@ -120,6 +120,40 @@ def test_process_started_in_a_blocked_section_survives_the_signal():
             manager.shutdown()
 
 
+_TERM_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+from megatron_eaopd.signals import preemption_signals_blocked
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer's handler: this process lives
+    with preemption_signals_blocked("USR1,TERM"):  # the first save: no resource tracker yet
+        manager = multiprocessing.get_context("spawn").Manager()
+        blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    queue = manager.Queue()
+    os.kill(manager._process.pid, signal.SIGTERM)  # Slurm signals every process of the step
+    time.sleep(0.3)
+    queue.put(1)  # BrokenPipeError / EOFError if the manager died
+    print(blocked, queue.get(timeout=10))
+    manager.shutdown()
+"""
+
+
+def test_sigterm_stays_blocked_for_helpers_started_by_a_first_save():
+    """multiprocessing's resource tracker, started by the first spawn, unblocked SIGTERM in the
+    saving thread (SIG_UNBLOCK, not a restore): the checkpoint writer's manager then died at a
+    SIGTERM preemption after the first interval checkpoint, and the stop's save failed. In a
+    fresh interpreter, so that the first spawn is the one inside the block."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _TERM_SCRIPT], capture_output=True, text=True,
+                          timeout=120, cwd=root, env=dict(os.environ, PYTHONPATH=root))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    blocked = [int(signal.SIGUSR1), int(signal.SIGTERM)]
+    assert proc.stdout.split() == [f"[{blocked[0]},", f"{blocked[1]}]", "1"], proc.stdout
+
+
 def _train_until_stopped(rank, world_size, signal_rank, signal_at, total):
     """A loop like the trainer's: the signal reaches only `signal_rank`, before `signal_at`."""
     handler = PreemptionHandler(signals="USR1").install()
