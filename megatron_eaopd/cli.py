@@ -154,10 +154,13 @@ def _checked_run(args, held: list) -> int:
         if rank == 0:
             final = summary.get("eval") or {}
             shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
+            at = summary.get("eval_iteration")
             console(
                 f"done: iteration {summary['iteration']}/{summary['total_iterations']}"
-                f"{' (stopped early)' if summary['stopped_early'] else ''}; eval {shown}"
-            )
+                f"{' (stopped early)' if summary['stopped_early'] else ''}; "
+                + (f"last evaluation (iteration {at}) {shown}" if at is not None else
+                   "no evaluation in this launch")
+            )  # fmt: skip
             _print_before_after(cfg)
     finally:
         handler.uninstall(ignore=True)  # a late copy of the signal must not kill the exit

@@ -469,7 +469,7 @@ class Trainer:
     def run(self) -> dict:
         """Train from ``start_iteration`` to the end (or until preempted); return a summary."""
         cfg = self.cfg
-        last_train, last_eval, stopped = {}, {}, False
+        last_train, last_eval, stopped, eval_at = {}, {}, False, None
         if self.prep_stopped is not None:  # setup stopped in a preparation, its progress saved
             if self.rank0:
                 console(f"preempted: {self.prep_stopped}")
@@ -479,10 +479,10 @@ class Trainer:
         if self.start_iteration == 0 and cfg.training.eval_at_start:
             teacher_metrics = evaluate(self, 0, who="teacher")
             self.metrics_logger.log("teacher", 0, teacher_metrics)
-            last_eval = self.run_eval(0)
+            last_eval, eval_at = self.run_eval(0), 0
         if self.start_iteration > 0 and self.eval_pending:  # saved before this evaluation
             if not self._evaluated(self.start_iteration):
-                last_eval = self.run_eval(self.start_iteration)
+                last_eval, eval_at = self.run_eval(self.start_iteration), self.start_iteration
                 self._mark_evaluated(self.start_iteration)
             self.eval_pending = False
         iteration = self.start_iteration
@@ -503,7 +503,7 @@ class Trainer:
             if eval_due and save_due:  # keep the update before a long evaluation (a crash or the
                 self.save(iteration, eval_pending=True)  # time limit in it loses nothing)
             if eval_due:
-                last_eval = self.run_eval(iteration)
+                last_eval, eval_at = self.run_eval(iteration), iteration
                 if save_due:
                     self._mark_evaluated(iteration)
             elif save_due:
@@ -524,6 +524,7 @@ class Trainer:
             "stopped_early": stopped,
             "train": last_train,
             "eval": last_eval,
+            "eval_iteration": eval_at,  # the evaluation "eval" is of (None: none in this call)
             "output_dir": cfg.training.output_dir,
         }
 

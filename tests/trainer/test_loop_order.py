@@ -72,6 +72,7 @@ def test_a_stop_asked_during_an_evaluation_saves_and_stops_after_it(save_every):
                  stop=[False, False, True])  # fmt: skip
     out = t.run()
     assert out["stopped_early"] and out["iteration"] == 2
+    assert out["eval_iteration"] == 2  # the summary says which evaluation "eval" is
     saves = [("save", 2, True)] if save_every else []  # saved before it, pending (logged after)
     after = [("marked", 2)] if save_every else [("save", 2, False)]  # (else nothing pending)
     assert t.events == [("train", 1), ("train", 2), *saves, ("eval", 2), *after, ("requeue",)]
@@ -79,8 +80,9 @@ def test_a_stop_asked_during_an_evaluation_saves_and_stops_after_it(save_every):
 
 def test_a_stop_before_a_due_evaluation_saves_it_as_pending():
     t = _trainer(total=4, eval_interval=2, checkpoint_interval=0, stop=[False, True])
-    t.run()
+    out = t.run()
     assert t.events == [("train", 1), ("train", 2), ("save", 2, True), ("requeue",)]
+    assert out["eval_iteration"] is None  # none ran in this launch (the done line says so)
 
 
 def test_a_stop_after_the_last_iteration_is_not_a_stop():
