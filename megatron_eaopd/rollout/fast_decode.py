@@ -134,7 +134,11 @@ class FastDecoder:
 
         cfg = getattr(module, "config", None)
         first = getattr(module, "pre_process", True)
-        if cfg is None or not hasattr(module, "decoder") or not hasattr(module, "rotary_pos_emb"):
+        if cfg is None or not hasattr(module, "decoder"):
+            return "not a megatron GPTModel"
+        if getattr(module, "position_embedding_type", "rope") != "rope":
+            return "position embeddings other than RoPE"
+        if not hasattr(module, "rotary_pos_emb"):
             return "not a megatron GPTModel"
         if first and not hasattr(module, "embedding"):
             return "not a megatron GPTModel"

@@ -40,6 +40,7 @@ vocab-parallel too (its own TP group), and every stage compacts its own KV cache
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -47,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.parallel.groups import any_rank
+from megatron_eaopd.rollout.arguments import check_agreement, check_call
 from megatron_eaopd.rollout.batch import RolloutBatch, rollout_result, stop_ids
 from megatron_eaopd.rollout.continuous import (
     ContinuousDecoder,
@@ -158,11 +160,13 @@ def generate(
         model: a GPTModel (bare, DDP-wrapped, a one-chunk list, or a FrozenTeacher) built under
             the current megatron layout (no virtual PP); its logits are [b, s, V_pad / tp].
         prompts: token ids per sequence (BOS included).
-        max_new_tokens: most generated tokens per sequence (EOS included).
+        max_new_tokens: most generated tokens per sequence (EOS included); a sequence also
+            ends, unfinished, at the model's ``max_sequence_length`` positions.
         eos_id: the id, or a list of ids, that end a response (it stops after the first one
             it samples; a negative id: none). pad_id: fills the rows after the end.
         vocab_size: real vocabulary; padded logit columns are never sampled.
-        params: temperature / top-k / top-p / log-prob temperature.
+        params: temperature / top-k / top-p / log-prob temperature (a top-k of at least the
+            vocabulary keeps every token: plain sampling).
         generator: CPU generator of the draws (one 32-bit key per position for plain sampling,
             one uniform per sequence and position for top-k / top-p, drawn in position order from
             the shortest prompt's length on); seed it the same on every rank of the TP group.
@@ -207,6 +211,9 @@ def generate(
             default path only where float rounding of a longer masked key range decides a tie.
     A model built with sequence parallelism generates with it switched off
     (``models.sequence_parallel.sequence_parallel_off``), restored on return.
+    Every rank of a data-parallel replica's TP x PP group must pass the same arguments (and
+    generator state): checked with one all-gather of one int64 per call (ValueError on every
+    rank). Prompt ids and ``pad_id`` must lie in [0, ``vocab_size``).
     Returns:
         RolloutBatch (on every rank).
     Collectives per decoded position: 1 TP all-gather of [b, 6] float64 (plain sampling; top-k /
@@ -239,6 +246,7 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     if pp > 1:
         if ps.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
             raise ValueError("rollouts under virtual pipeline parallelism are not supported")
+    prompts = check_call(prompts, max_new_tokens, pad_id, vocab_size)
     if not prompts:
         raise ValueError("no prompts to generate from")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
@@ -256,7 +264,11 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     for name, frac in (("compact_frac", compact_frac), ("refill_frac", refill_frac)):
         if frac is not None and not 0 < frac <= 1:
             raise ValueError(f"{name} must be in (0, 1] or None, got {frac}")
+    if params.top_k >= vocab_size:  # keeps every token: no truncation (and no fallback steps)
+        params = dataclasses.replace(params, top_k=0)
     module = _bare_module(model)
+    check_agreement(prompts, max_new_tokens, stops.tolist(), pad_id, params, generator,
+                    _device(module))  # fmt: skip
     was_training = module.training
     module.eval()
     counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,

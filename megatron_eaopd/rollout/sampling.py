@@ -25,6 +25,7 @@ as the training forward computes them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,12 +66,18 @@ class SamplingParams:
     Log-probs are always of the untruncated softmax, as the training forward computes them."""
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("temperature", "logprob_temperature"):
+            value = getattr(self, name)
+            if name == "logprob_temperature" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0
+            ):  # fmt: skip
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
 
     @property
     def filtered(self) -> bool:
@@ -79,7 +86,7 @@ class SamplingParams:
 
     @property
     def lp_temperature(self) -> float:
-        return self.logprob_temperature or self.temperature
+        return self.temperature if self.logprob_temperature is None else self.logprob_temperature
 
 
 # --------------------------------------------------------------------------- random numbers

@@ -4,6 +4,8 @@ gloo)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -368,6 +370,13 @@ def _bad_arguments_worker(rank, world):
         "leaves no room to generate": ([[1] * 40], {}),
         "outside the vocabulary of 16": (_prompts(), dict(eos_id=[2, VOCAB])),
         "non-empty list of ids": (_prompts(), dict(eos_id=[])),
+        # an id outside the embedding: IndexError at TP 1, a silent zero vector at TP 2
+        "prompt 1 holds token id 16 outside [0, vocab_size=16)": ([[1, 2], [3, VOCAB]], {}),
+        "prompt 0 holds token id -1": ([[-1, 2]], {}),
+        "pad_id=-1 must be an int in [0, vocab_size=16)": (_prompts(), dict(pad_id=-1)),
+        "pad_id=16 must be an int in [0, vocab_size=16)": (_prompts(), dict(pad_id=VOCAB)),
+        "max_new_tokens must be an int": (_prompts(), dict(max_new_tokens=2.5)),
+        "prompts as a tensor must be [n, s] integer ids": (torch.ones(2, 3), {}),
     }
     messages = {}
     for expected, (prompts, over) in cases.items():
@@ -383,6 +392,66 @@ def test_generate_rejects_bad_arguments_with_clear_errors():
     (messages,) = run_distributed(_bad_arguments_worker, 1)
     for expected, got in messages.items():
         assert got is not None and expected in got, (expected, got)
+
+
+def test_sampling_params_refuse_what_they_used_to_take():
+    """A log-prob temperature of 0 became the sampling temperature, a negative or NaN one gave
+    wrong or NaN log-probs; an infinite temperature and a fractional or boolean top_k passed."""
+    for kw, word in ((dict(logprob_temperature=0.0), "logprob_temperature"),
+                     (dict(logprob_temperature=-1.0), "logprob_temperature"),
+                     (dict(logprob_temperature=math.nan), "logprob_temperature"),
+                     (dict(temperature=math.inf), "temperature"),
+                     (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k")):  # fmt: skip
+        with pytest.raises(ValueError, match=word):
+            SamplingParams(**kw)
+    assert SamplingParams(temperature=0.7).lp_temperature == 0.7
+    assert SamplingParams(temperature=0.7, logprob_temperature=1.0).lp_temperature == 1.0
+
+
+def _disagreeing_worker(rank, world):
+    from megatron_eaopd.rollout import generate
+
+    model = _model(world)
+    results = {}
+    for name, over in (("max_new_tokens", dict(max_new_tokens=5)),
+                       ("seed", dict(generator=torch.Generator().manual_seed(9))),
+                       ("prompts", dict(prompts=_prompts()[:-1]))):  # fmt: skip
+        kw = dict(prompts=_prompts(), max_new_tokens=4, eos_id=2, pad_id=PAD, vocab_size=VOCAB,
+                  params=SamplingParams(), generator=torch.Generator().manual_seed(0))  # fmt: skip
+        if rank == 1:
+            kw |= over
+        prompts = kw.pop("prompts")
+        try:
+            generate(model, prompts, **kw)
+            results[name] = None
+        except ValueError as exc:
+            results[name] = str(exc)
+    same = generate(model, _prompts(), max_new_tokens=4, eos_id=2, pad_id=PAD, vocab_size=VOCAB,
+                    params=SamplingParams(top_k=VOCAB), generator=torch.Generator().manual_seed(0),
+                    stats=(stats := {}))  # fmt: skip
+    plain = generate(
+        model,
+        _prompts(),
+        max_new_tokens=4,
+        eos_id=2,
+        pad_id=PAD,
+        vocab_size=VOCAB,
+        params=SamplingParams(),
+        generator=torch.Generator().manual_seed(0),
+    )
+    results["top_k=V is plain"] = (torch.equal(same.tokens, plain.tokens), stats["fallbacks"])
+    return results
+
+
+def test_tp_ranks_called_with_different_arguments_raise_on_every_rank():
+    """At TP 2 a rank with other prompts, another max_new_tokens or another seed aborted the
+    process in a collective of mismatched sizes, or returned tokens of neither rank's seed: one
+    fingerprint all-gather per call now raises the same ValueError on both ranks. A top-k of
+    the whole vocabulary samples as plain sampling (it fell back to a full gather per step)."""
+    for results in run_distributed(_disagreeing_worker, 2):
+        for name in ("max_new_tokens", "seed", "prompts"):
+            assert results[name] and "called with different arguments" in results[name], name
+        assert results["top_k=V is plain"] == (True, 0)
 
 
 def _stop_ids_worker(rank, world):
