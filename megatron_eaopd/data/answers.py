@@ -113,6 +113,7 @@ def parse_number(answer: str) -> Fraction | None:
     s = s.removesuffix("\\%").removesuffix("%")
     if len(s) > 2 * MAX_NUMBER_CHARS:  # a cheap bound before the regular expressions
         return None
+    s = s.replace("{,}", ",")  # LaTeX's thousands separator: 1{,}000
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     if len(s) > MAX_NUMBER_CHARS:

@@ -187,8 +187,8 @@ def verify_solution(state: State, text: str, connectives: Sequence[str] = ()) ->
         if step not in options:
             return False
         state = options[step]
-    boxed = extract_boxed(last)
-    return _is_final(state) and boxed is not None and boxed == str(state[0][1])
+    # the whole last segment is the box (text around it made a "complete" solution of garbage)
+    return _is_final(state) and last == f"\\boxed{{{state[0][1]}}}"
 
 
 def check_connectives(connectives: Sequence[str]) -> tuple[str, ...]:

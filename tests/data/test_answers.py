@@ -66,6 +66,8 @@ def test_parse_number(answer, value):
         ("\\boxed{0.5}", "\\frac{1}{2}", True),
         ("\\boxed{\\dfrac{1}{2}}", "1/2", True),
         ("\\boxed{1,000}", "1000", True),
+        ("\\boxed{1{,}000}", "1000", True),  # LaTeX's thousands separator (MATH answers)
+        ("\\boxed{-12{,}345.5}", "-12345.5", True),
         ("\\boxed{ 12 }", "12", True),
         ("\\boxed{12.}", "12", True),
         ("\\boxed{\\text{(B)}}", "(B)", True),

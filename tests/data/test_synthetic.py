@@ -225,6 +225,10 @@ def test_verify_rejects_wrong_paths():
     assert verify_solution(state, worded, ("so", "then"))
     assert not verify_solution(state, worded, ())
     assert not verify_solution(state, good, ("so", "then"))  # a step without its connective
+    # the last segment is the box alone, as in countdown and sums: no text around it
+    assert not verify_solution(state, good + " and then some garbage")
+    head, box = good.rsplit(";", 1)
+    assert not verify_solution(state, f"{head};GARBAGE{box}")
 
 
 def test_check_uses_the_boxed_answer(task):
