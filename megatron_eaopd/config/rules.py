@@ -69,9 +69,9 @@ def optimizer_steps(cfg: EAOPDConfig, num_prompts: int | None) -> tuple[int, str
     if t.iterations is not None:
         iterations, how = t.iterations, f"training.iterations={t.iterations}"
     elif num_prompts is not None and num_prompts >= r.prompts_per_iteration:
-        from megatron_eaopd.data.sampling import total_iterations
+        from megatron_eaopd.data.sampling import run_iterations
 
-        iterations = total_iterations(num_prompts, r.prompts_per_iteration, t.epochs)
+        iterations = run_iterations(cfg, num_prompts)
         how = f"{iterations} iterations (training.epochs={t.epochs} over {num_prompts} prompts)"
     else:
         return None

@@ -13,7 +13,7 @@ import hashlib
 import math
 import random
 
-__all__ = ["PromptSampler", "total_iterations"]
+__all__ = ["PromptSampler", "run_iterations", "total_iterations"]
 
 
 def total_iterations(num_prompts: int, prompts_per_iteration: int, epochs: float) -> int:
@@ -29,6 +29,14 @@ def total_iterations(num_prompts: int, prompts_per_iteration: int, epochs: float
             "distillation prompts"
         )
     return max(1, math.floor(per_epoch * epochs + 1e-9))
+
+
+def run_iterations(cfg, num_prompts: int) -> int:
+    """A run's length: ``training.iterations``, else ``training.epochs`` passes over its
+    ``num_prompts`` distillation prompts (:func:`total_iterations`; ValueError as there)."""
+    t = cfg.training
+    return t.iterations or total_iterations(num_prompts, cfg.rollout.prompts_per_iteration,
+                                            t.epochs)  # fmt: skip
 
 
 class PromptSampler:

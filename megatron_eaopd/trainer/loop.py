@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs, save_resolved
 from megatron_eaopd.data import prepare_data
-from megatron_eaopd.data.sampling import PromptSampler, total_iterations
+from megatron_eaopd.data.sampling import PromptSampler, run_iterations
 from megatron_eaopd.losses import ObjectiveConfig
 from megatron_eaopd.parallel.init import rank0_says
 from megatron_eaopd.rollout import SamplingParams
@@ -61,7 +61,6 @@ from megatron_eaopd.trainer.run_dir import (
     RunFolderBusy,
     lock_output_dir,
     planned_iterations,
-    set_aside_after,
     set_aside_earlier_attempt,
 )
 from megatron_eaopd.trainer.teacher_prep import (
@@ -173,9 +172,7 @@ class Trainer:
         check_vocab_compatibility(shared, shared, teacher_cfg.vocab_size, student_cfg.vocab_size)
         t0 = time.perf_counter()
         r = cfg.rollout
-        self.total = cfg.training.iterations or total_iterations(
-            len(data.distill), r.prompts_per_iteration, cfg.training.epochs
-        )
+        self.total = run_iterations(cfg, len(data.distill))
         self.planned = self.total  # a resume takes its checkpoint's (_resume)
         self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
         # a preemption signal stops a preparation too (its progress is saved): see run()
@@ -215,8 +212,6 @@ class Trainer:
         self.sampler = PromptSampler(len(data.distill), r.prompts_per_iteration, cfg.training.seed)
         if resuming:
             self._resume()
-            if self.rank0:  # what the interrupted attempt wrote after its checkpoint
-                set_aside_after(cfg.training.output_dir, self.start_iteration)
         self.metrics_logger = MetricsLogger(
             cfg.training.output_dir,
             cfg.logging,

@@ -3,9 +3,8 @@
 Only rank 0 writes. Every record is one JSON object per line of ``<output_dir>/metrics.jsonl``:
 ``{"split": "train" | "eval" | "teacher", "iteration": N, ...metrics}``. On resume, records past the
 checkpoint's iteration (written after the checkpoint by the interrupted run) are taken out first,
-so the log reads as if the run had never stopped: the trainer moves them to the run folder's
-``earlier_attempts/`` before it makes the logger (``trainer.run_dir``); ``resume_iteration``
-drops any left.
+so the log reads as if the run had never stopped: they are moved, with the evaluation samples of
+those iterations, to the run folder's ``earlier_attempts/`` (``trainer.run_dir``), never deleted.
 """
 
 from __future__ import annotations
@@ -82,8 +81,10 @@ class MetricsLogger:
         run_name: W&B run name default.
         config_dict: the resolved config (W&B run config).
         enabled: False on every rank but 0.
-        resume_iteration: drop JSONL records with an iteration above this (None: keep all; 0 on a
-            fresh start truncates the file).
+        resume_iteration: move the JSONL records and eval_samples files of iterations above
+            this to ``earlier_attempts/`` (``run_dir.set_aside_after``); 0, a fresh start: every
+            record of an earlier attempt (``run_dir.set_aside_earlier_attempt``); None: keep
+            all.
     """
 
     def __init__(
@@ -103,14 +104,19 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if logging_cfg.jsonl:
-            self._truncate(resume_iteration)
+        if resume_iteration is not None:
+            from megatron_eaopd.trainer.run_dir import set_aside_after, set_aside_earlier_attempt
+
+            if resume_iteration == 0:
+                set_aside_earlier_attempt(output_dir)
+            else:
+                set_aside_after(output_dir, resume_iteration)
         if logging_cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # a resume drops the event files' steps after the checkpoint (a run that died
-                # after its last save logged them once already), as _truncate does for the JSONL
+                # after its last save logged them once already), as the JSONL's are moved aside
                 purge = None if resume_iteration is None else resume_iteration + 1
                 self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
             except ImportError:
@@ -130,17 +136,6 @@ class MetricsLogger:
                 )
             except ImportError:
                 logger.warning("logging.wandb is on but wandb is not installed (pip install wandb)")
-
-    def _truncate(self, resume_iteration: int | None) -> None:
-        if resume_iteration is None or not os.path.exists(self.path):
-            return
-        keep = [r for r in read_metrics(self.path) if r.get("iteration", 0) <= resume_iteration]
-        if resume_iteration == 0:
-            keep = []
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)
 
     def log(self, split: str, iteration: int, metrics: Mapping[str, float]) -> None:
         """Write one record (rank 0 only; others return at once)."""

@@ -42,12 +42,12 @@ __all__ = [
     "check_foreign_checkpoints",
     "check_moved_checkpoints",
     "length_problem",
-    "planned_iterations",
     "lock_output_dir",
+    "planned_iterations",
     "set_aside_after",
-    "within",
     "set_aside_earlier_attempt",
     "try_flock",
+    "within",
 ]
 
 LOCK_NAME = "run.lock"
@@ -75,8 +75,8 @@ def try_flock(handle) -> bool:
 class _Held:
     """One process's hold on a run folder's lock (re-entrant: counted)."""
 
-    def __init__(self, path: str, handle):
-        self.path, self.handle, self.count = path, handle, 0
+    def __init__(self, handle):
+        self.handle, self.count = handle, 0
 
 
 _HELD: dict[str, _Held] = {}
@@ -154,7 +154,7 @@ def lock_output_dir(output_dir: str) -> RunFolderLock:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
             handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n")
             handle.flush()
-        held = _HELD[key] = _Held(path, handle)
+        held = _HELD[key] = _Held(handle)
     held.count += 1
     return RunFolderLock(key)
 
@@ -242,26 +242,36 @@ def set_aside_after(output_dir: str, iteration: int) -> str | None:
 def length_problem(cfg, data) -> str | None:
     """A resume whose training length (``training.iterations``, else the epochs over ``data``'s
     distillation prompts) is below the iteration its checkpoint saved (nothing would train, and
-    config.yaml would claim the shorter run), else None."""
-    from megatron_eaopd.data.sampling import total_iterations
-    from megatron_eaopd.models.checkpoint import LATEST
+    config.yaml would claim the shorter run), or, under a decaying learning-rate schedule, above
+    the length the schedule was planned for (:func:`planned_iterations`: megatron's restored
+    scheduler continues as saved, so every iteration past it would run at
+    ``optimizer.min_lr``, 0 by default: compute spent, weights unchanged); else None. A shorter
+    length than planned is allowed (the schedule stops early). Reads the checkpoint's meta."""
+    from megatron_eaopd.data.sampling import run_iterations
+    from megatron_eaopd.models.checkpoint import read_meta, resolve_checkpoint
     from megatron_eaopd.trainer.checks import checkpoint_dir, will_resume
 
     if not will_resume(cfg):
         return None
-    r = cfg.rollout
-    total = cfg.training.iterations or total_iterations(
-        len(data.distill), r.prompts_per_iteration, cfg.training.epochs
-    )
-    with open(os.path.join(checkpoint_dir(cfg), LATEST), encoding="utf-8") as f:
-        name = f.read().strip()
-    match = re.fullmatch(r"iter_(\d+)", name)
-    if match is None:
+    try:
+        path = resolve_checkpoint(checkpoint_dir(cfg))
+        meta = read_meta(path)
+    except (OSError, ValueError):
+        return None  # the resume itself reports a missing or broken checkpoint
+    total, t, o = run_iterations(cfg, len(data.distill)), cfg.training, cfg.optimizer
+    done, name = int(meta.get("iteration", 0)), os.path.basename(path)
+    planned = planned_iterations(meta.get("extra", {}))
+    if planned is not None and total > planned and o.lr_schedule != "constant":
+        return (
+            f"training.output_dir={t.output_dir} holds a run planned for {planned} "
+            f"iterations; this config asks for {total}. Its learning-rate schedule "
+            f"(optimizer.lr_schedule={o.lr_schedule}) continues as saved in the checkpoint, so "
+            f"iterations {planned + 1}..{total} would run at optimizer.min_lr={o.min_lr}. Set "
+            f"training.iterations to {planned} or less, or start a longer run in a new "
+            "training.output_dir"
+        )
+    if done <= total:
         return None
-    longer = _longer_than_planned(cfg, name, total)
-    if longer or int(match.group(1)) <= total:
-        return longer
-    done, t = int(match.group(1)), cfg.training
     how = f"training.iterations={t.iterations}" if t.iterations else (
         f"training.epochs={t.epochs} of the distillation prompts")  # fmt: skip
     return (
@@ -281,32 +291,6 @@ def planned_iterations(extra: dict, default: int | None = None) -> int | None:
         if isinstance(extra.get(key), int):
             return extra[key]
     return default
-
-
-def _longer_than_planned(cfg, name: str, total: int) -> str | None:
-    """A resume longer than the saved run planned (:func:`planned_iterations` of its
-    checkpoint's meta) under a decaying learning-rate schedule: megatron's scheduler continues
-    as saved, so every iteration past the planned ones would run at ``optimizer.min_lr`` (0 by
-    default: compute spent, weights unchanged). Shorter is allowed (the schedule stops early)."""
-    from megatron_eaopd.models.checkpoint import read_meta
-    from megatron_eaopd.trainer.checks import checkpoint_dir
-
-    try:
-        meta = read_meta(os.path.join(checkpoint_dir(cfg), name))
-    except (OSError, ValueError):
-        return None  # the resume itself reports a missing or broken checkpoint
-    planned = planned_iterations(meta.get("extra", {}))
-    o = cfg.optimizer
-    if not isinstance(planned, int) or total <= planned or o.lr_schedule == "constant":
-        return None
-    return (
-        f"training.output_dir={cfg.training.output_dir} holds a run planned for {planned} "
-        f"iterations; this config asks for {total}. Its learning-rate schedule "
-        f"(optimizer.lr_schedule={o.lr_schedule}) continues as saved in the checkpoint, so "
-        f"iterations {planned + 1}..{total} would run at optimizer.min_lr={o.min_lr}. Set "
-        f"training.iterations to {planned} or less, or start a longer run in a new "
-        "training.output_dir"
-    )
 
 
 def check_moved_checkpoints(t, ckpt_dir: str) -> None:

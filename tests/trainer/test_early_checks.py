@@ -207,8 +207,10 @@ def test_a_fresh_start_over_an_attempt_without_checkpoint_needs_its_settings(tmp
 
 
 def test_a_resume_shorter_than_the_saved_run_is_refused(tmp_path):
+    import json
     from types import SimpleNamespace
 
+    from megatron_eaopd.models.checkpoint import META
     from megatron_eaopd.trainer.run_dir import length_problem as _length_problem
 
     out = tmp_path / "run"
@@ -218,9 +220,14 @@ def test_a_resume_shorter_than_the_saved_run_is_refused(tmp_path):
         return load_config(TINY, [f"training.output_dir={out}", "optimizer.warmup_iterations=0",
                                   *extra])  # fmt: skip
 
+    def saved(iteration):  # a checkpoint's meta (no planned length) and the latest marker
+        folder = out / "checkpoints" / f"iter_{iteration:07d}"
+        folder.mkdir(parents=True)
+        (folder / META).write_text(json.dumps({"iteration": iteration, "extra": {}}))
+        (out / "checkpoints" / "latest").write_text(f"iter_{iteration:07d}\n")
+
     assert _length_problem(cfg("training.iterations=1"), data) is None  # nothing saved
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "latest").write_text("iter_0000002\n")
+    saved(2)
     text = _length_problem(cfg("training.iterations=1"), data)
     assert "saved at iteration 2 (iter_0000002), beyond this run's length of 1" in text
     assert "Set training.iterations to 2 or more" in text and "1 iteration (" in text
@@ -229,7 +236,7 @@ def test_a_resume_shorter_than_the_saved_run_is_refused(tmp_path):
     # by epochs: 64 prompts / 32 per iteration x 1 epoch = 2 iterations; 16 per iteration: 4
     epochs = ["training.iterations=null", "training.epochs=1", "rollout.mini_batch_size=16"]
     assert _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=32"), data) is None
-    (out / "checkpoints" / "latest").write_text("iter_0000003\n")
+    saved(3)
     text = _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=32"), data)
     assert "length of 2 iterations (training.epochs=1" in text
     assert _length_problem(cfg(*epochs, "rollout.prompts_per_iteration=16"), data) is None
