@@ -116,8 +116,9 @@ def merge_single(m: torch.Tensor, z: torch.Tensor, a: torch.Tensor):
     return big_m + log_z, log_z - a_g / z_g
 
 
-def check_temperature(temperature) -> None:
-    """ValueError unless ``temperature`` is a finite number > 0."""
-    ok = isinstance(temperature, (int, float)) and math.isfinite(temperature)
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """ValueError (naming it ``name``) unless ``temperature`` is a finite number > 0."""
+    ok = (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+          and math.isfinite(temperature))  # fmt: skip
     if not (ok and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")

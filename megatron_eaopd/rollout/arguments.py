@@ -66,19 +66,15 @@ def check_agreement(prompts, max_new_tokens, eos_ids, pad_id, params, generator,
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_eaopd.parallel.groups import all_gather_rows
+
     if not dist.is_initialized():
-        return
-    group = ps.get_model_parallel_group()
-    size = dist.get_world_size(group=group)
-    if size == 1:
         return
     mine = torch.tensor(
         [fingerprint(prompts, max_new_tokens, eos_ids, pad_id, params, generator)],
         dtype=torch.int64, device=device,
     )  # fmt: skip
-    every = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(every, mine, group=group)
-    values = [int(t) for t in every]
+    values = all_gather_rows(mine, ps.get_model_parallel_group()).view(-1).tolist()
     if len(set(values)) > 1:
         raise ValueError(
             "generate: the tensor- and pipeline-parallel ranks of one data-parallel replica "

@@ -25,10 +25,11 @@ as the training forward computes them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from megatron_eaopd.losses._common import check_temperature
 
 __all__ = [
     "PLAIN_BLOCK",
@@ -66,14 +67,9 @@ class SamplingParams:
     Log-probs are always of the untruncated softmax, as the training forward computes them."""
 
     def __post_init__(self):
-        for name in ("temperature", "logprob_temperature"):
-            value = getattr(self, name)
-            if name == "logprob_temperature" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0
-            ):  # fmt: skip
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        check_temperature(self.temperature)
+        if self.logprob_temperature is not None:
+            check_temperature(self.logprob_temperature, "logprob_temperature")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
