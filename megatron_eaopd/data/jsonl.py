@@ -52,8 +52,12 @@ def _records(path: Path) -> list[tuple[int, Any]]:
         try:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as err:
+            hint = ""
+            if line.strip() in ("[", "{") or text.lstrip().startswith("["):
+                hint = (": the file must hold one JSON object per line (JSON Lines), not a JSON "
+                        "array or an object spread over lines")  # fmt: skip
             raise TaskError(
-                f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})"
+                f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno}){hint}"
             ) from err
         except ValueError as err:  # e.g. an integer of more than 4300 digits
             raise TaskError(f"{path}:{lineno}: unreadable JSON value ({err})") from err
@@ -68,6 +72,39 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+#: What JSON makes of a LaTeX command written with one backslash: its valid escapes \b \f \n \r
+#: \t turn ``\boxed`` into a backspace + "oxed", ``\frac`` into a form feed + "rac", ``\theta`` into
+#: a tab + "heta". A backspace or form feed is never meant in a prompt; a carriage return, newline
+#: or tab is suspect only before what would complete a common command.
+_ESCAPE_SLIP = re.compile(
+    r"[\x08\x0c]|\r[A-Za-z]"
+    r"|\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|an|riangle|ilde|binom)(?![A-Za-z])"
+    r"|\n(?:eq|abla|otin|ot|eg|leq|geq|mid|cong|ewline)(?![A-Za-z])"
+)
+_ESCAPE_OF = {"\x08": "b", "\x0c": "f", "\r": "r", "\t": "t", "\n": "n"}
+
+
+def _escape_slip(key: str, text: str) -> str | None:
+    """Why ``text`` looks like LaTeX whose backslash JSON read as an escape (None if not):
+    names the escape and the command it ate. An answer may hold no control character but a
+    newline."""
+    m = _ESCAPE_SLIP.search(text)
+    if m is None and key == "answer":
+        m = re.search(r"[\x00-\x09\x0b-\x1f]", text)
+    if m is None:
+        return None
+    char = m.group(0)[0]
+    letter = _ESCAPE_OF.get(char)
+    if letter is None:
+        return f"{key!r} holds the control character {char!r} ({text[:40]!r})"
+    tail = re.match(r"[A-Za-z]*", text[m.start() + 1 :]).group(0)
+    return (
+        f"{key!r} holds {char!r} where the file has `\\{letter}{tail}`? JSON reads `\\{letter}` "
+        f"as a control character, so LaTeX such as `\\{letter}{tail}` must be written with a "
+        f"doubled backslash in the file (`\\\\{letter}{tail}`; json.dumps does this)"
+    )
 
 
 def _answer(value: Any) -> str | None:
@@ -105,8 +142,9 @@ def read_prompt_file(
         require_solutions: every record must carry at least one solution (teacher preparation).
 
     Raises:
-        TaskError: missing file, malformed line, missing/mistyped field, duplicate id, or no
-            records; the message names the file and line.
+        TaskError: missing file, malformed line, missing/mistyped field, a LaTeX backslash that
+            JSON read as an escape (``\\frac`` written ``\frac``), duplicate id, or no records;
+            the message names the file and line.
     """
     p = Path(path)
     if p.is_dir():
@@ -139,6 +177,9 @@ def read_prompt_file(
         for key, text in texts:
             if not _encodable(text):
                 raise TaskError(f"{where}: {key!r} holds an invalid character (a lone surrogate)")
+            slip = None if p.suffix.lower() == ".parquet" else _escape_slip(key, text)
+            if slip is not None:
+                raise TaskError(f"{where}: {slip}")
         sols = rec.get("solutions", rec.get("solution", []))
         if isinstance(sols, str):
             sols = [sols]
@@ -152,6 +193,12 @@ def read_prompt_file(
                 f"{where}: 'id' must be a non-empty string or a whole number, got {rec['id']!r}"
             )
         if uid in seen:
+            if rec.get("id") is None:  # the default id of this line repeats an explicit one
+                raise TaskError(
+                    f"{where}: this line has no 'id', and its default id {uid!r} (file stem - "
+                    f"line) is the explicit id of line {seen[uid]}: give line {seen[uid]} "
+                    "another id, or give every line one"
+                )
             raise TaskError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
         seen[uid] = lineno
         meta = {

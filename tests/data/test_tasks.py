@@ -121,12 +121,45 @@ def test_jsonl_task_reads_all_fields(tmp_path):
         (['{"prompt": "a", "answer": 1, "solutions": ["\\ud83d"]}'], "'solutions' holds an"),
         ([{"id": 1.5, "prompt": "a", "answer": 1}], "'id' must be a non-empty string or a whole"),
         (['{"prompt": "a", "answer": ' + "9" * 5000 + "}"], r"bad\.jsonl:1: unreadable JSON"),
+        # LaTeX written with one backslash: JSON reads \f, \b, \t, \n, \r as control characters
+        (
+            [r'{"prompt": "a", "answer": "\frac{5}{6}"}'],
+            r"bad\.jsonl:1: 'answer' holds '\\x0c' where the file has `\\frac`\?",
+        ),
+        ([r'{"prompt": "put it in \boxed{}", "answer": 1}'], r"'prompt' holds '\\x08'.*`\\boxed`"),
+        ([r'{"prompt": "angle \theta", "answer": 1}'], r"'prompt' holds '\\t'.*`\\theta`"),
+        ([r'{"prompt": "a \neq b", "answer": 1}'], r"'prompt' holds '\\n'.*`\\neq`"),
+        ([r'{"prompt": "a", "answer": 1, "solutions": ["x \rightarrow y"]}'], "'solutions' holds"),
+        ([r'{"prompt": "a", "answer": "x\ty"}'], r"'answer' holds '\\t'"),
+        (["[", '{"prompt": "a", "answer": 1}', "]"], r":1: malformed JSON .*one JSON object per"),
+        (
+            [
+                {"id": "bad-3", "prompt": "a", "answer": 1},
+                {"prompt": "b", "answer": 2},
+                {"prompt": "c", "answer": 3},
+            ],
+            r"bad\.jsonl:3: this line has no 'id', and its default id 'bad-3'.* line 1",
+        ),
     ],
 )
 def test_malformed_prompt_files(tmp_path, rows, message):
     path = _jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(TaskError, match=message):
         read_prompt_file(path)
+
+
+def test_escapes_that_are_meant_pass(tmp_path):
+    """Newlines and tabs as text uses them, and LaTeX with doubled backslashes (json.dumps),
+    are read as written: the one-backslash check refuses only what completes a command."""
+    rows = [
+        {"prompt": "Line one\nnot here\n\nthe\ttable\ttext", "answer": "x=1\ny=2"},
+        {"prompt": "Compute $\\frac{1}{2} \\times \\theta$ \\neq \\boxed{}", "answer": "\\frac12"},
+    ]
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_prompt_file(path)
+    assert [(p.prompt, p.answer) for p in got] == [(r["prompt"], r["answer"]) for r in rows]
+    assert got[1].prompt.startswith("Compute $\\frac{1}{2}")
 
 
 def test_encodings_directories_and_reserved_names(tmp_path):
