@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_eaopd.data.answers import math_verify_available
-from megatron_eaopd.data.sequences import build_sft_example, encode_prompt, use_chat_template
+from megatron_eaopd.data.sequences import (
+    build_sft_example,
+    encode_prompt,
+    stop_token_ids,
+    use_chat_template,
+)
 from megatron_eaopd.data.task import Problem, Task, TaskError, load_task, validate_prompt_lengths
 from megatron_eaopd.data.tokenizer import build_tokenizer
 
@@ -96,6 +101,11 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
         ) from err
     if getattr(cfg.tokenizer, "chat_template", False):
         use_chat_template(tokenizer, cfg.tokenizer.enable_thinking)
+    try:
+        stops = stop_token_ids(tokenizer)  # responses must end: before any model is loaded
+    except ValueError as err:
+        raise TaskError(f"tokenizer.path={tok.path!r}: {err}") from err
+    logging.getLogger(__name__).info("responses end at the token ids %s", stops)
 
     def encode(text: str) -> list[int]:
         return encode_prompt(tokenizer, text)
