@@ -142,14 +142,22 @@ def _checked_run(args, held: list) -> int:
     from megatron_eaopd.parallel.init import destroy_parallel
     from megatron_eaopd.trainer.metrics_log import console
     from megatron_eaopd.trainer.preemption import (
+        EXIT_CONFIG,
         EXIT_FINISHED,
         PreemptionHandler,
         write_exit_status,
     )
+    from megatron_eaopd.trainer.run_dir import RunRefused
 
     handler = PreemptionHandler().install()
     try:
-        summary = run(cfg, handler, data)
+        try:
+            summary = run(cfg, handler, data)
+        except RunRefused as err:  # the folder's saved run refuses this launch (every rank)
+            if rank == 0:
+                print(f"eaopd-train: {err}", file=sys.stderr)
+            write_exit_status("config_error", EXIT_CONFIG)
+            return EXIT_CONFIG
         stopped = bool(summary["stopped_early"])
         if rank == 0:
             final = summary.get("eval") or {}

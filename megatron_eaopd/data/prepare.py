@@ -68,7 +68,9 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
             file, eval.use_math_verify=true without math-verify
             installed, an empty prompt set, fewer distillation prompts than
             ``rollout.prompts_per_iteration``, a prompt longer than
-            ``rollout.max_prompt_tokens``, a training example longer than the teacher's context.
+            ``rollout.max_prompt_tokens`` (of each evaluation set, only the first
+            ``eval.max_prompts``, which evaluations use), a training example longer than the
+            teacher's context.
     """
     task = load_task(cfg.task)
     use_mv = cfg.eval.use_math_verify
@@ -119,7 +121,9 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
             "the task has no evaluation sets (task.eval_files is empty): evaluations will "
             "measure nothing; add held-out prompt files to task.eval_files"
         )
+    used = getattr(cfg.eval, "max_prompts", None)
     for name, problems in eval_sets.items():
+        problems = list(problems)[:used] if used else problems  # what evaluations will use
         longest = max(
             longest, validate_prompt_lengths(problems, encode, limit, f"'{name}' prompts")
         )

@@ -59,6 +59,7 @@ from megatron_eaopd.trainer.metrics_log import MetricsLogger, console
 from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_peak
 from megatron_eaopd.trainer.run_dir import (
     RunFolderBusy,
+    RunRefused,
     lock_output_dir,
     planned_iterations,
     set_aside_earlier_attempt,
@@ -253,7 +254,7 @@ class Trainer:
         if saved is None or saved == self.inputs:
             return
         changed = [k for k in saved if saved[k] != self.inputs.get(k)]
-        raise ValueError(
+        raise RunRefused(
             f"training.output_dir={self.cfg.training.output_dir} holds a run ({name}) trained "
             f"on other inputs: {', '.join(changed)} differ, with the same settings (a prompt "
             "file edited in place, a retrained or replaced tokenizer, another prepared "

@@ -39,6 +39,7 @@ __all__ = [
     "ASIDE",
     "LOCK_NAME",
     "RunFolderBusy",
+    "RunRefused",
     "check_foreign_checkpoints",
     "check_moved_checkpoints",
     "length_problem",
@@ -55,7 +56,12 @@ ASIDE = "earlier_attempts"
 _SAMPLES = re.compile(r"^\w+_iter_(\d+)\.jsonl$")  # trainer.evaluate.write_samples
 
 
-class RunFolderBusy(ValueError):
+class RunRefused(ValueError):
+    """The run folder's state refuses this launch (``eaopd-train`` prints the message and exits
+    2, as for a configuration error): every rank raises it at the same point of the setup."""
+
+
+class RunFolderBusy(RunRefused):
     """Another live process holds the run folder's lock."""
 
 

@@ -106,3 +106,24 @@ def test_a_task_tokenizer_too_small_for_the_characters_names_the_key(tmp_path, c
         data = prepare_data(load_config(None, [*base, f"tokenizer.vocab_size={need}"]))
     assert data.vocab_size >= 60
     assert "no evaluation sets" in caplog.text
+
+
+def test_only_the_evaluation_prompts_in_use_must_fit(tmp_path):
+    """An eval file whose fourth prompt is too long, with eval.max_prompts=3: the prompts an
+    evaluation never uses were refused; with max_prompts 4 (or null, all) it is still refused."""
+    distill = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"Compute {i}+2 step by step:", "answer": str(i + 2)} for i in range(4)]
+    distill.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = tmp_path / "e.jsonl"
+    terms = "+".join(str((7 * i) % 97) for i in range(80))  # no piece covers much of it
+    long = {"prompt": f"Compute {terms} step by step:", "answer": "x"}
+    ev.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:3], long]))
+    base = ["task.name=jsonl", f"task.distill_file={distill}", f"task.eval_files=[{ev}]",
+            "model.teacher_checkpoint=some/ckpt", f"tokenizer.cache_dir={tmp_path / 'tok'}",
+            "rollout.mini_batch_size=4", "rollout.prompts_per_iteration=4",
+            "rollout.max_prompt_tokens=16"]  # fmt: skip
+    data = prepare_data(load_config(None, [*base, "eval.max_prompts=3"]))
+    assert len(data.eval_sets["e"]) == 4 and data.longest_prompt <= 16
+    for used in (4, "null"):
+        with pytest.raises(TaskError, match=r"1 of 4 'e' prompts are longer"):
+            prepare_data(load_config(None, [*base, f"eval.max_prompts={used}"]))

@@ -227,3 +227,24 @@ def test_tiny_cpu_config_with_torchrun(tmp_path):
     assert teacher["mean/pass@8"] > 0.3, "the prepared teacher should often solve the task"
     train = _records(f"{tmp_path}/run/metrics.jsonl", "train")
     assert [row["iteration"] for row in train] == list(range(1, 31))
+
+
+def test_cli_turns_a_refused_resume_into_exit_2(tmp_path, capsys, monkeypatch):
+    """A resume refused during the trainer's setup (the saved run's prompt file edited in place)
+    ended in a traceback per rank and exit 1: now the message once and exit 2, as for any
+    configuration error, with config_error in the launcher's status file."""
+    import megatron_eaopd.cli as cli
+    from megatron_eaopd.trainer.run_dir import RunRefused
+
+    def refuse(cfg, handler, data):
+        raise RunRefused("training.output_dir=x holds a run trained on other inputs")
+
+    monkeypatch.setattr(cli, "run", refuse)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("EAOPD_STATUS_DIR", str(tmp_path / "status"))
+    over = [f"tokenizer.cache_dir={tmp_path}/tok", f"training.output_dir={tmp_path}/run"]
+    assert cli.main(["--config", CONFIG, *over]) == 2
+    err = capsys.readouterr().err
+    assert "eaopd-train: training.output_dir=x holds a run trained on other inputs" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "status" / "rank0").read_text().split() == ["config_error", "2"]
