@@ -143,11 +143,13 @@ def _checked_run(args, held: list) -> int:
     from megatron_eaopd.trainer.metrics_log import console
     from megatron_eaopd.trainer.preemption import (
         EXIT_CONFIG,
+        EXIT_FAILED,
         EXIT_FINISHED,
         PreemptionHandler,
         write_exit_status,
     )
     from megatron_eaopd.trainer.run_dir import RunRefused
+    from megatron_eaopd.trainer.update import NonFiniteUpdateError
 
     handler = PreemptionHandler().install()
     try:
@@ -158,14 +160,21 @@ def _checked_run(args, held: list) -> int:
                 print(f"eaopd-train: {err}", file=sys.stderr)
             write_exit_status("config_error", EXIT_CONFIG)
             return EXIT_CONFIG
+        except NonFiniteUpdateError as err:  # diverged: every rank at the same step
+            if rank == 0:
+                print(f"eaopd-train: training failed: {err}", file=sys.stderr)
+            write_exit_status("failed", EXIT_FAILED)
+            return EXIT_FAILED
         stopped = bool(summary["stopped_early"])
         if rank == 0:
             final = summary.get("eval") or {}
             shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
             at = summary.get("eval_iteration")
+            skipped = summary.get("skipped_updates") or 0
             console(
                 f"done: iteration {summary['iteration']}/{summary['total_iterations']}"
                 f"{' (stopped early)' if summary['stopped_early'] else ''}; "
+                + (f"{skipped} non-finite updates skipped; " if skipped else "")
                 + (f"last evaluation (iteration {at}) {shown}" if at is not None else
                    "no evaluation in this launch")
             )  # fmt: skip

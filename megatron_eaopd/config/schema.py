@@ -352,7 +352,12 @@ class TrainingConfig:
     tokenizer, preparations, seed, rollout sampling and batch sizes). false where a run is saved
     is refused too (it would overwrite that run): use a new output_dir."""
     skip_nonfinite: bool = True
-    """Skip (and count) an update whose loss or gradient norm is not finite."""
+    """Skip (and count) an update whose loss or gradient norm is not finite; false: stop the
+    run at the first one (exit 1)."""
+    max_skipped_in_a_row: int = _f(8, ge=0)
+    """Stop the run (exit 1, naming the cause) when this many updates in a row were skipped as
+    non-finite: a diverged student skips every later update, and the run would otherwise use
+    up its allocation and report success. Teacher and student preparation too; 0: never."""
     export_hf: str | None = None
     """At the end of the run, write the distilled student as a Hugging Face model folder here
     (config.json, safetensors, generation config, and a Hugging Face tokenizer's files; a

@@ -165,8 +165,11 @@ def _finite_old_logprobs(cfg: ObjectiveConfig, mb: DistillMicroBatch, mask: torc
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"old_logprobs hold {float(old[row, col])} at a trained position ([{row}, {col}], "
-            "loss_mask True): the rollout's log p_old of a sampled token must be finite; check "
-            "the sampler that filled them (masked positions may hold anything)"
+            "loss_mask True): the rollout's log p_old of a sampled token must be finite. NaN "
+            "means the student's logits were not finite when it sampled (a diverged student, "
+            "non-finite weights: lower the learning rate, resume from an earlier checkpoint); "
+            "-inf, a sampler that drew a token of probability 0 (masked positions may hold "
+            "anything)"
         )
     return replace(mb, old_logprobs=torch.where(mask, old, torch.zeros_like(old)))
 

@@ -57,12 +57,18 @@ class OptimConfig:
 
 @dataclass
 class Student:
-    """A student ready to train: DDP-wrapped chunks, optimizer, scheduler and skip counter."""
+    """A student ready to train: DDP-wrapped chunks, optimizer, scheduler and skip counters.
+
+    ``skipped_in_a_row`` counts the non-finite updates skipped since the last applied one;
+    ``max_skipped_in_a_row`` (0: no limit) is where ``trainer.update.optimizer_step`` stops
+    the run instead of skipping once more (a diverged model skips every later update)."""
 
     chunks: list
     optimizer: object
     scheduler: object
     skipped_updates: int = 0
+    skipped_in_a_row: int = 0
+    max_skipped_in_a_row: int = 0
 
 
 def setup_student(chunks, optim: OptimConfig, ddp_config=None) -> Student:

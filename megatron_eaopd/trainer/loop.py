@@ -205,6 +205,7 @@ class Trainer:
         self.student = build_student(
             cfg, student_cfg, self.total * self.steps_per_iteration, init_checkpoint=init
         )
+        self.student.max_skipped_in_a_row = cfg.training.max_skipped_in_a_row
         self.objective = ObjectiveConfig(**objective_kwargs(cfg.loss))
         self.exact = self.objective.form == "exact"
         if self.exact:
@@ -274,6 +275,7 @@ class Trainer:
         self.eval_pending = bool(loaded.extra.get("eval_pending", False))
         self.sampler.load_state_dict(loaded.extra["sampler"])
         self.student.skipped_updates = int(loaded.extra.get("skipped_updates", 0))
+        self.student.skipped_in_a_row = int(loaded.extra.get("skipped_in_a_row", 0))
         self.planned = planned_iterations(loaded.extra, self.total)
         if self.planned != self.total:
             logger.warning(
@@ -443,6 +445,7 @@ class Trainer:
         extra = {
             "sampler": self.sampler.state_dict(),
             "skipped_updates": self.student.skipped_updates,
+            "skipped_in_a_row": self.student.skipped_in_a_row,
             "total_iterations": self.total,
             # the length the learning-rate schedule was built for: the first attempt's
             # (megatron's scheduler state, restored on resume, keeps its decay horizon)
@@ -522,6 +525,7 @@ class Trainer:
             "eval": last_eval,
             "eval_iteration": eval_at,  # the evaluation "eval" is of (None: none in this call)
             "output_dir": cfg.training.output_dir,
+            "skipped_updates": self.student.skipped_updates,  # non-finite, over the whole run
         }
 
     def export_hf(self, out_dir: str) -> str:

@@ -167,7 +167,7 @@ def prepare_teacher(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bo
                     should_stop=None) -> str:  # fmt: skip
     """Checkpoint root of the teacher prepared by ``cfg.teacher_prep`` (trained if not cached)."""
     return prepare_supervised(data, mcfg, cfg.teacher_prep, TEACHER, "teacher", show_progress,
-                              should_stop)  # fmt: skip
+                              should_stop, cfg.training.max_skipped_in_a_row)  # fmt: skip
 
 
 def prepare_student(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bool = True,
@@ -175,12 +175,12 @@ def prepare_student(cfg: EAOPDConfig, data, mcfg: ModelConfig, show_progress: bo
     """Checkpoint root of the student warm-started by ``cfg.student_prep`` (trained if not
     cached); the trainer loads its weights into the student before distillation."""
     return prepare_supervised(data, mcfg, cfg.student_prep, STUDENT, "student", show_progress,
-                              should_stop)  # fmt: skip
+                              should_stop, cfg.training.max_skipped_in_a_row)  # fmt: skip
 
 
 def prepare_supervised(
     data, mcfg: ModelConfig, prep, layout: str, role: str, show_progress: bool = True,
-    should_stop=None,
+    should_stop=None, max_skipped_in_a_row: int = 0,
 ) -> str:  # fmt: skip
     """Return the checkpoint root of a model trained by ``prep``, training it if not cached.
 
@@ -189,7 +189,8 @@ def prepare_supervised(
     ``PreemptionHandler.should_stop``, which all ranks answer alike); True saves the progress
     under ``<root>.partial`` and raises ``PreparationStopped``; a later call continues from it.
     Another job preparing the same entry holds ``<root>.lock``: this one waits for it, then
-    uses the entry it saved (``_entry_lock``).
+    uses the entry it saved (``_entry_lock``). ``max_skipped_in_a_row``: stop (raise
+    ``NonFiniteUpdateError``) at that many non-finite steps in a row; 0: never.
     Collectives: those of the training steps, of ``should_stop`` and of the checkpoint saves.
     """
     from megatron_eaopd.models.checkpoint import LATEST
@@ -200,7 +201,8 @@ def prepare_supervised(
     with _entry_lock(root, role, should_stop=should_stop):
         if _exists_everywhere(os.path.join(root, LATEST)):  # another job saved it meanwhile
             return _use_cached(root, role)
-        return _train_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root)
+        return _train_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root,
+                            max_skipped_in_a_row)  # fmt: skip
 
 
 def _use_cached(root: str, role: str) -> str:
@@ -223,7 +225,9 @@ def _use_cached(root: str, role: str) -> str:
     return root
 
 
-def _train_entry(data, mcfg, prep, layout, role, show_progress, should_stop, root) -> str:
+def _train_entry(
+    data, mcfg, prep, layout, role, show_progress, should_stop, root, max_skipped_in_a_row=0
+) -> str:
     """Train the entry ``root`` (continuing a ``.partial`` one), save it with its checksums."""
     from megatron.core import parallel_state as ps
 
@@ -254,6 +258,7 @@ def _train_entry(data, mcfg, prep, layout, role, show_progress, should_stop, roo
         if prep.batch_size % dp != 0:
             raise ValueError(f"{role}_prep.batch_size={prep.batch_size} must divide by DP={dp}")
         model = build_trainable(mcfg, optim, prep.seed)
+        model.max_skipped_in_a_row = max_skipped_in_a_row
         partial, first = root + ".partial", 0
         if _exists_everywhere(os.path.join(partial, LATEST)):  # a stopped preparation
             loaded = load_checkpoint(partial, model.chunks, model.optimizer, model.scheduler,

@@ -40,7 +40,10 @@ __all__ = [
 
 
 class NonFiniteUpdateError(RuntimeError):
-    """A non-finite loss or gradient norm with ``training.skip_nonfinite: false``."""
+    """A non-finite loss or gradient norm with ``training.skip_nonfinite: false``, or more
+    updates skipped in a row than ``training.max_skipped_in_a_row`` allows. Every rank raises
+    it at the same step (the loss and the gradient norm are global); ``eaopd-train`` prints the
+    message and exits 1."""
 
 
 def distill_forward_step(objective: ObjectiveConfig, vocab_size: int):
@@ -170,7 +173,8 @@ def optimizer_step(
          this step applied, or would have applied when skipped), "skipped";
          the raw reported outputs of this rank, for merging over steps).
     Raises:
-        NonFiniteUpdateError: non-finite loss or gradient norm and ``skip_nonfinite`` is False.
+        NonFiniteUpdateError: non-finite loss or gradient norm and ``skip_nonfinite`` is False,
+            or the ``student.max_skipped_in_a_row``-th skipped update in a row.
     Collectives: those of the schedule and DDP, the grad-norm all-reduce, and the metric
     all-reduces of :func:`reduce_outputs`.
     """
@@ -195,10 +199,25 @@ def optimizer_step(
         stepped, grad_norm = guarded_optimizer_step(student.optimizer)
     if stepped:
         student.scheduler.step(increment=1)
+        student.skipped_in_a_row = 0
     else:
         if not skip_nonfinite:
-            raise NonFiniteUpdateError(f"non-finite update: loss={loss} grad_norm={grad_norm}")
+            raise NonFiniteUpdateError(
+                f"non-finite update: loss={loss} grad_norm={grad_norm} (training.skip_nonfinite"
+                "=false stops here; the latest checkpoint holds the model before this step)"
+            )
         student.skipped_updates += 1
+        student.skipped_in_a_row += 1
+        limit = student.max_skipped_in_a_row
+        if limit and student.skipped_in_a_row >= limit:
+            raise NonFiniteUpdateError(
+                f"the last {student.skipped_in_a_row} updates were all skipped (non-finite: "
+                f"loss={loss}, grad_norm={grad_norm}): the model has diverged (or its inputs "
+                "are not finite), and every later update would be skipped too. Lower "
+                "optimizer.lr or keep optimizer.clip_grad on, and start again or resume from a "
+                "checkpoint saved before the divergence; training.max_skipped_in_a_row=0 "
+                "never stops"
+            )
         logger.warning(
             "skipped a non-finite update (loss=%s, grad_norm=%s; %d skipped so far)",
             loss,

@@ -1,5 +1,5 @@
 """One optimizer step of the trainer: a supervised step lowers the loss; a non-finite step is
-skipped and counted and leaves weights and optimizer state untouched."""
+skipped and counted and leaves weights and optimizer state untouched; too many in a row stop."""
 
 from __future__ import annotations
 
@@ -69,6 +69,21 @@ def _worker(rank, world):
     assert raised
     m, _ = optimizer_step(model, good, micro, seq, 2, metric_names=["loss"])
     assert m["skipped"] == 0.0 and m["lr"] != lr_before  # the schedule moved on after the skip
+    # a diverged model skipped every later update to the end of the run: the limit of skips
+    # in a row stops it; an applied update in between starts the count again
+    assert model.skipped_in_a_row == 0
+    model.max_skipped_in_a_row = 2
+    optimizer_step(model, poisoned, micro, seq, 2, metric_names=["loss"])
+    optimizer_step(model, good, micro, seq, 2, metric_names=["loss"])
+    optimizer_step(model, poisoned, micro, seq, 2, metric_names=["loss"])
+    assert model.skipped_in_a_row == 1
+    message = ""
+    try:
+        optimizer_step(model, poisoned, micro, seq, 2, metric_names=["loss"])
+    except NonFiniteUpdateError as err:
+        message = str(err)
+    assert message.startswith("the last 2 updates were all skipped (non-finite: loss="), message
+    assert "training.max_skipped_in_a_row=0 never stops" in message
     return losses
 
 
