@@ -9,6 +9,11 @@ import torch
 from megatron_eaopd.parallel.groups import resolve_tp_group, tp_rank_and_size
 from megatron_eaopd.parallel.vocab import VocabShard, vocab_shard
 
+
+class NonFiniteLogitsError(ValueError):
+    """Logits holding NaN or +inf reached a vocab-parallel statistic (raised on every rank)."""
+
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -92,7 +97,7 @@ def check_gathered(gathered: torch.Tensor, max_cols: list[int], what: str) -> No
         )
     maxima = gathered[..., max_cols]
     if bool((torch.isnan(maxima) | (maxima == math.inf)).any()):
-        raise ValueError(f"{what}: logits contain NaN or +inf; check the model outputs")
+        raise NonFiniteLogitsError(f"{what}: logits contain NaN or +inf; check the model outputs")
     if bool((maxima.amax(0) == -math.inf).any()):
         raise ValueError(
             f"{what}: every vocabulary column is -inf (masked) for some token; at least one "

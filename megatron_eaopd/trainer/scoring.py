@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from megatron_eaopd.trainer.batches import attach_teacher, on_device
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
 
@@ -30,13 +32,25 @@ def score_with_teacher(
     otherwise from its logits, ``chunk_size`` tokens per kernel chunk.
     Collectives: those of ``score_for_student``.
     """
+    from megatron_eaopd.losses._common import NonFiniteLogitsError
     from megatron_eaopd.models.scoring import score_for_student
 
-    payloads = score_for_student(
-        teacher, micro_batches, k=k, vocab_size=vocab_size, teacher_layout=TEACHER,
-        student_layout=STUDENT, temperature=temp, chunk_size=chunk_size, fused=fused,
-        fused_chunk_size=fused_chunk_size,
-    )  # fmt: skip
+    try:
+        payloads = score_for_student(
+            teacher, micro_batches, k=k, vocab_size=vocab_size, teacher_layout=TEACHER,
+            student_layout=STUDENT, temperature=temp, chunk_size=chunk_size, fused=fused,
+            fused_chunk_size=fused_chunk_size,
+        )  # fmt: skip
+    except NonFiniteLogitsError as err:  # every rank: the check follows the statistics' gather
+        dtype = next(p.dtype for c in teacher.chunks for p in c.parameters())
+        hint = (
+            "fp16 overflows above 65504: set model.teacher.dtype=bf16 (or fp32)"
+            if dtype == torch.float16 else "check the teacher's checkpoint for non-finite weights"
+        )  # fmt: skip
+        raise NonFiniteLogitsError(
+            f"the teacher ({str(dtype).removeprefix('torch.')}) scored the rollouts with "
+            f"non-finite logits ({err}): {hint}"
+        ) from err
     attach_teacher(micro_batches, payloads)
 
 
