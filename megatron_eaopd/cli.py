@@ -121,9 +121,9 @@ def _checked_run(args, held: list) -> int:
 
         check_trainer_config(cfg, world_size)
         if rank == 0:  # the writer of the folder: one live run in it (before anything is written)
-            from megatron_eaopd.trainer.run_dir import lock_output_dir
+            from megatron_eaopd.trainer.run_dir import lock_run_folders
 
-            held.append(lock_output_dir(cfg.training.output_dir))
+            held.extend(lock_run_folders(cfg))
         check_output_dir(cfg)  # one run per folder
         from megatron_eaopd.data import prepare_data
 

@@ -267,6 +267,18 @@ def save_checkpoint(
     return final
 
 
+def complete_checkpoints(root: str) -> list[str]:
+    """The ``iter_*`` folders of ``root`` that hold their metadata (complete saves), oldest
+    first; [] for a missing folder."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(
+        n for n in names if n.startswith("iter_") and os.path.isfile(os.path.join(root, n, META))
+    )
+
+
 def resolve_checkpoint(root: str, iteration: int | None = None) -> str:
     """Directory of the checkpoint to load: `iteration`, or the one `latest` names.
 
@@ -280,10 +292,16 @@ def resolve_checkpoint(root: str, iteration: int | None = None) -> str:
     if iteration is None:
         latest = os.path.join(root, LATEST)
         if not os.path.isfile(latest):
+            inner = os.path.join(root, "checkpoints")
+            hint = (
+                f"{root!r} looks like a run folder: its checkpoints are in {inner!r}"
+                if os.path.isfile(os.path.join(inner, LATEST))
+                else "Pass the directory of a saved run's checkpoints, or an explicit iteration, "
+                "or start from scratch"
+            )
             raise FileNotFoundError(
                 f"{root!r} has no '{LATEST}' marker, so it holds no complete checkpoint (a save "
-                f"may have been interrupted). Pass the directory of a saved run, or an explicit "
-                f"iteration, or start from scratch."
+                f"may have been interrupted). {hint}."
             )
         with open(latest, encoding="utf-8") as f:
             name = f.read().strip()
@@ -291,10 +309,16 @@ def resolve_checkpoint(root: str, iteration: int | None = None) -> str:
         name = checkpoint_name(iteration)
     path = os.path.join(root, name)
     if not os.path.isfile(os.path.join(path, META)):
+        complete = complete_checkpoints(root)
         raise FileNotFoundError(
-            f"checkpoint {path!r} is missing or incomplete (no {META}). Available: "
-            f"{sorted(d for d in os.listdir(root) if d.startswith('iter_'))}; pass one of them "
-            f"as the iteration."
+            f"checkpoint {path!r} is missing or incomplete (no {META}). Complete ones: "
+            f"{complete or 'none'}"
+            + (
+                f"; write one's name into {os.path.join(root, LATEST)} to use it (or pass its "
+                "iteration when loading)"
+                if complete
+                else ""
+            )  # fmt: skip
         )
     return path
 

@@ -15,6 +15,9 @@ from megatron_eaopd.config import EAOPDConfig
 from megatron_eaopd.trainer.run_dir import (
     check_foreign_checkpoints,
     check_moved_checkpoints,
+    check_unmarked_checkpoints,
+    latest_checkpoint_problem,
+    saved_run_config,
     within,
 )
 
@@ -343,6 +346,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     latest = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(latest):
         check_moved_checkpoints(t, ckpt_dir)
+        check_unmarked_checkpoints(ckpt_dir)
         changed = _changed_settings(cfg)
         if changed:
             raise ValueError(
@@ -356,12 +360,17 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     with open(latest, encoding="utf-8") as f:
         name = f.read().strip()
     if not t.resume:
+        where = ("training.output_dir" if not t.checkpoint_dir else
+                 "training.output_dir and training.checkpoint_dir")  # fmt: skip
         raise ValueError(
             f"training.resume=false, but {ckpt_dir} holds a run ({name}): a fresh start would "
-            "overwrite its checkpoints and metrics. Use a new training.output_dir, delete the "
+            f"overwrite its checkpoints and metrics. Use a new {where}, delete the "
             "folder, or set training.resume=true to continue that run"
         )
     check_foreign_checkpoints(cfg, ckpt_dir, name)
+    problem = latest_checkpoint_problem(ckpt_dir, name)
+    if problem:
+        raise ValueError(problem)
     changed = _changed_settings(cfg)
     if changed:
         raise ValueError(
@@ -374,16 +383,22 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
 
 def _changed_settings(cfg: EAOPDConfig) -> list[str]:
     """The settings that define the run which differ between ``cfg`` and the config.yaml in
-    ``training.output_dir``, as ``key: old -> new``; none when there is no config.yaml or this
-    version cannot load it (a warning)."""
+    ``training.output_dir`` (where that is gone, the config the latest checkpoint recorded), as
+    ``key: old -> new``; none when there is neither or this version cannot load it (a
+    warning)."""
     from megatron_eaopd.config import load_config
-    from megatron_eaopd.config.loader import ConfigError, config_to_dict, flatten
+    from megatron_eaopd.config.loader import ConfigError, config_from_dict, config_to_dict, flatten
 
     saved_path = os.path.join(cfg.training.output_dir, "config.yaml")
-    if not os.path.isfile(saved_path):
+    recorded = None if os.path.isfile(saved_path) else saved_run_config(checkpoint_dir(cfg))
+    if recorded is None and not os.path.isfile(saved_path):
         return []
-    try:
-        saved = config_to_dict(load_config(saved_path, rules=False))  # an older version's
+    try:  # an older version's config is read without today's cross-field rules
+        if recorded is not None:  # the run folder is gone: the settings its checkpoint recorded
+            saved_path = f"the settings recorded in {checkpoint_dir(cfg)}"
+            saved = config_to_dict(config_from_dict(recorded, saved_path, rules=False))
+        else:
+            saved = config_to_dict(load_config(saved_path, rules=False))
     except (ConfigError, OSError, ValueError) as err:  # an older version's keys: not compared
         logger.warning("%s does not load with this version (%s): going on without comparing "
                        "its settings", saved_path, err)  # fmt: skip

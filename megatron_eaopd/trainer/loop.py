@@ -60,7 +60,8 @@ from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_p
 from megatron_eaopd.trainer.run_dir import (
     RunFolderBusy,
     RunRefused,
-    lock_output_dir,
+    load_for_resume,
+    lock_run_folders,
     planned_iterations,
     set_aside_earlier_attempt,
 )
@@ -137,7 +138,7 @@ class Trainer:
         self.eval_pending = False
         self.times: dict[str, float] = {}
         self.prep_stopped: str | None = None  # a preparation stopped by a preemption signal
-        self.folder_lock = None  # rank 0's hold on training.output_dir (trainer.run_dir)
+        self.folder_lock = None  # rank 0's holds on the run's folders (trainer.run_dir)
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -232,12 +233,13 @@ class Trainer:
         busy = None
         if self.rank0:
             try:
-                self.folder_lock = lock_output_dir(self.cfg.training.output_dir)
+                self.folder_lock = lock_run_folders(self.cfg)
             except RunFolderBusy as err:
                 busy = err
         if rank0_says(busy is not None):
             raise busy or RunFolderBusy(
-                f"training.output_dir={self.cfg.training.output_dir} is in use by another run"
+                f"training.output_dir={self.cfg.training.output_dir} (or its checkpoint_dir) "
+                "is in use by another run"
             )
         if self.rank0 and not will_resume(self.cfg):  # a run that died before its 1st save
             set_aside_earlier_attempt(self.cfg.training.output_dir)
@@ -264,13 +266,10 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        from megatron_eaopd.models.checkpoint import load_checkpoint
         from megatron_eaopd.parallel.init import use_layout
 
         with use_layout(STUDENT):
-            loaded = load_checkpoint(
-                self.ckpt_dir, self.student.chunks, self.student.optimizer, self.student.scheduler
-            )
+            loaded = load_for_resume(self.ckpt_dir, self.student)
         self.start_iteration = loaded.iteration
         self.eval_pending = bool(loaded.extra.get("eval_pending", False))
         self.sampler.load_state_dict(loaded.extra["sampler"])
@@ -453,6 +452,8 @@ class Trainer:
             "eval_pending": bool(eval_pending),
             # the run folder these checkpoints belong to (trainer.checks.check_output_dir)
             "output_dir": os.path.abspath(self.cfg.training.output_dir),
+            # its settings, compared on resume where the run folder's config.yaml is gone
+            "config": config_to_dict(self.cfg),
             "inputs": self.inputs,  # what the config text does not show (_check_inputs)
         }
         with use_layout(STUDENT):
@@ -585,6 +586,6 @@ class Trainer:
     def close(self) -> None:
         if self.metrics_logger is not None:
             self.metrics_logger.close()
-        if self.folder_lock is not None:
-            self.folder_lock.release()
-            self.folder_lock = None
+        for lock in self.folder_lock or ():
+            lock.release()
+        self.folder_lock = None

@@ -7,6 +7,7 @@
   releases the lock when its process ends, however it ends (SIGKILL, a job killed or requeued by
   Slurm): a killed run is resumed without cleanup. The file's text (host, pid, start time) is the
   last holder's note, never what decides; deleting the file of a live run defeats the lock.
+  :func:`lock_run_folders` also locks a ``training.checkpoint_dir`` outside the run folder.
 - :func:`set_aside_earlier_attempt`: a fresh start in a folder whose earlier attempt left records
   and no checkpoint (``trainer.checks.check_output_dir`` refuses it when its run settings differ)
   moves that attempt's metrics.jsonl, eval_samples/ and tensorboard/ (and a copy of its
@@ -16,7 +17,10 @@
   above N, which the resumed run writes again) into ``earlier_attempts/<UTC time>-after-iter_N/``.
 - :func:`check_moved_checkpoints`, :func:`check_foreign_checkpoints`: a run folder whose
   checkpoints are elsewhere than ``training.checkpoint_dir`` says, or a checkpoint folder of
-  another live run, is refused (ValueError).
+  another live run, is refused (ValueError); so are complete saves without a ``latest`` marker
+  (:func:`check_unmarked_checkpoints`) and a latest save that cannot load
+  (:func:`latest_checkpoint_problem`), naming the earlier one to fall back on. Where the run
+  folder's config.yaml is gone, its settings come from the checkpoint (:func:`saved_run_config`).
 - :func:`length_problem`: a resume shorter than the iterations its checkpoint has done, or longer
   than its decaying learning-rate schedule planned, is refused (the message gives the fix).
 
@@ -40,10 +44,16 @@ __all__ = [
     "LOCK_NAME",
     "RunFolderBusy",
     "RunRefused",
+    "broken_checkpoint_message",
+    "check_unmarked_checkpoints",
+    "latest_checkpoint_problem",
+    "saved_run_config",
     "check_foreign_checkpoints",
     "check_moved_checkpoints",
     "length_problem",
+    "load_for_resume",
     "lock_output_dir",
+    "lock_run_folders",
     "planned_iterations",
     "set_aside_after",
     "set_aside_earlier_attempt",
@@ -122,11 +132,27 @@ def _holder(path: str) -> str:
     return note or "a process that recorded no host or pid"
 
 
-def lock_output_dir(output_dir: str) -> RunFolderLock:
-    """Hold the lock of the run folder ``output_dir`` (made if missing) for this process, or raise
-    :class:`RunFolderBusy` naming the folder, the holder and the fix. Re-entrant in one process
-    (the CLI takes it before the data is prepared, ``Trainer.setup`` again). Where the filesystem
-    has no locks: a warning, and the run goes on unlocked. No communication."""
+def lock_run_folders(cfg) -> list[RunFolderLock]:
+    """Hold the run folder's lock (:func:`lock_output_dir`) and, when ``training.checkpoint_dir``
+    lies outside it, that folder's too: two runs sharing one checkpoint folder would overwrite
+    each other's saves. Raises :class:`RunFolderBusy` (nothing held then). No communication."""
+    t = cfg.training
+    held = [lock_output_dir(t.output_dir)]
+    if t.checkpoint_dir and not within(t.checkpoint_dir, t.output_dir):
+        try:
+            held.append(lock_output_dir(t.checkpoint_dir, "training.checkpoint_dir"))
+        except BaseException:
+            held[0].release()
+            raise
+    return held
+
+
+def lock_output_dir(output_dir: str, setting: str = "training.output_dir") -> RunFolderLock:
+    """Hold the lock of the run folder ``output_dir`` (made if missing; ``setting``: the key that
+    names it, for messages) for this process, or raise :class:`RunFolderBusy` naming the folder,
+    the holder and the fix. Re-entrant in one process (the CLI takes it before the data is
+    prepared, ``Trainer.setup`` again). Where the filesystem has no locks: a warning, and the run
+    goes on unlocked. No communication."""
     path = os.path.join(output_dir, LOCK_NAME)
     key = os.path.realpath(output_dir)
     held = _HELD.get(key)
@@ -136,7 +162,7 @@ def lock_output_dir(output_dir: str) -> RunFolderLock:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
         except OSError as err:
             raise ValueError(
-                f"training.output_dir={output_dir}: cannot create {path} "
+                f"{setting}={output_dir}: cannot create {path} "
                 f"({type(err).__name__}: {err.strerror or err}); give a writable folder"
             ) from None
         try:
@@ -149,10 +175,10 @@ def lock_output_dir(output_dir: str) -> RunFolderLock:
         if not got:
             handle.close()
             raise RunFolderBusy(
-                f"training.output_dir={output_dir} is in use by another live run "
+                f"{setting}={output_dir} is in use by another live run "
                 f"({_holder(path)}; it holds {path}). Two launches into one folder would mix "
                 "their metrics, config.yaml and checkpoints. Wait for that run to end (or stop "
-                "it), or give this one a new training.output_dir"
+                f"it), or give this one a new {setting}"
             )
         if handle is not None:
             handle.seek(0)
@@ -359,3 +385,95 @@ def check_foreign_checkpoints(cfg, ckpt_dir: str, name: str) -> None:
             "training.output_dir to that run's folder to continue it, or start from its weights "
             "with model.student_checkpoint"
         )
+
+
+def check_unmarked_checkpoints(ckpt_dir: str) -> None:
+    """Complete saves (``iter_*`` with their metadata) in a checkpoint folder without a ``latest``
+    marker (deleted, or saves copied in by hand): a fresh start would overwrite them. ValueError
+    naming the newest one and the two ways on."""
+    from megatron_eaopd.models.checkpoint import LATEST, complete_checkpoints
+
+    complete = complete_checkpoints(ckpt_dir)
+    if complete:
+        latest = os.path.join(ckpt_dir, LATEST)
+        raise ValueError(
+            f"{ckpt_dir} holds complete checkpoints ({', '.join(complete)}) but no {LATEST!r} "
+            f"marker, so the run would start afresh and overwrite them. To resume the newest: "
+            f"echo {complete[-1]} > {latest}; to start over, move them away or set a new "
+            "training.checkpoint_dir"
+        )
+
+
+def latest_checkpoint_problem(ckpt_dir: str, name: str) -> str | None:
+    """Why the checkpoint ``latest`` names cannot be resumed from, found from its files before
+    any model is built (its metadata or dist_checkpointing's missing or unreadable), with the
+    earlier complete checkpoints to fall back on; None when it looks whole. Shard contents are
+    only read by the load itself (``Trainer._resume`` names the same fix)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_eaopd.models.checkpoint import read_meta
+
+    path = os.path.join(ckpt_dir, name)
+    why = None
+    try:
+        read_meta(path)
+    except FileNotFoundError:
+        why = "missing, or without its eaopd_meta.json"
+    except (OSError, ValueError) as err:  # a cut-short or corrupted eaopd_meta.json
+        why = f"unreadable eaopd_meta.json ({type(err).__name__}: {err})"
+    if why is None:
+        try:
+            whole = dist_checkpointing.check_is_distributed_checkpoint(path)
+        except (OSError, ValueError, TypeError):
+            whole = False
+        if not whole:
+            why = "no readable metadata.json of dist_checkpointing"
+    return None if why is None else broken_checkpoint_message(ckpt_dir, name, why)
+
+
+def broken_checkpoint_message(ckpt_dir: str, name: str, why: str) -> str:
+    """A checkpoint that ``latest`` names and that cannot be loaded: what to do."""
+    from megatron_eaopd.models.checkpoint import LATEST, complete_checkpoints
+
+    earlier = [n for n in complete_checkpoints(ckpt_dir) if n < name]
+    latest = os.path.join(ckpt_dir, LATEST)
+    back = (f"to resume from the newest earlier one, echo {earlier[-1]} > {latest} (its later "
+            "records are moved aside, and the broken save is overwritten when the run gets "
+            "there); " if earlier else "there is no earlier complete checkpoint; ")  # fmt: skip
+    return (
+        f"the latest checkpoint {os.path.join(ckpt_dir, name)} cannot be resumed from ({why}): "
+        f"{back}to start over, move {ckpt_dir} away or set a new training.checkpoint_dir"
+    )
+
+
+def saved_run_config(ckpt_dir: str) -> dict | None:
+    """The run config (``config_to_dict``) the checkpoint ``latest`` names recorded
+    (``Trainer.save``), for comparing settings when the run folder's config.yaml is gone; None
+    without one (no checkpoint, an older version's, unreadable)."""
+    from megatron_eaopd.models.checkpoint import read_meta, resolve_checkpoint
+
+    try:
+        config = read_meta(resolve_checkpoint(ckpt_dir)).get("extra", {}).get("config")
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def load_for_resume(ckpt_dir: str, student):
+    """``models.checkpoint.load_checkpoint`` of the latest save into ``student`` (its chunks,
+    optimizer and scheduler); a save that fails to load (a cut-short or missing shard) raises
+    :class:`RunRefused` naming it and the earlier save to fall back on. A ValueError (another
+    model shape, no optimizer state) keeps its own message. Collectives: those of the load."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint
+
+    try:
+        return load_checkpoint(ckpt_dir, student.chunks, student.optimizer, student.scheduler)
+    except ValueError:
+        raise
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - whatever the reader raised
+        with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
+            name = f.read().strip()
+        why = f"{type(err).__name__}: {str(err)[:300]}"
+        raise RunRefused(broken_checkpoint_message(ckpt_dir, name, why)) from err

@@ -18,6 +18,21 @@ from megatron_eaopd.trainer.loop import check_data_config, check_trainer_config
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 
 
+def _fake_save(root, name="iter_0000004", extra=None, latest=True) -> Path:
+    """A checkpoint folder whose files look whole to the early checks (eaopd_meta.json and
+    dist_checkpointing's metadata.json; no tensors): what check_output_dir reads."""
+    import json
+
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"iteration": int(name.split("_")[1]), "extra": extra or {}}
+    (folder / "eaopd_meta.json").write_text(json.dumps(meta))
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    if latest:
+        (Path(root) / "latest").write_text(name + "\n")
+    return folder
+
+
 def _tiny(tmp_path, *overrides):
     caches = [f"tokenizer.cache_dir={tmp_path / 'tok'}", f"teacher_prep.cache_dir={tmp_path / 't'}",
               f"student_prep.cache_dir={tmp_path / 's'}",
@@ -147,8 +162,7 @@ def test_one_run_per_output_folder(tmp_path):
     derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]  # from the limits
     cfg = load_config(TINY, [*derived, f"training.output_dir={out}"])
     check_output_dir(cfg)  # nothing there yet
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "latest").write_text("iter_0000004\n")
+    _fake_save(out / "checkpoints")
     save_resolved(cfg, str(out / "config.yaml"))
     check_output_dir(cfg)
     check_output_dir(load_config(TINY, [*derived, f"training.output_dir={out}", "eval.k=4",
@@ -287,8 +301,7 @@ def test_a_saved_config_is_compared_even_where_todays_rules_refuse_it(tmp_path):
     old = load_config(TINY, [f"training.output_dir={out}", "eval.plot=false"])
     old.eval.plot, old.logging.jsonl = True, False  # as an older version saved it
     save_resolved(old, out / "config.yaml")
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "latest").write_text("iter_0000002\n")
+    _fake_save(out / "checkpoints", "iter_0000002")
     now = load_config(TINY, [f"training.output_dir={out}", "eval.plot=false",
                              "logging.jsonl=false", "loss.objective=opd"])  # fmt: skip
     with pytest.raises(ValueError, match="loss.objective: 'eopd' -> 'opd'"):
@@ -402,10 +415,7 @@ def test_a_run_does_not_take_over_another_runs_checkpoint_folder(tmp_path):
 
     derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]
     ckpt = tmp_path / "shared"
-    (ckpt / "iter_0000004").mkdir(parents=True)
-    (ckpt / "latest").write_text("iter_0000004\n")
-    meta = ckpt / "iter_0000004" / "eaopd_meta.json"
-    meta.write_text(json.dumps({"iteration": 4, "extra": {"output_dir": str(tmp_path / "a")}}))
+    meta = _fake_save(ckpt, extra={"output_dir": str(tmp_path / "a")}) / "eaopd_meta.json"
 
     def cfg(out, shared=True):
         extra = [f"training.checkpoint_dir={ckpt}"] if shared else []
@@ -572,3 +582,61 @@ def test_truncated_training_rollouts_are_warned_about():
     assert sampling_warning(exact) is None  # no PPO ratio, no sampled reverse KL
     for name in ("base.yaml", "tiny-cpu-tp2.yaml"):
         assert sampling_warning(load_config(TINY.with_name(name), sampled)) is None
+
+
+def test_checkpoints_without_latest_or_a_broken_latest_are_refused_naming_the_way_on(tmp_path):
+    """Complete saves without a `latest` marker (deleted, or copied in by hand) used to start the
+    run afresh over them; a latest save with a cut-short eaopd_meta.json or no metadata.json
+    failed after both models were built, with a raw traceback and advice the trainer has no
+    setting for. Both are refused before any compute, naming the earlier complete save."""
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    cfg = _tiny(tmp_path, f"training.output_dir={out}")
+    _fake_save(ckpt, "iter_0000002", latest=False)
+    _fake_save(ckpt, "iter_0000004", latest=False)
+    with pytest.raises(ValueError) as err:
+        check_output_dir(cfg)
+    text = str(err.value)
+    assert "holds complete checkpoints (iter_0000002, iter_0000004) but no 'latest'" in text
+    assert f"echo iter_0000004 > {ckpt / 'latest'}" in text
+    (ckpt / "latest").write_text("iter_0000004\n")
+    check_output_dir(cfg)  # whole
+    meta = ckpt / "iter_0000004" / "eaopd_meta.json"
+    meta.write_text(meta.read_text()[:7])  # cut short
+    back = f"echo iter_0000002 > {ckpt / 'latest'}"
+    with pytest.raises(ValueError, match=r"cannot be resumed from \(unreadable eaopd_meta.json"):
+        check_output_dir(cfg)
+    _fake_save(ckpt, "iter_0000004")
+    (ckpt / "iter_0000004" / "metadata.json").unlink()
+    with pytest.raises(ValueError, match="no readable metadata.json") as err:
+        check_output_dir(cfg)
+    assert back in str(err.value)
+    (ckpt / "latest").write_text("iter_0000006\n")  # names a save that is gone
+    with pytest.raises(ValueError, match=r"iter_0000006 cannot be resumed from \(missing"):
+        check_output_dir(cfg)
+    (ckpt / "latest").write_text("iter_0000002\n")
+    (ckpt / "iter_0000002" / "metadata.json").unlink()
+    with pytest.raises(ValueError, match="there is no earlier complete checkpoint"):
+        check_output_dir(cfg)
+
+
+def test_settings_are_compared_with_the_checkpoints_record_when_config_yaml_is_gone(tmp_path):
+    """The run folder deleted (or a new one given) next to the saved checkpoints: the settings
+    check had nothing to compare with, and the saved run went on under other settings."""
+    from megatron_eaopd.config import config_to_dict
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    ckpt = tmp_path / "ckpt"
+    derived = ["model.student.max_seq_len=0", "model.teacher.max_seq_len=0"]
+    saved = _tiny(tmp_path, *derived, f"training.checkpoint_dir={ckpt}")
+    _fake_save(ckpt, extra={"config": config_to_dict(saved)})
+    check_output_dir(saved)  # the same settings: a resume
+    check_output_dir(_tiny(tmp_path, *derived, f"training.checkpoint_dir={ckpt}", "eval.k=2"))
+    other = _tiny(tmp_path, *derived, f"training.checkpoint_dir={ckpt}", "loss.objective=opd",
+                  "optimizer.lr=5e-4")  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        check_output_dir(other)
+    text = str(err.value)
+    assert "loss.objective: 'eopd' -> 'opd'" in text and "optimizer.lr: 0.001 -> 0.0005" in text

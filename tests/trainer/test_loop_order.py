@@ -37,6 +37,7 @@ def _trainer(total, eval_interval, checkpoint_interval, stop=(), start=0, pendin
     t.prep_stopped = None
     t.preemption = _Stop(stop)
     t.rank0 = True
+    t.student = types.SimpleNamespace(skipped_updates=0)
     t.events = []
     t.metrics_logger = types.SimpleNamespace(log=lambda *a: None)
     t.train_iteration = lambda i: t.events.append(("train", i)) or {}

@@ -104,6 +104,37 @@ def test_the_cli_refuses_a_second_launch_with_exit_2(holder, tmp_path, capsys, m
         main(["--config", str(CONFIG), f"training.output_dir={out}"])
 
 
+def test_a_checkpoint_folder_outside_the_run_folder_is_locked_too(holder, tmp_path):
+    """Two launches with their own output_dir and one training.checkpoint_dir both ran, and the
+    later overwrote the other's saves (the check of whose saves a folder holds needs a `latest`
+    to exist already). The checkpoint folder is now locked with the run folder."""
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.trainer.run_dir import lock_run_folders
+
+    shared, proc = holder  # another run holds the folder through lock_output_dir
+    cfg = load_config(CONFIG, [f"training.output_dir={tmp_path / 'mine'}",
+                               f"training.checkpoint_dir={shared}"])  # fmt: skip
+    with pytest.raises(RunFolderBusy) as err:
+        lock_run_folders(cfg)
+    text = str(err.value)
+    assert f"training.checkpoint_dir={shared} is in use by another live run" in text
+    assert "give this one a new training.checkpoint_dir" in text
+    assert not _locked_by_someone(tmp_path / "mine" / LOCK_NAME)  # its own lock let go
+    proc.kill()
+    proc.wait()
+    held = lock_run_folders(cfg)
+    assert len(held) == 2 and _locked_by_someone(shared / LOCK_NAME)
+    for lock in held:
+        lock.release()
+    mine = tmp_path / "mine"
+    inside = load_config(
+        CONFIG, [f"training.output_dir={mine}", f"training.checkpoint_dir={mine / 'ck'}"]
+    )
+    held = lock_run_folders(inside)  # a checkpoint folder in the run folder: one lock
+    assert len(held) == 1
+    held[0].release()
+
+
 def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

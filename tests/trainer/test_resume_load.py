@@ -1,0 +1,82 @@
+"""A latest save whose shard is cut short or gone: the resume used to fail after both models were
+built with a bare EOFError or FileNotFoundError on every rank; it now names the save and the
+earlier one to fall back on (``trainer.run_dir.load_for_resume``, which ``eaopd-train`` turns
+into exit 2). The earlier save then loads. 2 gloo ranks at TP 2."""
+
+from __future__ import annotations
+
+import os
+
+from tests.dist import run_distributed
+from tests.models import helpers
+
+
+def _worker(rank, world, root):
+    import torch.distributed as dist
+
+    from megatron_eaopd.models.builder import build_model, init_weights_layout_invariant
+    from megatron_eaopd.models.checkpoint import save_checkpoint
+    from megatron_eaopd.models.student import OptimConfig, setup_student, train_step
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
+    from megatron_eaopd.trainer.run_dir import RunRefused, load_for_resume
+
+    initialize_parallel(2, 1, seed=1)
+    chunks = build_model(helpers.preset("tiny-student"))  # fresh weights, then two saves
+    init_weights_layout_invariant(chunks, 1)
+    student = setup_student(chunks, OptimConfig(lr=1e-3, total_steps=10))
+    cfg = helpers.preset("tiny-student")
+    for it in (2, 4):  # a step first: the saves hold optimizer state, as a run's do
+        batches = helpers.make_batches(2, 2, 10, cfg.vocab_size, seed=it)
+        iterators = helpers.chunk_iterators(batches, len(student.chunks))
+        train_step(student, helpers.ce_forward_step(cfg.vocab_size), iterators, 2, 10, 2)
+        save_checkpoint(root, it, student.chunks, student.optimizer, student.scheduler)
+    dist.barrier()
+    messages = []
+    for damage in ("truncate", "delete"):
+        if rank == 0:
+            shards = sorted(
+                os.path.join(root, "iter_0000004", n)
+                for n in os.listdir(os.path.join(root, "iter_0000004"))
+                if n.endswith(".distcp")
+            )
+            if damage == "truncate":
+                with open(shards[0], "r+b") as f:
+                    f.truncate(16)
+            else:
+                os.remove(shards[-1])
+        dist.barrier()
+        try:
+            load_for_resume(root, student)
+            messages.append("")
+        except RunRefused as err:
+            messages.append(str(err))
+        dist.barrier()
+    destroy_parallel()
+    return messages
+
+
+def _fallback(rank, world, root):
+    """The fix the message gives, in a new launch (as the user reruns): the earlier save loads."""
+    from megatron_eaopd.models.builder import build_model
+    from megatron_eaopd.models.student import OptimConfig, setup_student
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
+    from megatron_eaopd.trainer.run_dir import load_for_resume
+
+    initialize_parallel(2, 1, seed=1)
+    student = setup_student(build_model(helpers.preset("tiny-student")), OptimConfig(lr=1e-3))
+    iteration = load_for_resume(root, student).iteration
+    destroy_parallel()
+    return iteration
+
+
+def test_a_broken_latest_save_names_the_earlier_one(tmp_path):
+    root = str(tmp_path / "ckpt")
+    messages = run_distributed(_worker, 2, root, timeout=300)[0]
+    latest = os.path.join(root, "latest")
+    with open(latest, "w") as f:
+        f.write("iter_0000002\n")
+    assert run_distributed(_fallback, 2, root, timeout=300) == [2, 2]
+    assert len(messages) == 2  # truncated, then deleted
+    for text in messages:
+        assert text.startswith(f"the latest checkpoint {root}/iter_0000004 cannot be resumed")
+        assert f"echo iter_0000002 > {latest}" in text
