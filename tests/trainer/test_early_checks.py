@@ -640,3 +640,18 @@ def test_settings_are_compared_with_the_checkpoints_record_when_config_yaml_is_g
         check_output_dir(other)
     text = str(err.value)
     assert "loss.objective: 'eopd' -> 'opd'" in text and "optimizer.lr: 0.001 -> 0.0005" in text
+
+
+def test_a_run_folder_given_as_a_checkpoint_root_names_its_checkpoints_folder(tmp_path):
+    """eaopd-convert export-hf --checkpoint runs/x said to pass "the directory of a saved run",
+    which runs/x is; the saves are in runs/x/checkpoints."""
+    from megatron_eaopd.models.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+    _fake_save(run / "checkpoints", "iter_0000002")
+    with pytest.raises(FileNotFoundError, match=r"looks like a run folder: its checkpoints are in"):
+        resolve_checkpoint(str(run))
+    assert resolve_checkpoint(str(run / "checkpoints")).endswith("iter_0000002")
+    (run / "checkpoints" / "latest").write_text("iter_0000009\n")
+    with pytest.raises(FileNotFoundError, match=r"Complete ones: \['iter_0000002'\]; write one"):
+        resolve_checkpoint(str(run / "checkpoints"))
