@@ -3,8 +3,10 @@
 :func:`check_answer` uses the optional ``math-verify`` package (``pip install
 megatron-eaopd[math]``) when it is installed and asked for, and otherwise a normalised comparison:
 strings are normalised (spaces, ``$``, ``\\left``/``\\right``, ``\\dfrac``, ``^\\circ``, text
-wrappers, a trailing period) and compared; when both sides read as numbers (integers, decimals,
-``a/b``, ``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions.
+wrappers, a trailing period, braces around one character after ``^``, ``_`` or ``\\sqrt``, a
+leading ``x=``, parentheses around a one-letter choice) and compared; when both sides read as
+numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``, thousands separators, percentages) they are
+compared as exact fractions.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def _box_content(text: str, i: int) -> str | None:
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}")
 
 
+# one character in braces after ^, _ or \sqrt: LaTeX typesets x^{2} and x^2 alike
+_ONE_CHAR_GROUP = re.compile(r"(\^|_|\\sqrt)\{(\w)\}")
+# a leading assignment to one variable (x=2), not an equation between expressions
+_ASSIGNED = re.compile(r"^[A-Za-z]=(?=[^=])")
+_CHOICE = re.compile(r"\(([A-Za-z])\)")
+
+
 def normalize_answer(answer: str) -> str:
     """Normalise an answer string for comparison (see the module docstring)."""
     s = str(answer).strip()
@@ -90,7 +99,10 @@ def normalize_answer(answer: str) -> str:
     s = s.rstrip(".")
     if s.startswith("{") and s.endswith("}") and _box_content(s, 0) == s[1:-1]:
         s = s[1:-1]
-    return s
+    s = _ONE_CHAR_GROUP.sub(r"\1\2", s)  # x^{2} -> x^2, \sqrt{3} -> \sqrt3 (the same in LaTeX)
+    s = _ASSIGNED.sub("", s)  # x=2 -> 2
+    m = _CHOICE.fullmatch(s)  # (B) -> B
+    return m.group(1) if m else s
 
 
 # \frac{12}{3}, or without braces one digit each (LaTeX's \frac123 is 1/2 followed by 3)

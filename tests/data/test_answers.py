@@ -81,6 +81,17 @@ def test_parse_number(answer, value):
         ("\\boxed{\\frac123}", "4", False),
         ("\\boxed " + "9" * 4400, "5", False),
         ("\\boxed{" + f"{2**530:,}" + "}", str(2**530), True),  # 213 characters with commas
+        # the same LaTeX written two ways, as MATH references and models do
+        ("\\boxed{\\sqrt{2}}", "\\sqrt2", True),
+        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True),
+        ("\\boxed{x^{2}+1}", "x^2+1", True),
+        ("\\boxed{a_{n}}", "a_n", True),
+        ("\\boxed{x=2}", "2", True),
+        ("\\boxed{\\text{(A)}}", "A", True),
+        ("\\boxed{x^{10}}", "x^1", False),  # more than one character keeps its braces
+        ("\\boxed{\\sqrt{12}}", "\\sqrt12", False),
+        ("\\boxed{x==2}", "2", False),
+        ("\\boxed{(AB)}", "AB", False),
     ],
 )
 def test_check_answer_fallback(response, reference, ok):
