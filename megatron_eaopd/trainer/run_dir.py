@@ -428,7 +428,35 @@ def latest_checkpoint_problem(ckpt_dir: str, name: str) -> str | None:
             whole = False
         if not whole:
             why = "no readable metadata.json of dist_checkpointing"
+    if why is None:
+        why = _shard_problem(path)
     return None if why is None else broken_checkpoint_message(ckpt_dir, name, why)
+
+
+def _shard_problem(path: str) -> str | None:
+    """A shard file that torch.distributed.checkpoint's ``.metadata`` lists but that is missing
+    or shorter than the bytes it records there (a copy or a save cut short), or a missing
+    ``common.pt``; None when all are there, or when the metadata is not of the layout this
+    reads (the load then decides). File sizes only: no tensor is read."""
+    if not os.path.isfile(os.path.join(path, "common.pt")):
+        return "no common.pt"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(path).read_metadata().storage_data
+        need: dict[str, int] = {}
+        for info in storage.values():
+            end = int(info.offset) + int(info.length)
+            need[info.relative_path] = max(need.get(info.relative_path, 0), end)
+    except Exception:  # noqa: BLE001 - another format or version: leave it to the load
+        return None
+    for rel, size in sorted(need.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"its shard {rel} is missing"
+        if os.path.getsize(file) < size:
+            return f"its shard {rel} is cut short ({os.path.getsize(file)} of {size} bytes)"
+    return None
 
 
 def broken_checkpoint_message(ckpt_dir: str, name: str, why: str) -> str:

@@ -28,6 +28,7 @@ def _fake_save(root, name="iter_0000004", extra=None, latest=True) -> Path:
     meta = {"iteration": int(name.split("_")[1]), "extra": extra or {}}
     (folder / "eaopd_meta.json").write_text(json.dumps(meta))
     (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    (folder / "common.pt").write_bytes(b"")
     if latest:
         (Path(root) / "latest").write_text(name + "\n")
     return folder

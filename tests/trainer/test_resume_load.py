@@ -1,11 +1,14 @@
 """A latest save whose shard is cut short or gone: the resume used to fail after both models were
-built with a bare EOFError or FileNotFoundError on every rank; it now names the save and the
-earlier one to fall back on (``trainer.run_dir.load_for_resume``, which ``eaopd-train`` turns
-into exit 2). The earlier save then loads. 2 gloo ranks at TP 2."""
+built with a bare EOFError or FileNotFoundError on every rank. The file sizes its .metadata
+records now find it before any model is built (``trainer.run_dir.latest_checkpoint_problem``),
+and a load that fails anyway names the save and the earlier one to fall back on
+(``load_for_resume``; ``eaopd-train`` exits 2). The earlier save then loads. 2 gloo ranks at
+TP 2."""
 
 from __future__ import annotations
 
 import os
+import re
 
 from tests.dist import run_distributed
 from tests.models import helpers
@@ -18,7 +21,11 @@ def _worker(rank, world, root):
     from megatron_eaopd.models.checkpoint import save_checkpoint
     from megatron_eaopd.models.student import OptimConfig, setup_student, train_step
     from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
-    from megatron_eaopd.trainer.run_dir import RunRefused, load_for_resume
+    from megatron_eaopd.trainer.run_dir import (
+        RunRefused,
+        latest_checkpoint_problem,
+        load_for_resume,
+    )
 
     initialize_parallel(2, 1, seed=1)
     chunks = build_model(helpers.preset("tiny-student"))  # fresh weights, then two saves
@@ -31,8 +38,8 @@ def _worker(rank, world, root):
         train_step(student, helpers.ce_forward_step(cfg.vocab_size), iterators, 2, 10, 2)
         save_checkpoint(root, it, student.chunks, student.optimizer, student.scheduler)
     dist.barrier()
-    messages = []
-    for damage in ("truncate", "delete"):
+    messages, early = [], [latest_checkpoint_problem(root, "iter_0000004")]
+    for damage in ("delete", "truncate"):
         if rank == 0:
             shards = sorted(
                 os.path.join(root, "iter_0000004", n)
@@ -45,6 +52,7 @@ def _worker(rank, world, root):
             else:
                 os.remove(shards[-1])
         dist.barrier()
+        early.append(latest_checkpoint_problem(root, "iter_0000004"))  # before any model
         try:
             load_for_resume(root, student)
             messages.append("")
@@ -52,7 +60,7 @@ def _worker(rank, world, root):
             messages.append(str(err))
         dist.barrier()
     destroy_parallel()
-    return messages
+    return messages, early
 
 
 def _fallback(rank, world, root):
@@ -71,12 +79,16 @@ def _fallback(rank, world, root):
 
 def test_a_broken_latest_save_names_the_earlier_one(tmp_path):
     root = str(tmp_path / "ckpt")
-    messages = run_distributed(_worker, 2, root, timeout=300)[0]
+    messages, early = run_distributed(_worker, 2, root, timeout=300)[0]
+    # the file sizes .metadata records find both before any model is built
+    assert early[0] is None
+    assert re.search(r"its shard __\d_\d\.distcp is missing", early[1])
+    assert re.search(r"its shard __0_0\.distcp is cut short \(16 of \d+ bytes\)", early[2])
     latest = os.path.join(root, "latest")
     with open(latest, "w") as f:
         f.write("iter_0000002\n")
     assert run_distributed(_fallback, 2, root, timeout=300) == [2, 2]
-    assert len(messages) == 2  # truncated, then deleted
+    assert len(messages) == 2  # deleted, then cut short
     for text in messages:
         assert text.startswith(f"the latest checkpoint {root}/iter_0000004 cannot be resumed")
         assert f"echo iter_0000002 > {latest}" in text
