@@ -82,6 +82,10 @@ def supervised_cache_key(data, mcfg: ModelConfig, prep_cfg, role: str = "teacher
     # export metadata, not training: its absence keeps the keys of earlier versions' caches
     if model.get("hf_max_position_embeddings") is None:
         model.pop("hf_max_position_embeddings", None)
+    # derived from the rollout and evaluation limits; the trained weights do not depend on it
+    # (RoPE, no learned positions; examples longer than it are refused, not cut): another
+    # evaluation length must not prepare the models again
+    model.pop("max_sequence_length", None)
     blob = json.dumps(
         {
             "role": role,

@@ -514,6 +514,10 @@ def test_prep_cache_keys_do_not_change_with_the_export_only_model_field():
     assert key == supervised_cache_key(data, Earlier(), prep)
     other = TINY_TEACHER.with_changes(num_layers=TINY_TEACHER.num_layers + 1)
     assert supervised_cache_key(data, other, prep) != key
+    # nor with the length the rollout and evaluation limits give (test_update checks that the
+    # trained weights do not depend on it)
+    longer = TINY_TEACHER.with_changes(max_sequence_length=TINY_TEACHER.max_sequence_length * 3)
+    assert supervised_cache_key(data, longer, prep) == key
 
 
 def test_a_model_folder_without_tokenizer_json_is_warned_about(tmp_path):

@@ -104,3 +104,40 @@ def test_steps_lower_loss_and_nonfinite_updates_are_skipped():
     losses = results[0]
     assert results[1] == losses  # the loss is reduced to the same value on every rank
     assert losses[2] < losses[0]
+
+
+def _length_worker(rank, world):
+    """The same preparation steps with two model lengths (what a teacher preparation's cache key
+    no longer holds): the weights after them."""
+    from megatron_eaopd.models import ModelConfig
+    from megatron_eaopd.models.student import OptimConfig
+    from megatron_eaopd.parallel.init import destroy_parallel, initialize_parallel
+    from megatron_eaopd.trainer.batches import sft_micro_batches
+    from megatron_eaopd.trainer.build import build_trainable
+    from megatron_eaopd.trainer.update import optimizer_step, sft_forward_step
+
+    out = []
+    for length in (16, 96):
+        initialize_parallel(world, 1, seed=3)
+        cfg = ModelConfig(
+            num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+            vocab_size=VOCAB, max_sequence_length=length, make_vocab_size_divisible_by=8,
+        )  # fmt: skip
+        model = build_trainable(cfg, OptimConfig(lr=1e-2, total_steps=10), seed=0)
+        gen = torch.Generator().manual_seed(0)
+        examples = [(torch.randint(1, VOCAB, (12,), generator=gen).tolist(), [0] * 4 + [1] * 8)
+                    for _ in range(4)]  # fmt: skip
+        micro, seq = sft_micro_batches(examples, 0, 2)
+        for _ in range(2):
+            optimizer_step(model, sft_forward_step(VOCAB), micro, seq, 2, metric_names=["loss"])
+        out.append([p.detach().clone() for c in model.chunks for p in c.parameters()])
+        destroy_parallel()
+    return out
+
+
+def test_the_model_length_does_not_change_what_a_preparation_trains():
+    """max_sequence_length (derived from the rollout and evaluation limits) was part of the
+    teacher / student preparation cache keys, so a new evaluation length prepared the teacher
+    again; the trained weights do not depend on it (RoPE, no learned positions)."""
+    short, long = run_distributed(_length_worker, 1, timeout=240)[0]
+    assert len(short) == len(long) and all(torch.equal(a, b) for a, b in zip(short, long))
