@@ -4,9 +4,9 @@
 megatron-eaopd[math]``) when it is installed and asked for, and otherwise a normalised comparison:
 strings are normalised (spaces, ``$``, ``\\left``/``\\right``, ``\\dfrac``, ``^\\circ``, text
 wrappers, a trailing period, braces around one character after ``^``, ``_`` or ``\\sqrt``, a
-leading ``x=``, parentheses around a one-letter choice) and compared; when both sides read as
-numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``, thousands separators, percentages) they are
-compared as exact fractions.
+leading ``x=`` where the other side has no ``=``, parentheses around a one-letter choice) and
+compared; when both sides read as numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``,
+thousands separators, percentages) they are compared as exact fractions.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{
 
 # one character in braces after ^, _ or \sqrt: LaTeX typesets x^{2} and x^2 alike
 _ONE_CHAR_GROUP = re.compile(r"(\^|_|\\sqrt)\{(\w)\}")
-# a leading assignment to one variable (x=2), not an equation between expressions
+# a leading assignment to one variable (x=2); dropped only where the other side has no "="
 _ASSIGNED = re.compile(r"^[A-Za-z]=(?=[^=])")
 _CHOICE = re.compile(r"\(([A-Za-z])\)")
 
@@ -100,7 +100,6 @@ def normalize_answer(answer: str) -> str:
     if s.startswith("{") and s.endswith("}") and _box_content(s, 0) == s[1:-1]:
         s = s[1:-1]
     s = _ONE_CHAR_GROUP.sub(r"\1\2", s)  # x^{2} -> x^2, \sqrt{3} -> \sqrt3 (the same in LaTeX)
-    s = _ASSIGNED.sub("", s)  # x=2 -> 2
     m = _CHOICE.fullmatch(s)  # (B) -> B
     return m.group(1) if m else s
 
@@ -196,6 +195,8 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
         except Exception:  # math-verify can fail to parse odd strings; fall back below
             pass
     a, b = normalize_answer(predicted), normalize_answer(reference)
+    if "=" not in a or "=" not in b:  # x=2 against 2, never x=2 against y=2
+        a, b = _ASSIGNED.sub("", a), _ASSIGNED.sub("", b)
     if a == b:
         return True
     na, nb = parse_number(a), parse_number(b)

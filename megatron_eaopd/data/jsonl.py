@@ -16,6 +16,7 @@ import codecs
 import decimal
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -76,29 +77,26 @@ def _encodable(text: str) -> bool:
 
 #: What JSON makes of a LaTeX command written with one backslash: its valid escapes \b \f \n \r
 #: \t turn ``\boxed`` into a backspace + "oxed", ``\frac`` into a form feed + "rac", ``\theta`` into
-#: a tab + "heta". A backspace or form feed is never meant in a prompt; a carriage return, newline
-#: or tab is suspect only before what would complete a common command.
-_ESCAPE_SLIP = re.compile(
-    r"[\x08\x0c]|\r[A-Za-z]"
-    r"|\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|an|riangle|ilde|binom)(?![A-Za-z])"
-    r"|\n(?:eq|abla|otin|ot|eg|leq|geq|mid|cong|ewline)(?![A-Za-z])"
+#: a tab + "heta". A backspace or form feed before a letter is never meant: refused. A tab, newline
+#: or carriage return before what would complete a common command may be meant (code, tables):
+#: warned about.
+_ESCAPE_SURE = re.compile(r"[\x08\x0c][A-Za-z]")
+_ESCAPE_LIKELY = re.compile(
+    r"\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|anh?|herefore|o|riangle|ilde)(?![A-Za-z])"
+    r"|\n(?:eq?|abla|otin|ot|eg|u|i|leq|geq|mid|cong|ewline)(?![A-Za-z])"
+    r"|\r(?:ho|ight(?:arrow)?|angle|ceil|floor)(?![A-Za-z])"
 )
 _ESCAPE_OF = {"\x08": "b", "\x0c": "f", "\r": "r", "\t": "t", "\n": "n"}
 
 
-def _escape_slip(key: str, text: str) -> str | None:
-    """Why ``text`` looks like LaTeX whose backslash JSON read as an escape (None if not):
-    names the escape and the command it ate. An answer may hold no control character but a
-    newline."""
-    m = _ESCAPE_SLIP.search(text)
-    if m is None and key == "answer":
-        m = re.search(r"[\x00-\x09\x0b-\x1f]", text)
+def _escape_slip(key: str, text: str, pattern: re.Pattern) -> str | None:
+    """Where ``text`` looks like LaTeX whose backslash JSON read as an escape (None if not):
+    names the escape and the command it ate."""
+    m = pattern.search(text)
     if m is None:
         return None
     char = m.group(0)[0]
-    letter = _ESCAPE_OF.get(char)
-    if letter is None:
-        return f"{key!r} holds the control character {char!r} ({text[:40]!r})"
+    letter = _ESCAPE_OF[char]
     tail = re.match(r"[A-Za-z]*", text[m.start() + 1 :]).group(0)
     return (
         f"{key!r} holds {char!r} where the file has `\\{letter}{tail}`? JSON reads `\\{letter}` "
@@ -153,6 +151,7 @@ def read_prompt_file(
         raise TaskError(f"prompt file not found: {p}")
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    suspects: list[tuple[int, str]] = []  # (line, why): text that may be a LaTeX escape slip
     for lineno, rec in _records(p):
         where = f"{p}:{lineno}"
         if not isinstance(rec, dict):
@@ -177,9 +176,14 @@ def read_prompt_file(
         for key, text in texts:
             if not _encodable(text):
                 raise TaskError(f"{where}: {key!r} holds an invalid character (a lone surrogate)")
-            slip = None if p.suffix.lower() == ".parquet" else _escape_slip(key, text)
+            if p.suffix.lower() == ".parquet":
+                continue
+            slip = _escape_slip(key, text, _ESCAPE_SURE)
             if slip is not None:
                 raise TaskError(f"{where}: {slip}")
+            slip = _escape_slip(key, text, _ESCAPE_LIKELY)
+            if slip is not None:
+                suspects.append((lineno, slip))
         sols = rec.get("solutions", rec.get("solution", []))
         if isinstance(sols, str):
             sols = [sols]
@@ -209,6 +213,13 @@ def read_prompt_file(
         problems.append(Problem(uid, prompt + prompt_suffix, answer, tuple(sols), meta))
     if not problems:
         raise TaskError(f"{p}: no prompts (the file is empty)")
+    if suspects:
+        line, why = suspects[0]
+        logging.getLogger(__name__).warning(
+            "%s: %d line(s) hold a tab, newline or carriage return just before what would "
+            "complete a LaTeX command (first, line %d: %s). Ignore this if they are meant (code, "
+            "tables)", p, len({n for n, _ in suspects}), line, why,
+        )  # fmt: skip
     return problems
 
 

@@ -91,6 +91,11 @@ def test_parse_number(answer, value):
         ("\\boxed{x^{10}}", "x^1", False),  # more than one character keeps its braces
         ("\\boxed{\\sqrt{12}}", "\\sqrt12", False),
         ("\\boxed{x==2}", "2", False),
+        ("\\boxed{2}", "x=2", True),
+        ("\\boxed{x = 0.5}", "\\frac12", True),
+        ("\\boxed{x=2}", "x=2", True),
+        ("\\boxed{x=2}", "y=2", False),  # a vertical line is not a horizontal one
+        ("\\boxed{y=2x}", "x=2x", False),
         ("\\boxed{(AB)}", "AB", False),
     ],
 )

@@ -121,16 +121,13 @@ def test_jsonl_task_reads_all_fields(tmp_path):
         (['{"prompt": "a", "answer": 1, "solutions": ["\\ud83d"]}'], "'solutions' holds an"),
         ([{"id": 1.5, "prompt": "a", "answer": 1}], "'id' must be a non-empty string or a whole"),
         (['{"prompt": "a", "answer": ' + "9" * 5000 + "}"], r"bad\.jsonl:1: unreadable JSON"),
-        # LaTeX written with one backslash: JSON reads \f, \b, \t, \n, \r as control characters
+        # LaTeX written with one backslash: JSON reads \f and \b as control characters
         (
             [r'{"prompt": "a", "answer": "\frac{5}{6}"}'],
             r"bad\.jsonl:1: 'answer' holds '\\x0c' where the file has `\\frac`\?",
         ),
         ([r'{"prompt": "put it in \boxed{}", "answer": 1}'], r"'prompt' holds '\\x08'.*`\\boxed`"),
-        ([r'{"prompt": "angle \theta", "answer": 1}'], r"'prompt' holds '\\t'.*`\\theta`"),
-        ([r'{"prompt": "a \neq b", "answer": 1}'], r"'prompt' holds '\\n'.*`\\neq`"),
-        ([r'{"prompt": "a", "answer": 1, "solutions": ["x \rightarrow y"]}'], "'solutions' holds"),
-        ([r'{"prompt": "a", "answer": "x\ty"}'], r"'answer' holds '\\t'"),
+        ([r'{"prompt": "a", "answer": 1, "solutions": ["\frac12"]}'], "'solutions' holds"),
         (["[", '{"prompt": "a", "answer": 1}', "]"], r":1: malformed JSON .*one JSON object per"),
         (
             [
@@ -160,6 +157,31 @@ def test_escapes_that_are_meant_pass(tmp_path):
     got = read_prompt_file(path)
     assert [(p.prompt, p.answer) for p in got] == [(r["prompt"], r["answer"]) for r in rows]
     assert got[1].prompt.startswith("Compute $\\frac{1}{2}")
+
+
+def test_tabs_and_newlines_that_may_be_latex_escapes_are_warned_about(tmp_path, caplog):
+    """\\theta, \\neq, \\rightarrow written with one backslash load as a tab, newline or carriage
+    return before the rest of the command; code and tables can hold the same text, so these load
+    with one warning per file naming the first line (a backspace or form feed is refused)."""
+    rows = [
+        r'{"prompt": "plain", "answer": 1}',
+        r'{"prompt": "angle \theta", "answer": 1}',
+        r'{"prompt": "a \neq b", "answer": 1, "solutions": ["x \rightarrow y"]}',
+    ]
+    path = tmp_path / "latex.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        got = read_prompt_file(path)
+    assert got[1].prompt == "angle \theta"  # loaded as JSON reads it: a tab
+    text = caplog.text
+    assert f"{path}: 2 line(s) hold a tab, newline or carriage return" in text
+    assert "(first, line 2: 'prompt' holds '\\t' where the file has `\\theta`?" in text
+    caplog.clear()
+    code = tmp_path / "code.jsonl"
+    code.write_text(json.dumps({"prompt": "for i in x:\n\tprint(i)", "answer": 1}) + "\n")
+    with caplog.at_level("WARNING"):
+        read_prompt_file(code)
+    assert caplog.text == ""
 
 
 def test_encodings_directories_and_reserved_names(tmp_path):
