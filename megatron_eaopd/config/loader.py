@@ -363,19 +363,19 @@ def _resolve_derived(cfg: EAOPDConfig) -> None:
     if cfg.eval.entropy_threshold is None:
         cfg.eval.entropy_threshold = cfg.loss.entropy_threshold
     if cfg.tokenizer.kind == "auto":
-        # the teacher's folder first (its chat template and stop ids are the ones the student
-        # imitates), given as a folder or as the folder an imported checkpoint came from, where
-        # it still has its tokenizer; then the student's
-        from megatron_eaopd.config.hf_models import imported_from
+        # a model folder's tokenizer (the teacher's first), else an imported checkpoint's folder,
+        # where it still has its tokenizer. The order is part of saved runs' settings (a resume
+        # compares the resolved path): a base student's folder may lack the chat turn's end as
+        # a stop id, which data.sequences.use_chat_template adds
+        hf = cfg.model.teacher_hf or cfg.model.student_hf
+        if not hf:
+            from megatron_eaopd.config.hf_models import imported_from
 
-        hf = None
-        for who in ("teacher", "student"):
-            hf = getattr(cfg.model, f"{who}_hf")
-            source = None if hf else imported_from(getattr(cfg.model, f"{who}_checkpoint"))
-            if source and os.path.isfile(os.path.join(source, "tokenizer_config.json")):
-                hf = source
-            if hf:
-                break
+            for root in (cfg.model.teacher_checkpoint, cfg.model.student_checkpoint):
+                source = imported_from(root)
+                if source and os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+                    hf = source
+                    break
         cfg.tokenizer.kind = "huggingface" if hf else "task"
         if hf and cfg.tokenizer.path is None:
             cfg.tokenizer.path = hf

@@ -492,14 +492,13 @@ class TokenizerConfig:
     kind: str = _f("auto", choices=("auto", "task", "sentencepiece", "huggingface"))
     """task: a sentencepiece model trained on the task's text (cached); sentencepiece: a .model
     file; huggingface: a tokenizer folder or hub name (needs transformers); auto: huggingface
-    from the teacher's folder (model.teacher_hf, else the folder an imported
-    model.teacher_checkpoint came from, eaopd-convert import-hf, while it holds its tokenizer),
-    else the student's the same way, else task. With HF model folders or imported checkpoints,
-    task is refused."""
+    from model.teacher_hf, else model.student_hf, when one is set, else from the folder an
+    imported model.*_checkpoint came from (eaopd-convert import-hf) while it holds its
+    tokenizer, else task. With HF model folders or imported checkpoints, task is refused."""
     path: str | None = None
-    """Model file or folder for kind sentencepiece/huggingface (auto: the teacher's folder, else
-    the student's, as above). Loaded with the data, before any model: a path that does not load
-    is a configuration error naming this key."""
+    """Model file or folder for kind sentencepiece/huggingface (auto: model.teacher_hf, else
+    model.student_hf, else an imported checkpoint's folder). Loaded with the data, before any
+    model: a path that does not load is a configuration error naming this key."""
     chat_template: bool = False
     """Wrap every prompt (rollouts, teacher preparation, evaluation; student and teacher alike)
     in the tokenizer's chat template as one user turn followed by the assistant's generation

@@ -149,25 +149,6 @@ def test_an_imported_checkpoint_brings_its_tokenizer_and_refuses_a_task_one(tmp_
     assert load_config(BASE, [f"model.teacher_checkpoint={plain}"]).tokenizer.kind == "task"
 
 
-def test_auto_takes_an_imported_teachers_tokenizer_before_the_student_folders(tmp_path):
-    """model.teacher_checkpoint imported from a folder, model.student_hf a base model's folder:
-    auto took the student folder's tokenizer (a base model's stop ids, without the chat turn's
-    end), although it picks the teacher's when both are folders."""
-    hf = str(tmp_path / "teacher-hf")
-    os.makedirs(hf)
-    with open(os.path.join(hf, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
-    root = _recorded_checkpoint(str(tmp_path / "ckpt"), f"hf:{hf}")
-    student = write_config(str(tmp_path), "Qwen3-1.7B-Base")
-    cfg = load_config(PAPER, ["model.teacher_hf=null", f"model.teacher_checkpoint={root}",
-                             f"model.student_hf={student}"])  # fmt: skip
-    assert (cfg.tokenizer.kind, cfg.tokenizer.path) == ("huggingface", hf)
-    os.remove(os.path.join(hf, "tokenizer_config.json"))  # the import's folder lost its files
-    cfg = load_config(PAPER, ["model.teacher_hf=null", f"model.teacher_checkpoint={root}",
-                             f"model.student_hf={student}"])  # fmt: skip
-    assert cfg.tokenizer.path == student
-
-
 def test_imports_of_folders_with_different_tokenizers_are_refused(tmp_path):
     """Teacher and student imported from folders whose tokenizers map tokens to other ids (or
     one imported, the other an HF folder): the same refusal as two HF folders get."""
