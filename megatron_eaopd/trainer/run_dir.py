@@ -387,21 +387,43 @@ def check_foreign_checkpoints(cfg, ckpt_dir: str, name: str) -> None:
         )
 
 
-def check_unmarked_checkpoints(ckpt_dir: str) -> None:
+def check_unmarked_checkpoints(ckpt_dir: str, output_dir: str) -> None:
     """Complete saves (``iter_*`` with their metadata) in a checkpoint folder without a ``latest``
-    marker (deleted, or saves copied in by hand): a fresh start would overwrite them. ValueError
-    naming the newest one and the two ways on."""
-    from megatron_eaopd.models.checkpoint import LATEST, complete_checkpoints
+    marker. When the newest was saved by this run folder (a kill between a save's rename and its
+    marker, or a marker deleted by hand), rank 0 marks it (the others read the marker only after
+    the process group's rendezvous with rank 0) and the run resumes from it. Otherwise (saves
+    copied in by hand) a fresh start would overwrite them: ValueError naming the newest one and
+    the two ways on."""
+    from megatron_eaopd.models.checkpoint import LATEST, _write_atomic, complete_checkpoints
 
     complete = complete_checkpoints(ckpt_dir)
     if complete:
         latest = os.path.join(ckpt_dir, LATEST)
+        saver = saved_by(os.path.join(ckpt_dir, complete[-1]))
+        if saver is not None and os.path.realpath(saver) == os.path.realpath(output_dir):
+            if int(os.environ.get("RANK", "0")) == 0:
+                logger.warning("%s: %s is complete but was not marked as the latest save (the "
+                               "run stopped in between): resuming from it", ckpt_dir,
+                               complete[-1])  # fmt: skip
+                _write_atomic(latest, complete[-1] + "\n")
+            return
         raise ValueError(
             f"{ckpt_dir} holds complete checkpoints ({', '.join(complete)}) but no {LATEST!r} "
             f"marker, so the run would start afresh and overwrite them. To resume the newest: "
             f"echo {complete[-1]} > {latest}; to start over, move them away or set a new "
             "training.checkpoint_dir"
         )
+
+
+def saved_by(path: str) -> str | None:
+    """The run folder the checkpoint folder ``path`` records (``Trainer.save``), else None."""
+    from megatron_eaopd.models.checkpoint import read_meta
+
+    try:
+        owner = read_meta(path).get("extra", {}).get("output_dir")
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, str) else None
 
 
 def latest_checkpoint_problem(ckpt_dir: str, name: str) -> str | None:

@@ -627,6 +627,24 @@ def test_checkpoints_without_latest_or_a_broken_latest_are_refused_naming_the_wa
         check_output_dir(cfg)
 
 
+def test_this_runs_own_unmarked_save_is_marked_and_resumed(tmp_path, monkeypatch):
+    """A kill between a save's rename and its `latest` (the first save of a run) leaves a
+    complete save of this run folder without a marker: the requeue must resume it, not stop for
+    a hand-written marker. Rank 0 writes the marker; another rank only passes the check."""
+    from megatron_eaopd.trainer.loop import check_output_dir
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    cfg = _tiny(tmp_path, f"training.output_dir={out}")
+    _fake_save(ckpt, "iter_0000003", extra={"output_dir": str(out)}, latest=False)
+    monkeypatch.setenv("RANK", "1")
+    check_output_dir(cfg)
+    assert not (ckpt / "latest").exists()
+    monkeypatch.setenv("RANK", "0")
+    check_output_dir(cfg)
+    assert (ckpt / "latest").read_text() == "iter_0000003\n"
+
+
 def test_settings_are_compared_with_the_checkpoints_record_when_config_yaml_is_gone(tmp_path):
     """The run folder deleted (or a new one given) next to the saved checkpoints: the settings
     check had nothing to compare with, and the saved run went on under other settings."""
