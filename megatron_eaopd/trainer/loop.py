@@ -550,10 +550,16 @@ class Trainer:
             ids = {"bos_token_id": bos_id(t), "eos_token_id": eos_id(t),
                    "pad_token_id": pad_id_of(t)}  # fmt: skip
             spm = getattr(t, "path", None) if cfg.tokenizer.kind != "huggingface" else None
+        gen = None  # the folder's generation config, with the run's stop ids it lacks
+        if tok is not None:
+            from megatron_eaopd.data.sequences import stop_token_ids
+            from megatron_eaopd.models.hf.save import generation_config_with_stops
+
+            gen = generation_config_with_stops(tok, stop_token_ids(self.data.tokenizer))
         with use_layout(STUDENT):
             save_hf_weights(
                 self.student.chunks, out_dir, dtype=cfg.training.export_dtype, tokenizer_dir=tok,
-                token_ids=ids, overwrite=True, progress=self._bars_on(),
+                token_ids=ids, generation_config=gen, overwrite=True, progress=self._bars_on(),
                 export_info={"run": cfg.name,
                              "output_dir": os.path.abspath(cfg.training.output_dir)},
             )  # fmt: skip

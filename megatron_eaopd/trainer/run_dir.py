@@ -525,5 +525,16 @@ def load_for_resume(ckpt_dir: str, student):
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - whatever the reader raised
         with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
             name = f.read().strip()
-        why = f"{type(err).__name__}: {str(err)[:300]}"
-        raise RunRefused(broken_checkpoint_message(ckpt_dir, name, why)) from err
+        raise RunRefused(broken_checkpoint_message(ckpt_dir, name, _cause(err))) from err
+
+
+def _cause(err: BaseException) -> str:
+    """One line for a load failure: torch's CheckpointException carries each rank's own
+    exception (its text is a multi-line traceback); the first line of anything else."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = sorted(failures.items(), key=lambda kv: kv[0])[0][1]
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, trace)
+        err = inner if isinstance(inner, BaseException) else err
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"

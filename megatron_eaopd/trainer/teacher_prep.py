@@ -34,7 +34,7 @@ from megatron_eaopd.data.sequences import build_sft_example
 from megatron_eaopd.models import ModelConfig
 from megatron_eaopd.trainer.batches import sft_micro_batches
 from megatron_eaopd.trainer.build import STUDENT, TEACHER, build_trainable
-from megatron_eaopd.trainer.update import optimizer_step, sft_forward_step
+from megatron_eaopd.trainer.update import NonFiniteUpdateError, optimizer_step, sft_forward_step
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +280,17 @@ def _train_entry(
                 continue
             mine = batch[dp_rank::dp]
             micro, seq = sft_micro_batches(mine, pad_id, len(mine))
-            metrics, _ = optimizer_step(model, forward_step, micro, seq, len(mine),
-                                        metric_names=["loss"])  # fmt: skip
+            try:
+                metrics, _ = optimizer_step(model, forward_step, micro, seq, len(mine),
+                                            metric_names=["loss"])  # fmt: skip
+            except NonFiniteUpdateError as err:  # every rank: the decision is global
+                raise NonFiniteUpdateError(
+                    f"the {role} preparation diverged at step {step + 1} of {prep.iterations} "
+                    f"({model.skipped_in_a_row} non-finite steps in a row, skipped): lower "
+                    f"{role}_prep.lr (its gradients are "
+                    f"clipped at 1.0) or raise {role}_prep.warmup_iterations; nothing was "
+                    "cached, so the next run prepares it again"
+                ) from err
             log.append({"step": step + 1, "loss": metrics["loss"], "lr": metrics["lr"]})
             if bar is not None:
                 bar.update(1)

@@ -213,10 +213,11 @@ def optimizer_step(
             raise NonFiniteUpdateError(
                 f"the last {student.skipped_in_a_row} updates were all skipped (non-finite: "
                 f"loss={loss}, grad_norm={grad_norm}): the model has diverged (or its inputs "
-                "are not finite), and every later update would be skipped too. Lower "
-                "optimizer.lr or keep optimizer.clip_grad on, and start again or resume from a "
-                "checkpoint saved before the divergence; training.max_skipped_in_a_row=0 "
-                "never stops"
+                "are not finite), and every later update would be skipped too. The learning "
+                "rate is part of the run's settings: start a new run (a new "
+                "training.output_dir) with a lower optimizer.lr or optimizer.clip_grad > 0; "
+                "model.student_checkpoint=<a save from before the divergence> starts it from "
+                "those weights. training.max_skipped_in_a_row=0 never stops"
             )
         logger.warning(
             "skipped a non-finite update (loss=%s, grad_norm=%s; %d skipped so far)",

@@ -112,3 +112,22 @@ def test_prepare_data_refuses_a_tokenizer_without_an_end(tmp_path):
     )  # fmt: skip
     with pytest.raises(TaskError, match=f"tokenizer.path='{folder}': the tokenizer has no EOS"):
         prepare_data(cfg)
+
+
+def test_the_export_carries_the_runs_stop_ids(tmp_path):
+    """A base folder (generation_config eos 0) run with the chat template stopped at 0 and 2;
+    the exported generation_config.json listed 0 only, so generate on the export ran past the
+    turn's end."""
+    from megatron_eaopd.models.hf.save import generation_config_with_stops
+
+    folder = _folder(tmp_path / "base", eos="<|endoftext|>", generation_eos=0)
+    with open(os.path.join(folder, "generation_config.json")) as f:
+        written = {**json.load(f), "do_sample": True}
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump(written, f)
+    tok = _load(folder)
+    use_chat_template(tok)
+    gen = generation_config_with_stops(folder, stop_token_ids(tok))
+    assert gen == {"eos_token_id": [0, 2], "do_sample": True}  # the rest kept
+    assert generation_config_with_stops(folder, [0]) is None  # all listed: copied as it is
+    assert generation_config_with_stops(str(tmp_path), [3]) == {"eos_token_id": [3]}  # no file

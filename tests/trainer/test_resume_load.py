@@ -92,3 +92,5 @@ def test_a_broken_latest_save_names_the_earlier_one(tmp_path):
     for text in messages:
         assert text.startswith(f"the latest checkpoint {root}/iter_0000004 cannot be resumed")
         assert f"echo iter_0000002 > {latest}" in text
+        assert "\n" not in text and "Traceback" not in text  # one line, the reader's own error
+    assert "FileNotFoundError" in messages[0] and "EOFError" in messages[1], messages

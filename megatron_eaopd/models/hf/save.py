@@ -393,6 +393,24 @@ def _write_safetensors(tensors: dict, path: str) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def generation_config_with_stops(tokenizer_dir: str, stops: list[int]) -> dict | None:
+    """``tokenizer_dir``'s generation_config.json with ``eos_token_id`` extended by the ``stops``
+    it lacks (the run's stop ids: a chat template's end of turn that a base model's folder does
+    not list), so that generate on the export stops where the run's rollouts did; None when it
+    lists them all (the file is copied as it is)."""
+    path = os.path.join(tokenizer_dir, "generation_config.json")
+    gen = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    listed = gen.get("eos_token_id")
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    missing = [i for i in stops if i not in listed]
+    if not missing:
+        return None
+    return {**gen, "eos_token_id": listed + missing}
+
+
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
