@@ -41,7 +41,10 @@ def score_with_teacher(
             student_layout=STUDENT, temperature=temp, chunk_size=chunk_size, fused=fused,
             fused_chunk_size=fused_chunk_size,
         )  # fmt: skip
-    except NonFiniteLogitsError as err:  # every rank: the check follows the statistics' gather
+    except NonFiniteLogitsError as err:
+        # raised where the statistics are checked, the teacher's last pipeline stage (every rank
+        # of it): ranks of other stages wait in the payload exchange until the launcher (torchrun,
+        # srun --kill-on-bad-exit) ends them after this rank's exit
         dtype = next(p.dtype for c in teacher.chunks for p in c.parameters())
         hint = (
             "fp16 overflows above 65504: set model.teacher.dtype=bf16 (or fp32)"

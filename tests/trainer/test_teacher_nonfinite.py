@@ -1,6 +1,7 @@
 """A teacher whose logits overflow (fp16 above 65504) or hold NaN: the trainer's scoring raises on
-every rank, naming the teacher and its dtype and what to set, instead of the statistics' generic
-"logits contain NaN or +inf" (2 gloo ranks: student TP 1 x DP 2, teacher TP 2)."""
+every rank of the teacher's last stage (here all: teacher TP 2, no PP), naming the teacher and its
+dtype and what to set, instead of the statistics' generic "logits contain NaN or +inf" (2 gloo
+ranks: student TP 1 x DP 2)."""
 
 from __future__ import annotations
 
