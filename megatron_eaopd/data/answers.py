@@ -4,9 +4,9 @@
 megatron-eaopd[math]``) when it is installed and asked for, and otherwise a normalised comparison:
 strings are normalised (spaces, ``$``, ``\\left``/``\\right``, ``\\dfrac``, ``^\\circ``, text
 wrappers, a trailing period, braces around one character after ``^``, ``_`` or ``\\sqrt``, a
-leading ``x=`` where the other side has no ``=``, parentheses around a one-letter choice) and
-compared; when both sides read as numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``,
-thousands separators, percentages) they are compared as exact fractions.
+leading ``x=`` where the other side has none or the same, parentheses around a one-letter
+choice) and compared; when both sides read as numbers (integers, decimals, ``a/b``,
+``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions.
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
         except Exception:  # math-verify can fail to parse odd strings; fall back below
             pass
     a, b = normalize_answer(predicted), normalize_answer(reference)
-    if "=" not in a or "=" not in b:  # x=2 against 2, never x=2 against y=2
+    left = [m.group(0) if m else None for m in (_ASSIGNED.match(a), _ASSIGNED.match(b))]
+    # x=2 against 2 or x=2.0, never x=2 against y=2
+    if "=" not in a or "=" not in b or (left[0] is not None and left[0] == left[1]):
         a, b = _ASSIGNED.sub("", a), _ASSIGNED.sub("", b)
     if a == b:
         return True

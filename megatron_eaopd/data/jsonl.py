@@ -77,12 +77,14 @@ def _encodable(text: str) -> bool:
 
 #: What JSON makes of a LaTeX command written with one backslash: its valid escapes \b \f \n \r
 #: \t turn ``\boxed`` into a backspace + "oxed", ``\frac`` into a form feed + "rac", ``\theta`` into
-#: a tab + "heta". A backspace or form feed before a letter is never meant: refused. A tab, newline
-#: or carriage return before what would complete a common command may be meant (code, tables):
-#: warned about.
-_ESCAPE_SURE = re.compile(r"[\x08\x0c][A-Za-z]")
+#: a tab + "heta". A backspace before a letter, or a form feed before the rest of a command that
+#: starts with f, is never meant: refused. A tab, newline or carriage return before what would
+#: complete a common command, or a form feed before another letter (a page break), may be meant
+#: (code, tables, extracted text): warned about, except in an answer, where it is refused.
+_ESCAPE_SURE = re.compile(r"\x08[A-Za-z]|\x0c(?:rac|orall|box|lat|rown|ootnote)(?![A-Za-z])")
 _ESCAPE_LIKELY = re.compile(
-    r"\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|anh?|herefore|o|riangle|ilde)(?![A-Za-z])"
+    r"\x0c[A-Za-z]"
+    r"|\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|anh?|herefore|o|riangle|ilde)(?![A-Za-z])"
     r"|\n(?:eq?|abla|otin|ot|eg|u|i|leq|geq|mid|cong|ewline)(?![A-Za-z])"
     r"|\r(?:ho|ight(?:arrow)?|angle|ceil|floor)(?![A-Za-z])"
 )
@@ -179,11 +181,13 @@ def read_prompt_file(
             if p.suffix.lower() == ".parquet":
                 continue
             slip = _escape_slip(key, text, _ESCAPE_SURE)
+            likely = _escape_slip(key, text, _ESCAPE_LIKELY)
+            if slip is None and key == "answer":  # a reference answer holds no such layout
+                slip = likely
             if slip is not None:
                 raise TaskError(f"{where}: {slip}")
-            slip = _escape_slip(key, text, _ESCAPE_LIKELY)
-            if slip is not None:
-                suspects.append((lineno, slip))
+            if likely is not None:
+                suspects.append((lineno, likely))
         sols = rec.get("solutions", rec.get("solution", []))
         if isinstance(sols, str):
             sols = [sols]
@@ -216,9 +220,10 @@ def read_prompt_file(
     if suspects:
         line, why = suspects[0]
         logging.getLogger(__name__).warning(
-            "%s: %d line(s) hold a tab, newline or carriage return just before what would "
-            "complete a LaTeX command (first, line %d: %s). Ignore this if they are meant (code, "
-            "tables)", p, len({n for n, _ in suspects}), line, why,
+            "%s: %d line(s) hold a tab, newline, carriage return or form feed just before what "
+            "may be a LaTeX command whose backslash JSON read as an escape (first, line %d: %s). "
+            "Ignore this if they are meant (code, tables, page breaks)",
+            p, len({n for n, _ in suspects}), line, why,
         )  # fmt: skip
     return problems
 

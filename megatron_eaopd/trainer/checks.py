@@ -346,7 +346,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
     latest = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(latest):
         check_moved_checkpoints(t, ckpt_dir)
-        check_unmarked_checkpoints(ckpt_dir, t.output_dir)
+        check_unmarked_checkpoints(ckpt_dir, t.output_dir, t.resume)
         if os.path.isfile(latest):  # this run's own save, just marked (rank 0): a resume
             return check_output_dir(cfg)
         changed = _changed_settings(cfg)

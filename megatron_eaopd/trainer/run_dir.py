@@ -387,23 +387,24 @@ def check_foreign_checkpoints(cfg, ckpt_dir: str, name: str) -> None:
         )
 
 
-def check_unmarked_checkpoints(ckpt_dir: str, output_dir: str) -> None:
+def check_unmarked_checkpoints(ckpt_dir: str, output_dir: str, resume: bool = True) -> None:
     """Complete saves (``iter_*`` with their metadata) in a checkpoint folder without a ``latest``
     marker. When the newest was saved by this run folder (a kill between a save's rename and its
-    marker, or a marker deleted by hand), rank 0 marks it (the others read the marker only after
-    the process group's rendezvous with rank 0) and the run resumes from it. Otherwise (saves
-    copied in by hand) a fresh start would overwrite them: ValueError naming the newest one and
-    the two ways on."""
+    marker, or a marker deleted by hand) and ``resume`` (training.resume) is on, rank 0 marks it
+    (the others read the marker only after the process group's rendezvous with rank 0) and the
+    run resumes from it. Otherwise (saves copied in by hand, or a fresh start asked for) a fresh
+    start would overwrite them: ValueError naming the newest one and the two ways on."""
     from megatron_eaopd.models.checkpoint import LATEST, _write_atomic, complete_checkpoints
 
     complete = complete_checkpoints(ckpt_dir)
     if complete:
         latest = os.path.join(ckpt_dir, LATEST)
         saver = saved_by(os.path.join(ckpt_dir, complete[-1]))
-        if saver is not None and os.path.realpath(saver) == os.path.realpath(output_dir):
+        own = saver is not None and os.path.realpath(saver) == os.path.realpath(output_dir)
+        if own and resume:
             if int(os.environ.get("RANK", "0")) == 0:
                 logger.warning("%s: %s is complete but was not marked as the latest save (the "
-                               "run stopped in between): resuming from it", ckpt_dir,
+                               "run stopped in between): marked it", ckpt_dir,
                                complete[-1])  # fmt: skip
                 _write_atomic(latest, complete[-1] + "\n")
             return
@@ -536,5 +537,9 @@ def _cause(err: BaseException) -> str:
         inner = sorted(failures.items(), key=lambda kv: kv[0])[0][1]
         inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, trace)
         err = inner if isinstance(inner, BaseException) else err
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0][:160] if lines else ""
+    detail = next((line for line in lines[1:] if "rror" in line), None)  # a nested cause
+    if detail is not None:
+        text += f" ... {detail[:200]}"
+    return f"{type(err).__name__}: {text}"

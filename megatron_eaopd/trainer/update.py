@@ -215,9 +215,10 @@ def optimizer_step(
                 f"loss={loss}, grad_norm={grad_norm}): the model has diverged (or its inputs "
                 "are not finite), and every later update would be skipped too. The learning "
                 "rate is part of the run's settings: start a new run (a new "
-                "training.output_dir) with a lower optimizer.lr or optimizer.clip_grad > 0; "
-                "model.student_checkpoint=<a save from before the divergence> starts it from "
-                "those weights. training.max_skipped_in_a_row=0 never stops"
+                "training.output_dir) with a lower optimizer.lr or optimizer.clip_grad > 0. To "
+                "start it from a save made before the divergence, copy the checkpoint folder, "
+                "write that save's name into the copy's `latest` and pass the copy as "
+                "model.student_checkpoint. training.max_skipped_in_a_row=0 never stops"
             )
         logger.warning(
             "skipped a non-finite update (loss=%s, grad_norm=%s; %d skipped so far)",

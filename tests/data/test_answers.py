@@ -96,6 +96,8 @@ def test_parse_number(answer, value):
         ("\\boxed{x=2}", "x=2", True),
         ("\\boxed{x=2}", "y=2", False),  # a vertical line is not a horizontal one
         ("\\boxed{y=2x}", "x=2x", False),
+        ("\\boxed{x=2.0}", "x=2", True),
+        ("\\boxed{x=\\frac12}", "x=0.5", True),
         ("\\boxed{(AB)}", "AB", False),
     ],
 )

@@ -130,4 +130,11 @@ def test_the_export_carries_the_runs_stop_ids(tmp_path):
     gen = generation_config_with_stops(folder, stop_token_ids(tok))
     assert gen == {"eos_token_id": [0, 2], "do_sample": True}  # the rest kept
     assert generation_config_with_stops(folder, [0]) is None  # all listed: copied as it is
-    assert generation_config_with_stops(str(tmp_path), [3]) == {"eos_token_id": [3]}  # no file
+    # a folder without generation_config.json: its config.json's ids, with the stops
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"bos_token_id": 5, "eos_token_id": 0}))
+    assert generation_config_with_stops(str(bare), [0, 3]) == {
+        "bos_token_id": 5,
+        "eos_token_id": [0, 3],
+    }

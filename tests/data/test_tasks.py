@@ -128,6 +128,10 @@ def test_jsonl_task_reads_all_fields(tmp_path):
         ),
         ([r'{"prompt": "put it in \boxed{}", "answer": 1}'], r"'prompt' holds '\\x08'.*`\\boxed`"),
         ([r'{"prompt": "a", "answer": 1, "solutions": ["\frac12"]}'], "'solutions' holds"),
+        # in a reference answer a tab or newline before a command's rest is refused as well: it
+        # could never be scored correct
+        ([r'{"prompt": "a", "answer": "\text{(C)}"}'], r"'answer' holds '\\t'.*`\\text`"),
+        ([r'{"prompt": "a", "answer": "\neq"}'], r"'answer' holds '\\n'.*`\\neq`"),
         (["[", '{"prompt": "a", "answer": 1}', "]"], r":1: malformed JSON .*one JSON object per"),
         (
             [
@@ -174,8 +178,14 @@ def test_tabs_and_newlines_that_may_be_latex_escapes_are_warned_about(tmp_path, 
         got = read_prompt_file(path)
     assert got[1].prompt == "angle \theta"  # loaded as JSON reads it: a tab
     text = caplog.text
-    assert f"{path}: 2 line(s) hold a tab, newline or carriage return" in text
+    assert f"{path}: 2 line(s) hold a tab, newline, carriage return or form feed" in text
     assert "(first, line 2: 'prompt' holds '\\t' where the file has `\\theta`?" in text
+    caplog.clear()
+    pages = tmp_path / "pages.jsonl"  # a page break, as pdftotext writes it: loads, warned about
+    pages.write_text(json.dumps({"prompt": "Page 3.\fChapter 4: find x", "answer": 1}) + "\n")
+    with caplog.at_level("WARNING"):
+        assert read_prompt_file(pages)[0].prompt == "Page 3.\fChapter 4: find x"
+    assert "1 line(s)" in caplog.text
     caplog.clear()
     code = tmp_path / "code.jsonl"
     code.write_text(json.dumps({"prompt": "for i in x:\n\tprint(i)", "answer": 1}) + "\n")

@@ -641,6 +641,10 @@ def test_this_runs_own_unmarked_save_is_marked_and_resumed(tmp_path, monkeypatch
     check_output_dir(cfg)
     assert not (ckpt / "latest").exists()
     monkeypatch.setenv("RANK", "0")
+    fresh = _tiny(tmp_path, f"training.output_dir={out}", "training.resume=false")
+    with pytest.raises(ValueError, match="holds complete checkpoints"):  # nothing marked
+        check_output_dir(fresh)
+    assert not (ckpt / "latest").exists()
     check_output_dir(cfg)
     assert (ckpt / "latest").read_text() == "iter_0000003\n"
 

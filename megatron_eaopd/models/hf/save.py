@@ -399,7 +399,7 @@ def generation_config_with_stops(tokenizer_dir: str, stops: list[int]) -> dict |
     not list), so that generate on the export stops where the run's rollouts did; None when it
     lists them all (the file is copied as it is)."""
     path = os.path.join(tokenizer_dir, "generation_config.json")
-    gen = {}
+    gen = _token_ids_from(tokenizer_dir)  # without the file: the ids config.json gives
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             gen = json.load(f)
