@@ -280,7 +280,9 @@ class RolloutConfig:
     """Most sequences decoded at once per data-parallel replica (rollouts and evaluation; bounds
     the KV cache); with more, the rows of finished sequences are refilled with waiting prompts
     (continuous batching; chunks where the fast decoder does not apply, e.g. student pp > 1).
-    Never changes the tokens. null: all of a replica's sequences at once."""
+    Never changes the tokens. null: a rollout decodes all of a replica's sequences at once, an
+    evaluation at most as many as keep each model's KV cache per rank within a rollout's
+    (eaopd-plan prints both; raise this where it shows room)."""
     pp_interleave: bool = False
     """Student pp > 1: decode each batch as pp groups of rows whose steps overlap over the
     pipeline stages (docs/trainer.md, Pipeline parallelism). Never changes the tokens. Measured

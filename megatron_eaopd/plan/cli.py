@@ -40,6 +40,7 @@ from megatron_eaopd.plan.memory import (
     padded_vocab,
     plan_memory,
 )
+from megatron_eaopd.trainer.decode_rows import eval_decode_rows
 
 EXIT_BAD_INPUT = 2
 
@@ -212,6 +213,9 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
         micro_tokens=worst[0] * worst[1] if worst else None,
         step_positions=per_step * longest_rollout_row(cfg) if worst else None,
         top_k=loss.top_k, chunk_elems=(chunk // lay["student"].tp) or (1 << 24),
+        decode_rows=min(rows, r.max_decode_batch) if r.max_decode_batch else None,
+        eval_rows={who: eval_decode_rows(cfg, who, dp) for who in ("student", "teacher")},
+        eval_seq=r.max_prompt_tokens + cfg.eval.max_response_tokens,
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
     out = {"world": world, "spec": spec, "fused": fused_on, "form": loss.form,
@@ -295,6 +299,14 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
         lines.append(
             f"batch per student replica: {b['rows']} rows of {b['seq']} tokens per iteration, "
             f"{b['steps']} steps of {b['micro_batches']} micro-batches of {b['micro_batch']} rows"
+        )
+    if b.get("eval_rows"):
+        rollout = f"{b['decode_rows']} rows at once" if b.get("decode_rows") else "all at once"
+        lines.append(
+            f"decoding: rollouts {rollout}; evaluations at most {b['eval_rows']['student']} "
+            f"(student) / {b['eval_rows']['teacher']} (teacher) rows at once of up to "
+            f"{b['eval_seq']} tokens per replica (rollout.max_decode_batch; unset, a rollout's KV "
+            "cache: docs/trainer.md)"
         )
     chosen = "fused" if plan["fused"] else "logits"
     lines.append(f"loss.fused_output resolves to {plan['fused']}: the '{chosen}' column applies")

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 GIB = float(1 << 30)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GPUS = {"A100-40GB": 40e9, "A100/H100-80GB": 80e9, "H200-141GB": 141e9}
+EVAL_PHASES = ("evaluation (student)", "evaluation (teacher)")
 KEPT = "teacher payload / exact-form tensors"  # the part kept from scoring to the last step
 
 
@@ -195,6 +196,9 @@ class Batch:
     kernel_chunk_elems: int = 1 << 24  # unfused kernels' fp32 temporaries (eager kernels)
     compiled_kernels: bool = True  # EAOPD_COMPILE (default on): the unfused kernels keep none
     decode_rows: int | None = None  # rows decoded at once (None: all rows)
+    # evaluation decoding (trainer.decode_rows): rows at once per replica and their length
+    eval_rows: dict | None = None  # {"student": rows, "teacher": rows}; None: not planned
+    eval_seq: int = 0
     # positions per micro-batch when not micro_batch * seq: a token budget's worst case, rows
     # shorter than seq that fill it (the attention terms still count rows of length seq)
     micro_tokens: int | None = None
@@ -238,10 +242,11 @@ class Report:
         return sum(v for k, v in self.parts.items() if k.startswith("persistent"))
 
     def peak(self, recompute: bool = False) -> float:
-        """Persistent state plus the largest phase (rollout, teacher scoring, update)."""
+        """Persistent state plus the largest phase (rollout, teacher scoring, update, the
+        student's and the teacher's evaluation)."""
         key = "update (recompute)" if recompute else "update"
-        phases = [self.parts.get(k, 0.0) for k in ("rollout", "teacher scoring", key)]
-        return self.persistent + max(phases)
+        names = ("rollout", "teacher scoring", key, *EVAL_PHASES)
+        return self.persistent + max(self.parts.get(k, 0.0) for k in names)
 
 
 def _ring(size: float, n: int) -> float:
@@ -368,6 +373,14 @@ def plan_memory(
     vs = padded_vocab(student.vocab_size, s_lay.tp, divisible_by) // s_lay.tp
     rs.parts["rollout"] = kv + rows * vs * 4 * 3
     rs.parts["rollout KV cache"] = kv
+    if batch.eval_rows:  # evaluation decoding: each model's KV cache and one step's logits
+        models = (("student", student, s_lay, rs), ("teacher", teacher, t_lay, rt))
+        for who, shape, lay, rep in models:
+            n_rows = batch.eval_rows[who]
+            cache = 2 * (shape.layers // lay.pp) * n_rows * batch.eval_seq
+            cache *= max(1, shape.query_groups // lay.tp) * shape.head_dim * shape.bytes
+            v = padded_vocab(shape.vocab_size, lay.tp, divisible_by) // lay.tp
+            rep.parts[f"evaluation ({who})"] = cache + n_rows * v * 4 * 3
     _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form)
     return rs, rt
 
@@ -405,6 +418,8 @@ def combined(rs: Report, rt: Report) -> Report:
     out.parts = {**rs.parts}
     out.parts.update({k: v for k, v in rt.parts.items() if k.startswith("persistent")})
     out.parts["teacher scoring"] = rt.parts["teacher scoring"]
+    if "evaluation (teacher)" in rt.parts:
+        out.parts["evaluation (teacher)"] = rt.parts["evaluation (teacher)"]
     out.comm = {**rs.comm, **rt.comm}
     return out
 
@@ -415,7 +430,7 @@ def fits(total_bytes: float, headroom: float = 0.9) -> dict:
 
 
 __all__ = [
-    "GIB", "GPUS", "KEPT", "Batch", "Layout", "Report", "Shape", "combined", "fits",
+    "EVAL_PHASES", "GIB", "GPUS", "KEPT", "Batch", "Layout", "Report", "Shape", "combined", "fits",
     "korthikanti_per_layer", "layer_activation_terms", "layer_params", "padded_vocab",
     "plan_memory", "stage_params", "student_update_terms", "teacher_kept_bytes",
 ]  # fmt: skip

@@ -35,6 +35,7 @@ from megatron_eaopd.eval import summarize_samples
 from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
 from megatron_eaopd.trainer.batches import largest_divisor, step_micro_batches
 from megatron_eaopd.trainer.build import STUDENT, TEACHER
+from megatron_eaopd.trainer.decode_rows import eval_decode_rows
 from megatron_eaopd.trainer.scoring import score_with_teacher
 from megatron_eaopd.trainer.update import distill_forward_step, reduce_outputs
 
@@ -215,6 +216,9 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
     tau = ev.entropy_threshold if ev.entropy_threshold is not None else cfg.loss.entropy_threshold
     layout = TEACHER if who == "teacher" else STUDENT
     model = trainer.teacher if who == "teacher" else trainer.student.chunks
+    # at most a rollout's KV cache (trainer.decode_rows): 2,000 rows at once ran out of memory
+    student = cfg.parallel.student
+    decode_rows = eval_decode_rows(cfg, who, dist.get_world_size() // (student.tp * student.pp))
     results, sums, lengths, saved = {}, {}, [0.0, 0.0], []
     for name, problems in data.eval_sets.items():
         problems = list(problems)[: ev.max_prompts] if ev.max_prompts else list(problems)
@@ -228,7 +232,7 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
                 rollouts = sample_problems(
                     model, mine, ev.k, data.tokenizer, max_new_tokens=ev.max_response_tokens,
                     params=params, vocab_size=data.vocab_size, generator=gen,
-                    use_kv_cache=cfg.rollout.use_kv_cache, max_batch=trainer.max_decode_batch,
+                    use_kv_cache=cfg.rollout.use_kv_cache, max_batch=decode_rows,
                     progress=bar.update if bar is not None else None,
                     pp_interleave=cfg.rollout.pp_interleave,
                     decode_graphs=cfg.rollout.cuda_graphs,
