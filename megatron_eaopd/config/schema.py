@@ -423,7 +423,8 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to <output_dir>/tensorboard (when tensorboard is installed)."""
     wandb: bool = False
-    """Log to Weights & Biases (when wandb is installed)."""
+    """Log to Weights & Biases (when wandb is installed). A W&B that cannot log (no login, no
+    network) is a warning, never a failed run: metrics.jsonl has everything."""
     wandb_project: str = "megatron-eaopd"
     """W&B project."""
     wandb_entity: str | None = None

@@ -55,7 +55,7 @@ from megatron_eaopd.trainer.evaluate import (
     sample_problems,
     seeded_generator,
 )
-from megatron_eaopd.trainer.metrics_log import MetricsLogger, console
+from megatron_eaopd.trainer.metrics_log import MetricsLogger, console, wandb_warning
 from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_peak
 from megatron_eaopd.trainer.run_dir import (
     RunFolderBusy,
@@ -159,7 +159,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self._lock_output_dir()
         for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg),
-                        sampling_warning(cfg)):  # fmt: skip
+                        sampling_warning(cfg), wandb_warning(cfg)):  # fmt: skip
             if warning and self.rank0:
                 logger.warning("%s", warning)
         if self.rank0:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "wandb_warning"]
 
 
 def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict]:
@@ -136,6 +136,14 @@ class MetricsLogger:
                 )
             except ImportError:
                 logger.warning("logging.wandb is on but wandb is not installed (pip install wandb)")
+            except Exception as err:  # noqa: BLE001 - no login, no network: the run goes on
+                logger.warning(
+                    "W&B is off for this run: wandb.init failed (%s: %s). Metrics still go to "
+                    "%s. Log in (`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline "
+                    "on nodes without network and `wandb sync` later", type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "", self.path,
+                )  # fmt: skip
+                self.wandb = None
 
     def log(self, split: str, iteration: int, metrics: Mapping[str, float]) -> None:
         """Write one record (rank 0 only; others return at once)."""
@@ -162,7 +170,13 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, iteration)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log(numeric, step=iteration)
+            try:
+                self.wandb.log(numeric, step=iteration)
+            except Exception as err:  # noqa: BLE001 - a lost connection must not end training
+                logger.warning("W&B is off from iteration %d: wandb.log failed (%s: %s); "
+                               "metrics still go to %s", iteration, type(err).__name__, err,
+                               self.path)  # fmt: skip
+                self.wandb = None
 
     def close(self) -> None:
         if self.tb is not None:
@@ -200,3 +214,34 @@ def _fmt(key: str, value) -> str:
     if isinstance(value, float):
         return f"{key}={value:.4g}"
     return f"{key}={value}"
+
+
+def wandb_warning(cfg) -> str | None:
+    """Why ``logging.wandb`` will likely not log (checked at the start, before the models load,
+    since wandb.init only runs after them): wandb not installed, or no credentials
+    (WANDB_API_KEY, a netrc entry for api.wandb.ai) outside offline or disabled mode. None when
+    nothing is in the way (the network is not tried)."""
+    if not cfg.logging.wandb:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        return "logging.wandb is on but wandb is not installed (pip install wandb): no W&B run"
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in (
+        "offline", "disabled", "dryrun"
+    ):  # fmt: skip
+        return None
+    import netrc
+
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if found:
+        return None
+    return (
+        "logging.wandb is on but no W&B credentials were found (WANDB_API_KEY, or `wandb login`"
+        "'s ~/.netrc entry): wandb.init will fail after the models load and the run goes on "
+        "without W&B (metrics.jsonl has everything). Set WANDB_API_KEY, or WANDB_MODE=offline "
+        "on nodes without network"
+    )

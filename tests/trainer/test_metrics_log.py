@@ -123,6 +123,57 @@ def test_every_attempt_of_a_run_logs_to_one_wandb_run(tmp_path, monkeypatch):
     assert all(kw["resume"] == "allow" for kw in calls)
 
 
+def test_a_wandb_that_cannot_log_leaves_the_run_going(tmp_path, monkeypatch, caplog):
+    """logging.wandb on a compute node without login or network: wandb.init raised after both
+    models had loaded and the run failed (exit 1, not requeued). Now a warning, and the metrics
+    still reach metrics.jsonl; a wandb.log that fails later turns W&B off the same way. The
+    missing credentials are named at the start, before the models load."""
+    import sys
+    from types import ModuleType
+
+    from megatron_eaopd.trainer.metrics_log import wandb_warning
+
+    fake = ModuleType("wandb")
+
+    def no_login(**kw):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    fake.init = no_login
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with caplog.at_level("WARNING"):
+        log = MetricsLogger(str(tmp_path / "run"), _cfg(tensorboard=False, wandb=True))
+        log.log("train", 1, {"loss": 1.0})
+    assert "W&B is off for this run: wandb.init failed (RuntimeError: No API key" in caplog.text
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["loss"] == 1.0
+
+    def broken(*a, **k):
+        raise ConnectionError("connection reset")
+
+    fake.init = lambda **kw: SimpleNamespace(log=broken, finish=lambda: None)
+    with caplog.at_level("WARNING"):
+        log = MetricsLogger(str(tmp_path / "run2"), _cfg(tensorboard=False, wandb=True))
+        log.log("train", 1, {"loss": 1.0})
+        log.log("train", 2, {"loss": 2.0})
+    assert "W&B is off from iteration 1: wandb.log failed (ConnectionError" in caplog.text
+    assert len((tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = SimpleNamespace(logging=_cfg(wandb=True))
+    assert "no W&B credentials were found" in wandb_warning(cfg)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_warning(cfg) is None
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password abc\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_warning(cfg) is None
+    assert wandb_warning(SimpleNamespace(logging=_cfg(wandb=False))) is None
+
+
 def test_a_console_line_is_one_write(tmp_path, monkeypatch):
     """print() writes a line and its newline separately; under PYTHONUNBUFFERED (the launchers
     set it) torchrun's line prefix landed between them in a job log (seen in CI: a train line
