@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -188,14 +187,23 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
         lay[who] = Layout(p.tp, p.pp, world // (p.tp * p.pp))
     r = cfg.rollout
     dp = lay["student"].dp
-    rows = math.ceil(r.prompts_per_iteration * r.samples_per_prompt / dp)
     steps = r.prompts_per_iteration // r.mini_batch_size
-    per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / dp)
+    # the trainer deals each mini-batch's prompts round-robin over the replicas
+    # (trainer.update.replica_prompts): ceil or floor of m / dp prompts, all their samples
+    shares = {-(-r.mini_batch_size // dp), r.mini_batch_size // dp} - {0}
+    counts = sorted(p * r.samples_per_prompt for p in shares)  # rows per step of a replica
+    per_step = counts[-1]
+    rows = steps * per_step  # the largest replica's rows per iteration
     seq = r.max_prompt_tokens + r.max_response_tokens
     worst = None
     if r.micro_batch_tokens is None:
-        mb = max(d for d in range(1, min(r.micro_batch_size, per_step) + 1) if per_step % d == 0)
-        count = per_step // mb
+
+        def divisor(n: int) -> int:  # trainer.batches.largest_divisor
+            return max(d for d in range(1, min(r.micro_batch_size, n) + 1) if n % d == 0)
+
+        # each replica cuts its own rows: plan the widest micro-batch and the most of them
+        mb = max(divisor(n) for n in counts)
+        count = max(n // divisor(n) for n in counts)
     else:
         multiple = lay["student"].tp if cfg.parallel.sequence_parallel else 1
         mb, worst, count = budget_worst_case(
@@ -251,7 +259,8 @@ def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
 
     r, s = cfg.rollout, cfg.parallel.student
     limit = longest_rollout_row(cfg)
-    per_step = math.ceil(r.mini_batch_size * r.samples_per_prompt / max(world // (s.tp * s.pp), 1))
+    dp = max(world // (s.tp * s.pp), 1)
+    per_step = -(-r.mini_batch_size // dp) * r.samples_per_prompt  # the largest replica's
     found = dict.fromkeys(GPUS, 0)
     trial = copy.deepcopy(cfg)
     trial.rollout.micro_batch_size = per_step

@@ -96,3 +96,28 @@ def test_evaluate_decodes_at_most_the_bound():
     seen, bounds = run_distributed(_evaluate_worker, 1, timeout=120)[0]
     assert [n for n, _ in seen] == [512, 512]  # 64 prompts x k 8 on one replica
     assert [m for _, m in seen] == bounds and all(m < 512 for m in bounds)
+
+
+def test_the_plan_cuts_micro_batches_as_the_replicas_do(tmp_path):
+    """The plan divided mini_batch_size x samples evenly over the replicas; the trainer deals
+    prompts round-robin (ceil or floor of m / dp each, with all their samples) and each replica
+    cuts its own rows, so the plan showed smaller micro-batches than ran, and a 'fits'."""
+    from megatron_eaopd.trainer.batches import largest_divisor
+    from megatron_eaopd.trainer.update import replica_prompts
+
+    path = CONFIGS / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
+    # 32 prompts per mini-batch: over 6 replicas 6 or 5 (x 4 samples: 24 or 20 rows, cut in 4s;
+    # the plan had 22 rows in 2s), over 3 replicas 11 or 10 (the plan had 1-row micro-batches)
+    for world, extra in ((24, ["rollout.samples_per_prompt=4"]),
+                         (12, ["rollout.micro_batch_size=8"])):  # fmt: skip
+        cfg = load_config(path, [*hf_overrides(path, str(tmp_path)), *extra])
+        r, dp = cfg.rollout, world // 4
+        steps = r.prompts_per_iteration // r.mini_batch_size
+        counts = [len(replica_prompts(list(range(r.mini_batch_size)), r.mini_batch_size, dp, d))
+                  * r.samples_per_prompt for d in range(dp)]  # fmt: skip
+        batch = plan_config(cfg, world)["batch"]
+        assert batch["micro_batch"] == max(largest_divisor(n, r.micro_batch_size) for n in counts)
+        assert batch["rows"] == steps * max(counts)
+        assert batch["micro_batches"] == max(n // largest_divisor(n, r.micro_batch_size)
+                                             for n in counts)  # fmt: skip
+    assert batch["micro_batch"] == 5  # a replica with 10 prompts: micro-batches of 5
