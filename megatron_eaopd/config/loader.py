@@ -16,6 +16,7 @@ import ast
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -319,6 +320,21 @@ def _check_meta(value: Any, meta: typing.Mapping, path: str, problems: list) -> 
             problems.append((path, f"out of range: {value!r} (must be {word} {bound})"))
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_paths() -> tuple[str, ...]:
+    """Every dotted key of the schema (model.student.layers, ...), for 'unknown key' hints."""
+
+    def walk(cls: type, prefix: str):
+        for f in dataclasses.fields(cls):
+            kind = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(kind):
+                yield from walk(kind, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    return tuple(walk(EAOPDConfig, ""))
+
+
 def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:
     if dataclasses.is_dataclass(value) and isinstance(value, cls):
         value = dataclasses.asdict(value)
@@ -336,9 +352,13 @@ def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:
             problems.append((sub, REMOVED_KEYS[sub]))
             continue
         if key not in fields:
+            elsewhere = [p for p in _schema_paths() if p.rsplit(".", 1)[-1] == key and p != sub]
             hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            known = "" if hint else f" (known keys: {', '.join(fields)})"
+            if elsewhere:  # the right key in another section: training.warmup_iterations
+                extra = f"; it is a key of another section: {' or '.join(elsewhere)}"
+            else:
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            known = "" if hint or elsewhere else f" (known keys: {', '.join(fields)})"
             problems.append((sub, f"unknown key{extra}{known}"))
             continue
         n_before = len(problems)

@@ -190,6 +190,15 @@ def test_unknown_keys_name_the_path_and_suggest():
     text = str(err.value)
     for path in probs:
         assert path in text
+    # a key of another section is named there, not matched to a near name of this one
+    # ("training.warmup_iterations: did you mean 'iterations'?" would change the run's length)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.warmup_iterations=10", "model.student.tp=2"])
+    probs = _problems(err.value)
+    assert "another section: " in probs["training.warmup_iterations"]
+    assert "optimizer.warmup_iterations" in probs["training.warmup_iterations"]
+    assert "'iterations'" not in probs["training.warmup_iterations"]
+    assert "parallel.student.tp" in probs["model.student.tp"]
 
 
 def test_type_range_and_choice_errors():
