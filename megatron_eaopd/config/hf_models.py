@@ -15,6 +15,7 @@ import json
 import os
 
 __all__ = [
+    "context_warning",
     "SHAPE_KEYS",
     "TOKENIZER_FOLDER_FILES",
     "has_tokenizer_files",
@@ -257,3 +258,33 @@ def tokenizer_problems(cfg, problems: list) -> None:
                     "tokenizer (tokenizer.path=null with tokenizer.kind=auto)",
                 )
             )
+
+
+def context_warning(cfg) -> str | None:
+    """Sequences longer than a Hugging Face model was trained for (``max_position_embeddings``
+    of its config.json, or of the folder an imported checkpoint came from): the rollout and
+    evaluation limits (``model.*.max_seq_len``) reach positions whose RoPE angles the model has
+    never seen. A warning, not a refusal (RoPE extrapolates; a user may mean it). Reads files
+    only."""
+    import json
+
+    out = []
+    for who in ("student", "teacher"):
+        folder = getattr(cfg.model, f"{who}_hf") or imported_from(
+            getattr(cfg.model, f"{who}_checkpoint")
+        )
+        try:
+            with open(os.path.join(folder or "", "config.json"), encoding="utf-8") as f:
+                trained = int(json.load(f).get("max_position_embeddings") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        length = getattr(cfg.model, who).max_seq_len
+        if trained and length > trained:
+            out.append(f"the {who}'s sequences reach {length} positions, beyond the "
+                       f"{trained} its config.json was trained for ({folder})")  # fmt: skip
+    if not out:
+        return None
+    return (
+        "; ".join(out) + ": RoPE extrapolates past that, and quality usually drops. Lower "
+        "rollout.max_prompt_tokens + max_response_tokens / eval.max_response_tokens"
+    )

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs, save_resolved
+from megatron_eaopd.config.hf_models import context_warning
 from megatron_eaopd.data import prepare_data
 from megatron_eaopd.data.sampling import PromptSampler, run_iterations
 from megatron_eaopd.losses import ObjectiveConfig
@@ -159,7 +160,8 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self._lock_output_dir()
         for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg),
-                        sampling_warning(cfg), wandb_warning(cfg)):  # fmt: skip
+                        sampling_warning(cfg), wandb_warning(cfg),
+                        context_warning(cfg)):  # fmt: skip
             if warning and self.rank0:
                 logger.warning("%s", warning)
         if self.rank0:

@@ -190,3 +190,18 @@ def test_a_model_folder_without_tokenizer_files_is_not_a_tokenizer(tmp_path):
     assert load_config(PAPER, [*hf, f"tokenizer.path={student}"]).tokenizer.path == student
     os.remove(os.path.join(student, "tokenizer_config.json"))
     assert "tokenizer.path=" not in _problems(hf)["tokenizer.path"]  # neither folder has them
+
+
+def test_sequences_beyond_a_models_trained_context_are_warned_about(tmp_path):
+    """rollout.max_response_tokens=40000 with Qwen3-1.7B-Base (32,768 positions) was accepted
+    silently; the run would decode past the context the model was trained for."""
+    from megatron_eaopd.config.hf_models import context_warning
+
+    teacher, student = _folders(tmp_path)
+    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}"]
+    assert context_warning(load_config(PAPER, hf)) is None  # 1,024 + 8,192 positions
+    long = ["rollout.max_response_tokens=36000", "eval.max_response_tokens=36000"]
+    text = context_warning(load_config(PAPER, [*hf, *long]))
+    assert "the student's sequences reach 37024 positions, beyond the 32768" in text
+    assert "the teacher's" not in text  # Qwen3-8B: 40,960 positions
+    assert "Lower rollout.max_prompt_tokens" in text
