@@ -219,22 +219,27 @@ def _fmt(key: str, value) -> str:
 def wandb_warning(cfg) -> str | None:
     """Why ``logging.wandb`` will likely not log (checked at the start, before the models load,
     since wandb.init only runs after them): wandb not installed, or no credentials
-    (WANDB_API_KEY, a netrc entry for api.wandb.ai) outside offline or disabled mode. None when
-    nothing is in the way (the network is not tried)."""
+    (WANDB_API_KEY, a netrc entry for api.wandb.ai or WANDB_BASE_URL's host) outside offline or
+    disabled mode. None when nothing is in the way (the network is not tried)."""
     if not cfg.logging.wandb:
         return None
     import importlib.util
 
     if importlib.util.find_spec("wandb") is None:
         return "logging.wandb is on but wandb is not installed (pip install wandb): no W&B run"
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in (
-        "offline", "disabled", "dryrun"
-    ):  # fmt: skip
+    if (
+        os.environ.get("WANDB_API_KEY")
+        or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+        or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1")
+    ):
         return None
     import netrc
+    from urllib.parse import urlparse
 
+    # `wandb login` keeps the key under the server's host (a self-hosted one: WANDB_BASE_URL)
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     try:
-        found = netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai")
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "api.wandb.ai")
     except (OSError, netrc.NetrcParseError):
         found = None
     if found:

@@ -171,6 +171,11 @@ def test_a_wandb_that_cannot_log_leaves_the_run_going(tmp_path, monkeypatch, cap
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password abc\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert wandb_warning(cfg) is None
+    # a self-hosted server: `wandb login --host` keeps the key under that host
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")
+    assert "no W&B credentials" in wandb_warning(cfg)
+    (tmp_path / "netrc").write_text("machine wandb.corp.example login user password abc\n")
+    assert wandb_warning(cfg) is None
     assert wandb_warning(SimpleNamespace(logging=_cfg(wandb=False))) is None
 
 
