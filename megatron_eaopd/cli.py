@@ -155,16 +155,14 @@ def _checked_run(args, held: list) -> int:
     try:
         try:
             summary = run(cfg, handler, data)
-        except RunRefused as err:  # the folder's saved run refuses this launch (every rank)
+        except (RunRefused, NonFiniteUpdateError) as err:  # every rank, at the same point
+            refused = isinstance(err, RunRefused)  # the folder's saved run; else: diverged
             if rank == 0:
-                print(f"eaopd-train: {err}", file=sys.stderr)
-            write_exit_status("config_error", EXIT_CONFIG)
-            return EXIT_CONFIG
-        except NonFiniteUpdateError as err:  # diverged: every rank at the same step
-            if rank == 0:
-                print(f"eaopd-train: training failed: {err}", file=sys.stderr)
-            write_exit_status("failed", EXIT_FAILED)
-            return EXIT_FAILED
+                print(f"eaopd-train: {'' if refused else 'training failed: '}{err}",
+                      file=sys.stderr)  # fmt: skip
+            status, code = ("config_error", EXIT_CONFIG) if refused else ("failed", EXIT_FAILED)
+            write_exit_status(status, code)
+            return code
         stopped = bool(summary["stopped_early"])
         if rank == 0:
             final = summary.get("eval") or {}

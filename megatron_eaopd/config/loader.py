@@ -323,16 +323,7 @@ def _check_meta(value: Any, meta: typing.Mapping, path: str, problems: list) -> 
 @functools.lru_cache(maxsize=1)
 def _schema_paths() -> tuple[str, ...]:
     """Every dotted key of the schema (model.student.layers, ...), for 'unknown key' hints."""
-
-    def walk(cls: type, prefix: str):
-        for f in dataclasses.fields(cls):
-            kind = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(kind):
-                yield from walk(kind, f"{prefix}{f.name}.")
-            else:
-                yield f"{prefix}{f.name}"
-
-    return tuple(walk(EAOPDConfig, ""))
+    return tuple(flatten(config_to_dict(EAOPDConfig())))
 
 
 def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:

@@ -39,7 +39,7 @@ from megatron_eaopd.plan.memory import (
     padded_vocab,
     plan_memory,
 )
-from megatron_eaopd.trainer.decode_rows import eval_decode_rows
+from megatron_eaopd.trainer.decode_rows import eval_decode_rows, replica_step_rows
 
 EXIT_BAD_INPUT = 2
 
@@ -188,10 +188,7 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     r = cfg.rollout
     dp = lay["student"].dp
     steps = r.prompts_per_iteration // r.mini_batch_size
-    # the trainer deals each mini-batch's prompts round-robin over the replicas
-    # (trainer.update.replica_prompts): ceil or floor of m / dp prompts, all their samples
-    shares = {-(-r.mini_batch_size // dp), r.mini_batch_size // dp} - {0}
-    counts = sorted(p * r.samples_per_prompt for p in shares)  # rows per step of a replica
+    counts = replica_step_rows(cfg, dp)  # rows per step of a replica, as the trainer deals
     per_step = counts[-1]
     rows = steps * per_step  # the largest replica's rows per iteration
     seq = r.max_prompt_tokens + r.max_response_tokens
@@ -257,10 +254,9 @@ def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
     that is at most micro_batch_size)."""
     import copy
 
-    r, s = cfg.rollout, cfg.parallel.student
+    s = cfg.parallel.student
     limit = longest_rollout_row(cfg)
-    dp = max(world // (s.tp * s.pp), 1)
-    per_step = -(-r.mini_batch_size // dp) * r.samples_per_prompt  # the largest replica's
+    per_step = replica_step_rows(cfg, max(world // (s.tp * s.pp), 1))[-1]  # the largest
     found = dict.fromkeys(GPUS, 0)
     trial = copy.deepcopy(cfg)
     trial.rollout.micro_batch_size = per_step

@@ -45,16 +45,17 @@ __all__ = [
     "RunFolderBusy",
     "RunRefused",
     "broken_checkpoint_message",
-    "check_unmarked_checkpoints",
-    "latest_checkpoint_problem",
-    "saved_run_config",
     "check_foreign_checkpoints",
     "check_moved_checkpoints",
+    "check_unmarked_checkpoints",
+    "latest_checkpoint_problem",
     "length_problem",
     "load_for_resume",
     "lock_output_dir",
     "lock_run_folders",
     "planned_iterations",
+    "saved_by",
+    "saved_run_config",
     "set_aside_after",
     "set_aside_earlier_attempt",
     "try_flock",
@@ -365,16 +366,11 @@ def check_foreign_checkpoints(cfg, ckpt_dir: str, name: str) -> None:
     ``Trainer.save``) that still holds its config.yaml; resuming would continue that run here.
     A moved run (its old folder gone), checkpoints copied into a run folder (the default
     checkpoint_dir) and saves that record no folder (older versions, imports) are accepted."""
-    from megatron_eaopd.models.checkpoint import read_meta
-
     t = cfg.training
     here = os.path.realpath(t.output_dir)
     if not t.checkpoint_dir or within(t.checkpoint_dir, here):
         return
-    try:
-        owner = read_meta(os.path.join(ckpt_dir, name)).get("extra", {}).get("output_dir")
-    except (OSError, ValueError):
-        return  # an incomplete or unreadable save: load_checkpoint reports it
+    owner = saved_by(os.path.join(ckpt_dir, name))  # None: unreadable (the resume reports it)
     if not owner or os.path.realpath(owner) == here:
         return
     if os.path.isfile(os.path.join(owner, "config.yaml")):
