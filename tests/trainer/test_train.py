@@ -248,3 +248,28 @@ def test_cli_turns_a_refused_resume_into_exit_2(tmp_path, capsys, monkeypatch):
     assert "eaopd-train: training.output_dir=x holds a run trained on other inputs" in err
     assert "Traceback" not in err
     assert (tmp_path / "status" / "rank0").read_text().split() == ["config_error", "2"]
+
+
+def _diverge_worker(rank, world, tmp):
+    """A run whose learning rate blows the student up, with training.max_skipped_in_a_row=2:
+    the message each rank raised (None: the run went to its end)."""
+    from megatron_eaopd.cli import run
+    from megatron_eaopd.trainer.update import NonFiniteUpdateError
+
+    cfg = _cfg(tmp, "diverged", "eopd", "optimizer.lr=1e6", "optimizer.clip_grad=0",
+               "optimizer.warmup_iterations=0", "training.eval_at_start=false",
+               "training.iterations=6", "training.eval_interval=0", "student_prep.iterations=1",
+               "teacher_prep.iterations=2", "training.max_skipped_in_a_row=2")  # fmt: skip
+    try:
+        run(cfg)
+    except NonFiniteUpdateError as err:
+        return str(err)
+    return None
+
+
+def test_training_max_skipped_in_a_row_stops_a_diverged_run(tmp_path):
+    """The key reaches the trainer's student: every later update of a diverged run was skipped
+    to the end, and the run reported success."""
+    results = run_distributed(_diverge_worker, 2, str(tmp_path), timeout=600)
+    for text in results:
+        assert text is not None and text.startswith("the last 2 updates were all skipped")
