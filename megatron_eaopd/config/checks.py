@@ -4,10 +4,11 @@
 :func:`check_run` adds what depends on the job: the world size (``WORLD_SIZE``) must be a multiple
 of each model's ``tp * pp``; ``parallel.sequence_parallel`` needs ``parallel.student.tp > 1``; the
 sampled form needs ``loss.temperature == rollout.temperature``; math-verify must be installed when
-``eval.use_math_verify`` asks for it; and, once the tokenizer is known, every top-k is bounded by
-the vocabulary, and no model may have fewer embedding rows than the tokenizer has ids. It makes
-no collective and creates no process group, so the CLI calls it before anything starts (exit
-status 2 on a problem), and the trainer calls it again in ``setup``.
+``eval.use_math_verify`` asks for it; bf16 needs a GPU of compute capability 8.0 or later; and,
+once the tokenizer is known, every top-k is bounded by the vocabulary, and no model may have fewer
+embedding rows than the tokenizer has ids. It makes no collective and creates no process group,
+so the CLI calls it before anything starts (exit status 2 on a problem), and the trainer calls it
+again in ``setup``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def run_problems(
     *,
     cuda_available: bool | None = None,
     math_verify_installed: bool | None = None,
+    gpu: tuple[str, int, int] | None = None,
 ) -> list[tuple[str, str]]:
     """The ``(key, message)`` problems :func:`check_run` raises (empty when there are none)."""
     problems: list[tuple[str, str]] = []
@@ -74,7 +76,8 @@ def run_problems(
                     f"{_divisors(world_size)}",
                 )
             )
-    if cfg.model.student.dtype != "fp32" or cfg.parallel.backend == "nccl":
+    bf16 = "bf16" in (cfg.model.student.dtype, cfg.model.teacher.dtype)
+    if cfg.model.student.dtype != "fp32" or cfg.parallel.backend == "nccl" or bf16:
         if cuda_available is None:
             import torch
 
@@ -91,6 +94,7 @@ def run_problems(
                 "(model.student.dtype=fp32; the teacher may stay bf16)",
             )
         )
+    problems += _bf16_problems(cfg, cuda_available, gpu)
     if cfg.parallel.backend == "nccl" and not cuda_available:
         problems.append(
             (
@@ -183,6 +187,7 @@ def check_run(
     *,
     cuda_available: bool | None = None,
     math_verify_installed: bool | None = None,
+    gpu: tuple[str, int, int] | None = None,
 ) -> None:
     """Refuse a config that cannot run on ``world_size`` ranks, listing every problem.
 
@@ -195,6 +200,8 @@ def check_run(
         cuda_available: whether CUDA is usable; None: ``torch.cuda.is_available()`` (read only
             when ``model.student.dtype`` is not fp32).
         math_verify_installed: None: try the import (only when ``eval.use_math_verify`` is true).
+        gpu: ``(name, major, minor)`` of the CUDA device; None: read from the current device
+            when CUDA is usable and a model is bf16 (bf16 needs compute capability 8.0).
 
     Raises:
         ConfigError: each problem with its key and the allowed values. No collective, no
@@ -206,9 +213,38 @@ def check_run(
         vocab_size,
         cuda_available=cuda_available,
         math_verify_installed=math_verify_installed,
+        gpu=gpu,
     )
     if problems:
         raise ConfigError(problems, f"{world_size} rank{'s' if world_size != 1 else ''}")
+
+
+def _bf16_problems(cfg: EAOPDConfig, cuda_available: bool, gpu) -> list[tuple[str, str]]:
+    """bf16 on a CUDA device before compute capability 8.0 (V100 7.0, T4 7.5): torch emulates
+    it there, an order of magnitude slower, and fused kernels (Transformer Engine, flash
+    attention) refuse it. fp16 is the half precision those cards have."""
+    if not cuda_available:
+        return []
+    if gpu is None:
+        import torch
+
+        if not torch.cuda.is_available() or torch.version.hip:
+            return []
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = (props.name, props.major, props.minor)
+    name, major, minor = gpu
+    if major >= 8:
+        return []
+    return [
+        (
+            f"model.{who}.dtype",
+            f"bf16 needs a GPU of compute capability 8.0 or later (Ampere: A100, H100); this "
+            f"{name} is {major}.{minor}, where bf16 is emulated, many times slower, and fused "
+            f"kernels refuse it. Set model.{who}.dtype=fp16 (or fp32)",
+        )
+        for who in ("student", "teacher")
+        if getattr(cfg.model, who).dtype == "bf16"
+    ]
 
 
 def _divisors(n: int) -> list[int]:

@@ -54,7 +54,8 @@ class ModelConfig:
     tied_embeddings: bool = True
     """Share the input embedding and the output projection weights."""
     dtype: str = _f("fp32", choices=DTYPES)
-    """Parameter and compute dtype: fp32, bf16 or fp16."""
+    """Parameter and compute dtype: fp32, bf16 or fp16. bf16 on a GPU needs compute capability
+    8.0 or later (A100, H100; refused on V100 and T4: use fp16)."""
     kv_channels: int | None = _f(None, ge=1)
     """Per-head dimension; null means hidden // heads (Qwen3 uses 128 at every size)."""
     qk_layernorm: bool = False

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_eaopd import cli
 from megatron_eaopd.config import ConfigError, check_run, load_config
+from megatron_eaopd.config.checks import run_problems
 from megatron_eaopd.data import answers, prepare
 from tests.paper_configs import hf_overrides
 
@@ -164,7 +165,6 @@ def test_sequence_parallel_accepted_with_student_tp_2_on_gpu_and_cpu(tmp_path, c
     CPU too: only student TP 1 is refused."""
     path = REPO / "configs" / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
     cfg = load_config(path, ["parallel.sequence_parallel=true", *hf_overrides(path, str(tmp_path))])
-    from megatron_eaopd.config.checks import run_problems
 
     keys = [k for k, _ in run_problems(cfg, 8, cuda_available=cuda, math_verify_installed=True)]
     assert "parallel.sequence_parallel" not in keys
@@ -199,3 +199,19 @@ def test_nccl_is_refused_without_cuda_and_auto_is_not():
         check_run(cfg, 2, cuda_available=False)
     check_run(cfg, 2, cuda_available=True)
     check_run(load_config(TINY, ["parallel.backend=auto"]), 2, cuda_available=False)
+
+
+def test_bf16_is_refused_on_gpus_before_ampere_and_names_each_model():
+    cfg = load_config(TINY, ["model.student.dtype=bf16", "model.teacher.dtype=bf16"])
+    v100 = ("Tesla V100-SXM2-32GB", 7, 0)
+    problems = dict(run_problems(cfg, 2, cuda_available=True, gpu=v100))
+    for who in ("student", "teacher"):
+        text = problems[f"model.{who}.dtype"]
+        assert "V100-SXM2-32GB is 7.0" in text and f"model.{who}.dtype=fp16" in text
+    only_teacher = load_config(TINY, ["model.teacher.dtype=bf16"])
+    t4 = ("Tesla T4", 7, 5)
+    with pytest.raises(ConfigError, match=r"model.teacher.dtype: bf16 needs .* T4 is 7.5"):
+        check_run(only_teacher, 2, cuda_available=True, gpu=t4)
+    check_run(cfg, 2, cuda_available=True, gpu=("NVIDIA A100-SXM4-80GB", 8, 0))
+    check_run(only_teacher, 2, cuda_available=False, gpu=t4)  # the CPU runs bf16 natively
+    check_run(load_config(TINY, ["model.teacher.dtype=fp16"]), 2, cuda_available=True, gpu=t4)
