@@ -16,7 +16,6 @@ import ast
 import copy
 import dataclasses
 import difflib
-import functools
 import inspect
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any, Union
 
 import yaml
 
+from megatron_eaopd.config.key_names import unknown_key_problem
 from megatron_eaopd.config.schema import EAOPDConfig
 
 __all__ = [
@@ -279,15 +279,6 @@ def _convert(value: Any, tp: Any, path: str, problems: list) -> Any:
 
 _BOUND_WORDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
-# Keys that existed once and were removed: a config that still sets one gets this reason instead
-# of "unknown key".
-REMOVED_KEYS = {
-    "rollout.engine": (
-        "was removed: it was never read; the project's own sampler (megatron_eaopd.rollout) is "
-        "the only rollout engine. Delete the key"
-    ),
-}
-
 
 def _range_text(meta: typing.Mapping) -> str:
     """The allowed range of a numeric field, e.g. 'a finite number > 0 and <= 1'."""
@@ -320,12 +311,6 @@ def _check_meta(value: Any, meta: typing.Mapping, path: str, problems: list) -> 
             problems.append((path, f"out of range: {value!r} (must be {word} {bound})"))
 
 
-@functools.lru_cache(maxsize=1)
-def _schema_paths() -> tuple[str, ...]:
-    """Every dotted key of the schema (model.student.layers, ...), for 'unknown key' hints."""
-    return tuple(flatten(config_to_dict(EAOPDConfig())))
-
-
 def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:
     if dataclasses.is_dataclass(value) and isinstance(value, cls):
         value = dataclasses.asdict(value)
@@ -339,18 +324,8 @@ def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:
     kwargs = {}
     for key, raw in value.items():
         sub = f"{path}.{key}" if path else str(key)
-        if key not in fields and sub in REMOVED_KEYS:
-            problems.append((sub, REMOVED_KEYS[sub]))
-            continue
         if key not in fields:
-            elsewhere = [p for p in _schema_paths() if p.rsplit(".", 1)[-1] == key and p != sub]
-            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            if elsewhere:  # the right key in another section: training.warmup_iterations
-                extra = f"; it is a key of another section: {' or '.join(elsewhere)}"
-            else:
-                extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            known = "" if hint or elsewhere else f" (known keys: {', '.join(fields)})"
-            problems.append((sub, f"unknown key{extra}{known}"))
+            problems.append((sub, unknown_key_problem(sub, str(key), fields)))
             continue
         n_before = len(problems)
         converted = _convert(raw, hints[key], sub, problems)

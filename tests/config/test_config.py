@@ -201,6 +201,23 @@ def test_unknown_keys_name_the_path_and_suggest():
     assert "parallel.student.tp" in probs["model.student.tp"]
 
 
+def test_names_peers_use_are_told_our_key():
+    """verl / TRL / Megatron names get this project's key, in the section the name was written
+    in (eval.samples_per_prompt is eval.k, not rollout.samples_per_prompt)."""
+    from megatron_eaopd.config.key_names import PEER_NAMES, _schema_paths
+
+    assert set(PEER_NAMES.values()) <= set(_schema_paths())  # every target is a real key
+    assert not set(PEER_NAMES) & set(_schema_paths())  # no name shadows a real key
+    asked = {"eval.samples_per_prompt": "eval.k", "loss.alpha": "loss.fkl_coef",
+             "rollout.n": "rollout.samples_per_prompt", "training.train_iters":
+             "training.iterations", "optimizer.learning_rate": "optimizer.lr"}  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{k}=1" for k in asked])
+    probs = _problems(err.value)
+    for written, ours in asked.items():
+        assert probs[written] == f"unknown key; this project calls it {ours}"
+
+
 def test_type_range_and_choice_errors():
     with pytest.raises(ConfigError) as err:
         load_config(

@@ -1,0 +1,75 @@
+"""What an unknown config key is told: a removed key's reason, the key a peer's name stands for,
+the same key in another section, or a close spelling.
+
+Users come from verl, NeMo-RL, TRL and Megatron's own arguments, and write the names they know
+(``loss.alpha``, ``rollout.n``, ``training.train_iters``). :func:`unknown_key_problem` names our
+key for each of them instead of a bare "unknown key". Reads the schema only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+
+from megatron_eaopd.config.schema import EAOPDConfig
+
+__all__ = ["PEER_NAMES", "REMOVED_KEYS", "unknown_key_problem"]
+
+# Keys that existed once and were removed: a config that still sets one gets this reason instead
+# of "unknown key".
+REMOVED_KEYS = {
+    "rollout.engine": (
+        "was removed: it was never read; the project's own sampler (megatron_eaopd.rollout) is "
+        "the only rollout engine. Delete the key"
+    ),
+}
+
+_PEERS = {  # our key: the names the paper, verl, NeMo-RL, TRL or Megatron use for it
+    "loss.fkl_coef": ("alpha", "fkl_weight", "kl_coef"),
+    "loss.entropy_threshold": ("tau", "entropy_tau", "threshold"),
+    "loss.top_k": ("k", "topk_logits_k", "num_topk"),
+    "loss.clip": ("clip_ratio", "clip_eps", "epsilon", "ratio_clip"),
+    "loss.jsd_beta": ("beta",),
+    "rollout.samples_per_prompt": ("n", "num_samples", "n_samples", "num_generations"),
+    "rollout.prompts_per_iteration": ("batch_size", "train_batch_size", "num_prompts"),
+    "rollout.max_response_tokens": ("max_new_tokens", "response_length", "max_tokens"),
+    "rollout.max_prompt_tokens": ("prompt_length", "max_prompt_length"),
+    "eval.k": ("samples_per_prompt", "n", "num_samples", "n_samples", "pass_k"),
+    "eval.max_response_tokens": ("max_new_tokens", "response_length", "max_tokens"),
+    "optimizer.lr": ("learning_rate",),
+    "optimizer.warmup_iterations": ("warmup_steps", "lr_warmup_iters"),
+    "optimizer.clip_grad": ("max_grad_norm", "grad_clip"),
+    "training.iterations": ("max_steps", "train_iters", "total_steps", "num_steps"),
+    "training.checkpoint_interval": ("save_interval", "save_steps"),
+    "training.checkpoint_dir": ("save", "save_dir"),
+    "training.eval_interval": ("eval_steps", "eval_iters", "test_freq"),
+}
+#: ``section.name`` a user may write -> our key (the name is read in that section).
+PEER_NAMES = {
+    f"{key.rsplit('.', 1)[0]}.{name}": key for key, names in _PEERS.items() for name in names
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_paths() -> tuple[str, ...]:
+    """Every dotted key of the schema (model.student.layers, ...)."""
+    from megatron_eaopd.config.loader import config_to_dict, flatten  # loader imports this module
+
+    return tuple(flatten(config_to_dict(EAOPDConfig())))
+
+
+def unknown_key_problem(sub: str, key: str, fields) -> str:
+    """The message for ``sub`` (dotted path, last part ``key``) that is not one of ``fields`` (the
+    section's field names): the removed key's reason, else the hint, else the known keys."""
+    if sub in REMOVED_KEYS:
+        return REMOVED_KEYS[sub]
+    if sub in PEER_NAMES:  # eval.samples_per_prompt: eval.k, not rollout.samples_per_prompt
+        return f"unknown key; this project calls it {PEER_NAMES[sub]}"
+    elsewhere = [p for p in _schema_paths() if p.rsplit(".", 1)[-1] == key and p != sub]
+    hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+    if elsewhere:  # the right key in another section: training.warmup_iterations
+        extra = f"; it is a key of another section: {' or '.join(elsewhere)}"
+    else:
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+    known = "" if hint or elsewhere else f" (known keys: {', '.join(fields)})"
+    return f"unknown key{extra}{known}"
