@@ -25,7 +25,7 @@ REMOVED_KEYS = {
 }
 
 _PEERS = {  # our key: the names the paper, verl, NeMo-RL, TRL or Megatron use for it
-    "loss.fkl_coef": ("alpha", "fkl_weight", "kl_coef"),
+    "loss.fkl_coef": ("alpha", "fkl_weight"),
     "loss.entropy_threshold": ("tau", "entropy_tau", "threshold"),
     "loss.top_k": ("k", "topk_logits_k", "num_topk"),
     "loss.clip": ("clip_ratio", "clip_eps", "epsilon", "ratio_clip"),
