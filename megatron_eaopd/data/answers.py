@@ -2,11 +2,13 @@
 
 :func:`check_answer` uses the optional ``math-verify`` package (``pip install
 megatron-eaopd[math]``) when it is installed and asked for, and otherwise a normalised comparison:
-strings are normalised (spaces, ``$``, ``\\left``/``\\right``, ``\\dfrac``, ``^\\circ``, text
-wrappers, a trailing period, braces around one character after ``^``, ``_`` or ``\\sqrt``, a
-leading ``x=`` where the other side has none or the same, parentheses around a one-letter
-choice) and compared; when both sides read as numbers (integers, decimals, ``a/b``,
-``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions.
+strings are normalised (spaces, ``$``, ``\\left``/``\\right`` before a delimiter, ``\\dfrac``,
+``^\\circ``, text wrappers, a trailing period, braces around one character after ``^``, ``_`` or
+``\\sqrt``, a leading ``x=`` where the other side has none or the same, parentheses around a
+one-letter choice) and compared; when both sides read as numbers (integers, decimals, ``a/b``,
+``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions. A
+comma followed by a space separates list items (``10, 100`` is not 10100). With math-verify, an
+answer is right when math-verify or the normalised comparison accepts it.
 """
 
 from __future__ import annotations
@@ -30,19 +32,16 @@ def extract_boxed(text: str) -> str | None:
     """Return the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
 
     Braces are balanced, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``; ``\\boxed 5`` (no
-    braces) gives ``5``. Returns None when there is no complete box.
+    braces) gives ``5``. Returns None when there is no box, or when the last one is not complete
+    (a response cut off inside its final box has no final answer: an earlier box it went on to
+    revise does not count).
     """
-    best: tuple[int, str] | None = None
-    for cmd in _BOX_COMMANDS:
-        start = text.rfind(cmd)
-        while start != -1:
-            content = _box_content(text, start + len(cmd))
-            if content is not None:
-                if best is None or start > best[0]:
-                    best = (start, content)
-                break
-            start = text.rfind(cmd, 0, start)
-    return None if best is None else best[1].strip()
+    starts = [(text.rfind(cmd), cmd) for cmd in _BOX_COMMANDS]
+    start, cmd = max(starts)
+    if start == -1:
+        return None
+    content = _box_content(text, start + len(cmd))
+    return None if content is None else content.strip()
 
 
 def _box_content(text: str, i: int) -> str | None:
@@ -72,6 +71,10 @@ _ONE_CHAR_GROUP = re.compile(r"(\^|_|\\sqrt)\{(\w)\}")
 # a leading assignment to one variable (x=2); dropped only where the other side has no "="
 _ASSIGNED = re.compile(r"^[A-Za-z]=(?=[^=])")
 _CHOICE = re.compile(r"\(([A-Za-z])\)")
+# \left / \right before their delimiter, not the start of \leftarrow or \rightarrow
+_SIZING = re.compile(r"\\(?:left|right)(?![A-Za-z])")
+# a comma followed by a space separates list items (10, 100), never thousands (10,100)
+_LIST_COMMA = re.compile(r",\s")
 
 
 def normalize_answer(answer: str) -> str:
@@ -81,9 +84,8 @@ def normalize_answer(answer: str) -> str:
     if boxed is not None:
         s = boxed
     s = _TEXT_WRAPPERS.sub(r"\1", s)
+    s = _SIZING.sub("", s)  # \left( -> (, but \leftarrow stays
     for old, new in (
-        ("\\left", ""),
-        ("\\right", ""),
         ("\\!", ""),
         ("\\,", ""),
         ("\\;", ""),
@@ -116,16 +118,18 @@ MAX_NUMBER_CHARS = 4000
 MAX_EXPONENT = 1000
 
 
-def parse_number(answer: str) -> Fraction | None:
+def parse_number(answer: str, separators: bool = True) -> Fraction | None:
     """Read a normalised answer as an exact number, or None when it is not one (also when it
-    is longer than MAX_NUMBER_CHARS or its exponent exceeds MAX_EXPONENT)."""
+    is longer than MAX_NUMBER_CHARS or its exponent exceeds MAX_EXPONENT). ``separators``: read
+    commas between groups of three digits as thousands separators (1,000); :func:`check_answer`
+    turns it off for an answer whose text has a comma followed by a space (a list: 10, 100)."""
     s = normalize_answer(answer)
     percent = s.endswith("\\%") or s.endswith("%")
     s = s.removesuffix("\\%").removesuffix("%")
     if len(s) > 2 * MAX_NUMBER_CHARS:  # a cheap bound before the regular expressions
         return None
     s = s.replace("{,}", ",")  # LaTeX's thousands separator: 1{,}000
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    if separators and re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     if len(s) > MAX_NUMBER_CHARS:
         return None
@@ -201,5 +205,6 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
         a, b = _ASSIGNED.sub("", a), _ASSIGNED.sub("", b)
     if a == b:
         return True
-    na, nb = parse_number(a), parse_number(b)
+    na = parse_number(a, separators=not _LIST_COMMA.search(predicted))
+    nb = parse_number(b, separators=not _LIST_COMMA.search(reference))
     return na is not None and nb is not None and na == nb

@@ -25,7 +25,9 @@ from megatron_eaopd.data.answers import (
         ("\\boxed 5 apples", "5"),
         ("no box here", None),
         ("\\boxed{unclosed", None),
-        ("\\boxed{3} and then \\boxed{4", "3"),
+        ("\\boxed{3} and then \\boxed{4", None),  # cut off in its final box: no final answer
+        ("\\boxed{7} is wrong; the answer is \\boxed", None),
+        ("\\fbox{1} then \\boxed{2} then \\fbox{3}", "3"),
     ],
 )
 def test_extract_boxed(text, expected):
@@ -99,6 +101,18 @@ def test_parse_number(answer, value):
         ("\\boxed{x=2.0}", "x=2", True),
         ("\\boxed{x=\\frac12}", "x=0.5", True),
         ("\\boxed{(AB)}", "AB", False),
+        # a comma and a space separate list items; without the space, thousands
+        ("\\boxed{10100}", "10, 100", False),
+        ("\\boxed{10, 100}", "10100", False),
+        ("\\boxed{4100}", "4, 100", False),
+        ("\\boxed{10,100}", "10, 100", True),  # the same items, spaced otherwise
+        ("\\boxed{-2, 1}", "-2,1", True),
+        ("\\boxed{4,100}", "4100", True),
+        ("\\boxed{\\leftarrow}", "\\rightarrow", False),  # \left / \right only before a delimiter
+        ("\\boxed{\\leftrightarrow}", "\\rightarrow", False),
+        ("\\boxed{\\left( 1, 2 \\right]}", "(1,2]", True),
+        ("\\boxed{\\left\\{1,2\\right\\}}", "\\{1,2\\}", True),
+        ("First \\boxed{7}. Recompute: \\boxed{\\frac{49}{", "7", False),  # cut off
     ],
 )
 def test_check_answer_fallback(response, reference, ok):
