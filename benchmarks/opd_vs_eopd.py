@@ -235,6 +235,8 @@ def _cell(stat, digits=3) -> str:
     mean, ci, n = stat
     if n == 0:  # e.g. fkl_high where no run had a high-entropy teacher token
         return "-"
+    if n == 1:  # one seed: no interval (not a zero-width one)
+        return f"{mean:.{digits}f} (1 run, no CI)"
     return f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 

@@ -292,3 +292,13 @@ def test_study_refuses_a_folder_that_holds_a_run_with_other_settings(tmp_path, m
     monkeypatch.setattr(sys, "argv", [*base, *STUDY, f"tokenizer.cache_dir={out}/tok"])
     study.main()
     assert [name for name, _ in launched] == ["eopd-s1"]
+
+
+def test_cells_give_a_ci_only_from_two_runs():
+    """One seed has no interval: the table says so instead of '± 0.000'."""
+    one = study._cell(study.mean_ci([0.25]))
+    assert one == "0.250 (1 run, no CI)" and "±" not in one
+    two = study._cell(study.mean_ci([0.2, 0.4]))
+    half = study.t95(1) * statistics.stdev([0.2, 0.4]) / math.sqrt(2)
+    assert two == f"0.300 ± {half:.3f}"
+    assert study._cell(study.mean_ci([None, float("nan")])) == "-"
