@@ -25,9 +25,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 __all__ = ["main", "run"]
+
+# what gloo and NCCL raise on the ranks left when one rank of a collective died
+_PEER_GONE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|remote process exited|Broken pipe"
+)
 
 
 def run(cfg, preemption=None, data=None) -> dict:
@@ -139,6 +145,7 @@ def _checked_run(args, held: list) -> int:
 
     import torch.distributed as dist
 
+    from megatron_eaopd.models.save_errors import CheckpointSaveError
     from megatron_eaopd.parallel.init import destroy_parallel
     from megatron_eaopd.trainer.metrics_log import console
     from megatron_eaopd.trainer.preemption import (
@@ -155,14 +162,29 @@ def _checked_run(args, held: list) -> int:
     try:
         try:
             summary = run(cfg, handler, data)
-        except (RunRefused, NonFiniteUpdateError) as err:  # every rank, at the same point
+        except (RunRefused, NonFiniteUpdateError, CheckpointSaveError) as err:
             refused = isinstance(err, RunRefused)  # the folder's saved run; else: diverged
-            if rank == 0:
-                print(f"eaopd-train: {'' if refused else 'training failed: '}{err}",
-                      file=sys.stderr)  # fmt: skip
+            # every rank at the same point (one message), but a write that failed on one rank
+            if rank == 0 or getattr(err, "everywhere", True) is False:
+                what = (
+                    ""
+                    if refused
+                    else "checkpoint not saved: "
+                    if isinstance(err, CheckpointSaveError)
+                    else "training failed: "
+                )
+                print(f"eaopd-train: {what}{err}", file=sys.stderr)  # fmt: skip
             status, code = ("config_error", EXIT_CONFIG) if refused else ("failed", EXIT_FAILED)
             write_exit_status(status, code)
             return code
+        except RuntimeError as err:  # a rank that died took its connections with it
+            if not _PEER_GONE.search(str(err)):
+                raise
+            print(f"eaopd-train: rank {rank} stopped: another rank ended during a collective "
+                  f"(its own error is above or in its log): {str(err).splitlines()[0][:200]}",
+                  file=sys.stderr)  # fmt: skip
+            write_exit_status("failed", EXIT_FAILED)
+            return EXIT_FAILED
         stopped = bool(summary["stopped_early"])
         if rank == 0:
             final = summary.get("eval") or {}

@@ -33,6 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.models.save_errors import (
+    CheckpointSaveError,
+    failure_text,
+    space_problem,
+    write_failed,
+)
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -75,8 +82,9 @@ def _barrier() -> None:
 
 
 def prune_checkpoints(root: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` (>= 1) complete ``iter_*`` folders of ``root`` (never
-    the one ``latest`` names) and leftovers of interrupted saves (``.tmp-iter_*`` /
+    """Delete all but the newest ``keep`` (>= 1) complete ``iter_*`` folders of ``root`` up to
+    the one ``latest`` names (never that one; newer ones are an abandoned attempt's, left for the
+    run to replace when it gets there) and leftovers of interrupted saves (``.tmp-iter_*`` /
     ``.old-iter_*``); returns the deleted paths. Call on one rank after a save. No communication.
     """
     if keep < 1:
@@ -91,16 +99,15 @@ def prune_checkpoints(root: str, keep: int) -> list[str]:
         n for n in os.listdir(root)
         if n.startswith("iter_") and os.path.isfile(os.path.join(root, n, META))
     )  # fmt: skip
+    if latest in names:  # saves newer than latest belong to an abandoned attempt (a resume
+        names = names[: names.index(latest) + 1]  # from an earlier save): not counted, kept
     doomed = [n for n in names[:-keep] if n != latest]
-    doomed += [n for n in os.listdir(root) if n.startswith((".tmp-iter_", ".old-iter_"))]
-    for n in doomed:
-        path = os.path.join(root, n)
-        if n.startswith("iter_"):  # renamed first: a kill mid-delete leaves an .old- folder,
-            gone = os.path.join(root, f".old-{n}")  # which the next prune removes
-            shutil.rmtree(gone, ignore_errors=True)
-            os.rename(path, gone)
-            path = gone
-        shutil.rmtree(path, ignore_errors=True)
+    for n in doomed:  # renamed first: a kill mid-delete leaves an .old- folder, which the
+        gone = os.path.join(root, f".old-{n}")  # next save removes
+        shutil.rmtree(gone, ignore_errors=True)
+        os.rename(os.path.join(root, n), gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    doomed += _remove_leftovers(root)
     return [os.path.join(root, n) for n in doomed]
 
 
@@ -203,10 +210,6 @@ def save_checkpoint(
     load_hf_weights, or the checkpoint they were loaded from).
     Collectives: barriers and dist_checkpointing's save (metadata gather, per-rank writes).
     """
-    from megatron.core import dist_checkpointing
-
-    from megatron_eaopd.signals import install_orphan_guard, preemption_signals_blocked
-
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
     extra = dict(extra or {})
@@ -217,11 +220,70 @@ def save_checkpoint(
     name = checkpoint_name(iteration)
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}")
+    latest = problem = None
     if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-        os.makedirs(tmp)
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+            latest = _latest_name(root)
+            done = complete_checkpoints(root)
+            problem = space_problem(root, name, done[-1] if done else None, latest)
+            if problem is None:
+                os.makedirs(tmp)
+        except OSError as err:  # told to every rank below, not raised here alone
+            problem = f"cannot save {name} to {root}: {failure_text(err)}"
+    problem = _from_rank0(problem)  # in place of a barrier: every rank stops here, or none
+    if problem is not None:
+        raise CheckpointSaveError(problem, everywhere=True)
+    try:
+        _write(modules, optimizer, scheduler, save_rng, iteration, tmp)
+        if _rank() == 0:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "iteration": iteration,
+                "layout": _layout(),
+                "has_optimizer": optimizer is not None,
+                "has_scheduler": scheduler is not None,
+                "has_rng": save_rng,
+                "extra": extra,
+                "model_config": None if model_config is None else model_config.to_dict(),
+                "source": source,
+            }
+            _commit(root, name, tmp, final, json.dumps(meta, indent=2, sort_keys=True))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(
+            write_failed(root, name, _rank(), err, latest or _latest_name(root))
+        ) from err
     _barrier()
+    return final
+
+
+def _latest_name(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _from_rank0(value):
+    """``value`` as rank 0 has it, on every rank (one broadcast_object_list; no-op alone)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write(modules, optimizer, scheduler, save_rng: bool, iteration: int, tmp: str) -> None:
+    """Every rank: the sharded save of model, optimizer, scheduler, RNG and iteration to tmp."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_eaopd.signals import install_orphan_guard, preemption_signals_blocked
 
     sharded = _model_sharded_state_dict(modules)
     if optimizer is not None:
@@ -239,32 +301,32 @@ def save_checkpoint(
     if _before_commit is not None:
         _before_commit(tmp)
 
-    if _rank() == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "layout": _layout(),
-            "has_optimizer": optimizer is not None,
-            "has_scheduler": scheduler is not None,
-            "has_rng": save_rng,
-            "extra": extra,
-            "model_config": None if model_config is None else model_config.to_dict(),
-            "source": source,
-        }
-        _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=2, sort_keys=True))
-        if os.path.exists(final):  # re-saving an iteration: keep the old one until the rename
-            old = os.path.join(root, f".old-{name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(os.path.join(root, LATEST), name + "\n")
-        logger.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+
+def _commit(root: str, name: str, tmp: str, final: str, meta_text: str) -> None:
+    """Rank 0: eaopd_meta.json into tmp, tmp renamed to final, then ``latest`` replaced."""
+    _write_atomic(os.path.join(tmp, META), meta_text)
+    if os.path.exists(final):  # re-saving an iteration: keep the old one until the rename
+        old = os.path.join(root, f".old-{name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(os.path.join(root, LATEST), name + "\n")
+    logger.info("saved checkpoint %s", final)
+    _remove_leftovers(root)
+
+
+def _remove_leftovers(root: str) -> list[str]:
+    """Delete ``.tmp-iter_*`` / ``.old-iter_*`` folders of interrupted saves and prunes (a save
+    killed by a preemption's end at an iteration never saved again left a full-size one for
+    good); returns their names. Rank 0 of the run that owns ``root``, after a complete save."""
+    gone = [n for n in os.listdir(root) if n.startswith((".tmp-iter_", ".old-iter_"))]
+    for n in gone:
+        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    return gone
 
 
 def complete_checkpoints(root: str) -> list[str]:

@@ -514,6 +514,7 @@ def load_for_resume(ckpt_dir: str, student):
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint
+    from megatron_eaopd.models.save_errors import failure_text
 
     try:
         return load_checkpoint(ckpt_dir, student.chunks, student.optimizer, student.scheduler)
@@ -522,20 +523,4 @@ def load_for_resume(ckpt_dir: str, student):
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - whatever the reader raised
         with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
             name = f.read().strip()
-        raise RunRefused(broken_checkpoint_message(ckpt_dir, name, _cause(err))) from err
-
-
-def _cause(err: BaseException) -> str:
-    """One line for a load failure: torch's CheckpointException carries each rank's own
-    exception (its text is a multi-line traceback); the first line of anything else."""
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = sorted(failures.items(), key=lambda kv: kv[0])[0][1]
-        inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, trace)
-        err = inner if isinstance(inner, BaseException) else err
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0][:160] if lines else ""
-    detail = next((line for line in lines[1:] if "rror" in line), None)  # a nested cause
-    if detail is not None:
-        text += f" ... {detail[:200]}"
-    return f"{type(err).__name__}: {text}"
+        raise RunRefused(broken_checkpoint_message(ckpt_dir, name, failure_text(err))) from err

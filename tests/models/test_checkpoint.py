@@ -9,6 +9,7 @@ must agree. A save that fails before its commit must leave `latest` on the previ
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -86,7 +87,8 @@ def _teacher_scores(cfg, root, batches):
 
 
 def checkpoint_worker(rank, world_size, root):
-    from megatron_eaopd.models import checkpoint
+    from megatron_eaopd.models import checkpoint, save_errors
+    from megatron_eaopd.models.save_errors import CheckpointSaveError
     from megatron_eaopd.parallel.init import initialize_parallel
 
     cfg = helpers.preset(CFG)
@@ -110,14 +112,23 @@ def checkpoint_worker(rank, world_size, root):
     out["a_steps"] = [_step(student, cfg, batches[1]), _step(student, cfg, batches[2])]
     out["a_weights_end"] = helpers.global_pieces(student.chunks)
 
-    # A save that dies before its commit leaves `latest` on iteration 1.
-    def crash(tmp):
-        raise RuntimeError("simulated crash")
+    # A save that fails before its commit (the disk filled up) leaves `latest` on iteration 1
+    # and says so, on every rank it failed on.
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device", tmp)
 
-    checkpoint._before_commit = crash
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    checkpoint._before_commit = full
+    with pytest.raises(CheckpointSaveError) as failed:
         checkpoint.save_checkpoint(root, 2, student.chunks, student.optimizer, student.scheduler)
     checkpoint._before_commit = None
+    out["write_failed"] = (str(failed.value), failed.value.everywhere)
+    # A disk without room for another save of this size: every rank stops before writing.
+    room = save_errors.free_bytes
+    save_errors.free_bytes = lambda path: 1000
+    with pytest.raises(CheckpointSaveError) as refused:
+        checkpoint.save_checkpoint(root, 2, student.chunks, student.optimizer, student.scheduler)
+    save_errors.free_bytes = room
+    out["no_room"] = (str(refused.value), refused.value.everywhere)
     assert checkpoint.resolve_checkpoint(root).endswith("iter_0000001")
     assert not os.path.exists(os.path.join(root, "iter_0000002"))
 
@@ -158,8 +169,16 @@ def _concat_vocab(per_rank_logits):
 def test_save_tp2_load_pp2_continue_and_teacher(tmp_path):
     root = str(tmp_path / "ckpt")
     res = run_distributed(checkpoint_worker, 2, root, timeout=240)
-    # The crashed save left only its temp directory, which nothing reads.
-    assert sorted(os.listdir(root)) == [".tmp-iter_0000002", "iter_0000001", "latest"]
+    # The failed save removed its temp directory; latest still names iteration 1.
+    assert sorted(os.listdir(root)) == ["iter_0000001", "latest"]
+    for rank, r in enumerate(res):
+        text, everywhere = r["write_failed"]
+        assert text.startswith(f"saving iter_0000002 to {root} failed on rank {rank}: OSError: ")
+        assert "No space left on device" in text and "iter_0000001 (latest) is intact" in text
+        assert not everywhere
+        text, everywhere = r["no_room"]  # rank 0's verdict, on every rank
+        assert text.startswith(f"cannot save iter_0000002: {root} has 1000 bytes free and a save")
+        assert "Nothing was written; iter_0000001 (latest) is intact" in text and everywhere
 
     for r in res:
         assert r["b_loaded"][:3] == (1, {"data_position": 7}, False)
@@ -252,10 +271,11 @@ def test_model_only_checkpoint_from_interleaved_pipeline_to_tp(tmp_path):
 
 
 def test_prune_keeps_the_newest_complete_saves_and_the_latest(tmp_path):
-    """training.keep_checkpoints: the newest N complete iter_* folders stay, and the one
-    ``latest`` names even when it is older (a resumed run that re-saved an earlier iteration);
-    leftovers of interrupted saves go; a folder without its metadata (incomplete) is not counted
-    as a save and is not deleted."""
+    """training.keep_checkpoints: the newest N complete iter_* folders up to the one ``latest``
+    names stay; newer ones are an abandoned attempt's (a run resumed from an earlier save after
+    the newest proved broken): neither counted nor deleted, so the good save it fell back to is
+    not deleted to keep them. Leftovers of interrupted saves go; a folder without its metadata
+    (incomplete) is not counted as a save and is not deleted."""
     from megatron_eaopd.models.checkpoint import LATEST, META, prune_checkpoints
 
     root = tmp_path / "ckpt"
@@ -264,14 +284,19 @@ def test_prune_keeps_the_newest_complete_saves_and_the_latest(tmp_path):
         (root / f"iter_{it:07d}" / META).write_text("{}")
     (root / "iter_0000010").mkdir()  # no metadata: not a complete save
     (root / ".tmp-iter_0000012").mkdir()
-    (root / LATEST).write_text("iter_0000002\n")
-    gone = prune_checkpoints(str(root), 2)
+    (root / ".old-iter_0000003").mkdir()
+    (root / LATEST).write_text("iter_0000004\n")  # resumed from 2, saved 4 again
+    gone = prune_checkpoints(str(root), 1)
     left = sorted(os.listdir(root))
-    assert left == ["iter_0000002", "iter_0000006", "iter_0000008", "iter_0000010", LATEST]
-    assert sorted(os.path.basename(p) for p in gone) == [".tmp-iter_0000012", "iter_0000004"]
+    assert left == ["iter_0000004", "iter_0000006", "iter_0000008", "iter_0000010", LATEST]
+    assert sorted(os.path.basename(p) for p in gone) == [
+        ".old-iter_0000003",
+        ".tmp-iter_0000012",
+        "iter_0000002",
+    ]
     (root / LATEST).write_text("iter_0000008\n")
-    prune_checkpoints(str(root), 1)
-    assert sorted(os.listdir(root)) == ["iter_0000008", "iter_0000010", LATEST]
+    prune_checkpoints(str(root), 2)
+    assert sorted(os.listdir(root)) == ["iter_0000006", "iter_0000008", "iter_0000010", LATEST]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune_checkpoints(str(root), 0)
 
@@ -313,3 +338,29 @@ def test_load_one_checkpoint_folder_or_a_root():
     with tempfile.TemporaryDirectory() as tmp:
         same = run_distributed(_folder_worker, 1, tmp, timeout=300)[0]
     assert same == {"root": True, "folder": True, "iter": True}
+
+
+def test_failure_text_finds_the_os_error_a_save_died_of():
+    """torch's CheckpointException carries each rank's exception with a traceback; a write that
+    failed for want of space shows up as a zip-writer RuntimeError caused by an OSError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_eaopd.models.save_errors import failure_text
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from (
+                inner
+            )
+    except RuntimeError as wrapped:
+        zip_error = wrapped
+    assert failure_text(zip_error) == (
+        "RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos "
+        "(No space left on device)"
+    )
+    dcp = CheckpointException("save failed", {1: (full, None), 0: (zip_error, None)})
+    assert failure_text(dcp).startswith("RuntimeError: [enforce fail")  # the lowest rank's
+    assert failure_text(ValueError("a\nb")) == "ValueError: a"

@@ -273,3 +273,54 @@ def test_training_max_skipped_in_a_row_stops_a_diverged_run(tmp_path):
     results = run_distributed(_diverge_worker, 2, str(tmp_path), timeout=600)
     for text in results:
         assert text is not None and text.startswith("the last 2 updates were all skipped")
+
+
+@pytest.mark.parametrize(
+    "rank, error, shown",
+    [
+        (0, "everywhere", "eaopd-train: checkpoint not saved: cannot save iter_0000006"),
+        (1, "everywhere", None),  # rank 0 says it
+        (1, "here", "eaopd-train: checkpoint not saved: saving iter_0000006 to"),
+        (1, "peer", "eaopd-train: rank 1 stopped: another rank ended during a collective"),
+    ],
+)
+def test_cli_turns_a_failed_save_into_one_line(tmp_path, capsys, monkeypatch, rank, error, shown):
+    """A full disk at a save printed four tracebacks (torch's zip writer, CheckpointException,
+    gloo's 'Connection closed by peer') and never the disk: now one line and exit 1, once for
+    a verdict every rank reached, on its own rank for a write that failed there, and a one-line
+    note on the ranks whose peer died."""
+    import megatron_eaopd.cli as cli
+    from megatron_eaopd.models.save_errors import CheckpointSaveError
+
+    def fail(cfg, handler, data):
+        if error == "peer":
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [x]:1")
+        text = "cannot save iter_0000006" if error == "everywhere" else "saving iter_0000006 to"
+        raise CheckpointSaveError(text + " ...", everywhere=error == "everywhere")
+
+    monkeypatch.setattr(cli, "run", fail)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("EAOPD_STATUS_DIR", str(tmp_path / "status"))
+    over = [f"tokenizer.cache_dir={tmp_path}/tok", f"training.output_dir={tmp_path}/run"]
+    assert cli.main(["--config", CONFIG, *over]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("eaopd-train")]
+    assert lines == ([] if shown is None else [lines[0]]) and (
+        shown is None or lines[0].startswith(shown)
+    )
+    assert (tmp_path / "status" / f"rank{rank}").read_text().split() == ["failed", "1"]
+
+
+def test_cli_keeps_the_traceback_of_other_runtime_errors(tmp_path, monkeypatch):
+    import megatron_eaopd.cli as cli
+
+    def fail(cfg, handler, data):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "run", fail)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    over = [f"tokenizer.cache_dir={tmp_path}/tok", f"training.output_dir={tmp_path}/run"]
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["--config", CONFIG, *over])

@@ -1,0 +1,117 @@
+"""Why a checkpoint save cannot or did not happen, in one line a user can act on.
+
+A run that fills its disk used to print a traceback per rank naming torch's zip writer
+(``unexpected pos 704 vs 598``) or ``CheckpointException ranks:dict_keys([])``, never the disk.
+Before a save, rank 0 compares the free space of the checkpoint folder with the size of the newest
+complete save there (:func:`space_problem`); every rank learns the verdict with the collective that
+starts the save, so a full disk stops every rank at the same point with one message
+(:class:`CheckpointSaveError` with ``everywhere``), the earlier saves untouched. A save that fails
+anyway (a quota, an I/O error) raises it on the rank that failed, with the failure's own cause
+(:func:`failure_text`) and the free space. No communication here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+__all__ = [
+    "CheckpointSaveError",
+    "failure_text",
+    "folder_bytes",
+    "space_problem",
+    "write_failed",
+]
+
+#: Room asked for beyond the newest save's size (saves of one run differ by a few metadata bytes).
+MARGIN = 1.02
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written. ``everywhere``: raised on every rank at the same point
+    (the space check), so one rank's message is enough; otherwise only where the write failed."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
+
+
+def failure_text(err: BaseException) -> str:
+    """One line for a save or load failure: torch's CheckpointException carries each rank's own
+    exception (its text is a multi-line traceback); the first line of anything else, with an
+    OS error found among its causes (``No space left on device``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = sorted(failures.items(), key=lambda kv: kv[0])[0][1]
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, trace)
+        err = inner if isinstance(inner, BaseException) else err
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0][:160] if lines else ""
+    detail = next((line for line in lines[1:] if "rror" in line), None)  # a nested cause
+    if detail is not None:
+        text += f" ... {detail[:200]}"
+    cause, seen = err.__cause__ or err.__context__, 0
+    while cause is not None and seen < 8:  # torch wraps the OSError of a failed write
+        if isinstance(cause, OSError) and cause.strerror and cause.strerror not in text:
+            text += f" ({cause.strerror})"
+            break
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return f"{type(err).__name__}: {text}"
+
+
+def folder_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (0 when it is gone)."""
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(top, name))
+            except OSError:
+                pass
+    return total
+
+
+def gib(n: int) -> str:
+    """Bytes for a message: GiB, MiB, or bytes."""
+    if n >= 2**26:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def free_bytes(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def space_problem(root: str, name: str, newest: str | None, latest: str | None) -> str | None:
+    """Rank 0, before saving ``name`` under ``root``: the refusal when the filesystem has less
+    room than the newest complete save ``newest`` takes (None when it has, or nothing was saved
+    there yet: the first save's size is unknown). ``latest``: the save ``latest`` names."""
+    if newest is None:
+        return None
+    need = folder_bytes(os.path.join(root, newest))
+    free = free_bytes(root)
+    if free is None or free >= need * MARGIN:
+        return None
+    return (
+        f"cannot save {name}: {root} has {gib(free)} free and a save takes {gib(need)} "
+        f"({newest}'s size), so it would fail part-way. Nothing was written; "
+        f"{latest or newest} (latest) is intact. Free space (delete older iter_* folders there, "
+        "or set training.keep_checkpoints to keep fewer) or point training.checkpoint_dir at "
+        "another disk, then run the same command again to resume"
+    )
+
+
+def write_failed(root: str, name: str, rank: int, err: BaseException, latest: str | None) -> str:
+    """The message for a save of ``name`` that failed on ``rank``."""
+    free = free_bytes(root)
+    room = "" if free is None else f"; {gib(free)} free there now"
+    kept = f"{latest} (latest) is intact" if latest else "no earlier save there"
+    return (
+        f"saving {name} to {root} failed on rank {rank}: {failure_text(err)}{room}. {kept}; "
+        "the unfinished save is removed. Fix the cause (a full disk or quota: free space or set "
+        "training.keep_checkpoints / another training.checkpoint_dir), then run the same "
+        "command again to resume"
+    )
