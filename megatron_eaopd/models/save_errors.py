@@ -98,9 +98,9 @@ def space_problem(root: str, name: str, newest: str | None, latest: str | None) 
     return (
         f"cannot save {name}: {root} has {gib(free)} free and a save takes {gib(need)} "
         f"({newest}'s size), so it would fail part-way. Nothing was written; "
-        f"{latest or newest} (latest) is intact. Free space (delete older iter_* folders there, "
-        "or set training.keep_checkpoints to keep fewer) or point training.checkpoint_dir at "
-        "another disk, then run the same command again to resume"
+        f"{latest or newest} (latest) is intact. Free space (delete older iter_* folders there; "
+        "training.keep_checkpoints keeps fewer from then on) or point training.checkpoint_dir "
+        "at another disk, then run the same command again to resume"
     )
 
 

@@ -370,7 +370,7 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             "folder, or set training.resume=true to continue that run"
         )
     check_foreign_checkpoints(cfg, ckpt_dir, name)
-    problem = latest_checkpoint_problem(ckpt_dir, name)
+    problem = latest_checkpoint_problem(ckpt_dir, name) or _no_room_problem(cfg, ckpt_dir, name)
     if problem:
         raise ValueError(problem)
     changed = _changed_settings(cfg)
@@ -381,6 +381,19 @@ def check_output_dir(cfg: EAOPDConfig) -> None:
             + ". Resuming would continue the saved run (its weights, optimizer and learning-rate "
             "schedule) under the new settings. Use a new training.output_dir, or restore them"
         )
+
+
+def _no_room_problem(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> str | None:
+    """A resume that will save again onto a disk without room for a save of the latest's size
+    (the last attempt stopped there for want of space: it would train until its next save and
+    fail again); None when there is room or the saved run is complete."""
+    from megatron_eaopd.models.checkpoint import read_meta
+    from megatron_eaopd.models.save_errors import space_problem
+
+    total = cfg.training.iterations
+    if total is not None and read_meta(os.path.join(ckpt_dir, name)).get("iteration") >= total:
+        return None  # nothing left to train: the rerun prints the table
+    return space_problem(ckpt_dir, "the next checkpoint", name, name)
 
 
 def _changed_settings(cfg: EAOPDConfig) -> list[str]:

@@ -94,3 +94,28 @@ def test_a_broken_latest_save_names_the_earlier_one(tmp_path):
         assert f"echo iter_0000002 > {latest}" in text
         assert "\n" not in text and "Traceback" not in text  # one line, the reader's own error
     assert "FileNotFoundError" in messages[0] and "EOFError" in messages[1], messages
+
+
+def test_a_resume_onto_a_disk_without_room_for_a_save_is_refused(tmp_path, monkeypatch):
+    """The last attempt stopped because the checkpoint disk was full: relaunching trained again
+    until the next save and failed there. The settings check now compares the free space with
+    the latest save's size first; a finished run (nothing left to save) is not refused."""
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.models import save_errors
+    from megatron_eaopd.models.checkpoint import META
+    from megatron_eaopd.trainer.checks import _no_room_problem
+
+    ckpt = tmp_path / "ck"
+    (ckpt / "iter_0000004").mkdir(parents=True)
+    (ckpt / "iter_0000004" / META).write_text('{"iteration": 4}')
+    (ckpt / "iter_0000004" / "__0_0.distcp").write_bytes(b"\0" * 10_000)
+    cfg = load_config(None, ["training.iterations=8"])
+    monkeypatch.setattr(save_errors, "free_bytes", lambda path: 6_000)
+    text = _no_room_problem(cfg, str(ckpt), "iter_0000004")
+    assert text.startswith(f"cannot save the next checkpoint: {ckpt} has 6000 bytes free and a "
+                           "save takes 10016 bytes (iter_0000004's size)")  # fmt: skip
+    assert "iter_0000004 (latest) is intact" in text
+    assert _no_room_problem(load_config(None, ["training.iterations=4"]), str(ckpt),
+                            "iter_0000004") is None  # fmt: skip
+    monkeypatch.setattr(save_errors, "free_bytes", lambda path: 20_000)
+    assert _no_room_problem(cfg, str(ckpt), "iter_0000004") is None
