@@ -587,9 +587,12 @@ class Trainer:
     def _plot(self) -> None:
         from megatron_eaopd.eval.report import plot_run, read_rows
 
-        if os.path.exists(self.metrics_logger.path):
-            png = os.path.join(self.cfg.training.output_dir, "eval_curves.png")
-            plot_run(read_rows(self.metrics_logger.path), png, self.cfg.eval.k, self.cfg.name)
+        png = os.path.join(self.cfg.training.output_dir, "eval_curves.png")
+        try:  # after the final save: a full disk here must not fail the run
+            if os.path.exists(self.metrics_logger.path):
+                plot_run(read_rows(self.metrics_logger.path), png, self.cfg.eval.k, self.cfg.name)
+        except OSError as err:
+            logger.warning("no %s: %s", png, err)
 
     def close(self) -> None:
         if self.metrics_logger is not None:

@@ -9,6 +9,7 @@ those iterations, to the run folder's ``earlier_attempts/`` (``trainer.run_dir``
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -101,6 +102,7 @@ class MetricsLogger:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
         self.wandb = None
+        self.jsonl_off = False  # set when a write failed (a full disk): warned once
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -151,9 +153,14 @@ class MetricsLogger:
             return
         record = {"split": split, "iteration": iteration}
         record.update({k: _clean(v) for k, v in metrics.items()})
-        if self.cfg.jsonl:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.cfg.jsonl and not self.jsonl_off:
+            try:
+                _append_line(self.path, json.dumps(record) + "\n")
+            except OSError as err:  # a full disk must not end training (checkpoints may fit)
+                logger.warning("metrics.jsonl is off from this record (%s %d): %s; the run goes "
+                               "on, and the console log has every record", split, iteration,
+                               err)  # fmt: skip
+                self.jsonl_off = True
         if self.cfg.console:
             keys = _CONSOLE.get(split, ())
             shown = ", ".join(
@@ -166,9 +173,15 @@ class MetricsLogger:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not _empty(k, v)
         }  # a mean of nothing is left out of TensorBoard / W&B (null in the JSONL)
         if self.tb is not None:
-            for k, v in numeric.items():
-                self.tb.add_scalar(k, v, iteration)
-            self.tb.flush()
+            try:
+                for k, v in numeric.items():
+                    self.tb.add_scalar(k, v, iteration)
+                self.tb.flush()
+            except Exception as err:  # noqa: BLE001 - its writer thread's OSError (disk full)
+                logger.warning("TensorBoard is off from %s %d: its event writer failed (%s: %s); "
+                               "the run goes on", split, iteration, type(err).__name__,
+                               err)  # fmt: skip
+                self._close_tb()
         if self.wandb is not None:
             try:
                 self.wandb.log(numeric, step=iteration)
@@ -178,11 +191,38 @@ class MetricsLogger:
                                self.path)  # fmt: skip
                 self.wandb = None
 
+    def _close_tb(self) -> None:
+        tb, self.tb = self.tb, None
+        try:
+            tb.close()
+        except Exception:  # noqa: BLE001 - the writer already failed; nothing more to lose
+            pass
+
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            self._close_tb()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _append_line(path: str, line: str) -> None:
+    """Append ``line`` with one unbuffered write; a write that fails (ENOSPC) or stops short is
+    cut back off, so the file never ends in half a record that its readers would choke on."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write (the disk is full?)", path)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
 
 
 _CONSOLE = {

@@ -191,3 +191,41 @@ def test_a_console_line_is_one_write(tmp_path, monkeypatch):
     log = MetricsLogger(str(tmp_path), _cfg(console=True, jsonl=False, tensorboard=False))
     log.log("train", 1, {"loss": 0.5, "grad_norm": 2.0})
     assert writes == ["[train 1] loss=0.5, grad_norm=2\n"], writes
+
+
+def test_a_full_disk_turns_metrics_files_off_not_the_run(tmp_path, monkeypatch, caplog):
+    """A full disk under output_dir (checkpoints elsewhere) killed the run in TensorBoard's
+    writer, losing every iteration since the last save. Now TensorBoard and metrics.jsonl are
+    turned off with a warning; the JSONL never ends in half a record (a write that stopped
+    short is cut back off), so its readers still load it."""
+    import megatron_eaopd.trainer.metrics_log as ml
+    from megatron_eaopd.trainer.metrics_log import read_metrics
+
+    real_write, calls = os.write, []
+
+    def filling(fd, data):  # the second record finds the disk full part-way through
+        calls.append(len(data))
+        return real_write(fd, data if len(calls) == 1 else data[: len(data) // 2])
+
+    monkeypatch.setattr(ml.os, "write", filling)
+
+    class BrokenBoard:
+        closed = False
+
+        def add_scalar(self, *a):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            BrokenBoard.closed = True
+            raise OSError(28, "No space left on device")
+
+    log = MetricsLogger(str(tmp_path), _cfg(tensorboard=False))
+    log.tb = BrokenBoard()
+    with caplog.at_level("WARNING"):
+        for it in (1, 2, 3):
+            log.log("train", it, {"loss": float(it)})
+        log.close()
+    assert "TensorBoard is off from train 1: its event writer failed (OSError" in caplog.text
+    assert "metrics.jsonl is off from this record (train 2)" in caplog.text
+    assert BrokenBoard.closed and log.tb is None and len(calls) == 2  # no retry after the failure
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
