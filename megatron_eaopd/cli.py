@@ -115,6 +115,11 @@ def _checked_run(args, held: list) -> int:
     )
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from megatron_eaopd.trainer.preemption import PreemptionHandler
+
+    # before the checks and the data preparation: run_local.sh starts the workers with the
+    # preemption signals ignored, so one sent during them was lost and the run went to its end
+    handler = PreemptionHandler().install()
     try:
         world_size = _world_size()
         cfg = load_config(args.config, args.overrides)
@@ -140,8 +145,12 @@ def _checked_run(args, held: list) -> int:
         from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status
 
         print(f"eaopd-train: {err}", file=sys.stderr)
+        handler.uninstall()
         write_exit_status("config_error", EXIT_CONFIG)
         return EXIT_CONFIG
+    except BaseException:
+        handler.uninstall()
+        raise
 
     import torch.distributed as dist
 
@@ -152,13 +161,11 @@ def _checked_run(args, held: list) -> int:
         EXIT_CONFIG,
         EXIT_FAILED,
         EXIT_FINISHED,
-        PreemptionHandler,
         write_exit_status,
     )
     from megatron_eaopd.trainer.run_dir import RunRefused
     from megatron_eaopd.trainer.update import NonFiniteUpdateError
 
-    handler = PreemptionHandler().install()
     try:
         try:
             summary = run(cfg, handler, data)

@@ -324,3 +324,40 @@ def test_cli_keeps_the_traceback_of_other_runtime_errors(tmp_path, monkeypatch):
     over = [f"tokenizer.cache_dir={tmp_path}/tok", f"training.output_dir={tmp_path}/run"]
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["--config", CONFIG, *over])
+
+
+def test_a_signal_during_the_data_preparation_stops_the_run(tmp_path, monkeypatch):
+    """run_local.sh starts the workers with the preemption signals ignored; the handler was
+    installed only after the checks and the data preparation, so a signal sent then was lost
+    and the run went to its end. Now the run receives it (and stops at its first chance)."""
+    import signal
+
+    import megatron_eaopd.cli as cli
+    import megatron_eaopd.data as data_mod
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as run_local.sh starts workers
+    real, seen = data_mod.prepare_data, {}
+
+    def preparing(cfg):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(cfg)
+
+    def run(cfg, handler, data):
+        seen["stop"] = handler.reason
+        return {"stopped_early": True, "iteration": 0, "total_iterations": 1}
+
+    monkeypatch.setattr(data_mod, "prepare_data", preparing)
+    monkeypatch.setattr(cli, "run", run)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("EAOPD_PREEMPT_SIGNALS", "SIGUSR1")
+    over = [
+        f"tokenizer.cache_dir={tmp_path}/tok",
+        f"training.output_dir={tmp_path}/run",
+        f"teacher_prep.cache_dir={tmp_path}/t",
+        f"student_prep.cache_dir={tmp_path}/s",
+    ]
+    try:
+        assert cli.main(["--config", CONFIG, *over]) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen["stop"] == "SIGUSR1"
