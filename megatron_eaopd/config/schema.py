@@ -347,8 +347,9 @@ class TrainingConfig:
     checkpoint_interval: int = _f(0, ge=0)
     """Save every this many iterations (and at the end); 0: only at the end."""
     keep_checkpoints: int | None = _f(None, ge=1)
-    """Keep the newest this many iter_* folders (older ones are deleted after each complete
-    save, never the one ``latest`` names); null: keep all."""
+    """Keep the newest this many iter_* folders up to the one ``latest`` names (older ones are
+    deleted after each complete save, never that one; newer ones, left by an attempt abandoned
+    for an earlier save, are neither counted nor deleted); null: keep all."""
     resume: bool = True
     """Continue from the latest checkpoint in checkpoint_dir when there is one (refused when the
     folder's config.yaml has other settings that define the run: model, loss, optimizer, task,
