@@ -268,11 +268,29 @@ def _export_token_info(tokenizer_dir: str | None, hf_info: dict) -> tuple[dict |
     return (ids or None), gen
 
 
+def _check_layout(args) -> None:
+    """--tp x --pp must divide the number of processes (WORLD_SIZE; the running job's when called
+    inside one), as megatron's groups need; refused here, before any process group."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    size = args.tp * args.pp
+    if args.tp < 1 or args.pp < 1:
+        raise BadInput(f"--tp {args.tp} and --pp {args.pp} must both be >= 1")
+    if world % size:
+        raise BadInput(
+            f"--tp {args.tp} x --pp {args.pp} = {size} must divide the number of processes "
+            f"({world}): start it with `torchrun --nproc-per-node {size}` (or a multiple), or "
+            f"pass a --tp and --pp whose product divides {world}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check the inputs (exit 2 on bad input), start the layout, convert, tear down."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
+        _check_layout(args)
         if args.command == "import-hf":
             checked = _check_import(args)
         else:

@@ -157,7 +157,12 @@ def read_prompt_file(
     for lineno, rec in _records(p):
         where = f"{p}:{lineno}"
         if not isinstance(rec, dict):
-            raise TaskError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            hint = ""
+            if isinstance(rec, list):  # [{...}, {...}] on one line: a JSON array
+                hint = (
+                    ": the file must hold one JSON object per line (JSON Lines), not a JSON array"
+                )
+            raise TaskError(f"{where}: expected a JSON object, got {type(rec).__name__}{hint}")
         for key in ("prompt", "answer"):
             if key not in rec:
                 keys = ", ".join(map(repr, rec)) or "none"

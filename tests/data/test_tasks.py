@@ -104,6 +104,11 @@ def test_jsonl_task_reads_all_fields(tmp_path):
         ([{"prompt": "a", "answer": 1, "solutions": [1]}], "'solutions' must be a list of strings"),
         (["[1, 2]"], "expected a JSON object"),
         (
+            ['[{"prompt": "a", "answer": 1}]'],
+            r"got list: the file must hold one JSON object per "
+            r"line \(JSON Lines\), not a JSON array",
+        ),
+        (
             [{"id": 1, "prompt": "a", "answer": 1}, {"id": 1, "prompt": "b", "answer": 2}],
             "duplicate id '1'",
         ),

@@ -145,9 +145,12 @@ def _different_head(src: str, dst: str) -> str:
         ("tp4", "num_query_groups=2 is not divisible by tp=4"),
         ("legacy_pickle", "legacy (non-zip) pickle format"),
         ("extra_layer", "does not account for"),
+        ("tp2_one_process", "--tp 2 x --pp 1 = 2 must divide the number of processes (1)"),
     ],
 )
-def test_import_refuses_before_any_process_group(case, words, qwen3_tied, tmp_path, capsys):
+def test_import_refuses_before_any_process_group(
+    case, words, qwen3_tied, tmp_path, capsys, monkeypatch
+):
     """Each of these used to fail after the process group and the model were built, with a
     traceback (exit status 1): a tied config whose stored head differs from the embedding, a
     TP size the KV heads do not divide, a legacy non-zip pytorch_model.bin (torch cannot
@@ -160,6 +163,11 @@ def test_import_refuses_before_any_process_group(case, words, qwen3_tied, tmp_pa
     elif case == "tp4":
         shutil.copytree(qwen3_tied, hf)
         extra = ["--tp", "4"]
+        monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc-per-node 4 sets it
+    elif case == "tp2_one_process":  # a traceback after the group was started (exit 1)
+        shutil.copytree(qwen3_tied, hf)
+        extra = ["--tp", "2"]
+        monkeypatch.setenv("WORLD_SIZE", "1")
     elif case == "legacy_pickle":
         _legacy_pickle(qwen3_tied, hf)
         extra = ["--trust-pickle"]
