@@ -84,8 +84,11 @@ def _encodable(text: str) -> bool:
 _ESCAPE_SURE = re.compile(r"\x08[A-Za-z]|\x0c(?:rac|orall|box|lat|rown|ootnote)(?![A-Za-z])")
 _ESCAPE_LIKELY = re.compile(
     r"\x0c[A-Za-z]"
-    r"|\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|anh?|herefore|o|riangle|ilde)(?![A-Za-z])"
-    r"|\n(?:eq?|abla|otin|ot|eg|u|i|leq|geq|mid|cong|ewline)(?![A-Za-z])"
+    r"|\t(?:heta|imes|ext(?:bf|it|rm)?|frac|au|herefore|o|riangle|ilde)(?![A-Za-z])"
+    # \tan x, \tan(x), \tan^2: not a table cell's "an item"
+    r"|\tanh?(?=[(\\^{_$}]| ?[A-Za-z0-9](?![A-Za-z])|$)"
+    r"|\n(?:eq?|abla|otin|ot|eg|u|leq|geq|mid|cong|ewline)(?![A-Za-z])"
+    r"|\ni(?![A-Za-z).])"  # \ni, not an enumeration's "i)" or "i."
     r"|\r(?:ho|ight(?:arrow)?|angle|ceil|floor)(?![A-Za-z])"
 )
 _ESCAPE_OF = {"\x08": "b", "\x0c": "f", "\r": "r", "\t": "t", "\n": "n"}

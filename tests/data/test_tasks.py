@@ -192,8 +192,17 @@ def test_tabs_and_newlines_that_may_be_latex_escapes_are_warned_about(tmp_path, 
         assert read_prompt_file(pages)[0].prompt == "Page 3.\fChapter 4: find x"
     assert "1 line(s)" in caplog.text
     caplog.clear()
-    code = tmp_path / "code.jsonl"
-    code.write_text(json.dumps({"prompt": "for i in x:\n\tprint(i)", "answer": 1}) + "\n")
+    for text in (r"$\tan x$", r"\tan(x)", r"a \ni b", r"$\tan$"):  # \tan, \ni: warned about
+        one = tmp_path / "one.jsonl"
+        one.write_text(f'{{"prompt": "{text}", "answer": 1}}\n')
+        with caplog.at_level("WARNING"):
+            read_prompt_file(one)
+        assert "1 line(s)" in caplog.text, text
+        caplog.clear()
+    code = tmp_path / "code.jsonl"  # code, a table cell, enumerations: no warning
+    code.write_text(json.dumps({"prompt": "for i in x:\n\tprint(i)", "answer": 1}) + "\n"
+                    + json.dumps({"prompt": "item\tan item\ni) one\nii) two", "answer": 1})
+                    + "\n")  # fmt: skip
     with caplog.at_level("WARNING"):
         read_prompt_file(code)
     assert caplog.text == ""
