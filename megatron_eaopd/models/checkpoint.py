@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron_eaopd.models.save_errors import (
     CheckpointSaveError,
     failure_text,
+    free_bytes,
     space_problem,
     write_failed,
 )
@@ -224,7 +225,7 @@ def save_checkpoint(
     if _rank() == 0:
         try:
             os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+            _remove_leftovers(root)  # of interrupted saves: garbage that only takes room
             latest = _latest_name(root)
             done = complete_checkpoints(root)
             problem = space_problem(root, name, done[-1] if done else None, latest)
@@ -253,10 +254,11 @@ def save_checkpoint(
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # torch's CheckpointException is a BaseException
+        free = free_bytes(root)  # before the unfinished save is removed
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(
-            write_failed(root, name, _rank(), err, latest or _latest_name(root))
+            write_failed(root, name, _rank(), err, latest or _latest_name(root), free)
         ) from err
     _barrier()
     return final

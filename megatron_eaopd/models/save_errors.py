@@ -24,7 +24,9 @@ __all__ = [
 ]
 
 #: Room asked for beyond the newest save's size (saves of one run differ by a few metadata bytes).
-MARGIN = 1.02
+SLACK = 1 << 20
+#: Free bytes below which a failed save's filesystem is called full.
+FULL_BELOW = 64 << 20
 
 
 class CheckpointSaveError(RuntimeError):
@@ -85,30 +87,51 @@ def free_bytes(path: str) -> int | None:
         return None
 
 
+def leftover_bytes(root: str) -> int:
+    """Bytes of the ``.tmp-iter_*`` / ``.old-iter_*`` folders of interrupted saves in ``root``
+    (removed before a save writes: room it will have)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    return sum(folder_bytes(os.path.join(root, n)) for n in names
+               if n.startswith((".tmp-iter_", ".old-iter_")))  # fmt: skip
+
+
 def space_problem(root: str, name: str, newest: str | None, latest: str | None) -> str | None:
     """Rank 0, before saving ``name`` under ``root``: the refusal when the filesystem has less
     room than the newest complete save ``newest`` takes (None when it has, or nothing was saved
     there yet: the first save's size is unknown). ``latest``: the save ``latest`` names."""
     if newest is None:
         return None
-    need = folder_bytes(os.path.join(root, newest))
+    need = folder_bytes(os.path.join(root, newest)) + SLACK
     free = free_bytes(root)
-    if free is None or free >= need * MARGIN:
+    if free is None:
+        return None
+    free += leftover_bytes(root)  # an interrupted save's folder is removed before writing
+    if free >= need:
         return None
     return (
-        f"cannot save {name}: {root} has {gib(free)} free and a save takes {gib(need)} "
-        f"({newest}'s size), so it would fail part-way. Nothing was written; "
+        f"cannot save {name}: {root} has {gib(free)} free and a save needs {gib(need)} "
+        f"({newest}'s size + 1 MiB), so it would fail part-way. Nothing was written; "
         f"{latest or newest} (latest) is intact. Free space (delete older iter_* folders there; "
         "training.keep_checkpoints keeps fewer from then on) or point training.checkpoint_dir "
         "at another disk, then run the same command again to resume"
     )
 
 
-def write_failed(root: str, name: str, rank: int, err: BaseException, latest: str | None) -> str:
-    """The message for a save of ``name`` that failed on ``rank``."""
-    free = free_bytes(root)
-    room = "" if free is None else f"; {gib(free)} free there now"
-    kept = f"{latest} (latest) is intact" if latest else "no earlier save there"
+def write_failed(
+    root: str, name: str, rank: int, err: BaseException, latest: str | None, free: int | None
+) -> str:
+    """The message for a save of ``name`` that failed on ``rank``; ``free``: the filesystem's
+    free bytes when it failed (before the unfinished save was removed). torch's writers often
+    lose the OSError (``unexpected pos 704 vs 598``), so a filesystem with (almost) nothing
+    left is named as full."""
+    room = ""
+    if free is not None:
+        full = free < FULL_BELOW
+        room = f"; {'the disk is full: ' if full else ''}{gib(free)} free there when it failed"
+    kept = f"{latest} (latest) is intact" if latest else "No earlier save there"
     return (
         f"saving {name} to {root} failed on rank {rank}: {failure_text(err)}{room}. {kept}; "
         "the unfinished save is removed. Fix the cause (a full disk or quota: free space or set "

@@ -364,3 +364,21 @@ def test_failure_text_finds_the_os_error_a_save_died_of():
     dcp = CheckpointException("save failed", {1: (full, None), 0: (zip_error, None)})
     assert failure_text(dcp).startswith("RuntimeError: [enforce fail")  # the lowest rank's
     assert failure_text(ValueError("a\nb")) == "ValueError: a"
+
+
+def test_a_failed_save_on_a_full_filesystem_is_named_full():
+    """torch's zip writer and dist_checkpointing often lose the OSError of a full disk
+    ('unexpected pos 704 vs 598', 'CheckpointException ranks:dict_keys([])'): the free space
+    when the save failed names it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_eaopd.models.save_errors import write_failed
+
+    lost = CheckpointException("ranks:dict_keys([])", {})
+    text = write_failed("/ck", "iter_0000006", 1, lost, "iter_0000004", 0)
+    assert text.startswith("saving iter_0000006 to /ck failed on rank 1: CheckpointException")
+    assert "; the disk is full: 0 bytes free there when it failed." in text
+    assert "iter_0000004 (latest) is intact" in text
+    roomy = write_failed("/ck", "iter_0000006", 0, RuntimeError("io"), None, 5 << 30)
+    assert "disk is full" not in roomy
+    assert "; 5.00 GiB free there when it failed. No earlier save there" in roomy

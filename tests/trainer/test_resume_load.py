@@ -113,9 +113,15 @@ def test_a_resume_onto_a_disk_without_room_for_a_save_is_refused(tmp_path, monke
     monkeypatch.setattr(save_errors, "free_bytes", lambda path: 6_000)
     text = _no_room_problem(cfg, str(ckpt), "iter_0000004")
     assert text.startswith(f"cannot save the next checkpoint: {ckpt} has 6000 bytes free and a "
-                           "save takes 10016 bytes (iter_0000004's size)")  # fmt: skip
+                           "save needs 1.0 MiB (iter_0000004's size + 1 MiB)")  # fmt: skip
     assert "iter_0000004 (latest) is intact" in text
     assert _no_room_problem(load_config(None, ["training.iterations=4"]), str(ckpt),
                             "iter_0000004") is None  # fmt: skip
-    monkeypatch.setattr(save_errors, "free_bytes", lambda path: 20_000)
+    monkeypatch.setattr(save_errors, "free_bytes", lambda path: 10_016 + (1 << 20))
+    assert _no_room_problem(cfg, str(ckpt), "iter_0000004") is None
+    # an interrupted save's leftover is removed before the next save writes: room it will have
+    monkeypatch.setattr(save_errors, "free_bytes", lambda path: 1 << 20)
+    assert _no_room_problem(cfg, str(ckpt), "iter_0000004") is not None
+    (ckpt / ".tmp-iter_0000006").mkdir()
+    (ckpt / ".tmp-iter_0000006" / "__0_0.distcp").write_bytes(b"\0" * 10_016)
     assert _no_room_problem(cfg, str(ckpt), "iter_0000004") is None
