@@ -13,7 +13,7 @@ import functools
 
 from megatron_eaopd.config.schema import EAOPDConfig
 
-__all__ = ["PEER_NAMES", "REMOVED_KEYS", "unknown_key_problem"]
+__all__ = ["EXPLAINED", "PEER_NAMES", "REMOVED_KEYS", "unknown_key_problem"]
 
 # Keys that existed once and were removed: a config that still sets one gets this reason instead
 # of "unknown key".
@@ -42,7 +42,23 @@ _PEERS = {  # our key: the names the paper, verl, NeMo-RL, TRL or Megatron use f
     "training.iterations": ("max_steps", "train_iters", "total_steps", "num_steps"),
     "training.checkpoint_interval": ("save_interval", "save_steps"),
     "training.checkpoint_dir": ("save", "save_dir"),
-    "training.eval_interval": ("eval_steps", "eval_iters", "test_freq"),
+    "training.eval_interval": ("eval_steps", "test_freq"),
+}
+#: Peers' keys for what EOPD does not have: the reason, instead of a near spelling of ours.
+EXPLAINED = {
+    "loss.kl_coef": (
+        "verl's kl_coef weights a KL penalty against a reference policy, which EOPD does not "
+        "have; the weight of the entropy-gated forward KL is loss.fkl_coef"
+    ),
+    "loss.lmbda": (
+        "TRL GKD's lmbda is the fraction of on-policy batches; EOPD is on-policy throughout "
+        "(the student samples every response)"
+    ),
+    "training.eval_iters": (
+        "Megatron's eval_iters is the number of evaluation batches; evaluations here run "
+        "eval.max_prompts prompts (every one: null) x eval.k samples, every "
+        "training.eval_interval iterations"
+    ),
 }
 #: ``section.name`` a user may write -> our key (the name is read in that section).
 PEER_NAMES = {
@@ -63,6 +79,8 @@ def unknown_key_problem(sub: str, key: str, fields) -> str:
     section's field names): the removed key's reason, else the hint, else the known keys."""
     if sub in REMOVED_KEYS:
         return REMOVED_KEYS[sub]
+    if sub in EXPLAINED:
+        return f"unknown key: {EXPLAINED[sub]}"
     if sub in PEER_NAMES:  # eval.samples_per_prompt: eval.k, not rollout.samples_per_prompt
         return f"unknown key; this project calls it {PEER_NAMES[sub]}"
     elsewhere = [p for p in _schema_paths() if p.rsplit(".", 1)[-1] == key and p != sub]

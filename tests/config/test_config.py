@@ -216,6 +216,14 @@ def test_names_peers_use_are_told_our_key():
     probs = _problems(err.value)
     for written, ours in asked.items():
         assert probs[written] == f"unknown key; this project calls it {ours}"
+    # a peer's key for what EOPD does not have: the reason, not a near spelling
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.kl_coef=0.1", "training.eval_iters=10", "loss.lmbda=0.5"])
+    probs = _problems(err.value)
+    assert probs["loss.kl_coef"].startswith("unknown key: verl's kl_coef weights a KL penalty")
+    assert "did you mean" not in probs["loss.kl_coef"]
+    assert "number of evaluation batches" in probs["training.eval_iters"]
+    assert "on-policy throughout" in probs["loss.lmbda"]
 
 
 def test_type_range_and_choice_errors():
