@@ -7,8 +7,9 @@ strings are normalised (spaces, ``$``, ``\\left``/``\\right`` before a delimiter
 ``\\sqrt``, a leading ``x=`` where the other side has none or the same, parentheses around a
 one-letter choice) and compared; when both sides read as numbers (integers, decimals, ``a/b``,
 ``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions. A
-comma followed by a space separates list items (``10, 100`` is not 10100). With math-verify, an
-answer is right when math-verify or the normalised comparison accepts it.
+comma followed by a space separates list items (``10, 100`` is neither 10100 nor ``10,100``, also
+under math-verify). With math-verify, an answer is right when math-verify or the normalised
+comparison accepts it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ _CHOICE = re.compile(r"\(([A-Za-z])\)")
 _SIZING = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 # a comma followed by a space separates list items (10, 100), never thousands (10,100)
 _LIST_COMMA = re.compile(r",\s")
+# a number with thousands separators (1,000 or -12,345.5)
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 
 
 def normalize_answer(answer: str) -> str:
@@ -129,7 +132,7 @@ def parse_number(answer: str, separators: bool = True) -> Fraction | None:
     if len(s) > 2 * MAX_NUMBER_CHARS:  # a cheap bound before the regular expressions
         return None
     s = s.replace("{,}", ",")  # LaTeX's thousands separator: 1{,}000
-    if separators and re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    if separators and _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     if len(s) > MAX_NUMBER_CHARS:
         return None
@@ -188,7 +191,11 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
     ref_box = extract_boxed(reference)
     if ref_box is not None:
         reference = ref_box
-    if use_math_verify is None:
+    a, b = normalize_answer(predicted), normalize_answer(reference)
+    listed = [bool(_LIST_COMMA.search(x)) for x in (predicted, reference)]
+    if listed[0] != listed[1] and any(_THOUSANDS.fullmatch(x.replace("{,}", ",")) for x in (a, b)):
+        return False  # 10, 100 (two items) against 10,100 (ten thousand one hundred): math-verify
+    if use_math_verify is None:  # equates them too
         use_math_verify = math_verify_available()
     if use_math_verify:
         if not math_verify_available():
@@ -198,13 +205,12 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
                 return True
         except Exception:  # math-verify can fail to parse odd strings; fall back below
             pass
-    a, b = normalize_answer(predicted), normalize_answer(reference)
     left = [m.group(0) if m else None for m in (_ASSIGNED.match(a), _ASSIGNED.match(b))]
     # x=2 against 2 or x=2.0, never x=2 against y=2
     if "=" not in a or "=" not in b or (left[0] is not None and left[0] == left[1]):
         a, b = _ASSIGNED.sub("", a), _ASSIGNED.sub("", b)
     if a == b:
         return True
-    na = parse_number(a, separators=not _LIST_COMMA.search(predicted))
-    nb = parse_number(b, separators=not _LIST_COMMA.search(reference))
+    na = parse_number(a, separators=not listed[0])
+    nb = parse_number(b, separators=not listed[1])
     return na is not None and nb is not None and na == nb

@@ -105,7 +105,10 @@ def test_parse_number(answer, value):
         ("\\boxed{10100}", "10, 100", False),
         ("\\boxed{10, 100}", "10100", False),
         ("\\boxed{4100}", "4, 100", False),
-        ("\\boxed{10,100}", "10, 100", True),  # the same items, spaced otherwise
+        ("\\boxed{10,100}", "10, 100", False),  # ten thousand one hundred, not two items
+        ("\\boxed{10, 100}", "10,100", False),
+        ("\\boxed{10100}", "10,100", True),
+        ("\\boxed{1, 2, 3}", "1,2,3", True),  # not a number: the same items spaced otherwise
         ("\\boxed{-2, 1}", "-2,1", True),
         ("\\boxed{4,100}", "4100", True),
         ("\\boxed{\\leftarrow}", "\\rightarrow", False),  # \left / \right only before a delimiter
@@ -128,6 +131,20 @@ def test_math_verify_flag():
             check_answer("\\boxed{1}", "1", use_math_verify=True)
         # None falls back to the normalised comparison
         assert check_answer("\\boxed{1}", "1", use_math_verify=None)
+
+
+def test_a_list_is_not_a_number_with_separators_even_where_math_verify_says_so(monkeypatch):
+    """math-verify 0.9 equates '10, 100' with '10,100' (ten thousand one hundred): the check
+    refuses that pair before asking it; anything else still goes to it."""
+    from megatron_eaopd.data import answers
+
+    asked = []
+    monkeypatch.setattr(answers, "math_verify_available", lambda: True)
+    monkeypatch.setattr(answers, "_math_verify", lambda ref, pred: asked.append(pred) or True)
+    assert not check_answer("\\boxed{10, 100}", "10,100", use_math_verify=True)
+    assert not check_answer("\\boxed{4,100}", "4, 100", use_math_verify=True)
+    assert asked == []
+    assert check_answer("\\boxed{\\pi}", "3.14159", use_math_verify=True) and asked == ["\\pi"]
 
 
 class _BoxedTask:
