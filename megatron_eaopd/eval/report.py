@@ -11,7 +11,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["before_after", "common_k", "format_before_after", "plot_run", "read_rows"]
+__all__ = [
+    "before_after",
+    "common_k",
+    "format_before_after",
+    "plot_run",
+    "plot_run_file",
+    "read_rows",
+]
 
 #: (column title, metric key pattern; {k} is eval.k)
 COLUMNS = (
@@ -87,6 +94,23 @@ def format_before_after(rows: Sequence[dict], k: int = 8) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def plot_run_file(metrics: str, png: str, k: int = 8, title: str = "") -> Path | None:
+    """:func:`plot_run` of the records in the file ``metrics`` (nothing when there is none),
+    for the end of a run, after its final save: a write that fails (a full disk) is a warning,
+    and the cut-short PNG is removed."""
+    import contextlib
+    import logging
+
+    try:
+        if os.path.exists(metrics):
+            return plot_run(read_rows(metrics), png, k, title)
+    except OSError as err:
+        logging.getLogger(__name__).warning("no %s: %s", png, err)
+        with contextlib.suppress(OSError):
+            os.remove(png)
+    return None
 
 
 def plot_run(rows: Sequence[dict], path: str | os.PathLike, k: int = 8, title: str = "") -> Path:

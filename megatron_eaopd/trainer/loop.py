@@ -585,14 +585,10 @@ class Trainer:
             requeue_job()
 
     def _plot(self) -> None:
-        from megatron_eaopd.eval.report import plot_run, read_rows
+        from megatron_eaopd.eval.report import plot_run_file
 
         png = os.path.join(self.cfg.training.output_dir, "eval_curves.png")
-        try:  # after the final save: a full disk here must not fail the run
-            if os.path.exists(self.metrics_logger.path):
-                plot_run(read_rows(self.metrics_logger.path), png, self.cfg.eval.k, self.cfg.name)
-        except OSError as err:
-            logger.warning("no %s: %s", png, err)
+        plot_run_file(self.metrics_logger.path, png, self.cfg.eval.k, self.cfg.name)
 
     def close(self) -> None:
         if self.metrics_logger is not None:

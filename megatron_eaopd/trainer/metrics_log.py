@@ -121,6 +121,7 @@ class MetricsLogger:
                 # after its last save logged them once already), as the JSONL's are moved aside
                 purge = None if resume_iteration is None else resume_iteration + 1
                 self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
+                _quiet_writer_thread()
             except ImportError:
                 logger.info("tensorboard is not installed: no event files")
         if logging_cfg.wandb:
@@ -158,7 +159,8 @@ class MetricsLogger:
                 _append_line(self.path, json.dumps(record) + "\n")
             except OSError as err:  # a full disk must not end training (checkpoints may fit)
                 logger.warning("metrics.jsonl is off from this record (%s %d): %s; the run goes "
-                               "on, and the console log has every record", split, iteration,
+                               "on, the console log has every record, and the final table and "
+                               "plot stop at the last one written", split, iteration,
                                err)  # fmt: skip
                 self.jsonl_off = True
         if self.cfg.console:
@@ -203,6 +205,27 @@ class MetricsLogger:
             self._close_tb()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard's event writer thread dies of a full disk with a traceback on stderr (its
+    next add_scalar then raises, and :meth:`MetricsLogger.log` turns TensorBoard off): print one
+    line for it instead. Other threads' exceptions reach the hook that was in place."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "eaopd_quiet", False):
+        return
+
+    def hook(args):
+        thread_module = type(args.thread).__module__ if args.thread is not None else ""
+        if thread_module.startswith("tensorboard") and issubclass(args.exc_type, OSError):
+            logger.warning("TensorBoard's event writer stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    hook.eaopd_quiet = True
+    threading.excepthook = hook
 
 
 def _append_line(path: str, line: str) -> None:

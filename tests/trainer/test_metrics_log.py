@@ -229,3 +229,52 @@ def test_a_full_disk_turns_metrics_files_off_not_the_run(tmp_path, monkeypatch, 
     assert "metrics.jsonl is off from this record (train 2)" in caplog.text
     assert BrokenBoard.closed and log.tb is None and len(calls) == 2  # no retry after the failure
     assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_tensorboards_dying_writer_thread_prints_one_line(caplog, capsys):
+    """Its event writer thread died of the full disk with a 40-line traceback on stderr; other
+    threads' exceptions still reach the hook that was in place."""
+    import threading
+
+    import megatron_eaopd.trainer.metrics_log as ml
+
+    previous = threading.excepthook
+    seen = []
+    threading.excepthook = lambda args: seen.append(args.exc_type)
+    try:
+        ml._quiet_writer_thread()
+        ml._quiet_writer_thread()  # installed once
+
+        def fail(exc):
+            raise exc
+
+        board = type("_AsyncWriterThread", (threading.Thread,), {})
+        board.__module__ = "tensorboard.summary.writer.event_file_writer"
+        with caplog.at_level("WARNING"):
+            for cls, exc in ((board, OSError(28, "No space left on device")),
+                             (threading.Thread, OSError(5, "io"))):  # fmt: skip
+                t = cls(target=fail, args=(exc,))
+                t.start()
+                t.join()
+    finally:
+        threading.excepthook = previous
+    assert "TensorBoard's event writer stopped: [Errno 28] No space left on device" in caplog.text
+    assert seen == [OSError]  # the other thread's, passed on
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_plot_that_cannot_be_written_leaves_no_partial_png(tmp_path, caplog, monkeypatch):
+    from megatron_eaopd.eval import report
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"split": "eval", "iteration": 0, "mean/avg@8": 0.5}) + "\n")
+    png = tmp_path / "eval_curves.png"
+
+    def full(rows, path, k, title):
+        open(path, "wb").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_run", full)
+    with caplog.at_level("WARNING"):
+        assert report.plot_run_file(str(metrics), str(png)) is None
+    assert "No space left on device" in caplog.text and not png.exists()
