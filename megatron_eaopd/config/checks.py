@@ -13,6 +13,8 @@ again in ``setup``.
 
 from __future__ import annotations
 
+import os
+
 from megatron_eaopd.config.loader import ConfigError
 from megatron_eaopd.config.schema import EAOPDConfig
 
@@ -230,8 +232,9 @@ def _bf16_problems(cfg: EAOPDConfig, cuda_available: bool, gpu) -> list[tuple[st
 
         if not torch.cuda.is_available() or torch.version.hip:
             return []
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        gpu = (props.name, props.major, props.minor)
+        # this process's GPU (the launcher's LOCAL_RANK; the device is not set yet)
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        gpu = (torch.cuda.get_device_name(index), *torch.cuda.get_device_capability(index))
     name, major, minor = gpu
     if major >= 8:
         return []

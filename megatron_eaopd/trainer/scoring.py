@@ -47,7 +47,8 @@ def score_with_teacher(
         # srun --kill-on-bad-exit) ends them after this rank's exit
         dtype = next(p.dtype for c in teacher.chunks for p in c.parameters())
         hint = (
-            "fp16 overflows above 65504: set model.teacher.dtype=bf16 (or fp32)"
+            "fp16 overflows above 65504: set model.teacher.dtype=bf16 on a GPU of compute "
+            "capability 8.0 or later, else fp32"
             if dtype == torch.float16 else "check the teacher's checkpoint for non-finite weights"
         )  # fmt: skip
         raise NonFiniteLogitsError(

@@ -215,3 +215,22 @@ def test_bf16_is_refused_on_gpus_before_ampere_and_names_each_model():
     check_run(cfg, 2, cuda_available=True, gpu=("NVIDIA A100-SXM4-80GB", 8, 0))
     check_run(only_teacher, 2, cuda_available=False, gpu=t4)  # the CPU runs bf16 natively
     check_run(load_config(TINY, ["model.teacher.dtype=fp16"]), 2, cuda_available=True, gpu=t4)
+
+
+def test_the_bf16_check_reads_this_process_gpu(monkeypatch):
+    """Before torch.cuda.set_device every rank's current device is 0: the check reads the
+    launcher's LOCAL_RANK device (a node may mix cards; and GPU 0 is not touched by all)."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: asked.append(i) or f"gpu{i}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 0) if i == 2 else (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    cfg = load_config(TINY, ["model.teacher.dtype=bf16"])
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert "gpu2 is 7.0" in dict(run_problems(cfg, 2, cuda_available=True))["model.teacher.dtype"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert "model.teacher.dtype" not in dict(run_problems(cfg, 2, cuda_available=True))
+    assert asked == [2, 1]

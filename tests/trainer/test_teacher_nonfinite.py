@@ -55,6 +55,6 @@ def test_non_finite_teacher_logits_name_the_teacher_and_the_fix():
     results = run_distributed(_worker, 2, timeout=300)
     for fp16, nan in results:  # every rank raises
         assert fp16.startswith("the teacher (float16) scored the rollouts with non-finite logits")
-        assert "set model.teacher.dtype=bf16 (or fp32)" in fp16
+        assert "set model.teacher.dtype=bf16 on a GPU of compute capability 8.0 or later" in fp16
         assert nan.startswith("the teacher (float32) scored the rollouts with non-finite logits")
         assert "check the teacher's checkpoint for non-finite weights" in nan
