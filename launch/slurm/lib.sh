@@ -125,9 +125,11 @@ eaopd_slurm_setup() {
   # trainer to save and stop even when a signal never reached it (caught before it existed).
   export EAOPD_STATUS_DIR="$EAOPD_LOG_DIR/status-attempt$attempt"
   export EAOPD_STOP_FILE="$EAOPD_LOG_DIR/stop-attempt$attempt"
-  mkdir -p "$EAOPD_LOG_DIR"
-  rm -rf "$EAOPD_STATUS_DIR" "$EAOPD_STOP_FILE"
-  mkdir -p "$EAOPD_STATUS_DIR"
+  if [[ ${EAOPD_DRY_RUN:-0} != 1 ]]; then # a dry run prints the command and writes nothing
+    mkdir -p "$EAOPD_LOG_DIR"
+    rm -rf "$EAOPD_STATUS_DIR" "$EAOPD_STOP_FILE"
+    mkdir -p "$EAOPD_STATUS_DIR"
+  fi
 
   EAOPD_CONTAINER_ARGS=()
   if [[ -n ${EAOPD_CONTAINER_IMAGE:-} ]]; then

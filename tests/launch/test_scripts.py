@@ -157,6 +157,7 @@ def test_per_gpu_dry_run_builds_the_srun_command(tmp_path):
     assert "--ntasks=16" in cmd and "--cpus-per-task=8" in cmd and "--label" in cmd
     assert "--export=ALL" in cmd and "--kill-on-bad-exit=1" in cmd
     assert f"--output={tmp_path}/logs/eaopd-123/attempt0-node%n.log" in cmd
+    assert not (tmp_path / "logs").exists()  # a dry run writes nothing
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in cmd
     # EAOPD_CONTAINER_MOUNTS adds to the repository and the submit folder, never replaces them.
     assert f"--container-mounts={ROOT}:{ROOT},{tmp_path}:{tmp_path},/data:/data,/ckpt:/ckpt" in cmd
