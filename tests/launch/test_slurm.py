@@ -238,11 +238,14 @@ def test_preempted_job_saves_requeues_and_resumes_exactly(
     assert sorted(first + second) == list(range(1, TOTAL + 1))
     assert f"done: iteration {TOTAL}/{TOTAL};" in second_text, why
     assert stopped in saved_iterations(out) and latest(out) == f"iter_{TOTAL:07d}"
-    # Both attempts loaded the teacher and the student warm start the first job prepared.
+    # Both attempts loaded the teacher the first job prepared; the first attempt the student
+    # warm start too, the resumed one its own checkpoint (no warm start prepared or loaded).
+    assert "using the cached student" in first_text, why
+    assert "using the cached student" not in second_text, why
     for role in ("teacher", "student"):
-        for text in (first_text, second_text):
-            assert f"using the cached {role}" in text, why
+        assert f"using the cached {role}" in first_text, why
         assert len([p for p in (trainer_cache / f"{role}s").iterdir() if p.is_dir()]) == 1, role
+    assert "using the cached teacher" in second_text, why
 
     # metrics.jsonl holds each iteration once, with the uninterrupted job's values: the resume
     # restored weights, optimizer, RNG and the prompt position.
