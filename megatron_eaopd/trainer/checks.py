@@ -390,8 +390,10 @@ def _no_room_problem(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> str | None:
     from megatron_eaopd.models.checkpoint import read_meta
     from megatron_eaopd.models.save_errors import space_problem
 
-    total = cfg.training.iterations
-    if total is not None and read_meta(os.path.join(ckpt_dir, name)).get("iteration") >= total:
+    meta = read_meta(os.path.join(ckpt_dir, name))
+    total = cfg.training.iterations  # null: derived from epochs, as the save recorded it
+    total = total if total is not None else meta.get("extra", {}).get("total_iterations")
+    if total is not None and meta.get("iteration", 0) >= total:
         return None  # nothing left to train: the rerun prints the table
     return space_problem(ckpt_dir, "the next checkpoint", name, name)
 

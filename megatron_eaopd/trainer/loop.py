@@ -482,7 +482,9 @@ class Trainer:
             teacher_metrics = evaluate(self, 0, who="teacher")
             self.metrics_logger.log("teacher", 0, teacher_metrics)
             last_eval, eval_at = self.run_eval(0), 0
-        if self.start_iteration > 0 and self.eval_pending:  # saved before this evaluation
+        # saved before this evaluation, or the run (shortened) ends where it was saved
+        at_end = self.start_iteration == self.total
+        if self.start_iteration > 0 and (self.eval_pending or at_end):
             if not self._evaluated(self.start_iteration):
                 last_eval, eval_at = self.run_eval(self.start_iteration), self.start_iteration
                 self._mark_evaluated(self.start_iteration)

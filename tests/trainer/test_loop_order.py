@@ -102,3 +102,18 @@ def test_a_resumed_pending_evaluation_runs_once(logged):
                  logged=logged)  # fmt: skip
     t.run()
     assert t.events == ([] if logged else [("eval", 4), ("marked", 4)])
+
+
+@pytest.mark.parametrize("logged", [(), (3,)])
+def test_a_run_shortened_to_where_it_was_saved_evaluates_at_its_end(logged):
+    """Stopped after iteration 3 (no evaluation due then), relaunched with a length of 3: the
+    loop had nothing to run and the end-of-run evaluation never happened ('no evaluation in
+    this launch', no eval record). It runs now, once: a finished run's final save is marked."""
+    t = _trainer(total=3, eval_interval=0, checkpoint_interval=1, start=3, pending=False,
+                 logged=logged)  # fmt: skip
+    out = t.run()
+    assert t.events == ([] if logged else [("eval", 3), ("marked", 3)])
+    assert out["eval_iteration"] == (None if logged else 3)
+    t = _trainer(total=5, eval_interval=0, checkpoint_interval=1, start=3)  # not at its end
+    t.run()
+    assert ("eval", 3) not in t.events

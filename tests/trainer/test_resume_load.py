@@ -117,6 +117,13 @@ def test_a_resume_onto_a_disk_without_room_for_a_save_is_refused(tmp_path, monke
     assert "iter_0000004 (latest) is intact" in text
     assert _no_room_problem(load_config(None, ["training.iterations=4"]), str(ckpt),
                             "iter_0000004") is None  # fmt: skip
+    # a length derived from epochs (iterations: null, the paper configs): the save's record
+    by_epochs = load_config(None, ["training.iterations=null", "training.epochs=1"])
+    assert by_epochs.training.iterations is None
+    assert _no_room_problem(by_epochs, str(ckpt), "iter_0000004") is not None
+    (ckpt / "iter_0000004" / META).write_text('{"iteration": 4, "extra": {"total_iterations": 4}}')
+    assert _no_room_problem(by_epochs, str(ckpt), "iter_0000004") is None
+    (ckpt / "iter_0000004" / META).write_text('{"iteration": 4}')
     monkeypatch.setattr(save_errors, "free_bytes", lambda path: 10_016 + (1 << 20))
     assert _no_room_problem(cfg, str(ckpt), "iter_0000004") is None
     # an interrupted save's leftover is removed before the next save writes: room it will have
