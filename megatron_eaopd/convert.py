@@ -213,7 +213,15 @@ def _run_import(args, cfg, hf_info) -> None:
         chunks = build_model(cfg, perform_initialization=False)
         load_hf_weights(chunks, args.hf, trust_pickle=args.trust_pickle, progress=True)
         source = f"hf:{os.path.abspath(args.hf)}"
-        save_checkpoint(tmp, 0, chunks, save_rng=False, extra={"hf": hf_info}, source=source)
+        save_checkpoint(
+            tmp,
+            0,
+            chunks,
+            save_rng=False,
+            extra={"hf": hf_info},
+            source=source,
+            fix="choose an --out on another disk, then run the command again",
+        )
         ok = True
     finally:
         dist.barrier()
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     import torch.distributed as dist
 
+    from megatron_eaopd.models.save_errors import CheckpointSaveError
     from megatron_eaopd.parallel.init import destroy_parallel
 
     owns_process_group = not dist.is_initialized()  # else: called inside a running job
@@ -310,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _run_export(args, *checked)
             print(f"wrote Hugging Face folder {args.out}")
+    except CheckpointSaveError as exc:  # a full disk: one line (per rank it failed on)
+        if not exc.everywhere or int(os.environ.get("RANK", "0")) == 0:
+            print(f"eaopd-convert {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         destroy_parallel(destroy_process_group=owns_process_group)
     return 0

@@ -201,6 +201,7 @@ def save_checkpoint(
     *,
     model_config=None,
     source: str | None = None,
+    fix: str | None = None,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, iteration, extra) to root/iter_NNNNNNN; return it.
 
@@ -208,7 +209,9 @@ def save_checkpoint(
     JSON-serialisable dict of anything else to resume (data position, counters), taken from rank 0.
     `model_config`: the ModelConfig to record (default: the one build_model put on the chunks);
     `source`: where the weights come from (default: the chunks' record, e.g. "hf:DIR" after
-    load_hf_weights, or the checkpoint they were loaded from).
+    load_hf_weights, or the checkpoint they were loaded from). ``fix``: what a
+    :class:`CheckpointSaveError` tells the user to do besides freeing space (default: a training
+    run's, ``save_errors.TRAINING_FIX``).
     Collectives: barriers and dist_checkpointing's save (metadata gather, per-rank writes).
     """
     if not isinstance(iteration, int) or iteration < 0:
@@ -228,7 +231,7 @@ def save_checkpoint(
             _remove_leftovers(root)  # of interrupted saves: garbage that only takes room
             latest = _latest_name(root)
             done = complete_checkpoints(root)
-            problem = space_problem(root, name, done[-1] if done else None, latest)
+            problem = space_problem(root, name, done, latest, fix)
             if problem is None:
                 os.makedirs(tmp)
         except OSError as err:  # told to every rank below, not raised here alone
@@ -258,7 +261,7 @@ def save_checkpoint(
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(
-            write_failed(root, name, _rank(), err, latest or _latest_name(root), free)
+            write_failed(root, name, _rank(), err, latest or _latest_name(root), free, fix)
         ) from err
     _barrier()
     return final

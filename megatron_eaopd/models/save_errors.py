@@ -98,12 +98,23 @@ def leftover_bytes(root: str) -> int:
                if n.startswith((".tmp-iter_", ".old-iter_")))  # fmt: skip
 
 
-def space_problem(root: str, name: str, newest: str | None, latest: str | None) -> str | None:
+#: What a training run's saves tell the user to change (preparations and eaopd-convert pass
+#: their own): where the room is made, and how the work continues.
+TRAINING_FIX = (
+    "point training.checkpoint_dir at another disk, then run the same command again to resume"
+)
+
+
+def space_problem(
+    root: str, name: str, done: list[str], latest: str | None, fix: str | None = None
+) -> str | None:
     """Rank 0, before saving ``name`` under ``root``: the refusal when the filesystem has less
-    room than the newest complete save ``newest`` takes (None when it has, or nothing was saved
-    there yet: the first save's size is unknown). ``latest``: the save ``latest`` names."""
-    if newest is None:
+    room than the newest complete save takes (None when it has, or nothing was saved there yet:
+    the first save's size is unknown). ``done``: the complete saves there, oldest first;
+    ``latest``: the one ``latest`` names; ``fix``: the end of the advice (TRAINING_FIX)."""
+    if not done:
         return None
+    newest = done[-1]
     need = folder_bytes(os.path.join(root, newest)) + SLACK
     free = free_bytes(root)
     if free is None:
@@ -111,22 +122,26 @@ def space_problem(root: str, name: str, newest: str | None, latest: str | None) 
     free += leftover_bytes(root)  # an interrupted save's folder is removed before writing
     if free >= need:
         return None
+    older = [n for n in done if n != (latest or newest)]
+    room = "free space on that disk"
+    if older and fix is None:
+        room = (f"delete older iter_* folders there ({len(older)}; training.keep_checkpoints "
+                "keeps fewer from then on)")  # fmt: skip
     return (
         f"cannot save {name}: {root} has {gib(free)} free and a save needs {gib(need)} "
         f"({newest}'s size + 1 MiB), so it would fail part-way. Nothing was written; "
-        f"{latest or newest} (latest) is intact. Free space (delete older iter_* folders there; "
-        "training.keep_checkpoints keeps fewer from then on) or point training.checkpoint_dir "
-        "at another disk, then run the same command again to resume"
+        f"{latest or newest} (latest) is intact. Make room ({room}) or {fix or TRAINING_FIX}"
     )
 
 
 def write_failed(
-    root: str, name: str, rank: int, err: BaseException, latest: str | None, free: int | None
-) -> str:
+    root: str, name: str, rank: int, err: BaseException, latest: str | None, free: int | None,
+    fix: str | None = None,
+) -> str:  # fmt: skip
     """The message for a save of ``name`` that failed on ``rank``; ``free``: the filesystem's
     free bytes when it failed (before the unfinished save was removed). torch's writers often
     lose the OSError (``unexpected pos 704 vs 598``), so a filesystem with (almost) nothing
-    left is named as full."""
+    left is named as full. ``fix``: as for :func:`space_problem`."""
     room = ""
     if free is not None:
         full = free < FULL_BELOW
@@ -134,7 +149,6 @@ def write_failed(
     kept = f"{latest} (latest) is intact" if latest else "No earlier save there"
     return (
         f"saving {name} to {root} failed on rank {rank}: {failure_text(err)}{room}. {kept}; "
-        "the unfinished save is removed. Fix the cause (a full disk or quota: free space or set "
-        "training.keep_checkpoints / another training.checkpoint_dir), then run the same "
-        "command again to resume"
+        "an unfinished save is removed. Fix the cause (a full disk or quota: free space there) "
+        f"or {fix or TRAINING_FIX}"
     )

@@ -387,7 +387,7 @@ def _no_room_problem(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> str | None:
     """A resume that will save again onto a disk without room for a save of the latest's size
     (the last attempt stopped there for want of space: it would train until its next save and
     fail again); None when there is room or the saved run is complete."""
-    from megatron_eaopd.models.checkpoint import read_meta
+    from megatron_eaopd.models.checkpoint import complete_checkpoints, read_meta
     from megatron_eaopd.models.save_errors import space_problem
 
     meta = read_meta(os.path.join(ckpt_dir, name))
@@ -395,7 +395,8 @@ def _no_room_problem(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> str | None:
     total = total if total is not None else meta.get("extra", {}).get("total_iterations")
     if total is not None and meta.get("iteration", 0) >= total:
         return None  # nothing left to train: the rerun prints the table
-    return space_problem(ckpt_dir, "the next checkpoint", name, name)
+    done = [n for n in complete_checkpoints(ckpt_dir) if n <= name] or [name]
+    return space_problem(ckpt_dir, "the next checkpoint", done, name)
 
 
 def _changed_settings(cfg: EAOPDConfig) -> list[str]:

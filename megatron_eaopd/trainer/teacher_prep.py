@@ -246,6 +246,8 @@ def _train_entry(
     from megatron_eaopd.parallel.init import use_layout
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    fix = (f"point {role}_prep.cache_dir at another disk, then run the same command again (the "
+           "preparation continues from its last save)")  # fmt: skip
     examples = _examples(data, mcfg.max_sequence_length, getattr(prep, "num_problems", None))
     optim = OptimConfig(
         lr=prep.lr,
@@ -300,7 +302,7 @@ def _train_entry(
                     bar.close()
                 extra = {"log": log, "skipped_updates": model.skipped_updates}
                 save_checkpoint(partial, step + 1, model.chunks, model.optimizer,
-                                model.scheduler, extra=extra, save_rng=False)  # fmt: skip
+                                model.scheduler, extra=extra, save_rng=False, fix=fix)  # fmt: skip
                 if rank0:  # after the save's closing barrier: one copy, however many stops
                     prune_checkpoints(partial, 1)
                 raise PreparationStopped(
@@ -315,7 +317,7 @@ def _train_entry(
             "seconds": time.perf_counter() - start,
             "skipped_updates": model.skipped_updates,
         }
-        save_checkpoint(root, prep.iterations, model.chunks, extra=extra, save_rng=False)
+        save_checkpoint(root, prep.iterations, model.chunks, extra=extra, save_rng=False, fix=fix)
     if rank0:  # after the save's closing barrier: what later runs verify before loading it
         write_checksums(root)
     if rank0 and os.path.isdir(partial):  # after the save's closing barrier

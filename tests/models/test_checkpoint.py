@@ -179,6 +179,7 @@ def test_save_tp2_load_pp2_continue_and_teacher(tmp_path):
         text, everywhere = r["no_room"]  # rank 0's verdict, on every rank
         assert text.startswith(f"cannot save iter_0000002: {root} has 1000 bytes free and a save")
         assert "Nothing was written; iter_0000001 (latest) is intact" in text and everywhere
+        assert "Make room (free space on that disk) or point training.checkpoint_dir" in text
 
     for r in res:
         assert r["b_loaded"][:3] == (1, {"data_position": 7}, False)
@@ -382,3 +383,23 @@ def test_a_failed_save_on_a_full_filesystem_is_named_full():
     roomy = write_failed("/ck", "iter_0000006", 0, RuntimeError("io"), None, 5 << 30)
     assert "disk is full" not in roomy
     assert "; 5.00 GiB free there when it failed. No earlier save there" in roomy
+
+
+def test_save_errors_give_the_callers_fix_and_count_older_saves(tmp_path, monkeypatch):
+    """A preparation cache or eaopd-convert's output is not fixed with training.* keys; 'delete
+    older iter_* folders' is offered only where there are older ones."""
+    from megatron_eaopd.models import save_errors
+
+    for it in (2, 4):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+        (tmp_path / f"iter_{it:07d}" / "x").write_bytes(b"0" * 100)
+    monkeypatch.setattr(save_errors, "free_bytes", lambda path: 10)
+    done = ["iter_0000002", "iter_0000004"]
+    text = save_errors.space_problem(str(tmp_path), "iter_0000006", done, "iter_0000004")
+    assert "Make room (delete older iter_* folders there (1; training.keep_checkpoints" in text
+    fix = "point teacher_prep.cache_dir at another disk"
+    text = save_errors.space_problem(str(tmp_path), "iter_0000006", done, "iter_0000004", fix)
+    assert text.endswith("Make room (free space on that disk) or " + fix)
+    text = save_errors.write_failed("/c", "iter_0000001", 0, OSError(5, "io"), None, 0, fix)
+    assert text.endswith("(a full disk or quota: free space there) or " + fix)
+    assert "training." not in text

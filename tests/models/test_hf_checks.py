@@ -206,3 +206,19 @@ def test_only_an_earlier_export_is_replaced(qwen3_tied, tmp_path):
     assert is_project_export(earlier)
     with pytest.raises(FileExistsError, match="not empty"):
         _prepare_out(earlier, overwrite=False)
+
+
+def test_convert_turns_a_failed_save_into_one_line(monkeypatch, capsys, tmp_path):
+    """A full disk under --out: each rank printed a 60-line traceback naming training.* keys."""
+    from megatron_eaopd.models.save_errors import CheckpointSaveError
+
+    def full(args, *checked):
+        raise CheckpointSaveError("cannot save iter_0000000: ... or choose an --out on another "
+                                  "disk, then run the command again", everywhere=True)  # fmt: skip
+
+    monkeypatch.setattr(convert, "_check_import", lambda args: ())
+    monkeypatch.setattr(convert, "_run_import", full)
+    assert convert.main(["import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eaopd-convert import-hf: error: cannot save iter_0000000")
+    assert "Traceback" not in err
