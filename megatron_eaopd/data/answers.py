@@ -77,7 +77,7 @@ _SIZING = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 # a comma followed by a space separates list items (10, 100), never thousands (10,100)
 _LIST_COMMA = re.compile(r",\s")
 # a number with thousands separators (1,000 or -12,345.5)
-_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
+_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?")  # 0,125 is not 125
 
 
 def normalize_answer(answer: str) -> str:
@@ -193,7 +193,8 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
         reference = ref_box
     a, b = normalize_answer(predicted), normalize_answer(reference)
     listed = [bool(_LIST_COMMA.search(x)) for x in (predicted, reference)]
-    if listed[0] != listed[1] and any(_THOUSANDS.fullmatch(x.replace("{,}", ",")) for x in (a, b)):
+    unlisted = b if listed[0] else a  # the side written without a spaced comma
+    if listed[0] != listed[1] and _THOUSANDS.fullmatch(unlisted.replace("{,}", ",")):
         return False  # 10, 100 (two items) against 10,100 (ten thousand one hundred): math-verify
     if use_math_verify is None:  # equates them too
         use_math_verify = math_verify_available()

@@ -109,6 +109,10 @@ def test_parse_number(answer, value):
         ("\\boxed{10, 100}", "10,100", False),
         ("\\boxed{10100}", "10,100", True),
         ("\\boxed{1, 2, 3}", "1,2,3", True),  # not a number: the same items spaced otherwise
+        ("\\boxed{0, 100}", "0,100", True),  # 0,100 is no number with separators: a list
+        ("\\boxed{0,100}", "0, 100", True),
+        ("\\boxed{0,125}", "125", False),
+        ("\\boxed{3, 500}", "(3,500)", False),  # a point, not the list (normalised compare)
         ("\\boxed{-2, 1}", "-2,1", True),
         ("\\boxed{4,100}", "4100", True),
         ("\\boxed{\\leftarrow}", "\\rightarrow", False),  # \left / \right only before a delimiter
@@ -145,6 +149,9 @@ def test_a_list_is_not_a_number_with_separators_even_where_math_verify_says_so(m
     assert not check_answer("\\boxed{4,100}", "4, 100", use_math_verify=True)
     assert asked == []
     assert check_answer("\\boxed{\\pi}", "3.14159", use_math_verify=True) and asked == ["\\pi"]
+    # the guard looks at the side without a spaced comma: a point (3,500) goes to math-verify
+    assert check_answer("\\boxed{3, 500}", "(3,500)", use_math_verify=True)
+    assert asked == ["\\pi", "3, 500"]
 
 
 class _BoxedTask:
