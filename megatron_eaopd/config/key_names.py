@@ -29,7 +29,6 @@ _PEERS = {  # our key: the names the paper, verl, NeMo-RL, TRL or Megatron use f
     "loss.entropy_threshold": ("tau", "entropy_tau", "threshold"),
     "loss.top_k": ("k", "topk_logits_k", "num_topk"),
     "loss.clip": ("clip_ratio", "clip_eps", "epsilon", "ratio_clip"),
-    "loss.jsd_beta": ("beta",),
     "rollout.samples_per_prompt": ("n", "num_samples", "n_samples", "num_generations"),
     "rollout.prompts_per_iteration": ("batch_size", "train_batch_size", "num_prompts"),
     "rollout.max_response_tokens": ("max_new_tokens", "response_length", "max_tokens"),
@@ -54,6 +53,10 @@ EXPLAINED = {
         "TRL GKD's lmbda is the fraction of on-policy batches; EOPD is on-policy throughout "
         "(the student samples every response)"
     ),
+    "loss.beta": (
+        "TRL GKD's beta is loss.jsd_beta (with loss.objective=jsd); TRL GRPO's and verl's beta "
+        "weights a KL penalty against a reference policy, which EOPD does not have"
+    ),
     "training.eval_iters": (
         "Megatron's eval_iters is the number of evaluation batches; evaluations here run "
         "eval.max_prompts prompts (every one: null) x eval.k samples, every "
@@ -64,6 +67,16 @@ EXPLAINED = {
 PEER_NAMES = {
     f"{key.rsplit('.', 1)[0]}.{name}": key for key, names in _PEERS.items() for name in names
 }
+
+
+# keys counted in iterations where Megatron and TRL count optimizer steps
+_COUNTED_IN_ITERATIONS = {
+    "training.iterations", "training.checkpoint_interval", "training.eval_interval",
+}  # fmt: skip
+_IN_ITERATIONS = (
+    ", counted in iterations: one iteration is rollout.prompts_per_iteration / "
+    "rollout.mini_batch_size optimizer steps (optimizer.warmup_iterations counts steps)"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +95,9 @@ def unknown_key_problem(sub: str, key: str, fields) -> str:
     if sub in EXPLAINED:
         return f"unknown key: {EXPLAINED[sub]}"
     if sub in PEER_NAMES:  # eval.samples_per_prompt: eval.k, not rollout.samples_per_prompt
-        return f"unknown key; this project calls it {PEER_NAMES[sub]}"
+        ours = PEER_NAMES[sub]
+        note = _IN_ITERATIONS if ours in _COUNTED_IN_ITERATIONS else ""
+        return f"unknown key; this project calls it {ours}{note}"
     elsewhere = [p for p in _schema_paths() if p.rsplit(".", 1)[-1] == key and p != sub]
     hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
     if elsewhere:  # the right key in another section: training.warmup_iterations

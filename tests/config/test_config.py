@@ -215,15 +215,24 @@ def test_names_peers_use_are_told_our_key():
         load_config(None, [f"{k}=1" for k in asked])
     probs = _problems(err.value)
     for written, ours in asked.items():
-        assert probs[written] == f"unknown key; this project calls it {ours}"
+        assert probs[written].startswith(f"unknown key; this project calls it {ours}")
+    # Megatron and TRL count optimizer steps; an iteration here is several
+    assert (
+        "one iteration is rollout.prompts_per_iteration / rollout.mini_batch_size optimizer "
+        "steps" in probs["training.train_iters"]
+    )
+    assert probs["optimizer.learning_rate"] == "unknown key; this project calls it optimizer.lr"
     # a peer's key for what EOPD does not have: the reason, not a near spelling
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["loss.kl_coef=0.1", "training.eval_iters=10", "loss.lmbda=0.5"])
+        load_config(
+            None, ["loss.kl_coef=0.1", "training.eval_iters=10", "loss.lmbda=0.5", "loss.beta=0.1"]
+        )
     probs = _problems(err.value)
     assert probs["loss.kl_coef"].startswith("unknown key: verl's kl_coef weights a KL penalty")
     assert "did you mean" not in probs["loss.kl_coef"]
     assert "number of evaluation batches" in probs["training.eval_iters"]
     assert "on-policy throughout" in probs["loss.lmbda"]
+    assert "TRL GKD's beta is loss.jsd_beta" in probs["loss.beta"]
 
 
 def test_type_range_and_choice_errors():
