@@ -182,11 +182,18 @@ def lock_output_dir(output_dir: str, setting: str = "training.output_dir") -> Ru
                 f"it), or give this one a new {setting}"
             )
         if handle is not None:
-            handle.seek(0)
-            handle.truncate()
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-            handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n")
-            handle.flush()
+            try:
+                handle.seek(0)
+                handle.truncate()
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+                handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n")
+                handle.flush()
+            except OSError as err:  # a full disk: the run could write nothing there either
+                handle.close()
+                raise ValueError(
+                    f"{setting}={output_dir}: cannot write {path} ({err.strerror or err}); free "
+                    "space on that disk or give another folder"
+                ) from None
         held = _HELD[key] = _Held(handle)
     held.count += 1
     return RunFolderLock(key)

@@ -212,3 +212,33 @@ def test_a_line_a_kill_cut_short_goes_aside_and_the_resume_reads_on(tmp_path):
     cfg = SimpleNamespace(jsonl=True, tensorboard=False, wandb=False, console=False)
     MetricsLogger(str(out), cfg, resume_iteration=2)
     assert read_metrics(out / "metrics.jsonl") == rows[:2]
+
+
+def test_a_full_disk_at_the_lock_is_a_named_refusal(tmp_path, monkeypatch):
+    """Writing the holder line into run.lock on a full disk was a raw OSError traceback."""
+    import builtins
+
+    from megatron_eaopd.trainer import run_dir
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    real_open = builtins.open
+    monkeypatch.setattr(run_dir, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(
+        ValueError,
+        match=r"training.output_dir=.*run: cannot write .*run.lock "
+        r"\(No space left on device\); free space on that disk",
+    ):
+        lock_output_dir(str(out))
+    monkeypatch.undo()
+    assert not _locked_by_someone(out / LOCK_NAME)  # closed: the lock went with it
+    lock_output_dir(str(out)).release()
