@@ -330,7 +330,9 @@ class TrainingConfig:
     iterations: int | None = _f(None, ge=1)
     """Iterations to run; null: derived from ``epochs`` over the distillation prompts."""
     epochs: float = _f(1.0, gt=0)
-    """Passes over the distillation prompts when ``iterations`` is null (paper: 3 MATH, 2 DAPO)."""
+    """Passes over the distillation prompts when ``iterations`` is null (paper: 3 MATH, 2 DAPO).
+    Each epoch is a fresh shuffle cut into whole iterations: its last prompts that do not fill
+    one are left out. The trainer's first line says the length and where it comes from."""
     seed: int = _f(42, ge=0, le=_MAX_SEED)
     """Seed of the data order, sampling and initialisation."""
     output_dir: str = "runs/default"

@@ -13,7 +13,7 @@ import hashlib
 import math
 import random
 
-__all__ = ["PromptSampler", "run_iterations", "total_iterations"]
+__all__ = ["PromptSampler", "length_text", "run_iterations", "total_iterations"]
 
 
 def total_iterations(num_prompts: int, prompts_per_iteration: int, epochs: float) -> int:
@@ -37,6 +37,23 @@ def run_iterations(cfg, num_prompts: int) -> int:
     t = cfg.training
     return t.iterations or total_iterations(num_prompts, cfg.rollout.prompts_per_iteration,
                                             t.epochs)  # fmt: skip
+
+
+def length_text(cfg, num_prompts: int) -> str:
+    """The line the trainer prints at its start: the run's length and where it comes from (a set
+    ``training.iterations`` overrides ``training.epochs``, which base.yaml gives every config)."""
+    t, per = cfg.training, cfg.rollout.prompts_per_iteration
+    total = run_iterations(cfg, num_prompts)
+    steps = total * (per // cfg.rollout.mini_batch_size)
+    head = f"run length: {total} iterations ({steps} optimizer steps, {per} prompts each)"
+    if t.iterations:
+        passes = total * per / num_prompts
+        return (f"{head}, from training.iterations ({passes:.2f} passes over the {num_prompts} "
+                "distillation prompts; training.epochs is not used)")  # fmt: skip
+    left = num_prompts % per
+    dropped = f"; each epoch leaves out the last {left} of its shuffled order" if left else ""
+    return (f"{head}, from training.epochs={t.epochs:g} over {num_prompts} distillation prompts "
+            f"({num_prompts // per} iterations per epoch{dropped})")  # fmt: skip
 
 
 class PromptSampler:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs, save_resolved
 from megatron_eaopd.config.hf_models import context_warning
 from megatron_eaopd.data import prepare_data
-from megatron_eaopd.data.sampling import PromptSampler, run_iterations
+from megatron_eaopd.data.sampling import PromptSampler, length_text, run_iterations
 from megatron_eaopd.losses import ObjectiveConfig
 from megatron_eaopd.parallel.init import rank0_says
 from megatron_eaopd.rollout import SamplingParams
@@ -177,6 +177,8 @@ class Trainer:
         t0 = time.perf_counter()
         r = cfg.rollout
         self.total = run_iterations(cfg, len(data.distill))
+        if self.rank0:
+            console(length_text(cfg, len(data.distill)))
         self.planned = self.total  # a resume takes its checkpoint's (_resume)
         self.steps_per_iteration = r.prompts_per_iteration // r.mini_batch_size
         # a preemption signal stops a preparation too (its progress is saved): see run()

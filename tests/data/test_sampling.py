@@ -62,3 +62,41 @@ def test_sft_example_and_padding(tmp_path):
     assert tokens.shape == (2, len(ids)) and lengths.tolist() == [len(ids), len(prompt_ids)]
     assert tokens[1, len(prompt_ids) :].eq(tok.pad_id).all()
     assert tokens[0].tolist() == ids
+
+
+def test_the_run_length_line_says_where_the_length_comes_from():
+    """training.iterations overrides training.epochs (which base.yaml gives every config): the
+    trainer's first line says which one counts, and what an epoch leaves out."""
+    from megatron_eaopd.config import load_config
+    from megatron_eaopd.data.sampling import length_text, total_iterations
+
+    set_ = load_config(
+        None,
+        [
+            "training.iterations=10",
+            "training.epochs=5",
+            "rollout.prompts_per_iteration=4",
+            "rollout.mini_batch_size=2",
+        ],
+    )
+    assert length_text(set_, 20) == (
+        "run length: 10 iterations (20 optimizer steps, 4 prompts each), from "
+        "training.iterations (2.00 passes over the 20 distillation prompts; training.epochs is "
+        "not used)"
+    )
+    by_epochs = load_config(
+        None,
+        [
+            "training.iterations=null",
+            "training.epochs=2.5",
+            "rollout.prompts_per_iteration=3",
+            "rollout.mini_batch_size=3",
+        ],
+    )
+    assert total_iterations(11, 3, 2.5) == 7
+    assert length_text(by_epochs, 11) == (
+        "run length: 7 iterations (7 optimizer steps, 3 prompts each), from training.epochs=2.5 "
+        "over 11 distillation prompts (3 iterations per epoch; each epoch leaves out the last 2 "
+        "of its shuffled order)"
+    )
+    assert "leaves out" not in length_text(by_epochs, 12)
