@@ -69,14 +69,23 @@ PEER_NAMES = {
 }
 
 
-# keys counted in iterations where Megatron and TRL count optimizer steps
-_COUNTED_IN_ITERATIONS = {
-    "training.iterations", "training.checkpoint_interval", "training.eval_interval",
-}  # fmt: skip
 _IN_ITERATIONS = (
     ", counted in iterations: one iteration is rollout.prompts_per_iteration / "
     "rollout.mini_batch_size optimizer steps (optimizer.warmup_iterations counts steps)"
 )
+# what a peer's user must know besides the name: Megatron and TRL count optimizer steps
+_NOTES = {
+    "training.iterations": _IN_ITERATIONS,
+    "training.checkpoint_interval": _IN_ITERATIONS,
+    "training.eval_interval": _IN_ITERATIONS,
+    "optimizer.warmup_iterations": ", which counts optimizer steps (as warmup_steps does)",
+}
+_owners: dict[str, set] = {}
+for _key, _names in _PEERS.items():
+    for _name in _names:
+        _owners.setdefault(_name, set()).add(_key)
+#: a peer's bare name -> our key, where the name stands for one key only (n: rollout or eval)
+_BY_NAME = {name: next(iter(keys)) for name, keys in _owners.items() if len(keys) == 1}
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,11 +103,12 @@ def unknown_key_problem(sub: str, key: str, fields) -> str:
         return REMOVED_KEYS[sub]
     if sub in EXPLAINED:
         return f"unknown key: {EXPLAINED[sub]}"
-    if sub in PEER_NAMES:  # eval.samples_per_prompt: eval.k, not rollout.samples_per_prompt
-        ours = PEER_NAMES[sub]
-        note = _IN_ITERATIONS if ours in _COUNTED_IN_ITERATIONS else ""
-        return f"unknown key; this project calls it {ours}{note}"
     elsewhere = [p for p in _schema_paths() if p.rsplit(".", 1)[-1] == key and p != sub]
+    # eval.samples_per_prompt: eval.k, not rollout.samples_per_prompt; then a peer's name in
+    # another section (training.lr_warmup_iters) where it stands for one key of ours
+    ours = PEER_NAMES.get(sub) or (None if elsewhere else _BY_NAME.get(key))
+    if ours is not None:
+        return f"unknown key; this project calls it {ours}{_NOTES.get(ours, '')}"
     hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
     if elsewhere:  # the right key in another section: training.warmup_iterations
         extra = f"; it is a key of another section: {' or '.join(elsewhere)}"

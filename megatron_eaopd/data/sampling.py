@@ -44,16 +44,14 @@ def length_text(cfg, num_prompts: int) -> str:
     ``training.iterations`` overrides ``training.epochs``, which base.yaml gives every config)."""
     t, per = cfg.training, cfg.rollout.prompts_per_iteration
     total = run_iterations(cfg, num_prompts)
+    per_epoch, left = num_prompts // per, num_prompts % per
     steps = total * (per // cfg.rollout.mini_batch_size)
-    head = f"run length: {total} iterations ({steps} optimizer steps, {per} prompts each)"
-    if t.iterations:
-        passes = total * per / num_prompts
-        return (f"{head}, from training.iterations ({passes:.2f} passes over the {num_prompts} "
-                "distillation prompts; training.epochs is not used)")  # fmt: skip
-    left = num_prompts % per
-    dropped = f"; each epoch leaves out the last {left} of its shuffled order" if left else ""
-    return (f"{head}, from training.epochs={t.epochs:g} over {num_prompts} distillation prompts "
-            f"({num_prompts // per} iterations per epoch{dropped})")  # fmt: skip
+    source = ("training.iterations (training.epochs is not used)" if t.iterations else
+              f"training.epochs={t.epochs:g}")  # fmt: skip
+    dropped = f", each leaving out the last {left} of its shuffled order" if left else ""
+    return (f"run length: {total} iterations ({steps} optimizer steps, {per} prompts each) from "
+            f"{source}: {total / per_epoch:.2f} epochs of {per_epoch} iterations over the "
+            f"{num_prompts} distillation prompts{dropped}")  # fmt: skip
 
 
 class PromptSampler:

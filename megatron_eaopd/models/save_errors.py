@@ -101,7 +101,9 @@ def leftover_bytes(root: str) -> int:
 #: What a training run's saves tell the user to change (preparations and eaopd-convert pass
 #: their own): where the room is made, and how the work continues.
 TRAINING_FIX = (
-    "point training.checkpoint_dir at another disk, then run the same command again to resume"
+    "move the checkpoint folder to another disk and set training.checkpoint_dir to its new "
+    "place (an empty new folder would start the run again: refused), then run the same command "
+    "again to resume"
 )
 
 

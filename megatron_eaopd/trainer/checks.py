@@ -387,12 +387,18 @@ def _no_room_problem(cfg: EAOPDConfig, ckpt_dir: str, name: str) -> str | None:
     """A resume that will save again onto a disk without room for a save of the latest's size
     (the last attempt stopped there for want of space: it would train until its next save and
     fail again); None when there is room or the saved run is complete."""
+    from megatron_eaopd.data.sampling import run_iterations
     from megatron_eaopd.models.checkpoint import complete_checkpoints, read_meta
     from megatron_eaopd.models.save_errors import space_problem
 
     meta = read_meta(os.path.join(ckpt_dir, name))
-    total = cfg.training.iterations  # null: derived from epochs, as the save recorded it
-    total = total if total is not None else meta.get("extra", {}).get("total_iterations")
+    extra, total = meta.get("extra", {}), cfg.training.iterations
+    prompts = extra.get("sampler", {}).get("num_prompts")
+    if total is None and prompts:  # from epochs: over the prompts the saved run had
+        try:
+            total = run_iterations(cfg, prompts)
+        except ValueError:  # fewer prompts than an iteration: the resume refuses it anyway
+            total = None
     if total is not None and meta.get("iteration", 0) >= total:
         return None  # nothing left to train: the rerun prints the table
     done = [n for n in complete_checkpoints(ckpt_dir) if n <= name] or [name]

@@ -61,8 +61,10 @@ from megatron_eaopd.trainer.peak_memory import max_over_ranks, peak_gib, reset_p
 from megatron_eaopd.trainer.run_dir import (
     RunFolderBusy,
     RunRefused,
+    evaluated_marker,
     load_for_resume,
     lock_run_folders,
+    mark_evaluated,
     planned_iterations,
     set_aside_earlier_attempt,
 )
@@ -411,23 +413,12 @@ class Trainer:
         )
 
     def _evaluated(self, iteration: int) -> bool:
-        """Whether the evaluation the checkpoint of ``iteration`` marks pending ran after it was
-        saved (rank 0 sees the marker ``_mark_evaluated`` wrote; one broadcast)."""
-        from megatron_eaopd.models.checkpoint import checkpoint_name
-
-        marker = os.path.join(self.ckpt_dir, checkpoint_name(iteration), "evaluated")
-        return rank0_says(self.rank0 and os.path.isfile(marker))
+        """Whether the evaluation of ``iteration``'s checkpoint ran (one broadcast)."""
+        return rank0_says(self.rank0 and evaluated_marker(self.ckpt_dir, iteration))
 
     def _mark_evaluated(self, iteration: int) -> None:
-        """Rank 0 marks the checkpoint of ``iteration`` (saved before its evaluation) evaluated,
-        so a resumed run does not repeat it. No communication."""
-        from megatron_eaopd.models.checkpoint import checkpoint_name
-
-        if self.rank0:
-            folder = os.path.join(self.ckpt_dir, checkpoint_name(iteration))
-            if os.path.isdir(folder):
-                with open(os.path.join(folder, "evaluated"), "w", encoding="utf-8") as f:
-                    f.write("1\n")
+        if self.rank0:  # a resumed or shortened run does not repeat it
+            mark_evaluated(self.ckpt_dir, iteration)
 
     def _due(self, interval: int, iteration: int) -> bool:
         return iteration == self.total or (interval > 0 and iteration % interval == 0)
@@ -517,6 +508,7 @@ class Trainer:
             if eval_due and self._stop_requested(iteration):  # asked during the evaluation
                 if not save_due:
                     self.save(iteration)
+                    self._mark_evaluated(iteration)  # it ran: a shortened relaunch must not
                 stopped = True
                 self._requeue()
                 break

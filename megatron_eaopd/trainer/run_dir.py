@@ -48,11 +48,13 @@ __all__ = [
     "check_foreign_checkpoints",
     "check_moved_checkpoints",
     "check_unmarked_checkpoints",
+    "evaluated_marker",
     "latest_checkpoint_problem",
     "length_problem",
     "load_for_resume",
     "lock_output_dir",
     "lock_run_folders",
+    "mark_evaluated",
     "planned_iterations",
     "saved_by",
     "saved_run_config",
@@ -186,8 +188,8 @@ def lock_output_dir(output_dir: str, setting: str = "training.output_dir") -> Ru
                 handle.seek(0)
                 handle.truncate()
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-                handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n")
-                handle.flush()
+                line = f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n"
+                os.write(handle.fileno(), line.encode())  # unbuffered: close() cannot fail again
             except OSError as err:  # a full disk: the run could write nothing there either
                 handle.close()
                 raise ValueError(
@@ -531,3 +533,26 @@ def load_for_resume(ckpt_dir: str, student):
         with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
             name = f.read().strip()
         raise RunRefused(broken_checkpoint_message(ckpt_dir, name, failure_text(err))) from err
+
+
+def evaluated_marker(ckpt_dir: str, iteration: int) -> bool:
+    """Whether the checkpoint of ``iteration`` is marked evaluated (:func:`mark_evaluated`)."""
+    from megatron_eaopd.models.checkpoint import checkpoint_name
+
+    return os.path.isfile(os.path.join(ckpt_dir, checkpoint_name(iteration), "evaluated"))
+
+
+def mark_evaluated(ckpt_dir: str, iteration: int) -> None:
+    """Mark the checkpoint of ``iteration`` evaluated (its evaluation ran after the save), so a
+    resumed run does not repeat it; a write that fails (a full disk) is a warning: a relaunch
+    then evaluates again. Rank 0; no communication."""
+    from megatron_eaopd.models.checkpoint import checkpoint_name
+
+    folder = os.path.join(ckpt_dir, checkpoint_name(iteration))
+    try:
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, "evaluated"), "w", encoding="utf-8") as f:
+                f.write("1\n")
+    except OSError as err:
+        logger.warning("cannot mark %s evaluated (%s): a relaunch evaluates it again", folder,
+                       err)  # fmt: skip

@@ -246,8 +246,9 @@ def _train_entry(
     from megatron_eaopd.parallel.init import use_layout
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    fix = (f"point {role}_prep.cache_dir at another disk, then run the same command again (the "
-           "preparation continues from its last save)")  # fmt: skip
+    fix = (f"move the cache folder {prep.cache_dir} to another disk and set {role}_prep.cache_dir "
+           "to its new place (an empty one prepares from the start), then run the same command "
+           "again: the preparation continues from its last save")  # fmt: skip
     examples = _examples(data, mcfg.max_sequence_length, getattr(prep, "num_problems", None))
     optim = OptimConfig(
         lr=prep.lr,

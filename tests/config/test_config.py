@@ -222,6 +222,15 @@ def test_names_peers_use_are_told_our_key():
         "steps" in probs["training.train_iters"]
     )
     assert probs["optimizer.learning_rate"] == "unknown key; this project calls it optimizer.lr"
+    with pytest.raises(ConfigError) as err:  # a peer's name in another section, one key
+        load_config(None, ["training.lr_warmup_iters=3", "rollout.k=3", "optimizer.warmup_steps=3"])
+    probs = _problems(err.value)
+    assert probs["training.lr_warmup_iters"].startswith(
+        "unknown key; this project calls it optimizer.warmup_iterations, which counts optimizer "
+        "steps"
+    )
+    assert probs["optimizer.warmup_steps"] == probs["training.lr_warmup_iters"]
+    assert "another section: eval.k" in probs["rollout.k"]  # a real key first, not loss.top_k
     # a peer's key for what EOPD does not have: the reason, not a near spelling
     with pytest.raises(ConfigError) as err:
         load_config(

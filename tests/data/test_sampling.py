@@ -79,10 +79,10 @@ def test_the_run_length_line_says_where_the_length_comes_from():
             "rollout.mini_batch_size=2",
         ],
     )
-    assert length_text(set_, 20) == (
-        "run length: 10 iterations (20 optimizer steps, 4 prompts each), from "
-        "training.iterations (2.00 passes over the 20 distillation prompts; training.epochs is "
-        "not used)"
+    assert length_text(set_, 22) == (
+        "run length: 10 iterations (20 optimizer steps, 4 prompts each) from training.iterations "
+        "(training.epochs is not used): 2.00 epochs of 5 iterations over the 22 distillation "
+        "prompts, each leaving out the last 2 of its shuffled order"
     )
     by_epochs = load_config(
         None,
@@ -95,8 +95,8 @@ def test_the_run_length_line_says_where_the_length_comes_from():
     )
     assert total_iterations(11, 3, 2.5) == 7
     assert length_text(by_epochs, 11) == (
-        "run length: 7 iterations (7 optimizer steps, 3 prompts each), from training.epochs=2.5 "
-        "over 11 distillation prompts (3 iterations per epoch; each epoch leaves out the last 2 "
-        "of its shuffled order)"
+        "run length: 7 iterations (7 optimizer steps, 3 prompts each) from training.epochs=2.5: "
+        "2.33 epochs of 3 iterations over the 11 distillation prompts, each leaving out the last "
+        "2 of its shuffled order"
     )
-    assert "leaves out" not in length_text(by_epochs, 12)
+    assert "leaving out" not in length_text(by_epochs, 12)

@@ -121,8 +121,12 @@ def test_a_resume_onto_a_disk_without_room_for_a_save_is_refused(tmp_path, monke
     by_epochs = load_config(None, ["training.iterations=null", "training.epochs=1"])
     assert by_epochs.training.iterations is None
     assert _no_room_problem(by_epochs, str(ckpt), "iter_0000004") is not None
-    (ckpt / "iter_0000004" / META).write_text('{"iteration": 4, "extra": {"total_iterations": 4}}')
-    assert _no_room_problem(by_epochs, str(ckpt), "iter_0000004") is None
+    sampler = '{"iteration": 4, "extra": {"sampler": {"num_prompts": 130}}}'
+    (ckpt / "iter_0000004" / META).write_text(sampler)  # 128 prompts per iteration: 1 per epoch
+    eight = load_config(None, ["training.iterations=null", "training.epochs=8"])
+    assert _no_room_problem(eight, str(ckpt), "iter_0000004") is not None  # 8 to go to
+    four = load_config(None, ["training.iterations=null", "training.epochs=4"])
+    assert _no_room_problem(four, str(ckpt), "iter_0000004") is None  # 4 epochs end at 4
     (ckpt / "iter_0000004" / META).write_text('{"iteration": 4}')
     monkeypatch.setattr(save_errors, "free_bytes", lambda path: 10_016 + (1 << 20))
     assert _no_room_problem(cfg, str(ckpt), "iter_0000004") is None

@@ -215,24 +215,20 @@ def test_a_line_a_kill_cut_short_goes_aside_and_the_resume_reads_on(tmp_path):
 
 
 def test_a_full_disk_at_the_lock_is_a_named_refusal(tmp_path, monkeypatch):
-    """Writing the holder line into run.lock on a full disk was a raw OSError traceback."""
-    import builtins
-
+    """Writing the holder line into run.lock on a full disk was a raw OSError traceback (and,
+    buffered, a second one from close()'s flush)."""
     from megatron_eaopd.trainer import run_dir
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def write(self, text):
-            raise OSError(28, "No space left on device")
-
-    real_open = builtins.open
-    monkeypatch.setattr(run_dir, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
     out = tmp_path / "run"
+    out.mkdir()
+    real_write = os.write
+
+    def full(fd, data):  # only the lock file's descriptor finds the disk full
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(out / LOCK_NAME):
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(run_dir.os, "write", full)
     with pytest.raises(
         ValueError,
         match=r"training.output_dir=.*run: cannot write .*run.lock "
@@ -242,3 +238,17 @@ def test_a_full_disk_at_the_lock_is_a_named_refusal(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not _locked_by_someone(out / LOCK_NAME)  # closed: the lock went with it
     lock_output_dir(str(out)).release()
+
+
+def test_a_mark_that_cannot_be_written_is_a_warning(tmp_path, caplog):
+    """A full checkpoint disk after the end-of-run evaluation: marking the save evaluated raised
+    a raw OSError and the run ended with exit 1 and no table."""
+    from megatron_eaopd.trainer.run_dir import evaluated_marker, mark_evaluated
+
+    (tmp_path / "iter_0000003").mkdir()
+    mark_evaluated(str(tmp_path), 3)
+    assert evaluated_marker(str(tmp_path), 3) and not evaluated_marker(str(tmp_path), 4)
+    (tmp_path / "iter_0000005" / "evaluated").mkdir(parents=True)  # open() fails: IsADirectory
+    with caplog.at_level("WARNING"):
+        mark_evaluated(str(tmp_path), 5)
+    assert "cannot mark" in caplog.text and "a relaunch evaluates it again" in caplog.text
