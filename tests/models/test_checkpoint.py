@@ -179,7 +179,10 @@ def test_save_tp2_load_pp2_continue_and_teacher(tmp_path):
         text, everywhere = r["no_room"]  # rank 0's verdict, on every rank
         assert text.startswith(f"cannot save iter_0000002: {root} has 1000 bytes free and a save")
         assert "Nothing was written; iter_0000001 (latest) is intact" in text and everywhere
-        assert "Make room (free space on that disk) or point training.checkpoint_dir" in text
+        assert (
+            "Make room (free space on that disk) or move the checkpoint folder to another "
+            "disk and set training.checkpoint_dir to its new place" in text
+        )
 
     for r in res:
         assert r["b_loaded"][:3] == (1, {"data_position": 7}, False)
