@@ -170,17 +170,13 @@ def _checked_run(args, held: list) -> int:
         try:
             summary = run(cfg, handler, data)
         except (RunRefused, NonFiniteUpdateError, CheckpointSaveError) as err:
-            refused = isinstance(err, RunRefused)  # the folder's saved run; else: diverged
+            refused = isinstance(err, RunRefused)  # the folder's saved run
+            prefix = "training failed: "  # diverged
+            if refused or isinstance(err, CheckpointSaveError):
+                prefix = "" if refused else "checkpoint not saved: "
             # every rank at the same point (one message), but a write that failed on one rank
-            if rank == 0 or getattr(err, "everywhere", True) is False:
-                what = (
-                    ""
-                    if refused
-                    else "checkpoint not saved: "
-                    if isinstance(err, CheckpointSaveError)
-                    else "training failed: "
-                )
-                print(f"eaopd-train: {what}{err}", file=sys.stderr)  # fmt: skip
+            if rank == 0 or not getattr(err, "everywhere", True):
+                print(f"eaopd-train: {prefix}{err}", file=sys.stderr)
             status, code = ("config_error", EXIT_CONFIG) if refused else ("failed", EXIT_FAILED)
             write_exit_status(status, code)
             return code

@@ -201,13 +201,12 @@ def _run_import(args, cfg, hf_info) -> None:
     from megatron_eaopd.models import build_model
     from megatron_eaopd.models.checkpoint import save_checkpoint
     from megatron_eaopd.models.hf import load_hf_weights
-    from megatron_eaopd.parallel.init import initialize_parallel
+    from megatron_eaopd.parallel.init import initialize_parallel, rank0_object
 
     initialize_parallel(args.tp, args.pp, models={"model": cfg})
     rank = dist.get_rank()
-    name = [f"{args.out.rstrip(os.sep)}.tmp-import-{uuid.uuid4().hex[:8]}"]  # never a user's
-    dist.broadcast_object_list(name, src=0)  # one name for every rank
-    tmp = name[0]
+    # never a user's folder; rank 0's name on every rank
+    tmp = rank0_object(f"{args.out.rstrip(os.sep)}.tmp-import-{uuid.uuid4().hex[:8]}")
     ok = False
     try:
         chunks = build_model(cfg, perform_initialization=False)

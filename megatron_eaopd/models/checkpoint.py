@@ -92,14 +92,7 @@ def prune_checkpoints(root: str, keep: int) -> list[str]:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if not os.path.isdir(root):
         return []
-    latest = None
-    if os.path.isfile(os.path.join(root, LATEST)):
-        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
-            latest = f.read().strip()
-    names = sorted(
-        n for n in os.listdir(root)
-        if n.startswith("iter_") and os.path.isfile(os.path.join(root, n, META))
-    )  # fmt: skip
+    latest, names = read_latest(root), complete_checkpoints(root)
     if latest in names:  # saves newer than latest belong to an abandoned attempt (a resume
         names = names[: names.index(latest) + 1]  # from an earlier save): not counted, kept
     doomed = [n for n in names[:-keep] if n != latest]
@@ -214,6 +207,8 @@ def save_checkpoint(
     run's, ``save_errors.TRAINING_FIX``).
     Collectives: barriers and dist_checkpointing's save (metadata gather, per-rank writes).
     """
+    from megatron_eaopd.parallel.init import rank0_object
+
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
     extra = dict(extra or {})
@@ -229,14 +224,14 @@ def save_checkpoint(
         try:
             os.makedirs(root, exist_ok=True)
             _remove_leftovers(root)  # of interrupted saves: garbage that only takes room
-            latest = _latest_name(root)
+            latest = read_latest(root)
             done = complete_checkpoints(root)
             problem = space_problem(root, name, done, latest, fix)
             if problem is None:
                 os.makedirs(tmp)
         except OSError as err:  # told to every rank below, not raised here alone
             problem = f"cannot save {name} to {root}: {failure_text(err)}"
-    problem = _from_rank0(problem)  # in place of a barrier: every rank stops here, or none
+    problem = rank0_object(problem)  # in place of a barrier: every rank stops here, or none
     if problem is not None:
         raise CheckpointSaveError(problem, everywhere=True)
     try:
@@ -261,27 +256,19 @@ def save_checkpoint(
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(
-            write_failed(root, name, _rank(), err, latest or _latest_name(root), free, fix)
+            write_failed(root, name, _rank(), err, latest or read_latest(root), free, fix)
         ) from err
     _barrier()
     return final
 
 
-def _latest_name(root: str) -> str | None:
+def read_latest(root: str) -> str | None:
+    """The name ``root/latest`` holds (None: no marker, or an empty one)."""
     try:
         with open(os.path.join(root, LATEST), encoding="utf-8") as f:
             return f.read().strip() or None
     except OSError:
         return None
-
-
-def _from_rank0(value):
-    """``value`` as rank 0 has it, on every rank (one broadcast_object_list; no-op alone)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _write(modules, optimizer, scheduler, save_rng: bool, iteration: int, tmp: str) -> None:

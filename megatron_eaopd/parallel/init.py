@@ -118,6 +118,16 @@ def rank0_says(value: bool) -> bool:
     return bool(flag.item())
 
 
+def rank0_object(value):
+    """Rank 0's ``value`` (any picklable object) on every rank: one ``broadcast_object_list``
+    over WORLD; none with one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def default_backend() -> str:
     """'nccl' when CUDA is available, else 'gloo'."""
     return "nccl" if torch.cuda.is_available() else "gloo"

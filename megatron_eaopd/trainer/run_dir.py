@@ -522,7 +522,7 @@ def load_for_resume(ckpt_dir: str, student):
     model shape, no optimizer state) keeps its own message. Collectives: those of the load."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from megatron_eaopd.models.checkpoint import LATEST, load_checkpoint
+    from megatron_eaopd.models.checkpoint import load_checkpoint, read_latest
     from megatron_eaopd.models.save_errors import failure_text
 
     try:
@@ -530,8 +530,7 @@ def load_for_resume(ckpt_dir: str, student):
     except ValueError:
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - whatever the reader raised
-        with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
-            name = f.read().strip()
+        name = read_latest(ckpt_dir)
         raise RunRefused(broken_checkpoint_message(ckpt_dir, name, failure_text(err))) from err
 
 

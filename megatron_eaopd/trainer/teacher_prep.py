@@ -213,14 +213,13 @@ def _use_cached(root: str, role: str) -> str:
     """The saved entry ``root``, its files verified against their checksums by rank 0
     (ValueError on every rank naming a damaged file). Collectives: 1 broadcast_object_list."""
     from megatron_eaopd.models.checkpoint import verify_checksums
+    from megatron_eaopd.parallel.init import rank0_object
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    damaged = [verify_checksums(root) if rank0 else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(damaged, src=0)
-    if damaged[0]:
+    damaged = rank0_object(verify_checksums(root) if rank0 else None)
+    if damaged:
         raise ValueError(
-            f"the cached {role} {root} is damaged ({damaged[0]}): delete that folder to "
+            f"the cached {role} {root} is damaged ({damaged}): delete that folder to "
             "prepare it again"
         )
     logger.info("using the cached %s %s", role, root)

@@ -222,6 +222,8 @@ def save_hf_weights(
     """
     from megatron.core import parallel_state as ps
 
+    from megatron_eaopd.parallel.init import rank0_object
+
     chunks = bare_chunks(model_chunks)
     cfg = model_config or getattr(chunks[0], "eaopd_model_config", None)
     if cfg is None:
@@ -304,9 +306,8 @@ def save_hf_weights(
             error = f"rank 0: {error}" if error else None
         committed = rank == 0 and not error
         if _world() > 1:
-            status = [error]
-            dist.broadcast_object_list(status, src=0)
-            error = error or status[0]
+            status = rank0_object(error)  # every rank calls it: not short-circuited
+            error = error or status
     finally:
         if bar is not None:
             bar.close()
