@@ -266,8 +266,6 @@ def context_warning(cfg) -> str | None:
     evaluation limits (``model.*.max_seq_len``) reach positions whose RoPE angles the model has
     never seen. A warning, not a refusal (RoPE extrapolates; a user may mean it). Reads files
     only."""
-    import json
-
     out = []
     for who in ("student", "teacher"):
         folder = getattr(cfg.model, f"{who}_hf") or imported_from(

@@ -80,12 +80,9 @@ _NOTES = {
     "training.eval_interval": _IN_ITERATIONS,
     "optimizer.warmup_iterations": ", which counts optimizer steps (as warmup_steps does)",
 }
-_owners: dict[str, set] = {}
-for _key, _names in _PEERS.items():
-    for _name in _names:
-        _owners.setdefault(_name, set()).add(_key)
 #: a peer's bare name -> our key, where the name stands for one key only (n: rollout or eval)
-_BY_NAME = {name: next(iter(keys)) for name, keys in _owners.items() if len(keys) == 1}
+_BY_NAME = {name: key for key, names in _PEERS.items() for name in names
+            if sum(name in other for other in _PEERS.values()) == 1}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
