@@ -8,8 +8,8 @@ strings are normalised (spaces, ``$``, ``\\left``/``\\right`` before a delimiter
 one-letter choice) and compared; when both sides read as numbers (integers, decimals, ``a/b``,
 ``\\frac{a}{b}``, thousands separators, percentages) they are compared as exact fractions. A
 comma followed by a space separates list items (``10, 100`` is neither 10100 nor ``10,100``, also
-under math-verify). With math-verify, an answer is right when math-verify or the normalised
-comparison accepts it.
+under math-verify); two lists match item by item, in order. With math-verify, an answer is
+right when math-verify or the normalised comparison accepts it.
 """
 
 from __future__ import annotations
@@ -212,6 +212,18 @@ def check_answer(response: str, reference: str, use_math_verify: bool | None = N
         a, b = _ASSIGNED.sub("", a), _ASSIGNED.sub("", b)
     if a == b:
         return True
+    if listed[0] and listed[1]:  # item by item: 1,000, 2,000 against 1000, 2000
+        items = [_LIST_COMMA.split(x.strip()) for x in (predicted, reference)]
+        if len(items[0]) == len(items[1]) and all(map(_same_item, *items)):
+            return True
     na = parse_number(a, separators=not listed[0])
     nb = parse_number(b, separators=not listed[1])
     return na is not None and nb is not None and na == nb
+
+
+def _same_item(predicted: str, reference: str) -> bool:
+    """Whether two items of a listed answer are the same text or number once normalised."""
+    if normalize_answer(predicted) == normalize_answer(reference):
+        return True
+    a, b = parse_number(predicted), parse_number(reference)
+    return a is not None and a == b

@@ -115,6 +115,11 @@ def test_parse_number(answer, value):
         ("\\boxed{3, 500}", "(3,500)", False),  # a point, not the list (normalised compare)
         ("\\boxed{-2, 1}", "-2,1", True),
         ("\\boxed{4,100}", "4100", True),
+        ("\\boxed{1,000, 2,000}", "1000, 2000", True),  # lists item by item
+        ("\\boxed{1,000, 2,500}", "1000, 2000", False),
+        ("\\boxed{1,000, 2,000}", "1000, 2000, 3", False),
+        ("\\boxed{\\frac12, 3}", "0.5, 3", True),
+        ("\\boxed{1{,}000, 7}", "1000, 7", True),
         ("\\boxed{\\leftarrow}", "\\rightarrow", False),  # \left / \right only before a delimiter
         ("\\boxed{\\leftrightarrow}", "\\rightarrow", False),
         ("\\boxed{\\left( 1, 2 \\right]}", "(1,2]", True),
