@@ -79,7 +79,11 @@ def run_problems(
                 )
             )
     bf16 = "bf16" in (cfg.model.student.dtype, cfg.model.teacher.dtype)
-    if cfg.model.student.dtype != "fp32" or cfg.parallel.backend == "nccl" or bf16:
+    teacher_trained = cfg.teacher_prep.enabled and not (
+        cfg.model.teacher_checkpoint or cfg.model.teacher_hf
+    )  # teacher_prep trains the teacher in its dtype
+    half_teacher = teacher_trained and cfg.model.teacher.dtype != "fp32"
+    if cfg.model.student.dtype != "fp32" or cfg.parallel.backend == "nccl" or bf16 or half_teacher:
         if cuda_available is None:
             import torch
 
@@ -93,7 +97,18 @@ def run_problems(
                 "model.student.dtype",
                 f"{cfg.model.student.dtype} needs CUDA: megatron's mixed-precision optimizer "
                 "keeps fp32 main weights only for CUDA tensors. Train the student in fp32 on CPU "
-                "(model.student.dtype=fp32; the teacher may stay bf16)",
+                "(model.student.dtype=fp32; a teacher loaded from model.teacher_hf or "
+                "model.teacher_checkpoint may stay bf16)",
+            )
+        )
+    if half_teacher and not cuda_available:
+        problems.append(
+            (
+                "model.teacher.dtype",
+                f"{cfg.model.teacher.dtype} needs CUDA here: teacher_prep.enabled trains the "
+                "teacher, and megatron's mixed-precision optimizer keeps fp32 main weights only "
+                "for CUDA tensors. Set model.teacher.dtype=fp32 on CPU, or load a teacher "
+                "(model.teacher_hf / model.teacher_checkpoint), which may be bf16",
             )
         )
     problems += _bf16_problems(cfg, cuda_available, gpu)

@@ -213,8 +213,24 @@ def test_bf16_is_refused_on_gpus_before_ampere_and_names_each_model():
     with pytest.raises(ConfigError, match=r"model.teacher.dtype: bf16 needs .* T4 is 7.5"):
         check_run(only_teacher, 2, cuda_available=True, gpu=t4)
     check_run(cfg, 2, cuda_available=True, gpu=("NVIDIA A100-SXM4-80GB", 8, 0))
-    check_run(only_teacher, 2, cuda_available=False, gpu=t4)  # the CPU runs bf16 natively
+    loaded = load_config(TINY, ["model.teacher.dtype=bf16", "model.teacher_checkpoint=/ckpt"])
+    check_run(loaded, 2, cuda_available=False, gpu=t4)  # the CPU runs bf16 natively
     check_run(load_config(TINY, ["model.teacher.dtype=fp16"]), 2, cuda_available=True, gpu=t4)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_half_precision_teacher_that_teacher_prep_trains_is_refused_on_cpu(dtype):
+    """teacher_prep trains the teacher with megatron's optimizer, which keeps fp32 main
+    weights only for CUDA tensors: on CPU it failed after the data preparation with a
+    TypeError from get_megatron_optimizer. A loaded teacher may be half precision on CPU."""
+    cfg = load_config(TINY, [f"model.teacher.dtype={dtype}"])
+    with pytest.raises(ConfigError, match=rf"model.teacher.dtype: {dtype} needs CUDA here: "
+                       r"teacher_prep.enabled trains .* model.teacher.dtype=fp32"):  # fmt: skip
+        check_run(cfg, 2, cuda_available=False)
+    if dtype == "fp16":
+        check_run(cfg, 2, cuda_available=True, gpu=("Tesla T4", 7, 5))
+    loaded = load_config(TINY, [f"model.teacher.dtype={dtype}", "model.teacher_checkpoint=/c"])
+    check_run(loaded, 2, cuda_available=False)
 
 
 def test_the_bf16_check_reads_this_process_gpu(monkeypatch):
