@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_eaopd.config.schema import EAOPDConfig, TaskConfig
+from megatron_eaopd.config.schema import EAOPDConfig, LossConfig, TaskConfig
 
 __all__ = [
     "TASK_KEYS_READ",
     "layout_rule_problems",
+    "loss_key_problems",
     "optimizer_steps",
     "plot_problems",
     "prep_problems",
     "rule_problems",
     "task_key_problems",
+    "unread_setting_problems",
     "warmup_problems",
 ]
 
@@ -150,6 +152,69 @@ def task_key_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
     return problems
 
 
+#: Who reads each objective-specific ``loss.*`` key: (objectives, forms or None for any). The
+#: top-k size, tau and the strict gate are not here: the evaluation's metrics read them always.
+_LOSS_READERS = {
+    "clip": (("opd", "eopd", "eopd_soft", "mix"), ("sampled",)),  # the PPO term
+    "tail_bucket": (("eopd", "eopd_soft", "mix", "fkl"), ("sampled",)),  # the top-k forward KL
+    "fkl_coef": (("eopd", "eopd_soft", "eopd_exact"), None),
+    "soft_gate_width": (("eopd_soft",), None),
+    "mix_weight": (("mix",), None),
+    "jsd_beta": (("jsd",), None),
+}
+
+
+def loss_key_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """A ``loss.*`` key set to other than its default that the chosen objective and form do not
+    read (``loss.clip`` in the exact form, ``loss.mix_weight`` without ``mix``): a sweep over it
+    would train identical runs."""
+    loss, defaults = cfg.loss, LossConfig()
+    problems = []
+    for key, (objectives, forms) in _LOSS_READERS.items():
+        value = getattr(loss, key)
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        read = loss.objective in objectives and (forms is None or loss.form in forms)
+        if read or value == getattr(defaults, key):
+            continue
+        where = " or ".join(objectives) + (f" in the {forms[0]} form" if forms else "")
+        problems.append(
+            (
+                f"loss.{key}",
+                f"{shown} is not read by loss.objective={loss.objective} with "
+                f"loss.form={loss.form} (it applies to loss.objective={where}) and would be "
+                "ignored: remove it, or choose that objective and form",
+            )
+        )
+    return problems
+
+
+def unread_setting_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """Settings that only another setting reads, given without it (after ``tokenizer.kind: auto``
+    is resolved): a path the task tokenizer ignores, pipelined decoding without a pipeline.
+    (``tokenizer.enable_thinking`` without the chat template is not refused: the paper configs
+    set it, and turning the template off by an override would need a second one.)"""
+    tok, problems = cfg.tokenizer, []
+    if tok.kind == "task" and tok.path:
+        problems.append(
+            (
+                "tokenizer.path",
+                f"{tok.path!r} is not read by tokenizer.kind=task, which trains a tokenizer on the "
+                "task's text (kind auto chooses task without model.teacher_hf, model.student_hf "
+                "or an imported checkpoint): set tokenizer.kind=sentencepiece (a .model file) or "
+                "huggingface (a tokenizer folder), or remove tokenizer.path",
+            )
+        )
+    if cfg.rollout.pp_interleave and cfg.parallel.student.pp == 1:
+        problems.append(
+            (
+                "rollout.pp_interleave",
+                "true overlaps decoding over the student's pipeline stages, and "
+                "parallel.student.pp=1 has one: remove it, or set parallel.student.pp > 1",
+            )
+        )
+    return problems
+
+
 def plot_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
     """``eval.plot`` draws eval_curves.png from <output_dir>/metrics.jsonl, which
     ``logging.jsonl: false`` does not write."""
@@ -173,5 +238,7 @@ def rule_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
         *warmup_problems(cfg, num_prompts),
         *prep_problems(cfg),
         *task_key_problems(cfg),
+        *loss_key_problems(cfg),
+        *unread_setting_problems(cfg),
         *plot_problems(cfg),
     ]

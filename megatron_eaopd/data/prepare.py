@@ -55,6 +55,15 @@ def tokenizer_vocab_size(tokenizer: Any) -> int:
     return len(tokenizer)
 
 
+def _load_error(tok: Any, err: Exception) -> TaskError:
+    """The refusal of a ``tokenizer.path`` that does not load as ``tokenizer.kind``."""
+    return TaskError(
+        f"tokenizer.path={tok.path!r}: the {tok.kind} tokenizer does not load "
+        f"({type(err).__name__}: {err}); point tokenizer.path at a "
+        f"{'.model file' if tok.kind == 'sentencepiece' else 'tokenizer folder or hub name'}"
+    )
+
+
 def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> PreparedData:
     """Load and check the task and tokenizer of ``cfg`` (an ``EAOPDConfig``).
 
@@ -83,9 +92,11 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     tok = cfg.tokenizer
     try:
         tokenizer = build_tokenizer(tok, task)
-    except RuntimeError as err:  # training the task tokenizer (sentencepiece's own words)
+    except RuntimeError as err:  # sentencepiece's own words: training or loading a model
         need = re.search(r"required_chars\. \d+ vs (\d+)", str(err))
-        if tok.kind != "task" or not need:
+        if tok.kind != "task":  # not a sentencepiece model (a tokenizer.json, a text file)
+            raise _load_error(tok, err) from err
+        if not need:
             raise
         raise TaskError(
             f"tokenizer.vocab_size={tok.vocab_size} is below the {need.group(1)} pieces the "
@@ -96,11 +107,7 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     except (OSError, ValueError, ImportError) as err:
         if tok.kind == "task":  # training the task tokenizer: not a path problem
             raise
-        raise TaskError(
-            f"tokenizer.path={tok.path!r}: the {tok.kind} tokenizer does not load "
-            f"({type(err).__name__}: {err}); point tokenizer.path at a "
-            f"{'.model file' if tok.kind == 'sentencepiece' else 'tokenizer folder or hub name'}"
-        ) from err
+        raise _load_error(tok, err) from err
     if getattr(cfg.tokenizer, "chat_template", False):
         use_chat_template(tokenizer, cfg.tokenizer.enable_thinking)
     try:

@@ -106,3 +106,45 @@ def test_shipped_configs_break_no_rule(path, tmp_path):
     from tests.paper_configs import hf_overrides
 
     assert rule_problems(load_config(path, hf_overrides(path, str(tmp_path)))) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, key, readers",
+    [
+        # tiny-cpu trains eopd in the exact form: PPO's clip and the top-k tail are not read
+        (["loss.clip=0.01"], "loss.clip", "opd or eopd or eopd_soft or mix in the sampled form"),
+        (["loss.tail_bucket=true"], "loss.tail_bucket", "or fkl in the sampled form"),
+        (["loss.objective=opd", "loss.mix_weight=0.3"], "loss.mix_weight", "objective=mix)"),
+        (["loss.objective=mix", "loss.fkl_coef=2"], "loss.fkl_coef", "eopd_exact)"),
+        (["loss.soft_gate_width=0.3"], "loss.soft_gate_width", "objective=eopd_soft)"),
+        (["loss.jsd_beta=0.3"], "loss.jsd_beta", "objective=jsd)"),
+    ],
+)
+def test_loss_keys_the_objective_does_not_read_are_refused(overrides, key, readers):
+    """A sweep over loss.clip on tiny-cpu (the exact form) trained identical runs."""
+    text = _problems(overrides)[key]
+    assert "would be ignored" in text and readers in text
+    on = {"loss.clip": ["loss.form=sampled"], "loss.tail_bucket": ["loss.form=sampled"],
+          "loss.mix_weight": ["loss.objective=mix"], "loss.fkl_coef": ["loss.objective=eopd"],
+          "loss.soft_gate_width": ["loss.objective=eopd_soft"],
+          "loss.jsd_beta": ["loss.objective=jsd"]}[key]  # fmt: skip
+    load_config(TINY, [*overrides, *on])  # the objective that reads it: accepted
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fix",
+    [
+        (["tokenizer.path=/data/spm.model"], "tokenizer.path", "tokenizer.kind=sentencepiece"),
+        (["tokenizer.kind=task", "tokenizer.path=/t"], "tokenizer.path", "remove tokenizer.path"),
+        (["rollout.pp_interleave=true"], "rollout.pp_interleave", "parallel.student.pp > 1"),
+    ],
+)
+def test_settings_only_another_setting_reads_are_refused_without_it(overrides, key, fix):
+    """Each ran to exit 0 doing what the setting alone would not: a tokenizer trained on the task
+    in place of the given file, no interleaving."""
+    assert fix in _problems(overrides)[key]
+
+
+def test_settings_with_their_reader_are_accepted():
+    load_config(TINY, ["rollout.pp_interleave=true", "parallel.student.pp=2"])
+    load_config(TINY, ["tokenizer.kind=sentencepiece", "tokenizer.path=/data/spm.model"])

@@ -99,6 +99,11 @@ def test_seeds_are_bounded_and_tokenizers_that_do_not_load_name_the_key(tmp_path
     cfg = load_config(TINY, ["tokenizer.kind=sentencepiece", f"tokenizer.path={missing}"])
     with pytest.raises(TaskError, match=r"tokenizer.path='.*x.model': the sentencepiece "):
         prepare_data(cfg)
+    junk = tmp_path / "tokenizer.json"  # a file, not a sentencepiece model: was a traceback
+    junk.write_text('{"model": {"type": "BPE"}}')
+    cfg = load_config(TINY, ["tokenizer.kind=sentencepiece", f"tokenizer.path={junk}"])
+    with pytest.raises(TaskError, match=r"'.*tokenizer.json': the sentencepiece .*RuntimeError"):
+        prepare_data(cfg)
     cfg = load_config(TINY, ["tokenizer.kind=huggingface", f"tokenizer.path={tmp_path}/hf"])
     with pytest.raises(TaskError, match=r"tokenizer.path='.*hf': the huggingface tokenizer "):
         prepare_data(cfg)
