@@ -167,17 +167,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into its key path and its YAML-parsed value.
 
     Raises:
-        ConfigError: no ``=``, an empty key segment, or a value YAML cannot parse.
+        ConfigError: no ``=``, an empty key segment, no value, or a value YAML cannot parse.
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError([("", f"override {text!r} is not of the form key.path=value")])
+        hint = " (a config file is read with --config FILE)" if ".y" in text[-5:] else ""
+        raise ConfigError([("", f"override {text!r} is not of the form key.path=value{hint}")])
     parts = key.split(".")
     if any(not part for part in parts):
         raise ConfigError([(key, f"override {text!r} has an empty key segment")])
+    if not raw.strip():  # an unset shell variable (key=$X): YAML would read None ("all", "off")
+        fix = f"write {key}=null for none, {key}='' for an empty string"
+        raise ConfigError([(key, f"override {text!r} has no value: {fix}")])
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as err:
         raise ConfigError([(key, f"cannot parse override value {raw!r}: {err}")]) from err
     return parts, value

@@ -24,6 +24,7 @@ from megatron_eaopd.config import (
 from tests.paper_configs import hf_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
@@ -128,6 +129,21 @@ def test_override_values_follow_yaml_scalars(text, value):
     parts, parsed = parse_override(text)
     assert parts == ["a", "b"]
     assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("text", ["training.iterations=", "eval.save_samples= "])
+def test_an_override_without_a_value_is_refused(text):
+    """YAML reads an empty value as null: an unset shell variable (eval.save_samples=$N) saved
+    every prompt's samples (null: all) and training.iterations= fell back to the epochs."""
+    key = text.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: override .* has no value: write {key}=null"):
+        load_config(TINY, [text])
+    assert load_config(TINY, [f"{key}=null"]) is not None
+
+
+def test_a_config_file_given_as_an_override_names_the_flag():
+    with pytest.raises(ConfigError, match=r"key.path=value \(a config file is read with --config"):
+        load_config(None, ["configs/tiny-cpu.yaml"])
 
 
 def test_overrides_apply_last_and_in_order(tmp_path):
