@@ -92,7 +92,12 @@ def _check_import(args):
         check_hf_folder(args.hf, trust_pickle=args.trust_pickle, model_config=cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise BadInput(str(exc)) from None
+    from megatron_eaopd.config.hf_models import tokenizer_fingerprint
+
     hf_info: dict = {}
+    tokens = tokenizer_fingerprint(args.hf)  # the trainer checks it when the folder is gone
+    if tokens is not None:
+        hf_info["tokenizer_fingerprint"] = tokens
     for name in ("config.json", "generation_config.json"):
         path = os.path.join(args.hf, name)
         if os.path.isfile(path):
@@ -143,6 +148,8 @@ def _check_export(args):
                 f"checkpoint {path!r} records no model config (saved before configs were "
                 f"recorded): pass --hf-config with an HF folder describing the model"
             )
+        if not args.tokenizer:
+            args.tokenizer = _source_tokenizer(meta, bool((meta.get("extra") or {}).get("hf")))
         if args.tokenizer:  # exit 2 before any process group, with what to pass instead
             from megatron_eaopd.models.hf.save import _tokenizer_files
 
@@ -154,6 +161,30 @@ def _check_export(args):
         raise BadInput(str(exc)) from None
     # the weights stay in the dtype they were saved in; the export casts
     return path, cfg, dict(meta.get("extra", {}).get("hf", {}))
+
+
+def _source_tokenizer(meta: dict, recorded_ids: bool) -> str | None:
+    """Without ``--tokenizer``: the Hugging Face folder the checkpoint came from (an import's or
+    a trainer run's ``model.student_hf``, recorded as source ``hf:<folder>``) while it holds
+    tokenizer files, so the export has a tokenizer and its BOS / EOS ids. Else None, with a
+    warning: an export without a tokenizer has no EOS id (``generate`` does not stop) unless the
+    import recorded one, and AutoTokenizer loads an empty tokenizer from it."""
+    from megatron_eaopd.config.hf_models import has_tokenizer_files
+
+    source = meta.get("source")
+    folder = source[3:] if isinstance(source, str) and source.startswith("hf:") else None
+    if folder and os.path.isdir(folder) and has_tokenizer_files(folder):
+        logging.getLogger("eaopd-convert").info(
+            "tokenizer: %s, the folder the checkpoint came from (--tokenizer picks another)", folder
+        )
+        return folder
+    logging.getLogger("eaopd-convert").warning(
+        "no --tokenizer%s: the export holds no tokenizer files%s; pass --tokenizer with the "
+        "model's Hugging Face tokenizer folder",
+        f" and the checkpoint's source {folder} holds none" if folder else "",
+        "" if recorded_ids else " and config.json no BOS / EOS ids (generate() will not stop)",
+    )
+    return None
 
 
 def _stored_dtype(path: str) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "has_tokenizer_files",
     "imported_from",
     "recorded_model_config",
+    "recorded_tokenizer",
     "resolve_hf_models",
     "schema_shape",
     "tokenizer_fingerprint",
@@ -94,7 +95,8 @@ def schema_shape(mc) -> dict:
 def tokenizer_fingerprint(folder: str) -> str | None:
     """``models.vocab_check``'s fingerprint of the token -> id mapping in
     ``folder/tokenizer.json`` (vocabulary and added tokens; not the chat template or other
-    settings), read without transformers; None when the folder has no such file."""
+    settings), else in a slow tokenizer's vocab.json, read without transformers; None when the
+    folder has neither. ``eaopd-convert import-hf`` records it with the checkpoint."""
     from megatron_eaopd.models.vocab_check import tokenizer_fingerprint as fingerprint
 
     table = _token_table(folder)
@@ -102,10 +104,12 @@ def tokenizer_fingerprint(folder: str) -> str | None:
 
 
 def _token_table(folder: str) -> dict | None:
-    """token -> id of ``folder/tokenizer.json`` (vocabulary and added tokens); None without it."""
+    """token -> id of ``folder/tokenizer.json`` (vocabulary and added tokens), else of a slow
+    BPE tokenizer's ``vocab.json`` with ``tokenizer_config.json``'s added tokens; None when the
+    folder has neither (a sentencepiece ``tokenizer.model`` alone is not read)."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
-        return None
+        return _slow_token_table(folder)
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     vocab = (data.get("model") or {}).get("vocab") or {}
@@ -113,6 +117,23 @@ def _token_table(folder: str) -> dict | None:
         vocab = {piece[0]: i for i, piece in enumerate(vocab)}
     table = dict(vocab)
     table.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+    return table
+
+
+def _slow_token_table(folder: str) -> dict | None:
+    """token -> id of a slow BPE tokenizer folder (vocab.json + merges.txt, GPT-2 / Qwen2 style):
+    vocab.json plus tokenizer_config.json's ``added_tokens_decoder``; None without vocab.json."""
+    path = os.path.join(folder, "vocab.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        table = dict(json.load(f))
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            added = json.load(f).get("added_tokens_decoder") or {}
+    except (OSError, ValueError):
+        added = {}
+    table.update({t["content"]: int(i) for i, t in added.items() if isinstance(t, dict)})
     return table
 
 
@@ -126,6 +147,21 @@ def _recorded(root: str | None) -> tuple:
         return read_model_config(root)
     except (OSError, ValueError, TypeError):
         return None, None
+
+
+def recorded_tokenizer(root: str | None) -> str | None:
+    """The tokenizer fingerprint ``eaopd-convert import-hf`` recorded with the checkpoint root
+    ``root`` (of its source folder's tokenizer), else None."""
+    if not root or not os.path.isdir(root):
+        return None
+    from megatron_eaopd.models.checkpoint import read_meta, resolve_checkpoint
+
+    try:
+        path = root if os.path.isfile(os.path.join(root, "eaopd_meta.json")) else (
+            resolve_checkpoint(root))  # fmt: skip
+        return read_meta(path).get("extra", {}).get("hf", {}).get("tokenizer_fingerprint")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def recorded_model_config(root: str | None):
@@ -214,7 +250,8 @@ def tokenizer_problems(cfg, problems: list) -> None:
     if not folders:
         return
     if len(folders) == 2:
-        prints = {who: tokenizer_fingerprint(f) for who, f in folders.items()}
+        prints = {who: tokenizer_fingerprint(f) or recorded_tokenizer(  # the folder gone
+            getattr(cfg.model, f"{who}_checkpoint")) for who, f in folders.items()}  # fmt: skip
         if None not in prints.values() and prints["student"] != prints["teacher"]:
             problems.append(
                 (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,50 @@ def test_imports_of_folders_with_different_tokenizers_are_refused(tmp_path):
     _tokenizer(str(tmp_path / "Qwen3-8B"), {"x": 0, "y": 1})
     problems = _problems_of(BASE, mixed)
     assert "map tokens to different ids" in problems["model.student_checkpoint"], problems
+
+
+def test_an_import_whose_folder_is_gone_is_checked_by_its_recorded_tokenizer(tmp_path):
+    """An import made from a scratch folder deleted since: the check followed only the folder,
+    found nothing, and a student with another tokenizer trained silently."""
+    from megatron_eaopd.config.hf_models import tokenizer_fingerprint
+    from megatron_eaopd.trainer.checks import tokenizer_warning
+
+    teacher, student = _folders(tmp_path)
+    _tokenizer(student, {"x": 1, "y": 0})
+    gone = str(tmp_path / "gone")
+    root = _recorded_checkpoint(str(tmp_path / "ckpt"), f"hf:{gone}")
+    hf = ["model.teacher_hf=null", f"model.teacher_checkpoint={root}",
+          f"model.student_hf={student}", "teacher_prep.enabled=false"]  # fmt: skip
+    assert "imported from" in tokenizer_warning(load_config(PAPER, hf))  # nothing recorded
+    os.makedirs(gone)
+    _tokenizer(gone, {"x": 0, "y": 1})
+    recorded = tokenizer_fingerprint(gone)
+    shutil.rmtree(gone)
+    meta_path = os.path.join(root, "iter_0000000", "eaopd_meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["extra"] = {"hf": {"tokenizer_fingerprint": recorded}}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    assert "map tokens to different ids" in _problems(hf)["model.student_hf"]
+    _tokenizer(student, {"x": 0, "y": 1})  # the same table: accepted, no warning
+    assert tokenizer_warning(load_config(PAPER, hf)) is None
+
+
+def test_a_slow_tokenizer_folder_is_compared_by_its_vocab_json(tmp_path):
+    """A folder with vocab.json + merges.txt and no tokenizer.json: the refusal of different
+    ids became a warning that the ids cannot be checked."""
+    teacher, student = _folders(tmp_path)
+    _tokenizer(teacher, {"x": 0, "y": 1})  # and "<e>" at 9
+    with open(os.path.join(student, "vocab.json"), "w") as f:
+        json.dump({"x": 1, "y": 0}, f)
+    with open(os.path.join(student, "tokenizer_config.json"), "w") as f:
+        json.dump({"added_tokens_decoder": {"9": {"content": "<e>", "special": True}}}, f)
+    hf = [f"model.teacher_hf={teacher}", f"model.student_hf={student}"]
+    assert "map tokens to different ids" in _problems(hf)["model.student_hf"]
+    with open(os.path.join(student, "vocab.json"), "w") as f:
+        json.dump({"x": 0, "y": 1}, f)  # the slow form of the same tokenizer: accepted
+    load_config(PAPER, hf)
 
 
 def test_a_model_folder_without_tokenizer_files_is_not_a_tokenizer(tmp_path):

@@ -174,6 +174,25 @@ def test_import_load_export_round_trip(qwen3, tmp_path):
     assert os.path.isfile(os.path.join(root, "out16", "generation_config.json"))
     tok = transformers.AutoTokenizer.from_pretrained(os.path.join(root, "out16"))
     assert tok.eos_token == "</s>" and tok.chat_template
+    # without --tokenizer: the folder it was imported from (was: no tokenizer, no EOS id)
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(root, "out32"))
+    source = transformers.AutoTokenizer.from_pretrained(qwen3["path"])
+    assert tok.eos_token == "</s>" and tok.get_vocab() == source.get_vocab()
+
+
+def test_an_export_without_a_tokenizer_or_a_source_holding_one_is_warned_about(tmp_path, caplog):
+    """A trainer save whose recorded source folder lost its tokenizer (or a run on a task
+    tokenizer) exported silently with no tokenizer and no EOS id: generate() never stopped."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    meta = {"source": f"hf:{folder}"}
+    assert convert._source_tokenizer(meta, recorded_ids=False) is None
+    assert "holds none" in caplog.text and "generate() will not stop" in caplog.text
+    caplog.clear()
+    assert convert._source_tokenizer({"source": None}, recorded_ids=True) is None
+    assert "no --tokenizer: the export holds no tokenizer files; pass" in caplog.text
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert convert._source_tokenizer(meta, recorded_ids=False) == str(folder)
 
 
 # ---------------------------------------------------------------- bad input: exit 2, no output
@@ -445,11 +464,14 @@ def test_folders_that_would_load_another_model_are_refused(tmp_path):
 
 def _imported_teacher_worker(rank, world, hf_dir, root, config):
     from megatron_eaopd.config import load_config
+    from megatron_eaopd.config.hf_models import recorded_tokenizer, tokenizer_fingerprint
     from megatron_eaopd.parallel.init import destroy_parallel, use_layout
     from megatron_eaopd.trainer.build import build_teacher, init_layouts, model_configs
 
     ckpt = os.path.join(root, "ckpt")
     assert convert.main(["import-hf", "--hf", hf_dir, "--out", ckpt, "--dtype", "fp32"]) == 0
+    # the folder's tokenizer, recorded: the trainer compares it when the folder is gone
+    assert recorded_tokenizer(ckpt) == tokenizer_fingerprint(hf_dir) is not None
     overrides = [f"model.teacher_checkpoint={ckpt}", "parallel.teacher.tp=2",
                  "parallel.backend=gloo"]  # fmt: skip
     cfg = load_config(config, overrides)
