@@ -363,6 +363,11 @@ def test_model_config_from_hf_fields(sharded_llama, tmp_path):
         with pytest.raises(ValueError, match=field):
             model_config_from_hf(hf)
         _edit_config(hf, **{k: None for k in changes}, rope_scaling=rope)
+    # a field every config gives, removed or not a count: named (was a KeyError traceback)
+    for value in (None, "96", 0):
+        _edit_config(hf, intermediate_size=value)
+        with pytest.raises(ValueError, match=r"config.json: intermediate_size missing or not a"):
+            model_config_from_hf(hf)
 
 
 def test_llama3_frequencies_equal_transformers():

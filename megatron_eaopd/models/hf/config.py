@@ -144,6 +144,12 @@ def _rope(hf: dict) -> tuple[float, dict]:
     }
 
 
+#: config.json fields every supported architecture gives (positive integers).
+_REQUIRED = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+)  # fmt: skip
+
+
 def model_config_from_hf(
     hf_dir: str,
     *,
@@ -168,6 +174,13 @@ def model_config_from_hf(
     """
     hf = read_hf_config(hf_dir)
     model_type = _model_type(hf)
+    missing = [k for k in _REQUIRED if not isinstance(hf.get(k), int) or hf[k] < 1]
+    if missing:  # was a KeyError traceback (a hand-edited or truncated config.json)
+        raise ValueError(
+            f"{os.path.join(hf_dir, 'config.json')}: {', '.join(missing)} missing or not a "
+            f"positive integer; every {model_type} config.json gives {', '.join(_REQUIRED)}: "
+            "restore the file from the model's source"
+        )
     for field in _MOE_FIELDS:
         if hf.get(field):
             _refuse(field, hf[field], "mixture-of-experts models are not supported")
