@@ -249,6 +249,7 @@ def tokenizer_problems(cfg, problems: list) -> None:
             folders[who], keys[who] = source, f"model.{who}_checkpoint, imported from {source}"
     if not folders:
         return
+    before = len(problems)
     if len(folders) == 2:
         prints = {who: tokenizer_fingerprint(f) or recorded_tokenizer(  # the folder gone
             getattr(cfg.model, f"{who}_checkpoint")) for who, f in folders.items()}  # fmt: skip
@@ -276,6 +277,9 @@ def tokenizer_problems(cfg, problems: list) -> None:
         return
     if kind != "huggingface" or not path or not os.path.isdir(path):
         return
+    models = {os.path.abspath(f) for f in folders.values()}
+    if len(problems) > before and os.path.abspath(path) in models:
+        return  # the path is one model's tokenizer: the mismatch above says it all
     mine = _token_table(path)
     for who, folder in folders.items():
         if os.path.abspath(folder) == os.path.abspath(path):
