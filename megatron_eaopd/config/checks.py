@@ -185,8 +185,17 @@ def vocab_problems(cfg: EAOPDConfig, vocab_size: int | None) -> list[tuple[str, 
             root = getattr(cfg.model, f"{who}_checkpoint")
             root = root if recorded_model_config(root) is not None else None
         text = f"{rows} embedding rows are fewer than the tokenizer's {vocab_size} ids"
-        if folder or root:  # the rows are the model's: the tokenizer is the wrong one
-            where = f"{folder}/config.json" if folder else f"the checkpoint {root}"
+        path = os.path.abspath(cfg.tokenizer.path) if cfg.tokenizer.path else None
+        models = {w: _model_folder(cfg, w) for w in ("student", "teacher")}
+        where = f"{folder}/config.json" if folder else f"the checkpoint {root}"
+        if (folder or root) and path and path == models[who]:  # its own tokenizer
+            fix = (f" (the rows come from {where}, the tokenizer is that model's own): its "
+                   "config.json disagrees with its tokenizer; restore the folder from the "
+                   "model's source")  # fmt: skip
+        elif (folder or root) and path and path in models.values():  # the other model's
+            fix = (f" (the rows come from {where}; the tokenizer is {path}, the other "
+                   "model's): teacher and student must share one vocabulary")  # fmt: skip
+        elif folder or root:  # the rows are the model's: the tokenizer is the wrong one
             fix = (f" (the rows come from {where}): the tokenizer (tokenizer.kind="
                    f"{cfg.tokenizer.kind}, tokenizer.path={cfg.tokenizer.path}) is not this "
                    "model's; use its own (tokenizer.kind=auto, tokenizer.path=null)")  # fmt: skip
@@ -195,6 +204,17 @@ def vocab_problems(cfg: EAOPDConfig, vocab_size: int | None) -> list[tuple[str, 
                    f"{vocab_size}")  # fmt: skip
         problems.append((f"model.{who}.vocab_size", text + fix))
     return problems
+
+
+def _model_folder(cfg: EAOPDConfig, who: str) -> str | None:
+    """The Hugging Face folder model ``who`` comes from (``model.<who>_hf`` or the source of an
+    imported checkpoint), absolute; None for other models."""
+    from megatron_eaopd.config.hf_models import imported_from
+
+    folder = getattr(cfg.model, f"{who}_hf") or imported_from(
+        getattr(cfg.model, f"{who}_checkpoint")
+    )
+    return os.path.abspath(folder) if folder else None
 
 
 def check_run(

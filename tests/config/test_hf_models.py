@@ -251,3 +251,25 @@ def test_sequences_beyond_a_models_trained_context_are_warned_about(tmp_path):
     assert "the student's sequences reach 37024 positions, beyond the 32768" in text
     assert "the teacher's" not in text  # Qwen3-8B: 40,960 positions
     assert "Lower rollout.max_prompt_tokens" in text
+
+
+def test_too_few_embedding_rows_name_whose_tokenizer_it_is(tmp_path):
+    """An HF model with fewer rows than the tokenizer's ids was told to use its own tokenizer
+    with kind auto, the setting in effect: the advice follows whose tokenizer it is."""
+    from megatron_eaopd.config.checks import run_problems
+
+    teacher, student = _folders(tmp_path)
+    cfg = load_config(PAPER, [f"model.teacher_hf={teacher}", f"model.student_hf={student}"])
+    assert cfg.tokenizer.path == teacher  # auto: the teacher folder's
+    problems = dict(run_problems(cfg, 8, vocab_size=200_000, cuda_available=True,
+                                 math_verify_installed=True, gpu=("H100", 9, 0)))  # fmt: skip
+    assert "the tokenizer is that model's own): its config.json disagrees" in (
+        problems["model.teacher.vocab_size"])  # fmt: skip
+    assert f"the tokenizer is {teacher}, the other model's): teacher and student must share" in (
+        problems["model.student.vocab_size"])  # fmt: skip
+    other = tmp_path / "tok"
+    other.mkdir()
+    cfg.tokenizer.path = str(other)
+    text = dict(run_problems(cfg, 8, vocab_size=200_000, cuda_available=True,
+                             math_verify_installed=True, gpu=("H100", 9, 0)))  # fmt: skip
+    assert "is not this model's; use its own" in text["model.student.vocab_size"]
