@@ -70,13 +70,24 @@ def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, 
     logits chunks, one all-gather per chunk).
     """
     if cfg.form == "sampled":
-        if not isinstance(mb.teacher, TeacherPayload) or (
-            mb.old_logprobs is None and cfg.name != "fkl"
-        ):
+        if not isinstance(mb.teacher, TeacherPayload):
+            given = (
+                "the teacher's logits or hidden states (EOPDTeacher.attach_logits), which "
+                "only the exact form reads (objective eopd_exact or jsd, or form 'exact'; "
+                "--eopd-objective eopd_exact)"
+                if mb.teacher is not None
+                else "nothing"
+            )
             raise ValueError(
-                "the sampled objective needs a TeacherPayload and old_logprobs (only 'fkl' "
-                "trains on teacher-forced data without them); use objective form 'exact' to "
-                "pass teacher logits"
+                f"objective {cfg.name!r} in the sampled form needs a TeacherPayload in "
+                f"mb['teacher'] (EOPDTeacher.attach(micro, k=..., vocab_size=...)); it holds "
+                f"{given}"
+            )  # fmt: skip
+        if mb.old_logprobs is None and cfg.name != "fkl":
+            raise ValueError(
+                f"objective {cfg.name!r} in the sampled form needs old_logprobs (the rollout's "
+                "log-probs of the student's own samples); on teacher-forced data use objective "
+                "fkl, or the exact form"
             )
         if output_weight is not None:
             return linear_sampled_objective(
@@ -94,13 +105,29 @@ def compute_per_token_loss(cfg: ObjectiveConfig, logits, mb: DistillMicroBatch, 
                 "the fused exact objective needs mb.teacher = (teacher hidden states, teacher "
                 "output weight)"
             )
+        if mb.teacher[1].shape[0] != output_weight.shape[0]:
+            raise ValueError(_padding_text(output_weight.shape[0], mb.teacher[1].shape[0]))
         return linear_exact_objective(
             cfg, logits, output_weight, *mb.teacher, tp_group=tp_group, vocab_size=vocab_size,
             grad_weights=mb.loss_mask.to(logits.dtype),
         )  # fmt: skip
     if not isinstance(mb.teacher, torch.Tensor):
         raise ValueError("the exact objective needs the teacher's logits shard as mb.teacher")
+    if mb.teacher.shape[-1] != logits.shape[-1]:
+        raise ValueError(_padding_text(logits.shape[-1], mb.teacher.shape[-1]))
     return exact_objective(cfg, logits, mb.teacher, tp_group=tp_group, vocab_size=vocab_size)
+
+
+def _padding_text(student: int, teacher: int) -> str:
+    """The refusal of an exact-form pair whose vocabulary shards differ in width."""
+    return (
+        f"the student's vocabulary shard has {student} columns and the teacher's {teacher}: the "
+        "exact form compares them column by column, so both must pad the vocabulary alike. "
+        "EOPDTeacher pads to teacher.model_config.padded_vocab_size(tp) (a multiple of "
+        "1024 for imports); build the student with that padded size (Megatron-LM: "
+        "--make-vocab-size-divisible-by 1024 / tp), or use the sampled form (attach), which "
+        "takes any padding"
+    )
 
 
 def make_loss_func(cfg: ObjectiveConfig, mb: DistillMicroBatch, *, tp_group=None,

@@ -41,8 +41,13 @@ def check_offline(objective) -> None:
         )
 
 
+#: The keys every micro-batch dict of the plugin holds.
+_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
 def check_micro_batch(mb: dict, objective=None) -> None:
-    """Refuse what the plugin's models and teacher would silently get wrong (ValueError):
+    """Refuse a micro-batch without one of ``_KEYS`` (named, with what builds them), and what
+    the plugin's models and teacher would silently get wrong (ValueError):
     packed sequences (``packed_seq_params``, THD: the loss and the teacher take [b, s] rows),
     and a teacher payload with another top-k width than ``objective.top_k`` (``attach`` was
     given another ``k``; objectives with a forward KL term, not ``opd``). The width is the
@@ -56,6 +61,14 @@ def check_micro_batch(mb: dict, objective=None) -> None:
     No communication."""
     from megatron_eaopd.losses import TeacherPayload
 
+    missing = [k for k in _KEYS if k not in mb]
+    if missing:
+        raise ValueError(
+            f"a micro-batch without {', '.join(missing)}: the plugin's forward_step reads a dict "
+            f'with {", ".join(_KEYS)} ([b, s] each), "teacher" (EOPDTeacher.attach / '
+            'attach_logits) and, on-policy, "old_logprobs" (rollout_micro_batches / '
+            "offline_micro_batches build them)"
+        )
     if mb.get("packed_seq_params") is not None:
         raise ValueError(
             "packed sequences (packed_seq_params) are not supported: the teacher and the loss "
@@ -119,8 +132,11 @@ def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
 
             from megatron_eaopd.losses.megatron_loss import check_megatron_config
 
-            check_megatron_config(get_model_config(model))  # every stage: none left waiting
-            checked.append(True)
+            config = get_model_config(model)
+            check_megatron_config(config)  # every stage: none left waiting
+            checked.append(bool(getattr(config, "sequence_parallel", False)))
+        if checked[0]:
+            _check_sequence_multiple(mb)
         mb = on_device(mb)
         batch = DistillMicroBatch(mb["labels"], mb["loss_mask"], mb.get("teacher"),
                                   mb.get("old_logprobs"))  # fmt: skip
@@ -135,6 +151,21 @@ def eopd_forward_step(objective, vocab_size: int, *, fused: bool | None = None):
         return output, make_loss_func(objective, batch, vocab_size=vocab_size)
 
     return forward_step
+
+
+def _check_sequence_multiple(mb: dict) -> None:
+    """Sequence parallelism splits the [s, b, h] activations over TP: s must be a multiple of
+    TP (megatron's own assertion names neither the cause nor the fix). No communication."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    rows = next((mb[k] for k in _KEYS if isinstance(mb.get(k), torch.Tensor)), None)
+    if rows is not None and rows.shape[-1] % tp:
+        raise ValueError(
+            f"sequence parallelism needs micro-batches whose length ({rows.shape[-1]}) is a "
+            f"multiple of TP ({tp}): build them with multiple=models.sequence_parallel."
+            "sequence_multiple(model) (offline_micro_batches / rollout_micro_batches)"
+        )
 
 
 def offline_micro_batches(

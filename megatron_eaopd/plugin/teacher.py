@@ -62,6 +62,12 @@ class EOPDTeacher:
             register_current_layout,
         )
 
+        if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+            raise ValueError(
+                f"EOPDTeacher.load: the teacher {source!r} is not a folder: pass a Hugging Face "
+                "model folder or a project checkpoint root (Megatron-LM: --eopd-teacher DIR)"
+            )
+
         if not ps.model_parallel_is_initialized():
             raise RuntimeError(
                 "EOPDTeacher.load needs megatron's model parallelism initialised first "
@@ -192,14 +198,22 @@ class EOPDTeacher:
                 f"parallelism (teacher tp={self.layout.tp}, pp={self.layout.pp}); use the "
                 "sampled form (attach) for other layouts"
             )
+        rows = self.model_config.vocab_size
         for mb in micro_batches:  # local to the TP group: a local error leaves no one waiting
             check_micro_batch(mb)
-            if not isinstance(mb.get("tokens"), torch.Tensor):
+            tokens = mb.get("tokens")
+            if not isinstance(tokens, torch.Tensor):
                 raise ValueError(
                     "attach_logits: a micro-batch without tokens (Megatron-LM's get_batch gives "
                     "them only to the first pipeline stage): build the micro-batches with "
                     "tokens on the last stage, or use PP 1 for offline distillation"
                 )
+            if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < rows:
+                raise ValueError(
+                    f"attach_logits: token ids {int(tokens.min())}..{int(tokens.max())} outside "
+                    f"the teacher's vocabulary [0, {rows}): the data was tokenized with another "
+                    "tokenizer than the teacher's"
+                )  # a padding row's logits (or, past them, a device-side assert on GPU)
         with use_layout(TEACHER_LAYOUT):
             for mb in micro_batches:
                 dev = on_device({"tokens": mb["tokens"], "position_ids": mb["position_ids"]})

@@ -245,8 +245,31 @@ def test_fkl_on_teacher_forced_data_needs_no_old_logprobs(fused):
                                        "rkl_sampled"}  # fmt: skip
     for key in rep:
         assert rep[key].tolist() == pytest.approx(ref_rep[key].tolist(), rel=1e-6), key
-    with pytest.raises(ValueError, match="needs a TeacherPayload and old_logprobs"):
+    with pytest.raises(ValueError, match="'eopd' in the sampled form needs old_logprobs"):
         run(L.ObjectiveConfig(name="eopd", top_k=4), None)
+    if not fused:  # teacher logits (attach_logits) given to the sampled form: fkl included
+        for name in ("fkl", "eopd"):
+            mb = L.DistillMicroBatch(y, mask, torch.randn(3, 6, 50), old)
+            want = rf"'{name}' in the sampled form needs a TeacherPayload .* it holds the teach"
+            with pytest.raises(ValueError, match=want + r"er's logits .* eopd_exact"):
+                L.make_loss_func(L.ObjectiveConfig(name=name, top_k=4), mb)(logits)
+
+
+def test_exact_form_refuses_a_teacher_padded_otherwise():
+    """A student padded Megatron-LM's way (V_pad 256 at TP 2) beside an EOPDTeacher padded to
+    1024: a shape error naming neither padding nor fix."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 128, generator=g, requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    y = torch.zeros(2, 5, dtype=torch.long)
+    cfg = L.ObjectiveConfig(name="eopd", form="exact")
+    mb = L.DistillMicroBatch(y, mask, torch.randn(2, 5, 512, generator=g), None)
+    with pytest.raises(ValueError, match=r"128 columns and the teacher's 512: .*padded_vocab_size"):
+        L.make_loss_func(cfg, mb, vocab_size=200)(logits)
+    hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(128, 8, generator=g)
+    mb = L.DistillMicroBatch(y, mask, (hidden, torch.randn(512, 8, generator=g)), None)
+    with pytest.raises(ValueError, match=r"--make-vocab-size-divisible-by"):
+        L.make_loss_func(cfg, mb, vocab_size=200, output_weight=weight)(hidden)
 
 
 def test_loss_func_exact_forms_including_jsd():

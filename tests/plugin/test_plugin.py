@@ -432,6 +432,17 @@ def _refusals_worker(rank, world, folder):
             errors.append(None)
         except ValueError as exc:
             errors.append(str(exc))
+    ids = torch.full((1, 6), 205)  # past the 200 ids: a padding row's logits, no error
+    full = {"tokens": ids, "labels": ids, "position_ids": torch.arange(6)[None],
+            "loss_mask": torch.ones(1, 6, dtype=torch.bool)}  # fmt: skip
+    for call in (lambda: EOPDTeacher.load(None),  # --eopd-teacher left out: a TypeError
+                 lambda: teacher.attach_logits([full]),
+                 lambda: teacher.attach_logits([{"tokens": ids}])):  # fmt: skip
+        try:
+            call()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
     get_cuda_rng_tracker().reset()  # a caller that never seeded megatron's tracker
     try:
         EOPDTeacher.load(folder)
@@ -450,9 +461,27 @@ def test_attach_and_load_refuse_bad_arguments_before_any_collective(teacher_dir)
     from tests.dist import run_distributed
 
     [errors] = run_distributed(_refusals_worker, 1, teacher_dir, timeout=300)
-    rows, k, temperature, vocab, seed = errors
+    rows, k, temperature, vocab, no_teacher, ids, keys, seed = errors
+    assert "the teacher None is not a folder" in no_teacher and "--eopd-teacher" in no_teacher
+    assert "token ids 205..205 outside the teacher's vocabulary [0, 200)" in ids
+    assert "a micro-batch without labels, loss_mask, position_ids" in keys
     assert "a micro-batch with 0 rows or 0 positions" in rows
     assert "k=500 must be an int in [1, vocab_size=200]" in k
     assert "temperature must be a finite number > 0" in temperature
     assert "vocab_size=1000 is larger than the teacher's vocabulary (200)" in vocab
     assert "model_parallel_cuda_manual_seed" in seed
+
+
+def test_sequence_parallel_micro_batches_of_an_odd_length_name_the_fix(monkeypatch):
+    """Without multiple= megatron stopped on its own assertion ('First dimension of the tensor
+    should be divisible by tensor parallel size'), naming no fix."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.plugin.forward import _check_sequence_multiple
+
+    monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 2)
+    rows = torch.zeros(2, 7, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"length \(7\) is a multiple of TP \(2\).*multiple="):
+        _check_sequence_multiple({"tokens": None, "labels": rows})  # a middle stage: no tokens
+    _check_sequence_multiple({"tokens": torch.zeros(2, 8, dtype=torch.long)})
