@@ -120,6 +120,11 @@ def _check_export(args):
 
     _check_out(args.out)
     try:
+        if not os.path.isdir(args.checkpoint):
+            raise ValueError(
+                f"--checkpoint {args.checkpoint!r}: no such folder; give a checkpoint root (a "
+                "run's checkpoints/ folder or an import-hf output) or one iter_* folder"
+            )
         if os.path.isfile(os.path.join(args.checkpoint, "eaopd_meta.json")):
             if args.iteration is not None:
                 raise ValueError(

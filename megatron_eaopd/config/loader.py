@@ -140,7 +140,9 @@ def load_yaml_with_defaults(path: str | os.PathLike, _stack: tuple[Path, ...] = 
         chain = " -> ".join(str(s) for s in (*_stack, p))
         raise ConfigError([("defaults", f"inheritance cycle: {chain}")], str(path))
     if not p.is_file():
-        raise ConfigError([("", f"config file not found: {path}")])
+        what = "is a folder, not a config file" if p.is_dir() else "not found"
+        where = f" (in the defaults of {_stack[-1]})" if _stack else ""
+        raise ConfigError([("", f"config file {what}: {path}{where}")])
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as err:

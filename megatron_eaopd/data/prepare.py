@@ -149,7 +149,11 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
     if check_teacher_examples:
         train = task.train_problems()
         if len(train) == 0:
-            raise TaskError("teacher preparation needs training problems, the task has none")
+            raise TaskError(
+                "teacher preparation needs training problems, the task has none: raise "
+                "task.synthetic.num_train (built-in tasks) or give task.train_file (jsonl), or "
+                "load a teacher (model.teacher_hf / model.teacher_checkpoint)"
+            )
         max_len = cfg.model.teacher.max_seq_len
         for p in train:
             if not p.solutions:

@@ -546,8 +546,9 @@ def _source_problems(cfg: EAOPDConfig) -> list[str]:
             continue
         key = f"model.{who}_checkpoint={root}"
         if not os.path.isdir(root):
+            what = "a file, not a folder" if os.path.exists(root) else "no such folder"
             problems.append(
-                f"{key}: no such folder (relative paths are taken from the current folder); "
+                f"{key}: {what} (relative paths are taken from the current folder); "
                 f"give a checkpoint root, or model.{who}_checkpoint=null"
                 + (" with teacher_prep.enabled=true" if who == "teacher" else "")
             )

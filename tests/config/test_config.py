@@ -83,6 +83,11 @@ def test_defaults_cycle_and_missing_parent(tmp_path):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+    (tmp_path / "configs").mkdir()
+    _write(tmp_path / "d.yaml", "defaults: [configs]\n")  # a folder, named with its includer
+    with pytest.raises(ConfigError, match=r"is a folder, not a config file: .*configs \(in the "
+                       r"defaults of .*d.yaml\)"):  # fmt: skip
+        load_config(tmp_path / "d.yaml")
     _write(tmp_path / "bad.yaml", "loss: [unclosed\n")
     with pytest.raises(ConfigError, match="YAML syntax"):
         load_config(tmp_path / "bad.yaml")

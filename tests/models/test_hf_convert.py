@@ -311,6 +311,10 @@ def test_export_bad_input_exits_2_without_output(sharded_llama, tmp_path, capsys
     args = ["export-hf", "--checkpoint", one, "--iteration", "3", "--out", str(tmp_path / "o")]
     assert convert.main(args) == 2
     assert "is one checkpoint folder" in capsys.readouterr().err
+    # a --checkpoint that does not exist: named as export-hf's input (was trainer wording)
+    args = ["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    assert convert.main(args) == 2
+    assert "--checkpoint" in (err := capsys.readouterr().err) and "no such folder" in err
     # --tokenizer: a sentencepiece .model file, or a folder without HF tokenizer files (the
     # task tokenizer's cache), exit 2 before anything loads, saying what to pass
     spm = tmp_path / "spm-0.model"

@@ -52,6 +52,10 @@ def test_missing_or_partial_checkpoints_are_refused_with_their_key(tmp_path):
     assert f"model.student_checkpoint={tmp_path}: not a complete checkpoint root" in text
     assert "not an iteration folder" in text
     check_trainer_config(load_config(TINY), 2)  # the preparations instead: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"student_checkpoint=.*file: a file, not a folder"):
+        check_trainer_config(load_config(TINY, [f"model.student_checkpoint={tmp_path / 'file'}"]),
+                             2)  # fmt: skip
 
 
 @pytest.mark.parametrize("who", ["teacher", "student"])
@@ -687,3 +691,9 @@ def test_a_run_folder_given_as_a_checkpoint_root_names_its_checkpoints_folder(tm
     (run / "checkpoints" / "latest").write_text("iter_0000009\n")
     with pytest.raises(FileNotFoundError, match=r"Complete ones: \['iter_0000002'\]; write one"):
         resolve_checkpoint(str(run / "checkpoints"))
+
+
+def test_a_teacher_preparation_without_training_problems_names_the_keys(tmp_path):
+    cfg = _tiny(tmp_path, "task.synthetic.num_train=0")
+    with pytest.raises(TaskError, match=r"the task has none: raise task.synthetic.num_train"):
+        prepare_data(cfg)
