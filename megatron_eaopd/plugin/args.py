@@ -6,7 +6,8 @@
     settings = eopd_settings_from_args(get_args())   # objective, teacher source and layout
 
 Every flag maps onto the project's config schema (``loss.*`` of docs/configs.md) and is
-validated by the same loader: a bad value is a ``ConfigError`` naming the flag's config key.
+validated by the same loader: a bad value is a ``ConfigError`` naming the flag and its config
+key.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ _LOSS_FLAGS = {
         "shard, no logits (loss.fused_output; eopd_forward_step's fused)",
     ),
     "fused-chunk-size": (int, "tokens per chunk of the fused loss (loss.fused_chunk_size)"),
+    "soft-gate-width": (float, "eopd_soft: gate sigmoid((H - tau) / width) (loss.soft_gate_width)"),
+    "mix-weight": (float, "mix: weight of the forward KL (loss.mix_weight)"),
+    "jsd-beta": (float, "jsd: interpolation beta, in (0, 1) (loss.jsd_beta)"),
 }
 _KEYS = {"tau": "entropy_threshold", "alpha": "fkl_coef", "topk": "top_k"}
 
@@ -44,7 +48,8 @@ def add_eopd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Flags: --eopd-teacher (HF folder or project checkpoint), --eopd-teacher-tp / -pp (default:
     the student's), and the loss flags --eopd-objective, --eopd-tau, --eopd-alpha, --eopd-topk,
     --eopd-clip, --eopd-temperature, --eopd-form, --eopd-tail-bucket, --eopd-gate-strict,
-    --eopd-chunk-size, --eopd-fused-output, --eopd-fused-chunk-size (defaults: the schema's, i.e.
+    --eopd-chunk-size, --eopd-fused-output, --eopd-fused-chunk-size, --eopd-soft-gate-width,
+    --eopd-mix-weight, --eopd-jsd-beta (defaults: the schema's, i.e.
     the paper's; the plugin's loss is unfused unless --eopd-fused-output is given).
     """
     group = parser.add_argument_group("EOPD distillation (megatron-eaopd)")
@@ -87,7 +92,8 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
     """Map parsed ``--eopd-*`` flags onto the config schema and validate them with the loader.
 
     Raises:
-        ConfigError: a bad value, named by its config key (e.g. ``loss.entropy_threshold``);
+        ConfigError: a bad value, named by its flag and config key (``--eopd-tau
+            (loss.entropy_threshold)``);
             Megatron-LM's ``--reset-attention-mask`` / ``--reset-position-ids`` (document
             masking: the teacher would score other contexts than the student sees).
     """
@@ -104,7 +110,13 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
         data = {"loss": loss, "rollout": {"temperature": loss["temperature"]}}
     else:
         data = {"loss": loss}
-    cfg = config_from_dict(data, source="--eopd-* flags")
+    try:
+        cfg = config_from_dict(data, source="--eopd-* flags")
+    except ConfigError as err:  # name the flag the user wrote, beside its config key
+        flags = {f"loss.{_KEYS.get(f, f.replace('-', '_'))}": f"--eopd-{f}" for f in _LOSS_FLAGS}
+        flags["rollout.temperature"] = "--eopd-temperature"
+        named = [(f"{flags[k]} ({k})" if k in flags else k, text) for k, text in err.problems]
+        raise ConfigError(named, "--eopd-* flags") from None
     problems = []
     for flag in ("teacher-tp", "teacher-pp"):
         value = getattr(args, "eopd_" + flag.replace("-", "_"), None)

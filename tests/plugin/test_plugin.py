@@ -93,8 +93,20 @@ def test_flags_map_onto_the_schema():
     assert (fused.fused_output, fused.fused_chunk_size) == (True, 64)
     exact = eopd_settings_from_args(parser.parse_args(["--eopd-objective", "eopd_exact"]))
     assert exact.objective.form == "exact"
-    with pytest.raises(ConfigError, match="loss.entropy_threshold"):
+    with pytest.raises(ConfigError, match=r"--eopd-tau \(loss.entropy_threshold\): out of"):
         eopd_settings_from_args(parser.parse_args(["--eopd-tau", "-1"]))
+    with pytest.raises(ConfigError, match=r"--eopd-temperature \(loss.temperature\)"):
+        eopd_settings_from_args(parser.parse_args(["--eopd-temperature", "inf"]))
+    # the variants' own parameters have flags, refused beside an objective that ignores them
+    soft = parser.parse_args(["--eopd-objective", "eopd_soft", "--eopd-soft-gate-width", "0.3"])
+    assert eopd_settings_from_args(soft).objective.gate_width == 0.3
+    mix = parser.parse_args(["--eopd-objective", "mix", "--eopd-mix-weight", "0.25"])
+    assert eopd_settings_from_args(mix).objective.mix_weight == 0.25
+    jsd = parser.parse_args(["--eopd-objective", "jsd", "--eopd-jsd-beta", "0.1"])
+    assert eopd_settings_from_args(jsd).objective.jsd_beta == 0.1
+    with pytest.raises(ConfigError, match=r"--eopd-clip \(loss.clip\): 0.1 is not read by"):
+        eopd_settings_from_args(parser.parse_args(["--eopd-objective", "eopd_exact",
+                                                   "--eopd-clip", "0.1"]))  # fmt: skip
     with pytest.raises(ConfigError, match="loss.objective"):
         eopd_settings_from_args(parser.parse_args(["--eopd-objective", "nope"]))
     # Megatron-LM's own document-masking flags, on the same namespace
