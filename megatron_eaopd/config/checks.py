@@ -148,11 +148,12 @@ def run_problems(
             )
     problems += vocab_problems(cfg, vocab_size)
     bound = vocab_size
-    for m in (cfg.model.student, cfg.model.teacher):
-        if m.vocab_size:  # embedding rows the checkpoint defines: no id beyond them exists
-            bound = m.vocab_size if bound is None else min(bound, m.vocab_size)
+    where = "the tokenizer's vocabulary"
+    for who in ("student", "teacher"):
+        rows = getattr(cfg.model, who).vocab_size
+        if rows and (bound is None or rows < bound):  # no id beyond a model's embedding rows
+            bound, where = rows, f"model.{who}.vocab_size"
     if bound is not None:
-        where = "the vocabulary size" if vocab_size is None else "the tokenizer's vocabulary"
         for key, value, least in (
             ("loss.top_k", cfg.loss.top_k, 1),
             ("rollout.top_k", cfg.rollout.top_k, 0),
