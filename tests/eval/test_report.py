@@ -76,3 +76,11 @@ def test_plot_run_writes_a_png_without_matplotlib(tmp_path, monkeypatch):
     assert len(set(raw)) > 3  # something was drawn
     # without force the public plot keeps its old contract
     assert plot_mod.plot_curves({"a": {"x": [(0, 1.0, 0.0)]}}, tmp_path / "x.png") is None
+
+
+def test_a_table_of_one_sample_per_prompt_has_one_pass_at_1_column():
+    """eval.k=1: Pass@k is Pass@1, which the table printed twice."""
+    one = [{"split": s, "iteration": i, "mean/avg@1": v, "mean/pass@1": v, "response_length": 9.0}
+           for s, i, v in (("teacher", 0, 0.9), ("eval", 0, 0.2), ("eval", 4, 0.5))]  # fmt: skip
+    header = [c.strip() for c in format_before_after(one, k=1).splitlines()[0].split("|")[1:-1]]
+    assert header == ["model", "Avg@1", "Pass@1", "resp. tokens"]
