@@ -137,8 +137,8 @@ class MetricsLogger:
                     id=_wandb_run_id(output_dir),
                     resume="allow",
                 )
-            except ImportError:
-                logger.warning("logging.wandb is on but wandb is not installed (pip install wandb)")
+            except ImportError:  # the trainer's start warned (wandb_warning): once is enough
+                logger.debug("logging.wandb is on but wandb is not installed (pip install wandb)")
             except Exception as err:  # noqa: BLE001 - no login, no network: the run goes on
                 logger.warning(
                     "W&B is off for this run: wandb.init failed (%s: %s). Metrics still go to "
