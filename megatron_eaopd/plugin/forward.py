@@ -57,8 +57,9 @@ def check_micro_batch(mb: dict, objective=None) -> None:
     ``objective.temperature`` (the ``"teacher_temperature"`` that ``attach`` records). An
     ``attention_mask`` is not passed on: the student
     and the teacher run megatron's causal attention, which is what Megatron-LM's default mask
-    says (its document masking flags are refused by ``eopd_settings_from_args``).
-    No communication."""
+    says (its document masking flags are refused by ``eopd_settings_from_args``). With an
+    ``objective``, a micro-batch that ``attach`` / ``attach_logits`` never saw is refused on
+    every stage (was: on the last stage only, the others left waiting). No communication."""
     from megatron_eaopd.losses import TeacherPayload
 
     missing = [k for k in _KEYS if k not in mb]
@@ -75,6 +76,12 @@ def check_micro_batch(mb: dict, objective=None) -> None:
             "take [b, s] micro-batches; turn sequence packing off in your data pipeline"
         )
     teacher = mb.get("teacher")
+    if objective is not None and teacher is None and mb.get("teacher_k") is None:
+        raise ValueError(  # every stage: attach records teacher_k on each, a payload or not
+            "a micro-batch without a teacher: call teacher.attach(micro, k=..., vocab_size=...) "
+            "on every rank before the schedule (on-policy, or a teacher at another layout), or "
+            "teacher.attach_logits([mb]) inside forward_step (offline, exact form)"
+        )
     temperature = mb.get("teacher_temperature")
     if objective is not None and temperature is not None and temperature != objective.temperature:
         raise ValueError(

@@ -380,6 +380,11 @@ def test_forward_step_refuses_packed_sequences_and_another_top_k():
     with pytest.raises(ValueError, match="scored at temperature 0.5 but the objective's"):
         step(iter([hot]), model=None)
     check_micro_batch(hot, ObjectiveConfig(top_k=16, temperature=0.5))
+    # attach forgotten: refused on every stage (the last one's loss alone raised before)
+    bare = dict(mb, teacher=None)
+    with pytest.raises(ValueError, match="a micro-batch without a teacher: call teacher.attach"):
+        step(iter([bare]), model=None)
+    check_micro_batch(bare)  # no objective: nothing to check against
 
 
 def test_forward_step_refuses_a_model_without_per_token_loss():
@@ -394,7 +399,14 @@ def test_forward_step_refuses_a_model_without_per_token_loss():
     from megatron_eaopd.plugin import eopd_forward_step
 
     tokens = torch.zeros(2, 5, dtype=torch.long)
-    mb = {"tokens": tokens, "labels": tokens, "position_ids": tokens, "loss_mask": tokens.bool()}
+    mb = {
+        "tokens": tokens,
+        "labels": tokens,
+        "position_ids": tokens,
+        "loss_mask": tokens.bool(),
+        "teacher": None,
+        "teacher_k": 16,
+    }  # a stage before the last, after attach
     wrapped = SimpleNamespace(module=SimpleNamespace(
         config=SimpleNamespace(calculate_per_token_loss=False)))  # fmt: skip
     with pytest.raises(ValueError, match="calculate_per_token_loss=True"):
