@@ -122,12 +122,18 @@ def _token_table(folder: str) -> dict | None:
 
 def _slow_token_table(folder: str) -> dict | None:
     """token -> id of a slow BPE tokenizer folder (vocab.json + merges.txt, GPT-2 / Qwen2 style):
-    vocab.json plus tokenizer_config.json's ``added_tokens_decoder``; None without vocab.json."""
+    vocab.json plus the added tokens of added_tokens.json and tokenizer_config.json's
+    ``added_tokens_decoder``; None without vocab.json."""
     path = os.path.join(folder, "vocab.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         table = dict(json.load(f))
+    try:  # transformers before 4.34 kept added tokens in added_tokens.json (token -> id)
+        with open(os.path.join(folder, "added_tokens.json"), encoding="utf-8") as f:
+            table.update({str(t): int(i) for t, i in json.load(f).items()})
+    except (OSError, ValueError, AttributeError):
+        pass
     try:
         with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
             added = json.load(f).get("added_tokens_decoder") or {}

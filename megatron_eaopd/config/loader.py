@@ -180,7 +180,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ConfigError([(key, f"override {text!r} has an empty key segment")])
     if not raw.strip():  # an unset shell variable (key=$X): YAML would read None ("all", "off")
-        fix = f"write {key}=null for none, {key}='' for an empty string"
+        fix = f"give a value ({key}=null for none; an empty string is \"{key}=''\" in a shell)"
         raise ConfigError([(key, f"override {text!r} has no value: {fix}")])
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506

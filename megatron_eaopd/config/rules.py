@@ -21,6 +21,7 @@ __all__ = [
     "prep_problems",
     "rule_problems",
     "task_key_problems",
+    "unread_loss_warning",
     "unread_setting_problems",
     "warmup_problems",
 ]
@@ -164,33 +165,48 @@ _LOSS_READERS = {
 }
 
 
-def loss_key_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
-    """A ``loss.*`` key set to other than its default that the chosen objective and form do not
-    read (``loss.clip`` in the exact form, ``loss.mix_weight`` without ``mix``): a sweep over it
-    would train identical runs."""
-    loss, defaults = cfg.loss, LossConfig()
-    problems = []
+def _unread_loss_keys(cfg: EAOPDConfig) -> list[tuple[str, str, str]]:
+    """``(key, value as written, who reads it)`` of each ``loss.*`` key set to other than its
+    default that the chosen objective and form do not read."""
+    loss, defaults, out = cfg.loss, LossConfig(), []
     for key, (objectives, forms) in _LOSS_READERS.items():
         value = getattr(loss, key)
-        shown = str(value).lower() if isinstance(value, bool) else repr(value)
         read = loss.objective in objectives and (forms is None or loss.form in forms)
         if read or value == getattr(defaults, key):
             continue
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
         where = " or ".join(objectives) + (f" in the {forms[0]} form" if forms else "")
-        problems.append(
-            (
-                f"loss.{key}",
-                f"{shown} is not read by loss.objective={loss.objective} with "
-                f"loss.form={loss.form} (it applies to loss.objective={where}) and would be "
-                "ignored: remove it, or choose that objective and form",
-            )
-        )
-    return problems
+        out.append((f"loss.{key}", shown, f"loss.objective={where}"))
+    return out
+
+
+def loss_key_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
+    """A ``loss.*`` key set to other than its default that the chosen objective and form do not
+    read (``loss.clip`` in the exact form, ``loss.mix_weight`` without ``mix``): a sweep over it
+    would train identical runs. The plugin refuses such flags; the trainer warns
+    (:func:`unread_loss_warning`: a config that sets ``loss.fkl_coef`` must still run
+    ``loss.objective=opd`` for a comparison, and an override cannot remove an inherited key)."""
+    run = f"loss.objective={cfg.loss.objective} with loss.form={cfg.loss.form}"
+    return [
+        (key, f"{shown} is not read by {run} (it applies to {readers}) and would be ignored: "
+              "remove it, or choose that objective and form")
+        for key, shown, readers in _unread_loss_keys(cfg)
+    ]  # fmt: skip
+
+
+def unread_loss_warning(cfg: EAOPDConfig) -> str | None:
+    """The trainer's warning of :func:`loss_key_problems` (None without any)."""
+    unread = _unread_loss_keys(cfg)
+    if not unread:
+        return None
+    keys = "; ".join(f"{key}={shown} (read by {readers})" for key, shown, readers in unread)
+    return (f"{keys}: not read by loss.objective={cfg.loss.objective} with "
+            f"loss.form={cfg.loss.form}, so without effect in this run")  # fmt: skip
 
 
 def unread_setting_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
     """Settings that only another setting reads, given without it (after ``tokenizer.kind: auto``
-    is resolved): a path the task tokenizer ignores, pipelined decoding without a pipeline.
+    is resolved): a path the task tokenizer ignores, pipelined decoding without any pipeline.
     (``tokenizer.enable_thinking`` without the chat template is not refused: the paper configs
     set it, and turning the template off by an override would need a second one.)"""
     tok, problems = cfg.tokenizer, []
@@ -199,17 +215,19 @@ def unread_setting_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
             (
                 "tokenizer.path",
                 f"{tok.path!r} is not read by tokenizer.kind=task, which trains a tokenizer on the "
-                "task's text (kind auto chooses task without model.teacher_hf, model.student_hf "
-                "or an imported checkpoint): set tokenizer.kind=sentencepiece (a .model file) or "
-                "huggingface (a tokenizer folder), or remove tokenizer.path",
+                "task's text (kind auto chooses task when no model.teacher_hf, model.student_hf "
+                "or imported checkpoint's folder holds a tokenizer): set tokenizer.kind="
+                "sentencepiece (a .model file) or huggingface (a tokenizer folder), or remove "
+                "tokenizer.path",
             )
         )
-    if cfg.rollout.pp_interleave and cfg.parallel.student.pp == 1:
+    if cfg.rollout.pp_interleave and cfg.parallel.student.pp == cfg.parallel.teacher.pp == 1:
         problems.append(
             (
                 "rollout.pp_interleave",
-                "true overlaps decoding over the student's pipeline stages, and "
-                "parallel.student.pp=1 has one: remove it, or set parallel.student.pp > 1",
+                "true overlaps decoding over pipeline stages (the student's rollouts, and each "
+                "model's evaluation), and neither model is pipelined: remove it, or set "
+                "parallel.student.pp > 1",
             )
         )
     return problems
@@ -238,7 +256,6 @@ def rule_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
         *warmup_problems(cfg, num_prompts),
         *prep_problems(cfg),
         *task_key_problems(cfg),
-        *loss_key_problems(cfg),
         *unread_setting_problems(cfg),
         *plot_problems(cfg),
     ]

@@ -124,9 +124,9 @@ def _padding_text(student: int, teacher: int) -> str:
         f"the student's vocabulary shard has {student} columns and the teacher's {teacher}: the "
         "exact form compares them column by column, so both must pad the vocabulary alike. "
         "EOPDTeacher pads to teacher.model_config.padded_vocab_size(tp) (a multiple of "
-        "1024 for imports); build the student with that padded size (Megatron-LM: "
-        "--make-vocab-size-divisible-by 1024 / tp), or use the sampled form (attach), which "
-        "takes any padding"
+        "1024 for HF imports up to TP 8); build the student with that padded size "
+        "(Megatron-LM: --make-vocab-size-divisible-by 1024 / tp up to TP 8, else 128), or use "
+        "the sampled form (attach), which takes any padding"
     )
 
 

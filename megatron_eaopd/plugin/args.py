@@ -117,7 +117,11 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
         flags["rollout.temperature"] = "--eopd-temperature"
         named = [(f"{flags[k]} ({k})" if k in flags else k, text) for k, text in err.problems]
         raise ConfigError(named, "--eopd-* flags") from None
-    problems = []
+    from megatron_eaopd.config.rules import loss_key_problems
+
+    flags = {f"loss.{_KEYS.get(f, f.replace('-', '_'))}": f"--eopd-{f}" for f in _LOSS_FLAGS}
+    # a flag the objective ignores is refused here (the trainer only warns: inherited keys)
+    problems = [(f"{flags[k]} ({k})", text) for k, text in loss_key_problems(cfg)]
     for flag in ("teacher-tp", "teacher-pp"):
         value = getattr(args, "eopd_" + flag.replace("-", "_"), None)
         if value is not None and value < 1:

@@ -141,7 +141,7 @@ def test_an_override_without_a_value_is_refused(text):
     """YAML reads an empty value as null: an unset shell variable (eval.save_samples=$N) saved
     every prompt's samples (null: all) and training.iterations= fell back to the epochs."""
     key = text.split("=")[0]
-    with pytest.raises(ConfigError, match=rf"{key}: override .* has no value: write {key}=null"):
+    with pytest.raises(ConfigError, match=rf"{key}: override .* has no value: give a value"):
         load_config(TINY, [text])
     assert load_config(TINY, [f"{key}=null"]) is not None
 

@@ -220,6 +220,13 @@ def test_a_slow_tokenizer_folder_is_compared_by_its_vocab_json(tmp_path):
     with open(os.path.join(student, "vocab.json"), "w") as f:
         json.dump({"x": 0, "y": 1}, f)  # the slow form of the same tokenizer: accepted
     load_config(PAPER, hf)
+    # transformers before 4.34: the added tokens in added_tokens.json
+    with open(os.path.join(student, "tokenizer_config.json"), "w") as f:
+        json.dump({}, f)
+    assert "map tokens to different ids" in _problems(hf)["model.student_hf"]  # <e> unknown
+    with open(os.path.join(student, "added_tokens.json"), "w") as f:
+        json.dump({"<e>": 9}, f)
+    load_config(PAPER, hf)
 
 
 def test_a_model_folder_without_tokenizer_files_is_not_a_tokenizer(tmp_path):
