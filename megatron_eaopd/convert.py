@@ -154,7 +154,7 @@ def _check_export(args):
                 f"recorded): pass --hf-config with an HF folder describing the model"
             )
         if not args.tokenizer:
-            args.tokenizer = _source_tokenizer(meta, bool((meta.get("extra") or {}).get("hf")))
+            args.tokenizer = _source_tokenizer(meta, path)
         if args.tokenizer:  # exit 2 before any process group, with what to pass instead
             from megatron_eaopd.models.hf.save import _tokenizer_files
 
@@ -168,28 +168,57 @@ def _check_export(args):
     return path, cfg, dict(meta.get("extra", {}).get("hf", {}))
 
 
-def _source_tokenizer(meta: dict, recorded_ids: bool) -> str | None:
-    """Without ``--tokenizer``: the Hugging Face folder the checkpoint came from (an import's or
-    a trainer run's ``model.student_hf``, recorded as source ``hf:<folder>``) while it holds
-    tokenizer files, so the export has a tokenizer and its BOS / EOS ids. Else None, with a
-    warning: an export without a tokenizer has no EOS id (``generate`` does not stop) unless the
-    import recorded one, and AutoTokenizer loads an empty tokenizer from it."""
+def _source_tokenizer(meta: dict, path: str) -> str | None:
+    """Without ``--tokenizer``, the tokenizer folder the checkpoint folder ``path`` was made
+    with: an import's, the folder it was imported from (recorded as source ``hf:<folder>``); a
+    trainer save's, the run's ``tokenizer.path`` in the ``config.yaml`` beside its checkpoint
+    root (``<output_dir>/checkpoints``; a relative path is tried from the run folder's
+    ancestors too), while it holds tokenizer files, so the export has the run's tokenizer and
+    its BOS / EOS ids. Else None with a warning: an export without a tokenizer has no EOS id
+    (``generate`` does not stop) unless the import recorded one, and AutoTokenizer loads an
+    empty tokenizer from it."""
     from megatron_eaopd.config.hf_models import has_tokenizer_files
 
+    log = logging.getLogger("eaopd-convert")
+    imported = bool((meta.get("extra") or {}).get("hf"))
     source = meta.get("source")
-    folder = source[3:] if isinstance(source, str) and source.startswith("hf:") else None
-    if folder and os.path.isdir(folder) and has_tokenizer_files(folder):
-        logging.getLogger("eaopd-convert").info(
-            "tokenizer: %s, the folder the checkpoint came from (--tokenizer picks another)", folder
-        )
-        return folder
-    logging.getLogger("eaopd-convert").warning(
+    if imported:
+        wanted = source[3:] if isinstance(source, str) and source.startswith("hf:") else None
+        where, tries = "the folder it was imported from", [wanted] if wanted else []
+    else:
+        run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        wanted = _run_tokenizer(os.path.join(run, "config.yaml"))
+        where = f"the run's tokenizer.path ({run}/config.yaml)"
+        ancestors = [run]
+        while ancestors[-1] != os.path.dirname(ancestors[-1]):
+            ancestors.append(os.path.dirname(ancestors[-1]))
+        tries = [wanted] + ([os.path.join(a, wanted) for a in ancestors]
+                            if wanted and not os.path.isabs(wanted) else [])  # fmt: skip
+    for folder in [t for t in tries if t]:
+        if os.path.isdir(folder) and has_tokenizer_files(folder):
+            log.info("tokenizer: %s, %s (--tokenizer picks another)", folder, where)
+            return folder
+    log.warning(
         "no --tokenizer%s: the export holds no tokenizer files%s; pass --tokenizer with the "
         "model's Hugging Face tokenizer folder",
-        f" and the checkpoint's source {folder} holds none" if folder else "",
-        "" if recorded_ids else " and config.json no BOS / EOS ids (generate() will not stop)",
+        f", and {where}, {wanted}, holds none" if wanted else "",
+        "" if imported else " and config.json no BOS / EOS ids (generate() will not stop)",
     )
     return None
+
+
+def _run_tokenizer(config_yaml: str) -> str | None:
+    """``tokenizer.path`` of a run's resolved config.yaml when its kind is huggingface, else
+    None (no file, a task or sentencepiece tokenizer, which an HF folder cannot hold)."""
+    import yaml
+
+    try:
+        with open(config_yaml, encoding="utf-8") as f:
+            tok = (yaml.safe_load(f) or {}).get("tokenizer") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    path = tok.get("path") if isinstance(tok, dict) and tok.get("kind") == "huggingface" else None
+    return str(path) if path else None
 
 
 def _stored_dtype(path: str) -> str:

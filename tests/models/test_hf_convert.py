@@ -180,19 +180,43 @@ def test_import_load_export_round_trip(qwen3, tmp_path):
     assert tok.eos_token == "</s>" and tok.get_vocab() == source.get_vocab()
 
 
-def test_an_export_without_a_tokenizer_or_a_source_holding_one_is_warned_about(tmp_path, caplog):
-    """A trainer save whose recorded source folder lost its tokenizer (or a run on a task
-    tokenizer) exported silently with no tokenizer and no EOS id: generate() never stopped."""
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    meta = {"source": f"hf:{folder}"}
-    assert convert._source_tokenizer(meta, recorded_ids=False) is None
-    assert "holds none" in caplog.text and "generate() will not stop" in caplog.text
+def test_an_export_without_a_tokenizer_takes_the_one_the_checkpoint_was_made_with(
+    tmp_path, caplog, monkeypatch
+):
+    """export-hf without --tokenizer wrote no tokenizer and no EOS id (generate() never
+    stopped). An import takes its source folder's; a trainer save the run's tokenizer.path
+    (config.yaml beside checkpoints/: with kind auto the teacher's, not the student folder its
+    weights came from, whose EOS and template differ), a relative one also from the run's
+    ancestors; neither: a warning."""
+    import yaml
+
+    caplog.set_level("INFO", logger="eaopd-convert")
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    for folder in (student, teacher):
+        folder.mkdir()
+        (folder / "tokenizer_config.json").write_text("{}")
+    imported = {"source": f"hf:{student}", "extra": {"hf": {"token_ids": {"eos_token_id": 2}}}}
+    ckpt = str(tmp_path / "imp" / "iter_0000000")
+    assert convert._source_tokenizer(imported, ckpt) == str(student)
+    run = tmp_path / "runs" / "r"
+    iteration = str(run / "checkpoints" / "iter_0000004")
+    saved = {"source": f"hf:{student}"}  # a trainer save: the student folder's weights
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"tokenizer": {"kind": "huggingface", "path": "teacher"}}))  # fmt: skip
+    monkeypatch.chdir(run)  # the export runs elsewhere than the training: relative, found above
+    assert convert._source_tokenizer(saved, iteration) == str(tmp_path / "teacher")
+    assert "the run's tokenizer.path" in caplog.text
     caplog.clear()
-    assert convert._source_tokenizer({"source": None}, recorded_ids=True) is None
-    assert "no --tokenizer: the export holds no tokenizer files; pass" in caplog.text
-    (folder / "tokenizer_config.json").write_text("{}")
-    assert convert._source_tokenizer(meta, recorded_ids=False) == str(folder)
+    (run / "config.yaml").write_text(yaml.safe_dump({"tokenizer": {"kind": "task"}}))
+    assert convert._source_tokenizer(saved, iteration) is None
+    assert "no --tokenizer: the export holds no tokenizer files and config.json no BOS" in (
+        caplog.text)  # fmt: skip
+    caplog.clear()
+    (student / "tokenizer_config.json").unlink()
+    assert convert._source_tokenizer(imported, ckpt) is None
+    assert f"the folder it was imported from, {student}, holds none" in caplog.text
+    assert "generate() will not stop" not in caplog.text  # the import recorded its ids
 
 
 # ---------------------------------------------------------------- bad input: exit 2, no output
