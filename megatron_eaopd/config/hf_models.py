@@ -25,6 +25,7 @@ __all__ = [
     "resolve_hf_models",
     "schema_shape",
     "tokenizer_fingerprint",
+    "tokenizer_warning",
 ]
 
 #: Shape keys of a config model section that an HF config.json determines.
@@ -332,4 +333,37 @@ def context_warning(cfg) -> str | None:
     return (
         "; ".join(out) + ": RoPE extrapolates past that, and quality usually drops. Lower "
         "rollout.max_prompt_tokens + max_response_tokens / eval.max_response_tokens"
+    )
+
+
+def tokenizer_warning(cfg) -> str | None:
+    """A warning when the teacher and student come from Hugging Face (folders, or checkpoints
+    imported with ``eaopd-convert import-hf``) and one's token table cannot be read: a folder
+    saved without its tokenizer (no tokenizer.json or vocab.json), or an import whose source
+    folder is gone and that recorded no fingerprint (imports before 2026-12-02). Then that they
+    share token ids cannot be checked (with both it is, when the config loads). None otherwise
+    (``Trainer.setup`` logs it on rank 0)."""
+    m, sources = cfg.model, {}
+    for who in ("teacher", "student"):
+        folder, root = getattr(m, f"{who}_hf"), getattr(m, f"{who}_checkpoint")
+        if folder:
+            sources[who] = (f"model.{who}_hf={folder}", folder, None)
+        elif imported_from(root):
+            sources[who] = (f"model.{who}_checkpoint={root} (imported from {imported_from(root)})",
+                            imported_from(root), root)  # fmt: skip
+    if len(sources) < 2:
+        return None
+    missing = [
+        name
+        for name, folder, root in sources.values()
+        if tokenizer_fingerprint(folder) is None and recorded_tokenizer(root) is None
+    ]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)}: no tokenizer.json or vocab.json to read, so whether teacher "
+        f"and student map tokens to the same ids cannot be checked (vocab_size "
+        f"{m.teacher.vocab_size} and {m.student.vocab_size}); distillation compares their "
+        "distributions id by id. Copy the tokenizer files of the model it was trained from into "
+        "the folder (for an import: import it again from a folder that has them)"
     )

@@ -27,7 +27,6 @@ __all__ = [
     "check_trainer_config",
     "micro_batch_warning",
     "sampling_warning",
-    "tokenizer_warning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,45 +130,6 @@ def sampling_warning(cfg: EAOPDConfig) -> str | None:
         "sampled reverse KL are those of the full softmax at rollout.temperature, so the "
         "on-policy estimate is biased; the paper samples with top_p 1 and no top-k "
         "(eval.top_p / eval.top_k are for evaluation)"
-    )
-
-
-def tokenizer_warning(cfg: EAOPDConfig) -> str | None:
-    """A warning when the teacher and student come from Hugging Face (folders, or checkpoints
-    imported with ``eaopd-convert import-hf``) and one's token table cannot be read: a folder
-    saved without its tokenizer (no tokenizer.json or vocab.json), or an import whose source
-    folder is gone and that recorded no fingerprint (imports before 2026-12-02). Then that they
-    share token ids cannot be checked (with both it is, when the config loads). None otherwise
-    (``Trainer.setup`` logs it on rank 0)."""
-    from megatron_eaopd.config.hf_models import (
-        imported_from,
-        recorded_tokenizer,
-        tokenizer_fingerprint,
-    )
-
-    m, sources = cfg.model, {}
-    for who in ("teacher", "student"):
-        folder, root = getattr(m, f"{who}_hf"), getattr(m, f"{who}_checkpoint")
-        if folder:
-            sources[who] = (f"model.{who}_hf={folder}", folder, None)
-        elif imported_from(root):
-            sources[who] = (f"model.{who}_checkpoint={root} (imported from {imported_from(root)})",
-                            imported_from(root), root)  # fmt: skip
-    if len(sources) < 2:
-        return None
-    missing = [
-        name
-        for name, folder, root in sources.values()
-        if tokenizer_fingerprint(folder) is None and recorded_tokenizer(root) is None
-    ]
-    if not missing:
-        return None
-    return (
-        f"{' and '.join(missing)}: no tokenizer.json or vocab.json to read, so whether teacher "
-        f"and student map tokens to the same ids cannot be checked (vocab_size "
-        f"{m.teacher.vocab_size} and {m.student.vocab_size}); distillation compares their "
-        "distributions id by id. Copy the tokenizer files of the model it was trained from into "
-        "the folder (for an import: import it again from a folder that has them)"
     )
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs, save_resolved
-from megatron_eaopd.config.hf_models import context_warning
+from megatron_eaopd.config.hf_models import context_warning, tokenizer_warning
 from megatron_eaopd.config.rules import unread_loss_warning
 from megatron_eaopd.data import prepare_data
 from megatron_eaopd.data.sampling import PromptSampler, length_text, run_iterations
@@ -47,7 +47,6 @@ from megatron_eaopd.trainer.checks import (  # noqa: F401 - the trainer's checks
     checkpoint_dir,
     micro_batch_warning,
     sampling_warning,
-    tokenizer_warning,
     will_resume,
 )
 from megatron_eaopd.trainer.evaluate import (

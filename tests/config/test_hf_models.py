@@ -181,8 +181,7 @@ def test_imports_of_folders_with_different_tokenizers_are_refused(tmp_path):
 def test_an_import_whose_folder_is_gone_is_checked_by_its_recorded_tokenizer(tmp_path):
     """An import made from a scratch folder deleted since: the check followed only the folder,
     found nothing, and a student with another tokenizer trained silently."""
-    from megatron_eaopd.config.hf_models import tokenizer_fingerprint
-    from megatron_eaopd.trainer.checks import tokenizer_warning
+    from megatron_eaopd.config.hf_models import tokenizer_fingerprint, tokenizer_warning
 
     teacher, student = _folders(tmp_path)
     _tokenizer(student, {"x": 1, "y": 0})

@@ -534,7 +534,7 @@ def test_a_model_folder_without_tokenizer_json_is_warned_about(tmp_path):
     tokenizer.json files, so it was skipped silently."""
     import json
 
-    from megatron_eaopd.trainer.checks import tokenizer_warning
+    from megatron_eaopd.config.hf_models import tokenizer_warning
     from tests.paper_configs import hf_overrides
 
     full = TINY.parent / "qwen3-8b-to-1.7b-1n8g-tp2pp2.yaml"
