@@ -272,13 +272,16 @@ def tokenizer_problems(cfg, problems: list) -> None:
     kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
     if kind == "task":
         names = " / ".join(keys.values())
+        held = [f for f in folders.values() if os.path.isdir(f) and has_tokenizer_files(f)]
+        fix = (f"set tokenizer.kind=auto (a model folder's own tokenizer) or huggingface with "
+               f"tokenizer.path={held[0]}" if held else "set tokenizer.kind=huggingface with "
+               "tokenizer.path at a copy of that model's tokenizer folder (the folders named "
+               "hold none now)")  # fmt: skip
         problems.append(
             (
                 "tokenizer.kind",
                 f"task (a tokenizer trained on the task) cannot drive the model of {names}, "
-                "whose embeddings index that folder's tokenizer ids: set tokenizer.kind=auto (a "
-                f"model folder's own tokenizer) or huggingface with "
-                f"tokenizer.path={next(iter(folders.values()))}",
+                f"whose embeddings index that folder's tokenizer ids: {fix}",
             )
         )
         return

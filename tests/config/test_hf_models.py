@@ -146,6 +146,9 @@ def test_an_imported_checkpoint_brings_its_tokenizer_and_refuses_a_task_one(tmp_
     os.remove(os.path.join(hf, "tokenizer_config.json"))  # the folder lost its tokenizer: auto
     problems = _problems_of(BASE, [f"model.teacher_checkpoint={root}"])  # cannot pick it
     assert "cannot drive the model of model.teacher_checkpoint" in problems["tokenizer.kind"]
+    # no folder named holds a tokenizer now: not advised as tokenizer.path
+    assert f"tokenizer.path={hf}" not in problems["tokenizer.kind"]
+    assert "a copy of that model's tokenizer folder" in problems["tokenizer.kind"]
     plain = _recorded_checkpoint(str(tmp_path / "trainer-save"), None)  # not an import: fine
     assert load_config(BASE, [f"model.teacher_checkpoint={plain}"]).tokenizer.kind == "task"
 
