@@ -170,31 +170,36 @@ def _check_export(args):
 
 def _source_tokenizer(meta: dict, path: str) -> str | None:
     """Without ``--tokenizer``, the tokenizer folder the checkpoint folder ``path`` was made
-    with: an import's, the folder it was imported from (recorded as source ``hf:<folder>``); a
-    trainer save's, the run's ``tokenizer.path`` in the ``config.yaml`` beside its checkpoint
-    root (``<output_dir>/checkpoints``; a relative path is tried from the run folder's
-    ancestors too), while it holds tokenizer files, so the export has the run's tokenizer and
-    its BOS / EOS ids. Else None with a warning: an export without a tokenizer has no EOS id
-    (``generate`` does not stop) unless the import recorded one, and AutoTokenizer loads an
-    empty tokenizer from it."""
+    with, while it holds tokenizer files, so the export has it and its BOS / EOS ids: an
+    import's source folder (recorded as ``hf:<absolute folder>``); a trainer save's
+    ``tokenizer.path`` as the save records it (its config and absolute output_dir, which
+    give the training's working folder for a relative path; saves of earlier versions: the
+    ``config.yaml`` beside the checkpoint root, a relative path tried from the run folder's
+    ancestors). Else None with a warning: an export without a tokenizer has no EOS id
+    (``generate`` does not stop) unless the import recorded one."""
     from megatron_eaopd.config.hf_models import has_tokenizer_files
 
     log = logging.getLogger("eaopd-convert")
-    imported = bool((meta.get("extra") or {}).get("hf"))
-    source = meta.get("source")
+    extra = meta.get("extra") or {}
+    imported = bool(extra.get("hf"))
     if imported:
+        source = meta.get("source")
         wanted = source[3:] if isinstance(source, str) and source.startswith("hf:") else None
-        where, tries = "the folder it was imported from", [wanted] if wanted else []
+        where, tries = "the folder it was imported from", [wanted]
     else:
-        run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        wanted = _run_tokenizer(os.path.join(run, "config.yaml"))
-        where = f"the run's tokenizer.path ({run}/config.yaml)"
-        ancestors = [run]
-        while ancestors[-1] != os.path.dirname(ancestors[-1]):
-            ancestors.append(os.path.dirname(ancestors[-1]))
-        tries = [wanted] + ([os.path.join(a, wanted) for a in ancestors]
-                            if wanted and not os.path.isabs(wanted) else [])  # fmt: skip
-    for folder in [t for t in tries if t]:
+        conf, run = extra.get("config"), extra.get("output_dir")
+        where = "the tokenizer.path the checkpoint records"
+        if not isinstance(conf, dict) or not isinstance(run, str):  # a save recording neither
+            run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+            conf = _read_yaml(os.path.join(run, "config.yaml"))
+            where = f"the run's tokenizer.path ({run}/config.yaml)"
+        tok = conf.get("tokenizer") if isinstance(conf, dict) else None
+        wanted = (
+            tok.get("path") if isinstance(tok, dict) and tok.get("kind") == "huggingface" else None
+        )
+        tries = [wanted] if not wanted or os.path.isabs(wanted) else [
+            os.path.join(base, wanted) for base in _training_folders(conf, run)]  # fmt: skip
+    for folder in [os.path.abspath(t) for t in tries if t]:
         if os.path.isdir(folder) and has_tokenizer_files(folder):
             log.info("tokenizer: %s, %s (--tokenizer picks another)", folder, where)
             return folder
@@ -207,18 +212,29 @@ def _source_tokenizer(meta: dict, path: str) -> str | None:
     return None
 
 
-def _run_tokenizer(config_yaml: str) -> str | None:
-    """``tokenizer.path`` of a run's resolved config.yaml when its kind is huggingface, else
-    None (no file, a task or sentencepiece tokenizer, which an HF folder cannot hold)."""
+def _read_yaml(path: str) -> dict:
     import yaml
 
     try:
-        with open(config_yaml, encoding="utf-8") as f:
-            tok = (yaml.safe_load(f) or {}).get("tokenizer") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
-    path = tok.get("path") if isinstance(tok, dict) and tok.get("kind") == "huggingface" else None
-    return str(path) if path else None
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _training_folders(conf: dict, run: str) -> list[str]:
+    """Where a relative path of a run's config was taken from: the working folder of the
+    training (the absolute output folder ``run`` less the config's relative
+    ``training.output_dir``) when it shows, else the run folder and its ancestors."""
+    given = str(((conf.get("training") or {}).get("output_dir")) or "").rstrip(os.sep)
+    run = os.path.abspath(run).rstrip(os.sep)
+    if given and not os.path.isabs(given) and run.endswith(os.sep + os.path.normpath(given)):
+        return [run[: -len(os.path.normpath(given)) - 1] or os.sep]
+    folders = [run]
+    while folders[-1] != os.path.dirname(folders[-1]):
+        folders.append(os.path.dirname(folders[-1]))
+    return folders
 
 
 def _stored_dtype(path: str) -> str:

@@ -133,7 +133,7 @@ def _slow_token_table(folder: str) -> dict | None:
     try:  # transformers before 4.34 kept added tokens in added_tokens.json (token -> id)
         with open(os.path.join(folder, "added_tokens.json"), encoding="utf-8") as f:
             table.update({str(t): int(i) for t, i in json.load(f).items()})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         pass
     try:
         with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:

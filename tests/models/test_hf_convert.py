@@ -207,6 +207,18 @@ def test_an_export_without_a_tokenizer_takes_the_one_the_checkpoint_was_made_wit
     monkeypatch.chdir(run)  # the export runs elsewhere than the training: relative, found above
     assert convert._source_tokenizer(saved, iteration) == str(tmp_path / "teacher")
     assert "the run's tokenizer.path" in caplog.text
+    # a save that records its config and output folder: from those, wherever the checkpoint
+    # lies (training.checkpoint_dir elsewhere, an iter_* folder copied into another run) and
+    # whatever the export's working folder holds (a decoy "teacher" there is not taken)
+    recorded = dict(saved, extra={"output_dir": str(run), "config": {
+        "training": {"output_dir": "runs/r"}, "tokenizer": {"kind": "huggingface",
+                                                            "path": "teacher"}}})  # fmt: skip
+    decoy = tmp_path / "elsewhere"
+    (decoy / "teacher").mkdir(parents=True)
+    (decoy / "teacher" / "tokenizer_config.json").write_text("{}")
+    monkeypatch.chdir(decoy)
+    copied = str(tmp_path / "scratch" / "other-run" / "iter_0000004")
+    assert convert._source_tokenizer(recorded, copied) == str(teacher)
     caplog.clear()
     (run / "config.yaml").write_text(yaml.safe_dump({"tokenizer": {"kind": "task"}}))
     assert convert._source_tokenizer(saved, iteration) is None
