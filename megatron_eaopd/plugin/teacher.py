@@ -29,6 +29,7 @@ class EOPDTeacher:
 
     def __init__(self, frozen, model_config, layout):
         self.frozen, self.model_config, self.layout = frozen, model_config, layout
+        self._tp_checked = False  # attach_logits' first call compares the TP ranks' tokens
 
     @classmethod
     def load(
@@ -217,9 +218,34 @@ class EOPDTeacher:
         with use_layout(TEACHER_LAYOUT):
             for mb in micro_batches:
                 dev = on_device({"tokens": mb["tokens"], "position_ids": mb["position_ids"]})
+                if not self._tp_checked:
+                    _check_same_tokens(dev["tokens"], ps.get_tensor_model_parallel_group())
+                    self._tp_checked = True
                 args = (dev["tokens"], dev["position_ids"], None)
                 if fused:
                     with hidden_states_output(self.frozen.chunks[0]) as weight:
                         mb["teacher"] = (self.frozen(*args), weight)
                 else:
                     mb["teacher"] = self.frozen(*args).float()
+
+
+def _check_same_tokens(tokens, group) -> None:
+    """The TP ranks of a group must hold the same micro-batch (Megatron-LM's get_batch
+    broadcasts it; a hand-built loop may shard it by global rank): each rank's shape and token
+    checksum are compared. Different ones computed a finite, silently wrong loss. Collectives:
+    one all-gather of [4] int64 over ``group`` (attach_logits' first micro-batch only)."""
+    import torch
+    import torch.distributed as dist
+
+    t = tokens.long()
+    weights = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.long)
+    checksum = int((t.reshape(-1) * weights).sum())  # order-sensitive: a permutation differs
+    mine = torch.tensor([t.shape[0], t.shape[-1], checksum, int(t.sum())], device=t.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    if any(not torch.equal(other, mine) for other in everyone):
+        raise ValueError(
+            "attach_logits: the tensor-parallel ranks of one group hold different micro-batches; "
+            "every TP rank must see the same tokens (Megatron-LM's get_batch broadcasts them "
+            "within the group): shard the data by data-parallel rank, not by global rank"
+        )

@@ -284,6 +284,17 @@ def _fused_and_padded_worker(rank, world):
         and "old_logprobs" not in padded[0]
     )
     out["fkl_metrics"] = sorted(out["fkl"][0][2])
+    # TP ranks given different micro-batches computed a finite, wrong loss: attach_logits'
+    # first call compares them (the teacher above passed it: same tokens on both ranks)
+    from megatron.core import parallel_state as ps
+
+    from megatron_eaopd.plugin.teacher import _check_same_tokens
+
+    try:
+        _check_same_tokens(tokens.roll(rank, dims=1), ps.get_tensor_model_parallel_group())
+        out["differ"] = None
+    except ValueError as exc:
+        out["differ"] = str(exc)
     destroy_parallel()
     return out
 
@@ -309,6 +320,7 @@ def test_fused_loss_and_offline_padding_match_the_plain_path():
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
             assert any(float(g.abs().sum()) > 0 for g in g_a), name
         assert res["shapes"] == [[2, 12], [2, 10]] and res["same_prefix"]
+        assert "ranks of one group hold different micro-batches" in res["differ"]  # both ranks
         # teacher-forced data has no rollout: no PPO metrics made up from placeholder log-probs
         assert "fkl" in res["fkl_metrics"]
         assert not {"pg_loss", "ratio", "advantage", "clip_frac"} & set(res["fkl_metrics"])
