@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from megatron_eaopd.config.hf_models import hf_sources, recorded_model_config
 from megatron_eaopd.config.loader import ConfigError
 from megatron_eaopd.config.schema import EAOPDConfig
 
@@ -181,15 +182,13 @@ def vocab_problems(cfg: EAOPDConfig, vocab_size: int | None) -> list[tuple[str, 
         folder = getattr(cfg.model, f"{who}_hf")
         root = None
         if not folder:
-            from megatron_eaopd.config.hf_models import recorded_model_config
-
             root = getattr(cfg.model, f"{who}_checkpoint")
             root = root if recorded_model_config(root) is not None else None
         text = f"{rows} embedding rows are fewer than the tokenizer's {vocab_size} ids"
         path = os.path.abspath(cfg.tokenizer.path) if cfg.tokenizer.path else None
-        models = {w: _model_folder(cfg, w) for w in ("student", "teacher")}
+        models = {w: os.path.abspath(f) for w, (f, _) in hf_sources(cfg).items()}
         where = f"{folder}/config.json" if folder else f"the checkpoint {root}"
-        if (folder or root) and path and path == models[who]:  # its own tokenizer
+        if (folder or root) and path and path == models.get(who):  # its own tokenizer
             fix = (f" (the rows come from {where}, the tokenizer is that model's own): its "
                    "config.json disagrees with its tokenizer; restore the folder from the "
                    "model's source")  # fmt: skip
@@ -205,17 +204,6 @@ def vocab_problems(cfg: EAOPDConfig, vocab_size: int | None) -> list[tuple[str, 
                    f"{vocab_size}")  # fmt: skip
         problems.append((f"model.{who}.vocab_size", text + fix))
     return problems
-
-
-def _model_folder(cfg: EAOPDConfig, who: str) -> str | None:
-    """The Hugging Face folder model ``who`` comes from (``model.<who>_hf`` or the source of an
-    imported checkpoint), absolute; None for other models."""
-    from megatron_eaopd.config.hf_models import imported_from
-
-    folder = getattr(cfg.model, f"{who}_hf") or imported_from(
-        getattr(cfg.model, f"{who}_checkpoint")
-    )
-    return os.path.abspath(folder) if folder else None
 
 
 def check_run(

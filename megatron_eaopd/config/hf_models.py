@@ -19,6 +19,7 @@ __all__ = [
     "SHAPE_KEYS",
     "TOKENIZER_FOLDER_FILES",
     "has_tokenizer_files",
+    "hf_sources",
     "imported_from",
     "recorded_model_config",
     "recorded_tokenizer",
@@ -187,6 +188,22 @@ def imported_from(root: str | None) -> str | None:
     return None
 
 
+def hf_sources(cfg) -> dict[str, tuple[str, str]]:
+    """``{who: (folder, label)}`` for each model that comes from Hugging Face: its
+    ``model.<who>_hf`` folder, or the folder an imported ``model.<who>_checkpoint`` came from
+    (absolute; it may be gone since). The label names the key for messages."""
+    out = {}
+    for who in ("teacher", "student"):
+        folder = getattr(cfg.model, f"{who}_hf")
+        if folder:
+            out[who] = (folder, f"model.{who}_hf")
+            continue
+        source = imported_from(getattr(cfg.model, f"{who}_checkpoint"))
+        if source is not None:
+            out[who] = (source, f"model.{who}_checkpoint, imported from {source}")
+    return out
+
+
 def _fill_shape(cfg, who: str, mc, source: str, given: dict, problems: list) -> None:
     """Set ``cfg.model.<who>``'s shape keys from ``mc``; a key the user gave that disagrees is a
     problem naming both values and ``source``."""
@@ -245,15 +262,9 @@ def tokenizer_problems(cfg, problems: list) -> None:
     import's folder's tokenizer)."""
     if _tokenizer_folder_problem(cfg, problems):
         return
-    folders, keys = {}, {}
-    for who in ("teacher", "student"):
-        folder = getattr(cfg.model, f"{who}_hf")
-        if folder:
-            folders[who], keys[who] = folder, f"model.{who}_hf"
-            continue
-        source = imported_from(getattr(cfg.model, f"{who}_checkpoint"))
-        if source is not None:
-            folders[who], keys[who] = source, f"model.{who}_checkpoint, imported from {source}"
+    sources = hf_sources(cfg)
+    folders = {who: folder for who, (folder, _) in sources.items()}
+    keys = {who: label for who, (_, label) in sources.items()}
     if not folders:
         return
     before = len(problems)
@@ -318,10 +329,9 @@ def context_warning(cfg) -> str | None:
     never seen. A warning, not a refusal (RoPE extrapolates; a user may mean it). Reads files
     only."""
     out = []
+    sources = hf_sources(cfg)
     for who in ("student", "teacher"):
-        folder = getattr(cfg.model, f"{who}_hf") or imported_from(
-            getattr(cfg.model, f"{who}_checkpoint")
-        )
+        folder = sources.get(who, (None,))[0]
         try:
             with open(os.path.join(folder or "", "config.json"), encoding="utf-8") as f:
                 trained = int(json.load(f).get("max_position_embeddings") or 0)
@@ -346,21 +356,15 @@ def tokenizer_warning(cfg) -> str | None:
     folder is gone and that recorded no fingerprint (imports before 2026-12-02). Then that they
     share token ids cannot be checked (with both it is, when the config loads). None otherwise
     (``Trainer.setup`` logs it on rank 0)."""
-    m, sources = cfg.model, {}
-    for who in ("teacher", "student"):
-        folder, root = getattr(m, f"{who}_hf"), getattr(m, f"{who}_checkpoint")
-        if folder:
-            sources[who] = (f"model.{who}_hf={folder}", folder, None)
-        elif imported_from(root):
-            sources[who] = (f"model.{who}_checkpoint={root} (imported from {imported_from(root)})",
-                            imported_from(root), root)  # fmt: skip
+    m, sources = cfg.model, hf_sources(cfg)
     if len(sources) < 2:
         return None
-    missing = [
-        name
-        for name, folder, root in sources.values()
-        if tokenizer_fingerprint(folder) is None and recorded_tokenizer(root) is None
-    ]
+    missing = []
+    for who, (folder, _) in sources.items():
+        root = getattr(m, f"{who}_checkpoint")
+        if tokenizer_fingerprint(folder) is None and recorded_tokenizer(root) is None:
+            missing.append(f"model.{who}_hf={folder}" if getattr(m, f"{who}_hf") else
+                           f"model.{who}_checkpoint={root} (imported from {folder})")  # fmt: skip
     if not missing:
         return None
     return (

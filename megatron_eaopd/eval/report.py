@@ -68,7 +68,7 @@ def format_before_after(rows: Sequence[dict], k: int = 8) -> str:
     k = common_k([m for _, m in table], k)
     cols = [(title.format(k=k), key.format(k=k)) for title, key in COLUMNS]
     cols = [(t, key) for t, key in cols if any(key in m for _, m in table)]
-    cols = [c for i, c in enumerate(cols) if c[0] not in [t for t, _ in cols[:i]]]  # k = 1
+    cols = list(dict(cols).items())  # k = 1: Pass@k is Pass@1, one column
 
     def cell(value, key, signed=False):
         if value is None:
