@@ -40,6 +40,9 @@ _LOSS_FLAGS = {
     "jsd-beta": (float, "jsd: interpolation beta, in (0, 1) (loss.jsd_beta)"),
 }
 _KEYS = {"tau": "entropy_threshold", "alpha": "fkl_coef", "topk": "top_k"}
+#: config key -> the flag that sets it (errors name both)
+_FLAG_OF = {f"loss.{_KEYS.get(f, f.replace('-', '_'))}": f"--eopd-{f}" for f in _LOSS_FLAGS}
+_FLAG_OF["rollout.temperature"] = "--eopd-temperature"  # the flag sets both temperatures
 
 
 def add_eopd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,15 +116,13 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
     try:
         cfg = config_from_dict(data, source="--eopd-* flags")
     except ConfigError as err:  # name the flag the user wrote, beside its config key
-        flags = {f"loss.{_KEYS.get(f, f.replace('-', '_'))}": f"--eopd-{f}" for f in _LOSS_FLAGS}
-        flags["rollout.temperature"] = "--eopd-temperature"
-        named = [(f"{flags[k]} ({k})" if k in flags else k, text) for k, text in err.problems]
-        raise ConfigError(named, "--eopd-* flags") from None
+        raise ConfigError(
+            [(_named(k), text) for k, text in err.problems], "--eopd-* flags"
+        ) from None
     from megatron_eaopd.config.rules import loss_key_problems
 
-    flags = {f"loss.{_KEYS.get(f, f.replace('-', '_'))}": f"--eopd-{f}" for f in _LOSS_FLAGS}
     # a flag the objective ignores is refused here (the trainer only warns: inherited keys)
-    problems = [(f"{flags[k]} ({k})", text) for k, text in loss_key_problems(cfg)]
+    problems = [(_named(k), text) for k, text in loss_key_problems(cfg)]
     for flag in ("teacher-tp", "teacher-pp"):
         value = getattr(args, "eopd_" + flag.replace("-", "_"), None)
         if value is not None and value < 1:
@@ -148,3 +149,8 @@ def eopd_settings_from_args(args: argparse.Namespace) -> EOPDSettings:
         teacher_tp=getattr(args, "eopd_teacher_tp", None),
         teacher_pp=getattr(args, "eopd_teacher_pp", None),
     )
+
+
+def _named(key: str) -> str:
+    """``--eopd-tau (loss.entropy_threshold)`` for a config key a flag sets, else the key."""
+    return f"{_FLAG_OF[key]} ({key})" if key in _FLAG_OF else key

@@ -209,9 +209,10 @@ class EOPDTeacher:
                     "them only to the first pipeline stage): build the micro-batches with "
                     "tokens on the last stage, or use PP 1 for offline distillation"
                 )
-            if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < rows:
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist() if tokens.numel() else (0, 0)
+            if not 0 <= lo <= hi < rows:  # one host transfer per micro-batch
                 raise ValueError(
-                    f"attach_logits: token ids {int(tokens.min())}..{int(tokens.max())} outside "
+                    f"attach_logits: token ids {lo}..{hi} outside "
                     f"the teacher's vocabulary [0, {rows}): the data was tokenized with another "
                     "tokenizer than the teacher's"
                 )  # a padding row's logits (or, past them, a device-side assert on GPU)
