@@ -12,7 +12,9 @@ the tokenizer's vocabulary, missing or malformed prompt files, prompts longer th
 reported before any process group or model is created, with exit status 2, and so is a
 ``training.output_dir`` that another live run holds (rank 0 locks the folder for the whole run:
 ``trainer.run_dir``) or that holds an earlier run this one cannot continue
-(``trainer.checks.check_output_dir``). Everything else is :class:`megatron_eaopd.trainer.Trainer`.
+(``trainer.checks.check_output_dir``); each node's local rank 0 prints the message (the node's
+other ranks reach the same verdict and record it only in their exit status). Everything else
+is :class:`megatron_eaopd.trainer.Trainer`.
 
 Exit statuses: 0 when the run finished and when it stopped early after saving a checkpoint (on
 a preemption signal or the launcher's stop file: ``trainer.preemption``), 2 for a configuration
@@ -144,7 +146,10 @@ def _checked_run(args, held: list) -> int:
     except (ConfigError, TaskError, ValueError) as err:
         from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status
 
-        print(f"eaopd-train: {err}", file=sys.stderr)
+        # every rank of a node checks the same config and files and reaches the same verdict:
+        # one copy per node (its local rank 0), not one per GPU
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"eaopd-train: {err}", file=sys.stderr)
         handler.uninstall()
         write_exit_status("config_error", EXIT_CONFIG)
         return EXIT_CONFIG

@@ -250,6 +250,32 @@ def test_cli_turns_a_refused_resume_into_exit_2(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "status" / "rank0").read_text().split() == ["config_error", "2"]
 
 
+@pytest.mark.parametrize(
+    "rank, local_rank, shown", [(0, None, True), (1, "1", False), (2, "0", True), (3, "1", False)]
+)
+def test_cli_prints_a_config_error_once_per_node(
+    tmp_path, capsys, monkeypatch, rank, local_rank, shown
+):
+    """An unknown key on 8 GPUs printed the same message 8 times, interleaved: now each node's
+    local rank 0 prints it (rank 2 is the second node's first rank) and every rank records it."""
+    import megatron_eaopd.cli as cli
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", str(rank))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("EAOPD_STATUS_DIR", str(tmp_path / "status"))
+    over = [f"tokenizer.cache_dir={tmp_path}/tok", f"training.output_dir={tmp_path}/run",
+            "no_such.key=1"]  # fmt: skip
+    assert cli.main(["--config", CONFIG, *over]) == 2
+    err = capsys.readouterr().err
+    assert ("no_such" in err) == shown and err.count("eaopd-train:") == int(shown)
+    status = tmp_path / "status" / f"rank{rank}"
+    assert status.read_text().split() == ["config_error", "2"]
+
+
 def _diverge_worker(rank, world, tmp):
     """A run whose learning rate blows the student up, with training.max_skipped_in_a_row=2:
     the message each rank raised (None: the run went to its end)."""
