@@ -7,6 +7,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "tiny-cpu-tp2.yaml")
+TINY_CPU = os.path.join(ROOT, "configs", "tiny-cpu.yaml")  # the main job's config
 
 TINY_RUN = [
     "training.iterations=2",
@@ -60,3 +61,14 @@ def random_rollouts(prompt_lens, response_lens, vocab: int, gen):
         tokens=tokens, prompt_lens=prompt_lens, response_lens=response_lens, logprobs=logprobs,
         entropies=torch.zeros(rows, width), finished=torch.ones(rows, dtype=torch.bool),
     )  # fmt: skip
+
+
+def tiny_config(tmp_path, *overrides):
+    """The main job's config (configs/tiny-cpu.yaml) with every cache and the run folder under
+    ``tmp_path``, then ``overrides``."""
+    from megatron_eaopd.config import load_config
+
+    caches = [f"tokenizer.cache_dir={tmp_path / 'tok'}", f"teacher_prep.cache_dir={tmp_path / 't'}",
+              f"student_prep.cache_dir={tmp_path / 's'}",
+              f"training.output_dir={tmp_path / 'out'}"]  # fmt: skip
+    return load_config(TINY_CPU, [*caches, *overrides])
