@@ -26,7 +26,7 @@ from megatron_eaopd.data.sequences import (
 from megatron_eaopd.data.task import Problem, Task, TaskError, load_task, validate_prompt_lengths
 from megatron_eaopd.data.tokenizer import build_tokenizer
 
-__all__ = ["PreparedData", "prepare_data", "tokenizer_vocab_size"]
+__all__ = ["PreparedData", "evaluated_problems", "prepare_data", "tokenizer_vocab_size"]
 
 
 @dataclass
@@ -45,6 +45,12 @@ class PreparedData:
     """Held-out prompts by set name (may be empty)."""
     longest_prompt: int
     """Tokens of the longest prompt (with BOS) over all sets."""
+
+
+def evaluated_problems(problems: Sequence[Problem], max_prompts: int | None) -> list[Problem]:
+    """The problems of one evaluation set that evaluations use: the first ``eval.max_prompts``
+    (all with 0 or None). The data checks validate exactly these."""
+    return list(problems)[:max_prompts] if max_prompts else list(problems)
 
 
 def tokenizer_vocab_size(tokenizer: Any) -> int:
@@ -130,7 +136,7 @@ def prepare_data(cfg: Any, check_teacher_examples: bool | None = None) -> Prepar
         )
     used = getattr(cfg.eval, "max_prompts", None)
     for name, problems in eval_sets.items():
-        problems = list(problems)[:used] if used else problems  # what evaluations will use
+        problems = evaluated_problems(problems, used)
         longest = max(
             longest, validate_prompt_lengths(problems, encode, limit, f"'{name}' prompts")
         )

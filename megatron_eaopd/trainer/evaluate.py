@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.data.prepare import evaluated_problems
 from megatron_eaopd.data.task import Problem
 from megatron_eaopd.eval import summarize_samples
 from megatron_eaopd.rollout import RolloutBatch, SamplingParams, generate
@@ -221,7 +222,7 @@ def evaluate(trainer, iteration: int, who: str = "student") -> dict[str, float]:
     decode_rows = eval_decode_rows(cfg, who, dist.get_world_size() // (student.tp * student.pp))
     results, sums, lengths, saved = {}, {}, [0.0, 0.0], []
     for name, problems in data.eval_sets.items():
-        problems = list(problems)[: ev.max_prompts] if ev.max_prompts else list(problems)
+        problems = evaluated_problems(problems, ev.max_prompts)
         with use_layout(layout):
             dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
             mine = problems[dp_rank::dp]  # replicas may get different counts, even none
