@@ -267,14 +267,17 @@ class RolloutConfig:
     """Longest prompt; longer prompts are an error before training starts."""
     max_response_tokens: int = _f(4096, ge=1)
     """Most new tokens per response."""
-    temperature: float = _f(1.0, gt=0)
-    """Sampling temperature."""
+    temperature: float = _f(1.0, ge=1e-6)
+    """Sampling temperature (>= 1e-6: below that the scaled fp32 logits overflow; top_k=1
+    decodes greedily)."""
     top_p: float = _f(1.0, gt=0, le=1)
     """Nucleus sampling threshold; 1.0 disables it (the paper's setting). Below 1 in the sampled
     form the trainer warns: the rollout log-probs are those of the full softmax."""
     top_k: int = _f(0, ge=0)
     """Sample among the k most likely tokens; 0 disables it; at most the vocabulary size (a
-    warning in the sampled form, as for top_p)."""
+    warning in the sampled form, as for top_p). With top_p < 1 as well, top_p's mass is that of
+    the untruncated softmax (transformers renormalises over the top k first): the kept set is
+    the top-k set cut by top_p, never smaller than transformers' (docs/trainer.md)."""
     use_kv_cache: bool = True
     """Decode with a KV cache (off: re-run the whole prefix each token; for benchmarks)."""
     max_decode_batch: int | None = _f(None, ge=1)
@@ -382,12 +385,13 @@ class EvalConfig:
 
     k: int = _f(8, ge=1)
     """Samples per prompt for Avg@k and Pass@k (paper: 8)."""
-    temperature: float = _f(1.0, gt=0)
-    """Sampling temperature at evaluation (paper: 1.0)."""
+    temperature: float = _f(1.0, ge=1e-6)
+    """Sampling temperature at evaluation (paper: 1.0; >= 1e-6, top_k=1 decodes greedily)."""
     top_p: float = _f(0.8, gt=0, le=1)
     """Nucleus threshold at evaluation (paper: 0.8)."""
     top_k: int = _f(0, ge=0)
-    """Top-k sampling at evaluation; 0 disables it; at most the vocabulary size."""
+    """Top-k sampling at evaluation; 0 disables it; at most the vocabulary size. With top_p < 1
+    as well, top_p's mass is that of the untruncated softmax, as for rollout.top_k."""
     max_response_tokens: int = _f(8192, ge=1)
     """Most new tokens per evaluation response (paper: 8192)."""
     max_prompts: int | None = _f(None, ge=1)

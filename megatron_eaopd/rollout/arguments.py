@@ -41,6 +41,14 @@ def check_call(prompts, max_new_tokens, pad_id, vocab_size) -> list[list[int]]:
             "the EOS id)"
         )
     for i, prompt in enumerate(prompts):
+        try:  # C speed; text or float ids raised a TypeError from deep inside
+            array("q", prompt)
+        except (TypeError, OverflowError):
+            bad = next((x for x in prompt if not isinstance(x, int)), None)
+            raise ValueError(
+                f"prompt {i} holds {bad!r}, not an integer token id: pass token ids (encode text "
+                "with the tokenizer first)"
+            ) from None
         if prompt and (min(prompt) < 0 or max(prompt) >= vocab_size):
             bad = min(prompt) if min(prompt) < 0 else max(prompt)
             raise ValueError(
@@ -49,20 +57,26 @@ def check_call(prompts, max_new_tokens, pad_id, vocab_size) -> list[list[int]]:
     return prompts
 
 
-def fingerprint(prompts, max_new_tokens, eos_ids, pad_id, params, generator) -> int:
-    """A 32-bit CRC of everything a call's tokens depend on that every rank must share."""
-    crc = zlib.crc32(repr((len(prompts), max_new_tokens, sorted(eos_ids), pad_id,
-                           params)).encode())  # fmt: skip
+def fingerprint(prompts, max_new_tokens, eos_ids, pad_id, params, generator, options=()) -> int:
+    """A 32-bit CRC of everything a call's tokens depend on that every rank must share, and of
+    ``options``: the decode settings that shape the collectives (batch size, KV cache,
+    compaction, continuous batching, ...), which must agree even where the tokens do not
+    depend on them."""
+    crc = zlib.crc32(repr((len(prompts), max_new_tokens, sorted(eos_ids), pad_id, params,
+                           tuple(options))).encode())  # fmt: skip
     crc = zlib.crc32(generator.get_state().numpy().tobytes(), crc)
     for prompt in prompts:
         crc = zlib.crc32(array("q", [len(prompt), *prompt]).tobytes(), crc)
     return crc
 
 
-def check_agreement(prompts, max_new_tokens, eos_ids, pad_id, params, generator, device) -> None:
+def check_agreement(prompts, max_new_tokens, eos_ids, pad_id, params, generator, device,
+                    options=()) -> None:  # fmt: skip
     """ValueError on every rank of the model-parallel group when its ranks' calls differ
-    (prompts, lengths, settings, the generator's state). Collectives: one all-gather of one
-    int64 per rank over the model-parallel group (none when it has one rank)."""
+    (prompts, lengths, settings, the generator's state, the decode ``options``: a rank with
+    another ``max_batch`` or KV-cache setting aborted or hung in a collective). Collectives:
+    one all-gather of one int64 per rank over the model-parallel group (none when it has one
+    rank)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -71,7 +85,7 @@ def check_agreement(prompts, max_new_tokens, eos_ids, pad_id, params, generator,
     if not dist.is_initialized():
         return
     mine = torch.tensor(
-        [fingerprint(prompts, max_new_tokens, eos_ids, pad_id, params, generator)],
+        [fingerprint(prompts, max_new_tokens, eos_ids, pad_id, params, generator, options)],
         dtype=torch.int64, device=device,
     )  # fmt: skip
     values = all_gather_rows(mine, ps.get_model_parallel_group()).view(-1).tolist()
@@ -79,6 +93,7 @@ def check_agreement(prompts, max_new_tokens, eos_ids, pad_id, params, generator,
         raise ValueError(
             "generate: the tensor- and pipeline-parallel ranks of one data-parallel replica "
             "were called with different arguments (prompts, max_new_tokens, stop or pad ids, "
-            "sampling settings, or the generator's state: seed it the same on every rank); "
+            "sampling settings, decode options such as max_batch, use_kv_cache or "
+            "compact_frac, or the generator's state: seed it the same on every rank); "
             f"call fingerprints by rank of the group: {values}"
         )

@@ -31,8 +31,8 @@ stages in order: a stage receives the previous stage's hidden states (p2p recv),
 (each stage keeps the KV cache of its own layers: ``FastDecoder``'s, or megatron's
 ``StaticInferenceContext`` where FastDecoder does not apply or its first-step check, judged on
 the last stage and agreed over the pipeline group, failed) and sends its output to the next
-stage; the last stage samples (drawing from ``generator``; the
-other stages' generators are not advanced) and broadcasts the tokens, log-probs and entropies over
+stage; the last stage samples (every stage draws the same numbers from ``generator``, so
+all end with the same generator state) and broadcasts the tokens, log-probs and entropies over
 the pipeline group, so every rank ends with the same ``RolloutBatch``. The last stage samples
 vocab-parallel too (its own TP group), and every stage compacts its own KV cache identically.
 """
@@ -267,8 +267,10 @@ def _generate(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, par
     if params.top_k >= vocab_size:  # keeps every token: no truncation (and no fallback steps)
         params = dataclasses.replace(params, top_k=0)
     module = _bare_module(model)
+    options = (max_batch, use_kv_cache, compact_frac, continuous, fast_decode, refill_frac,
+               pp_interleave, decode_graphs)  # fmt: skip
     check_agreement(prompts, max_new_tokens, stops.tolist(), pad_id, params, generator,
-                    _device(module))  # fmt: skip
+                    _device(module), options)  # fmt: skip
     was_training = module.training
     module.eval()
     counters = {"steps": 0, "decode_rows": 0, "compactions": 0, "fallbacks": 0,
@@ -487,14 +489,16 @@ class _Decoder:
         n = self.cur_tokens.shape[0]
         logits, self._logits = self._logits, None
         packed = None
+        rows = self.active + self.offset  # ids in the call: the random numbers follow them
+        # every stage draws (host work only): its generator then ends where the last stage's
+        # does, so the caller's next generate with the same generator agrees over the stages
+        keys, u = self.randoms.at(torch.full_like(rows, t), rows)
         if self.last:
             if self.sampler is None:
                 self.sampler = VocabParallelSampler(
                     self.params, self.vocab_size, logits.shape[-1], self.tp_group, self.device,
                     rows=self.randoms.rows,
                 )  # fmt: skip
-            rows = self.active + self.offset  # ids in the call: the random numbers follow them
-            keys, u = self.randoms.at(torch.full_like(rows, t), rows)
             new, lp, ent = self.sampler.draw(logits, to_device(rows, self.device), keys, u)
             packed = pack_draw(new, lp, ent)
         if self.pp > 1:

@@ -32,6 +32,7 @@ import torch
 from megatron_eaopd.losses._common import check_temperature
 
 __all__ = [
+    "MIN_TEMPERATURE",
     "PLAIN_BLOCK",
     "PositionRandoms",
     "SamplingParams",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 _M32 = 0xFFFFFFFF
+MIN_TEMPERATURE = 1e-6
+"""The smallest sampling temperature: the draws scale fp32 logits by 1/T, which overflows to inf
+(and picks wrong tokens silently) for T below about max|logit| / 3.4e38."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class SamplingParams:
 
     def __post_init__(self):
         check_temperature(self.temperature)
+        if self.temperature < MIN_TEMPERATURE:  # 1/T scales fp32 logits: overflow, wrong draws
+            raise ValueError(
+                f"temperature must be >= {MIN_TEMPERATURE} (the logits are scaled by 1/T in "
+                f"fp32), got {self.temperature!r}; top_k=1 decodes greedily"
+            )
         if self.logprob_temperature is not None:
             check_temperature(self.logprob_temperature, "logprob_temperature")
         if not 0 < self.top_p <= 1:

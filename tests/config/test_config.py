@@ -289,8 +289,10 @@ def test_type_range_and_choice_errors():
 
 def test_range_and_choice_errors_in_a_valid_section():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["loss.clip=-0.1", "loss.objective=eopdd", "loss.top_k=0"])
+        load_config(None, ["loss.clip=-0.1", "loss.objective=eopdd", "loss.top_k=0",
+                           "eval.temperature=1e-40"])  # fmt: skip
     probs = _problems(err.value)
+    assert ">= 1e-06" in probs["eval.temperature"]  # 1/T overflows fp32 below it
     assert "out of range" in probs["loss.clip"] and "> 0" in probs["loss.clip"]
     assert "did you mean 'eopd'" in probs["loss.objective"]
     assert ">= 1" in probs["loss.top_k"]

@@ -373,6 +373,9 @@ def _bad_arguments_worker(rank, world):
         # an id outside the embedding: IndexError at TP 1, a silent zero vector at TP 2
         "prompt 1 holds token id 16 outside [0, vocab_size=16)": ([[1, 2], [3, VOCAB]], {}),
         "prompt 0 holds token id -1": ([[-1, 2]], {}),
+        # text and float ids raised TypeErrors ('<' not supported, float as an integer)
+        "prompt 1 holds 'hello', not an integer token id": ([[1, 2], [1, "hello"]], {}),
+        "prompt 0 holds 2.0, not an integer token id": ([[1, 2.0]], {}),
         "pad_id=-1 must be an int in [0, vocab_size=16)": (_prompts(), dict(pad_id=-1)),
         "pad_id=16 must be an int in [0, vocab_size=16)": (_prompts(), dict(pad_id=VOCAB)),
         "max_new_tokens must be an int": (_prompts(), dict(max_new_tokens=2.5)),
@@ -401,11 +404,14 @@ def test_sampling_params_refuse_what_they_used_to_take():
                      (dict(logprob_temperature=-1.0), "logprob_temperature"),
                      (dict(logprob_temperature=math.nan), "logprob_temperature"),
                      (dict(temperature=math.inf), "temperature"),
-                     (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k")):  # fmt: skip
+                     (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+                     # 1/T overflowed fp32: 40% of the tokens were not the argmax, silently
+                     (dict(temperature=1e-38), "top_k=1 decodes greedily")):  # fmt: skip
         with pytest.raises(ValueError, match=word):
             SamplingParams(**kw)
     assert SamplingParams(temperature=0.7).lp_temperature == 0.7
     assert SamplingParams(temperature=0.7, logprob_temperature=1.0).lp_temperature == 1.0
+    assert SamplingParams(temperature=1e-6).temperature == 1e-6  # the smallest allowed
 
 
 def _disagreeing_worker(rank, world):
@@ -415,7 +421,10 @@ def _disagreeing_worker(rank, world):
     results = {}
     for name, over in (("max_new_tokens", dict(max_new_tokens=5)),
                        ("seed", dict(generator=torch.Generator().manual_seed(9))),
-                       ("prompts", dict(prompts=_prompts()[:-1]))):  # fmt: skip
+                       ("prompts", dict(prompts=_prompts()[:-1])),
+                       ("max_batch", dict(max_batch=2)),  # aborted in gloo (a size mismatch)
+                       ("use_kv_cache", dict(use_kv_cache=False)),  # hung
+                       ("compact_frac", dict(compact_frac=0.01))):  # fmt: skip
         kw = dict(prompts=_prompts(), max_new_tokens=4, eos_id=2, pad_id=PAD, vocab_size=VOCAB,
                   params=SamplingParams(), generator=torch.Generator().manual_seed(0))  # fmt: skip
         if rank == 1:
@@ -444,12 +453,14 @@ def _disagreeing_worker(rank, world):
 
 
 def test_tp_ranks_called_with_different_arguments_raise_on_every_rank():
-    """At TP 2 a rank with other prompts, another max_new_tokens or another seed aborted the
+    """At TP 2 a rank with other prompts, another max_new_tokens, seed, max_batch, KV-cache or
+    compaction setting aborted the
     process in a collective of mismatched sizes, or returned tokens of neither rank's seed: one
     fingerprint all-gather per call now raises the same ValueError on both ranks. A top-k of
     the whole vocabulary samples as plain sampling (it fell back to a full gather per step)."""
     for results in run_distributed(_disagreeing_worker, 2):
-        for name in ("max_new_tokens", "seed", "prompts"):
+        for name in ("max_new_tokens", "seed", "prompts", "max_batch", "use_kv_cache",
+                     "compact_frac"):  # fmt: skip
             assert results[name] and "called with different arguments" in results[name], name
         assert results["top_k=V is plain"] == (True, 0)
 
@@ -527,3 +538,29 @@ def test_split_rows_into_interleaved_groups():
             sizes = [hi - lo for lo, hi in parts]
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
             assert len(parts) == min(rows, groups)
+
+
+def _reused_generator_worker(rank, world):
+    """Two generate calls with one generator under PP 2 (the second interleaved): only the last
+    stage sampled, so the first stage's generator stayed behind and the second call was refused
+    as 'called with different arguments'. Returns the calls' tokens and the final state."""
+    from megatron_eaopd.rollout import generate
+
+    model, gen = _model(1, pp=world), torch.Generator().manual_seed(0)
+    tokens = [
+        generate(model, _prompts(), max_new_tokens=6, pad_id=PAD, vocab_size=VOCAB, eos_id=-1,
+                 params=SamplingParams(**kw), generator=gen, pp_interleave=i == 1).tokens
+        for i, kw in enumerate([PARAMS[0], {"temperature": 0.7, "top_k": 5}])
+    ]  # fmt: skip
+    return tokens, gen.get_state()
+
+
+def test_a_generator_reused_under_pp_stays_in_step_over_the_stages():
+    results = run_distributed(_reused_generator_worker, 2, timeout=300)
+    (first, state0), (second, state1) = results
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert torch.equal(state0, state1)
+    reference = run_distributed(_reused_generator_worker, 1, timeout=300)[0]
+    # the same tokens and draws as one process (PP 1) running both calls
+    assert all(torch.equal(a, b) for a, b in zip(reference[0], first, strict=True))
+    assert torch.equal(reference[1], state0)
