@@ -62,13 +62,15 @@ eaopd_nccl_defaults() {
 # EAOPD_PREEMPT_SIGNALS, default USR1,TERM; the older EAOPD_SIGNAL is honoured when it is the
 # only one set). Callers export the list as EAOPD_PREEMPT_SIGNALS, so the trainer catches it too.
 eaopd_preempt_signals() {
-  local spec=${EAOPD_PREEMPT_SIGNALS:-${EAOPD_SIGNAL:-USR1,TERM}} item
+  local spec=${EAOPD_PREEMPT_SIGNALS:-${EAOPD_SIGNAL:-USR1,TERM}} item name
   local -a items
   IFS=', ' read -r -a items <<<"$spec"
   for item in "${items[@]}"; do
     [[ -n $item ]] || continue
     item=${item^^}
     item=${item#SIG}
+    # a number (10, 15: the trainer takes them too) becomes its name, which the scripts compare
+    if [[ $item =~ ^[0-9]+$ ]] && name=$(kill -l "$item" 2>/dev/null); then item=$name; fi
     kill -l "$item" >/dev/null 2>&1 || eaopd_die "EAOPD_PREEMPT_SIGNALS: unknown signal '$item' (e.g. USR1,TERM)"
     echo "$item"
   done
@@ -128,8 +130,9 @@ eaopd_allocated_gpus() {
     echo "$SLURM_GPUS_ON_NODE SLURM_GPUS_ON_NODE"
     return
   fi
+  # CUDA reads the list up to its first invalid entry: "-1" (or "") hides every GPU
   if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != NoDevFiles ]]; then
-    n=$(eaopd_count_items "$CUDA_VISIBLE_DEVICES")
+    n=$(eaopd_count_items "${CUDA_VISIBLE_DEVICES%%-*}")
     if ((n > 0)); then echo "$n CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"; fi
   fi
 }
@@ -159,6 +162,12 @@ eaopd_nproc_per_node() {
     eaopd_die "cannot tell how many processes to start per node: the job has no GPUs" \
       "(SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES are unset or 0)." \
       "Ask for GPUs (sbatch --gpus-per-node=N) or, for a CPU-only run, set EAOPD_NPROC_PER_NODE=N"
+  fi
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then # set, naming no GPU ("", "-1", NoDevFiles)
+    eaopd_log "processes per node: 1 (CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' hides every" \
+      "GPU: a CPU run; EAOPD_NPROC_PER_NODE=N for more)"
+    echo 1
+    return
   fi
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     eaopd_log "processes per node: 1 (no nvidia-smi: a CPU machine; EAOPD_NPROC_PER_NODE=N for more)"

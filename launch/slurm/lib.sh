@@ -102,7 +102,7 @@ eaopd_slurm_setup() {
   export EAOPD_PREEMPT_SIGNALS
   # A preemption signal during the set-up must not kill this shell: remember it (eaopd_run_step).
   EAOPD_SIGNALLED=""
-  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
+  for sig in $(eaopd_trapped_signals); do
     # shellcheck disable=SC2064  # expand now: one trap per signal
     trap "EAOPD_SIGNALLED=$sig" "$sig"
   done
@@ -306,11 +306,22 @@ eaopd_trainer_status() {
   echo "$found"
 }
 
+# The signals the batch shell traps, one per line: the preemption signals (EAOPD_SIGNAL_LIST)
+# and, always, USR1: the sbatch scripts' --signal=B:USR1@300 (the time-limit warning) killed the
+# job when USR1 was not in the list. Not a preemption signal, USR1 only writes the stop file
+# (eaopd_forward_signal).
+eaopd_trapped_signals() {
+  printf '%s\n' "${EAOPD_SIGNAL_LIST[@]}"
+  [[ ",$EAOPD_PREEMPT_SIGNALS," == *,USR1,* ]] || echo USR1
+}
+
 # eaopd_forward_signal SIG PID: pass a caught preemption signal on to a training step. srun turns
 # SIGTERM (and SIGINT, SIGHUP) into SIGKILL for its tasks, so those are forwarded as SIGUSR1 when
-# USR1 is a preemption signal, else not at all: the stop file carries them.
+# USR1 is a preemption signal, else not at all: the stop file carries them (and USR1 itself when
+# it is not one: the trainer does not catch it, and it would kill the tasks).
 eaopd_forward_signal() {
   local sig=$1 pid=$2
+  [[ $sig != USR1 || ",$EAOPD_PREEMPT_SIGNALS," == *,USR1,* ]] || return 0
   case $sig in
     TERM | INT | HUP | QUIT)
       if [[ ",$EAOPD_PREEMPT_SIGNALS," == *,USR1,* ]]; then sig=USR1; else return 0; fi
@@ -346,7 +357,7 @@ eaopd_run_step() {
     eaopd_log "caught SIG$1: wrote the stop file; forwarded ${sent:-no signal} to the training step (srun pid ${EAOPD_STEP_PID:-none yet})"
   }
   EAOPD_STEP_PID="" EAOPD_STEP_START=$SECONDS
-  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do
+  for sig in $(eaopd_trapped_signals); do
     # shellcheck disable=SC2064  # expand now: one trap per signal
     trap "eaopd_on_signal $sig" "$sig"
   done
@@ -370,7 +381,7 @@ eaopd_run_step() {
   rc=0
   wait "$EAOPD_STEP_PID" || rc=$?
   # From here on a signal changes nothing (requeueing sends this shell SIGTERM).
-  for sig in "${EAOPD_SIGNAL_LIST[@]}"; do trap '' "$sig"; done
+  for sig in $(eaopd_trapped_signals); do trap '' "$sig"; done
   status=$(eaopd_trainer_status)
   eaopd_log "training step exited with status $rc; trainer status: ${status:-none written}"
 

@@ -68,6 +68,7 @@ def _bin(tmp_path: Path, nvidia_smi: str | None) -> str:
         ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "4"}, "8"),
         ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "4"}, "4"),
         ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,2,5"}, "3"),
+        ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,1,-1,3"}, "2"),  # CUDA stops at -1
     ],
 )
 def test_processes_per_node_come_from_the_allocation(env, expected):
@@ -101,6 +102,17 @@ def test_failing_nvidia_smi_is_an_error_not_one_process(tmp_path):
     result = bash('n=$(eaopd_nproc_per_node); echo "got $n"', path=_bin(tmp_path, broken))
     assert result.returncode == 2 and "got" not in result.stdout
     assert "nvidia-smi failed" in result.stderr and "driver mismatch" in result.stderr
+
+
+@pytest.mark.parametrize("hidden", ["", "-1", "NoDevFiles"])
+def test_gpus_hidden_by_cuda_visible_devices_outside_slurm_are_one_process(tmp_path, hidden):
+    """An empty CUDA_VISIBLE_DEVICES started one process per GPU nvidia-smi listed (8), "-1"
+    counted as one GPU: both hide every GPU from CUDA."""
+    eight = "for i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100 (UUID: $i)\"; done"
+    env = {"CUDA_VISIBLE_DEVICES": hidden}
+    result = bash("eaopd_nproc_per_node", env, path=_bin(tmp_path, eight))
+    assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
+    assert "hides every GPU" in result.stderr
 
 
 def test_no_nvidia_smi_outside_slurm_is_one_process_and_says_so(tmp_path):
@@ -139,6 +151,10 @@ def test_preemption_signals_are_configurable_and_kept_from_torchrun():
         "pet=SIGINT,SIGHUP,SIGQUIT",
     ]
     assert bash("eaopd_preempt_signals").stdout.split() == ["USR1", "TERM"]  # the default
+    # numbers (the trainer takes them) were passed on as "10", which the scripts compare with
+    # names: torchrun went on handling SIGTERM (killing the workers before their save)
+    numbers = bash("eaopd_preempt_signals", {"EAOPD_PREEMPT_SIGNALS": "10,15"})
+    assert numbers.stdout.split() == ["USR1", "TERM"], numbers.stderr
     bad = bash("s=$(eaopd_preempt_signals)", {"EAOPD_PREEMPT_SIGNALS": "USR1,NOPE"})
     assert bad.returncode == 2 and "unknown signal 'NOPE'" in bad.stderr
 
@@ -284,6 +300,43 @@ def test_batch_script_takes_the_step_status_when_the_step_ends_during_the_trap(
     rc, out = _signal_when_ready(proc, tmp_path / "ready", signal.SIGUSR1)
     assert f"exited with status 0; trainer status: {status}" in out, out
     assert rc == expected, out
+
+
+def test_the_time_limit_warning_stops_a_run_whose_signals_leave_out_usr1(tmp_path):
+    """The sbatch scripts ask Slurm for USR1 300 s before the time limit; with
+    EAOPD_PREEMPT_SIGNALS=TERM the batch shell did not trap it and died (FAILED, no requeue, the
+    save cut short). Now USR1 writes the stop file and is not forwarded (the trainer, not
+    catching it, would die): the step stops at its next poll and the run counts as stopped."""
+    step = (
+        "import os, time\n"
+        "open(os.environ['READY'], 'w').close()\n"
+        "stop, end = os.environ['EAOPD_STOP_FILE'], time.monotonic() + 20\n"
+        "while not os.path.exists(stop) and time.monotonic() < end: time.sleep(0.02)\n"
+        "status = 'stopped' if os.path.exists(stop) else 'finished'\n"
+        "with open(os.path.join(os.environ['EAOPD_STATUS_DIR'], 'rank0'), 'w') as f:\n"
+        "    f.write(status + ' 0 1\\n')\n"
+    )
+    (tmp_path / "step.py").write_text(step)
+    snippet = (
+        "eaopd_write_launch_record() { :; }; "
+        "EAOPD_SIGNAL_LIST=(TERM); EAOPD_PREEMPT_SIGNALS=TERM; EAOPD_SIGNALLED=''; "
+        "EAOPD_JOB_KEY=1; EAOPD_ATTEMPT=0; EAOPD_LOG_DIR=$T; export EAOPD_STOP_FILE=$T/stop; "
+        "export EAOPD_STATUS_DIR=$T/status; mkdir -p $EAOPD_STATUS_DIR; "
+        f'eaopd_run_step "{sys.executable}" "$T/step.py"'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EAOPD_"))}
+    env.update(
+        EAOPD_ROOT=str(ROOT), EAOPD_REQUEUE="0", T=str(tmp_path), READY=str(tmp_path / "ready"),
+        EAOPD_FORWARD_AFTER="0",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [BASH, "-c", f'set -euo pipefail; source "$EAOPD_ROOT/launch/slurm/lib.sh"; {snippet}'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    rc, out = _signal_when_ready(proc, tmp_path / "ready", signal.SIGUSR1)
+    assert "caught SIGUSR1: wrote the stop file; forwarded no signal" in out, out
+    assert "exited with status 0; trainer status: stopped" in out, out
+    assert rc == 75, out
 
 
 def test_node_script_takes_torchrun_status_when_it_ends_during_the_trap(tmp_path):
