@@ -113,6 +113,7 @@ def run_problems(
             )
         )
     problems += _bf16_problems(cfg, cuda_available, gpu)
+    problems += _local_rank_problems(cuda_available)
     if cfg.parallel.backend == "nccl" and not cuda_available:
         problems.append(
             (
@@ -243,6 +244,29 @@ def check_run(
     )
     if problems:
         raise ConfigError(problems, f"{world_size} rank{'s' if world_size != 1 else ''}")
+
+
+def _local_rank_problems(cuda_available: bool) -> list[tuple[str, str]]:
+    """More processes on a node than GPUs it shows: LOCAL_RANK 8 of 16 processes took GPU 8 % 8
+    = 0, two ranks on one GPU (out of memory, or NCCL's duplicate-GPU error, much later)."""
+    if not cuda_available:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < count:
+        return []
+    return [
+        (
+            "LOCAL_RANK",
+            f"{local}, but this node shows {count} GPU{'s' if count != 1 else ''} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start "
+            "at most one process per GPU (torchrun --nproc-per-node, sbatch --ntasks-per-node, "
+            "EAOPD_NPROC_PER_NODE)",
+        )
+    ]
 
 
 def _bf16_problems(cfg: EAOPDConfig, cuda_available: bool, gpu) -> list[tuple[str, str]]:

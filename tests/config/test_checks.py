@@ -252,3 +252,20 @@ def test_the_bf16_check_reads_this_process_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert "model.teacher.dtype" not in dict(run_problems(cfg, 2, cuda_available=True))
     assert asked == [2, 1]
+
+
+def test_more_processes_on_a_node_than_gpus_are_refused(monkeypatch):
+    """LOCAL_RANK 8 on an 8-GPU node took GPU 8 % 8 = 0: two ranks shared a GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    cfg = load_config(TINY, [])
+    monkeypatch.setenv("LOCAL_RANK", "8")
+    h100 = ("H100", 9, 0)
+    problem = dict(run_problems(cfg, 16, cuda_available=True, gpu=h100)).get("LOCAL_RANK", "")
+    assert "8, but this node shows 8 GPUs" in problem and "--nproc-per-node" in problem
+    monkeypatch.setenv("LOCAL_RANK", "7")
+    assert "LOCAL_RANK" not in dict(run_problems(cfg, 16, cuda_available=True, gpu=h100))
+    monkeypatch.setenv("LOCAL_RANK", "8")  # a CPU run (gloo, fp32): no GPU is taken
+    assert "LOCAL_RANK" not in dict(run_problems(cfg, 16, cuda_available=False))
