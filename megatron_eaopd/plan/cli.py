@@ -15,8 +15,9 @@ each rank sends per iteration. The model is `plan.memory` (docs/memory.md).
 A model given as a Hugging Face folder takes its shape from the folder's config.json; when the
 folder is not there (planning before the download), `--student-preset` / `--teacher-preset`
 name a built-in shape (`models.config.PRESETS`), or the folder's name picks one (Qwen3-8B ->
-qwen3-8b, Qwen3-1.7B-Base -> qwen3-1.7b). A vocabulary size of 0 (the tokenizer's) needs
-`--vocab-size`. Exit status 2 on a bad config or argument.
+qwen3-8b, Qwen3-1.7B-Base -> qwen3-1.7b); a checkpoint that records no shape needs shape keys or
+the preset flag. A vocabulary size of 0 (the tokenizer's) needs `--vocab-size`. Exit status 2 on
+a bad config or argument, and on a layout eaopd-train refuses (``trainer.checks.layout_problems``).
 """
 
 from __future__ import annotations
@@ -78,19 +79,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _preset_for(folder: str, name: str | None):
+def _preset_for(who: str, folder: str | None, name: str | None):
+    """(name, preset ModelConfig or None): ``name`` (any case) or the folder's name picks it;
+    ValueError for an explicit name that is not a preset, listing the names."""
     from megatron_eaopd.models.config import PRESETS
 
-    if name is None:
-        base = os.path.basename(os.path.normpath(folder)).lower()
-        name = base[: -len("-base")] if base.endswith("-base") else base
+    if name is not None:
+        if name.lower() not in PRESETS:
+            raise ValueError(
+                f"--{who}-preset {name!r} is not a preset; the presets: {', '.join(PRESETS)}"
+            )
+        return name.lower(), PRESETS[name.lower()]
+    base = os.path.basename(os.path.normpath(folder or "")).lower()
+    name = base[: -len("-base")] if base.endswith("-base") else base
     return (name, PRESETS[name]) if name in PRESETS else (name, None)
+
+
+def _apply_preset(model: dict, who: str, name: str, preset, source: str, notes: list) -> None:
+    """Write the preset's shape into ``model[who]``; ValueError where a given shape key
+    disagrees (the preset would have replaced it without a word)."""
+    from megatron_eaopd.config.hf_models import schema_shape
+
+    section = model.setdefault(who, {})
+    shape = schema_shape(preset)
+    clash = [
+        f"model.{who}.{k}={section[k]!r} (the preset: {v!r})"
+        for k, v in shape.items()
+        if k in section and section[k] != v and not (k == "vocab_size" and section[k] == 0)
+    ]
+    if clash:
+        raise ValueError(
+            f"{source}: the preset {name}'s shape disagrees with {', '.join(clash)}: remove the "
+            f"key or pass --{who}-preset of the model you mean"
+        )  # fmt: skip
+    section.update(shape)
+    notes.append(f"{who}: {source}; shape of the preset {name}")
 
 
 def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=None):
     """The validated config, HF folders that are not on disk replaced by preset shapes.
-    Returns (cfg, notes). Raises ValueError (or ConfigError) naming the problem."""
-    from megatron_eaopd.config.hf_models import schema_shape
+    Returns (cfg, notes). Raises ValueError (or ConfigError) naming the problem: besides the
+    loader's, a layout eaopd-train refuses, a ``model.<who>_checkpoint`` that records no shape
+    (missing, incomplete) without shape keys or a preset, and a ``--<who>-preset`` no model
+    uses or that is not a preset."""
+    from megatron_eaopd.config.hf_models import recorded_model_config
     from megatron_eaopd.config.loader import (
         apply_overrides,
         config_from_dict,
@@ -101,23 +133,48 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
     model = data.setdefault("model", {})
     notes = []
     replaced = False
+    shape_keys = ("layers", "hidden", "heads", "ffn_hidden")
     for who, preset_name in (("student", student_preset), ("teacher", teacher_preset)):
-        folder = model.get(f"{who}_hf")
-        if not folder or os.path.isfile(os.path.join(folder, "config.json")):
-            continue
-        name, preset = _preset_for(folder, preset_name)
-        if preset is None:
+        folder, root = model.get(f"{who}_hf"), model.get(f"{who}_checkpoint")
+        if folder:
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                if preset_name is not None:
+                    raise ValueError(
+                        f"--{who}-preset {preset_name}: model.{who}_hf={folder!r} is on disk "
+                        "and its config.json gives the shape; drop the flag"
+                    )
+                continue
+            name, preset = _preset_for(who, folder, preset_name)
+            if preset is None:
+                raise ValueError(
+                    f"model.{who}_hf={folder!r} has no config.json and no preset matches its "
+                    f"name: pass --{who}-preset NAME (models.config.PRESETS) or download it"
+                )
+            _apply_preset(model, who, name, preset, f"{folder} is not on disk", notes)
+            model[f"{who}_hf"] = None
+            replaced = True
+        elif root and recorded_model_config(root) is None:
+            # a typo, or a save not made yet: the defaults' 2-layer toy was planned silently
+            if preset_name is not None:
+                name, preset = _preset_for(who, None, preset_name)
+                _apply_preset(model, who, name, preset, f"{root} records no model", notes)
+                continue
+            if not any(k in (model.get(who) or {}) for k in shape_keys):
+                raise ValueError(
+                    f"model.{who}_checkpoint={root!r} records no model config (missing, not a "
+                    "complete save, or an old one), so its shape is unknown: pass "
+                    f"--{who}-preset NAME or the shape keys (model.{who}.layers=..., hidden, "
+                    "heads, ffn_hidden, ...)"
+                )
+        elif preset_name is not None:
             raise ValueError(
-                f"model.{who}_hf={folder!r} has no config.json and no preset matches it: pass "
-                f"--{who}-preset NAME (models.config.PRESETS) or download the folder"
+                f"--{who}-preset {preset_name}: the config's {who} takes its shape from "
+                f"{'the checkpoint ' + root if root else 'its model.' + who + ' keys'}; drop "
+                "the flag (it applies to a model.<who>_hf folder not on disk)"
             )
-        section = model.setdefault(who, {})
-        section.update(schema_shape(preset))
-        model[f"{who}_hf"] = None
-        replaced = True
-        notes.append(f"{who}: {folder} is not on disk; shape of the preset {name}")
     if replaced:  # the planner needs shapes only: no teacher weights, tokenizer or prompts
-        model.setdefault("teacher_checkpoint", "planned")
+        if not model.get("teacher_hf"):  # the teacher's folder, when still on disk, stays
+            model.setdefault("teacher_checkpoint", "planned")
         kept = model.get("teacher_hf") or model.get("student_hf")  # a folder still on disk
         data.setdefault("tokenizer", {}).update(kind="huggingface" if kept else "task",
                                                 chat_template=False, path=kept)  # fmt: skip
@@ -126,9 +183,11 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
         for key in ("distill_file", "eval_files", "train_file", "prompt_suffix", "options"):
             data["task"].pop(key, None)  # read by other tasks only: refused with builtin
         data.setdefault("rollout", {})
+        training = data.setdefault("training", {})
+        if training.get("iterations") is None:  # the run's length came from the real task's
+            training["iterations"] = 10**6  # prompts: no run-length check against builtin's
     cfg = config_from_dict(data, path)
     for who in ("student", "teacher"):
-        shape_keys = ("layers", "hidden", "heads", "ffn_hidden")
         given = getattr(cfg.model, f"{who}_hf") or getattr(cfg.model, f"{who}_checkpoint")
         section = model.get(who) or {}
         if not given and not any(k in section for k in shape_keys):
@@ -136,6 +195,11 @@ def load_plan_config(path: str, overrides, student_preset=None, teacher_preset=N
                 f"{who}: no model.{who}_hf, model.{who}_checkpoint or shape keys in this config:"
                 " the schema's default shape is planned (a base config, not a run by itself?)"
             )
+    from megatron_eaopd.trainer.checks import layout_problems
+
+    refused = layout_problems(cfg)
+    if refused:
+        raise ValueError("eaopd-train refuses this layout:\n  " + "\n  ".join(refused))
     from megatron_eaopd.config.checks import sequence_parallel_problem
 
     problem = sequence_parallel_problem(cfg)

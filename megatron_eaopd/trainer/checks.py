@@ -25,6 +25,7 @@ __all__ = [
     "check_data_config",
     "check_output_dir",
     "check_trainer_config",
+    "layout_problems",
     "micro_batch_warning",
     "sampling_warning",
 ]
@@ -38,6 +39,23 @@ def _cuda_available() -> bool:
 
 def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
     """What the trainer needs beyond the schema's checks; ValueError naming the fix."""
+    problems = layout_problems(cfg)
+    if cfg.rollout.cuda_graphs:
+        problems += _cuda_graphs_problems(cfg)
+    if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
+        problems.append(
+            "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
+        )
+    problems += _source_problems(cfg)
+    problems += _export_problems(cfg)
+    problems += _write_problems(cfg)
+    if problems:
+        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+
+
+def layout_problems(cfg: EAOPDConfig) -> list[str]:
+    """The layouts the trainer refuses (virtual pipeline stages; the exact form's shared TP size
+    and unpipelined teacher), from the config alone: ``eaopd-plan`` refuses them too."""
     problems = []
     if cfg.parallel.student.vpp is not None:
         problems.append(
@@ -50,19 +68,9 @@ def check_trainer_config(cfg: EAOPDConfig, world_size: int) -> None:
             "micro-batches per teacher replica, which the scoring shares do not guarantee (use "
             "parallel.teacher.pp without virtual stages)"
         )
-    if cfg.rollout.cuda_graphs:
-        problems += _cuda_graphs_problems(cfg)
     if cfg.loss.form == "exact":
         problems += _exact_form_problems(cfg)
-    if not (cfg.model.teacher_checkpoint or cfg.model.teacher_hf or cfg.teacher_prep.enabled):
-        problems.append(
-            "no teacher: set model.teacher_hf, model.teacher_checkpoint or teacher_prep.enabled"
-        )
-    problems += _source_problems(cfg)
-    problems += _export_problems(cfg)
-    problems += _write_problems(cfg)
-    if problems:
-        raise ValueError("configuration not supported by the trainer:\n  " + "\n  ".join(problems))
+    return problems
 
 
 def micro_batch_warning(cfg: EAOPDConfig, world_size: int) -> str | None:

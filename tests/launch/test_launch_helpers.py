@@ -108,7 +108,7 @@ def test_failing_nvidia_smi_is_an_error_not_one_process(tmp_path):
 def test_gpus_hidden_by_cuda_visible_devices_outside_slurm_are_one_process(tmp_path, hidden):
     """An empty CUDA_VISIBLE_DEVICES started one process per GPU nvidia-smi listed (8), "-1"
     counted as one GPU: both hide every GPU from CUDA."""
-    eight = "for i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100 (UUID: $i)\"; done"
+    eight = 'for i in 0 1 2 3 4 5 6 7; do echo "GPU $i: H100 (UUID: $i)"; done'
     env = {"CUDA_VISIBLE_DEVICES": hidden}
     result = bash("eaopd_nproc_per_node", env, path=_bin(tmp_path, eight))
     assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
