@@ -23,9 +23,18 @@ eaopd_die() {
 }
 
 # eaopd_parse_args ARGS...: sets EAOPD_CONFIG and the array EAOPD_OVERRIDES.
-# The first argument is the config file unless it looks like an override (contains '=').
+# The config file comes first, as `--config FILE` (the trainer's form), `--config=FILE` or FILE
+# alone; a first argument holding '=' is an override unless it is a file or ends in .yaml/.yml
+# (a folder named lr=1e-4).
 eaopd_parse_args() {
-  if [[ $# -gt 0 && $1 != *=* ]]; then
+  if [[ $# -gt 0 && $1 == --config ]]; then
+    [[ $# -gt 1 ]] || eaopd_die "--config needs a file"
+    EAOPD_CONFIG=$2
+    shift 2
+  elif [[ $# -gt 0 && $1 == --config=* ]]; then
+    EAOPD_CONFIG=${1#--config=}
+    shift
+  elif [[ $# -gt 0 && ($1 != *=* || -f $1 || $1 == *.yaml || $1 == *.yml) ]]; then
     EAOPD_CONFIG=$1
     shift
   fi

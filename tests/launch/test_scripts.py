@@ -237,6 +237,24 @@ def test_config_from_environment_with_overrides_only(tmp_path):
     assert cmd[-4:] == [f"{ROOT}/launch/slurm/task.sh", str(CONFIG), "x.y=2", "z=3"]
 
 
+def test_config_given_as_the_trainers_flag_or_in_a_folder_named_with_an_equals_sign(tmp_path):
+    """`--config FILE` (the trainer's form, which the docs call the same arguments) was taken
+    for a missing file named --config; a config under lr=1e-4/ was taken for an override."""
+    odd = tmp_path / "lr=1e-4" / "tiny.yaml"
+    odd.parent.mkdir()
+    odd.write_text(CONFIG.read_text())
+    script = SBATCH[0].parent / "eaopd_per_gpu.sbatch"
+    env = _slurm_env(tmp_path)
+    task = f"{ROOT}/launch/slurm/task.sh"
+    for args, config in ((["--config", str(CONFIG)], CONFIG), ([f"--config={CONFIG}"], CONFIG),
+                         ([str(odd)], odd)):  # fmt: skip
+        cmd = _dry_run(script, env, *args, "x.y=2")
+        assert cmd[-3:] == [task, str(config), "x.y=2"], (args, cmd)
+    env["EAOPD_CONFIG"] = str(CONFIG)
+    cmd = _dry_run(script, env, str(odd))  # a first argument that is a file: the config
+    assert cmd[-2:] == [task, str(odd)], cmd
+
+
 def _fake_python(tmp_path: Path) -> Path:
     """A 'python' that prints its torch-relevant environment and arguments."""
     fake = tmp_path / "fakepy"
