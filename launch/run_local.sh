@@ -8,9 +8,12 @@
 # Processes: EAOPD_NPROC_PER_NODE, else CUDA_VISIBLE_DEVICES, else one per GPU that nvidia-smi
 # lists (an error when nvidia-smi fails), else 1 on a machine without nvidia-smi. Other settings
 # (EAOPD_PYTHON, EAOPD_ENTRY, EAOPD_PREEMPT_SIGNALS, EAOPD_DRY_RUN): see launch/common.sh.
-# To stop with a checkpoint, send SIGTERM or SIGUSR1 to the training processes (the children of
-# torchrun):   pkill -TERM -P <torchrun pid>
-# torchrun itself ignores those signals; Ctrl-C stops everything without a checkpoint.
+# To stop with a checkpoint, send SIGTERM or SIGUSR1 to this script (kill <pid>, a container
+# stop) or to the training processes: it writes a stop file the trainer polls and forwards the
+# signal to torchrun's workers (torchrun itself ignores them). Ctrl-C (SIGINT) stops everything
+# without a checkpoint.
+# Exit status: 0 finished, 75 stopped early after its save (run again to resume), 2 a
+# configuration error, else the failure's (the workers' own statuses, not torchrun's 1).
 set -euo pipefail
 unset CDPATH # `cd DIR` would print DIR into $(cd DIR && pwd)
 
@@ -45,5 +48,58 @@ EAOPD_PREEMPT_SIGNALS=$(
 )
 export EAOPD_PREEMPT_SIGNALS
 eaopd_torchrun_signals "${signal_list[@]}"
-for sig in "${signal_list[@]}"; do trap '' "$sig"; done
-exec "${cmd[@]}"
+# the trainer polls the stop file and records how each rank ended in the status folder
+state=$(mktemp -d "${TMPDIR:-/tmp}/eaopd-local.XXXXXX")
+trap 'rm -rf "$state"' EXIT
+export EAOPD_STOP_FILE=$state/stop EAOPD_STATUS_DIR=$state/status
+mkdir -p "$EAOPD_STATUS_DIR"
+
+# The subshell ignores the signals before exec: torchrun and the workers it starts inherit that
+# (the workers catch them once their handler is installed).
+(
+  for sig in "${signal_list[@]}"; do trap '' "$sig"; done
+  trap - INT # a script's background job would ignore Ctrl-C
+  exec "${cmd[@]}"
+) &
+torchrun_pid=$!
+
+# shellcheck disable=SC2317  # called through trap
+forward() {
+  local sig=$1 pid sent=()
+  : >>"$EAOPD_STOP_FILE"
+  for pid in $(eaopd_children "$torchrun_pid"); do
+    if kill -s "$sig" "$pid" 2>/dev/null; then sent+=("$pid"); fi
+  done
+  eaopd_log "SIG$sig: wrote the stop file; forwarded to the training processes: ${sent[*]:-none yet}"
+}
+for sig in "${signal_list[@]}"; do
+  # shellcheck disable=SC2064  # expand now: one trap per signal
+  trap "forward $sig" "$sig"
+done
+# shellcheck disable=SC2317  # called through trap
+interrupt() { kill -s INT "$torchrun_pid" 2>/dev/null || true; }
+trap interrupt INT
+
+# wait returns when a trapped signal arrives: go on waiting while torchrun lives, then take its
+# own status.
+while kill -0 "$torchrun_pid" 2>/dev/null; do
+  wait "$torchrun_pid" || true
+done
+rc=0
+wait "$torchrun_pid" || rc=$?
+stopped=0 worst=0
+for file in "$EAOPD_STATUS_DIR"/rank*; do
+  [[ -f $file ]] || continue
+  read -r verdict code _ <"$file" || continue
+  [[ $verdict != stopped ]] || stopped=1
+  if [[ $code =~ ^[0-9]+$ ]] && ((code > worst)); then worst=$code; fi
+done
+if [[ $rc != 0 ]]; then
+  # torchrun turns every worker failure into 1: the workers' own statuses say more
+  if ((worst > 0 && worst != rc)); then rc=$worst; fi
+  eaopd_log "the training processes failed: exit $rc"
+elif ((stopped)); then
+  eaopd_log "stopped early after saving a checkpoint: run the same command again to resume (exit 75)"
+  rc=75
+fi
+exit "$rc"

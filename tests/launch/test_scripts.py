@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -354,3 +356,34 @@ def test_run_local_runs_the_standin_on_two_processes(tmp_path):
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("iteration ")]
     assert lines == [f"iteration {i}/3 | loss {3.0 * i:.4f} | world 2" for i in (1, 2, 3)]
     assert '"iteration": 3' in (tmp_path / "checkpoints" / "latest.json").read_text()
+
+
+def _run_local(tmp_path: Path, *overrides: str, entry="tests.launch.standin_trainer"):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EAOPD_", "SLURM_"))}
+    env.update(EAOPD_NPROC_PER_NODE="2", EAOPD_ENTRY=entry, EAOPD_PYTHON=sys.executable)
+    args = [str(ROOT / "launch/run_local.sh"), str(CONFIG), f"training.output_dir={tmp_path}",
+            "training.checkpoint_dir=null", *overrides]  # fmt: skip
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def test_run_local_stops_with_a_checkpoint_on_sigterm_and_says_so_in_its_status(tmp_path):
+    """run_local.sh exec'd torchrun with the preemption signals ignored: `kill <pid>` (a
+    container stop, a supervisor) did nothing and the run went to its end; a stopped run exited
+    0 like a finished one, a configuration error 1 (torchrun's)."""
+    proc = _run_local(tmp_path, "training.iterations=500", "standin.step_seconds=0.05")
+    seen = []
+    for line in proc.stdout:  # until the workers run (their handlers installed)
+        seen.append(line)
+        if line.startswith("iteration 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    out = "".join(seen) + out
+    assert proc.returncode == 75, out
+    assert "standin: preempted" in out and "run the same command again to resume" in out
+    saved = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["iteration"]
+    assert 0 < saved < 500, out
+    bad = _run_local(tmp_path / "bad", "no_such.key=1", entry="megatron_eaopd.cli")
+    out, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and out.count("eaopd-train: invalid configuration") == 1, out
