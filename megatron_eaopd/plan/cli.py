@@ -247,7 +247,10 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     for who in ("student", "teacher"):
         p = getattr(cfg.parallel, who)
         if world % (p.tp * p.pp):
-            raise ValueError(f"--world-size {world} is not a multiple of parallel.{who}.tp * pp")
+            raise ValueError(
+                f"--world-size {world} is not a multiple of parallel.{who}.tp * pp = {p.tp} * "
+                f"{p.pp} = {p.tp * p.pp}: give a multiple of {p.tp * p.pp}"
+            )
         lay[who] = Layout(p.tp, p.pp, world // (p.tp * p.pp))
     r = cfg.rollout
     dp = lay["student"].dp

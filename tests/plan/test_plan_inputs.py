@@ -75,3 +75,8 @@ def test_a_run_length_from_the_real_task_is_not_checked_against_the_builtin_one(
     was refused as longer than its 96 steps (the real run has 696)."""
     assert main(["--config", PAPER, "optimizer.warmup_iterations=100"]) == 0
     assert "peak, no recompute" in capsys.readouterr().out
+
+
+def test_a_world_size_the_layout_does_not_divide_names_the_numbers(capsys):
+    err = _err(capsys, PAPER, "--world-size", "6")
+    assert "parallel.student.tp * pp = 2 * 2 = 4: give a multiple of 4" in err
