@@ -24,8 +24,8 @@ eaopd_die() {
 
 # eaopd_parse_args ARGS...: sets EAOPD_CONFIG and the array EAOPD_OVERRIDES.
 # The config file comes first, as `--config FILE` (the trainer's form), `--config=FILE` or FILE
-# alone; a first argument holding '=' is an override unless it is a file or ends in .yaml/.yml
-# (a folder named lr=1e-4).
+# alone; a first argument holding '=' is an override unless it is a file (in a folder named
+# lr=1e-4).
 eaopd_parse_args() {
   if [[ $# -gt 0 && $1 == --config ]]; then
     [[ $# -gt 1 ]] || eaopd_die "--config needs a file"
@@ -34,7 +34,7 @@ eaopd_parse_args() {
   elif [[ $# -gt 0 && $1 == --config=* ]]; then
     EAOPD_CONFIG=${1#--config=}
     shift
-  elif [[ $# -gt 0 && ($1 != *=* || -f $1 || $1 == *.yaml || $1 == *.yml) ]]; then
+  elif [[ $# -gt 0 && ($1 != *=* || -f $1) ]]; then
     EAOPD_CONFIG=$1
     shift
   fi
@@ -113,6 +113,21 @@ eaopd_count_items() {
   echo "$n"
 }
 
+# eaopd_count_visible LIST: the devices CUDA takes from a CUDA_VISIBLE_DEVICES value: the
+# entries (indices or GPU-/MIG- UUIDs) before the first that starts with '-' ("0,1,-1,3" -> 2).
+eaopd_count_visible() {
+  local item n=0
+  local -a items
+  IFS=, read -r -a items <<<"${1:-}"
+  for item in "${items[@]}"; do
+    item=${item// /}
+    [[ -n $item ]] || continue
+    [[ $item != -* ]] || break
+    n=$((n + 1))
+  done
+  echo "$n"
+}
+
 # eaopd_gpus_per_node_spec SPEC: GPUs per node from Slurm's --gpus-per-node value ("8",
 # "a100:8", "a100:4,v100:2" -> 6); 0 when it names none.
 eaopd_gpus_per_node_spec() {
@@ -141,7 +156,7 @@ eaopd_allocated_gpus() {
   fi
   # CUDA reads the list up to its first invalid entry: "-1" (or "") hides every GPU
   if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != NoDevFiles ]]; then
-    n=$(eaopd_count_items "${CUDA_VISIBLE_DEVICES%%-*}")
+    n=$(eaopd_count_visible "$CUDA_VISIBLE_DEVICES")
     if ((n > 0)); then echo "$n CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"; fi
   fi
 }

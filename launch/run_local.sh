@@ -50,35 +50,64 @@ export EAOPD_PREEMPT_SIGNALS
 eaopd_torchrun_signals "${signal_list[@]}"
 # the trainer polls the stop file and records how each rank ended in the status folder
 state=$(mktemp -d "${TMPDIR:-/tmp}/eaopd-local.XXXXXX")
-trap 'rm -rf "$state"' EXIT
+torchrun_pid="" interrupted=0
+# shellcheck disable=SC2317  # called through trap
+cleanup() {
+  # a script dying of a signal must not leave torchrun and its workers running without it
+  if [[ -n $torchrun_pid ]]; then kill -s INT "$torchrun_pid" 2>/dev/null || true; fi
+  rm -rf "$state"
+}
+trap cleanup EXIT
 export EAOPD_STOP_FILE=$state/stop EAOPD_STATUS_DIR=$state/status
 mkdir -p "$EAOPD_STATUS_DIR"
 
-# The subshell ignores the signals before exec: torchrun and the workers it starts inherit that
-# (the workers catch them once their handler is installed).
-(
-  for sig in "${signal_list[@]}"; do trap '' "$sig"; done
-  trap - INT # a script's background job would ignore Ctrl-C
-  exec "${cmd[@]}"
-) &
-torchrun_pid=$!
-
+# Traps first, so that no signal finds the script without one. Preemption signals: the stop
+# file, and the signal forwarded to torchrun's workers (each saves a checkpoint).
 # shellcheck disable=SC2317  # called through trap
 forward() {
   local sig=$1 pid sent=()
   : >>"$EAOPD_STOP_FILE"
+  [[ -n $torchrun_pid ]] || return 0
   for pid in $(eaopd_children "$torchrun_pid"); do
     if kill -s "$sig" "$pid" 2>/dev/null; then sent+=("$pid"); fi
   done
   eaopd_log "SIG$sig: wrote the stop file; forwarded to the training processes: ${sent[*]:-none yet}"
 }
+# Other terminating signals stop torchrun, which stops its workers (no checkpoint). Ctrl-C
+# reaches torchrun from the terminal as well: it gets the script's copy only if it is still
+# there 3 s later (a second SIGINT would cut its shutdown short).
+# shellcheck disable=SC2317  # called through trap
+stop_torchrun() {
+  [[ -n $torchrun_pid ]] || exit 130
+  if [[ $1 == INT ]]; then
+    interrupted=1
+    (sleep 3 && kill -s INT "$torchrun_pid" 2>/dev/null) &
+  else
+    kill -s "$1" "$torchrun_pid" 2>/dev/null || true
+  fi
+}
 for sig in "${signal_list[@]}"; do
   # shellcheck disable=SC2064  # expand now: one trap per signal
   trap "forward $sig" "$sig"
 done
-# shellcheck disable=SC2317  # called through trap
-interrupt() { kill -s INT "$torchrun_pid" 2>/dev/null || true; }
-trap interrupt INT
+for sig in INT TERM HUP QUIT USR1; do
+  [[ " ${signal_list[*]} " != *" $sig "* ]] || continue
+  if [[ $sig == USR1 ]]; then # not caught by the workers (it would kill them): the stop file
+    trap ': >>"$EAOPD_STOP_FILE"' USR1
+  else
+    # shellcheck disable=SC2064  # expand now: one trap per signal
+    trap "stop_torchrun $sig" "$sig"
+  fi
+done
+
+# The subshell ignores the preemption signals before exec: torchrun and the workers it starts
+# inherit that (the workers catch them once their handler is installed).
+(
+  trap - INT TERM HUP QUIT # the defaults (a script's background job would ignore Ctrl-C)
+  for sig in "${signal_list[@]}"; do trap '' "$sig"; done
+  exec "${cmd[@]}"
+) &
+torchrun_pid=$!
 
 # wait returns when a trapped signal arrives: go on waiting while torchrun lives, then take its
 # own status.
@@ -94,7 +123,11 @@ for file in "$EAOPD_STATUS_DIR"/rank*; do
   [[ $verdict != stopped ]] || stopped=1
   if [[ $code =~ ^[0-9]+$ ]] && ((code > worst)); then worst=$code; fi
 done
-if [[ $rc != 0 ]]; then
+torchrun_pid="" # ended: nothing for cleanup to stop
+if [[ $rc != 0 ]] && ((interrupted)); then
+  eaopd_log "interrupted (Ctrl-C): stopped without a checkpoint; earlier saves stay (exit 130)"
+  rc=130
+elif [[ $rc != 0 ]]; then
   # torchrun turns every worker failure into 1: the workers' own statuses say more
   if ((worst > 0 && worst != rc)); then rc=$worst; fi
   eaopd_log "the training processes failed: exit $rc"

@@ -13,7 +13,8 @@ reported before any process group or model is created, with exit status 2, and s
 ``training.output_dir`` that another live run holds (rank 0 locks the folder for the whole run:
 ``trainer.run_dir``) or that holds an earlier run this one cannot continue
 (``trainer.checks.check_output_dir``); each node's local rank 0 prints the message (the node's
-other ranks reach the same verdict and record it only in their exit status). Everything else
+other ranks reach the same verdict and record it only in their exit status; a rank refused for
+its own GPU, ``LOCAL_RANK``, prints its own). Everything else
 is :class:`megatron_eaopd.trainer.Trainer`.
 
 Exit statuses: 0 when the run finished and when it stopped early after saving a checkpoint (on
@@ -147,8 +148,10 @@ def _checked_run(args, held: list) -> int:
         from megatron_eaopd.trainer.preemption import EXIT_CONFIG, write_exit_status
 
         # every rank of a node checks the same config and files and reaches the same verdict:
-        # one copy per node (its local rank 0), not one per GPU
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        # one copy per node (its local rank 0), not one per GPU; a verdict about this rank's
+        # own GPU (LOCAL_RANK) only it reaches
+        own = any(key == "LOCAL_RANK" for key, _ in getattr(err, "problems", ()))
+        if os.environ.get("LOCAL_RANK", "0") == "0" or own:
             print(f"eaopd-train: {err}", file=sys.stderr)
         handler.uninstall()
         write_exit_status("config_error", EXIT_CONFIG)

@@ -246,17 +246,18 @@ def check_run(
         raise ConfigError(problems, f"{world_size} rank{'s' if world_size != 1 else ''}")
 
 
-def _local_rank_problems(cuda_available: bool) -> list[tuple[str, str]]:
+def _local_rank_problems(cuda_available: bool | None) -> list[tuple[str, str]]:
     """More processes on a node than GPUs it shows: LOCAL_RANK 8 of 16 processes took GPU 8 % 8
-    = 0, two ranks on one GPU (out of memory, or NCCL's duplicate-GPU error, much later)."""
-    if not cuda_available:
+    = 0, two ranks on one GPU (out of memory, or NCCL's duplicate-GPU error, much later). A
+    process that sees one GPU has its own (srun --gpus-per-task=1, --gpu-bind): allowed."""
+    if cuda_available is False:
         return []
     import torch
 
     if not torch.cuda.is_available():
         return []
     local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if local < count:
+    if local < count or count == 1:
         return []
     return [
         (

@@ -95,6 +95,19 @@ def _preset_for(who: str, folder: str | None, name: str | None):
     return (name, PRESETS[name]) if name in PRESETS else (name, None)
 
 
+def _same_value(given, value) -> bool:
+    """A YAML value against a preset's: numbers compared as numbers (YAML reads ``1e-6`` and
+    ``1e6`` as strings, which the schema coerces)."""
+    if isinstance(value, bool) or isinstance(given, bool):
+        return given == value
+    if isinstance(value, (int, float)):
+        try:
+            return float(given) == float(value)
+        except (TypeError, ValueError):
+            return False
+    return given == value
+
+
 def _apply_preset(model: dict, who: str, name: str, preset, source: str, notes: list) -> None:
     """Write the preset's shape into ``model[who]``; ValueError where a given shape key
     disagrees (the preset would have replaced it without a word)."""
@@ -105,7 +118,9 @@ def _apply_preset(model: dict, who: str, name: str, preset, source: str, notes: 
     clash = [
         f"model.{who}.{k}={section[k]!r} (the preset: {v!r})"
         for k, v in shape.items()
-        if k in section and section[k] != v and not (k == "vocab_size" and section[k] == 0)
+        if k in section
+        and not _same_value(section[k], v)
+        and not (k == "vocab_size" and section[k] == 0)
     ]
     if clash:
         raise ValueError(

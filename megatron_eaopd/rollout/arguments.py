@@ -44,17 +44,25 @@ def check_call(prompts, max_new_tokens, pad_id, vocab_size) -> list[list[int]]:
         try:  # C speed; text or float ids raised a TypeError from deep inside
             array("q", prompt)
         except (TypeError, OverflowError):
-            bad = next((x for x in prompt if not isinstance(x, int)), None)
-            raise ValueError(
-                f"prompt {i} holds {bad!r}, not an integer token id: pass token ids (encode text "
-                "with the tokenizer first)"
-            ) from None
+            raise ValueError(f"prompt {i} holds {_rejected(prompt)}") from None
         if prompt and (min(prompt) < 0 or max(prompt) >= vocab_size):
             bad = min(prompt) if min(prompt) < 0 else max(prompt)
             raise ValueError(
                 f"prompt {i} holds token id {bad} outside [0, vocab_size={vocab_size})"
             )
     return prompts
+
+
+def _rejected(prompt) -> str:
+    """What is wrong with the first id of ``prompt`` that an int64 array refuses."""
+    for x in prompt:
+        try:
+            array("q", [x])
+        except OverflowError:
+            return f"{x!r}, outside the int64 range of token ids"
+        except TypeError:
+            return f"{x!r}, not an integer token id: pass token ids (encode text first)"
+    return "an id an int64 array refuses"
 
 
 def fingerprint(prompts, max_new_tokens, eos_ids, pad_id, params, generator, options=()) -> int:

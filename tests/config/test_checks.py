@@ -269,3 +269,7 @@ def test_more_processes_on_a_node_than_gpus_are_refused(monkeypatch):
     assert "LOCAL_RANK" not in dict(run_problems(cfg, 16, cuda_available=True, gpu=h100))
     monkeypatch.setenv("LOCAL_RANK", "8")  # a CPU run (gloo, fp32): no GPU is taken
     assert "LOCAL_RANK" not in dict(run_problems(cfg, 16, cuda_available=False))
+    # not told (an fp32 run on GPUs: check_run leaves cuda_available unset): torch is asked
+    assert "LOCAL_RANK" in dict(run_problems(cfg, 16, gpu=h100))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1
+    assert "LOCAL_RANK" not in dict(run_problems(cfg, 16, cuda_available=True, gpu=h100))

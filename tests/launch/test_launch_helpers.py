@@ -69,6 +69,7 @@ def _bin(tmp_path: Path, nvidia_smi: str | None) -> str:
         ({"SLURM_JOB_ID": "1", "SLURM_GPUS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "4"}, "4"),
         ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,2,5"}, "3"),
         ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,1,-1,3"}, "2"),  # CUDA stops at -1
+        ({"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "GPU-8f2a-11,GPU-9a2a-22"}, "2"),  # UUIDs
     ],
 )
 def test_processes_per_node_come_from_the_allocation(env, expected):

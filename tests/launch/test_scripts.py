@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,8 @@ def test_config_given_as_the_trainers_flag_or_in_a_folder_named_with_an_equals_s
     env["EAOPD_CONFIG"] = str(CONFIG)
     cmd = _dry_run(script, env, str(odd))  # a first argument that is a file: the config
     assert cmd[-2:] == [task, str(odd)], cmd
+    cmd = _dry_run(script, env, "task.eval_files=extra.yaml")  # an override naming a file
+    assert cmd[-2:] == [str(CONFIG), "task.eval_files=extra.yaml"], cmd
 
 
 def _fake_python(tmp_path: Path) -> Path:
@@ -358,9 +361,9 @@ def test_run_local_runs_the_standin_on_two_processes(tmp_path):
     assert '"iteration": 3' in (tmp_path / "checkpoints" / "latest.json").read_text()
 
 
-def _run_local(tmp_path: Path, *overrides: str, entry="tests.launch.standin_trainer"):
+def _run_local(tmp_path: Path, *overrides: str, entry="tests.launch.standin_trainer", **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EAOPD_", "SLURM_"))}
-    env.update(EAOPD_NPROC_PER_NODE="2", EAOPD_ENTRY=entry, EAOPD_PYTHON=sys.executable)
+    env.update(EAOPD_NPROC_PER_NODE="2", EAOPD_ENTRY=entry, EAOPD_PYTHON=sys.executable, **extra)
     args = [str(ROOT / "launch/run_local.sh"), str(CONFIG), f"training.output_dir={tmp_path}",
             "training.checkpoint_dir=null", *overrides]  # fmt: skip
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -372,11 +375,7 @@ def test_run_local_stops_with_a_checkpoint_on_sigterm_and_says_so_in_its_status(
     container stop, a supervisor) did nothing and the run went to its end; a stopped run exited
     0 like a finished one, a configuration error 1 (torchrun's)."""
     proc = _run_local(tmp_path, "training.iterations=500", "standin.step_seconds=0.05")
-    seen = []
-    for line in proc.stdout:  # until the workers run (their handlers installed)
-        seen.append(line)
-        if line.startswith("iteration 3/"):
-            break
+    seen = _until_iteration(proc, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     out = "".join(seen) + out
@@ -387,3 +386,34 @@ def test_run_local_stops_with_a_checkpoint_on_sigterm_and_says_so_in_its_status(
     bad = _run_local(tmp_path / "bad", "no_such.key=1", entry="megatron_eaopd.cli")
     out, _ = bad.communicate(timeout=120)
     assert bad.returncode == 2 and out.count("eaopd-train: invalid configuration") == 1, out
+
+
+def _until_iteration(proc, n: int) -> list[str]:
+    seen = []
+    for line in proc.stdout:  # until the workers run (their handlers installed)
+        seen.append(line)
+        if line.startswith(f"iteration {n}/"):
+            break
+    return seen
+
+
+def test_run_local_leaves_no_training_behind_when_it_dies_of_another_signal(tmp_path):
+    """SIGTERM when only USR1 is a preemption signal killed the script alone: torchrun and its
+    workers trained on, orphaned, to the run's end. Now torchrun gets it and stops them."""
+    proc = _run_local(tmp_path, "training.iterations=500", "standin.step_seconds=0.05",
+                      EAOPD_PREEMPT_SIGNALS="USR1")  # fmt: skip
+    _until_iteration(proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, 75), out
+    time.sleep(1.0)
+    mark = f"training.output_dir={tmp_path}".encode()
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if mark in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:
+            continue  # ended meanwhile
+    assert left == [], out
+    assert "iteration 500/500" not in out

@@ -54,6 +54,10 @@ def test_presets_that_clash_or_go_unused_are_refused(capsys):
     --*-preset was ignored or answered 'pass --teacher-preset NAME'."""
     err = _err(capsys, PAPER, "model.student.heads=5")
     assert "model.student.heads=5 (the preset: 16)" in err
+    # the preset's own values, as YAML reads them (strings, which the schema coerces): fine
+    assert main(["--config", PAPER, "model.student.norm_eps=1e-6", "model.student.rope_base=1e6",
+                 "model.student.heads=16"]) == 0  # fmt: skip
+    capsys.readouterr()
     err = _err(capsys, PAPER, "--teacher-preset", "qwen3-14b")
     assert "'qwen3-14b' is not a preset" in err and "qwen3-8b" in err
     err = _err(capsys, TINY, "--vocab-size", "128", "--student-preset", "qwen3-8b")

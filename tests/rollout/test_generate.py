@@ -376,6 +376,7 @@ def _bad_arguments_worker(rank, world):
         # text and float ids raised TypeErrors ('<' not supported, float as an integer)
         "prompt 1 holds 'hello', not an integer token id": ([[1, 2], [1, "hello"]], {}),
         "prompt 0 holds 2.0, not an integer token id": ([[1, 2.0]], {}),
+        "prompt 0 holds 1180591620717411303424, outside the int64 range": ([[1, 2**70]], {}),
         "pad_id=-1 must be an int in [0, vocab_size=16)": (_prompts(), dict(pad_id=-1)),
         "pad_id=16 must be an int in [0, vocab_size=16)": (_prompts(), dict(pad_id=VOCAB)),
         "max_new_tokens must be an int": (_prompts(), dict(max_new_tokens=2.5)),

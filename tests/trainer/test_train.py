@@ -276,6 +276,25 @@ def test_cli_prints_a_config_error_once_per_node(
     assert status.read_text().split() == ["config_error", "2"]
 
 
+def test_cli_prints_a_refusal_of_the_ranks_own_gpu_on_that_rank(tmp_path, capsys, monkeypatch):
+    """LOCAL_RANK 9 on an 8-GPU node is refused on that rank alone, which must say so (local
+    rank 0 passes the check and prints nothing)."""
+    import torch
+
+    import megatron_eaopd.cli as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "H100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    for key, value in (("WORLD_SIZE", "16"), ("RANK", "9"), ("LOCAL_RANK", "9")):
+        monkeypatch.setenv(key, value)
+    over = [f"tokenizer.cache_dir={tmp_path}/tok", f"training.output_dir={tmp_path}/run"]
+    assert cli.main(["--config", CONFIG, *over]) == 2
+    assert "LOCAL_RANK: 9, but this node shows 8 GPUs" in capsys.readouterr().err
+
+
 def _diverge_worker(rank, world, tmp):
     """A run whose learning rate blows the student up, with training.max_skipped_in_a_row=2:
     the message each rank raised (None: the run went to its end)."""
