@@ -143,13 +143,30 @@ def _patch(owner, name, value) -> None:
     setattr(owner, name, value)
 
 
+def _under_the_mode(backward):
+    """``backward`` (an autograd Function's) run with the device redirect on: the autograd engine
+    calls a Function's backward directly, but a backward that calls ``torch.autograd.backward``
+    reaches the mode, and torch runs a mode's own call with the mode off."""
+
+    def wrapped(ctx, *args):
+        with CpuDeviceMode():
+            return backward(ctx, *args)
+
+    return staticmethod(wrapped)
+
+
 def _patch_megatron() -> None:
-    """Redirect megatron's private CUDA RNG setter, when megatron-core is installed."""
+    """Redirect megatron's private CUDA RNG setter, and run its activation recompute's backward
+    (the layers' forward again, e.g. the device="cuda" causal mask of its torch softmax) under the
+    device redirect, when megatron-core is installed."""
     try:
         mrandom = importlib.import_module("megatron.core.tensor_parallel.random")
     except ImportError:  # pragma: no cover - megatron-core is a declared dependency
         return
     _patch(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state)
+    function = mrandom.CheckpointFunction
+    _State.originals.append((function, "backward", vars(function)["backward"]))
+    function.backward = _under_the_mode(function.backward)
 
 
 def is_cpu_compat_enabled() -> bool:

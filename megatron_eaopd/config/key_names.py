@@ -42,6 +42,12 @@ _PEERS = {  # our key: the names the paper, verl, NeMo-RL, TRL or Megatron use f
     "training.checkpoint_interval": ("save_interval", "save_steps"),
     "training.checkpoint_dir": ("save", "save_dir"),
     "training.eval_interval": ("eval_steps", "test_freq"),
+    "training.recompute": (
+        "recompute_granularity",
+        "activation_checkpointing",
+        "gradient_checkpointing",
+        "enable_gradient_checkpointing",
+    ),
 }
 #: Peers' keys for what EOPD does not have: the reason, instead of a near spelling of ours.
 EXPLAINED = {

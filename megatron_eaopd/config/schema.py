@@ -360,6 +360,16 @@ class TrainingConfig:
     folder's config.yaml has other settings that define the run: model, loss, optimizer, task,
     tokenizer, preparations, seed, rollout sampling and batch sizes). false where a run is saved
     is refused too (it would overwrite that run): use a new output_dir."""
+    recompute: str = _f("none", choices=("none", "full", "selective"))
+    """Activation recomputation in the student's distillation updates (megatron's
+    recompute_granularity): none keeps every layer's activations for the backward pass; full
+    keeps only each layer's input and runs the layer's forward again in the backward pass
+    (megatron's recompute_method uniform, one layer per group: the largest saving, about one
+    more forward of the layers per update); selective recomputes only the core attention (the
+    [b, heads / tp, s, s] softmax of megatron's local attention; Transformer Engine's fused
+    attention keeps nothing that size, so there it saves little). Same gradients as without
+    (tests/models/test_recompute.py); eaopd-plan plans the update with it. The preparations,
+    the rollouts and the teacher run without. Free to change on resume."""
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or gradient norm is not finite; false: stop the
     run at the first one (exit 1)."""

@@ -51,6 +51,16 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None):
     )
 
 
+RECOMPUTE = {
+    "none": {},
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective"),
+}
+"""``training.recompute`` -> megatron TransformerConfig fields (activation recomputation): full
+checkpoints every layer on its own (its input kept, its forward run again in backward),
+selective megatron's default modules (the core attention)."""
+
+
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = None, **overrides):
     """megatron TransformerConfig for `cfg` at tp x pp (x vpp). `overrides` go to TransformerConfig.
 

@@ -95,6 +95,10 @@ def _preset_for(who: str, folder: str | None, name: str | None):
     return (name, PRESETS[name]) if name in PRESETS else (name, None)
 
 
+# training.recompute -> the plan's peak with that update (plan_config's variants)
+PEAK_KEYS = {"none": "peak", "selective": "peak_selective", "full": "peak_recompute"}
+
+
 def _same_value(given, value) -> bool:
     """A YAML value against a preset's: numbers compared as numbers (YAML reads ``1e-6`` and
     ``1e6`` as strings, which the schema coerces)."""
@@ -306,19 +310,20 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
     )  # fmt: skip
     sp = bool(cfg.parallel.sequence_parallel)
     out = {"world": world, "spec": spec, "fused": fused_on, "form": loss.form,
-           "sequence_parallel": sp, "distributed_optimizer": bool(distributed_optimizer),
+           "sequence_parallel": sp, "recompute": cfg.training.recompute,
+           "distributed_optimizer": bool(distributed_optimizer),
            "batch": batch.__dict__,
            "layouts": {k: v.__dict__ for k, v in lay.items()}, "variants": {},
            "vocab": {"student": student.vocab_size, "teacher": teacher.vocab_size}}  # fmt: skip
     for fused in (True, False):
         rs, rt = plan_memory(student, teacher, lay["student"], lay["teacher"], batch,
                              fused=fused, spec=spec, divisible_by=div, form=loss.form,
-                             sequence_parallel=sp,
+                             sequence_parallel=sp, recompute=cfg.training.recompute,
                              distributed_optimizer=distributed_optimizer)  # fmt: skip
         tot = combined(rs, rt)
         out["variants"]["fused" if fused else "logits"] = {
-            "parts": tot.parts, "comm": tot.comm, "peak": tot.peak(False),
-            "peak_recompute": tot.peak(True), "persistent": tot.persistent,
+            "parts": tot.parts, "comm": tot.comm, "persistent": tot.persistent,
+            **{key: tot.peak(mode) for mode, key in PEAK_KEYS.items()},
         }  # fmt: skip
     return out
 
@@ -326,10 +331,11 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
 def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
                   distributed_optimizer: bool = False) -> dict:  # fmt: skip
     """What to set for each GPU: the most rows at the length limit per micro-batch with which the
-    plan's peak (loss.fused_output's variant, no recompute) fits it (a smaller count need not:
-    under pipeline parallelism more micro-batches can be in flight). Each count k is planned as
-    the token budget k x the limit (rounded up to tp under sequence parallelism) with
-    micro_batch_size the rows of a step: the largest micro-batch any lengths can make under it.
+    plan's peak (loss.fused_output's variant, training.recompute's update) fits it (a smaller
+    count need not: under pipeline parallelism more micro-batches can be in flight). Each count
+    k is planned as the token budget k x the limit (rounded up to tp under sequence parallelism)
+    with micro_batch_size the rows of a step: the largest micro-batch any lengths can make under
+    it.
     Returns {"limit": positions of one row at the limit, "rows_per_step", "rows": {GPU: k (0:
     not even one row fits)}}: set rollout.micro_batch_tokens to k x limit with micro_batch_size
     at least k (the trainer's fixed micro-batches use the largest divisor of the rows per step
@@ -346,7 +352,8 @@ def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
         trial.rollout.micro_batch_tokens = k * limit
         plan = plan_config(trial, world, vocab, spec, distributed_optimizer)
         chosen = "fused" if plan["fused"] else "logits"
-        for gpu, fit in fits(plan["variants"][chosen]["peak"]).items():
+        peak = plan["variants"][chosen][PEAK_KEYS[cfg.training.recompute]]
+        for gpu, fit in fits(peak).items():
             if fit:
                 found[gpu] = k
     return {"limit": limit, "rows_per_step": per_step, "rows": found}
@@ -357,7 +364,8 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
     b, lay = plan["batch"], plan["layouts"]
     lines = [
         f"world size {plan['world']}; activation spec {plan['spec']}; loss form {plan['form']}; "
-        f"sequence parallel {'on' if plan['sequence_parallel'] else 'off'}; optimizer state "
+        f"sequence parallel {'on' if plan['sequence_parallel'] else 'off'}; training.recompute "
+        f"{plan.get('recompute', 'none')}; optimizer state "
         + (
             "split over DP (distributed optimizer)"
             if plan.get("distributed_optimizer")
@@ -402,19 +410,16 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
     lines.append(f"{'GiB per rank (largest stage)':<48} {'fused':>9} {'logits':>9}")
     for key in f_["parts"]:
         lines.append(f"{key:<48} {f_['parts'][key] / GIB:9.2f} {u_['parts'][key] / GIB:9.2f}")
-    lines.append(f"{'peak, no recompute':<48} {f_['peak'] / GIB:9.2f} {u_['peak'] / GIB:9.2f}")
-    lines.append(
-        f"{'peak, full recompute':<48} {f_['peak_recompute'] / GIB:9.2f} "
-        f"{u_['peak_recompute'] / GIB:9.2f}"
-    )
+    for mode, key in PEAK_KEYS.items():
+        label = f"peak, {'no' if mode == 'none' else mode} recompute"
+        lines.append(f"{label:<48} {f_[key] / GIB:9.2f} {u_[key] / GIB:9.2f}")
     lines.append("")
-    # eaopd-train has no recompute setting: that line is for your own Megatron loop (the plugin)
-    for label, key in (("no recompute", "peak"),
-                       ("full recompute, your own loop only: eaopd-train has none",
-                        "peak_recompute")):  # fmt: skip
+    configured = plan.get("recompute", "none")
+    for mode, key in PEAK_KEYS.items():
         ok = fits(plan["variants"][chosen][key])
+        this = ", this config" if mode == configured else ""
         lines.append(
-            f"fits ({chosen}, {label}): "
+            f"fits ({chosen}, training.recompute={mode}{this}): "
             + ", ".join(f"{gpu} {'yes' if y else 'no'}" for gpu, y in ok.items())
         )
     fit = plan.get("rows_that_fit")
@@ -428,7 +433,7 @@ def format_plan(plan: dict, cfg, notes=()) -> str:
 
         lines.append(
             f"most rows at the limit ({fit['limit']} tokens) per micro-batch that fit ({chosen}, "
-            "no recompute; with rollout.micro_batch_size at least that): "
+            f"training.recompute={configured}; with rollout.micro_batch_size at least that): "
             + ", ".join(f"{g} {told(k)}" for g, k in fit["rows"].items())
         )
     lines.append("")

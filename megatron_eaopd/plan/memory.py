@@ -67,6 +67,11 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GPUS = {"A100-40GB": 40e9, "A100/H100-80GB": 80e9, "H200-141GB": 141e9}
 EVAL_PHASES = ("evaluation (student)", "evaluation (teacher)")
 KEPT = "teacher payload / exact-form tensors"  # the part kept from scoring to the last step
+# the update's part under each training.recompute value
+UPDATE_PARTS = {"none": "update", "selective": "update (selective recompute)",
+                "full": "update (full recompute)"}  # fmt: skip
+# layer_activation_terms' attention-score terms: what selective recompute makes again
+_SCORE_TERMS = ("softmax probabilities", "softmax 2, its dropout mask 1 and output 2")
 
 
 @dataclass(frozen=True)
@@ -241,11 +246,11 @@ class Report:
     def persistent(self) -> float:
         return sum(v for k, v in self.parts.items() if k.startswith("persistent"))
 
-    def peak(self, recompute: bool = False) -> float:
-        """Persistent state plus the largest phase (rollout, teacher scoring, update, the
-        student's and the teacher's evaluation)."""
-        key = "update (recompute)" if recompute else "update"
-        names = ("rollout", "teacher scoring", key, *EVAL_PHASES)
+    def peak(self, recompute: str = "none") -> float:
+        """Persistent state plus the largest phase (rollout, teacher scoring, the update with
+        ``recompute`` - a ``training.recompute`` value - the student's and the teacher's
+        evaluation)."""
+        names = ("rollout", "teacher scoring", UPDATE_PARTS[recompute], *EVAL_PHASES)
         return self.persistent + max(self.parts.get(k, 0.0) for k in names)
 
 
@@ -258,7 +263,9 @@ def student_update_terms(
     sequence_parallel: bool = False,
 ) -> dict:  # fmt: skip
     """Transient bytes of the student update on its first (activations) or last (loss) stage:
-    {"activations", "activations (recompute)", "loss", "in flight"}.
+    {"activations", "activations (recompute)" (megatron's full recompute, one layer per group),
+    "activations (selective)" (selective: the attention scores recomputed), "loss", "in
+    flight"}.
 
     `sequence_parallel`: the layers' norm terms, each layer's checkpointed input (recompute) and
     the final norm's input and output are [s / tp, b, h]; the output layer's input is gathered
@@ -266,19 +273,21 @@ def student_update_terms(
     [s / tp, b, h] input and gathers again in backward)."""
     n = batch.positions()
     sp = lay.tp if sequence_parallel else 1
-    per_layer = sum(
-        layer_activation_terms(s, n, batch.seq, lay.tp, spec, sequence_parallel).values()
-    )
+    terms = layer_activation_terms(s, n, batch.seq, lay.tp, spec, sequence_parallel)
+    per_layer = sum(terms.values())
+    # selective recompute: the attention scores are made again in backward, one layer at a time
+    scores = sum(v for k, v in terms.items() if k in _SCORE_TERMS)
     layers = s.layers // lay.pp
     in_flight = min(lay.pp, batch.micro_batches)
     acts = per_layer * layers * in_flight
+    selective = (per_layer - scores) * layers * in_flight + scores
     layer_input = n * s.hidden * s.bytes // sp  # what full recompute keeps per layer
-    recompute = layer_input * layers * in_flight + per_layer
+    recompute = layer_input * layers * in_flight + per_layer  # + one layer run again
     cap = batch.step_positions
     if cap and in_flight * n > cap:  # a budget: the micro-batches in flight hold one step at most
-        acts = layers * sum(
-            layer_activation_terms(s, cap, batch.seq, lay.tp, spec, sequence_parallel).values()
-        )
+        capped = layer_activation_terms(s, cap, batch.seq, lay.tp, spec, sequence_parallel)
+        acts = layers * sum(capped.values())
+        selective = layers * sum(v for k, v in capped.items() if k not in _SCORE_TERMS) + scores
         recompute = cap * s.hidden * s.bytes // sp * layers + per_layer
     v = padded_vocab(s.vocab_size, lay.tp, divisible_by) // lay.tp
     nhe = n * s.hidden * s.bytes
@@ -296,13 +305,18 @@ def student_update_terms(
     grads = per_layer
     if lay.pp > 1:  # the last stage holds one micro-batch in flight
         last = per_layer * layers + final + loss + grads
-        last_rc = layer_input * layers + per_layer + final + loss + grads
+        # full recompute: the loss's buffers are gone before a layer runs again (measured)
+        last_rc = layer_input * layers + max(final + loss, per_layer + grads)
+        last_sel = (per_layer - scores) * layers + scores + final + loss + grads
         first = acts + grads
         return {"activations": max(first, last),
                 "activations (recompute)": max(recompute + grads, last_rc),
+                "activations (selective)": max(selective + grads, last_sel),
                 "loss": loss, "in flight": in_flight}  # fmt: skip
     return {"activations": acts + final + loss + grads,
-            "activations (recompute)": recompute + final + loss + grads,
+            "activations (recompute)": recompute - per_layer
+            + max(final + loss, per_layer + grads),
+            "activations (selective)": selective + final + loss + grads,
             "loss": loss, "in flight": in_flight}  # fmt: skip
 
 
@@ -330,12 +344,16 @@ def plan_memory(
     student: Shape, teacher: Shape, s_lay: Layout, t_lay: Layout, batch: Batch, *,
     fused: bool = True, spec: str = "te", distributed_optimizer: bool = False,
     divisible_by: int = 128, form: str = "sampled", sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> tuple[Report, Report]:  # fmt: skip
     """(student rank report, teacher rank report): every rank holds both; see `combined`.
 
     `form`: the loss form ("sampled": the top-k payload; "exact": the teacher's logits shard, or
     fused its hidden states, kept for every micro-batch of the iteration, `teacher_kept_bytes`).
-    `sequence_parallel`: the student's (`student_update_terms`); the teacher runs without."""
+    `sequence_parallel`: the student's (`student_update_terms`); the teacher runs without.
+    The update is planned under every ``training.recompute`` value (``UPDATE_PARTS``);
+    `recompute` (the config's) sets the communication: full recompute runs each layer's forward
+    TP all-reduces again in backward."""
     rs, rt = Report(), Report()
     ps = max(stage_params(student, s_lay, i, divisible_by) for i in range(s_lay.pp))
     pt = max(stage_params(teacher, t_lay, i, divisible_by) for i in range(t_lay.pp))
@@ -352,7 +370,8 @@ def plan_memory(
     kept = teacher_kept_bytes(teacher, t_lay, batch, fused=fused, form=form,
                               divisible_by=divisible_by)  # fmt: skip
     rs.parts["update"] = upd["activations"] + kept
-    rs.parts["update (recompute)"] = upd["activations (recompute)"] + kept
+    rs.parts[UPDATE_PARTS["selective"]] = upd["activations (selective)"] + kept
+    rs.parts[UPDATE_PARTS["full"]] = upd["activations (recompute)"] + kept
     rs.parts[KEPT] = kept
     rs.parts["student loss (logits or fused chunks)"] = upd["loss"]
     # teacher scoring: no saved activations; one layer's transients and the logits or a chunk
@@ -381,20 +400,24 @@ def plan_memory(
             cache *= max(1, shape.query_groups // lay.tp) * shape.head_dim * shape.bytes
             v = padded_vocab(shape.vocab_size, lay.tp, divisible_by) // lay.tp
             rep.parts[f"evaluation ({who})"] = cache + n_rows * v * 4 * 3
-    _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form)
+    _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form, recompute)
     return rs, rt
 
 
-def _communication(rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form) -> None:
+def _communication(
+    rs, rt, student, teacher, s_lay, t_lay, batch, ps, fused, form, recompute="none"
+) -> None:
     """Bytes sent per rank and iteration (module docstring). Sequence parallelism replaces each
-    TP all-reduce by a reduce-scatter and an all-gather of the same ring volume."""
+    TP all-reduce by a reduce-scatter and an all-gather of the same ring volume; full recompute
+    adds a second forward's (2 per layer to the 2 forward and 2 backward)."""
     n = batch.positions()
     mbs = batch.micro_batches * batch.steps
     if batch.step_positions and batch.micro_batches * n > batch.step_positions:
         mbs = batch.steps * batch.step_positions / n  # a budget: one step's rows at most
     h, e = student.hidden, student.bytes
     layers = student.layers // s_lay.pp
-    rs.comm["student TP all-reduces"] = mbs * 4 * layers * _ring(n * h * e, s_lay.tp)
+    per_layer = 6 if recompute == "full" else 4
+    rs.comm["student TP all-reduces"] = mbs * per_layer * layers * _ring(n * h * e, s_lay.tp)
     width = 9 if form == "exact" else 5 + batch.top_k  # packed per-token statistics, fp32
     stats = n * width * 4 * (s_lay.tp - 1) / s_lay.tp
     grad_h = _ring(n * h * e, s_lay.tp) if fused else 0.0
@@ -430,7 +453,8 @@ def fits(total_bytes: float, headroom: float = 0.9) -> dict:
 
 
 __all__ = [
-    "EVAL_PHASES", "GIB", "GPUS", "KEPT", "Batch", "Layout", "Report", "Shape", "combined", "fits",
+    "EVAL_PHASES", "GIB", "GPUS", "KEPT", "UPDATE_PARTS", "Batch", "Layout", "Report", "Shape",
+    "combined", "fits",
     "korthikanti_per_layer", "layer_activation_terms", "layer_params", "padded_vocab",
     "plan_memory", "stage_params", "student_update_terms", "teacher_kept_bytes",
 ]  # fmt: skip

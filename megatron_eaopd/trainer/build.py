@@ -109,17 +109,24 @@ def optim_config(cfg: EAOPDConfig, total_steps: int):
 
 
 def build_trainable(
-    mcfg: ModelConfig, optim, seed: int, schedule: str = "cosine", sequence_parallel: bool = False
-):
+    mcfg: ModelConfig, optim, seed: int, schedule: str = "cosine", sequence_parallel: bool = False,
+    recompute: str = "none",
+):  # fmt: skip
     """Build chunks under the current layout, initialise them from ``seed`` (layout-invariant),
     wrap them in megatron DDP with AdamW and the LR schedule; return a ``Student``.
 
     The model config gets ``calculate_per_token_loss=True`` (the losses return token sums);
-    ``sequence_parallel``: megatron sequence parallelism (``models.sequence_parallel``).
+    ``sequence_parallel``: megatron sequence parallelism (``models.sequence_parallel``);
+    ``recompute``: activation recomputation, a key of ``models.builder.RECOMPUTE``
+    (``training.recompute``).
     """
+    from megatron_eaopd.models.builder import RECOMPUTE
     from megatron_eaopd.models.student import setup_student
 
-    chunks = build_model(mcfg, calculate_per_token_loss=True, sequence_parallel=sequence_parallel)
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r}: one of {sorted(RECOMPUTE)}")
+    chunks = build_model(mcfg, calculate_per_token_loss=True, sequence_parallel=sequence_parallel,
+                         **RECOMPUTE[recompute])  # fmt: skip
     init_weights_layout_invariant(chunks, seed)
     student = setup_student(chunks, optim)
     student.scheduler.lr_decay_style = schedule
@@ -131,10 +138,11 @@ def build_student(
 ):
     """The trainable student under the "student" layout.
 
-    With megatron sequence parallelism when ``parallel.sequence_parallel`` is true.
-    Initialised from ``init_checkpoint`` or ``model.student_checkpoint`` when set (weights only,
-    any layout), from the HF folder ``model.student_hf`` (each rank reads its own slices), else
-    randomly from ``training.seed``. After loading, the optimizer's fp32 main copies of bf16 /
+    With megatron sequence parallelism when ``parallel.sequence_parallel`` is true and the
+    activation recomputation ``training.recompute`` names. Initialised from ``init_checkpoint``
+    or ``model.student_checkpoint`` when set (weights only, any layout), from the HF folder
+    ``model.student_hf`` (each rank reads its own slices), else randomly from
+    ``training.seed``. After loading, the optimizer's fp32 main copies of bf16 /
     fp16 weights are refreshed from the model (megatron's ``reload_model_params``): they were
     made from the random initialisation. Returns a ``models.student.Student``.
     """
@@ -144,7 +152,7 @@ def build_student(
     with use_layout(STUDENT):
         student = build_trainable(
             mcfg, optim_config(cfg, total_steps), cfg.training.seed, cfg.optimizer.lr_schedule,
-            sequence_parallel=cfg.parallel.sequence_parallel,
+            sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.training.recompute,
         )  # fmt: skip
         init_checkpoint = init_checkpoint or cfg.model.student_checkpoint
         if init_checkpoint:

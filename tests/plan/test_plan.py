@@ -37,12 +37,13 @@ TINY = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
 
 SHAPE = dict(layers=2, hidden=256, heads=4, query_groups=2, ffn_hidden=512, vocab_size=8192)
 SEQ, MB, MICRO, K, CHUNK = 256, 4, 2, 4, 128
-# (tp, pp, fused, loss form, sequence parallel) on 2 ranks
+# (tp, pp, fused, loss form, sequence parallel[, training.recompute]) on 2 ranks
 LAYOUTS = [
     (2, 1, True, "sampled", False), (1, 2, True, "sampled", False),
     (1, 1, True, "sampled", False), (2, 1, False, "sampled", False),
     (2, 1, True, "sampled", True), (2, 1, False, "sampled", True),
     (2, 1, True, "exact", False), (2, 1, False, "exact", False),
+    (2, 1, True, "sampled", False, "selective"), (1, 2, True, "sampled", False, "full"),
 ]  # fmt: skip
 CHEAP = [(2, 1, True, "exact", True)]  # the default (not slow) case: both new terms at once
 
@@ -102,11 +103,12 @@ def _worker(rank, world, layouts):
         return mb
 
     out = []
-    for tp, pp, fused, form, sp in layouts:
+    for tp, pp, fused, form, sp, *recompute in layouts:
         destroy_parallel()
         initialize_layouts({STUDENT: (tp, pp, None), TEACHER: (tp, 1, None)}, seed=1)
         student = build_trainable(cfg, OptimConfig(lr=1e-4, total_steps=10), seed=0,
-                                  sequence_parallel=sp)  # fmt: skip
+                                  sequence_parallel=sp,
+                                  recompute=recompute[0] if recompute else "none")  # fmt: skip
         objective = ObjectiveConfig(name="eopd", form=form, top_k=K, fused_output=fused,
                                     fused_chunk_size=CHUNK)  # fmt: skip
         step = distill_forward_step(objective, v)
@@ -159,9 +161,9 @@ def _state_tensors(student):
     return out
 
 
-def _predicted(tp, pp, fused, form, sp):
-    """The planner's (update activations, teacher scoring, kept teacher tensors, persistent
-    student state) for a layout of the measured runs ("local" spec, fp32)."""
+def _predicted(tp, pp, fused, form, sp, recompute="none"):
+    """The planner's (update activations under ``recompute``, teacher scoring, kept teacher
+    tensors, persistent student state) for a layout of the measured runs ("local" spec, fp32)."""
     shape = P.Shape(**SHAPE, tied=False, dtype="fp32")
     lay = P.Layout(tp, pp, 2 // (tp * pp))
     from megatron_eaopd.losses._kernels import compile_enabled  # the workers' EAOPD_COMPILE
@@ -174,12 +176,15 @@ def _predicted(tp, pp, fused, form, sp):
                           spec="local", form=form, sequence_parallel=sp)  # fmt: skip
     kept = P.teacher_kept_bytes(shape, P.Layout(tp, 1), batch, fused=fused, form=form)
     ps = max(P.stage_params(shape, lay, i) for i in range(pp))
-    return terms["activations"], rt.parts["teacher scoring"], kept, ps * (4 + 4 + 8)
+    acts = terms[{"none": "activations", "full": "activations (recompute)",
+                  "selective": "activations (selective)"}[recompute]]  # fmt: skip
+    return acts, rt.parts["teacher scoring"], kept, ps * (4 + 4 + 8)
 
 
-def _compare(layouts, results):
-    """Assert the planner within 25% of the measured step (and exact-form scoring) peaks, the
-    kept teacher tensors and the persistent state within 1%; return the table rows (MiB)."""
+def _compare(layouts, results, over=0.25):
+    """Assert the planner within 25% of the measured step (and exact-form scoring) peaks (the
+    step may be over-counted by ``over``), the kept teacher tensors and the persistent state
+    within 1%; return the table rows (MiB)."""
     rows = []
     for i, layout in enumerate(layouts):
         acts, scoring, kept, state = _predicted(*layout)
@@ -188,7 +193,7 @@ def _compare(layouts, results):
         m_scoring = max(r[i]["scoring"] for r in results)
         m_kept = max(r[i]["kept"] for r in results)
         rows.append([layout] + [x / 2**20 for x in (peak, acts, m_scoring, scoring, m_state)])
-        assert abs(acts - peak) <= 0.25 * peak, (layout, peak, acts)
+        assert -0.25 * peak <= acts - peak <= over * peak, (layout, peak, acts)
         assert abs(m_state - state) <= 0.01 * m_state, (layout, m_state, state)
         if layout[3] == "exact":
             assert m_kept == kept, (layout, m_kept, kept)
@@ -226,6 +231,24 @@ def test_planner_matches_measured_peak_memory_exact_form_with_sequence_paralleli
     teacher's hidden states kept for both micro-batches), one teacher pass and one update."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     _compare(CHEAP, run_distributed(_worker, 2, CHEAP, timeout=600))
+
+
+def test_recompute_saves_memory_as_planned(monkeypatch):
+    """training.recompute at TP 2 (fused loss), each setting in its own processes: full
+    recompute must cut the measured step peak to under 60% of the same step without it (53 ->
+    25 MiB here: the two layers' activations are gone, their inputs kept), and the planner's
+    update under each setting is within 25% below and 35% above the measured peak (full is
+    over-counted by ~30% here: the planner adds one recomputed layer's activations and
+    gradients, megatron frees them part by part; on the safe side). Selective recompute and
+    full recompute under PP 2 are among the slow layouts."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    peaks = {}
+    for mode in ("none", "full"):
+        layout = (2, 1, True, "sampled", False, mode)
+        results = run_distributed(_worker, 2, [layout], timeout=600)
+        _compare([layout], results, over=0.35)
+        peaks[mode] = max(r[0]["peak"] for r in results)
+    assert peaks["full"] < 0.6 * peaks["none"], peaks
 
 
 @pytest.mark.parametrize("s, b, h, a, t", [(2048, 1, 12288, 96, 8), (4096, 2, 4096, 32, 1),
@@ -345,7 +368,8 @@ def test_cli_on_the_paper_config(capsys):
     assert main(["--config", PAPER]) == 0
     out = capsys.readouterr().out
     assert "TP 2 x PP 2 x DP 2" in out and "preset qwen3-8b" in out
-    assert "fits (fused, no recompute): A100-40GB" in out and "H200-141GB yes" in out
+    assert "fits (fused, training.recompute=none, this config): A100-40GB" in out
+    assert "H200-141GB yes" in out
     # docs/memory.md shows this output: its block must be the tool's (it went stale)
     doc = (Path(PAPER).parents[1] / "docs" / "memory.md").read_text(encoding="utf-8")
     shown = doc.split(f"$ eaopd-plan --config configs/{Path(PAPER).name}\n", 1)[1]
