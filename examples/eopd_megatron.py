@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         from megatron_eaopd.compat import enable_cpu_compat
 
         enable_cpu_compat()
+    if torch.cuda.is_available():  # one GPU per process: LOCAL_RANK's (torchrun, srun)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     model_parallel_cuda_manual_seed(args.seed)

@@ -84,7 +84,8 @@ def run_problems(
         cfg.model.teacher_checkpoint or cfg.model.teacher_hf
     )  # teacher_prep trains the teacher in its dtype
     half_teacher = teacher_trained and cfg.model.teacher.dtype != "fp32"
-    if cfg.model.student.dtype != "fp32" or cfg.parallel.backend == "nccl" or bf16 or half_teacher:
+    backend = cfg.parallel.backend
+    if cfg.model.student.dtype != "fp32" or backend != "auto" or bf16 or half_teacher:
         if cuda_available is None:
             import torch
 
@@ -119,6 +120,17 @@ def run_problems(
             (
                 "parallel.backend",
                 "nccl needs CUDA devices (none here): set parallel.backend=auto (gloo on CPU)",
+            )
+        )
+    s_lay, t_lay = cfg.parallel.student, cfg.parallel.teacher
+    sends = max(s_lay.pp, t_lay.pp) > 1 or (s_lay.tp, s_lay.pp) != (t_lay.tp, t_lay.pp)
+    if backend == "gloo" and cuda_available and sends:
+        problems.append(
+            (
+                "parallel.backend",
+                "gloo cannot send CUDA tensors from rank to rank (torch's gloo has no GPU "
+                "send / recv), which pipeline stages and a teacher at another layout than the "
+                "student's need: set parallel.backend=auto (nccl with CUDA)",
             )
         )
     if fused_jsd_problem(cfg.loss):

@@ -62,9 +62,15 @@ def _all_gather_single(out, local, group):
 def any_rank(flag: bool, group, device=None) -> bool:
     """Whether ``flag`` is True on any rank of ``group``: 1 all-reduce (MAX) of one element when
     the group has more than one rank, none otherwise. Every rank gets the same answer, so ranks
-    that must take the same path (or pair the same collectives) can agree on it."""
+    that must take the same path (or pair the same collectives) can agree on it. ``device``:
+    where the flag travels (None: ``parallel.init.compute_device()``, the current GPU under
+    NCCL)."""
     if group is None or dist.get_world_size(group) == 1:
         return bool(flag)
+    if device is None:
+        from megatron_eaopd.parallel.init import compute_device
+
+        device = compute_device()
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item() > 0)

@@ -133,6 +133,25 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def device_problem(local_rank: str | None, current: int, count: int) -> str | None:
+    """Why a process of a running NCCL job sits on the wrong GPU: LOCAL_RANK (the launcher's,
+    a string; None: not set) names GPU ``LOCAL_RANK % count`` of the ``count`` visible, and the
+    current one is ``current``. None when it matches, with no LOCAL_RANK, or with one GPU
+    visible (the launcher bound one GPU per process)."""
+    if local_rank is None or count <= 1 or not local_rank.strip().isdigit():
+        return None
+    want = int(local_rank) % count
+    if current == want:
+        return None
+    return (
+        f"torch.distributed runs on NCCL but this process (LOCAL_RANK {local_rank}) uses GPU "
+        f"{current}, not GPU {want} of the {count} visible: every process of a node would share "
+        "one GPU (NCCL then fails with 'Duplicate GPU detected' or runs out of memory). Call "
+        "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before "
+        "torch.distributed.init_process_group"
+    )
+
+
 def initialize_distributed(
     backend: str | None = None,
     init_method: str | None = None,
@@ -143,8 +162,16 @@ def initialize_distributed(
     `init_method=None` means env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the launcher);
     a single process with none of them set gets a local one-rank group on a free port. With CUDA,
     each process selects GPU LOCAL_RANK. Collectives: the rendezvous of init_process_group only.
+    Already running (your own Megatron job, the plugin): an NCCL process whose current GPU is not
+    LOCAL_RANK's is refused (ValueError naming ``torch.cuda.set_device``) before every rank of a
+    node lands on GPU 0.
     """
     if dist.is_initialized():
+        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+            problem = device_problem(os.environ.get("LOCAL_RANK"), torch.cuda.current_device(),
+                                     torch.cuda.device_count())  # fmt: skip
+            if problem:
+                raise ValueError(problem)
         return dist.get_rank(), dist.get_world_size()
     backend = backend or default_backend()
     if init_method is None and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:

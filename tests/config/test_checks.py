@@ -151,6 +151,7 @@ def test_check_run_lists_every_problem_at_once():
         "parallel.student.tp",
         "parallel.teacher.tp",
         "parallel.sequence_parallel",
+        "parallel.backend",
         "loss.temperature",
         "eval.use_math_verify",
         "eval.top_k",
@@ -201,6 +202,20 @@ def test_nccl_is_refused_without_cuda_and_auto_is_not():
         check_run(cfg, 2, cuda_available=False)
     check_run(cfg, 2, cuda_available=True)
     check_run(load_config(TINY, ["parallel.backend=auto"]), 2, cuda_available=False)
+
+
+def test_gloo_on_gpus_is_refused_where_ranks_send_tensors():
+    """gloo has no CUDA send / recv: pipeline stages or a teacher at another layout need nccl;
+    the tiny config's gloo at one layout without PP runs on a GPU machine too."""
+    tiny = REPO / "configs" / "tiny-cpu.yaml"  # gloo, TP 1 for both
+    for extra in (["parallel.student.pp=2"], ["parallel.teacher.tp=2"]):
+        cfg = load_config(tiny, extra)
+        with pytest.raises(ConfigError, match="parallel.backend: gloo cannot send CUDA tensors"):
+            check_run(cfg, 2, vocab_size=182, cuda_available=True)
+        check_run(cfg, 2, vocab_size=182, cuda_available=False)
+        auto = load_config(tiny, extra + ["parallel.backend=auto"])
+        check_run(auto, 2, vocab_size=182, cuda_available=True)
+    check_run(load_config(tiny), 2, vocab_size=182, cuda_available=True)
 
 
 def test_bf16_is_refused_on_gpus_before_ampere_and_names_each_model():

@@ -55,6 +55,39 @@ def test_add_layout_keeps_the_callers_groups_and_rng():
         assert r["timeout"] == 7 * 60
 
 
+def wrong_gpu_worker(rank, world):
+    """A caller's NCCL job whose processes never called torch.cuda.set_device (every one on GPU
+    0 of 4), as the CUDA calls would answer it: add_layout's initialize_distributed refuses it
+    on every rank but LOCAL_RANK 0's (whose GPU 0 is its own)."""
+    from megatron_eaopd.parallel import init
+
+    saved = (torch.cuda.is_available, torch.cuda.current_device, torch.cuda.device_count,
+             init.dist.get_backend)  # fmt: skip
+    torch.cuda.is_available, torch.cuda.current_device = (lambda: True), (lambda: 0)
+    torch.cuda.device_count, init.dist.get_backend = (lambda: 4), (lambda *a, **k: "nccl")
+    try:
+        init.initialize_distributed()
+        return None
+    except ValueError as err:
+        return str(err)
+    finally:
+        (torch.cuda.is_available, torch.cuda.current_device, torch.cuda.device_count,
+         init.dist.get_backend) = saved  # fmt: skip
+
+
+def test_a_running_nccl_job_on_the_wrong_gpu_is_refused():
+    from megatron_eaopd.parallel.init import device_problem
+
+    got = run_distributed(wrong_gpu_worker, 2, timeout=240)
+    assert got[0] is None  # LOCAL_RANK 0 on GPU 0
+    assert "LOCAL_RANK 1) uses GPU 0, not GPU 1 of the 4" in got[1]
+    assert "torch.cuda.set_device(int(os.environ['LOCAL_RANK']))" in got[1]
+    assert device_problem("5", 1, 4) is None  # 5 % 4: GPU 1
+    assert device_problem("3", 0, 1) is None  # one GPU per process (srun --gpus-per-task=1)
+    assert device_problem(None, 0, 8) is None and device_problem("", 0, 8) is None
+    assert "not GPU 2 of the 8" in device_problem("2", 0, 8)
+
+
 def bad_input_worker(rank, world):
     from megatron_eaopd.models.builder import build_model
     from megatron_eaopd.models.scoring import score_for_student
