@@ -233,6 +233,28 @@ def unread_setting_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
     return problems
 
 
+def interleave_warning(cfg: EAOPDConfig, cuda_available: bool | None = None) -> str | None:
+    """``rollout.pp_interleave`` under NCCL (backend nccl, or auto with CUDA): its hidden-state
+    sends and its draws' broadcasts use two communicators in an order that differs between
+    stages, which NCCL does not promise to complete; it has run on gloo only (None otherwise)."""
+    if not cfg.rollout.pp_interleave or cfg.parallel.backend == "gloo":
+        return None
+    if cfg.parallel.backend == "auto":
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available:
+            return None
+    return (
+        "rollout.pp_interleave has run on gloo only: under NCCL its sends between stages and "
+        "its broadcasts of the draws use two communicators in an order that differs between "
+        "stages, which NCCL does not promise to complete (a hang until the NCCL timeout is "
+        "possible; docs/trainer.md, Interleaved groups under PP). Remove it if the first rollout "
+        "does not finish"
+    )
+
+
 def plot_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
     """``eval.plot`` draws eval_curves.png from <output_dir>/metrics.jsonl, which
     ``logging.jsonl: false`` does not write."""

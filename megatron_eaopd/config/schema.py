@@ -291,7 +291,8 @@ class RolloutConfig:
     """Student pp > 1: decode each batch as pp groups of rows whose steps overlap over the
     pipeline stages (docs/trainer.md, Pipeline parallelism). Never changes the tokens. Measured
     on CPU: 1.11-1.17x faster at 64 rows, 0.78x at 32 rows of a small model; not measured on a
-    GPU. Off by default."""
+    GPU, and run on gloo only (under NCCL the trainer's start warns: its sends and broadcasts use
+    two communicators in an order NCCL does not promise to complete). Off by default."""
     cuda_graphs: bool = False
     """Decode at a few static shapes and replay each as a CUDA graph (rollouts and evaluation;
     the module megatron_eaopd/rollout/decode_graphs.py). Needs a CUDA device, use_kv_cache and

@@ -156,6 +156,22 @@ def test_settings_only_another_setting_reads_are_refused_without_it(overrides, k
     assert fix in _problems(overrides)[key]
 
 
+def test_pp_interleave_under_nccl_is_warned_about():
+    """Run on gloo only: the trainer's start warns where the backend is NCCL (nccl, or auto with
+    CUDA), not on gloo or on a CPU machine."""
+    from megatron_eaopd.config.rules import interleave_warning
+
+    on = ["rollout.pp_interleave=true", "parallel.student.pp=2"]
+    for backend, cuda, warned in (("auto", True, True), ("nccl", True, True),
+                                  ("auto", False, False), ("gloo", True, False)):  # fmt: skip
+        cfg = load_config(TINY, on + [f"parallel.backend={backend}"])
+        text = interleave_warning(cfg, cuda_available=cuda)
+        assert (text is not None) == warned, (backend, cuda)
+        assert text is None or "has run on gloo only" in text
+    off = load_config(TINY, ["parallel.student.pp=2", "parallel.backend=auto"])
+    assert interleave_warning(off, cuda_available=True) is None
+
+
 def test_settings_with_their_reader_are_accepted():
     load_config(TINY, ["rollout.pp_interleave=true", "parallel.student.pp=2"])
     load_config(TINY, ["rollout.pp_interleave=true", "parallel.teacher.pp=2"])  # its evaluation
