@@ -17,6 +17,9 @@ same program runs unchanged on a GPU cluster:
   Consequence: `model_parallel_cuda_manual_seed(seed)` reseeds the CPU RNG with `seed`, and the RNG
   tracker forks the CPU generator (dropout inside a tracked region draws from the tracked state,
   as it would on GPU).
+- megatron's activation recompute (`tensor_parallel.random.CheckpointFunction`) runs the layers'
+  forward again inside the backward pass, outside the function mode below (torch runs a mode's
+  own call, here `torch.autograd.backward`, with the mode off): its backward enters the mode again.
 - a torch function mode rewrites CUDA devices to CPU: a `device=` keyword that names CUDA (a
   "cuda..." string, a CUDA `torch.device`, or a bare int index), a CUDA device given positionally to
   `Tensor.to`, `Tensor.cuda()` (returns the tensor itself), `Tensor.pin_memory()` (returns the

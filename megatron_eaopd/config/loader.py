@@ -335,6 +335,9 @@ def _build_dataclass(cls: type, value: Any, path: str, problems: list) -> Any:
             continue
         n_before = len(problems)
         converted = _convert(raw, hints[key], sub, problems)
+        choices = fields[key].metadata.get("choices")
+        if len(problems) > n_before and choices is not None:  # a wrong type: name the choices
+            problems[-1] = (sub, f"{problems[-1][1]}; one of {', '.join(map(str, choices))}")
         if len(problems) == n_before:
             _check_meta(converted, fields[key].metadata, sub, problems)
         if len(problems) == n_before:

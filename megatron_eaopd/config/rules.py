@@ -255,6 +255,24 @@ def interleave_warning(cfg: EAOPDConfig, cuda_available: bool | None = None) -> 
     )
 
 
+def recompute_warning(cfg: EAOPDConfig, te: bool | None = None) -> str | None:
+    """``training.recompute: selective`` with Transformer Engine (``te``: installed; None: look):
+    its fused attention keeps no [s, s] scores, so selective recompute saves nothing there."""
+    if cfg.training.recompute != "selective":
+        return None
+    if te is None:
+        from megatron_eaopd.models.builder import te_available
+
+        te = te_available()
+    if not te:
+        return None
+    return (
+        "training.recompute=selective recomputes the core attention, for which Transformer "
+        "Engine's fused attention (used here) keeps no [s, s] scores: it saves nothing and costs "
+        "one more attention forward per layer. Use full (each layer's input kept) or none"
+    )
+
+
 def plot_problems(cfg: EAOPDConfig) -> list[tuple[str, str]]:
     """``eval.plot`` draws eval_curves.png from <output_dir>/metrics.jsonl, which
     ``logging.jsonl: false`` does not write."""

@@ -368,7 +368,8 @@ class TrainingConfig:
     (megatron's recompute_method uniform, one layer per group: the largest saving, about one
     more forward of the layers per update); selective recomputes only the core attention (the
     [b, heads / tp, s, s] softmax of megatron's local attention; Transformer Engine's fused
-    attention keeps nothing that size, so there it saves little). Same gradients as without
+    attention keeps nothing that size, so there it saves nothing: the trainer warns). Same
+    gradients as without
     (tests/models/test_recompute.py); eaopd-plan plans the update with it. The preparations,
     the rollouts and the teacher run without. Free to change on resume."""
     skip_nonfinite: bool = True

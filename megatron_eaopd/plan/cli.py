@@ -5,7 +5,7 @@
 Reads the config as eaopd-train does (defaults chain, dotted overrides, validation) and prints,
 for the largest pipeline stage of each model, the persistent state (weights, fp32 gradient
 buffer, Adam state, the teacher's weights) and each phase's transients (rollout KV cache, teacher
-scoring, the student update with and without full activation recomputation, the loss as logits
+scoring, the student update under each training.recompute setting, the loss as logits
 or fused chunks, the teacher payload or, in the exact form, the teacher's logits shard or hidden
 states kept for the iteration) under the student's sequence parallelism when it is on, the peak,
 the GPUs it fits (90% of 40 / 80 / 141 GB), the most rows at the length limit per micro-batch
@@ -324,6 +324,7 @@ def plan_config(cfg, world: int, vocab: int | None = None, spec: str = "te",
         out["variants"]["fused" if fused else "logits"] = {
             "parts": tot.parts, "comm": tot.comm, "persistent": tot.persistent,
             **{key: tot.peak(mode) for mode, key in PEAK_KEYS.items()},
+            "peak_configured": tot.peak(cfg.training.recompute),  # training.recompute's
         }  # fmt: skip
     return out
 
@@ -352,7 +353,7 @@ def rows_that_fit(cfg, world: int, vocab: int | None = None, spec: str = "te",
         trial.rollout.micro_batch_tokens = k * limit
         plan = plan_config(trial, world, vocab, spec, distributed_optimizer)
         chosen = "fused" if plan["fused"] else "logits"
-        peak = plan["variants"][chosen][PEAK_KEYS[cfg.training.recompute]]
+        peak = plan["variants"][chosen]["peak_configured"]
         for gpu, fit in fits(peak).items():
             if fit:
                 found[gpu] = k

@@ -246,10 +246,12 @@ class Report:
     def persistent(self) -> float:
         return sum(v for k, v in self.parts.items() if k.startswith("persistent"))
 
-    def peak(self, recompute: str = "none") -> float:
+    def peak(self, recompute: str | bool = "none") -> float:
         """Persistent state plus the largest phase (rollout, teacher scoring, the update with
-        ``recompute`` - a ``training.recompute`` value - the student's and the teacher's
-        evaluation)."""
+        ``recompute`` - a ``training.recompute`` value; True / False, the earlier form: full /
+        none - the student's and the teacher's evaluation)."""
+        if isinstance(recompute, bool):
+            recompute = "full" if recompute else "none"
         names = ("rollout", "teacher scoring", UPDATE_PARTS[recompute], *EVAL_PHASES)
         return self.persistent + max(self.parts.get(k, 0.0) for k in names)
 

@@ -26,7 +26,11 @@ import torch.distributed as dist
 
 from megatron_eaopd.config import EAOPDConfig, config_to_dict, objective_kwargs, save_resolved
 from megatron_eaopd.config.hf_models import context_warning, tokenizer_warning
-from megatron_eaopd.config.rules import interleave_warning, unread_loss_warning
+from megatron_eaopd.config.rules import (
+    interleave_warning,
+    recompute_warning,
+    unread_loss_warning,
+)
 from megatron_eaopd.data import prepare_data
 from megatron_eaopd.data.sampling import PromptSampler, length_text, run_iterations
 from megatron_eaopd.losses import ObjectiveConfig
@@ -164,7 +168,7 @@ class Trainer:
         for warning in (micro_batch_warning(cfg, world), tokenizer_warning(cfg),
                         sampling_warning(cfg), wandb_warning(cfg),
                         context_warning(cfg), unread_loss_warning(cfg),
-                        interleave_warning(cfg)):  # fmt: skip
+                        interleave_warning(cfg), recompute_warning(cfg)):  # fmt: skip
             if warning and self.rank0:
                 logger.warning("%s", warning)
         if self.rank0:

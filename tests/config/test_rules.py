@@ -172,6 +172,16 @@ def test_pp_interleave_under_nccl_is_warned_about():
     assert interleave_warning(off, cuda_available=True) is None
 
 
+def test_selective_recompute_with_transformer_engine_is_warned_about():
+    """Transformer Engine's fused attention keeps no [s, s] scores: selective saves nothing."""
+    from megatron_eaopd.config.rules import recompute_warning
+
+    selective = load_config(TINY, ["training.recompute=selective"])
+    assert "saves nothing" in recompute_warning(selective, te=True)
+    assert recompute_warning(selective, te=False) is None  # the local spec's softmax goes
+    assert recompute_warning(load_config(TINY, ["training.recompute=full"]), te=True) is None
+
+
 def test_settings_with_their_reader_are_accepted():
     load_config(TINY, ["rollout.pp_interleave=true", "parallel.student.pp=2"])
     load_config(TINY, ["rollout.pp_interleave=true", "parallel.teacher.pp=2"])  # its evaluation

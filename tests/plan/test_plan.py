@@ -382,6 +382,22 @@ def test_cli_on_the_paper_config(capsys):
     assert main(["--config", base, "--vocab-size", "151936"]) == 0
     out = capsys.readouterr().out
     assert "note: student: no model.student_hf" in out and "note: teacher: no" not in out
+    # training.recompute=full: the fits line and the rows follow it, the forward all-reduces
+    # of the recomputed layers counted (6 per layer instead of 4)
+    assert main(["--config", PAPER, "training.recompute=full", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(["--config", PAPER, "--json"]) == 0
+    none = json.loads(capsys.readouterr().out)
+    for name in ("fused", "logits"):
+        f, n = full["variants"][name], none["variants"][name]
+        assert f["peak_configured"] == f["peak_recompute"] < n["peak_configured"] == n["peak"]
+        ratio = f["comm"]["student TP all-reduces"] / n["comm"]["student TP all-reduces"]
+        assert ratio == pytest.approx(1.5)
+    assert full["rows_that_fit"]["rows"]["A100-40GB"] > none["rows_that_fit"]["rows"]["A100-40GB"]
+    assert main(["--config", PAPER, "training.recompute=full"]) == 0
+    assert "fits (fused, training.recompute=full, this config): A100-40GB yes" in (
+        capsys.readouterr().out
+    )
     assert main(["--config", PAPER, "--json"]) == 0
     assert main(["--config", PAPER, "--world-size", "6"]) == 2
     assert "not a multiple" in capsys.readouterr().err
