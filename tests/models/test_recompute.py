@@ -20,7 +20,7 @@ import torch
 
 from tests.dist import run_distributed
 from tests.models import helpers
-from tests.trainer.common import CONFIG, TINY_RUN
+from tests.trainer.common import CONFIG, TINY_RUN, one_iteration
 
 SEED, K, ROWS, MICRO = 11, 4, 6, 3
 
@@ -135,24 +135,7 @@ def _train_worker(rank, world, tmp, mode):
     from megatron_eaopd.trainer import Trainer
 
     cfg = load_config(
-        CONFIG,
-        TINY_RUN
-        + [
-            f"training.recompute={mode}",
-            "rollout.prompts_per_iteration=4",
-            "rollout.mini_batch_size=4",
-            "rollout.micro_batch_size=4",
-            "student_prep.iterations=2",
-            "student_prep.batch_size=8",
-            "training.iterations=1",
-            "optimizer.warmup_iterations=1",
-            "training.eval_interval=1",
-            "training.checkpoint_interval=1",
-            f"training.output_dir={tmp}/run-{mode}",
-            f"teacher_prep.cache_dir={tmp}/teachers",
-            f"student_prep.cache_dir={tmp}/students",
-            f"tokenizer.cache_dir={tmp}/tokenizers",
-        ],
+        CONFIG, TINY_RUN + [f"training.recompute={mode}"] + one_iteration(tmp, f"run-{mode}")
     )
     trainer = Trainer(cfg)
     try:

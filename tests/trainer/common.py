@@ -27,6 +27,27 @@ TINY_RUN = [
 ]
 
 
+def one_iteration(tmp: str, name: str) -> list[str]:
+    """Overrides (after TINY_RUN) for one iteration of 4 prompts, evaluated and saved, into
+    ``<tmp>/<name>``, with the tokenizer and prepared models cached under ``tmp`` (shared by
+    the runs a test compares)."""
+    return [
+        "rollout.prompts_per_iteration=4",
+        "rollout.mini_batch_size=4",
+        "rollout.micro_batch_size=4",
+        "student_prep.iterations=2",
+        "student_prep.batch_size=8",
+        "training.iterations=1",
+        "optimizer.warmup_iterations=1",  # at most the run's one optimizer step
+        "training.eval_interval=1",
+        "training.checkpoint_interval=1",
+        f"training.output_dir={tmp}/{name}",
+        f"teacher_prep.cache_dir={tmp}/teachers",
+        f"student_prep.cache_dir={tmp}/students",
+        f"tokenizer.cache_dir={tmp}/tokenizers",
+    ]
+
+
 class StopAfter:
     """A preemption handler stand-in: asks to stop from its `n`-th poll on (the same on every
     rank)."""
