@@ -63,6 +63,8 @@ def _init(device: str) -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")  # fmt: skip
+    if device == "cuda":
+        torch.cuda.set_device(0)  # one process, LOCAL_RANK 0's GPU
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
 
 
