@@ -103,15 +103,18 @@ def score_for_student(
        ranks (round-robin) to the student replica's last-stage ranks only: one fp32
        [s_im, b_im, 2 + 2k] tensor, :func:`payload_bytes_per_position` bytes
        (136 at k = 16) per position per receiving rank. Besides these, the teacher forward's own
-       collectives (pipeline p2p, TP all-reduces, one TP all-gather per micro-batch).
+       collectives (pipeline p2p, TP all-reduces, one TP all-gather per micro-batch), and one
+       MAX all-reduce of one element over the world before step 3: whether the teacher's last
+       stage found non-finite logits (``NonFiniteLogitsError`` on every rank then).
 
     Returns M entries: on the student's last pipeline stage TeacherPayload (entropy [s, b],
     token_logprobs [s, b], topk_logprobs [s, b, k], topk_ids [s, b, k] int64); on other stages
     None (the loss runs only on the last stage).
     """
     from megatron_eaopd.losses import TeacherPayload
+    from megatron_eaopd.losses._common import NonFiniteLogitsError
     from megatron_eaopd.parallel.exchange import exchange, layout_table, spread
-    from megatron_eaopd.parallel.groups import all_gather_rows
+    from megatron_eaopd.parallel.groups import all_gather_rows, any_rank
     from megatron_eaopd.parallel.init import compute_device, registered_layout, use_layout
 
     _check_arguments(teacher, k, vocab_size, temperature)
@@ -222,7 +225,7 @@ def score_for_student(
     inbox.update(local)
 
     share = list(range(bounds[my_t[0]], bounds[my_t[0] + 1]))
-    scored = {}
+    scored, failed = {}, None
     if share:
         to_score = []
         for g in share:
@@ -235,18 +238,21 @@ def score_for_student(
                     "position_ids": torch.arange(s, device=device).expand(b, -1),
                 }
             )
-        with use_layout(teacher_layout):
-            payloads = teacher.score(
-                to_score,
-                max(index[g][3] for g in share),
-                max(index[g][2] for g in share),
-                payload_k=k,
-                vocab_size=vocab_size,
-                temperature=temperature,
-                chunk_size=chunk_size,
-                fused=fused,
-                fused_chunk_size=fused_chunk_size,
-            )
+        try:
+            with use_layout(teacher_layout):
+                payloads = teacher.score(
+                    to_score,
+                    max(index[g][3] for g in share),
+                    max(index[g][2] for g in share),
+                    payload_k=k,
+                    vocab_size=vocab_size,
+                    temperature=temperature,
+                    chunk_size=chunk_size,
+                    fused=fused,
+                    fused_chunk_size=fused_chunk_size,
+                )
+        except NonFiniteLogitsError as err:  # found on the teacher's last stage only
+            failed, payloads = err, []
         for g, p in zip(share, payloads):  # empty unless this is the teacher's last stage
             _, _, b, s = index[g]
             pack = torch.cat(
@@ -259,6 +265,12 @@ def score_for_student(
                 dim=-1,
             )
             scored[g] = pack.float().contiguous()
+    # every rank raises, none is left waiting in the exchange below for a payload
+    if any_rank(failed is not None, dist.group.WORLD, device):
+        raise failed or NonFiniteLogitsError(
+            "the teacher's last pipeline stage (other ranks) found non-finite logits; their "
+            "message names the cause"
+        )
 
     # 3. payloads from the teacher's last stage to the student's last stage
     sends, recvs, local, inbox = [], [], {}, {}

@@ -94,14 +94,18 @@ class FrozenTeacher:
         logits and their fp32 copy. Otherwise the payload kernels read the logits in chunks of
         `chunk_size` tokens. Collectives: the pipeline p2p sends/receives, the model's TP
         all-reduces, and one TP all-gather per micro-batch for the payload (either way).
+        Non-finite logits (``NonFiniteLogitsError``) are raised on the last stage after the
+        schedule has run every micro-batch, so that no other stage waits on a send.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_eaopd.losses._common import NonFiniteLogitsError
         from megatron_eaopd.losses.output_layer import hidden_states_output, is_last_stage
         from megatron_eaopd.models.student import variable_shapes
 
         batches = list(batches)
         fuse = fused and payload_k is not None
+        failed = []  # non-finite logits: raised after the schedule, not inside it
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
@@ -113,7 +117,14 @@ class FrozenTeacher:
             else:
                 output = model(*args)
 
-            def collect(out, non_loss_data=True):  # [b, s, V_pad / tp] logits or [b, s, h]
+            def collect(out, non_loss_data=True):
+                try:
+                    return payload(out)
+                except NonFiniteLogitsError as err:  # every TP rank of the stage alike
+                    failed.append(err)
+                    return None
+
+            def payload(out):  # [b, s, V_pad / tp] logits or [b, s, h]
                 labels = None
                 if payload_k is not None:
                     labels = batch["labels"].transpose(0, 1).contiguous()
@@ -151,4 +162,6 @@ class FrozenTeacher:
                 forward_only=True,
                 collect_non_loss_data=True,
             )
+        if failed:  # after every micro-batch: the other stages' sends were all received
+            raise failed[0]
         return list(out) if out else []

@@ -42,9 +42,8 @@ def score_with_teacher(
             fused_chunk_size=fused_chunk_size,
         )  # fmt: skip
     except NonFiniteLogitsError as err:
-        # raised where the statistics are checked, the teacher's last pipeline stage (every rank
-        # of it): ranks of other stages wait in the payload exchange until the launcher (torchrun,
-        # srun --kill-on-bad-exit) ends them after this rank's exit
+        # found where the statistics are checked, the teacher's last pipeline stage, and agreed
+        # by every rank (score_for_student): each raises this, whatever its stage
         dtype = next(p.dtype for c in teacher.chunks for p in c.parameters())
         hint = (
             "fp16 overflows above 65504: set model.teacher.dtype=bf16 on a GPU of compute "
