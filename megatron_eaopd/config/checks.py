@@ -124,13 +124,16 @@ def run_problems(
         )
     s_lay, t_lay = cfg.parallel.student, cfg.parallel.teacher
     sends = max(s_lay.pp, t_lay.pp) > 1 or (s_lay.tp, s_lay.pp) != (t_lay.tp, t_lay.pp)
+    # the end-of-run export gathers a split student's blocks on rank 0 by send / recv
+    sends = sends or bool(cfg.training.export_hf) and s_lay.tp * s_lay.pp > 1
     if backend == "gloo" and cuda_available and sends:
         problems.append(
             (
                 "parallel.backend",
                 "gloo cannot send CUDA tensors from rank to rank (torch's gloo has no GPU "
-                "send / recv), which pipeline stages and a teacher at another layout than the "
-                "student's need: set parallel.backend=auto (nccl with CUDA)",
+                "send / recv), which pipeline stages, a teacher at another layout than the "
+                "student's and the export of a split student (training.export_hf) need: set "
+                "parallel.backend=auto (nccl with CUDA), or CUDA_VISIBLE_DEVICES= to run on CPU",
             )
         )
     if fused_jsd_problem(cfg.loss):

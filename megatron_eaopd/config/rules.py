@@ -251,7 +251,7 @@ def interleave_warning(cfg: EAOPDConfig, cuda_available: bool | None = None) -> 
         "its broadcasts of the draws use two communicators in an order that differs between "
         "stages, which NCCL does not promise to complete (a hang until the NCCL timeout is "
         "possible; docs/trainer.md, Interleaved groups under PP). Remove it if the first rollout "
-        "does not finish"
+        "or evaluation does not finish"
     )
 
 

@@ -107,7 +107,9 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[in
         return
     _count("sent", [t for _, t in sends])
     _count("received", [t for _, t in recvs])
-    if dist.get_backend() == "nccl":  # contiguous sends, as the gloo branch's
+    from megatron_eaopd.parallel.init import uses_nccl
+
+    if uses_nccl():  # contiguous sends, as the gloo branch's
         ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
         ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
         for work in dist.batch_isend_irecv(ops):

@@ -133,22 +133,32 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def uses_nccl() -> bool:
+    """Whether the running default process group sends CUDA tensors over NCCL: backend nccl, or
+    none given (torch's "undefined": gloo for CPU tensors, nccl for CUDA ones)."""
+    config = getattr(dist, "get_backend_config", None)
+    return "nccl" in str(config() if config else dist.get_backend())
+
+
 def device_problem(local_rank: str | None, current: int, count: int) -> str | None:
-    """Why a process of a running NCCL job sits on the wrong GPU: LOCAL_RANK (the launcher's,
+    """Why a process of a running NCCL job may sit on the wrong GPU: LOCAL_RANK (the launcher's,
     a string; None: not set) names GPU ``LOCAL_RANK % count`` of the ``count`` visible, and the
-    current one is ``current``. None when it matches, with no LOCAL_RANK, or with one GPU
-    visible (the launcher bound one GPU per process)."""
+    current one is ``current``; LOCAL_RANK >= count shares a GPU with a lower rank. None when it
+    matches, with no LOCAL_RANK, or with one GPU visible (one GPU bound per process)."""
     if local_rank is None or count <= 1 or not local_rank.strip().isdigit():
         return None
     want = int(local_rank) % count
-    if current == want:
+    if current == want and int(local_rank) < count:
         return None
     return (
-        f"torch.distributed runs on NCCL but this process (LOCAL_RANK {local_rank}) uses GPU "
-        f"{current}, not GPU {want} of the {count} visible: every process of a node would share "
-        "one GPU (NCCL then fails with 'Duplicate GPU detected' or runs out of memory). Call "
-        "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before "
-        "torch.distributed.init_process_group"
+        f"torch.distributed runs on NCCL and this process (LOCAL_RANK {local_rank}) uses GPU "
+        f"{current} of the {count} visible"
+        + (f", not GPU {want}" if current != want else ", which a lower local rank uses too")
+        + ": if processes of a node share a GPU, NCCL fails with 'Duplicate GPU detected' or "
+        "memory runs out. Call torch.cuda.set_device(int(os.environ['LOCAL_RANK']) % "
+        "torch.cuda.device_count()) before torch.distributed.init_process_group, with at most "
+        "one process per GPU (fine as it is where the launcher binds several GPUs to each "
+        "process)"
     )
 
 
@@ -163,15 +173,15 @@ def initialize_distributed(
     a single process with none of them set gets a local one-rank group on a free port. With CUDA,
     each process selects GPU LOCAL_RANK. Collectives: the rendezvous of init_process_group only.
     Already running (your own Megatron job, the plugin): an NCCL process whose current GPU is not
-    LOCAL_RANK's is refused (ValueError naming ``torch.cuda.set_device``) before every rank of a
-    node lands on GPU 0.
+    LOCAL_RANK's gets a warning naming ``torch.cuda.set_device`` (a warning: a launcher that
+    binds several GPUs per process makes another index right).
     """
     if dist.is_initialized():
-        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        if torch.cuda.is_available() and uses_nccl():
             problem = device_problem(os.environ.get("LOCAL_RANK"), torch.cuda.current_device(),
                                      torch.cuda.device_count())  # fmt: skip
             if problem:
-                raise ValueError(problem)
+                logger.warning("%s", problem)
         return dist.get_rank(), dist.get_world_size()
     backend = backend or default_backend()
     if init_method is None and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:

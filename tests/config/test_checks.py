@@ -216,6 +216,11 @@ def test_gloo_on_gpus_is_refused_where_ranks_send_tensors():
         auto = load_config(tiny, extra + ["parallel.backend=auto"])
         check_run(auto, 2, vocab_size=182, cuda_available=True)
     check_run(load_config(tiny), 2, vocab_size=182, cuda_available=True)
+    # the export gathers a split student's blocks on rank 0 by send / recv
+    split = load_config(TINY, ["training.export_hf=/tmp/out-hf"])  # TP 2 for both
+    with pytest.raises(ConfigError, match="the export of a split student"):
+        check_run(split, 2, cuda_available=True)
+    check_run(load_config(TINY), 2, cuda_available=True)
 
 
 def test_bf16_is_refused_on_gpus_before_ampere_and_names_each_model():
