@@ -104,6 +104,17 @@ eaopd_torchrun_signals() {
   export TORCHELASTIC_SIGNALS_TO_HANDLE PET_SIGNALS_TO_HANDLE
 }
 
+# eaopd_wait_child PID: wait for a background child of this shell and return its own exit
+# status. wait also returns when a trapped signal arrives (128+N, not the child's): keep waiting
+# while the child lives; bash keeps its status even when it ended, and was reaped, while a trap
+# ran. Call as `rc=0; eaopd_wait_child "$pid" || rc=$?` under set -e.
+eaopd_wait_child() {
+  while kill -0 "$1" 2>/dev/null; do
+    wait "$1" || true
+  done
+  wait "$1"
+}
+
 # eaopd_count_items LIST: the number of comma-separated non-empty entries ("0,1,3" -> 3).
 eaopd_count_items() {
   local item n=0

@@ -109,13 +109,8 @@ done
 ) &
 torchrun_pid=$!
 
-# wait returns when a trapped signal arrives: go on waiting while torchrun lives, then take its
-# own status.
-while kill -0 "$torchrun_pid" 2>/dev/null; do
-  wait "$torchrun_pid" || true
-done
 rc=0
-wait "$torchrun_pid" || rc=$?
+eaopd_wait_child "$torchrun_pid" || rc=$? # through the trapped signals
 stopped=0 worst=0
 for file in "$EAOPD_STATUS_DIR"/rank*; do
   [[ -f $file ]] || continue

@@ -372,14 +372,8 @@ eaopd_run_step() {
   "$@" &
   EAOPD_STEP_PID=$!
 
-  # wait also returns when a trapped signal arrives (status 128+N, not srun's): keep waiting
-  # while srun lives, then take its own status; bash keeps it even when srun ended, and was
-  # reaped, while the trap ran.
-  while kill -0 "$EAOPD_STEP_PID" 2>/dev/null; do
-    wait "$EAOPD_STEP_PID" || true
-  done
   rc=0
-  wait "$EAOPD_STEP_PID" || rc=$?
+  eaopd_wait_child "$EAOPD_STEP_PID" || rc=$? # srun's own status, through the trapped signals
   # From here on a signal changes nothing (requeueing sends this shell SIGTERM).
   for sig in $(eaopd_trapped_signals); do trap '' "$sig"; done
   status=$(eaopd_trainer_status)

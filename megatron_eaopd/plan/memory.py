@@ -284,13 +284,15 @@ def student_update_terms(
     acts = per_layer * layers * in_flight
     selective = (per_layer - scores) * layers * in_flight + scores
     layer_input = n * s.hidden * s.bytes // sp  # what full recompute keeps per layer
-    recompute = layer_input * layers * in_flight + per_layer  # + one layer run again
+    # full recompute keeps the inputs; the loss's buffers are gone before a layer runs again, so
+    # the loss and one recomputed layer are alternatives, not a sum (measured: docs/memory.md)
+    inputs = layer_input * layers * in_flight
     cap = batch.step_positions
     if cap and in_flight * n > cap:  # a budget: the micro-batches in flight hold one step at most
         capped = layer_activation_terms(s, cap, batch.seq, lay.tp, spec, sequence_parallel)
         acts = layers * sum(capped.values())
         selective = layers * sum(v for k, v in capped.items() if k not in _SCORE_TERMS) + scores
-        recompute = cap * s.hidden * s.bytes // sp * layers + per_layer
+        inputs = cap * s.hidden * s.bytes // sp * layers
     v = padded_vocab(s.vocab_size, lay.tp, divisible_by) // lay.tp
     nhe = n * s.hidden * s.bytes
     # final norm (input, output) and the output layer's input
@@ -307,17 +309,15 @@ def student_update_terms(
     grads = per_layer
     if lay.pp > 1:  # the last stage holds one micro-batch in flight
         last = per_layer * layers + final + loss + grads
-        # full recompute: the loss's buffers are gone before a layer runs again (measured)
         last_rc = layer_input * layers + max(final + loss, per_layer + grads)
         last_sel = (per_layer - scores) * layers + scores + final + loss + grads
         first = acts + grads
         return {"activations": max(first, last),
-                "activations (recompute)": max(recompute + grads, last_rc),
+                "activations (recompute)": max(inputs + per_layer + grads, last_rc),
                 "activations (selective)": max(selective + grads, last_sel),
                 "loss": loss, "in flight": in_flight}  # fmt: skip
     return {"activations": acts + final + loss + grads,
-            "activations (recompute)": recompute - per_layer
-            + max(final + loss, per_layer + grads),
+            "activations (recompute)": inputs + max(final + loss, per_layer + grads),
             "activations (selective)": selective + final + loss + grads,
             "loss": loss, "in flight": in_flight}  # fmt: skip
 

@@ -303,21 +303,26 @@ def test_batch_script_takes_the_step_status_when_the_step_ends_during_the_trap(
     assert rc == expected, out
 
 
-def test_the_time_limit_warning_stops_a_run_whose_signals_leave_out_usr1(tmp_path):
-    """The sbatch scripts ask Slurm for USR1 300 s before the time limit; with
-    EAOPD_PREEMPT_SIGNALS=TERM the batch shell did not trap it and died (FAILED, no requeue, the
-    save cut short). Now USR1 writes the stop file and is not forwarded (the trainer, not
-    catching it, would die): the step stops at its next poll and the run counts as stopped."""
-    step = (
+def _write_stop_file_step(path, seconds: int, ready: bool = False) -> None:
+    """A stand-in training step: (touches $READY,) waits up to ``seconds`` for the stop file and
+    writes its rank-0 status, stopped if the file came, else finished."""
+    path.write_text(
         "import os, time\n"
-        "open(os.environ['READY'], 'w').close()\n"
-        "stop, end = os.environ['EAOPD_STOP_FILE'], time.monotonic() + 20\n"
+        + ("open(os.environ['READY'], 'w').close()\n" if ready else "")
+        + f"stop, end = os.environ['EAOPD_STOP_FILE'], time.monotonic() + {seconds}\n"
         "while not os.path.exists(stop) and time.monotonic() < end: time.sleep(0.02)\n"
         "status = 'stopped' if os.path.exists(stop) else 'finished'\n"
         "with open(os.path.join(os.environ['EAOPD_STATUS_DIR'], 'rank0'), 'w') as f:\n"
         "    f.write(status + ' 0 1\\n')\n"
     )
-    (tmp_path / "step.py").write_text(step)
+
+
+def test_the_time_limit_warning_stops_a_run_whose_signals_leave_out_usr1(tmp_path):
+    """The sbatch scripts ask Slurm for USR1 300 s before the time limit; with
+    EAOPD_PREEMPT_SIGNALS=TERM the batch shell did not trap it and died (FAILED, no requeue, the
+    save cut short). Now USR1 writes the stop file and is not forwarded (the trainer, not
+    catching it, would die): the step stops at its next poll and the run counts as stopped."""
+    _write_stop_file_step(tmp_path / "step.py", seconds=20, ready=True)
     snippet = (
         "eaopd_write_launch_record() { :; }; "
         "EAOPD_SIGNAL_LIST=(TERM); EAOPD_PREEMPT_SIGNALS=TERM; EAOPD_SIGNALLED=''; "
@@ -373,15 +378,7 @@ def test_node_script_takes_torchrun_status_when_it_ends_during_the_trap(tmp_path
 def test_batch_script_keeps_a_signal_that_comes_just_before_the_step_starts(tmp_path):
     """USR1 after the "signal before training" check but before srun started (here: while the
     script logs the command): the stop file must be written, so the step stops at once."""
-    step = (
-        "import os, sys, time\n"
-        "stop, end = os.environ['EAOPD_STOP_FILE'], time.monotonic() + 5\n"
-        "while not os.path.exists(stop) and time.monotonic() < end: time.sleep(0.02)\n"
-        "status = 'stopped' if os.path.exists(stop) else 'finished'\n"
-        "with open(os.path.join(os.environ['EAOPD_STATUS_DIR'], 'rank0'), 'w') as f:\n"
-        "    f.write(status + ' 0 1\\n')\n"
-    )
-    (tmp_path / "step.py").write_text(step)
+    _write_stop_file_step(tmp_path / "step.py", seconds=5)
     snippet = (
         "eaopd_write_launch_record() { :; }; "
         # The signal comes while the script logs "logs: ...", just before it starts the step.
