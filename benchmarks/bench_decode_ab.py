@@ -15,7 +15,8 @@ Sections (``--sections``, default all), each printed as a table:
   copies, the QK RMSNorms and RoPE of a group's queries and key in one pass) against the norm
   modules (the QK norms per tensor, RoPE of queries and keys separately).
 - ``onednn``: the same A/B with the output layer's product through oneDNN with a pre-packed
-  weight (an experiment, not in FastDecoder; the ``gemm`` table has its kernel alone).
+  weight (an experiment, not in FastDecoder; the ``gemm`` table has its kernel alone);
+  ``onednn_all``: every linear (the layers' and the output layer) through oneDNN.
 - ``profile``: one uniform ``generate`` call under torch's profiler, ops by self CPU time.
 - ``attention``: a decode step's attention (r = 2 query heads per group against cache lengths 20,
   80, 144) through SDPA's CPU kernel against two matmuls and a softmax.
@@ -185,6 +186,39 @@ def onednn(args):
     _generate_ab(args, "generate with the output layer through oneDNN", names, patch)
 
 
+def onednn_all(args):
+    """Every linear of FastDecoder (the layers' four and the output layer, norm gains folded)
+    through oneDNN with weights pre-packed once per decoder, against FastDecoder's matmuls (an
+    experiment: not in FastDecoder; results agree to rounding, not bitwise)."""
+
+    def patch(dec, on):
+        if not on:
+            return
+        packed = {key: _onednn_linear(w.detach(), args.batch)
+                  for key, (w, _) in dec.transposed.items()}  # fmt: skip
+        folded = {key: (eps, _onednn_linear(wt.t().contiguous(), args.batch))
+                  for key, (_, eps, _, wt) in dec.folded.items()}  # fmt: skip
+        if None in packed.values() or any(f is None for _, f in folded.values()):
+            return  # no oneDNN linear in this torch: both sides run as shipped
+        plain_matmul, plain_norm_linear = dec._matmul, dec._norm_linear
+
+        def matmul(x, weight):
+            f = packed.get(id(weight))
+            return f(x) if f is not None else plain_matmul(x, weight)
+
+        def norm_linear(norm, x, weight, bias=None):
+            if id(norm) not in folded:
+                return plain_norm_linear(norm, x, weight, bias)
+            eps, f = folded[id(norm)]
+            out = f(dec._rms(x, eps))
+            return out if bias is None else out + bias
+
+        dec._matmul, dec._norm_linear = matmul, norm_linear
+
+    names = ("every linear through oneDNN", "FastDecoder as shipped")
+    _generate_ab(args, "generate with every linear through oneDNN", names, patch)
+
+
 def profile(args):
     """The ops of one uniform ``generate`` call (bench_rollout.py's model and workload) by self
     CPU time, under torch's profiler (which adds its own overhead)."""
@@ -286,7 +320,8 @@ def sampler(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    names = ["gemm", "weights", "norms", "onednn", "attention", "sampler", "profile"]
+    names = ["gemm", "weights", "norms", "onednn", "onednn_all", "attention", "sampler",
+             "profile"]  # fmt: skip
     p.add_argument("--sections", nargs="+", default=names, choices=names)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=256)
